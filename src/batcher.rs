@@ -1,0 +1,407 @@
+//! Dynamic batch assembly: which pending messages run together, and when.
+//!
+//! A batch closes when adding another message would push its padded token count
+//! (rows x longest row) past `max_batch_tokens`, when it holds `max_batch_size` messages, or
+//! when its oldest message has waited `max_wait`. To pad little, pending messages are grouped
+//! by length: up to `bucket_window` batches' worth of messages wait together, and each batch is
+//! the run of similar lengths around the OLDEST pending message (so nobody starves).
+//!
+//! Pure and clock-free: callers pass `now`, so tests drive time by hand.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchPolicy {
+    /// Most messages in one batch.
+    pub max_batch_size: usize,
+    /// Most padded tokens (rows x longest row) in one batch.
+    pub max_batch_tokens: usize,
+    /// Longest a message waits for company before its batch runs anyway (milliseconds).
+    pub max_wait_ms: u64,
+    /// How many batches' worth of messages are sorted by length together (1: arrival order).
+    pub bucket_window: usize,
+}
+
+impl Default for BatchPolicy {
+    fn default() -> Self {
+        BatchPolicy {
+            max_batch_size: 64,
+            max_batch_tokens: 8192,
+            max_wait_ms: 20,
+            bucket_window: 4,
+        }
+    }
+}
+
+impl BatchPolicy {
+    pub fn max_wait(&self) -> Duration {
+        Duration::from_millis(self.max_wait_ms)
+    }
+
+    /// Checks that do not need the model; `max_length` is the model's truncation.
+    pub fn validate(&self, max_length: usize) -> Result<(), String> {
+        if self.max_batch_size == 0 {
+            return Err("max_batch_size must be at least 1".into());
+        }
+        if self.bucket_window == 0 {
+            return Err("bucket_window must be at least 1 (1 = arrival order)".into());
+        }
+        if self.max_batch_tokens < max_length {
+            return Err(format!(
+                "max_batch_tokens ({}) is below the model's max_length ({max_length}): a full-length message would not fit a batch",
+                self.max_batch_tokens
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A closed batch, in the order it will run.
+#[derive(Debug)]
+pub struct Batch<T> {
+    pub items: Vec<T>,
+    pub lengths: Vec<usize>,
+    /// When the oldest member arrived.
+    pub oldest: Instant,
+}
+
+impl<T> Batch<T> {
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    pub fn real_tokens(&self) -> usize {
+        self.lengths.iter().sum()
+    }
+
+    pub fn padded_tokens(&self) -> usize {
+        self.lengths.len() * self.lengths.iter().copied().max().unwrap_or(0)
+    }
+}
+
+struct Pending<T> {
+    item: T,
+    tokens: usize,
+    arrived: Instant,
+}
+
+pub struct Assembler<T> {
+    policy: BatchPolicy,
+    pending: VecDeque<Pending<T>>,
+    pending_tokens: usize,
+}
+
+impl<T> Assembler<T> {
+    pub fn new(policy: BatchPolicy) -> Self {
+        Assembler {
+            policy,
+            pending: VecDeque::new(),
+            pending_tokens: 0,
+        }
+    }
+
+    pub fn policy(&self) -> &BatchPolicy {
+        &self.policy
+    }
+
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    pub fn push(&mut self, item: T, tokens: usize, now: Instant) {
+        // Zero-length sequences still occupy a row.
+        let tokens = tokens.max(1);
+        self.pending_tokens += tokens;
+        self.pending.push_back(Pending {
+            item,
+            tokens,
+            arrived: now,
+        });
+    }
+
+    /// When the oldest pending message will have waited `max_wait`.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.pending
+            .front()
+            .map(|p| p.arrived + self.policy.max_wait())
+    }
+
+    /// Whether enough is pending that waiting longer cannot improve the next batch.
+    pub fn window_full(&self) -> bool {
+        let window = self.policy.bucket_window;
+        if window == 1 {
+            return self.first_fifo_batch_len() < self.pending.len();
+        }
+        self.pending.len() >= self.policy.max_batch_size * window
+            || self.pending_tokens >= self.policy.max_batch_tokens * window
+    }
+
+    /// The next batch if one is due now: the window is full, the oldest message's wait is up,
+    /// or `flush` (input ended) and anything is pending.
+    pub fn pop_due(&mut self, now: Instant, flush: bool) -> Option<Batch<T>> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        let expired = self.deadline().is_some_and(|d| now >= d);
+        if flush || expired || self.window_full() {
+            Some(self.take_batch())
+        } else {
+            None
+        }
+    }
+
+    fn fits(&self, rows: usize, longest: usize) -> bool {
+        rows <= self.policy.max_batch_size && rows * longest <= self.policy.max_batch_tokens
+    }
+
+    fn first_fifo_batch_len(&self) -> usize {
+        let mut longest = 0;
+        let mut rows = 0;
+        for p in &self.pending {
+            let next_longest = longest.max(p.tokens);
+            if rows > 0 && !self.fits(rows + 1, next_longest) {
+                break;
+            }
+            rows += 1;
+            longest = next_longest;
+        }
+        rows
+    }
+
+    /// Remove and return the batch around the oldest pending message.
+    fn take_batch(&mut self) -> Batch<T> {
+        let chosen: Vec<usize> = if self.policy.bucket_window == 1 {
+            (0..self.first_fifo_batch_len()).collect()
+        } else {
+            self.bucket_around_oldest()
+        };
+        let mut take = vec![false; self.pending.len()];
+        for &i in &chosen {
+            take[i] = true;
+        }
+        let oldest = self
+            .pending
+            .front()
+            .map(|p| p.arrived)
+            .unwrap_or_else(Instant::now);
+        let mut items = Vec::with_capacity(chosen.len());
+        let mut lengths = Vec::with_capacity(chosen.len());
+        let mut kept = VecDeque::with_capacity(self.pending.len() - chosen.len());
+        for (p, taken) in self.pending.drain(..).zip(take) {
+            if taken {
+                self.pending_tokens -= p.tokens;
+                items.push(p.item);
+                lengths.push(p.tokens);
+            } else {
+                kept.push_back(p);
+            }
+        }
+        self.pending = kept;
+        Batch {
+            items,
+            lengths,
+            oldest,
+        }
+    }
+
+    /// Indices (into `pending`) of a length-contiguous run containing index 0, grown one
+    /// neighbour at a time toward whichever side adds less padding.
+    fn bucket_around_oldest(&self) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.pending.len()).collect();
+        order.sort_by_key(|&i| (self.pending[i].tokens, i));
+        let len = |pos: usize| self.pending[order[pos]].tokens;
+        let anchor = order.iter().position(|&i| i == 0).unwrap_or(0);
+        let (mut lo, mut hi) = (anchor, anchor);
+        loop {
+            let rows = hi - lo + 1;
+            if rows >= self.policy.max_batch_size {
+                break;
+            }
+            let left = (lo > 0 && self.fits(rows + 1, len(hi))).then(|| len(hi) - len(lo - 1));
+            let right = (hi + 1 < order.len() && self.fits(rows + 1, len(hi + 1)))
+                .then(|| rows * (len(hi + 1) - len(hi)));
+            match (left, right) {
+                (Some(l), Some(r)) if r < l => hi += 1,
+                (Some(_), _) => lo -= 1,
+                (None, Some(_)) => hi += 1,
+                (None, None) => break,
+            }
+        }
+        order[lo..=hi].to_vec()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(size: usize, tokens: usize, wait_ms: u64, window: usize) -> BatchPolicy {
+        BatchPolicy {
+            max_batch_size: size,
+            max_batch_tokens: tokens,
+            max_wait_ms: wait_ms,
+            bucket_window: window,
+        }
+    }
+
+    #[test]
+    fn nothing_is_due_before_the_wait_or_a_full_window() {
+        let t0 = Instant::now();
+        let mut a = Assembler::new(policy(4, 1000, 50, 2));
+        a.push("a", 10, t0);
+        a.push("b", 10, t0 + Duration::from_millis(5));
+        assert!(a.pop_due(t0 + Duration::from_millis(49), false).is_none());
+        assert_eq!(a.deadline(), Some(t0 + Duration::from_millis(50)));
+        let batch = a
+            .pop_due(t0 + Duration::from_millis(50), false)
+            .expect("oldest waited max_wait");
+        assert_eq!(batch.items, vec!["a", "b"]);
+        assert!(a.is_empty());
+    }
+
+    #[test]
+    fn batch_size_limit_holds() {
+        let t0 = Instant::now();
+        let mut a = Assembler::new(policy(3, 10_000, 10, 2));
+        for i in 0..6 {
+            a.push(i, 5, t0);
+        }
+        let b = a.pop_due(t0, false).expect("window of 2x3 is full");
+        assert_eq!(b.len(), 3);
+        assert_eq!(a.len(), 3);
+        assert!(
+            a.pop_due(t0, false).is_none(),
+            "3 pending < window of 6, and nobody expired"
+        );
+        assert_eq!(a.pop_due(t0, true).map(|b| b.len()), Some(3));
+    }
+
+    #[test]
+    fn token_budget_counts_padding() {
+        let t0 = Instant::now();
+        // 100 padded tokens: a 40-token message with 3 short ones pads to 4 x 40 = 160.
+        let mut a = Assembler::new(policy(16, 100, 10, 1));
+        a.push("long", 40, t0);
+        for s in ["s1", "s2", "s3"] {
+            a.push(s, 5, t0);
+        }
+        let b = a.pop_due(t0, false).expect("FIFO batch cannot grow: due");
+        assert!(b.padded_tokens() <= 100, "padded {}", b.padded_tokens());
+        assert_eq!(b.items, vec!["long", "s1"]);
+    }
+
+    #[test]
+    fn a_message_longer_than_the_budget_still_runs_alone() {
+        let t0 = Instant::now();
+        let mut a = Assembler::new(policy(8, 50, 10, 4));
+        a.push("huge", 80, t0);
+        let b = a.pop_due(t0, true).unwrap();
+        assert_eq!(b.items, vec!["huge"]);
+    }
+
+    #[test]
+    fn bucketing_groups_similar_lengths_and_always_includes_the_oldest() {
+        let t0 = Instant::now();
+        let mut a = Assembler::new(policy(4, 10_000, 10, 3));
+        // Alternate short and long so arrival order mixes them.
+        let lens = [100, 5, 98, 6, 99, 7, 97, 8, 96, 9, 95, 10];
+        for (i, &l) in lens.iter().enumerate() {
+            a.push(i, l, t0);
+        }
+        let first = a.pop_due(t0, false).expect("window 3x4 = 12 is full");
+        assert!(
+            first.items.contains(&0),
+            "oldest (index 0) must be in the batch"
+        );
+        assert!(
+            first.lengths.iter().all(|&l| l >= 95),
+            "long ones together: {:?}",
+            first.lengths
+        );
+        let second = a.pop_due(t0, true).unwrap();
+        assert!(
+            second.items.contains(&1),
+            "next oldest leads the next batch"
+        );
+        assert!(
+            second.lengths.iter().all(|&l| l <= 10),
+            "short ones together: {:?}",
+            second.lengths
+        );
+    }
+
+    #[test]
+    fn bucketing_pads_less_than_fifo_on_mixed_lengths() {
+        let t0 = Instant::now();
+        let lens: Vec<usize> = (0..512)
+            .map(|i| [12, 140, 30, 90, 18, 60, 128, 9][i % 8] + (i * 7) % 11)
+            .collect();
+        let ratio = |window: usize| {
+            let mut a = Assembler::new(policy(32, 4096, 10, window));
+            let (mut real, mut padded) = (0, 0);
+            for (i, &l) in lens.iter().enumerate() {
+                a.push(i, l, t0);
+                while let Some(b) = a.pop_due(t0, false) {
+                    real += b.real_tokens();
+                    padded += b.padded_tokens();
+                }
+            }
+            while let Some(b) = a.pop_due(t0, true) {
+                real += b.real_tokens();
+                padded += b.padded_tokens();
+            }
+            padded as f64 / real as f64
+        };
+        let fifo = ratio(1);
+        let bucketed = ratio(4);
+        assert!(bucketed < 1.15, "bucketed padding ratio {bucketed}");
+        assert!(fifo > 1.5, "fifo padding ratio {fifo}");
+    }
+
+    #[test]
+    fn every_item_comes_out_exactly_once() {
+        let t0 = Instant::now();
+        let mut a = Assembler::new(policy(7, 300, 10, 3));
+        let mut seen = Vec::new();
+        for i in 0..1000usize {
+            a.push(i, 1 + (i * 37) % 64, t0);
+            while let Some(b) = a.pop_due(t0, false) {
+                assert!(b.len() <= 7 && (b.padded_tokens() <= 300));
+                seen.extend(b.items);
+            }
+        }
+        while let Some(b) = a.pop_due(t0, true) {
+            seen.extend(b.items);
+        }
+        seen.sort_unstable();
+        assert_eq!(seen, (0..1000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn policy_validation_explains() {
+        assert!(policy(0, 100, 1, 1)
+            .validate(10)
+            .unwrap_err()
+            .contains("max_batch_size"));
+        assert!(policy(4, 100, 1, 1)
+            .validate(128)
+            .unwrap_err()
+            .contains("max_length"));
+        assert!(policy(4, 1000, 1, 0)
+            .validate(128)
+            .unwrap_err()
+            .contains("bucket_window"));
+    }
+}

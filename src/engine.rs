@@ -1,0 +1,461 @@
+//! The compute pipeline for one model: a pool of tokenizer threads, one batcher thread and
+//! one or more inference threads (each with its own ONNX Runtime session), joined by bounded
+//! channels. Callers submit rendered text with a tag; each [`Outcome`] comes back with its tag,
+//! in whatever order batches finish. Async callers use [`Submitter::submit_async`] and never
+//! block a runtime thread; when the model is behind, submissions wait (backpressure).
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::batcher::{Assembler, Batch, BatchPolicy};
+use crate::model::{Encoded, InferenceSession, Model, ModelError, Prediction, Rendered};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    #[serde(flatten)]
+    pub policy: BatchPolicy,
+    /// Threads that tokenize (one tokenizes ~15k short texts/s; inference is the bottleneck).
+    pub tokenizer_threads: usize,
+    /// Inference threads, each with its own session.
+    pub inference_threads: usize,
+    /// Capacity of each queue between stages (messages).
+    pub queue_capacity: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            policy: BatchPolicy::default(),
+            tokenizer_threads: 1,
+            inference_threads: 1,
+            queue_capacity: 1024,
+        }
+    }
+}
+
+impl EngineConfig {
+    pub fn validate(&self, max_length: usize) -> Result<(), String> {
+        self.policy.validate(max_length)?;
+        if self.tokenizer_threads == 0 || self.inference_threads == 0 {
+            return Err("tokenizer_threads and inference_threads must be at least 1".into());
+        }
+        if self.queue_capacity == 0 {
+            return Err("queue_capacity must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Why one message could not be classified.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum ClassifyError {
+    /// The message itself is unusable (callers report these through the same channel).
+    #[error("bad input: {0}")]
+    Input(#[from] crate::message::DecodeError),
+    #[error("tokenizer failed: {0}")]
+    Tokenize(String),
+    #[error("inference failed for the batch: {0}")]
+    Inference(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Classified {
+    pub prediction: Prediction,
+    /// Tokens the model saw (after truncation, with special tokens).
+    pub tokens: usize,
+    pub truncated: bool,
+    pub chars: usize,
+    /// Submission to the start of its batch's inference.
+    pub queued: Duration,
+    /// Its batch's inference time.
+    pub inference: Duration,
+    pub batch_size: usize,
+}
+
+#[derive(Debug)]
+pub struct Outcome<T> {
+    pub tag: T,
+    pub result: Result<Classified, ClassifyError>,
+}
+
+/// The engine is gone (shut down or a stage died); the request is handed back.
+#[derive(Debug, thiserror::Error)]
+#[error("the inference engine has stopped")]
+pub struct EngineClosed<T>(pub T);
+
+/// Counters since start, read at any time (and by metrics).
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub submitted: AtomicU64,
+    pub classified: AtomicU64,
+    pub failed: AtomicU64,
+    pub batches: AtomicU64,
+    pub real_tokens: AtomicU64,
+    pub padded_tokens: AtomicU64,
+    pub tokenize_nanos: AtomicU64,
+    pub inference_nanos: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct StatsSnapshot {
+    pub submitted: u64,
+    pub classified: u64,
+    pub failed: u64,
+    pub batches: u64,
+    pub real_tokens: u64,
+    pub padded_tokens: u64,
+    pub tokenize_seconds: f64,
+    pub inference_seconds: f64,
+}
+
+impl StatsSnapshot {
+    pub fn mean_batch_size(&self) -> f64 {
+        if self.batches == 0 {
+            0.0
+        } else {
+            self.classified as f64 / self.batches as f64
+        }
+    }
+
+    /// Padded tokens / real tokens (1.0 = no padding).
+    pub fn padding_ratio(&self) -> f64 {
+        if self.real_tokens == 0 {
+            1.0
+        } else {
+            self.padded_tokens as f64 / self.real_tokens as f64
+        }
+    }
+}
+
+impl EngineStats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            submitted: get(&self.submitted),
+            classified: get(&self.classified),
+            failed: get(&self.failed),
+            batches: get(&self.batches),
+            real_tokens: get(&self.real_tokens),
+            padded_tokens: get(&self.padded_tokens),
+            tokenize_seconds: get(&self.tokenize_nanos) as f64 / 1e9,
+            inference_seconds: get(&self.inference_nanos) as f64 / 1e9,
+        }
+    }
+}
+
+struct Request<T> {
+    tag: T,
+    text: Rendered,
+    submitted: Instant,
+}
+
+struct Tokenized<T> {
+    tag: T,
+    encoded: Encoded,
+    submitted: Instant,
+}
+
+/// Cloneable handle for submitting work.
+pub struct Submitter<T> {
+    requests: flume::Sender<Request<T>>,
+    stats: Arc<EngineStats>,
+}
+
+impl<T> Clone for Submitter<T> {
+    fn clone(&self) -> Self {
+        Submitter {
+            requests: self.requests.clone(),
+            stats: self.stats.clone(),
+        }
+    }
+}
+
+impl<T: Send + 'static> Submitter<T> {
+    /// Blocks while the engine is full.
+    pub fn submit(&self, tag: T, text: Rendered) -> Result<(), EngineClosed<T>> {
+        self.stats.submitted.fetch_add(1, Ordering::Relaxed);
+        self.requests
+            .send(Request {
+                tag,
+                text,
+                submitted: Instant::now(),
+            })
+            .map_err(|e| EngineClosed(e.into_inner().tag))
+    }
+
+    /// Waits (without blocking the runtime) while the engine is full.
+    pub async fn submit_async(&self, tag: T, text: Rendered) -> Result<(), EngineClosed<T>> {
+        self.stats.submitted.fetch_add(1, Ordering::Relaxed);
+        self.requests
+            .send_async(Request {
+                tag,
+                text,
+                submitted: Instant::now(),
+            })
+            .await
+            .map_err(|e| EngineClosed(e.into_inner().tag))
+    }
+}
+
+pub struct Engine<T> {
+    submitter: Option<Submitter<T>>,
+    threads: Vec<JoinHandle<()>>,
+    stats: Arc<EngineStats>,
+    model: Arc<Model>,
+}
+
+impl<T: Send + 'static> Engine<T> {
+    /// Start the threads. Sessions are created here, so model problems surface now.
+    pub fn start(
+        model: Arc<Model>,
+        config: &EngineConfig,
+        outcomes: flume::Sender<Outcome<T>>,
+    ) -> Result<Self, ModelError> {
+        config
+            .validate(model.info().max_length)
+            .map_err(|reason| ModelError::invalid(&model.info().dir, reason))?;
+        let sessions = (0..config.inference_threads)
+            .map(|_| model.session())
+            .collect::<Result<Vec<_>, _>>()?;
+        let stats = Arc::new(EngineStats::default());
+        let (request_tx, request_rx) = flume::bounded::<Request<T>>(config.queue_capacity);
+        let (token_tx, token_rx) = flume::bounded::<Tokenized<T>>(config.queue_capacity);
+        // One batch in hand per inference thread: the batcher keeps sorting while they compute.
+        let (batch_tx, batch_rx) = flume::bounded::<Batch<Tokenized<T>>>(config.inference_threads);
+        let mut threads = Vec::new();
+
+        for i in 0..config.tokenizer_threads {
+            let (rx, tx, out, model, stats) = (
+                request_rx.clone(),
+                token_tx.clone(),
+                outcomes.clone(),
+                model.clone(),
+                stats.clone(),
+            );
+            threads.push(spawn(format!("triage-tokenize-{i}"), move || {
+                tokenize_loop(&model, rx, tx, out, &stats)
+            }));
+        }
+        drop((request_rx, token_tx));
+
+        let policy = config.policy.clone();
+        let batch_stats = stats.clone();
+        threads.push(spawn("triage-batcher".into(), move || {
+            batch_loop(policy, token_rx, batch_tx, &batch_stats)
+        }));
+
+        for (i, session) in sessions.into_iter().enumerate() {
+            let (rx, out, stats) = (batch_rx.clone(), outcomes.clone(), stats.clone());
+            threads.push(spawn(format!("triage-infer-{i}"), move || {
+                inference_loop(session, rx, out, &stats)
+            }));
+        }
+        Ok(Engine {
+            submitter: Some(Submitter {
+                requests: request_tx,
+                stats: stats.clone(),
+            }),
+            threads,
+            stats,
+            model,
+        })
+    }
+
+    pub fn submitter(&self) -> Submitter<T> {
+        self.submitter
+            .clone()
+            .expect("submitter lives until shutdown")
+    }
+
+    pub fn submit(&self, tag: T, text: Rendered) -> Result<(), EngineClosed<T>> {
+        match &self.submitter {
+            Some(s) => s.submit(tag, text),
+            None => Err(EngineClosed(tag)),
+        }
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    pub fn stats_handle(&self) -> Arc<EngineStats> {
+        self.stats.clone()
+    }
+
+    /// Stop accepting work, let everything in flight finish, and join the threads. Outcomes of
+    /// in-flight messages are still delivered. Other `Submitter` clones must be dropped first.
+    pub fn shutdown(mut self) {
+        self.submitter = None;
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                tracing::error!("an engine thread panicked");
+            }
+        }
+    }
+}
+
+fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(f)
+        .expect("the OS refused to start an engine thread")
+}
+
+fn tokenize_loop<T>(
+    model: &Model,
+    requests: flume::Receiver<Request<T>>,
+    tokens: flume::Sender<Tokenized<T>>,
+    outcomes: flume::Sender<Outcome<T>>,
+    stats: &EngineStats,
+) {
+    let encoder = model.encoder();
+    for req in requests.iter() {
+        let start = Instant::now();
+        // A tokenizer panic on some odd input must cost one message, not the worker.
+        let encoded =
+            std::panic::catch_unwind(AssertUnwindSafe(|| encoder.encode_rendered(&req.text)))
+                .unwrap_or_else(|_| Err("tokenizer panicked on this input".to_string()));
+        stats
+            .tokenize_nanos
+            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let sent = match encoded {
+            Ok(encoded) => tokens
+                .send(Tokenized {
+                    tag: req.tag,
+                    encoded,
+                    submitted: req.submitted,
+                })
+                .is_ok(),
+            Err(e) => {
+                stats.failed.fetch_add(1, Ordering::Relaxed);
+                outcomes
+                    .send(Outcome {
+                        tag: req.tag,
+                        result: Err(ClassifyError::Tokenize(e)),
+                    })
+                    .is_ok()
+            }
+        };
+        if !sent {
+            return;
+        }
+    }
+}
+
+fn batch_loop<T>(
+    policy: BatchPolicy,
+    tokens: flume::Receiver<Tokenized<T>>,
+    batches: flume::Sender<Batch<Tokenized<T>>>,
+    stats: &EngineStats,
+) {
+    let mut assembler = Assembler::new(policy);
+    let mut input_open = true;
+    loop {
+        // Take everything already waiting without blocking, so the window sees it.
+        while let Ok(t) = tokens.try_recv() {
+            let len = t.encoded.len();
+            assembler.push(t, len, Instant::now());
+        }
+        if let Some(batch) = assembler.pop_due(Instant::now(), !input_open) {
+            stats.batches.fetch_add(1, Ordering::Relaxed);
+            stats
+                .real_tokens
+                .fetch_add(batch.real_tokens() as u64, Ordering::Relaxed);
+            stats
+                .padded_tokens
+                .fetch_add(batch.padded_tokens() as u64, Ordering::Relaxed);
+            if batches.send(batch).is_err() {
+                return;
+            }
+            continue;
+        }
+        if !input_open {
+            return; // flushed everything
+        }
+        let next = match assembler.deadline() {
+            Some(deadline) => tokens.recv_deadline(deadline),
+            None => tokens
+                .recv()
+                .map_err(|_| flume::RecvTimeoutError::Disconnected),
+        };
+        match next {
+            Ok(t) => {
+                let len = t.encoded.len();
+                assembler.push(t, len, Instant::now());
+            }
+            Err(flume::RecvTimeoutError::Timeout) => {}
+            Err(flume::RecvTimeoutError::Disconnected) => input_open = false,
+        }
+    }
+}
+
+fn inference_loop<T>(
+    mut session: InferenceSession,
+    batches: flume::Receiver<Batch<Tokenized<T>>>,
+    outcomes: flume::Sender<Outcome<T>>,
+    stats: &EngineStats,
+) {
+    for batch in batches.iter() {
+        let start = Instant::now();
+        let encoded: Vec<&Encoded> = batch.items.iter().map(|t| &t.encoded).collect();
+        let result = session.run(&encoded);
+        let inference = start.elapsed();
+        stats
+            .inference_nanos
+            .fetch_add(inference.as_nanos() as u64, Ordering::Relaxed);
+        let batch_size = batch.items.len();
+        match result {
+            Ok(predictions) => {
+                stats
+                    .classified
+                    .fetch_add(batch_size as u64, Ordering::Relaxed);
+                for (item, prediction) in batch.items.into_iter().zip(predictions) {
+                    let classified = Classified {
+                        prediction,
+                        tokens: item.encoded.len(),
+                        truncated: item.encoded.truncated,
+                        chars: item.encoded.chars,
+                        queued: start.saturating_duration_since(item.submitted),
+                        inference,
+                        batch_size,
+                    };
+                    if outcomes
+                        .send(Outcome {
+                            tag: item.tag,
+                            result: Ok(classified),
+                        })
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, batch_size, "inference failed");
+                stats.failed.fetch_add(batch_size as u64, Ordering::Relaxed);
+                for item in batch.items {
+                    let err = ClassifyError::Inference(e.to_string());
+                    if outcomes
+                        .send(Outcome {
+                            tag: item.tag,
+                            result: Err(err),
+                        })
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,284 @@
+//! Producers' JSON -> the text a model reads. Every way input can be bad has a
+//! [`DecodeReason`] (the dead-letter reason); nothing here panics on input.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::model::{Rendered, Template};
+
+/// Default cap on one message's bytes (1 MiB). Longer TEXTS inside a message under the cap are
+/// truncated by the model's character budget, not rejected.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecodeReason {
+    TooLarge,
+    NotUtf8,
+    NotJson,
+    NotObject,
+    NoText,
+}
+
+impl DecodeReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DecodeReason::TooLarge => "too_large",
+            DecodeReason::NotUtf8 => "not_utf8",
+            DecodeReason::NotJson => "not_json",
+            DecodeReason::NotObject => "not_object",
+            DecodeReason::NoText => "no_text",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error, Serialize)]
+#[error("{}: {detail}", reason.as_str())]
+pub struct DecodeError {
+    pub reason: DecodeReason,
+    pub detail: String,
+}
+
+impl DecodeError {
+    fn new(reason: DecodeReason, detail: impl Into<String>) -> Self {
+        DecodeError {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Where to find each piece of a message: per name, candidate locations tried in order. A
+/// location starting with `/` is a JSON pointer (`/ticket/subject`), otherwise a top-level key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FieldMap {
+    pub id: Vec<String>,
+    /// Template field name -> candidate locations. Template fields not listed here are read
+    /// from the top-level key of the same name.
+    pub text: BTreeMap<String, Vec<String>>,
+}
+
+impl Default for FieldMap {
+    fn default() -> Self {
+        FieldMap {
+            id: vec!["id".into(), "message_id".into(), "ticket_id".into()],
+            text: BTreeMap::from([
+                (
+                    "subject".to_string(),
+                    vec!["subject".to_string(), "title".to_string()],
+                ),
+                (
+                    "body".to_string(),
+                    vec![
+                        "body".to_string(),
+                        "text".to_string(),
+                        "message".to_string(),
+                        "description".to_string(),
+                    ],
+                ),
+            ]),
+        }
+    }
+}
+
+fn lookup<'v>(value: &'v Value, location: &str) -> Option<&'v Value> {
+    if location.starts_with('/') {
+        value.pointer(location)
+    } else {
+        value.get(location)
+    }
+}
+
+/// A scalar as text; objects, arrays and null are not text.
+fn as_text(value: &Value) -> Option<std::borrow::Cow<'_, str>> {
+    match value {
+        Value::String(s) => Some(std::borrow::Cow::Borrowed(s.as_str())),
+        Value::Number(n) => Some(std::borrow::Cow::Owned(n.to_string())),
+        Value::Bool(b) => Some(std::borrow::Cow::Owned(b.to_string())),
+        _ => None,
+    }
+}
+
+/// A decoded message, ready for the tokenizer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodedMessage {
+    pub id: Option<String>,
+    pub text: Rendered,
+    pub json: Value,
+}
+
+/// Decodes raw bytes with one field map, template and size limits.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    fields: FieldMap,
+    template: Template,
+    max_bytes: usize,
+    max_chars: usize,
+}
+
+impl Decoder {
+    pub fn new(fields: FieldMap, template: Template, max_bytes: usize, max_chars: usize) -> Self {
+        Decoder {
+            fields,
+            template,
+            max_bytes,
+            max_chars,
+        }
+    }
+
+    pub fn decode(&self, bytes: &[u8]) -> Result<DecodedMessage, DecodeError> {
+        if bytes.len() > self.max_bytes {
+            return Err(DecodeError::new(
+                DecodeReason::TooLarge,
+                format!(
+                    "{} bytes exceeds the {} byte limit",
+                    bytes.len(),
+                    self.max_bytes
+                ),
+            ));
+        }
+        let text = std::str::from_utf8(bytes).map_err(|e| {
+            DecodeError::new(
+                DecodeReason::NotUtf8,
+                format!("invalid UTF-8 at byte {}", e.valid_up_to()),
+            )
+        })?;
+        let json: Value = serde_json::from_str(text)
+            .map_err(|e| DecodeError::new(DecodeReason::NotJson, e.to_string()))?;
+        if !json.is_object() {
+            return Err(DecodeError::new(
+                DecodeReason::NotObject,
+                "expected a JSON object",
+            ));
+        }
+        let id = self
+            .fields
+            .id
+            .iter()
+            .find_map(|loc| lookup(&json, loc).and_then(as_text))
+            .map(|s| s.into_owned());
+        let texts: BTreeMap<&str, std::borrow::Cow<'_, str>> = self
+            .template
+            .fields()
+            .filter_map(|name| {
+                let default_location = [name.to_string()];
+                let locations = self
+                    .fields
+                    .text
+                    .get(name)
+                    .map(Vec::as_slice)
+                    .unwrap_or(&default_location);
+                locations
+                    .iter()
+                    .find_map(|loc| lookup(&json, loc).and_then(as_text))
+                    .map(|v| (name, v))
+            })
+            .collect();
+        let rendered = self
+            .template
+            .render(|name| texts.get(name).map(|c| c.as_ref()), self.max_chars);
+        if !rendered.has_text {
+            let wanted: Vec<&str> = self.template.fields().collect();
+            return Err(DecodeError::new(
+                DecodeReason::NoText,
+                format!("no text in any of the fields {wanted:?}"),
+            ));
+        }
+        drop(texts);
+        Ok(DecodedMessage {
+            id,
+            text: rendered,
+            json,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn decoder() -> Decoder {
+        Decoder::new(
+            FieldMap::default(),
+            Template::parse("{subject}\n{body}").unwrap(),
+            1000,
+            200,
+        )
+    }
+
+    #[test]
+    fn subject_and_body_render_in_template_order() {
+        let m = decoder()
+            .decode(br#"{"id": 7, "title": "Card", "text": "It never arrived"}"#)
+            .unwrap();
+        assert_eq!(m.id.as_deref(), Some("7"));
+        assert_eq!(m.text.text, "Card\nIt never arrived");
+    }
+
+    #[test]
+    fn json_pointers_reach_nested_fields() {
+        let mut fields = FieldMap::default();
+        fields
+            .text
+            .insert("body".into(), vec!["/email/content".into()]);
+        fields.id = vec!["/meta/uuid".into()];
+        let d = Decoder::new(fields, Template::parse("{body}").unwrap(), 1000, 200);
+        let m = d
+            .decode(br#"{"meta": {"uuid": "u-1"}, "email": {"content": "refund please"}}"#)
+            .unwrap();
+        assert_eq!(
+            (m.id.as_deref(), m.text.text.as_str()),
+            (Some("u-1"), "refund please")
+        );
+    }
+
+    #[test]
+    fn every_bad_input_has_its_reason() {
+        let d = decoder();
+        let reason = |b: &[u8]| d.decode(b).unwrap_err().reason;
+        assert_eq!(reason(b"{\"body\": \"\xff\xfe\"}"), DecodeReason::NotUtf8);
+        assert_eq!(reason(b"not json"), DecodeReason::NotJson);
+        assert_eq!(reason(b"[1,2]"), DecodeReason::NotObject);
+        assert_eq!(
+            reason(br#"{"body": "   ", "subject": null}"#),
+            DecodeReason::NoText
+        );
+        assert_eq!(
+            reason(br#"{"body": {"nested": "object"}}"#),
+            DecodeReason::NoText
+        );
+        assert_eq!(reason(&vec![b' '; 1001]), DecodeReason::TooLarge);
+    }
+
+    #[test]
+    fn long_text_is_cut_not_rejected() {
+        let body = "word ".repeat(150);
+        let m = decoder()
+            .decode(format!(r#"{{"body": "{body}"}}"#).as_bytes())
+            .unwrap();
+        assert!(m.text.cut);
+        assert!(m.text.text.chars().count() <= 200);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = decoder().decode(&bytes);
+        }
+
+        #[test]
+        fn never_panics_on_arbitrary_json_strings(subject in ".{0,80}", body in "\\PC{0,400}") {
+            let msg = serde_json::json!({"subject": subject, "body": body}).to_string();
+            match decoder().decode(msg.as_bytes()) {
+                Ok(m) => prop_assert!(m.text.text.chars().count() <= 200),
+                Err(e) => prop_assert!(matches!(e.reason, DecodeReason::NoText | DecodeReason::TooLarge)),
+            }
+        }
+    }
+}

@@ -1,0 +1,491 @@
+//! What a model directory says about itself: the heads its graph outputs, their labels, how to
+//! assemble text, and how to derive a priority.
+//!
+//! Two sources, merged: `model.toml` (triage's own descriptor) and `config.json` (what an HF
+//! Optimum export of a `*ForSequenceClassification` model ships). With only `config.json`, one
+//! head named `category` reads the `logits` output, softmax or sigmoid by `problem_type`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::ModelError;
+
+pub const DESCRIPTOR_FILE: &str = "model.toml";
+pub const OPTIMUM_CONFIG_FILE: &str = "config.json";
+pub const DEFAULT_TEMPLATE: &str = "{subject}\n{body}";
+pub const DEFAULT_MAX_LENGTH: usize = 128;
+pub const DEFAULT_MULTI_LABEL_THRESHOLD: f32 = 0.5;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeadKind {
+    /// One label per message (argmax).
+    SingleLabel,
+    /// Any number of labels per message (each above its threshold).
+    MultiLabel,
+    /// A vector (e.g. the pooled sentence embedding), passed through.
+    Embedding,
+}
+
+/// What turns the graph's raw output into probabilities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// The graph already outputs probabilities.
+    None,
+    Softmax,
+    Sigmoid,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeadSpec {
+    pub name: String,
+    /// Name of the graph output this head reads.
+    pub output: String,
+    pub kind: HeadKind,
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// Defaults to `none` (the graph outputs probabilities).
+    pub activation: Option<Activation>,
+    /// Multi-label: the default threshold (0.5 unless set).
+    pub threshold: Option<f32>,
+    /// Multi-label: per-label thresholds overriding `threshold`.
+    #[serde(default)]
+    pub thresholds: BTreeMap<String, f32>,
+}
+
+impl HeadSpec {
+    pub fn activation(&self) -> Activation {
+        self.activation.unwrap_or(Activation::None)
+    }
+
+    pub fn threshold_for(&self, label: &str) -> f32 {
+        self.thresholds
+            .get(label)
+            .copied()
+            .or(self.threshold)
+            .unwrap_or(DEFAULT_MULTI_LABEL_THRESHOLD)
+    }
+}
+
+/// Where a message's priority comes from: the label of a head, optionally mapped.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrioritySpec {
+    /// The single-label head whose label decides the priority.
+    pub from_head: String,
+    /// label -> priority. Empty: the head's label IS the priority (a priority head).
+    #[serde(default)]
+    pub map: BTreeMap<String, String>,
+    /// Priority for labels missing from `map`.
+    pub default: Option<String>,
+}
+
+impl PrioritySpec {
+    pub fn priority_of(&self, label: &str) -> Option<String> {
+        if self.map.is_empty() {
+            return Some(label.to_string());
+        }
+        self.map.get(label).or(self.default.as_ref()).cloned()
+    }
+}
+
+/// `model.toml` as written by people or by `triage train`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DescriptorFile {
+    pub name: Option<String>,
+    pub version: Option<String>,
+    pub max_length: Option<usize>,
+    /// Text assembly, e.g. "{subject}\n{body}"; placeholders name message fields.
+    pub template: Option<String>,
+    /// The single-label head reported as the message's category (and used for escalation).
+    pub category_head: Option<String>,
+    #[serde(default)]
+    pub heads: Vec<HeadSpec>,
+    pub priority: Option<PrioritySpec>,
+    /// Multi-label threshold overrides for a head derived from config.json.
+    pub threshold: Option<f32>,
+}
+
+/// The fields of an HF `config.json` that matter here.
+#[derive(Debug, Clone, Deserialize)]
+struct OptimumConfig {
+    #[serde(default)]
+    id2label: BTreeMap<String, String>,
+    problem_type: Option<String>,
+    #[serde(rename = "_name_or_path")]
+    name_or_path: Option<String>,
+    model_type: Option<String>,
+}
+
+/// The resolved, validated description of a model directory.
+#[derive(Debug, Clone)]
+pub struct Descriptor {
+    pub name: String,
+    pub version: Option<String>,
+    pub max_length: usize,
+    pub template: String,
+    pub heads: Vec<HeadSpec>,
+    /// Index into `heads` of the category head, if the model has a single-label head.
+    pub category_head: Option<usize>,
+    pub priority: Option<PrioritySpec>,
+}
+
+impl Descriptor {
+    pub fn load(dir: &Path) -> Result<Self, ModelError> {
+        let own_path = dir.join(DESCRIPTOR_FILE);
+        let optimum_path = dir.join(OPTIMUM_CONFIG_FILE);
+        let own = if own_path.is_file() {
+            Some(read_toml(&own_path)?)
+        } else {
+            None
+        };
+        let optimum = if optimum_path.is_file() {
+            Some(read_optimum(&optimum_path)?)
+        } else {
+            None
+        };
+        let dir_name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into());
+        Self::resolve(own, optimum, &dir_name, dir)
+    }
+
+    fn resolve(
+        own: Option<DescriptorFile>,
+        optimum: Option<OptimumConfig>,
+        dir_name: &str,
+        dir: &Path,
+    ) -> Result<Self, ModelError> {
+        if own.is_none() && optimum.is_none() {
+            return Err(ModelError::NoDescriptor {
+                dir: dir.to_path_buf(),
+            });
+        }
+        let own = own.unwrap_or_default();
+        let mut heads = own.heads.clone();
+        let mut default_name = dir_name.to_string();
+        if heads.is_empty() {
+            let Some(cfg) = &optimum else {
+                return Err(ModelError::invalid(
+                    dir.join(DESCRIPTOR_FILE),
+                    "declares no [[heads]] and there is no config.json to derive one from",
+                ));
+            };
+            heads.push(optimum_head(
+                cfg,
+                own.threshold,
+                &dir.join(OPTIMUM_CONFIG_FILE),
+            )?);
+            if let Some(name) = cfg.name_or_path.as_deref().filter(|n| !n.is_empty()) {
+                default_name = name.rsplit('/').next().unwrap_or(name).to_string();
+            } else if let Some(kind) = &cfg.model_type {
+                default_name = format!("{dir_name} ({kind})");
+            }
+        }
+        let descriptor_path = dir.join(DESCRIPTOR_FILE);
+        validate_heads(&heads, &descriptor_path)?;
+
+        let category_head = match &own.category_head {
+            Some(name) => {
+                let index = heads.iter().position(|h| &h.name == name).ok_or_else(|| {
+                    ModelError::invalid(
+                        &descriptor_path,
+                        format!("category_head `{name}` is not one of the heads"),
+                    )
+                })?;
+                if heads[index].kind != HeadKind::SingleLabel {
+                    return Err(ModelError::invalid(
+                        &descriptor_path,
+                        format!("category_head `{name}` must be a single_label head"),
+                    ));
+                }
+                Some(index)
+            }
+            None => heads.iter().position(|h| h.kind == HeadKind::SingleLabel),
+        };
+        if let Some(priority) = &own.priority {
+            match heads.iter().find(|h| h.name == priority.from_head) {
+                Some(h) if h.kind == HeadKind::SingleLabel => {}
+                Some(_) => {
+                    return Err(ModelError::invalid(
+                        &descriptor_path,
+                        format!(
+                            "priority.from_head `{}` must be a single_label head",
+                            priority.from_head
+                        ),
+                    ))
+                }
+                None => {
+                    return Err(ModelError::invalid(
+                        &descriptor_path,
+                        format!(
+                            "priority.from_head `{}` is not one of the heads",
+                            priority.from_head
+                        ),
+                    ))
+                }
+            }
+        }
+        let max_length = own.max_length.unwrap_or(DEFAULT_MAX_LENGTH);
+        if max_length < 8 {
+            return Err(ModelError::invalid(
+                &descriptor_path,
+                format!("max_length {max_length} is too small (minimum 8)"),
+            ));
+        }
+        Ok(Descriptor {
+            name: own.name.unwrap_or(default_name),
+            version: own.version,
+            max_length,
+            template: own.template.unwrap_or_else(|| DEFAULT_TEMPLATE.to_string()),
+            heads,
+            category_head,
+            priority: own.priority,
+        })
+    }
+}
+
+fn read_toml(path: &Path) -> Result<DescriptorFile, ModelError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+    toml::from_str(&text).map_err(|e| ModelError::invalid(path, e.to_string()))
+}
+
+fn read_optimum(path: &Path) -> Result<OptimumConfig, ModelError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| ModelError::invalid(path, e.to_string()))
+}
+
+fn optimum_head(
+    cfg: &OptimumConfig,
+    threshold: Option<f32>,
+    path: &PathBuf,
+) -> Result<HeadSpec, ModelError> {
+    if cfg.id2label.is_empty() {
+        return Err(ModelError::invalid(
+            path,
+            "has no id2label: cannot name the classifier's labels",
+        ));
+    }
+    let mut labels = vec![None; cfg.id2label.len()];
+    for (id, label) in &cfg.id2label {
+        let index: usize = id.parse().map_err(|_| {
+            ModelError::invalid(path, format!("id2label key `{id}` is not a number"))
+        })?;
+        let slot = labels.get_mut(index).ok_or_else(|| {
+            ModelError::invalid(
+                path,
+                format!(
+                    "id2label ids must be 0..{}; found {index}",
+                    cfg.id2label.len()
+                ),
+            )
+        })?;
+        *slot = Some(label.clone());
+    }
+    let labels: Vec<String> = labels.into_iter().map(|l| l.unwrap_or_default()).collect();
+    let (kind, activation) = match cfg.problem_type.as_deref() {
+        Some("multi_label_classification") => (HeadKind::MultiLabel, Activation::Sigmoid),
+        None | Some("single_label_classification") => (HeadKind::SingleLabel, Activation::Softmax),
+        Some(other) => return Err(ModelError::invalid(path, format!("problem_type `{other}` is not a classification (single_label_classification or multi_label_classification)"))),
+    };
+    Ok(HeadSpec {
+        name: "category".into(),
+        output: "logits".into(),
+        kind,
+        labels,
+        activation: Some(activation),
+        threshold,
+        thresholds: BTreeMap::new(),
+    })
+}
+
+fn validate_heads(heads: &[HeadSpec], path: &Path) -> Result<(), ModelError> {
+    let mut seen = std::collections::BTreeSet::new();
+    for head in heads {
+        if !seen.insert(head.name.as_str()) {
+            return Err(ModelError::invalid(
+                path,
+                format!("head `{}` is declared twice", head.name),
+            ));
+        }
+        match head.kind {
+            HeadKind::SingleLabel | HeadKind::MultiLabel if head.labels.is_empty() => {
+                return Err(ModelError::invalid(
+                    path,
+                    format!("head `{}` has no labels", head.name),
+                ));
+            }
+            HeadKind::MultiLabel => {
+                for (label, t) in head
+                    .thresholds
+                    .iter()
+                    .map(|(l, t)| (l.as_str(), *t))
+                    .chain(head.threshold.map(|t| ("(default)", t)))
+                {
+                    if !(0.0..=1.0).contains(&t) {
+                        return Err(ModelError::invalid(
+                            path,
+                            format!(
+                                "head `{}`: threshold for {label} is {t}, outside 0..1",
+                                head.name
+                            ),
+                        ));
+                    }
+                }
+                if let Some(unknown) = head.thresholds.keys().find(|l| !head.labels.contains(l)) {
+                    return Err(ModelError::invalid(
+                        path,
+                        format!(
+                            "head `{}`: threshold given for unknown label `{unknown}`",
+                            head.name
+                        ),
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn optimum(problem_type: Option<&str>) -> OptimumConfig {
+        OptimumConfig {
+            id2label: [
+                ("1".to_string(), "positive".to_string()),
+                ("0".to_string(), "negative".to_string()),
+            ]
+            .into(),
+            problem_type: problem_type.map(String::from),
+            name_or_path: Some("acme/ticket-bert".into()),
+            model_type: Some("bert".into()),
+        }
+    }
+
+    #[test]
+    fn optimum_config_alone_gives_a_softmax_category_head_in_id_order() {
+        let d = Descriptor::resolve(None, Some(optimum(None)), "dir", Path::new("/m")).unwrap();
+        assert_eq!(d.heads.len(), 1);
+        assert_eq!(d.heads[0].output, "logits");
+        assert_eq!(d.heads[0].labels, vec!["negative", "positive"]);
+        assert_eq!(d.heads[0].activation(), Activation::Softmax);
+        assert_eq!(d.category_head, Some(0));
+        assert_eq!(d.name, "ticket-bert");
+        assert_eq!(d.max_length, DEFAULT_MAX_LENGTH);
+    }
+
+    #[test]
+    fn multi_label_problem_type_gives_sigmoid() {
+        let d = Descriptor::resolve(
+            None,
+            Some(optimum(Some("multi_label_classification"))),
+            "dir",
+            Path::new("/m"),
+        )
+        .unwrap();
+        assert_eq!(d.heads[0].kind, HeadKind::MultiLabel);
+        assert_eq!(d.heads[0].activation(), Activation::Sigmoid);
+        assert_eq!(d.category_head, None);
+    }
+
+    #[test]
+    fn regression_is_rejected_with_the_problem_type_named() {
+        let err = Descriptor::resolve(
+            None,
+            Some(optimum(Some("regression"))),
+            "dir",
+            Path::new("/m"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("regression"), "{err}");
+    }
+
+    #[test]
+    fn own_descriptor_adds_priority_map_to_optimum_head() {
+        let own: DescriptorFile = toml::from_str(
+            r#"
+            name = "sentiment"
+            version = "3"
+            [priority]
+            from_head = "category"
+            default = "normal"
+            map = { negative = "high" }
+            "#,
+        )
+        .unwrap();
+        let d =
+            Descriptor::resolve(Some(own), Some(optimum(None)), "dir", Path::new("/m")).unwrap();
+        let p = d.priority.unwrap();
+        assert_eq!(p.priority_of("negative").as_deref(), Some("high"));
+        assert_eq!(p.priority_of("positive").as_deref(), Some("normal"));
+        assert_eq!(d.name, "sentiment");
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_category_heads_are_rejected() {
+        assert!(toml::from_str::<DescriptorFile>("nmae = \"x\"").is_err());
+        let own: DescriptorFile = toml::from_str(
+            r#"
+            category_head = "tags"
+            [[heads]]
+            name = "tags"
+            output = "tag_scores"
+            kind = "multi_label"
+            labels = ["a"]
+            "#,
+        )
+        .unwrap();
+        let err = Descriptor::resolve(Some(own), None, "dir", Path::new("/m")).unwrap_err();
+        assert!(err.to_string().contains("single_label"), "{err}");
+    }
+
+    #[test]
+    fn multi_label_thresholds_are_validated_and_resolved() {
+        let own: DescriptorFile = toml::from_str(
+            r#"
+            [[heads]]
+            name = "tags"
+            output = "tag_scores"
+            kind = "multi_label"
+            labels = ["billing", "bug"]
+            threshold = 0.4
+            thresholds = { bug = 0.7 }
+            "#,
+        )
+        .unwrap();
+        let d = Descriptor::resolve(Some(own.clone()), None, "dir", Path::new("/m")).unwrap();
+        assert_eq!(d.heads[0].threshold_for("bug"), 0.7);
+        assert_eq!(d.heads[0].threshold_for("billing"), 0.4);
+        let mut bad = own;
+        bad.heads[0].thresholds.insert("nope".into(), 0.5);
+        assert!(Descriptor::resolve(Some(bad), None, "dir", Path::new("/m"))
+            .unwrap_err()
+            .to_string()
+            .contains("nope"));
+    }
+
+    #[test]
+    fn a_directory_without_any_descriptor_says_so() {
+        let err = Descriptor::resolve(None, None, "dir", Path::new("/models/x")).unwrap_err();
+        assert!(err.to_string().contains("/models/x"), "{err}");
+    }
+
+    #[test]
+    fn priority_head_without_map_uses_label_itself() {
+        let p = PrioritySpec {
+            from_head: "priority".into(),
+            map: BTreeMap::new(),
+            default: None,
+        };
+        assert_eq!(p.priority_of("high").as_deref(), Some("high"));
+    }
+}
