@@ -3,8 +3,9 @@
 //! A batch closes when adding another message would push its padded token count
 //! (rows x longest row) past `max_batch_tokens`, when it holds `max_batch_size` messages, or
 //! when its oldest message has waited `max_wait`. To pad little, pending messages are grouped
-//! by length: up to `bucket_window` batches' worth of messages wait together, and each batch is
-//! the run of similar lengths around the OLDEST pending message (so nobody starves).
+//! by length: up to `bucket_window` batches' worth of messages wait together, the window is
+//! split into batches of similar lengths at the least cost (padding plus a fixed cost per
+//! batch), and the batch holding the OLDEST pending message runs next (so nobody starves).
 //!
 //! Pure and clock-free: callers pass `now`, so tests drive time by hand.
 
@@ -24,16 +25,14 @@ pub struct BatchPolicy {
     pub max_wait_ms: u64,
     /// How many batches' worth of messages are sorted by length together (1: arrival order).
     pub bucket_window: usize,
+    /// Fixed cost of running one batch, in tokens. Higher favours fewer, fuller batches over
+    /// less padding (GPUs: high; CPUs, where compute is proportional to padded tokens: low).
+    pub batch_cost_tokens: usize,
 }
 
 impl Default for BatchPolicy {
     fn default() -> Self {
-        BatchPolicy {
-            max_batch_size: 64,
-            max_batch_tokens: 8192,
-            max_wait_ms: 20,
-            bucket_window: 4,
-        }
+        BatchPolicy { max_batch_size: 64, max_batch_tokens: 8192, max_wait_ms: 20, bucket_window: 4, batch_cost_tokens: 64 }
     }
 }
 
@@ -101,11 +100,7 @@ pub struct Assembler<T> {
 
 impl<T> Assembler<T> {
     pub fn new(policy: BatchPolicy) -> Self {
-        Assembler {
-            policy,
-            pending: VecDeque::new(),
-            pending_tokens: 0,
-        }
+        Assembler { policy, pending: VecDeque::new(), pending_tokens: 0 }
     }
 
     pub fn policy(&self) -> &BatchPolicy {
@@ -124,18 +119,12 @@ impl<T> Assembler<T> {
         // Zero-length sequences still occupy a row.
         let tokens = tokens.max(1);
         self.pending_tokens += tokens;
-        self.pending.push_back(Pending {
-            item,
-            tokens,
-            arrived: now,
-        });
+        self.pending.push_back(Pending { item, tokens, arrived: now });
     }
 
     /// When the oldest pending message will have waited `max_wait`.
     pub fn deadline(&self) -> Option<Instant> {
-        self.pending
-            .front()
-            .map(|p| p.arrived + self.policy.max_wait())
+        self.pending.front().map(|p| p.arrived + self.policy.max_wait())
     }
 
     /// Whether enough is pending that waiting longer cannot improve the next batch.
@@ -144,8 +133,7 @@ impl<T> Assembler<T> {
         if window == 1 {
             return self.first_fifo_batch_len() < self.pending.len();
         }
-        self.pending.len() >= self.policy.max_batch_size * window
-            || self.pending_tokens >= self.policy.max_batch_tokens * window
+        self.pending.len() >= self.policy.max_batch_size * window || self.pending_tokens >= self.policy.max_batch_tokens * window
     }
 
     /// The next batch if one is due now: the window is full, the oldest message's wait is up,
@@ -182,20 +170,13 @@ impl<T> Assembler<T> {
 
     /// Remove and return the batch around the oldest pending message.
     fn take_batch(&mut self) -> Batch<T> {
-        let chosen: Vec<usize> = if self.policy.bucket_window == 1 {
-            (0..self.first_fifo_batch_len()).collect()
-        } else {
-            self.bucket_around_oldest()
-        };
+        let chosen: Vec<usize> =
+            if self.policy.bucket_window == 1 { (0..self.first_fifo_batch_len()).collect() } else { self.bucket_around_oldest() };
         let mut take = vec![false; self.pending.len()];
         for &i in &chosen {
             take[i] = true;
         }
-        let oldest = self
-            .pending
-            .front()
-            .map(|p| p.arrived)
-            .unwrap_or_else(Instant::now);
+        let oldest = self.pending.front().map(|p| p.arrived).unwrap_or_else(Instant::now);
         let mut items = Vec::with_capacity(chosen.len());
         let mut lengths = Vec::with_capacity(chosen.len());
         let mut kept = VecDeque::with_capacity(self.pending.len() - chosen.len());
@@ -209,37 +190,43 @@ impl<T> Assembler<T> {
             }
         }
         self.pending = kept;
-        Batch {
-            items,
-            lengths,
-            oldest,
-        }
+        Batch { items, lengths, oldest }
     }
 
-    /// Indices (into `pending`) of a length-contiguous run containing index 0, grown one
-    /// neighbour at a time toward whichever side adds less padding.
+    /// Indices (into `pending`) of the batch holding the oldest message, from the cheapest
+    /// split of the length-sorted window into batches. A batch costs `batch_cost_tokens` plus
+    /// its padded tokens, so similar lengths run together and a batch only takes in a much
+    /// longer neighbour when the fixed cost saved outweighs the padding added.
     fn bucket_around_oldest(&self) -> Vec<usize> {
         let mut order: Vec<usize> = (0..self.pending.len()).collect();
         order.sort_by_key(|&i| (self.pending[i].tokens, i));
-        let len = |pos: usize| self.pending[order[pos]].tokens;
-        let anchor = order.iter().position(|&i| i == 0).unwrap_or(0);
-        let (mut lo, mut hi) = (anchor, anchor);
-        loop {
-            let rows = hi - lo + 1;
-            if rows >= self.policy.max_batch_size {
-                break;
-            }
-            let left = (lo > 0 && self.fits(rows + 1, len(hi))).then(|| len(hi) - len(lo - 1));
-            let right = (hi + 1 < order.len() && self.fits(rows + 1, len(hi + 1)))
-                .then(|| rows * (len(hi + 1) - len(hi)));
-            match (left, right) {
-                (Some(l), Some(r)) if r < l => hi += 1,
-                (Some(_), _) => lo -= 1,
-                (None, Some(_)) => hi += 1,
-                (None, None) => break,
+        let lens: Vec<usize> = order.iter().map(|&i| self.pending[i].tokens).collect();
+        let n = lens.len();
+        // best[i]: cheapest cost of batching the i shortest; cut[i]: where its last batch starts.
+        let mut best = vec![usize::MAX; n + 1];
+        let mut cut = vec![0usize; n + 1];
+        best[0] = 0;
+        for end in 1..=n {
+            let longest = lens[end - 1];
+            let lowest_start = end.saturating_sub(self.policy.max_batch_size);
+            for start in (lowest_start..end).rev() {
+                let rows = end - start;
+                if rows > 1 && !self.fits(rows, longest) {
+                    break;
+                }
+                let cost = best[start].saturating_add(self.policy.batch_cost_tokens + rows * longest);
+                if cost < best[end] {
+                    best[end] = cost;
+                    cut[end] = start;
+                }
             }
         }
-        order[lo..=hi].to_vec()
+        let anchor = order.iter().position(|&i| i == 0).unwrap_or(0);
+        let mut end = n;
+        while cut[end] > anchor {
+            end = cut[end];
+        }
+        order[cut[end]..end].to_vec()
     }
 }
 
@@ -248,12 +235,7 @@ mod tests {
     use super::*;
 
     fn policy(size: usize, tokens: usize, wait_ms: u64, window: usize) -> BatchPolicy {
-        BatchPolicy {
-            max_batch_size: size,
-            max_batch_tokens: tokens,
-            max_wait_ms: wait_ms,
-            bucket_window: window,
-        }
+        BatchPolicy { max_batch_size: size, max_batch_tokens: tokens, max_wait_ms: wait_ms, bucket_window: window, batch_cost_tokens: 64 }
     }
 
     #[test]
@@ -264,9 +246,7 @@ mod tests {
         a.push("b", 10, t0 + Duration::from_millis(5));
         assert!(a.pop_due(t0 + Duration::from_millis(49), false).is_none());
         assert_eq!(a.deadline(), Some(t0 + Duration::from_millis(50)));
-        let batch = a
-            .pop_due(t0 + Duration::from_millis(50), false)
-            .expect("oldest waited max_wait");
+        let batch = a.pop_due(t0 + Duration::from_millis(50), false).expect("oldest waited max_wait");
         assert_eq!(batch.items, vec!["a", "b"]);
         assert!(a.is_empty());
     }
@@ -281,10 +261,7 @@ mod tests {
         let b = a.pop_due(t0, false).expect("window of 2x3 is full");
         assert_eq!(b.len(), 3);
         assert_eq!(a.len(), 3);
-        assert!(
-            a.pop_due(t0, false).is_none(),
-            "3 pending < window of 6, and nobody expired"
-        );
+        assert!(a.pop_due(t0, false).is_none(), "3 pending < window of 6, and nobody expired");
         assert_eq!(a.pop_due(t0, true).map(|b| b.len()), Some(3));
     }
 
@@ -321,33 +298,17 @@ mod tests {
             a.push(i, l, t0);
         }
         let first = a.pop_due(t0, false).expect("window 3x4 = 12 is full");
-        assert!(
-            first.items.contains(&0),
-            "oldest (index 0) must be in the batch"
-        );
-        assert!(
-            first.lengths.iter().all(|&l| l >= 95),
-            "long ones together: {:?}",
-            first.lengths
-        );
+        assert!(first.items.contains(&0), "oldest (index 0) must be in the batch");
+        assert!(first.lengths.iter().all(|&l| l >= 95), "long ones together: {:?}", first.lengths);
         let second = a.pop_due(t0, true).unwrap();
-        assert!(
-            second.items.contains(&1),
-            "next oldest leads the next batch"
-        );
-        assert!(
-            second.lengths.iter().all(|&l| l <= 10),
-            "short ones together: {:?}",
-            second.lengths
-        );
+        assert!(second.items.contains(&1), "next oldest leads the next batch");
+        assert!(second.lengths.iter().all(|&l| l <= 10), "short ones together: {:?}", second.lengths);
     }
 
     #[test]
     fn bucketing_pads_less_than_fifo_on_mixed_lengths() {
         let t0 = Instant::now();
-        let lens: Vec<usize> = (0..512)
-            .map(|i| [12, 140, 30, 90, 18, 60, 128, 9][i % 8] + (i * 7) % 11)
-            .collect();
+        let lens: Vec<usize> = (0..512).map(|i| [12, 140, 30, 90, 18, 60, 128, 9][i % 8] + (i * 7) % 11).collect();
         let ratio = |window: usize| {
             let mut a = Assembler::new(policy(32, 4096, 10, window));
             let (mut real, mut padded) = (0, 0);
@@ -391,17 +352,8 @@ mod tests {
 
     #[test]
     fn policy_validation_explains() {
-        assert!(policy(0, 100, 1, 1)
-            .validate(10)
-            .unwrap_err()
-            .contains("max_batch_size"));
-        assert!(policy(4, 100, 1, 1)
-            .validate(128)
-            .unwrap_err()
-            .contains("max_length"));
-        assert!(policy(4, 1000, 1, 0)
-            .validate(128)
-            .unwrap_err()
-            .contains("bucket_window"));
+        assert!(policy(0, 100, 1, 1).validate(10).unwrap_err().contains("max_batch_size"));
+        assert!(policy(4, 100, 1, 1).validate(128).unwrap_err().contains("max_length"));
+        assert!(policy(4, 1000, 1, 0).validate(128).unwrap_err().contains("bucket_window"));
     }
 }

@@ -92,14 +92,8 @@ where
     W: Write,
 {
     let start = Instant::now();
-    let decoder = Decoder::new(
-        options.fields.clone(),
-        model.template().clone(),
-        options.max_message_bytes,
-        model.encoder().max_chars(),
-    );
-    let (outcome_tx, outcome_rx) =
-        flume::bounded::<Outcome<LineTag>>(options.engine.queue_capacity);
+    let decoder = Decoder::new(options.fields.clone(), model.template().clone(), options.max_message_bytes, model.encoder().max_chars());
+    let (outcome_tx, outcome_rx) = flume::bounded::<Outcome<LineTag>>(options.engine.queue_capacity);
     let engine = Engine::start(model.clone(), &options.engine, outcome_tx.clone())?;
     let submitter = engine.submitter();
     let reader = std::thread::Builder::new()
@@ -126,26 +120,8 @@ where
                 let tag_seq = seq;
                 seq += 1;
                 let sent = match decoder.decode(&buf) {
-                    Ok(msg) => submitter
-                        .submit(
-                            LineTag {
-                                seq: tag_seq,
-                                line,
-                                id: msg.id,
-                            },
-                            msg.text,
-                        )
-                        .is_ok(),
-                    Err(e) => outcome_tx
-                        .send(Outcome {
-                            tag: LineTag {
-                                seq: tag_seq,
-                                line,
-                                id: None,
-                            },
-                            result: Err(e.into()),
-                        })
-                        .is_ok(),
+                    Ok(msg) => submitter.submit(LineTag { seq: tag_seq, line, id: msg.id }, msg.text).is_ok(),
+                    Err(e) => outcome_tx.send(Outcome { tag: LineTag { seq: tag_seq, line, id: None }, result: Err(e.into()) }).is_ok(),
                 };
                 if !sent {
                     return Ok(());
@@ -157,16 +133,9 @@ where
     // The outcome channel closes once the reader and every engine thread are done; shutting
     // the engine down (dropping its own submitter, joining its threads) runs beside the drain.
     let stats_handle = engine.stats_handle();
-    let joiner = std::thread::Builder::new()
-        .name("triage-engine-stop".into())
-        .spawn(move || engine.shutdown())
-        .map_err(ClassifyRunError::Read)?;
-    let mut writer = OrderedWriter::new(
-        output,
-        options.include_embeddings,
-        model.info().name.clone(),
-        model.info().version.clone(),
-    );
+    let joiner =
+        std::thread::Builder::new().name("triage-engine-stop".into()).spawn(move || engine.shutdown()).map_err(ClassifyRunError::Read)?;
+    let mut writer = OrderedWriter::new(output, options.include_embeddings, model.info().name.clone(), model.info().version.clone());
     let mut write_result = Ok(());
     for outcome in outcome_rx.iter() {
         if let Err(e) = writer.accept(outcome) {
@@ -176,14 +145,10 @@ where
     }
     // On a write error, dropping the receiver makes the reader and engine stop early.
     drop(outcome_rx);
-    let read_result = reader
-        .join()
-        .unwrap_or_else(|_| Err(std::io::Error::other("reader thread panicked")));
+    let read_result = reader.join().unwrap_or_else(|_| Err(std::io::Error::other("reader thread panicked")));
     let _ = joiner.join();
     let stats = writer.stats;
-    write_result
-        .and_then(|()| writer.finish())
-        .map_err(ClassifyRunError::Write)?;
+    write_result.and_then(|()| writer.finish()).map_err(ClassifyRunError::Write)?;
     read_result.map_err(ClassifyRunError::Read)?;
     Ok(ClassifySummary {
         lines: stats.lines,

@@ -30,12 +30,7 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig {
-            policy: BatchPolicy::default(),
-            tokenizer_threads: 1,
-            inference_threads: 1,
-            queue_capacity: 1024,
-        }
+        EngineConfig { policy: BatchPolicy::default(), tokenizer_threads: 1, inference_threads: 1, queue_capacity: 1024 }
     }
 }
 
@@ -169,10 +164,7 @@ pub struct Submitter<T> {
 
 impl<T> Clone for Submitter<T> {
     fn clone(&self) -> Self {
-        Submitter {
-            requests: self.requests.clone(),
-            stats: self.stats.clone(),
-        }
+        Submitter { requests: self.requests.clone(), stats: self.stats.clone() }
     }
 }
 
@@ -180,26 +172,13 @@ impl<T: Send + 'static> Submitter<T> {
     /// Blocks while the engine is full.
     pub fn submit(&self, tag: T, text: Rendered) -> Result<(), EngineClosed<T>> {
         self.stats.submitted.fetch_add(1, Ordering::Relaxed);
-        self.requests
-            .send(Request {
-                tag,
-                text,
-                submitted: Instant::now(),
-            })
-            .map_err(|e| EngineClosed(e.into_inner().tag))
+        self.requests.send(Request { tag, text, submitted: Instant::now() }).map_err(|e| EngineClosed(e.into_inner().tag))
     }
 
     /// Waits (without blocking the runtime) while the engine is full.
     pub async fn submit_async(&self, tag: T, text: Rendered) -> Result<(), EngineClosed<T>> {
         self.stats.submitted.fetch_add(1, Ordering::Relaxed);
-        self.requests
-            .send_async(Request {
-                tag,
-                text,
-                submitted: Instant::now(),
-            })
-            .await
-            .map_err(|e| EngineClosed(e.into_inner().tag))
+        self.requests.send_async(Request { tag, text, submitted: Instant::now() }).await.map_err(|e| EngineClosed(e.into_inner().tag))
     }
 }
 
@@ -212,17 +191,9 @@ pub struct Engine<T> {
 
 impl<T: Send + 'static> Engine<T> {
     /// Start the threads. Sessions are created here, so model problems surface now.
-    pub fn start(
-        model: Arc<Model>,
-        config: &EngineConfig,
-        outcomes: flume::Sender<Outcome<T>>,
-    ) -> Result<Self, ModelError> {
-        config
-            .validate(model.info().max_length)
-            .map_err(|reason| ModelError::invalid(&model.info().dir, reason))?;
-        let sessions = (0..config.inference_threads)
-            .map(|_| model.session())
-            .collect::<Result<Vec<_>, _>>()?;
+    pub fn start(model: Arc<Model>, config: &EngineConfig, outcomes: flume::Sender<Outcome<T>>) -> Result<Self, ModelError> {
+        config.validate(model.info().max_length).map_err(|reason| ModelError::invalid(&model.info().dir, reason))?;
+        let sessions = (0..config.inference_threads).map(|_| model.session()).collect::<Result<Vec<_>, _>>()?;
         let stats = Arc::new(EngineStats::default());
         let (request_tx, request_rx) = flume::bounded::<Request<T>>(config.queue_capacity);
         let (token_tx, token_rx) = flume::bounded::<Tokenized<T>>(config.queue_capacity);
@@ -231,46 +202,24 @@ impl<T: Send + 'static> Engine<T> {
         let mut threads = Vec::new();
 
         for i in 0..config.tokenizer_threads {
-            let (rx, tx, out, model, stats) = (
-                request_rx.clone(),
-                token_tx.clone(),
-                outcomes.clone(),
-                model.clone(),
-                stats.clone(),
-            );
-            threads.push(spawn(format!("triage-tokenize-{i}"), move || {
-                tokenize_loop(&model, rx, tx, out, &stats)
-            }));
+            let (rx, tx, out, model, stats) = (request_rx.clone(), token_tx.clone(), outcomes.clone(), model.clone(), stats.clone());
+            threads.push(spawn(format!("triage-tokenize-{i}"), move || tokenize_loop(&model, rx, tx, out, &stats)));
         }
         drop((request_rx, token_tx));
 
         let policy = config.policy.clone();
         let batch_stats = stats.clone();
-        threads.push(spawn("triage-batcher".into(), move || {
-            batch_loop(policy, token_rx, batch_tx, &batch_stats)
-        }));
+        threads.push(spawn("triage-batcher".into(), move || batch_loop(policy, token_rx, batch_tx, &batch_stats)));
 
         for (i, session) in sessions.into_iter().enumerate() {
             let (rx, out, stats) = (batch_rx.clone(), outcomes.clone(), stats.clone());
-            threads.push(spawn(format!("triage-infer-{i}"), move || {
-                inference_loop(session, rx, out, &stats)
-            }));
+            threads.push(spawn(format!("triage-infer-{i}"), move || inference_loop(session, rx, out, &stats)));
         }
-        Ok(Engine {
-            submitter: Some(Submitter {
-                requests: request_tx,
-                stats: stats.clone(),
-            }),
-            threads,
-            stats,
-            model,
-        })
+        Ok(Engine { submitter: Some(Submitter { requests: request_tx, stats: stats.clone() }), threads, stats, model })
     }
 
     pub fn submitter(&self) -> Submitter<T> {
-        self.submitter
-            .clone()
-            .expect("submitter lives until shutdown")
+        self.submitter.clone().expect("submitter lives until shutdown")
     }
 
     pub fn submit(&self, tag: T, text: Rendered) -> Result<(), EngineClosed<T>> {
@@ -305,10 +254,7 @@ impl<T: Send + 'static> Engine<T> {
 }
 
 fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
-    std::thread::Builder::new()
-        .name(name)
-        .spawn(f)
-        .expect("the OS refused to start an engine thread")
+    std::thread::Builder::new().name(name).spawn(f).expect("the OS refused to start an engine thread")
 }
 
 fn tokenize_loop<T>(
@@ -322,28 +268,14 @@ fn tokenize_loop<T>(
     for req in requests.iter() {
         let start = Instant::now();
         // A tokenizer panic on some odd input must cost one message, not the worker.
-        let encoded =
-            std::panic::catch_unwind(AssertUnwindSafe(|| encoder.encode_rendered(&req.text)))
-                .unwrap_or_else(|_| Err("tokenizer panicked on this input".to_string()));
-        stats
-            .tokenize_nanos
-            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let encoded = std::panic::catch_unwind(AssertUnwindSafe(|| encoder.encode_rendered(&req.text)))
+            .unwrap_or_else(|_| Err("tokenizer panicked on this input".to_string()));
+        stats.tokenize_nanos.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let sent = match encoded {
-            Ok(encoded) => tokens
-                .send(Tokenized {
-                    tag: req.tag,
-                    encoded,
-                    submitted: req.submitted,
-                })
-                .is_ok(),
+            Ok(encoded) => tokens.send(Tokenized { tag: req.tag, encoded, submitted: req.submitted }).is_ok(),
             Err(e) => {
                 stats.failed.fetch_add(1, Ordering::Relaxed);
-                outcomes
-                    .send(Outcome {
-                        tag: req.tag,
-                        result: Err(ClassifyError::Tokenize(e)),
-                    })
-                    .is_ok()
+                outcomes.send(Outcome { tag: req.tag, result: Err(ClassifyError::Tokenize(e)) }).is_ok()
             }
         };
         if !sent {
@@ -368,12 +300,8 @@ fn batch_loop<T>(
         }
         if let Some(batch) = assembler.pop_due(Instant::now(), !input_open) {
             stats.batches.fetch_add(1, Ordering::Relaxed);
-            stats
-                .real_tokens
-                .fetch_add(batch.real_tokens() as u64, Ordering::Relaxed);
-            stats
-                .padded_tokens
-                .fetch_add(batch.padded_tokens() as u64, Ordering::Relaxed);
+            stats.real_tokens.fetch_add(batch.real_tokens() as u64, Ordering::Relaxed);
+            stats.padded_tokens.fetch_add(batch.padded_tokens() as u64, Ordering::Relaxed);
             if batches.send(batch).is_err() {
                 return;
             }
@@ -384,9 +312,7 @@ fn batch_loop<T>(
         }
         let next = match assembler.deadline() {
             Some(deadline) => tokens.recv_deadline(deadline),
-            None => tokens
-                .recv()
-                .map_err(|_| flume::RecvTimeoutError::Disconnected),
+            None => tokens.recv().map_err(|_| flume::RecvTimeoutError::Disconnected),
         };
         match next {
             Ok(t) => {
@@ -410,15 +336,11 @@ fn inference_loop<T>(
         let encoded: Vec<&Encoded> = batch.items.iter().map(|t| &t.encoded).collect();
         let result = session.run(&encoded);
         let inference = start.elapsed();
-        stats
-            .inference_nanos
-            .fetch_add(inference.as_nanos() as u64, Ordering::Relaxed);
+        stats.inference_nanos.fetch_add(inference.as_nanos() as u64, Ordering::Relaxed);
         let batch_size = batch.items.len();
         match result {
             Ok(predictions) => {
-                stats
-                    .classified
-                    .fetch_add(batch_size as u64, Ordering::Relaxed);
+                stats.classified.fetch_add(batch_size as u64, Ordering::Relaxed);
                 for (item, prediction) in batch.items.into_iter().zip(predictions) {
                     let classified = Classified {
                         prediction,
@@ -429,13 +351,7 @@ fn inference_loop<T>(
                         inference,
                         batch_size,
                     };
-                    if outcomes
-                        .send(Outcome {
-                            tag: item.tag,
-                            result: Ok(classified),
-                        })
-                        .is_err()
-                    {
+                    if outcomes.send(Outcome { tag: item.tag, result: Ok(classified) }).is_err() {
                         return;
                     }
                 }
@@ -445,13 +361,7 @@ fn inference_loop<T>(
                 stats.failed.fetch_add(batch_size as u64, Ordering::Relaxed);
                 for item in batch.items {
                     let err = ClassifyError::Inference(e.to_string());
-                    if outcomes
-                        .send(Outcome {
-                            tag: item.tag,
-                            result: Err(err),
-                        })
-                        .is_err()
-                    {
+                    if outcomes.send(Outcome { tag: item.tag, result: Err(err) }).is_err() {
                         return;
                     }
                 }

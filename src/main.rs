@@ -16,20 +16,10 @@ use triage::model::{InferenceOptions, Model, OptimizationLevel, Provider};
 use triage::paths;
 
 #[derive(Parser)]
-#[command(
-    name = "triage",
-    version,
-    about = "Classify support tickets, returns and e-mails with small ONNX language models"
-)]
+#[command(name = "triage", version, about = "Classify support tickets, returns and e-mails with small ONNX language models")]
 struct Cli {
     /// Log format on stderr.
-    #[arg(
-        long,
-        global = true,
-        env = "TRIAGE_LOG_FORMAT",
-        value_enum,
-        default_value = "text"
-    )]
+    #[arg(long, global = true, env = "TRIAGE_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -58,12 +48,7 @@ struct ModelArgs {
     #[arg(long, env = "TRIAGE_ORT_LIBRARY")]
     ort_library: Option<PathBuf>,
     /// Execution providers in order of preference (cpu, cuda, tensorrt); CPU is the fallback.
-    #[arg(
-        long,
-        env = "TRIAGE_PROVIDERS",
-        value_delimiter = ',',
-        default_value = "cpu"
-    )]
+    #[arg(long, env = "TRIAGE_PROVIDERS", value_delimiter = ',', default_value = "cpu")]
     providers: Vec<Provider>,
     /// Intra-op threads per inference session (0: one per core).
     #[arg(long, env = "TRIAGE_INTRA_THREADS", default_value_t = 0)]
@@ -89,6 +74,9 @@ struct BatchArgs {
     /// Batches' worth of messages grouped by length (1: arrival order).
     #[arg(long, env = "TRIAGE_BUCKET_WINDOW", default_value_t = BatchPolicy::default().bucket_window)]
     bucket_window: usize,
+    /// Fixed cost of one batch in tokens (higher: fuller batches, more padding).
+    #[arg(long, env = "TRIAGE_BATCH_COST_TOKENS", default_value_t = BatchPolicy::default().batch_cost_tokens)]
+    batch_cost_tokens: usize,
     #[arg(long, env = "TRIAGE_TOKENIZER_THREADS", default_value_t = EngineConfig::default().tokenizer_threads)]
     tokenizer_threads: usize,
     #[arg(long, env = "TRIAGE_INFERENCE_THREADS", default_value_t = EngineConfig::default().inference_threads)]
@@ -101,19 +89,10 @@ struct FieldArgs {
     #[arg(long = "id-field", env = "TRIAGE_ID_FIELDS", value_delimiter = ',')]
     id_fields: Vec<String>,
     /// Where the subject is (top-level key or JSON pointer such as /email/subject).
-    #[arg(
-        long = "subject-field",
-        env = "TRIAGE_SUBJECT_FIELDS",
-        value_delimiter = ','
-    )]
+    #[arg(long = "subject-field", env = "TRIAGE_SUBJECT_FIELDS", value_delimiter = ',')]
     subject_fields: Vec<String>,
     /// Where the body / text is.
-    #[arg(
-        long = "body-field",
-        alias = "text-field",
-        env = "TRIAGE_BODY_FIELDS",
-        value_delimiter = ','
-    )]
+    #[arg(long = "body-field", alias = "text-field", env = "TRIAGE_BODY_FIELDS", value_delimiter = ',')]
     body_fields: Vec<String>,
     /// Messages larger than this are rejected (bytes).
     #[arg(long, env = "TRIAGE_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
@@ -162,11 +141,9 @@ fn main() {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
         LogFormat::Json => builder.json().init(),
@@ -177,7 +154,10 @@ fn model_dir(arg: &Option<PathBuf>) -> Result<PathBuf> {
     match arg {
         Some(dir) => Ok(dir.clone()),
         None => paths::find_in_project(paths::DEFAULT_MODEL_DIR).with_context(|| {
-            format!("no --model given and the default model ({}) was not found near the executable or the working directory", paths::DEFAULT_MODEL_DIR)
+            format!(
+                "no --model given and the default model ({}) was not found near the executable or the working directory",
+                paths::DEFAULT_MODEL_DIR
+            )
         }),
     }
 }
@@ -193,8 +173,7 @@ fn load_model(args: &ModelArgs) -> Result<Arc<Model>> {
         max_length: args.max_length,
         template: args.template.clone(),
     };
-    let model =
-        Model::load(&dir, &options).with_context(|| format!("loading model {}", dir.display()))?;
+    let model = Model::load(&dir, &options).with_context(|| format!("loading model {}", dir.display()))?;
     Ok(Arc::new(model))
 }
 
@@ -205,6 +184,7 @@ fn engine_config(b: &BatchArgs) -> EngineConfig {
             max_batch_tokens: b.max_batch_tokens,
             max_wait_ms: b.max_wait_ms,
             bucket_window: b.bucket_window,
+            batch_cost_tokens: b.batch_cost_tokens,
         },
         tokenizer_threads: b.tokenizer_threads,
         inference_threads: b.inference_threads,
@@ -248,8 +228,7 @@ fn run_classify(args: ClassifyArgs) -> Result<()> {
     let (input, total): (Box<dyn BufRead + Send>, Option<u64>) = if args.input == "-" {
         (Box::new(BufReader::new(std::io::stdin())), None)
     } else {
-        let file =
-            std::fs::File::open(&args.input).with_context(|| format!("opening {}", args.input))?;
+        let file = std::fs::File::open(&args.input).with_context(|| format!("opening {}", args.input))?;
         let len = file.metadata().ok().map(|m| m.len());
         (Box::new(BufReader::with_capacity(1 << 16, file)), len)
     };
@@ -258,21 +237,12 @@ fn run_classify(args: ClassifyArgs) -> Result<()> {
     let output: Box<dyn Write> = if args.output == "-" {
         Box::new(std::io::stdout().lock())
     } else {
-        Box::new(
-            std::fs::File::create(&args.output)
-                .with_context(|| format!("creating {}", args.output))?,
-        )
+        Box::new(std::fs::File::create(&args.output).with_context(|| format!("creating {}", args.output))?)
     };
-    let summary = classify_stream(model, &options, input, output, move |bytes| {
-        bar_for_reader.set_position(bytes)
-    });
+    let summary = classify_stream(model, &options, input, output, move |bytes| bar_for_reader.set_position(bytes));
     bar.finish_and_clear();
     let summary = match summary {
-        Err(triage::classify::ClassifyRunError::Write(e))
-            if e.kind() == std::io::ErrorKind::BrokenPipe =>
-        {
-            return Ok(())
-        }
+        Err(triage::classify::ClassifyRunError::Write(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
         other => other?,
     };
     eprintln!("{summary}");
@@ -285,8 +255,7 @@ fn run_demo(args: DemoArgs) -> Result<()> {
         Some(p) => p,
         None => model.info().dir.join("examples.jsonl"),
     };
-    let file = std::fs::File::open(&input_path)
-        .with_context(|| format!("opening {}", input_path.display()))?;
+    let file = std::fs::File::open(&input_path).with_context(|| format!("opening {}", input_path.display()))?;
     let info = model.info().clone();
     eprintln!(
         "triage demo: classifying {} with model {} {} on {} (ONNX Runtime loaded)",
@@ -319,11 +288,7 @@ fn read_texts(path: &Path) -> Result<std::collections::HashMap<u64, String>> {
             .ok()
             .and_then(|v| {
                 let subject = v.get("subject").and_then(|s| s.as_str()).unwrap_or("");
-                let body = v
-                    .get("body")
-                    .or_else(|| v.get("text"))
-                    .and_then(|s| s.as_str())
-                    .unwrap_or("");
+                let body = v.get("body").or_else(|| v.get("text")).and_then(|s| s.as_str()).unwrap_or("");
                 Some(format!("{subject} {body}").trim().to_string())
             })
             .unwrap_or_else(|| String::from_utf8_lossy(&line).into_owned());
@@ -335,26 +300,13 @@ fn read_texts(path: &Path) -> Result<std::collections::HashMap<u64, String>> {
 fn print_table(results: &[u8], texts: &std::collections::HashMap<u64, String>) -> Result<()> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    writeln!(
-        out,
-        "{:>4}  {:<40} {:>5}  {:<8}  text",
-        "line", "category", "conf", "priority"
-    )?;
+    writeln!(out, "{:>4}  {:<40} {:>5}  {:<8}  text", "line", "category", "conf", "priority")?;
     for line in results.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
         let record: serde_json::Value = serde_json::from_slice(line)?;
         let n = record["line"].as_u64().unwrap_or(0);
-        let preview: String = texts
-            .get(&n)
-            .map(|t| t.chars().take(60).collect())
-            .unwrap_or_default();
+        let preview: String = texts.get(&n).map(|t| t.chars().take(60).collect()).unwrap_or_default();
         if let Some(err) = record.get("error") {
-            writeln!(
-                out,
-                "{n:>4}  {:<40} {:>5}  {:<8}  {preview}",
-                format!("ERROR {}", err["reason"].as_str().unwrap_or("?")),
-                "",
-                ""
-            )?;
+            writeln!(out, "{n:>4}  {:<40} {:>5}  {:<8}  {preview}", format!("ERROR {}", err["reason"].as_str().unwrap_or("?")), "", "")?;
         } else {
             writeln!(
                 out,

@@ -43,10 +43,7 @@ pub struct DecodeError {
 
 impl DecodeError {
     fn new(reason: DecodeReason, detail: impl Into<String>) -> Self {
-        DecodeError {
-            reason,
-            detail: detail.into(),
-        }
+        DecodeError { reason, detail: detail.into() }
     }
 }
 
@@ -66,19 +63,8 @@ impl Default for FieldMap {
         FieldMap {
             id: vec!["id".into(), "message_id".into(), "ticket_id".into()],
             text: BTreeMap::from([
-                (
-                    "subject".to_string(),
-                    vec!["subject".to_string(), "title".to_string()],
-                ),
-                (
-                    "body".to_string(),
-                    vec![
-                        "body".to_string(),
-                        "text".to_string(),
-                        "message".to_string(),
-                        "description".to_string(),
-                    ],
-                ),
+                ("subject".to_string(), vec!["subject".to_string(), "title".to_string()]),
+                ("body".to_string(), vec!["body".to_string(), "text".to_string(), "message".to_string(), "description".to_string()]),
             ]),
         }
     }
@@ -121,78 +107,39 @@ pub struct Decoder {
 
 impl Decoder {
     pub fn new(fields: FieldMap, template: Template, max_bytes: usize, max_chars: usize) -> Self {
-        Decoder {
-            fields,
-            template,
-            max_bytes,
-            max_chars,
-        }
+        Decoder { fields, template, max_bytes, max_chars }
     }
 
     pub fn decode(&self, bytes: &[u8]) -> Result<DecodedMessage, DecodeError> {
         if bytes.len() > self.max_bytes {
             return Err(DecodeError::new(
                 DecodeReason::TooLarge,
-                format!(
-                    "{} bytes exceeds the {} byte limit",
-                    bytes.len(),
-                    self.max_bytes
-                ),
+                format!("{} bytes exceeds the {} byte limit", bytes.len(), self.max_bytes),
             ));
         }
-        let text = std::str::from_utf8(bytes).map_err(|e| {
-            DecodeError::new(
-                DecodeReason::NotUtf8,
-                format!("invalid UTF-8 at byte {}", e.valid_up_to()),
-            )
-        })?;
-        let json: Value = serde_json::from_str(text)
-            .map_err(|e| DecodeError::new(DecodeReason::NotJson, e.to_string()))?;
+        let text = std::str::from_utf8(bytes)
+            .map_err(|e| DecodeError::new(DecodeReason::NotUtf8, format!("invalid UTF-8 at byte {}", e.valid_up_to())))?;
+        let json: Value = serde_json::from_str(text).map_err(|e| DecodeError::new(DecodeReason::NotJson, e.to_string()))?;
         if !json.is_object() {
-            return Err(DecodeError::new(
-                DecodeReason::NotObject,
-                "expected a JSON object",
-            ));
+            return Err(DecodeError::new(DecodeReason::NotObject, "expected a JSON object"));
         }
-        let id = self
-            .fields
-            .id
-            .iter()
-            .find_map(|loc| lookup(&json, loc).and_then(as_text))
-            .map(|s| s.into_owned());
+        let id = self.fields.id.iter().find_map(|loc| lookup(&json, loc).and_then(as_text)).map(|s| s.into_owned());
         let texts: BTreeMap<&str, std::borrow::Cow<'_, str>> = self
             .template
             .fields()
             .filter_map(|name| {
                 let default_location = [name.to_string()];
-                let locations = self
-                    .fields
-                    .text
-                    .get(name)
-                    .map(Vec::as_slice)
-                    .unwrap_or(&default_location);
-                locations
-                    .iter()
-                    .find_map(|loc| lookup(&json, loc).and_then(as_text))
-                    .map(|v| (name, v))
+                let locations = self.fields.text.get(name).map(Vec::as_slice).unwrap_or(&default_location);
+                locations.iter().find_map(|loc| lookup(&json, loc).and_then(as_text)).map(|v| (name, v))
             })
             .collect();
-        let rendered = self
-            .template
-            .render(|name| texts.get(name).map(|c| c.as_ref()), self.max_chars);
+        let rendered = self.template.render(|name| texts.get(name).map(|c| c.as_ref()), self.max_chars);
         if !rendered.has_text {
             let wanted: Vec<&str> = self.template.fields().collect();
-            return Err(DecodeError::new(
-                DecodeReason::NoText,
-                format!("no text in any of the fields {wanted:?}"),
-            ));
+            return Err(DecodeError::new(DecodeReason::NoText, format!("no text in any of the fields {wanted:?}")));
         }
         drop(texts);
-        Ok(DecodedMessage {
-            id,
-            text: rendered,
-            json,
-        })
+        Ok(DecodedMessage { id, text: rendered, json })
     }
 }
 
@@ -203,19 +150,12 @@ mod tests {
     use super::*;
 
     fn decoder() -> Decoder {
-        Decoder::new(
-            FieldMap::default(),
-            Template::parse("{subject}\n{body}").unwrap(),
-            1000,
-            200,
-        )
+        Decoder::new(FieldMap::default(), Template::parse("{subject}\n{body}").unwrap(), 1000, 200)
     }
 
     #[test]
     fn subject_and_body_render_in_template_order() {
-        let m = decoder()
-            .decode(br#"{"id": 7, "title": "Card", "text": "It never arrived"}"#)
-            .unwrap();
+        let m = decoder().decode(br#"{"id": 7, "title": "Card", "text": "It never arrived"}"#).unwrap();
         assert_eq!(m.id.as_deref(), Some("7"));
         assert_eq!(m.text.text, "Card\nIt never arrived");
     }
@@ -223,18 +163,11 @@ mod tests {
     #[test]
     fn json_pointers_reach_nested_fields() {
         let mut fields = FieldMap::default();
-        fields
-            .text
-            .insert("body".into(), vec!["/email/content".into()]);
+        fields.text.insert("body".into(), vec!["/email/content".into()]);
         fields.id = vec!["/meta/uuid".into()];
         let d = Decoder::new(fields, Template::parse("{body}").unwrap(), 1000, 200);
-        let m = d
-            .decode(br#"{"meta": {"uuid": "u-1"}, "email": {"content": "refund please"}}"#)
-            .unwrap();
-        assert_eq!(
-            (m.id.as_deref(), m.text.text.as_str()),
-            (Some("u-1"), "refund please")
-        );
+        let m = d.decode(br#"{"meta": {"uuid": "u-1"}, "email": {"content": "refund please"}}"#).unwrap();
+        assert_eq!((m.id.as_deref(), m.text.text.as_str()), (Some("u-1"), "refund please"));
     }
 
     #[test]
@@ -244,23 +177,15 @@ mod tests {
         assert_eq!(reason(b"{\"body\": \"\xff\xfe\"}"), DecodeReason::NotUtf8);
         assert_eq!(reason(b"not json"), DecodeReason::NotJson);
         assert_eq!(reason(b"[1,2]"), DecodeReason::NotObject);
-        assert_eq!(
-            reason(br#"{"body": "   ", "subject": null}"#),
-            DecodeReason::NoText
-        );
-        assert_eq!(
-            reason(br#"{"body": {"nested": "object"}}"#),
-            DecodeReason::NoText
-        );
+        assert_eq!(reason(br#"{"body": "   ", "subject": null}"#), DecodeReason::NoText);
+        assert_eq!(reason(br#"{"body": {"nested": "object"}}"#), DecodeReason::NoText);
         assert_eq!(reason(&vec![b' '; 1001]), DecodeReason::TooLarge);
     }
 
     #[test]
     fn long_text_is_cut_not_rejected() {
         let body = "word ".repeat(150);
-        let m = decoder()
-            .decode(format!(r#"{{"body": "{body}"}}"#).as_bytes())
-            .unwrap();
+        let m = decoder().decode(format!(r#"{{"body": "{body}"}}"#).as_bytes()).unwrap();
         assert!(m.text.cut);
         assert!(m.text.text.chars().count() <= 200);
     }

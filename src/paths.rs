@@ -22,8 +22,5 @@ pub fn project_roots() -> Vec<PathBuf> {
 
 /// The first `root/relative` that exists.
 pub fn find_in_project(relative: &str) -> Option<PathBuf> {
-    project_roots()
-        .into_iter()
-        .map(|root| root.join(relative))
-        .find(|p| p.exists())
+    project_roots().into_iter().map(|root| root.join(relative)).find(|p| p.exists())
 }

@@ -63,11 +63,7 @@ impl HeadSpec {
     }
 
     pub fn threshold_for(&self, label: &str) -> f32 {
-        self.thresholds
-            .get(label)
-            .copied()
-            .or(self.threshold)
-            .unwrap_or(DEFAULT_MULTI_LABEL_THRESHOLD)
+        self.thresholds.get(label).copied().or(self.threshold).unwrap_or(DEFAULT_MULTI_LABEL_THRESHOLD)
     }
 }
 
@@ -139,33 +135,15 @@ impl Descriptor {
     pub fn load(dir: &Path) -> Result<Self, ModelError> {
         let own_path = dir.join(DESCRIPTOR_FILE);
         let optimum_path = dir.join(OPTIMUM_CONFIG_FILE);
-        let own = if own_path.is_file() {
-            Some(read_toml(&own_path)?)
-        } else {
-            None
-        };
-        let optimum = if optimum_path.is_file() {
-            Some(read_optimum(&optimum_path)?)
-        } else {
-            None
-        };
-        let dir_name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "model".into());
+        let own = if own_path.is_file() { Some(read_toml(&own_path)?) } else { None };
+        let optimum = if optimum_path.is_file() { Some(read_optimum(&optimum_path)?) } else { None };
+        let dir_name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
         Self::resolve(own, optimum, &dir_name, dir)
     }
 
-    fn resolve(
-        own: Option<DescriptorFile>,
-        optimum: Option<OptimumConfig>,
-        dir_name: &str,
-        dir: &Path,
-    ) -> Result<Self, ModelError> {
+    fn resolve(own: Option<DescriptorFile>, optimum: Option<OptimumConfig>, dir_name: &str, dir: &Path) -> Result<Self, ModelError> {
         if own.is_none() && optimum.is_none() {
-            return Err(ModelError::NoDescriptor {
-                dir: dir.to_path_buf(),
-            });
+            return Err(ModelError::NoDescriptor { dir: dir.to_path_buf() });
         }
         let own = own.unwrap_or_default();
         let mut heads = own.heads.clone();
@@ -177,11 +155,7 @@ impl Descriptor {
                     "declares no [[heads]] and there is no config.json to derive one from",
                 ));
             };
-            heads.push(optimum_head(
-                cfg,
-                own.threshold,
-                &dir.join(OPTIMUM_CONFIG_FILE),
-            )?);
+            heads.push(optimum_head(cfg, own.threshold, &dir.join(OPTIMUM_CONFIG_FILE))?);
             if let Some(name) = cfg.name_or_path.as_deref().filter(|n| !n.is_empty()) {
                 default_name = name.rsplit('/').next().unwrap_or(name).to_string();
             } else if let Some(kind) = &cfg.model_type {
@@ -193,17 +167,12 @@ impl Descriptor {
 
         let category_head = match &own.category_head {
             Some(name) => {
-                let index = heads.iter().position(|h| &h.name == name).ok_or_else(|| {
-                    ModelError::invalid(
-                        &descriptor_path,
-                        format!("category_head `{name}` is not one of the heads"),
-                    )
-                })?;
+                let index = heads
+                    .iter()
+                    .position(|h| &h.name == name)
+                    .ok_or_else(|| ModelError::invalid(&descriptor_path, format!("category_head `{name}` is not one of the heads")))?;
                 if heads[index].kind != HeadKind::SingleLabel {
-                    return Err(ModelError::invalid(
-                        &descriptor_path,
-                        format!("category_head `{name}` must be a single_label head"),
-                    ));
+                    return Err(ModelError::invalid(&descriptor_path, format!("category_head `{name}` must be a single_label head")));
                 }
                 Some(index)
             }
@@ -215,29 +184,20 @@ impl Descriptor {
                 Some(_) => {
                     return Err(ModelError::invalid(
                         &descriptor_path,
-                        format!(
-                            "priority.from_head `{}` must be a single_label head",
-                            priority.from_head
-                        ),
+                        format!("priority.from_head `{}` must be a single_label head", priority.from_head),
                     ))
                 }
                 None => {
                     return Err(ModelError::invalid(
                         &descriptor_path,
-                        format!(
-                            "priority.from_head `{}` is not one of the heads",
-                            priority.from_head
-                        ),
+                        format!("priority.from_head `{}` is not one of the heads", priority.from_head),
                     ))
                 }
             }
         }
         let max_length = own.max_length.unwrap_or(DEFAULT_MAX_LENGTH);
         if max_length < 8 {
-            return Err(ModelError::invalid(
-                &descriptor_path,
-                format!("max_length {max_length} is too small (minimum 8)"),
-            ));
+            return Err(ModelError::invalid(&descriptor_path, format!("max_length {max_length} is too small (minimum 8)")));
         }
         Ok(Descriptor {
             name: own.name.unwrap_or(default_name),
@@ -261,38 +221,28 @@ fn read_optimum(path: &Path) -> Result<OptimumConfig, ModelError> {
     serde_json::from_str(&text).map_err(|e| ModelError::invalid(path, e.to_string()))
 }
 
-fn optimum_head(
-    cfg: &OptimumConfig,
-    threshold: Option<f32>,
-    path: &PathBuf,
-) -> Result<HeadSpec, ModelError> {
+fn optimum_head(cfg: &OptimumConfig, threshold: Option<f32>, path: &PathBuf) -> Result<HeadSpec, ModelError> {
     if cfg.id2label.is_empty() {
-        return Err(ModelError::invalid(
-            path,
-            "has no id2label: cannot name the classifier's labels",
-        ));
+        return Err(ModelError::invalid(path, "has no id2label: cannot name the classifier's labels"));
     }
     let mut labels = vec![None; cfg.id2label.len()];
     for (id, label) in &cfg.id2label {
-        let index: usize = id.parse().map_err(|_| {
-            ModelError::invalid(path, format!("id2label key `{id}` is not a number"))
-        })?;
-        let slot = labels.get_mut(index).ok_or_else(|| {
-            ModelError::invalid(
-                path,
-                format!(
-                    "id2label ids must be 0..{}; found {index}",
-                    cfg.id2label.len()
-                ),
-            )
-        })?;
+        let index: usize = id.parse().map_err(|_| ModelError::invalid(path, format!("id2label key `{id}` is not a number")))?;
+        let slot = labels
+            .get_mut(index)
+            .ok_or_else(|| ModelError::invalid(path, format!("id2label ids must be 0..{}; found {index}", cfg.id2label.len())))?;
         *slot = Some(label.clone());
     }
     let labels: Vec<String> = labels.into_iter().map(|l| l.unwrap_or_default()).collect();
     let (kind, activation) = match cfg.problem_type.as_deref() {
         Some("multi_label_classification") => (HeadKind::MultiLabel, Activation::Sigmoid),
         None | Some("single_label_classification") => (HeadKind::SingleLabel, Activation::Softmax),
-        Some(other) => return Err(ModelError::invalid(path, format!("problem_type `{other}` is not a classification (single_label_classification or multi_label_classification)"))),
+        Some(other) => {
+            return Err(ModelError::invalid(
+                path,
+                format!("problem_type `{other}` is not a classification (single_label_classification or multi_label_classification)"),
+            ))
+        }
     };
     Ok(HeadSpec {
         name: "category".into(),
@@ -309,43 +259,20 @@ fn validate_heads(heads: &[HeadSpec], path: &Path) -> Result<(), ModelError> {
     let mut seen = std::collections::BTreeSet::new();
     for head in heads {
         if !seen.insert(head.name.as_str()) {
-            return Err(ModelError::invalid(
-                path,
-                format!("head `{}` is declared twice", head.name),
-            ));
+            return Err(ModelError::invalid(path, format!("head `{}` is declared twice", head.name)));
         }
         match head.kind {
             HeadKind::SingleLabel | HeadKind::MultiLabel if head.labels.is_empty() => {
-                return Err(ModelError::invalid(
-                    path,
-                    format!("head `{}` has no labels", head.name),
-                ));
+                return Err(ModelError::invalid(path, format!("head `{}` has no labels", head.name)));
             }
             HeadKind::MultiLabel => {
-                for (label, t) in head
-                    .thresholds
-                    .iter()
-                    .map(|(l, t)| (l.as_str(), *t))
-                    .chain(head.threshold.map(|t| ("(default)", t)))
-                {
+                for (label, t) in head.thresholds.iter().map(|(l, t)| (l.as_str(), *t)).chain(head.threshold.map(|t| ("(default)", t))) {
                     if !(0.0..=1.0).contains(&t) {
-                        return Err(ModelError::invalid(
-                            path,
-                            format!(
-                                "head `{}`: threshold for {label} is {t}, outside 0..1",
-                                head.name
-                            ),
-                        ));
+                        return Err(ModelError::invalid(path, format!("head `{}`: threshold for {label} is {t}, outside 0..1", head.name)));
                     }
                 }
                 if let Some(unknown) = head.thresholds.keys().find(|l| !head.labels.contains(l)) {
-                    return Err(ModelError::invalid(
-                        path,
-                        format!(
-                            "head `{}`: threshold given for unknown label `{unknown}`",
-                            head.name
-                        ),
-                    ));
+                    return Err(ModelError::invalid(path, format!("head `{}`: threshold given for unknown label `{unknown}`", head.name)));
                 }
             }
             _ => {}
@@ -360,11 +287,7 @@ mod tests {
 
     fn optimum(problem_type: Option<&str>) -> OptimumConfig {
         OptimumConfig {
-            id2label: [
-                ("1".to_string(), "positive".to_string()),
-                ("0".to_string(), "negative".to_string()),
-            ]
-            .into(),
+            id2label: [("1".to_string(), "positive".to_string()), ("0".to_string(), "negative".to_string())].into(),
             problem_type: problem_type.map(String::from),
             name_or_path: Some("acme/ticket-bert".into()),
             model_type: Some("bert".into()),
@@ -385,13 +308,7 @@ mod tests {
 
     #[test]
     fn multi_label_problem_type_gives_sigmoid() {
-        let d = Descriptor::resolve(
-            None,
-            Some(optimum(Some("multi_label_classification"))),
-            "dir",
-            Path::new("/m"),
-        )
-        .unwrap();
+        let d = Descriptor::resolve(None, Some(optimum(Some("multi_label_classification"))), "dir", Path::new("/m")).unwrap();
         assert_eq!(d.heads[0].kind, HeadKind::MultiLabel);
         assert_eq!(d.heads[0].activation(), Activation::Sigmoid);
         assert_eq!(d.category_head, None);
@@ -399,13 +316,7 @@ mod tests {
 
     #[test]
     fn regression_is_rejected_with_the_problem_type_named() {
-        let err = Descriptor::resolve(
-            None,
-            Some(optimum(Some("regression"))),
-            "dir",
-            Path::new("/m"),
-        )
-        .unwrap_err();
+        let err = Descriptor::resolve(None, Some(optimum(Some("regression"))), "dir", Path::new("/m")).unwrap_err();
         assert!(err.to_string().contains("regression"), "{err}");
     }
 
@@ -422,8 +333,7 @@ mod tests {
             "#,
         )
         .unwrap();
-        let d =
-            Descriptor::resolve(Some(own), Some(optimum(None)), "dir", Path::new("/m")).unwrap();
+        let d = Descriptor::resolve(Some(own), Some(optimum(None)), "dir", Path::new("/m")).unwrap();
         let p = d.priority.unwrap();
         assert_eq!(p.priority_of("negative").as_deref(), Some("high"));
         assert_eq!(p.priority_of("positive").as_deref(), Some("normal"));
@@ -467,10 +377,7 @@ mod tests {
         assert_eq!(d.heads[0].threshold_for("billing"), 0.4);
         let mut bad = own;
         bad.heads[0].thresholds.insert("nope".into(), 0.5);
-        assert!(Descriptor::resolve(Some(bad), None, "dir", Path::new("/m"))
-            .unwrap_err()
-            .to_string()
-            .contains("nope"));
+        assert!(Descriptor::resolve(Some(bad), None, "dir", Path::new("/m")).unwrap_err().to_string().contains("nope"));
     }
 
     #[test]
@@ -481,11 +388,7 @@ mod tests {
 
     #[test]
     fn priority_head_without_map_uses_label_itself() {
-        let p = PrioritySpec {
-            from_head: "priority".into(),
-            map: BTreeMap::new(),
-            default: None,
-        };
+        let p = PrioritySpec { from_head: "priority".into(), map: BTreeMap::new(), default: None };
         assert_eq!(p.priority_of("high").as_deref(), Some("high"));
     }
 }

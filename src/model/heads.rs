@@ -40,10 +40,7 @@ pub struct Prediction {
 
 impl Prediction {
     pub fn head(&self, name: &str) -> Option<&HeadOutput> {
-        self.heads
-            .iter()
-            .find(|h| h.head == name)
-            .map(|h| &h.output)
+        self.heads.iter().find(|h| h.head == name).map(|h| &h.output)
     }
 
     /// Confidence of a single-label head (the category head when `name` is None).
@@ -82,10 +79,7 @@ impl HeadSet {
                 }
                 HeadKind::Embedding => HeadOutput::Embedding(row.to_vec()),
             };
-            heads.push(HeadResult {
-                head: spec.name.clone(),
-                output,
-            });
+            heads.push(HeadResult { head: spec.name.clone(), output });
         }
         let label_of = |index: usize| match &heads[index].output {
             HeadOutput::Label(l) => Some(l.clone()),
@@ -98,12 +92,7 @@ impl HeadSet {
             p.priority_of(&label.label)
         });
         tags.sort_by(|a, b| b.score.total_cmp(&a.score));
-        Prediction {
-            category,
-            priority,
-            tags,
-            heads,
-        }
+        Prediction { category, priority, tags, heads }
     }
 }
 
@@ -129,21 +118,8 @@ pub fn softmax(row: &[f32]) -> Vec<f32> {
 fn top_label(spec: &HeadSpec, row: &[f32]) -> LabelScore {
     let probs = activate(spec.activation(), row);
     let (index, score) =
-        probs
-            .iter()
-            .copied()
-            .enumerate()
-            .fold((0, f32::NEG_INFINITY), |best, (i, p)| {
-                if p > best.1 {
-                    (i, p)
-                } else {
-                    best
-                }
-            });
-    LabelScore {
-        label: spec.labels.get(index).cloned().unwrap_or_default(),
-        score,
-    }
+        probs.iter().copied().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, p)| if p > best.1 { (i, p) } else { best });
+    LabelScore { label: spec.labels.get(index).cloned().unwrap_or_default(), score }
 }
 
 fn labels_above_threshold(spec: &HeadSpec, row: &[f32]) -> Vec<LabelScore> {
@@ -153,10 +129,7 @@ fn labels_above_threshold(spec: &HeadSpec, row: &[f32]) -> Vec<LabelScore> {
         .iter()
         .zip(probs)
         .filter(|(label, p)| *p >= spec.threshold_for(label))
-        .map(|(label, score)| LabelScore {
-            label: label.clone(),
-            score,
-        })
+        .map(|(label, score)| LabelScore { label: label.clone(), score })
         .collect();
     out.sort_by(|a, b| b.score.total_cmp(&a.score));
     out
@@ -168,12 +141,7 @@ mod tests {
 
     use super::*;
 
-    fn head(
-        name: &str,
-        kind: HeadKind,
-        labels: &[&str],
-        activation: Option<Activation>,
-    ) -> HeadSpec {
+    fn head(name: &str, kind: HeadKind, labels: &[&str], activation: Option<Activation>) -> HeadSpec {
         HeadSpec {
             name: name.into(),
             output: format!("{name}_out"),
@@ -186,62 +154,29 @@ mod tests {
     }
 
     fn set() -> HeadSet {
-        let mut tags = head(
-            "tags",
-            HeadKind::MultiLabel,
-            &["billing", "bug", "refund"],
-            Some(Activation::Sigmoid),
-        );
+        let mut tags = head("tags", HeadKind::MultiLabel, &["billing", "bug", "refund"], Some(Activation::Sigmoid));
         tags.thresholds.insert("refund".into(), 0.9);
         HeadSet {
             heads: vec![
-                head(
-                    "category",
-                    HeadKind::SingleLabel,
-                    &["returns", "billing"],
-                    None,
-                ),
-                head(
-                    "priority",
-                    HeadKind::SingleLabel,
-                    &["low", "high"],
-                    Some(Activation::Softmax),
-                ),
+                head("category", HeadKind::SingleLabel, &["returns", "billing"], None),
+                head("priority", HeadKind::SingleLabel, &["low", "high"], Some(Activation::Softmax)),
                 tags,
                 head("embedding", HeadKind::Embedding, &[], None),
             ],
             category: Some(0),
-            priority: Some(PrioritySpec {
-                from_head: "priority".into(),
-                map: BTreeMap::new(),
-                default: None,
-            }),
+            priority: Some(PrioritySpec { from_head: "priority".into(), map: BTreeMap::new(), default: None }),
         }
     }
 
     #[test]
     fn multi_head_rows_become_one_prediction() {
         let p = set().predict(&[&[0.2, 0.8], &[3.0, -1.0], &[2.0, -2.0, 1.5], &[0.6, 0.8]]);
-        assert_eq!(
-            p.category,
-            Some(LabelScore {
-                label: "billing".into(),
-                score: 0.8
-            })
-        );
+        assert_eq!(p.category, Some(LabelScore { label: "billing".into(), score: 0.8 }));
         assert_eq!(p.priority.as_deref(), Some("low"));
         // sigmoid(2)=0.88 passes 0.5; sigmoid(1.5)=0.82 misses refund's 0.9; bug fails.
-        assert_eq!(
-            p.tags.iter().map(|t| t.label.as_str()).collect::<Vec<_>>(),
-            vec!["billing"]
-        );
-        assert_eq!(
-            p.head("embedding"),
-            Some(&HeadOutput::Embedding(vec![0.6, 0.8]))
-        );
-        let Some(HeadOutput::Label(pr)) = p.head("priority") else {
-            panic!("priority head missing")
-        };
+        assert_eq!(p.tags.iter().map(|t| t.label.as_str()).collect::<Vec<_>>(), vec!["billing"]);
+        assert_eq!(p.head("embedding"), Some(&HeadOutput::Embedding(vec![0.6, 0.8])));
+        let Some(HeadOutput::Label(pr)) = p.head("priority") else { panic!("priority head missing") };
         assert!((pr.score - softmax(&[3.0, -1.0])[0]).abs() < 1e-6);
         assert_eq!(p.confidence(None), Some(0.8));
         assert_eq!(p.confidence(Some("embedding")), None);
@@ -255,18 +190,8 @@ mod tests {
             map: [("returns".to_string(), "urgent".to_string())].into(),
             default: Some("normal".into()),
         });
-        assert_eq!(
-            s.predict(&[&[0.9, 0.1], &[0.0, 0.0], &[0.0; 3], &[]])
-                .priority
-                .as_deref(),
-            Some("urgent")
-        );
-        assert_eq!(
-            s.predict(&[&[0.1, 0.9], &[0.0, 0.0], &[0.0; 3], &[]])
-                .priority
-                .as_deref(),
-            Some("normal")
-        );
+        assert_eq!(s.predict(&[&[0.9, 0.1], &[0.0, 0.0], &[0.0; 3], &[]]).priority.as_deref(), Some("urgent"));
+        assert_eq!(s.predict(&[&[0.1, 0.9], &[0.0, 0.0], &[0.0; 3], &[]]).priority.as_deref(), Some("normal"));
     }
 
     #[test]

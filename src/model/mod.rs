@@ -34,10 +34,7 @@ pub enum ModelError {
     #[error("{}: {reason}", path.display())]
     Invalid { path: PathBuf, reason: String },
     #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{}: no model.toml or config.json describes this model", dir.display())]
     NoDescriptor { dir: PathBuf },
     #[error(transparent)]
@@ -45,37 +42,22 @@ pub enum ModelError {
     #[error("{}: ONNX Runtime could not load the graph: {detail}", path.display())]
     Graph { path: PathBuf, detail: String },
     #[error("head `{head}` reads output `{output}`, but the graph has no such output (it has: {available})")]
-    MissingOutput {
-        head: String,
-        output: String,
-        available: String,
-    },
+    MissingOutput { head: String, output: String, available: String },
     #[error("graph input `{name}` is not one triage can feed (input_ids, attention_mask, token_type_ids as int64 or int32)")]
     UnsupportedInput { name: String },
     #[error("head `{head}`: output `{output}` has shape {found}, expected {expected}")]
-    OutputShape {
-        head: String,
-        output: String,
-        expected: String,
-        found: String,
-    },
+    OutputShape { head: String, output: String, expected: String, found: String },
     #[error("inference failed: {0}")]
     Inference(String),
 }
 
 impl ModelError {
     pub(crate) fn invalid(path: impl AsRef<Path>, reason: impl Into<String>) -> Self {
-        ModelError::Invalid {
-            path: path.as_ref().to_path_buf(),
-            reason: reason.into(),
-        }
+        ModelError::Invalid { path: path.as_ref().to_path_buf(), reason: reason.into() }
     }
 
     pub(crate) fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
-        ModelError::Io {
-            path: path.as_ref().to_path_buf(),
-            source,
-        }
+        ModelError::Io { path: path.as_ref().to_path_buf(), source }
     }
 }
 
@@ -106,9 +88,7 @@ impl std::str::FromStr for Provider {
             "cpu" => Ok(Provider::Cpu),
             "cuda" => Ok(Provider::Cuda),
             "tensorrt" => Ok(Provider::Tensorrt),
-            other => Err(format!(
-                "unknown execution provider `{other}` (cpu, cuda, tensorrt)"
-            )),
+            other => Err(format!("unknown execution provider `{other}` (cpu, cuda, tensorrt)")),
         }
     }
 }
@@ -185,9 +165,7 @@ pub struct Model {
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Model")
-            .field("info", &self.info)
-            .finish_non_exhaustive()
+        f.debug_struct("Model").field("info", &self.info).finish_non_exhaustive()
     }
 }
 
@@ -195,27 +173,18 @@ impl Model {
     pub fn load(dir: impl AsRef<Path>, options: &InferenceOptions) -> Result<Model, ModelError> {
         let dir = dir.as_ref();
         if !dir.is_dir() {
-            return Err(ModelError::MissingFile {
-                path: dir.to_path_buf(),
-                what: "model directory",
-            });
+            return Err(ModelError::MissingFile { path: dir.to_path_buf(), what: "model directory" });
         }
         let descriptor = Descriptor::load(dir)?;
         let onnx_path = dir.join(MODEL_FILE);
         if !onnx_path.is_file() {
-            return Err(ModelError::MissingFile {
-                path: onnx_path,
-                what: "ONNX graph (for the default model, `scripts/setup` builds it)",
-            });
+            return Err(ModelError::MissingFile { path: onnx_path, what: "ONNX graph (for the default model, `scripts/setup` builds it)" });
         }
         let max_length = options.max_length.unwrap_or(descriptor.max_length);
         let encoder = TextEncoder::from_file(&dir.join(TOKENIZER_FILE), max_length)?;
-        let template_text = options
-            .template
-            .clone()
-            .unwrap_or_else(|| descriptor.template.clone());
-        let template = Template::parse(&template_text)
-            .map_err(|reason| ModelError::invalid(dir.join(descriptor::DESCRIPTOR_FILE), reason))?;
+        let template_text = options.template.clone().unwrap_or_else(|| descriptor.template.clone());
+        let template =
+            Template::parse(&template_text).map_err(|reason| ModelError::invalid(dir.join(descriptor::DESCRIPTOR_FILE), reason))?;
         let runtime = runtime::init(options.ort_library.as_deref())?;
         let fingerprint = fingerprint(&onnx_path)?;
         let heads = Arc::new(HeadSet {
@@ -230,27 +199,14 @@ impl Model {
 
         let info = ModelInfo {
             name: descriptor.name.clone(),
-            version: descriptor
-                .version
-                .clone()
-                .unwrap_or_else(|| fingerprint.clone()),
+            version: descriptor.version.clone().unwrap_or_else(|| fingerprint.clone()),
             fingerprint,
             dir: dir.to_path_buf(),
             max_length,
             provider,
         };
         tracing::info!(model = %info.name, version = %info.version, provider = %info.provider, max_length, "model loaded");
-        Ok(Model {
-            info,
-            encoder,
-            template,
-            heads,
-            onnx_path,
-            runtime,
-            options: options.clone(),
-            layout,
-            spare: Mutex::new(Some(first)),
-        })
+        Ok(Model { info, encoder, template, heads, onnx_path, runtime, options: options.clone(), layout, spare: Mutex::new(Some(first)) })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -276,11 +232,7 @@ impl Model {
             Some(s) => s,
             None => session::build(&self.runtime, &self.onnx_path, &self.options)?.0,
         };
-        Ok(InferenceSession::new(
-            session,
-            self.layout.clone(),
-            self.heads.clone(),
-        ))
+        Ok(InferenceSession::new(session, self.layout.clone(), self.heads.clone()))
     }
 }
 

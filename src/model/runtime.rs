@@ -47,33 +47,17 @@ pub fn init(explicit: Option<&Path>) -> Result<Runtime, RuntimeError> {
 }
 
 fn load(explicit: Option<&Path>) -> Result<Runtime, RuntimeError> {
-    let path = locate(
-        explicit,
-        std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from),
-    )?;
+    let path = locate(explicit, std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from))?;
     let builder = ort::init_from(&path).map_err(|e| classify_load_error(&path, e))?;
-    let environment = builder
-        .with_name("triage")
-        .with_telemetry(false)
-        .build()
-        .map_err(|e| RuntimeError::Environment(e.to_string()))?;
+    let environment = builder.with_name("triage").with_telemetry(false).build().map_err(|e| RuntimeError::Environment(e.to_string()))?;
     tracing::debug!(library = %path.display(), "ONNX Runtime loaded");
-    Ok(Runtime {
-        library: path,
-        environment,
-    })
+    Ok(Runtime { library: path, environment })
 }
 
 fn classify_load_error(path: &Path, error: ort::LoadDynamicError) -> RuntimeError {
     match error {
-        ort::LoadDynamicError::BadVersion { version_str, .. } => RuntimeError::TooOld {
-            path: path.to_path_buf(),
-            found: version_str,
-        },
-        other => RuntimeError::Unloadable {
-            path: path.to_path_buf(),
-            detail: other.to_string(),
-        },
+        ort::LoadDynamicError::BadVersion { version_str, .. } => RuntimeError::TooOld { path: path.to_path_buf(), found: version_str },
+        other => RuntimeError::Unloadable { path: path.to_path_buf(), detail: other.to_string() },
     }
 }
 
@@ -86,10 +70,7 @@ pub fn locate(explicit: Option<&Path>, env_path: Option<PathBuf>) -> Result<Path
         return existing(&path);
     }
     let roots = crate::paths::project_roots();
-    let candidates: Vec<PathBuf> = roots
-        .iter()
-        .map(|root| root.join(PROJECT_LOCAL_DIR).join(LIBRARY_FILE))
-        .collect();
+    let candidates: Vec<PathBuf> = roots.iter().map(|root| root.join(PROJECT_LOCAL_DIR).join(LIBRARY_FILE)).collect();
     candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| RuntimeError::NotFound {
         searched: format!(
             "ORT_DYLIB_PATH (unset) and {PROJECT_LOCAL_DIR}/{LIBRARY_FILE} above the executable and the working directory ({} places)",
@@ -102,9 +83,7 @@ fn existing(path: &Path) -> Result<PathBuf, RuntimeError> {
     if path.is_file() {
         Ok(path.to_path_buf())
     } else {
-        Err(RuntimeError::NotFound {
-            searched: path.display().to_string(),
-        })
+        Err(RuntimeError::NotFound { searched: path.display().to_string() })
     }
 }
 

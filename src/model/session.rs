@@ -9,10 +9,7 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{Session, SessionInputValue};
 use ort::value::{Outlet, Tensor, TensorElementType};
 
-use super::{
-    Encoded, HeadKind, HeadSet, HeadSpec, InferenceOptions, ModelError, OptimizationLevel,
-    Prediction, Provider, Runtime,
-};
+use super::{Encoded, HeadKind, HeadSet, HeadSpec, InferenceOptions, ModelError, OptimizationLevel, Prediction, Provider, Runtime};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Role {
@@ -41,66 +38,39 @@ impl InputLayout {
                 "input_ids" => Role::InputIds,
                 "attention_mask" => Role::AttentionMask,
                 "token_type_ids" => Role::TokenTypeIds,
-                other => {
-                    return Err(ModelError::UnsupportedInput {
-                        name: other.to_string(),
-                    })
-                }
+                other => return Err(ModelError::UnsupportedInput { name: other.to_string() }),
             };
             let id_type = match input.dtype().tensor_type() {
                 Some(TensorElementType::Int64) => IdType::I64,
                 Some(TensorElementType::Int32) => IdType::I32,
-                _ => {
-                    return Err(ModelError::UnsupportedInput {
-                        name: input.name().to_string(),
-                    })
-                }
+                _ => return Err(ModelError::UnsupportedInput { name: input.name().to_string() }),
             };
             out.push((input.name().to_string(), role, id_type));
         }
         if !out.iter().any(|(_, r, _)| *r == Role::InputIds) {
-            return Err(ModelError::UnsupportedInput {
-                name: "(no input_ids input)".into(),
-            });
+            return Err(ModelError::UnsupportedInput { name: "(no input_ids input)".into() });
         }
         Ok(InputLayout { inputs: out })
     }
 }
 
 pub(crate) fn check_outputs(outputs: &[Outlet], heads: &[HeadSpec]) -> Result<(), ModelError> {
-    let available = || {
-        outputs
-            .iter()
-            .map(|o| o.name().to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let available = || outputs.iter().map(|o| o.name().to_string()).collect::<Vec<_>>().join(", ");
     for head in heads {
         let Some(outlet) = outputs.iter().find(|o| o.name() == head.output) else {
-            return Err(ModelError::MissingOutput {
-                head: head.name.clone(),
-                output: head.output.clone(),
-                available: available(),
-            });
+            return Err(ModelError::MissingOutput { head: head.name.clone(), output: head.output.clone(), available: available() });
         };
         let Some(shape) = outlet.dtype().tensor_shape() else {
             continue;
         };
         let dims: Vec<i64> = shape.iter().copied().collect();
         let expected_rank_ok = dims.len() == 2;
-        let label_dim_ok = head.kind == HeadKind::Embedding
-            || dims
-                .last()
-                .is_none_or(|&d| d <= 0 || d as usize == head.labels.len());
+        let label_dim_ok = head.kind == HeadKind::Embedding || dims.last().is_none_or(|&d| d <= 0 || d as usize == head.labels.len());
         if !expected_rank_ok || !label_dim_ok {
             return Err(ModelError::OutputShape {
                 head: head.name.clone(),
                 output: head.output.clone(),
-                expected: if head.kind == HeadKind::Embedding {
-                    "[batch, dim]".into()
-                } else {
-                    format!("[batch, {}]", head.labels.len())
-                },
+                expected: if head.kind == HeadKind::Embedding { "[batch, dim]".into() } else { format!("[batch, {}]", head.labels.len()) },
                 found: format!("{dims:?}"),
             });
         }
@@ -110,17 +80,9 @@ pub(crate) fn check_outputs(outputs: &[Outlet], heads: &[HeadSpec]) -> Result<()
 
 /// Build a session with the requested providers, falling back to CPU (with a warning) when a
 /// provider cannot be registered. Returns the provider actually in use.
-pub(crate) fn build(
-    runtime: &Runtime,
-    path: &Path,
-    options: &InferenceOptions,
-) -> Result<(Session, Provider), ModelError> {
-    let graph_err = |e: ort::Error| ModelError::Graph {
-        path: path.to_path_buf(),
-        detail: e.to_string(),
-    };
-    let builder_err =
-        |e: ort::Error<ort::session::builder::SessionBuilder>| graph_err(ort::Error::<()>::from(e));
+pub(crate) fn build(runtime: &Runtime, path: &Path, options: &InferenceOptions) -> Result<(Session, Provider), ModelError> {
+    let graph_err = |e: ort::Error| ModelError::Graph { path: path.to_path_buf(), detail: e.to_string() };
+    let builder_err = |e: ort::Error<ort::session::builder::SessionBuilder>| graph_err(ort::Error::<()>::from(e));
     let mut builder = Session::builder(&runtime.environment).map_err(graph_err)?;
     builder = builder
         .with_optimization_level(match options.optimization {
@@ -131,20 +93,14 @@ pub(crate) fn build(
         })
         .map_err(builder_err)?;
     if options.intra_threads > 0 {
-        builder = builder
-            .with_intra_threads(options.intra_threads)
-            .map_err(builder_err)?;
+        builder = builder.with_intra_threads(options.intra_threads).map_err(builder_err)?;
     }
     let mut active = Provider::Cpu;
     for provider in &options.providers {
         let dispatch = match provider {
             Provider::Cpu => break,
-            Provider::Cuda => ort::ep::CUDA::default()
-                .with_device_id(options.gpu_device_id)
-                .build(),
-            Provider::Tensorrt => ort::ep::TensorRT::default()
-                .with_device_id(options.gpu_device_id)
-                .build(),
+            Provider::Cuda => ort::ep::CUDA::default().with_device_id(options.gpu_device_id).build(),
+            Provider::Tensorrt => ort::ep::TensorRT::default().with_device_id(options.gpu_device_id).build(),
         };
         match builder.with_execution_providers([dispatch.error_on_failure()]) {
             Ok(b) => {
@@ -174,11 +130,7 @@ pub struct InferenceSession {
 
 impl InferenceSession {
     pub(crate) fn new(session: Session, layout: InputLayout, heads: Arc<HeadSet>) -> Self {
-        InferenceSession {
-            session,
-            layout,
-            heads,
-        }
+        InferenceSession { session, layout, heads }
     }
 
     /// Run one batch (padded to its longest member); predictions come back in batch order.
@@ -199,8 +151,7 @@ impl InferenceSession {
             }
         }
         let err = |e: ort::Error| ModelError::Inference(e.to_string());
-        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
-            Vec::with_capacity(self.layout.inputs.len());
+        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(self.layout.inputs.len());
         for (name, role, id_type) in &self.layout.inputs {
             let source = match role {
                 Role::InputIds => &ids,
@@ -209,9 +160,7 @@ impl InferenceSession {
             };
             let value: SessionInputValue<'_> = match id_type {
                 IdType::I64 => Tensor::from_array(source.clone()).map_err(err)?.into(),
-                IdType::I32 => Tensor::from_array(source.mapv(|v| v as i32))
-                    .map_err(err)?
-                    .into(),
+                IdType::I32 => Tensor::from_array(source.mapv(|v| v as i32)).map_err(err)?.into(),
             };
             inputs.push((Cow::Owned(name.clone()), value));
         }
@@ -219,13 +168,11 @@ impl InferenceSession {
 
         let mut per_head: Vec<(&[f32], usize)> = Vec::with_capacity(self.heads.heads.len());
         for head in &self.heads.heads {
-            let value = outputs
-                .get(&head.output)
-                .ok_or_else(|| ModelError::MissingOutput {
-                    head: head.name.clone(),
-                    output: head.output.clone(),
-                    available: String::new(),
-                })?;
+            let value = outputs.get(&head.output).ok_or_else(|| ModelError::MissingOutput {
+                head: head.name.clone(),
+                output: head.output.clone(),
+                available: String::new(),
+            })?;
             let (shape, data) = value.try_extract_tensor::<f32>().map_err(err)?;
             let dims: Vec<i64> = shape.iter().copied().collect();
             let width = dims.get(1).copied().unwrap_or(0) as usize;
@@ -236,11 +183,7 @@ impl InferenceSession {
                     output: head.output.clone(),
                     expected: format!(
                         "[{rows}, {}]",
-                        if head.kind == HeadKind::Embedding {
-                            "dim".to_string()
-                        } else {
-                            head.labels.len().to_string()
-                        }
+                        if head.kind == HeadKind::Embedding { "dim".to_string() } else { head.labels.len().to_string() }
                     ),
                     found: format!("{dims:?}"),
                 });
@@ -251,11 +194,7 @@ impl InferenceSession {
         let mut row_slices: Vec<&[f32]> = Vec::with_capacity(per_head.len());
         for r in 0..rows {
             row_slices.clear();
-            row_slices.extend(
-                per_head
-                    .iter()
-                    .map(|(data, width)| &data[r * width..(r + 1) * width]),
-            );
+            row_slices.extend(per_head.iter().map(|(data, width)| &data[r * width..(r + 1) * width]));
             predictions.push(self.heads.predict(&row_slices));
         }
         Ok(predictions)

@@ -32,14 +32,10 @@ impl Template {
                 parts.push(Part::Literal(rest[..open].to_string()));
             }
             let after = &rest[open + 1..];
-            let close = after
-                .find('}')
-                .ok_or_else(|| format!("template `{template}` has an unclosed `{{`"))?;
+            let close = after.find('}').ok_or_else(|| format!("template `{template}` has an unclosed `{{`"))?;
             let name = after[..close].trim();
             if name.is_empty() || name.contains('{') {
-                return Err(format!(
-                    "template `{template}` has an empty or nested placeholder"
-                ));
+                return Err(format!("template `{template}` has an empty or nested placeholder"));
             }
             parts.push(Part::Field(name.to_string()));
             rest = &after[close + 1..];
@@ -48,9 +44,7 @@ impl Template {
             parts.push(Part::Literal(rest.to_string()));
         }
         if !parts.iter().any(|p| matches!(p, Part::Field(_))) {
-            return Err(format!(
-                "template `{template}` names no field (write e.g. {{body}})"
-            ));
+            return Err(format!("template `{template}` names no field (write e.g. {{body}})"));
         }
         Ok(Template { parts })
     }
@@ -66,11 +60,7 @@ impl Template {
     /// Render with at most `max_chars` characters. Returns the text, whether it was cut, and
     /// whether any field had text. Separators around missing fields are trimmed away, so a
     /// message with only a body renders as the body alone (the form heads are trained on).
-    pub fn render<'a>(
-        &self,
-        lookup: impl Fn(&str) -> Option<&'a str>,
-        max_chars: usize,
-    ) -> Rendered {
+    pub fn render<'a>(&self, lookup: impl Fn(&str) -> Option<&'a str>, max_chars: usize) -> Rendered {
         let mut text = String::new();
         let mut chars = 0usize;
         let mut cut = false;
@@ -99,11 +89,7 @@ impl Template {
         if trimmed.len() != text.len() {
             text = trimmed.to_string();
         }
-        Rendered {
-            text,
-            cut,
-            has_text,
-        }
+        Rendered { text, cut, has_text }
     }
 }
 
@@ -154,26 +140,15 @@ pub struct TextEncoder {
 impl TextEncoder {
     pub fn from_file(path: &Path, max_length: usize) -> Result<Self, ModelError> {
         if !path.is_file() {
-            return Err(ModelError::MissingFile {
-                path: path.to_path_buf(),
-                what: "tokenizer (HF tokenizers format)",
-            });
+            return Err(ModelError::MissingFile { path: path.to_path_buf(), what: "tokenizer (HF tokenizers format)" });
         }
-        let mut tokenizer =
-            Tokenizer::from_file(path).map_err(|e| ModelError::invalid(path, e.to_string()))?;
+        let mut tokenizer = Tokenizer::from_file(path).map_err(|e| ModelError::invalid(path, e.to_string()))?;
         tokenizer
-            .with_truncation(Some(TruncationParams {
-                max_length,
-                ..Default::default()
-            }))
+            .with_truncation(Some(TruncationParams { max_length, ..Default::default() }))
             .map_err(|e| ModelError::invalid(path, e.to_string()))?;
         // Shipped tokenizer.json files often pad to a fixed 128; batches pad to their own longest.
         tokenizer.with_padding(None);
-        Ok(TextEncoder {
-            tokenizer,
-            max_length,
-            max_chars: max_length.saturating_mul(CHARS_PER_TOKEN_BOUND),
-        })
+        Ok(TextEncoder { tokenizer, max_length, max_chars: max_length.saturating_mul(CHARS_PER_TOKEN_BOUND) })
     }
 
     pub fn max_length(&self) -> usize {
@@ -196,17 +171,9 @@ impl TextEncoder {
     }
 
     fn encode_prepared(&self, text: &str, chars: usize, cut: bool) -> Result<Encoded, String> {
-        let encoding = self
-            .tokenizer
-            .encode_fast(text, true)
-            .map_err(|e| e.to_string())?;
+        let encoding = self.tokenizer.encode_fast(text, true).map_err(|e| e.to_string())?;
         let truncated = cut || !encoding.get_overflowing().is_empty();
-        Ok(Encoded {
-            ids: encoding.get_ids().to_vec(),
-            type_ids: encoding.get_type_ids().to_vec(),
-            truncated,
-            chars,
-        })
+        Ok(Encoded { ids: encoding.get_ids().to_vec(), type_ids: encoding.get_type_ids().to_vec(), truncated, chars })
     }
 }
 
@@ -221,10 +188,7 @@ mod tests {
     #[test]
     fn renders_subject_newline_body() {
         let t = Template::parse("{subject}\n{body}").unwrap();
-        let r = t.render(
-            fields(&[("subject", "Refund"), ("body", "Where is my money?")]),
-            1000,
-        );
+        let r = t.render(fields(&[("subject", "Refund"), ("body", "Where is my money?")]), 1000);
         assert_eq!(r.text, "Refund\nWhere is my money?");
         assert!(!r.cut && r.has_text);
     }
@@ -249,12 +213,8 @@ mod tests {
 
     #[test]
     fn template_errors_are_explained() {
-        assert!(Template::parse("{subject")
-            .unwrap_err()
-            .contains("unclosed"));
-        assert!(Template::parse("no fields")
-            .unwrap_err()
-            .contains("names no field"));
+        assert!(Template::parse("{subject").unwrap_err().contains("unclosed"));
+        assert!(Template::parse("no fields").unwrap_err().contains("names no field"));
         assert!(Template::parse("{}").unwrap_err().contains("empty"));
         let t = Template::parse("Subject: {subject} Body: {body}").unwrap();
         assert_eq!(t.fields().collect::<Vec<_>>(), vec!["subject", "body"]);
