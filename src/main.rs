@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use triage::batcher::BatchPolicy;
@@ -286,10 +286,10 @@ fn read_texts(path: &Path) -> Result<std::collections::HashMap<u64, String>> {
         let line = line?;
         let preview = serde_json::from_slice::<serde_json::Value>(&line)
             .ok()
-            .and_then(|v| {
+            .map(|v| {
                 let subject = v.get("subject").and_then(|s| s.as_str()).unwrap_or("");
                 let body = v.get("body").or_else(|| v.get("text")).and_then(|s| s.as_str()).unwrap_or("");
-                Some(format!("{subject} {body}").trim().to_string())
+                format!("{subject} {body}").trim().to_string()
             })
             .unwrap_or_else(|| String::from_utf8_lossy(&line).into_owned());
         out.insert(i as u64 + 1, preview);
@@ -325,12 +325,4 @@ fn print_summary(summary: &ClassifySummary) {
     if summary.lines == 0 {
         eprintln!("(the input had no messages)");
     }
-}
-
-#[allow(dead_code)]
-fn ensure(cond: bool, msg: &str) -> Result<()> {
-    if !cond {
-        bail!("{msg}");
-    }
-    Ok(())
 }
