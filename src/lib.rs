@@ -2,15 +2,25 @@
 //! language models, at high volume, on your own CPUs or GPUs.
 //!
 //! The flow, one module per stage:
-//! `message` (bytes -> text) -> `engine` (tokenizer pool -> `batcher` -> inference threads
-//! running a `model`) -> results. `classify` drives it from JSON lines.
+//! `source` (Kafka consumer group, offset tracker) -> `message` (bytes -> text) -> `engine`
+//! (tokenizer pool -> `batcher` -> inference threads running a `model`) -> `sink` (ClickHouse
+//! rows; dead-letter and escalation topics). `pipeline` wires them for `triage run`;
+//! `classify` drives the engine from JSON lines. `config` is the one configuration.
 
 pub mod batcher;
 pub mod classify;
+pub mod config;
 pub mod engine;
+pub mod kafka_tools;
+pub mod local;
 pub mod message;
 pub mod model;
 pub mod paths;
+pub mod pipeline;
+pub mod retry;
+pub mod sink;
+pub mod source;
+pub mod time;
 
 pub use engine::{Classified, ClassifyError, Engine, EngineConfig, Outcome};
 pub use model::{InferenceOptions, Model, ModelError, Prediction};

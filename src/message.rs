@@ -56,6 +56,9 @@ pub struct FieldMap {
     /// Template field name -> candidate locations. Template fields not listed here are read
     /// from the top-level key of the same name.
     pub text: BTreeMap<String, Vec<String>>,
+    /// The event time (RFC 3339 string, or epoch seconds / milliseconds). Unset or absent: the
+    /// Kafka message timestamp. Either way the same on every replay.
+    pub timestamp: Vec<String>,
 }
 
 impl Default for FieldMap {
@@ -66,6 +69,7 @@ impl Default for FieldMap {
                 ("subject".to_string(), vec!["subject".to_string(), "title".to_string()]),
                 ("body".to_string(), vec!["body".to_string(), "text".to_string(), "message".to_string(), "description".to_string()]),
             ]),
+            timestamp: Vec::new(),
         }
     }
 }
@@ -88,12 +92,48 @@ fn as_text(value: &Value) -> Option<std::borrow::Cow<'_, str>> {
     }
 }
 
+/// Epoch milliseconds from a JSON timestamp: RFC 3339 text, or a number of seconds (below
+/// 10^11) or milliseconds.
+pub fn parse_timestamp_ms(value: &Value) -> Option<i64> {
+    match value {
+        Value::Number(n) => {
+            let v = n.as_f64()?;
+            if !v.is_finite() || v < 0.0 {
+                return None;
+            }
+            Some(if v < 1e11 { (v * 1000.0) as i64 } else { v as i64 })
+        }
+        Value::String(s) => {
+            let t = humantime::parse_rfc3339_weak(s.trim()).ok()?;
+            t.duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_millis() as i64)
+        }
+        _ => None,
+    }
+}
+
 /// A decoded message, ready for the tokenizer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecodedMessage {
     pub id: Option<String>,
     pub text: Rendered,
+    /// From the configured timestamp field, when present and parseable.
+    pub event_time_ms: Option<i64>,
     pub json: Value,
+}
+
+impl DecodedMessage {
+    /// Values at JSON locations (keys or pointers), as text; absent ones are skipped.
+    pub fn metadata<'a>(&self, fields: impl IntoIterator<Item = (&'a String, &'a String)>) -> (Vec<String>, Vec<String>) {
+        let mut keys = Vec::new();
+        let mut values = Vec::new();
+        for (name, location) in fields {
+            if let Some(v) = lookup(&self.json, location) {
+                keys.push(name.clone());
+                values.push(as_text(v).map(|c| c.into_owned()).unwrap_or_else(|| v.to_string()));
+            }
+        }
+        (keys, values)
+    }
 }
 
 /// Decodes raw bytes with one field map, template and size limits.
@@ -139,7 +179,8 @@ impl Decoder {
             return Err(DecodeError::new(DecodeReason::NoText, format!("no text in any of the fields {wanted:?}")));
         }
         drop(texts);
-        Ok(DecodedMessage { id, text: rendered, json })
+        let event_time_ms = self.fields.timestamp.iter().find_map(|loc| lookup(&json, loc).and_then(parse_timestamp_ms));
+        Ok(DecodedMessage { id, text: rendered, event_time_ms, json })
     }
 }
 
@@ -188,6 +229,21 @@ mod tests {
         let m = decoder().decode(format!(r#"{{"body": "{body}"}}"#).as_bytes()).unwrap();
         assert!(m.text.cut);
         assert!(m.text.text.chars().count() <= 200);
+    }
+
+    #[test]
+    fn timestamps_parse_from_text_seconds_and_milliseconds() {
+        assert_eq!(parse_timestamp_ms(&serde_json::json!("2024-03-01T12:00:00Z")), Some(1_709_294_400_000));
+        assert_eq!(parse_timestamp_ms(&serde_json::json!(1_709_294_400)), Some(1_709_294_400_000));
+        assert_eq!(parse_timestamp_ms(&serde_json::json!(1_709_294_400_123i64)), Some(1_709_294_400_123));
+        assert_eq!(parse_timestamp_ms(&serde_json::json!("yesterday")), None);
+        let mut fields = FieldMap::default();
+        fields.timestamp = vec!["created_at".into()];
+        let d = Decoder::new(fields, Template::parse("{body}").unwrap(), 1000, 100);
+        let m = d.decode(br#"{"body": "x", "created_at": "2024-03-01T12:00:00Z", "customer": {"tier": "gold"}}"#).unwrap();
+        assert_eq!(m.event_time_ms, Some(1_709_294_400_000));
+        let meta = [("tier".to_string(), "/customer/tier".to_string()), ("missing".to_string(), "nope".to_string())];
+        assert_eq!(m.metadata(meta.iter().map(|(a, b)| (a, b))), (vec!["tier".to_string()], vec!["gold".to_string()]));
     }
 
     proptest! {

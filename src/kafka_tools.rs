@@ -1,0 +1,170 @@
+//! Operator tools around the worker: loading messages into a topic (`triage produce`) and
+//! sending dead letters back where they came from (`triage redrive`).
+
+use std::io::{BufRead, Read};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use serde_json::{Map, Value};
+
+use crate::sink::kafka::{HEADER_REASON, HEADER_SOURCE_TOPIC};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ToolError {
+    #[error("Kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("reading input: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("CSV line {line}: {message}")]
+    Csv { line: u64, message: String },
+}
+
+/// One record to produce.
+pub struct Record {
+    pub key: Option<String>,
+    pub payload: Vec<u8>,
+}
+
+/// JSON lines as they are (bytes untouched, so bad lines stay bad); the key is the `id` field
+/// when the line is a JSON object with one.
+pub fn read_json_lines(input: impl BufRead) -> impl Iterator<Item = Result<Record, ToolError>> {
+    input.split(b'\n').filter_map(|line| match line {
+        Err(e) => Some(Err(e.into())),
+        Ok(mut bytes) => {
+            if bytes.last() == Some(&b'\r') {
+                bytes.pop();
+            }
+            if bytes.iter().all(u8::is_ascii_whitespace) {
+                return None;
+            }
+            let key = serde_json::from_slice::<Value>(&bytes)
+                .ok()
+                .and_then(|v| v.get("id").map(|id| id.as_str().map(String::from).unwrap_or_else(|| id.to_string())));
+            Some(Ok(Record { key, payload: bytes }))
+        }
+    })
+}
+
+/// A CSV with a header row (e.g. the support-ticket exports) as JSON objects, one per row;
+/// rows with missing fields are reported with their line and skipped by the caller.
+pub fn read_csv(input: impl Read) -> impl Iterator<Item = Result<Record, ToolError>> {
+    let mut reader = csv::ReaderBuilder::new().flexible(false).from_reader(input);
+    let headers = reader.headers().cloned().unwrap_or_default();
+    let mut row_no = 0u64;
+    reader.into_records().map(move |r| {
+        row_no += 1;
+        let record =
+            r.map_err(|e| ToolError::Csv { line: e.position().map(|p| p.line()).unwrap_or(row_no + 1), message: e.to_string() })?;
+        let object: Map<String, Value> =
+            headers.iter().zip(record.iter()).map(|(h, v)| (h.to_string(), Value::String(v.to_string()))).collect();
+        let id = object.get("id").and_then(|v| v.as_str()).map(String::from).unwrap_or_else(|| format!("row-{row_no}"));
+        let mut object = object;
+        object.entry("id").or_insert_with(|| Value::String(id.clone()));
+        Ok(Record { key: Some(id), payload: serde_json::to_vec(&Value::Object(object)).unwrap_or_default() })
+    })
+}
+
+/// Produce records, at most `rate` per second when given; `progress` sees each delivered one.
+pub async fn produce(
+    producer: &FutureProducer,
+    topic: &str,
+    records: impl Iterator<Item = Result<Record, ToolError>>,
+    rate: Option<f64>,
+    mut progress: impl FnMut(u64),
+) -> Result<(u64, Vec<String>), ToolError> {
+    let start = Instant::now();
+    let mut sent = 0u64;
+    let mut skipped = Vec::new();
+    let mut pending = futures::stream::FuturesUnordered::new();
+    use futures::StreamExt;
+    for record in records {
+        let record = match record {
+            Ok(r) => r,
+            Err(e @ ToolError::Csv { .. }) => {
+                skipped.push(e.to_string());
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if let Some(rate) = rate.filter(|r| *r > 0.0) {
+            let due = start + Duration::from_secs_f64(sent as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let producer = producer.clone();
+        let topic = topic.to_string();
+        pending.push(async move {
+            let mut fr = FutureRecord::<str, [u8]>::to(&topic).payload(&record.payload);
+            if let Some(k) = &record.key {
+                fr = fr.key(k.as_str());
+            }
+            producer.send(fr, Timeout::After(Duration::from_secs(60))).await.map(|_| ()).map_err(|(e, _)| e)
+        });
+        sent += 1;
+        // Keep a bounded number of deliveries outstanding.
+        while pending.len() >= 10_000 {
+            if let Some(r) = pending.next().await {
+                r?;
+                progress(1);
+            }
+        }
+    }
+    while let Some(r) = pending.next().await {
+        r?;
+        progress(1);
+    }
+    Ok((sent, skipped))
+}
+
+/// Read the dead-letter topic from the start (own consumer group), send each message whose
+/// reason matches back to its source topic with its original key, and commit. Stops when the
+/// topic has been read to its end. Returns (redriven, skipped).
+pub fn redrive(
+    consumer: &BaseConsumer,
+    producer: &FutureProducer,
+    dead_letter_topic: &str,
+    reason: Option<&str>,
+    mut progress: impl FnMut(u64),
+) -> Result<(u64, u64), ToolError> {
+    consumer.subscribe(&[dead_letter_topic])?;
+    let (mut redriven, mut skipped) = (0u64, 0u64);
+    let mut idle_since = Instant::now();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    loop {
+        match consumer.poll(Duration::from_millis(200)) {
+            None => {
+                // The end: assigned, and nothing new for a while.
+                if idle_since.elapsed() > Duration::from_secs(3) && consumer.assignment().map(|a| a.count() > 0).unwrap_or(false) {
+                    break;
+                }
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+            Some(Ok(m)) => {
+                idle_since = Instant::now();
+                let header = |name: &str| {
+                    m.headers().and_then(|h| {
+                        h.iter().find(|x| x.key == name).and_then(|x| x.value.map(|v| String::from_utf8_lossy(v).into_owned()))
+                    })
+                };
+                let wanted = reason.is_none_or(|r| header(HEADER_REASON).as_deref() == Some(r));
+                match header(HEADER_SOURCE_TOPIC).filter(|_| wanted) {
+                    Some(topic) => {
+                        let mut record = FutureRecord::<[u8], [u8]>::to(&topic).payload(m.payload().unwrap_or_default());
+                        if let Some(k) = m.key() {
+                            record = record.key(k);
+                        }
+                        rt.block_on(producer.send(record, Timeout::After(Duration::from_secs(60)))).map_err(|(e, _)| e)?;
+                        redriven += 1;
+                        progress(1);
+                    }
+                    None => skipped += 1,
+                }
+                consumer.store_offset_from_message(&m)?;
+            }
+        }
+    }
+    consumer.commit_consumer_state(CommitMode::Sync)?;
+    Ok((redriven, skipped))
+}

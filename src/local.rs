@@ -1,0 +1,180 @@
+//! Local stand-ins for the real services, for `triage demo`, `triage broker` and the tests:
+//! librdkafka's mock Kafka cluster (real protocol over TCP) and a private ClickHouse server
+//! on loopback (Debian's `clickhouse-server`, installed by scripts/setup) with its own data
+//! directory, stopped when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    #[error("clickhouse-server is not installed (scripts/setup installs it: apt-get install clickhouse-server)")]
+    NoClickHouse,
+    #[error("starting clickhouse-server: {0}")]
+    Spawn(std::io::Error),
+    #[error("clickhouse-server did not answer on {url} within {seconds}s; its log: {log}")]
+    NotReady { url: String, seconds: u64, log: String },
+    #[error("Kafka mock cluster: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+}
+
+/// A ClickHouse server owned by this process.
+pub struct LocalClickHouse {
+    child: Option<Child>,
+    pub http_port: u16,
+    pub tcp_port: u16,
+    pub dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+}
+
+/// A free TCP port on loopback (bound, read, released: fine for tests and demos).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn find_server() -> Option<PathBuf> {
+    ["/usr/bin/clickhouse-server", "/usr/sbin/clickhouse-server", "/usr/bin/clickhouse"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .or_else(|| {
+            std::env::var_os("PATH")
+                .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("clickhouse-server")).find(|p| p.exists()))
+        })
+}
+
+impl LocalClickHouse {
+    /// Start a server with data in a fresh temporary directory.
+    pub fn start() -> Result<Self, LocalError> {
+        let temp = tempfile::Builder::new().prefix("triage-clickhouse-").tempdir().map_err(LocalError::Spawn)?;
+        let dir = temp.path().to_path_buf();
+        let mut server = Self::start_in(&dir, free_port().map_err(LocalError::Spawn)?, free_port().map_err(LocalError::Spawn)?)?;
+        server._temp = Some(temp);
+        Ok(server)
+    }
+
+    /// Start (or restart) a server on the given data directory and ports.
+    pub fn start_in(dir: &Path, http_port: u16, tcp_port: u16) -> Result<Self, LocalError> {
+        let binary = find_server().ok_or(LocalError::NoClickHouse)?;
+        let d = dir.display();
+        let mut cmd = Command::new(&binary);
+        if binary.ends_with("clickhouse") {
+            cmd.arg("server");
+        }
+        let interserver = free_port().map_err(LocalError::Spawn)?;
+        cmd.arg("--config-file=/etc/clickhouse-server/config.xml")
+            .arg("--")
+            .arg(format!("--path={d}/"))
+            .arg(format!("--tmp_path={d}/tmp/"))
+            .arg(format!("--user_files_path={d}/user_files/"))
+            .arg(format!("--format_schema_path={d}/format_schemas/"))
+            .arg(format!("--http_port={http_port}"))
+            .arg(format!("--tcp_port={tcp_port}"))
+            .arg(format!("--interserver_http_port={interserver}"))
+            .arg("--listen_host=127.0.0.1")
+            .arg(format!("--logger.log={d}/server.log"))
+            .arg(format!("--logger.errorlog={d}/server.err.log"))
+            .arg("--logger.level=warning")
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        #[cfg(unix)]
+        {
+            use std::os::unix::process::CommandExt;
+            cmd.process_group(0);
+        }
+        let child = cmd.spawn().map_err(LocalError::Spawn)?;
+        let server = LocalClickHouse { child: Some(child), http_port, tcp_port, dir: dir.to_path_buf(), _temp: None };
+        server.wait_ready(Duration::from_secs(60))?;
+        Ok(server)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    fn wait_ready(&self, timeout: Duration) -> Result<(), LocalError> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if ping(self.http_port) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let log = std::fs::read_to_string(self.dir.join("server.err.log")).unwrap_or_default();
+        Err(LocalError::NotReady {
+            url: self.url(),
+            seconds: timeout.as_secs(),
+            log: log.lines().rev().take(5).collect::<Vec<_>>().join(" | "),
+        })
+    }
+
+    /// Stop the server (SIGTERM, then SIGKILL after 10 s); the data directory stays.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = child.id() as i32;
+            // SAFETY: signalling our own child's process group.
+            unsafe {
+                libc_kill(-pid, 15);
+            }
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for LocalClickHouse {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+/// GET /ping on loopback, without an HTTP client dependency.
+fn ping(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    if s.write_all(b"GET /ping HTTP/1.0\r\nHost: localhost\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    buf.starts_with("HTTP/1.") && buf.contains(" 200 ") && buf.ends_with("Ok.\n")
+}
+
+/// A mock Kafka cluster owned by this process, with topics created up front.
+pub struct LocalKafka {
+    cluster: rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+}
+
+impl LocalKafka {
+    pub fn start(brokers: i32) -> Result<Self, LocalError> {
+        Ok(LocalKafka { cluster: rdkafka::mocking::MockCluster::new(brokers)? })
+    }
+
+    pub fn bootstrap_servers(&self) -> String {
+        self.cluster.bootstrap_servers()
+    }
+
+    pub fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), LocalError> {
+        Ok(self.cluster.create_topic(topic, partitions, 1)?)
+    }
+
+    pub fn cluster(&self) -> &rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
+        &self.cluster
+    }
+}

@@ -1,0 +1,501 @@
+//! `triage run`: Kafka -> decode -> engine (tokenize, batch, infer) -> ClickHouse, with dead
+//! letters and escalations on the side, and offsets committed only for what is done.
+//!
+//! Tasks: the consumer loop (this task: receive, decode, submit; pause/resume; commit), one
+//! engine per model (threads), the results task (rows, escalations, failures), the ClickHouse
+//! sink, and short-lived tasks for each Kafka write. Acknowledgements flow into the offset
+//! tracker; the consumer loop commits its watermarks every `commit_interval_ms`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::producer::FutureProducer;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::config::{Config, RouteConfig};
+use crate::engine::{Classified, ClassifyError, Engine, Outcome, Submitter};
+use crate::message::Decoder;
+use crate::model::{HeadOutput, Model, ModelError, ModelInfo};
+use crate::retry::Backoff;
+use crate::sink::clickhouse::{self as ch, Acknowledge, ClickHouseService, ResultRow, SinkError, SinkItem};
+use crate::sink::kafka::{KafkaSink, SourceMessage};
+use crate::source::kafka::{commit_list, consumer_config, producer_config, TrackingContext};
+use crate::source::offsets::{AckResult, Delivery, OffsetTracker, TopicPartition};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("Kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("{0}")]
+    Startup(String),
+}
+
+/// What one run did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RunReport {
+    pub consumed: u64,
+    pub rows_inserted: u64,
+    pub dead_lettered: u64,
+    pub escalated: u64,
+    pub seconds: f64,
+    /// Messages still unfinished at exit (replayed by the next owner).
+    pub unfinished: usize,
+}
+
+/// Everything the pipeline needs to know about a message besides its text.
+pub struct MessageTag {
+    delivery: Delivery,
+    source: Arc<SourceMessage>,
+    route: usize,
+    message_id: String,
+    event_time_ms: i64,
+    consumed_ms: u64,
+    metadata: (Vec<String>, Vec<String>),
+}
+
+struct Route {
+    config: RouteConfig,
+    decoder: Decoder,
+    submitter: Submitter<MessageTag>,
+    model: ModelInfo,
+    threshold: f32,
+}
+
+struct TrackerAcks(Arc<Mutex<OffsetTracker>>);
+
+impl Acknowledge for TrackerAcks {
+    fn ack(&self, delivery: &Delivery) {
+        if let Ok(mut t) = self.0.lock() {
+            if t.ack(delivery) == AckResult::Stale {
+                tracing::debug!(tp = %delivery.tp, offset = delivery.offset, "late acknowledgement of a revoked assignment ignored");
+            }
+        }
+    }
+}
+
+/// Run the worker until `shutdown` resolves (then drain) or a fatal error.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<RunReport, WorkerError> {
+    let started = Instant::now();
+    let worker_id = config.worker_id();
+    let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
+    let acks: Arc<dyn Acknowledge> = Arc::new(TrackerAcks(tracker.clone()));
+
+    // ClickHouse first: a missing table is a configuration error, found before consuming.
+    let clickhouse = Arc::new(ClickHouseService::new(&config.clickhouse));
+    wait_for_schema(&clickhouse, &config).await?;
+
+    let producer: FutureProducer = producer_config(&config.kafka).create()?;
+    let backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let kafka_sink = Arc::new(KafkaSink::new(
+        producer,
+        config.kafka.dead_letter_topic.clone(),
+        config.kafka.escalation_topic.clone(),
+        worker_id.clone(),
+        backoff,
+    ));
+
+    // One engine per model directory, shared by the routes that use it.
+    let (outcome_tx, outcome_rx) = flume::bounded::<Outcome<MessageTag>>(config.batching.queue_capacity);
+    let mut engines: HashMap<PathBuf, Engine<MessageTag>> = HashMap::new();
+    let mut routes = Vec::new();
+    for route in &config.routes {
+        if !engines.contains_key(&route.model) {
+            let (dir, options) = (route.model.clone(), config.inference.clone());
+            let model = tokio::task::spawn_blocking(move || Model::load(&dir, &options))
+                .await
+                .map_err(|e| WorkerError::Startup(format!("model loading task failed: {e}")))??;
+            engines.insert(route.model.clone(), Engine::start(Arc::new(model), &config.batching, outcome_tx.clone())?);
+        }
+        let engine = &engines[&route.model];
+        let model = engine.model();
+        if let Some(head) = &route.escalation_head {
+            if !model.heads().heads.iter().any(|h| &h.name == head) {
+                return Err(WorkerError::Startup(format!(
+                    "route `{}`: escalation_head `{head}` is not a head of {}",
+                    route.topic,
+                    model.info().name
+                )));
+            }
+        }
+        routes.push(Route {
+            config: route.clone(),
+            decoder: Decoder::new(route.fields.clone(), model.template().clone(), config.max_message_bytes, model.encoder().max_chars()),
+            submitter: engine.submitter(),
+            model: model.info().clone(),
+            threshold: config.threshold(route),
+        });
+    }
+    drop(outcome_tx);
+    let routes = Arc::new(routes);
+
+    let (row_tx, row_rx) = mpsc::channel::<SinkItem>(4096);
+    let sink_task = tokio::spawn(ch::run(
+        clickhouse.clone(),
+        row_rx,
+        ch::BlockPolicy {
+            max_rows: config.clickhouse.insert_max_rows,
+            max_age: Duration::from_millis(config.clickhouse.insert_interval_ms),
+        },
+        acks.clone(),
+        kafka_sink.clone(),
+    ));
+    let results_task = tokio::spawn(results_loop(
+        outcome_rx,
+        routes.clone(),
+        row_tx,
+        acks.clone(),
+        tracker.clone(),
+        kafka_sink.clone(),
+        worker_id.clone(),
+        config.escalation.enabled,
+    ));
+
+    let consumer: StreamConsumer<TrackingContext> =
+        consumer_config(&config.kafka).create_with_context(TrackingContext { tracker: tracker.clone() })?;
+    let topics: Vec<&str> = config.routes.iter().map(|r| r.topic.as_str()).collect();
+    consumer.subscribe(&topics)?;
+    tracing::info!(worker = %worker_id, group = %config.kafka.group_id, topics = ?topics, "consuming");
+
+    let route_of: HashMap<String, usize> = config.routes.iter().enumerate().map(|(i, r)| (r.topic.clone(), i)).collect();
+    let mut consumed = 0u64;
+    let mut paused = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(config.kafka.commit_interval_ms.min(500)));
+    let mut last_commit = Instant::now();
+    let commit_every = Duration::from_millis(config.kafka.commit_interval_ms);
+    let max_in_flight = config.kafka.max_in_flight;
+    tokio::pin!(shutdown);
+    let mut fatal: Option<WorkerError> = None;
+    let mut sink_task = Some(sink_task);
+
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut shutdown => {
+                tracing::info!("shutdown requested: draining");
+                break;
+            }
+            // A fatal sink error ends the run.
+            result = async { sink_task.as_mut().expect("present").await }, if sink_task.is_some() => {
+                sink_task = None;
+                fatal = Some(match result {
+                    Ok(Err(e)) => e.into(),
+                    Ok(Ok(())) => WorkerError::Startup("the ClickHouse sink stopped unexpectedly".into()),
+                    Err(e) => WorkerError::Startup(format!("the ClickHouse sink task failed: {e}")),
+                });
+                break;
+            }
+            _ = tick.tick() => {
+                let in_flight = tracker.lock().map(|t| t.in_flight()).unwrap_or(0);
+                if !paused && in_flight >= max_in_flight {
+                    tracing::warn!(in_flight, "downstream is behind: pausing consumption");
+                    set_paused(&consumer, true);
+                    paused = true;
+                } else if paused && in_flight <= max_in_flight / 2 {
+                    tracing::info!(in_flight, "caught up: resuming consumption");
+                    set_paused(&consumer, false);
+                    paused = false;
+                } else if paused {
+                    // Partitions assigned while paused must not run ahead.
+                    set_paused(&consumer, true);
+                }
+                if last_commit.elapsed() >= commit_every {
+                    commit(&consumer, &tracker, CommitMode::Async);
+                    last_commit = Instant::now();
+                }
+            }
+            message = consumer.recv() => match message {
+                Ok(m) => {
+                    consumed += 1;
+                    handle_message(&m, &routes, &route_of, &tracker, &acks, &kafka_sink).await;
+                }
+                Err(e) => tracing::warn!(error = %e, "Kafka consumer error"),
+            },
+        }
+    }
+
+    // Drain: no more intake; let engines finish, rows land, Kafka writes complete; then commit.
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(config.shutdown.drain_timeout_ms);
+    drop(routes);
+    let joiners: Vec<_> = engines.into_values().map(|e| tokio::task::spawn_blocking(move || e.shutdown())).collect();
+    let drained = tokio::time::timeout_at(deadline, async {
+        for j in joiners {
+            let _ = j.await;
+        }
+        let _ = results_task.await;
+        if let Some(task) = sink_task.take() {
+            match task.await {
+                Ok(Err(e)) => return Err(WorkerError::from(e)),
+                Err(e) => return Err(WorkerError::Startup(format!("the ClickHouse sink task failed: {e}"))),
+                Ok(Ok(())) => {}
+            }
+        }
+        while tracker.lock().map(|t| t.in_flight()).unwrap_or(0) > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    })
+    .await;
+    match drained {
+        Ok(Err(e)) if fatal.is_none() => fatal = Some(e),
+        Err(_) => tracing::warn!(
+            drain_timeout_ms = config.shutdown.drain_timeout_ms,
+            "drain deadline passed: committing what is done; the rest will be replayed"
+        ),
+        _ => {}
+    }
+    commit(&consumer, &tracker, CommitMode::Sync);
+    let unfinished = tracker.lock().map(|t| t.in_flight()).unwrap_or(0);
+    consumer.unsubscribe();
+    let report = RunReport {
+        consumed,
+        rows_inserted: clickhouse.stats.rows_inserted.load(std::sync::atomic::Ordering::Relaxed),
+        dead_lettered: kafka_sink.stats.dead_lettered.load(std::sync::atomic::Ordering::Relaxed),
+        escalated: kafka_sink.stats.escalated.load(std::sync::atomic::Ordering::Relaxed),
+        seconds: started.elapsed().as_secs_f64(),
+        unfinished,
+    };
+    match fatal {
+        Some(e) => Err(e),
+        None => Ok(report),
+    }
+}
+
+async fn wait_for_schema(clickhouse: &ClickHouseService, config: &Config) -> Result<(), WorkerError> {
+    let backoff =
+        Backoff::new(Duration::from_millis(config.clickhouse.retry_initial_ms), Duration::from_millis(config.clickhouse.retry_max_ms));
+    let mut attempt = 0;
+    loop {
+        match clickhouse.check_schema().await {
+            Ok(()) => return Ok(()),
+            Err(Err(fatal)) => return Err(fatal.into()),
+            Err(Ok(transient)) => {
+                attempt += 1;
+                let delay = backoff.delay(attempt);
+                tracing::warn!(error = %transient, url = %config.clickhouse.url, retry_in_ms = delay.as_millis() as u64, "ClickHouse not reachable yet");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+fn set_paused(consumer: &StreamConsumer<TrackingContext>, pause: bool) {
+    let Ok(assignment) = consumer.assignment() else { return };
+    if assignment.count() == 0 {
+        return;
+    }
+    let result = if pause { consumer.pause(&assignment) } else { consumer.resume(&assignment) };
+    if let Err(e) = result {
+        tracing::warn!(error = %e, pause, "pause/resume failed");
+    }
+}
+
+fn commit(consumer: &StreamConsumer<TrackingContext>, tracker: &Arc<Mutex<OffsetTracker>>, mode: CommitMode) {
+    let points = match tracker.lock() {
+        Ok(t) => t.committable(),
+        Err(_) => return,
+    };
+    if points.is_empty() {
+        return;
+    }
+    match consumer.commit(&commit_list(&points), mode) {
+        Ok(()) if matches!(mode, CommitMode::Sync) => {
+            if let Ok(mut t) = tracker.lock() {
+                for (tp, offset) in &points {
+                    t.committed(tp, *offset);
+                }
+            }
+        }
+        Ok(()) => {}
+        Err(e) => tracing::warn!(error = %e, "offset commit failed; retried at the next interval"),
+    }
+}
+
+async fn handle_message(
+    m: &BorrowedMessage<'_>,
+    routes: &Arc<Vec<Route>>,
+    route_of: &HashMap<String, usize>,
+    tracker: &Arc<Mutex<OffsetTracker>>,
+    acks: &Arc<dyn Acknowledge>,
+    kafka_sink: &Arc<KafkaSink>,
+) {
+    let tp = TopicPartition::new(m.topic(), m.partition());
+    let Some(delivery) = tracker.lock().ok().and_then(|mut t| t.begin(&tp, m.offset(), 1)) else {
+        tracing::debug!(%tp, offset = m.offset(), "message of a partition no longer assigned: skipped (its owner reads it)");
+        return;
+    };
+    let source = Arc::new(SourceMessage {
+        topic: m.topic().to_string(),
+        partition: m.partition(),
+        offset: m.offset(),
+        timestamp_ms: m.timestamp().to_millis(),
+        key: m.key().map(<[u8]>::to_vec),
+        payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+    });
+    let Some(&route_index) = route_of.get(m.topic()) else {
+        dead_letter(kafka_sink, acks, delivery, source, "unrouted", "no route for this topic".into());
+        return;
+    };
+    let route = &routes[route_index];
+    match route.decoder.decode(&source.payload) {
+        Ok(decoded) => {
+            let event_time_ms = decoded.event_time_ms.or(source.timestamp_ms).unwrap_or(0);
+            let tag = MessageTag {
+                message_id: decoded.id.clone().unwrap_or_else(|| format!("{}-{}-{}", source.topic, source.partition, source.offset)),
+                metadata: decoded.metadata(&route.config.metadata),
+                delivery,
+                source,
+                route: route_index,
+                event_time_ms,
+                consumed_ms: crate::time::now_ms(),
+            };
+            if let Err(closed) = route.submitter.submit_async(tag, decoded.text).await {
+                tracing::error!(offset = closed.0.source.offset, "engine stopped; the message will be replayed");
+            }
+        }
+        Err(e) => dead_letter(kafka_sink, acks, delivery, source, e.reason.as_str(), e.detail),
+    }
+}
+
+fn dead_letter(
+    kafka_sink: &Arc<KafkaSink>,
+    acks: &Arc<dyn Acknowledge>,
+    delivery: Delivery,
+    source: Arc<SourceMessage>,
+    reason: &'static str,
+    detail: String,
+) {
+    let (kafka_sink, acks) = (kafka_sink.clone(), acks.clone());
+    tokio::spawn(async move {
+        kafka_sink.dead_letter(&source, reason, &detail).await;
+        acks.ack(&delivery);
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn results_loop(
+    outcomes: flume::Receiver<Outcome<MessageTag>>,
+    routes: Arc<Vec<Route>>,
+    rows: mpsc::Sender<SinkItem>,
+    acks: Arc<dyn Acknowledge>,
+    tracker: Arc<Mutex<OffsetTracker>>,
+    kafka_sink: Arc<KafkaSink>,
+    worker_id: String,
+    escalation_enabled: bool,
+) {
+    while let Ok(outcome) = outcomes.recv_async().await {
+        let tag = outcome.tag;
+        let classified = match outcome.result {
+            Ok(c) => c,
+            Err(e) => {
+                let reason = match &e {
+                    ClassifyError::Input(d) => d.reason.as_str(),
+                    ClassifyError::Tokenize(_) => "tokenize_failed",
+                    ClassifyError::Inference(_) => "inference_failed",
+                };
+                dead_letter(&kafka_sink, &acks, tag.delivery, tag.source, reason, e.to_string());
+                continue;
+            }
+        };
+        let route = &routes[tag.route];
+        let confidence = classified.prediction.confidence(route.config.escalation_head.as_deref());
+        let escalate = escalation_enabled && confidence.is_some_and(|c| c < route.threshold);
+        if escalate {
+            let added = tracker.lock().map(|mut t| t.add_acks(&tag.delivery, 1)).unwrap_or(false);
+            if added {
+                let payload = escalation_record(&tag, &classified, route, confidence.unwrap_or(0.0));
+                let (kafka_sink, acks, delivery, key) = (kafka_sink.clone(), acks.clone(), tag.delivery.clone(), tag.message_id.clone());
+                tokio::spawn(async move {
+                    kafka_sink.escalate(&key, &payload).await;
+                    acks.ack(&delivery);
+                });
+            }
+        }
+        let row = build_row(&tag, &classified, route, escalate, &worker_id);
+        if rows.send(SinkItem { row, delivery: tag.delivery, source: tag.source }).await.is_err() {
+            return; // the sink stopped (fatal): nothing more can be stored
+        }
+    }
+}
+
+fn build_row(tag: &MessageTag, c: &Classified, route: &Route, escalated: bool, worker_id: &str) -> ResultRow {
+    let p = &c.prediction;
+    let (mut head_names, mut head_labels, mut head_scores) = (Vec::new(), Vec::new(), Vec::new());
+    for h in &p.heads {
+        if let HeadOutput::Label(l) = &h.output {
+            head_names.push(h.head.clone());
+            head_labels.push(l.label.clone());
+            head_scores.push(l.score);
+        }
+    }
+    ResultRow {
+        topic: tag.source.topic.clone(),
+        partition: tag.source.partition.max(0) as u32,
+        offset: tag.source.offset.max(0) as u64,
+        message_id: tag.message_id.clone(),
+        kind: route.config.kind.clone(),
+        event_time: (tag.event_time_ms.max(0) / 1000).min(u32::MAX as i64) as u32,
+        event_time_ms: tag.event_time_ms.max(0) as u64,
+        consumed_time_ms: tag.consumed_ms,
+        processed_time_ms: 0,
+        model_name: route.model.name.clone(),
+        model_version: route.model.version.clone(),
+        category: p.category.as_ref().map(|c| c.label.clone()).unwrap_or_default(),
+        confidence: p.category.as_ref().map(|c| c.score).unwrap_or(0.0),
+        priority: p.priority.clone().unwrap_or_default(),
+        tags: p.tags.iter().map(|t| t.label.clone()).collect(),
+        tag_scores: p.tags.iter().map(|t| t.score).collect(),
+        head_names,
+        head_labels,
+        head_scores,
+        escalated: u8::from(escalated),
+        text_chars: c.chars as u32,
+        tokens: c.tokens as u32,
+        truncated: u8::from(c.truncated),
+        metadata_keys: tag.metadata.0.clone(),
+        metadata_values: tag.metadata.1.clone(),
+        worker_id: worker_id.to_string(),
+    }
+}
+
+fn escalation_record(tag: &MessageTag, c: &Classified, route: &Route, confidence: f32) -> Vec<u8> {
+    let original: Value = serde_json::from_slice(&tag.source.payload)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&tag.source.payload).into_owned()));
+    let p = &c.prediction;
+    let heads: serde_json::Map<String, Value> = p
+        .heads
+        .iter()
+        .filter_map(|h| match &h.output {
+            HeadOutput::Label(l) => Some((h.head.clone(), json!({"label": l.label, "score": l.score}))),
+            HeadOutput::Tags(t) => Some((h.head.clone(), json!(t))),
+            HeadOutput::Embedding(_) => None,
+        })
+        .collect();
+    serde_json::to_vec(&json!({
+        "message_id": tag.message_id,
+        "kind": route.config.kind,
+        "source": {"topic": tag.source.topic, "partition": tag.source.partition, "offset": tag.source.offset, "timestamp_ms": tag.source.timestamp_ms},
+        "reason": {"head": route.config.escalation_head.clone().unwrap_or_else(|| "category".into()), "confidence": confidence, "threshold": route.threshold},
+        "result": {
+            "category": p.category.as_ref().map(|c| &c.label),
+            "confidence": p.category.as_ref().map(|c| c.score),
+            "priority": p.priority,
+            "tags": p.tags.iter().map(|t| &t.label).collect::<Vec<_>>(),
+            "heads": heads,
+            "model": route.model.name,
+            "model_version": route.model.version,
+        },
+        "message": original,
+    }))
+    .unwrap_or_default()
+}

@@ -1,0 +1,280 @@
+//! Which offsets may be committed: per partition, the highest offset below which EVERY message
+//! is durably done. Pure (no Kafka here), so it is tested exhaustively on its own.
+//!
+//! A message is done when all its acknowledgements arrived (its ClickHouse row, its dead
+//! letter, its escalation: whatever the pipeline asked for). Messages finish out of order;
+//! the watermark only moves over a contiguous done prefix. Each assignment of a partition gets
+//! a new epoch: acknowledgements from an earlier assignment (a revoked partition's late
+//! results) are ignored, so they can never move the new owner's watermark.
+
+use std::collections::{BTreeMap, HashMap};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TopicPartition {
+    pub topic: String,
+    pub partition: i32,
+}
+
+impl TopicPartition {
+    pub fn new(topic: impl Into<String>, partition: i32) -> Self {
+        TopicPartition { topic: topic.into(), partition }
+    }
+}
+
+impl std::fmt::Display for TopicPartition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.topic, self.partition)
+    }
+}
+
+/// Identifies one consumed message for acknowledgement.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Delivery {
+    pub tp: TopicPartition,
+    pub offset: i64,
+    pub epoch: u64,
+}
+
+#[derive(Debug, Default)]
+struct PartitionState {
+    epoch: u64,
+    /// offset -> acknowledgements still missing (0 = done, waiting for the prefix).
+    pending: BTreeMap<i64, u32>,
+    /// Next offset to commit: everything below it is done.
+    watermark: Option<i64>,
+    /// The watermark last committed (or the position at assignment).
+    committed: Option<i64>,
+}
+
+impl PartitionState {
+    /// Everything below the first unfinished message is done (or never existed: gaps); with
+    /// nothing unfinished, everything consumed is done. Only offered when it moved forward.
+    fn uncommitted_point(&self) -> Option<i64> {
+        let point = self.pending.first_key_value().map(|(&first, _)| first).or(self.watermark)?;
+        self.committed.is_none_or(|c| point > c).then_some(point)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct OffsetTracker {
+    partitions: HashMap<TopicPartition, PartitionState>,
+    next_epoch: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckResult {
+    /// Counted; the message still waits for others.
+    Counted,
+    /// The message is now done.
+    Done,
+    /// From an earlier assignment, an unknown offset, or acknowledged too often: ignored.
+    Stale,
+}
+
+impl OffsetTracker {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The partition is (re)assigned: a new epoch; anything in flight from before is stale.
+    pub fn assign(&mut self, tp: TopicPartition) -> u64 {
+        self.next_epoch += 1;
+        let epoch = self.next_epoch;
+        self.partitions.insert(tp, PartitionState { epoch, ..PartitionState::default() });
+        epoch
+    }
+
+    /// The partition is revoked: returns what may still be committed for it.
+    pub fn revoke(&mut self, tp: &TopicPartition) -> Option<i64> {
+        self.partitions.remove(tp)?.uncommitted_point()
+    }
+
+    pub fn epoch(&self, tp: &TopicPartition) -> Option<u64> {
+        self.partitions.get(tp).map(|s| s.epoch)
+    }
+
+    /// A message was consumed and will need `acks` acknowledgements (at least 1).
+    /// Returns its delivery handle, or None if the partition is not assigned.
+    pub fn begin(&mut self, tp: &TopicPartition, offset: i64, acks: u32) -> Option<Delivery> {
+        let state = self.partitions.get_mut(tp)?;
+        if state.watermark.is_none() {
+            // We read from the committed position: committing it again would be a no-op.
+            state.watermark = Some(offset);
+            state.committed = state.committed.or(Some(offset));
+        }
+        state.pending.insert(offset, acks.max(1));
+        Some(Delivery { tp: tp.clone(), offset, epoch: state.epoch })
+    }
+
+    /// A message needs `extra` more acknowledgements than announced at `begin` (e.g. it turned
+    /// out to need an escalation as well as its row).
+    pub fn add_acks(&mut self, d: &Delivery, extra: u32) -> bool {
+        match self.partitions.get_mut(&d.tp) {
+            Some(s) if s.epoch == d.epoch => match s.pending.get_mut(&d.offset) {
+                Some(n) if *n > 0 => {
+                    *n += extra;
+                    true
+                }
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
+    /// One acknowledgement for a message.
+    pub fn ack(&mut self, d: &Delivery) -> AckResult {
+        let Some(state) = self.partitions.get_mut(&d.tp) else { return AckResult::Stale };
+        if state.epoch != d.epoch {
+            return AckResult::Stale;
+        }
+        let Some(remaining) = state.pending.get_mut(&d.offset) else { return AckResult::Stale };
+        if *remaining == 0 {
+            return AckResult::Stale;
+        }
+        *remaining -= 1;
+        if *remaining > 0 {
+            return AckResult::Counted;
+        }
+        // Advance over the done prefix.
+        while let Some((&offset, &left)) = state.pending.first_key_value() {
+            if left > 0 {
+                break;
+            }
+            state.pending.pop_first();
+            state.watermark = Some(offset + 1);
+        }
+        AckResult::Done
+    }
+
+    /// Partitions whose watermark moved since the last commit: (partition, next offset).
+    pub fn committable(&self) -> Vec<(TopicPartition, i64)> {
+        let mut out: Vec<_> = self.partitions.iter().filter_map(|(tp, s)| s.uncommitted_point().map(|w| (tp.clone(), w))).collect();
+        out.sort();
+        out
+    }
+
+    /// Record a successful commit.
+    pub fn committed(&mut self, tp: &TopicPartition, offset: i64) {
+        if let Some(s) = self.partitions.get_mut(tp) {
+            if s.committed.is_none_or(|c| offset > c) {
+                s.committed = Some(offset);
+            }
+        }
+    }
+
+    /// Messages consumed but not yet done, over all partitions.
+    pub fn in_flight(&self) -> usize {
+        self.partitions.values().map(|s| s.pending.values().filter(|&&n| n > 0).count()).sum()
+    }
+
+    pub fn assigned(&self) -> Vec<TopicPartition> {
+        let mut v: Vec<_> = self.partitions.keys().cloned().collect();
+        v.sort();
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn tp() -> TopicPartition {
+        TopicPartition::new("tickets", 0)
+    }
+
+    #[test]
+    fn watermark_moves_only_over_a_done_prefix() {
+        let mut t = OffsetTracker::new();
+        t.assign(tp());
+        let d: Vec<_> = (10..15).map(|o| t.begin(&tp(), o, 1).unwrap()).collect();
+        assert_eq!(t.committable(), vec![], "nothing done yet: 10 is the position, already committed-equivalent");
+        assert_eq!(t.ack(&d[2]), AckResult::Done);
+        assert_eq!(t.ack(&d[1]), AckResult::Done);
+        assert_eq!(t.committable(), vec![], "10 is still pending");
+        assert_eq!(t.ack(&d[0]), AckResult::Done);
+        assert_eq!(t.committable(), vec![(tp(), 13)]);
+        t.committed(&tp(), 13);
+        assert_eq!(t.committable(), vec![]);
+        t.ack(&d[4]);
+        t.ack(&d[3]);
+        assert_eq!(t.committable(), vec![(tp(), 15)]);
+        assert_eq!(t.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_message_with_two_acks_is_done_after_both() {
+        let mut t = OffsetTracker::new();
+        t.assign(tp());
+        let d = t.begin(&tp(), 0, 1).unwrap();
+        assert!(t.add_acks(&d, 1), "row + escalation");
+        assert_eq!(t.ack(&d), AckResult::Counted);
+        assert_eq!(t.committable(), vec![]);
+        assert_eq!(t.ack(&d), AckResult::Done);
+        assert_eq!(t.committable(), vec![(tp(), 1)]);
+        assert_eq!(t.ack(&d), AckResult::Stale, "a third ack is ignored");
+    }
+
+    #[test]
+    fn late_acks_from_a_revoked_assignment_never_move_the_new_watermark() {
+        let mut t = OffsetTracker::new();
+        t.assign(tp());
+        let old: Vec<_> = (0..5).map(|o| t.begin(&tp(), o, 1).unwrap()).collect();
+        t.ack(&old[0]);
+        assert_eq!(t.revoke(&tp()), Some(1), "commit what is done on revoke");
+        // Re-assigned: resumes from the committed offset 1.
+        t.assign(tp());
+        let new: Vec<_> = (1..5).map(|o| t.begin(&tp(), o, 1).unwrap()).collect();
+        for d in &old[1..] {
+            assert_eq!(t.ack(d), AckResult::Stale);
+        }
+        assert_eq!(t.committable(), vec![], "old-epoch acks moved nothing");
+        t.ack(&new[0]);
+        assert_eq!(t.committable(), vec![(tp(), 2)]);
+    }
+
+    #[test]
+    fn revoke_of_an_unassigned_partition_commits_nothing() {
+        let mut t = OffsetTracker::new();
+        assert_eq!(t.revoke(&tp()), None);
+        assert!(t.begin(&tp(), 0, 1).is_none());
+    }
+
+    #[test]
+    fn gaps_in_offsets_do_not_block_the_watermark() {
+        // Compacted topics and transaction markers leave holes.
+        let mut t = OffsetTracker::new();
+        t.assign(tp());
+        let a = t.begin(&tp(), 3, 1).unwrap();
+        let b = t.begin(&tp(), 7, 1).unwrap();
+        t.ack(&a);
+        assert_eq!(t.committable(), vec![(tp(), 7)]);
+        t.ack(&b);
+        assert_eq!(t.committable(), vec![(tp(), 8)]);
+    }
+
+    proptest! {
+        /// Whatever order acks arrive in, the committable offset never passes a message that is
+        /// not done, and once all are done it is one past the last.
+        #[test]
+        fn never_commits_past_an_unfinished_message(order in Just((0..60i64).collect::<Vec<_>>()).prop_shuffle(), acks in proptest::collection::vec(1u32..3, 60)) {
+            let mut t = OffsetTracker::new();
+            t.assign(tp());
+            let ds: Vec<_> = (0..60).map(|o| t.begin(&tp(), o, acks[o as usize]).unwrap()).collect();
+            let mut done = [false; 60];
+            let mut remaining = acks.clone();
+            for &o in order.iter().chain(order.iter()) {
+                if remaining[o as usize] == 0 { continue; }
+                t.ack(&ds[o as usize]);
+                remaining[o as usize] -= 1;
+                if remaining[o as usize] == 0 { done[o as usize] = true; }
+                for (_, w) in t.committable() {
+                    prop_assert!((0..w).all(|i| done[i as usize]), "committable {} passes an unfinished message", w);
+                    t.committed(&tp(), w);
+                }
+            }
+            prop_assert_eq!(t.in_flight(), 0);
+        }
+    }
+}
