@@ -168,3 +168,27 @@ pub fn redrive(
     consumer.commit_consumer_state(CommitMode::Sync)?;
     Ok((redriven, skipped))
 }
+
+/// Whether the group's committed offsets reached the end of every partition of `topics`.
+pub fn group_caught_up(kafka: &crate::config::KafkaConfig, topics: &[String]) -> Result<bool, rdkafka::error::KafkaError> {
+    use rdkafka::{Offset, TopicPartitionList};
+    let consumer: BaseConsumer = crate::source::kafka::client_config(kafka).set("group.id", &kafka.group_id).create()?;
+    let metadata = consumer.fetch_metadata(None, Duration::from_secs(5))?;
+    let mut list = TopicPartitionList::new();
+    let mut ends = Vec::new();
+    for t in metadata.topics().iter().filter(|t| topics.iter().any(|x| x == t.name())) {
+        for p in t.partitions() {
+            list.add_partition(t.name(), p.id());
+            let (_, high) = consumer.fetch_watermarks(t.name(), p.id(), Duration::from_secs(5))?;
+            ends.push(high);
+        }
+    }
+    if ends.is_empty() {
+        return Ok(false);
+    }
+    let committed = consumer.committed_offsets(list, Duration::from_secs(5))?;
+    Ok(committed.elements().iter().zip(ends).all(|(e, high)| match e.offset() {
+        Offset::Offset(o) => o >= high,
+        _ => high == 0,
+    }))
+}

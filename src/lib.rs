@@ -10,6 +10,7 @@
 pub mod batcher;
 pub mod classify;
 pub mod config;
+pub mod demo;
 pub mod engine;
 pub mod kafka_tools;
 pub mod local;

@@ -5,15 +5,21 @@ use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use triage::batcher::BatchPolicy;
-use triage::classify::{classify_stream, ClassifyOptions, ClassifySummary};
+use triage::classify::{classify_stream, ClassifyOptions};
+use triage::config::Config;
+use triage::demo::DemoOptions;
 use triage::engine::EngineConfig;
+use triage::kafka_tools;
+use triage::local::LocalKafka;
 use triage::message::{FieldMap, DEFAULT_MAX_MESSAGE_BYTES};
-use triage::model::{InferenceOptions, Model, OptimizationLevel, Provider};
+use triage::model::{InferenceOptions, Model, Provider};
 use triage::paths;
+use triage::pipeline;
+use triage::sink::clickhouse::ClickHouseService;
 
 #[derive(Parser)]
 #[command(name = "triage", version, about = "Classify support tickets, returns and e-mails with small ONNX language models")]
@@ -33,10 +39,94 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the worker: consume Kafka, classify, write ClickHouse, commit what is done.
+    Run(RunArgs),
+    /// Run the whole path on embedded defaults: mock Kafka, local ClickHouse, bundled samples, the worker.
+    Demo(DemoArgs),
     /// Classify JSON lines (one result per input line, in input order).
     Classify(ClassifyArgs),
-    /// Run the main job on embedded defaults: classify the bundled examples with the default model.
-    Demo(DemoArgs),
+    /// Validate a configuration file without connecting to anything.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+    /// The ClickHouse results table and analytics views.
+    Schema {
+        #[command(subcommand)]
+        action: SchemaAction,
+    },
+    /// Run a mock Kafka cluster for development (librdkafka's; real protocol over TCP).
+    Broker(BrokerArgs),
+    /// Load JSON lines (or a CSV with a header row) into a topic.
+    Produce(ProduceArgs),
+    /// Send dead letters back to the topics they came from.
+    Redrive(RedriveArgs),
+}
+
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Parse, apply environment overrides, validate; print the effective config (secrets hidden).
+    Check {
+        #[arg(env = "TRIAGE_CONFIG")]
+        file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum SchemaAction {
+    /// Print the DDL for the configured database and table.
+    Print {
+        #[arg(long, env = "TRIAGE_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Create the database, table and views (idempotent).
+    Apply {
+        #[arg(long, env = "TRIAGE_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[arg(long, short, env = "TRIAGE_CONFIG")]
+    config: PathBuf,
+}
+
+#[derive(Args)]
+struct BrokerArgs {
+    #[arg(long, default_value_t = 1)]
+    brokers: i32,
+    /// Topics to create, as NAME or NAME:PARTITIONS.
+    #[arg(long = "topic")]
+    topics: Vec<String>,
+    /// Also write the bootstrap address to this file.
+    #[arg(long)]
+    address_file: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ProduceArgs {
+    #[arg(long, env = "TRIAGE_KAFKA__BOOTSTRAP_SERVERS", default_value = "localhost:9092")]
+    bootstrap_servers: String,
+    #[arg(long)]
+    topic: String,
+    /// Messages per second at most (default: as fast as possible).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// The input is a CSV with a header row (default: by the file extension).
+    #[arg(long)]
+    csv: bool,
+    /// JSON lines or CSV ("-" for stdin).
+    file: String,
+}
+
+#[derive(Args)]
+struct RedriveArgs {
+    #[arg(long, short, env = "TRIAGE_CONFIG")]
+    config: PathBuf,
+    /// Only dead letters with this reason (e.g. clickhouse_rejected).
+    #[arg(long)]
+    reason: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -122,9 +212,12 @@ struct ClassifyArgs {
 struct DemoArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// The messages to classify (default: the bundled examples).
+    /// Folder with tickets.jsonl, returns.jsonl and emails.jsonl (default: deploy/demo).
     #[arg(long)]
-    input: Option<PathBuf>,
+    data: Option<PathBuf>,
+    /// Keep Kafka and ClickHouse running after the demo, until Ctrl-C.
+    #[arg(long)]
+    keep_running: bool,
 }
 
 fn main() {
@@ -132,7 +225,13 @@ fn main() {
     init_logging(cli.log_format);
     let result = match cli.command {
         Command::Classify(args) => run_classify(args),
-        Command::Demo(args) => run_demo(args),
+        Command::Demo(args) => runtime().and_then(|rt| rt.block_on(run_demo(args))),
+        Command::Run(args) => runtime().and_then(|rt| rt.block_on(run_worker(args))),
+        Command::Config { action: ConfigAction::Check { file } } => check_config(&file),
+        Command::Schema { action } => runtime().and_then(|rt| rt.block_on(schema(action))),
+        Command::Broker(args) => runtime().and_then(|rt| rt.block_on(run_broker(args))),
+        Command::Produce(args) => runtime().and_then(|rt| rt.block_on(run_produce(args))),
+        Command::Redrive(args) => run_redrive(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -164,15 +263,7 @@ fn model_dir(arg: &Option<PathBuf>) -> Result<PathBuf> {
 
 fn load_model(args: &ModelArgs) -> Result<Arc<Model>> {
     let dir = model_dir(&args.model)?;
-    let options = InferenceOptions {
-        ort_library: args.ort_library.clone(),
-        providers: args.providers.clone(),
-        gpu_device_id: 0,
-        intra_threads: args.intra_threads,
-        optimization: OptimizationLevel::All,
-        max_length: args.max_length,
-        template: args.template.clone(),
-    };
+    let options = inference_options(args);
     let model = Model::load(&dir, &options).with_context(|| format!("loading model {}", dir.display()))?;
     Ok(Arc::new(model))
 }
@@ -249,80 +340,186 @@ fn run_classify(args: ClassifyArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_demo(args: DemoArgs) -> Result<()> {
-    let model = load_model(&args.model)?;
-    let input_path = match args.input {
-        Some(p) => p,
-        None => model.info().dir.join("examples.jsonl"),
-    };
-    let file = std::fs::File::open(&input_path).with_context(|| format!("opening {}", input_path.display()))?;
-    let info = model.info().clone();
-    eprintln!(
-        "triage demo: classifying {} with model {} {} on {} (ONNX Runtime loaded)",
-        input_path.display(),
-        info.name,
-        info.version,
-        info.provider
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+}
+
+fn inference_options(args: &ModelArgs) -> InferenceOptions {
+    InferenceOptions {
+        ort_library: args.ort_library.clone(),
+        providers: args.providers.clone(),
+        intra_threads: args.intra_threads,
+        max_length: args.max_length,
+        template: args.template.clone(),
+        ..InferenceOptions::default()
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn termination() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending::<()>().await,
+    }
+}
+
+async fn run_worker(args: RunArgs) -> Result<()> {
+    let config = Config::load(&args.config)?;
+    let report = pipeline::run(config, termination()).await?;
+    tracing::info!(
+        consumed = report.consumed,
+        rows = report.rows_inserted,
+        dead_lettered = report.dead_lettered,
+        escalated = report.escalated,
+        unfinished = report.unfinished,
+        seconds = format!("{:.1}", report.seconds),
+        "worker stopped"
     );
-    let options = ClassifyOptions {
-        engine: EngineConfig::default(),
-        fields: FieldMap::default(),
-        max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
-        include_embeddings: false,
-    };
-    let mut results = Vec::new();
-    let summary = classify_stream(model, &options, BufReader::new(file), &mut results, |_| {})?;
-    let texts = read_texts(&input_path)?;
-    print_table(&results, &texts)?;
-    print_summary(&summary);
     Ok(())
 }
 
-/// Line number -> a short text preview, for the demo table.
-fn read_texts(path: &Path) -> Result<std::collections::HashMap<u64, String>> {
-    let file = std::fs::File::open(path)?;
-    let mut out = std::collections::HashMap::new();
-    for (i, line) in BufReader::new(file).split(b'\n').enumerate() {
-        let line = line?;
-        let preview = serde_json::from_slice::<serde_json::Value>(&line)
-            .ok()
-            .map(|v| {
-                let subject = v.get("subject").and_then(|s| s.as_str()).unwrap_or("");
-                let body = v.get("body").or_else(|| v.get("text")).and_then(|s| s.as_str()).unwrap_or("");
-                format!("{subject} {body}").trim().to_string()
-            })
-            .unwrap_or_else(|| String::from_utf8_lossy(&line).into_owned());
-        out.insert(i as u64 + 1, preview);
+fn check_config(file: &Path) -> Result<()> {
+    let config = Config::load(file)?;
+    for route in &config.routes {
+        let dir = &route.model;
+        if !dir.join("model.onnx").exists() || !dir.join("tokenizer.json").exists() {
+            bail!("route `{}`: {} is not a model directory (model.onnx and tokenizer.json)", route.topic, dir.display());
+        }
+        triage::model::Descriptor::load(dir).with_context(|| format!("route `{}`", route.topic))?;
     }
-    Ok(out)
+    print!("{}", toml::to_string(&config).context("printing the configuration")?);
+    eprintln!("{}: valid ({} routes)", file.display(), config.routes.len());
+    Ok(())
 }
 
-fn print_table(results: &[u8], texts: &std::collections::HashMap<u64, String>) -> Result<()> {
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    writeln!(out, "{:>4}  {:<40} {:>5}  {:<8}  text", "line", "category", "conf", "priority")?;
-    for line in results.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-        let record: serde_json::Value = serde_json::from_slice(line)?;
-        let n = record["line"].as_u64().unwrap_or(0);
-        let preview: String = texts.get(&n).map(|t| t.chars().take(60).collect()).unwrap_or_default();
-        if let Some(err) = record.get("error") {
-            writeln!(out, "{n:>4}  {:<40} {:>5}  {:<8}  {preview}", format!("ERROR {}", err["reason"].as_str().unwrap_or("?")), "", "")?;
-        } else {
-            writeln!(
-                out,
-                "{n:>4}  {:<40} {:>5.2}  {:<8}  {preview}",
-                record["category"].as_str().unwrap_or("-"),
-                record["confidence"].as_f64().unwrap_or(0.0),
-                record["priority"].as_str().unwrap_or("-"),
-            )?;
+async fn schema(action: SchemaAction) -> Result<()> {
+    match action {
+        SchemaAction::Print { config } => {
+            let ch = match config {
+                Some(path) => Config::load(&path)?.clickhouse,
+                None => triage::config::ClickHouseConfig::default(),
+            };
+            print!("{}", triage::sink::clickhouse::schema::script(&ch));
+        }
+        SchemaAction::Apply { config } => {
+            let config = Config::load(&config)?;
+            ClickHouseService::new(&config.clickhouse)
+                .apply_schema()
+                .await
+                .with_context(|| format!("applying the schema at {}", config.clickhouse.url))?;
+            eprintln!("schema applied: {}.{} and its views", config.clickhouse.database, config.clickhouse.table);
         }
     }
     Ok(())
 }
 
-fn print_summary(summary: &ClassifySummary) {
-    eprintln!("\nsummary: {summary}");
-    if summary.lines == 0 {
-        eprintln!("(the input had no messages)");
+async fn run_broker(args: BrokerArgs) -> Result<()> {
+    let kafka = LocalKafka::start(args.brokers)?;
+    for spec in &args.topics {
+        let (name, partitions) = match spec.split_once(':') {
+            Some((n, p)) => (n, p.parse::<i32>().with_context(|| format!("partitions in `{spec}`"))?),
+            None => (spec.as_str(), 1),
+        };
+        kafka.create_topic(name, partitions)?;
     }
+    let address = kafka.bootstrap_servers();
+    if let Some(file) = &args.address_file {
+        std::fs::write(file, &address).with_context(|| format!("writing {}", file.display()))?;
+    }
+    // librdkafka's mock cluster binds its own ports: the address differs per start.
+    println!("{address}");
+    eprintln!("mock Kafka cluster at {address} ({} broker(s)); Ctrl-C stops it", args.brokers);
+    termination().await;
+    Ok(())
+}
+
+async fn run_produce(args: ProduceArgs) -> Result<()> {
+    let kafka = triage::config::KafkaConfig { bootstrap_servers: args.bootstrap_servers.clone(), ..Default::default() };
+    let producer: rdkafka::producer::FutureProducer = triage::source::kafka::producer_config(&kafka).create()?;
+    let is_csv = args.csv || args.file.ends_with(".csv");
+    let (reader, total): (Box<dyn BufRead + Send>, Option<u64>) = if args.file == "-" {
+        (Box::new(BufReader::new(std::io::stdin())), None)
+    } else {
+        let file = std::fs::File::open(&args.file).with_context(|| format!("opening {}", args.file))?;
+        let lines = if is_csv { None } else { Some(BufReader::new(std::fs::File::open(&args.file)?).split(b'\n').count() as u64) };
+        (Box::new(BufReader::new(file)), lines)
+    };
+    let bar = ProgressBar::with_draw_target(total, ProgressDrawTarget::stderr()).with_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} messages {per_sec} eta {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let records: Box<dyn Iterator<Item = _>> =
+        if is_csv { Box::new(kafka_tools::read_csv(reader)) } else { Box::new(kafka_tools::read_json_lines(reader)) };
+    let (sent, skipped) = kafka_tools::produce(&producer, &args.topic, records, args.rate, |n| bar.inc(n)).await?;
+    bar.finish_and_clear();
+    for s in &skipped {
+        eprintln!("skipped: {s}");
+    }
+    eprintln!("produced {sent} messages to {} ({} skipped)", args.topic, skipped.len());
+    Ok(())
+}
+
+fn run_redrive(args: RedriveArgs) -> Result<()> {
+    let config = Config::load(&args.config)?;
+    let consumer: rdkafka::consumer::BaseConsumer = triage::source::kafka::client_config(&config.kafka)
+        .set("group.id", format!("{}-redrive", config.kafka.group_id))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    let producer: rdkafka::producer::FutureProducer = triage::source::kafka::producer_config(&config.kafka).create()?;
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    let (redriven, skipped) =
+        kafka_tools::redrive(&consumer, &producer, &config.kafka.dead_letter_topic, args.reason.as_deref(), |n| bar.inc(n))?;
+    bar.finish_and_clear();
+    eprintln!("redrove {redriven} dead letters to their source topics ({skipped} left: other reasons or no source header)");
+    Ok(())
+}
+
+async fn run_demo(args: DemoArgs) -> Result<()> {
+    let model_dir = model_dir(&args.model.model)?;
+    let data_dir = match args.data {
+        Some(d) => d,
+        None => paths::find_in_project("deploy/demo").context("the bundled demo messages (deploy/demo) were not found")?,
+    };
+    let options = DemoOptions { model_dir, data_dir, inference: inference_options(&args.model) };
+    let run = triage::demo::run(options, |step| eprintln!("[demo] {step}")).await?;
+    let ch = &run.config.clickhouse;
+    let show = |title: &str, rows: Vec<triage::demo::CountRow>| {
+        let items: Vec<String> =
+            rows.iter().map(|r| format!("{} {}", if r.key.is_empty() { "(none)" } else { &r.key }, r.messages)).collect();
+        println!("  {title:<16} {}", items.join(", "));
+    };
+    println!("\nlanded in ClickHouse {}.{} (each message read once, with FINAL):", ch.database, ch.table);
+    show("by kind", triage::demo::counts(ch, "kind", 10).await?);
+    show("by priority", triage::demo::counts(ch, "priority", 10).await?);
+    show("top categories", triage::demo::counts(ch, "category", 8).await?);
+    show("escalated", triage::demo::counts(ch, "escalated", 2).await?);
+    let r = &run.report;
+    println!(
+        "  {:<16} {} produced, {} consumed, {} rows, {} dead letters, {} escalations",
+        "messages", run.produced, r.consumed, r.rows_inserted, r.dead_lettered, r.escalated
+    );
+    println!(
+        "  {:<16} {:.1} messages/s over {:.1}s (including start-up and group join)",
+        "throughput",
+        r.consumed as f64 / r.seconds.max(1e-9),
+        r.seconds
+    );
+    println!(
+        "\nquery it: clickhouse-client --port {} --query \"SELECT category, priority, confidence, escalated FROM {}.{} FINAL ORDER BY event_time LIMIT 10\"",
+        run.clickhouse.tcp_port, ch.database, ch.table
+    );
+    if args.keep_running {
+        println!("Kafka at {}, ClickHouse at {}: Ctrl-C stops them", run.kafka.bootstrap_servers(), ch.url);
+        termination().await;
+    } else {
+        println!("(--keep-running keeps Kafka and ClickHouse up to explore)");
+    }
+    Ok(())
 }

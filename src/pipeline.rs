@@ -64,10 +64,11 @@ pub struct MessageTag {
     metadata: (Vec<String>, Vec<String>),
 }
 
+/// What the results side needs to know about a route. Submitters are kept apart (only the
+/// consumer loop holds them), so dropping them at shutdown is what closes the engines.
 struct Route {
     config: RouteConfig,
     decoder: Decoder,
-    submitter: Submitter<MessageTag>,
     model: ModelInfo,
     threshold: f32,
 }
@@ -109,6 +110,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
     let (outcome_tx, outcome_rx) = flume::bounded::<Outcome<MessageTag>>(config.batching.queue_capacity);
     let mut engines: HashMap<PathBuf, Engine<MessageTag>> = HashMap::new();
     let mut routes = Vec::new();
+    let mut submitters = Vec::new();
     for route in &config.routes {
         if !engines.contains_key(&route.model) {
             let (dir, options) = (route.model.clone(), config.inference.clone());
@@ -128,10 +130,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
                 )));
             }
         }
+        submitters.push(engine.submitter());
         routes.push(Route {
             config: route.clone(),
             decoder: Decoder::new(route.fields.clone(), model.template().clone(), config.max_message_bytes, model.encoder().max_chars()),
-            submitter: engine.submitter(),
             model: model.info().clone(),
             threshold: config.threshold(route),
         });
@@ -217,7 +219,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
             message = consumer.recv() => match message {
                 Ok(m) => {
                     consumed += 1;
-                    handle_message(&m, &routes, &route_of, &tracker, &acks, &kafka_sink).await;
+                    handle_message(&m, &routes, &submitters, &route_of, &tracker, &acks, &kafka_sink).await;
                 }
                 Err(e) => tracing::warn!(error = %e, "Kafka consumer error"),
             },
@@ -226,7 +228,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
 
     // Drain: no more intake; let engines finish, rows land, Kafka writes complete; then commit.
     let deadline = tokio::time::Instant::now() + Duration::from_millis(config.shutdown.drain_timeout_ms);
-    drop(routes);
+    drop(submitters);
     let joiners: Vec<_> = engines.into_values().map(|e| tokio::task::spawn_blocking(move || e.shutdown())).collect();
     let drained = tokio::time::timeout_at(deadline, async {
         for j in joiners {
@@ -321,9 +323,11 @@ fn commit(consumer: &StreamConsumer<TrackingContext>, tracker: &Arc<Mutex<Offset
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn handle_message(
     m: &BorrowedMessage<'_>,
     routes: &Arc<Vec<Route>>,
+    submitters: &[Submitter<MessageTag>],
     route_of: &HashMap<String, usize>,
     tracker: &Arc<Mutex<OffsetTracker>>,
     acks: &Arc<dyn Acknowledge>,
@@ -359,7 +363,7 @@ async fn handle_message(
                 event_time_ms,
                 consumed_ms: crate::time::now_ms(),
             };
-            if let Err(closed) = route.submitter.submit_async(tag, decoded.text).await {
+            if let Err(closed) = submitters[route_index].submit_async(tag, decoded.text).await {
                 tracing::error!(offset = closed.0.source.offset, "engine stopped; the message will be replayed");
             }
         }

@@ -39,7 +39,7 @@ pub fn views(c: &ClickHouseConfig) -> Vec<(String, String)> {
             format!("{t}_hourly"),
             format!(
                 "CREATE VIEW IF NOT EXISTS {db}.{t}_hourly AS\nSELECT toStartOfHour(event_time) AS hour, kind, category, priority,\n       \
-                 count() AS messages, sum(escalated) AS escalated, avg(confidence) AS mean_confidence\n\
+                 count() AS messages, sum(escalated) AS escalations, avg(confidence) AS mean_confidence\n\
                  FROM {db}.{t} FINAL\nGROUP BY hour, kind, category, priority"
             ),
         ),
@@ -47,7 +47,7 @@ pub fn views(c: &ClickHouseConfig) -> Vec<(String, String)> {
             format!("{t}_escalation_rate"),
             format!(
                 "CREATE VIEW IF NOT EXISTS {db}.{t}_escalation_rate AS\nSELECT toDate(event_time) AS day, kind, model_name, model_version,\n       \
-                 count() AS messages, sum(escalated) AS escalated, sum(escalated) / count() AS escalation_rate\n\
+                 count() AS messages, sum(escalated) AS escalations, sum(escalated) / count() AS escalation_rate\n\
                  FROM {db}.{t} FINAL\nGROUP BY day, kind, model_name, model_version"
             ),
         ),
