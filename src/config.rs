@@ -174,6 +174,8 @@ pub struct ClickHouseConfig {
     pub insert_max_rows: usize,
     /// Longest a row waits before its INSERT starts (milliseconds).
     pub insert_interval_ms: u64,
+    /// An INSERT that has not finished after this long is abandoned and retried (milliseconds).
+    pub insert_timeout_ms: u64,
     /// Retry backoff: first delay, cap (milliseconds); jittered.
     pub retry_initial_ms: u64,
     pub retry_max_ms: u64,
@@ -195,6 +197,7 @@ impl Default for ClickHouseConfig {
             password_file: None,
             insert_max_rows: 10_000,
             insert_interval_ms: 1_000,
+            insert_timeout_ms: 30_000,
             retry_initial_ms: 200,
             retry_max_ms: 30_000,
             low_cardinality: false,

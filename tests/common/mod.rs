@@ -50,3 +50,5 @@ pub fn copy_model(src: &std::path::Path) -> tempfile::TempDir {
     }
     dir
 }
+
+pub mod worker;

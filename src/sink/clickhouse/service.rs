@@ -19,7 +19,7 @@ use crate::retry::Backoff;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
-    #[error("ClickHouse refuses every row, so the worker stops ({0}). Check that the table exists with the columns `triage schema print` shows (`triage schema apply` creates it) and that the user may insert")]
+    #[error("ClickHouse cannot store any result ({0}), so the worker stops instead of dead-lettering every message. Check that the table exists with the columns `triage schema print` shows (`triage schema apply` creates it) and that the user may insert")]
     Fatal(String),
 }
 
@@ -161,7 +161,8 @@ impl ClickHouseService {
     }
 
     async fn insert_once(&self, rows: &[ResultRow]) -> Result<(), clickhouse::error::Error> {
-        let mut insert = self.client.insert::<ResultRow>(&self.config.table).await?;
+        let timeout = std::time::Duration::from_millis(self.config.insert_timeout_ms);
+        let mut insert = self.client.insert::<ResultRow>(&self.config.table).await?.with_timeouts(Some(timeout), Some(timeout));
         for row in rows {
             insert.write(row).await?;
         }

@@ -1,0 +1,268 @@
+//! The worker end to end: mock Kafka (real protocol) -> `triage run` (child process) -> a real
+//! ClickHouse server. Each test asserts on the rows in ClickHouse, read the documented way
+//! (FINAL), and on physical rows (with merges stopped) where replays must be bounded.
+//! Models: the tiny multi-head test model keeps these fast; `demo_runs_the_default_model_end_to_end`
+//! runs the default model.
+
+mod common;
+
+use std::time::Duration;
+
+use common::worker::{messages, shared_clickhouse, wait_until, Env};
+
+const MIN: Duration = Duration::from_secs(60);
+
+fn tiny() -> std::path::PathBuf {
+    common::test_model_dir("multihead-tiny")
+}
+
+fn env(name: &str) -> Env {
+    let ch = shared_clickhouse();
+    let env = Env::new(name, ch.url());
+    env.apply_schema();
+    // Keep replayed rows visible as physical rows: merges would hide them.
+    let client = clickhouse::Client::default().with_url(&env.clickhouse_url).with_validation(false);
+    common::worker::runtime().block_on(client.query("SYSTEM STOP MERGES").execute()).expect("stop merges");
+    env
+}
+
+#[test]
+fn ten_thousand_messages_over_four_partitions_land_exactly_once() {
+    let env = env("exactly_once");
+    env.kafka.create_topic("tickets", 4).unwrap();
+    env.produce("tickets", &messages("m", 10_000));
+    let config = env.write_config("w1", &tiny(), &["tickets"], "");
+    let mut worker = env.spawn_worker(&config, "w1");
+    env.wait_caught_up(&worker, &["tickets"], 3 * MIN);
+    assert_eq!(worker.terminate(MIN), Some(0), "{}", worker.log_text());
+    assert_eq!(env.distinct_rows(), 10_000);
+    assert_eq!(env.distinct_keys(), 10_000);
+    assert_eq!(env.query_u64("SELECT uniqExact(partition) FROM results"), 4);
+    assert_eq!(env.raw_rows(), 10_000, "one worker, no crash: no replays at all");
+}
+
+#[test]
+fn sigkill_mid_stream_loses_nothing_and_replays_are_bounded() {
+    let env = env("sigkill");
+    env.kafka.create_topic("tickets", 4).unwrap();
+    env.produce("tickets", &messages("k", 10_000));
+    let config = env.write_config("k", &tiny(), &["tickets"], "");
+    for (round, kill_after) in [2_000u64, 5_000, 8_000].into_iter().enumerate() {
+        let mut worker = env.spawn_worker(&config, &format!("k{round}"));
+        env.wait_for(&worker, "progress before the kill", 3 * MIN, || env.distinct_keys() >= kill_after || env.caught_up(&["tickets"]));
+        worker.kill9();
+    }
+    let mut last = env.spawn_worker(&config, "k-final");
+    env.wait_caught_up(&last, &["tickets"], 3 * MIN);
+    assert_eq!(last.terminate(MIN), Some(0), "{}", last.log_text());
+    assert_eq!(env.distinct_keys(), 10_000, "nothing missing");
+    assert_eq!(env.distinct_rows(), 10_000, "nothing double-counted when read with FINAL");
+    let replayed = env.raw_rows() - 10_000;
+    eprintln!("replayed rows after 3 SIGKILLs: {replayed}");
+    // Each kill replays at most what was consumed but not yet committed: bounded by the
+    // in-flight limit (20,000 by default) but in practice a commit interval's worth.
+    assert!(replayed <= 3 * 5_000, "replays {replayed} exceed what three kills can leave uncommitted");
+}
+
+#[test]
+fn sigterm_drains_and_commits_so_a_restart_replays_nothing() {
+    let env = env("sigterm");
+    env.kafka.create_topic("tickets", 2).unwrap();
+    env.produce("tickets", &messages("s", 6_000));
+    let config = env.write_config("s", &tiny(), &["tickets"], "");
+    let mut first = env.spawn_worker(&config, "s1");
+    wait_until(3 * MIN, "progress", || env.distinct_keys() >= 1_500);
+    assert_eq!(first.terminate(MIN), Some(0), "SIGTERM exits 0: {}", first.log_text());
+    assert!(first.log_text().contains("shutdown requested: draining"));
+    let after_first = env.raw_rows();
+    let mut second = env.spawn_worker(&config, "s2");
+    env.wait_caught_up(&second, &["tickets"], 3 * MIN);
+    assert_eq!(second.terminate(MIN), Some(0));
+    assert_eq!(env.distinct_keys(), 6_000);
+    assert_eq!(env.raw_rows(), 6_000, "the first worker committed all it stored ({after_first} rows): nothing replayed");
+}
+
+#[test]
+fn malformed_messages_go_to_the_dead_letter_topic_with_their_reason() {
+    let env = env("malformed");
+    env.kafka.create_topic("tickets", 2).unwrap();
+    let mut batch = messages("good", 500);
+    let bad: Vec<(String, Vec<u8>, &str)> = vec![
+        ("bad-json".into(), b"this is not json".to_vec(), "not_json"),
+        ("bad-utf8".into(), b"{\"body\": \"caf\xe9\"}".to_vec(), "not_utf8"),
+        ("bad-empty".into(), br#"{"id": "e", "subject": "", "body": "  "}"#.to_vec(), "no_text"),
+        ("bad-array".into(), b"[1, 2, 3]".to_vec(), "not_object"),
+        ("bad-large".into(), format!("{{\"body\": \"{}\"}}", "x".repeat(10_000)).into_bytes(), "too_large"),
+    ];
+    for (i, (k, p, _)) in bad.iter().enumerate() {
+        batch.insert(i * 97 + 13, (k.clone(), p.clone()));
+    }
+    env.produce("tickets", &batch);
+    let config = env.write_config("m", &tiny(), &["tickets"], "max_message_bytes = 4096\n");
+    let mut worker = env.spawn_worker(&config, "m");
+    env.wait_caught_up(&worker, &["tickets"], 3 * MIN);
+    assert_eq!(worker.terminate(MIN), Some(0));
+    assert_eq!(env.distinct_rows(), 500, "every good message is in ClickHouse");
+    let letters = env.read_topic("triage.dead-letter", bad.len(), Duration::from_secs(30));
+    assert_eq!(letters.len(), bad.len());
+    for (key, payload, reason) in &bad {
+        let (_, got_payload, headers) =
+            letters.iter().find(|(k, _, _)| k.as_deref() == Some(key.as_bytes())).unwrap_or_else(|| panic!("{key} not dead-lettered"));
+        assert_eq!(got_payload, payload, "original bytes kept for {key}");
+        let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+        assert_eq!(header("triage.reason"), Some(*reason), "{key}");
+        assert_eq!(header("triage.source.topic"), Some("tickets"));
+        assert!(header("triage.source.offset").is_some_and(|o| o.parse::<i64>().is_ok()));
+        assert!(header("triage.source.partition").is_some());
+    }
+}
+
+#[test]
+fn two_workers_one_joining_and_one_leaving_lose_nothing() {
+    let env = env("rebalance");
+    env.kafka.create_topic("tickets", 4).unwrap();
+    env.produce("tickets", &messages("r", 10_000));
+    let config_a = env.write_config("a", &tiny(), &["tickets"], "");
+    let config_b = env.write_config("b", &tiny(), &["tickets"], "");
+    let mut a = env.spawn_worker(&config_a, "a");
+    wait_until(3 * MIN, "a made progress", || env.distinct_keys() >= 2_000);
+    let mut b = env.spawn_worker(&config_b, "b");
+    wait_until(3 * MIN, "progress with two workers", || env.distinct_keys() >= 5_000 || env.caught_up(&["tickets"]));
+    assert_eq!(a.terminate(MIN), Some(0), "a leaves cleanly: {}", a.log_text());
+    env.wait_caught_up(&b, &["tickets"], 3 * MIN);
+    assert_eq!(b.terminate(MIN), Some(0));
+    assert_eq!(env.distinct_keys(), 10_000);
+    assert_eq!(env.distinct_rows(), 10_000);
+    let replayed = env.raw_rows() - 10_000;
+    eprintln!("replayed rows across a join and a leave: {replayed}");
+    // Revokes commit what is done and a clean leave drains: a stale or missing commit would
+    // replay whole partitions (thousands of rows).
+    assert!(replayed <= 1_000, "replays {replayed}: commits on revoke/leave did not cover what was done");
+    assert!(b.log_text().contains("partitions assigned"));
+}
+
+#[test]
+fn broker_errors_are_retried_and_nothing_is_lost() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let env = env("broker_errors");
+    env.kafka.create_topic("tickets", 2).unwrap();
+    let mut batch = messages("b", 2_000);
+    for i in 0..20 {
+        batch.insert(i * 50, (format!("junk-{i}"), format!("junk {i}").into_bytes()));
+    }
+    env.produce("tickets", &batch);
+    let cluster = env.kafka.cluster();
+    // Fetches, commits and dead-letter writes all fail a few times before they pass.
+    cluster.request_errors(RDKafkaApiKey::Fetch, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 4]);
+    cluster.request_errors(RDKafkaApiKey::OffsetCommit, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT; 4]);
+    cluster.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 4]);
+    let config = env.write_config("e", &tiny(), &["tickets"], "");
+    let mut worker = env.spawn_worker(&config, "e");
+    env.wait_caught_up(&worker, &["tickets"], 3 * MIN);
+    assert_eq!(worker.terminate(MIN), Some(0));
+    assert_eq!(env.distinct_rows(), 2_000);
+    assert_eq!(env.read_topic("triage.dead-letter", 20, Duration::from_secs(30)).len(), 20);
+}
+
+#[test]
+fn escalations_carry_message_and_result_and_are_marked_in_clickhouse() {
+    let env = env("escalation");
+    env.kafka.create_topic("tickets", 1).unwrap();
+    env.produce("tickets", &messages("x", 300));
+    // A threshold above any softmax top score of 5 labels escalates everything below 0.99.
+    let config = env.write_config("x", &tiny(), &["tickets"], "[escalation]\ndefault_threshold = 0.99\n");
+    let mut worker = env.spawn_worker(&config, "x");
+    env.wait_caught_up(&worker, &["tickets"], 3 * MIN);
+    assert_eq!(worker.terminate(MIN), Some(0));
+    let escalated = env.query_u64("SELECT sum(escalated) FROM results FINAL");
+    assert!(escalated > 0);
+    let records = env.read_topic("triage.escalations", escalated as usize, Duration::from_secs(30));
+    assert_eq!(records.len() as u64, escalated, "one escalation record per escalated row");
+    let (key, payload, _) = &records[0];
+    let v: serde_json::Value = serde_json::from_slice(payload).unwrap();
+    assert_eq!(key.as_deref(), v["message_id"].as_str().map(str::as_bytes), "keyed by message id");
+    assert!(v["message"]["body"].is_string() && v["result"]["category"].is_string());
+    assert!(v["reason"]["confidence"].as_f64().unwrap() < 0.99);
+}
+
+#[test]
+fn a_row_clickhouse_rejects_is_dead_lettered_and_the_rest_land() {
+    let env = env("rejects");
+    env.kafka.create_topic("tickets", 1).unwrap();
+    // A column whose default throws for one message: ClickHouse rejects any block holding it.
+    let client = clickhouse::Client::default().with_url(&env.clickhouse_url).with_database(&env.database).with_validation(false);
+    common::worker::runtime()
+        .block_on(client.query("ALTER TABLE results ADD COLUMN guard UInt8 DEFAULT throwIf(message_id = 'p-137')").execute())
+        .unwrap();
+    env.produce("tickets", &messages("p", 400));
+    let mut worker = env.spawn_worker(&env.write_config("p", &tiny(), &["tickets"], ""), "p");
+    env.wait_caught_up(&worker, &["tickets"], 3 * MIN);
+    assert_eq!(worker.terminate(MIN), Some(0), "{}", worker.log_text());
+    assert_eq!(env.distinct_rows(), 399, "all but the rejected row");
+    let letters = env.read_topic("triage.dead-letter", 1, Duration::from_secs(30));
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].0.as_deref(), Some(&b"p-137"[..]));
+    assert!(letters[0].2.iter().any(|(k, v)| k == "triage.reason" && v == "clickhouse_rejected"));
+}
+
+#[test]
+fn a_missing_table_stops_the_worker_with_a_clear_message() {
+    let ch = shared_clickhouse();
+    let env = Env::new("missing_table", ch.url());
+    env.kafka.create_topic("tickets", 1).unwrap();
+    let config = env.write_config("n", &tiny(), &["tickets"], "");
+    let mut worker = env.spawn_worker(&config, "n");
+    wait_until(MIN, "the worker exits", || worker.exited().is_some());
+    assert_eq!(worker.exited(), Some(1));
+    let log = worker.log_text();
+    assert!(log.contains("t_missing_table doesn't exist") && log.contains("triage schema apply"), "{log}");
+}
+
+#[test]
+fn clickhouse_outage_pauses_consumption_and_recovers_without_loss() {
+    // Its own server: this test stops and restarts it.
+    let dir = tempfile::tempdir().unwrap();
+    let (http, tcp) = (triage::local::free_port().unwrap(), triage::local::free_port().unwrap());
+    let mut server = triage::local::LocalClickHouse::start_in(dir.path(), http, tcp).expect("clickhouse");
+    let env = Env::new("outage", server.url());
+    env.apply_schema();
+    env.kafka.create_topic("tickets", 2).unwrap();
+    let all = messages("o", 10_000);
+    env.produce("tickets", &all[..2_000]);
+    let config_path = env.write_config("o", &tiny(), &["tickets"], "");
+    let text = std::fs::read_to_string(&config_path)
+        .unwrap()
+        .replace("commit_interval_ms = 200\n", "commit_interval_ms = 200\nmax_in_flight = 1000\n")
+        .replace("insert_interval_ms = 200\n", "insert_interval_ms = 200\ninsert_timeout_ms = 3000\n");
+    std::fs::write(&config_path, text).unwrap();
+    let worker = env.spawn_worker(&config_path, "o");
+    env.wait_caught_up(&worker, &["tickets"], 3 * MIN);
+    server.stop();
+    let before = worker.log_text().len();
+    // 8,000 more arrive while ClickHouse is down.
+    env.produce("tickets", &all[2_000..]);
+    std::thread::sleep(Duration::from_secs(20));
+    let during = worker.log_text()[before..].to_string();
+    assert!(during.contains("pausing consumption"), "the consumer paused while ClickHouse was down: {during}");
+    assert!(during.contains("ClickHouse insert failed; retrying"), "inserts were retried: {during}");
+    assert!(!during.contains("resuming consumption"), "no resume while ClickHouse is down: {during}");
+    let rss = worker.peak_rss_kb().unwrap_or(0);
+    assert!(rss < 600_000, "peak RSS {rss} kB: memory stayed bounded while 8,000 messages waited");
+    assert!(!env.caught_up(&["tickets"]), "nothing stored while down, so nothing new may be committed");
+    let _server = triage::local::LocalClickHouse::start_in(dir.path(), http, tcp).expect("restart clickhouse");
+    env.wait_caught_up(&worker, &["tickets"], 3 * MIN);
+    assert!(worker.log_text()[before..].contains("resuming consumption"));
+    let mut worker = worker;
+    assert_eq!(worker.terminate(MIN), Some(0));
+    assert_eq!(env.distinct_keys(), 10_000);
+    assert_eq!(env.distinct_rows(), 10_000);
+}
+
+#[test]
+fn demo_runs_the_default_model_end_to_end() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_triage")).arg("demo").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("40 produced, 40 consumed, 39 rows, 1 dead letters"), "{stdout}");
+    assert!(stdout.contains("ticket 18, return 11, email 10"), "{stdout}");
+}
