@@ -118,9 +118,9 @@ pub async fn produce(
     Ok((sent, skipped))
 }
 
-/// Read the dead-letter topic from the start (own consumer group), send each message whose
-/// reason matches back to its source topic with its original key, and commit. Stops when the
-/// topic has been read to its end. Returns (redriven, skipped).
+/// Read the dead-letter topic from the group's position (its own consumer group) up to the
+/// end it had when redrive started, send each message whose reason matches back to its
+/// source topic with its original key, and commit. Returns (redriven, skipped).
 pub fn redrive(
     consumer: &BaseConsumer,
     producer: &FutureProducer,
@@ -128,21 +128,43 @@ pub fn redrive(
     reason: Option<&str>,
     mut progress: impl FnMut(u64),
 ) -> Result<(u64, u64), ToolError> {
-    consumer.subscribe(&[dead_letter_topic])?;
+    use std::collections::HashMap;
+    let metadata = consumer.fetch_metadata(Some(dead_letter_topic), Duration::from_secs(10))?;
+    let mut ends: HashMap<i32, i64> = HashMap::new();
+    for t in metadata.topics() {
+        for p in t.partitions() {
+            let (low, high) = consumer.fetch_watermarks(dead_letter_topic, p.id(), Duration::from_secs(10))?;
+            if high > low {
+                ends.insert(p.id(), high);
+            }
+        }
+    }
     let (mut redriven, mut skipped) = (0u64, 0u64);
-    let mut idle_since = Instant::now();
+    if ends.is_empty() {
+        return Ok((0, 0));
+    }
+    consumer.subscribe(&[dead_letter_topic])?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    loop {
+    let mut stored = false;
+    let started = Instant::now();
+    while !ends.is_empty() {
         match consumer.poll(Duration::from_millis(200)) {
             None => {
-                // The end: assigned, and nothing new for a while.
-                if idle_since.elapsed() > Duration::from_secs(3) && consumer.assignment().map(|a| a.count() > 0).unwrap_or(false) {
-                    break;
+                // Partitions already read to the end by an earlier redrive have nothing to give.
+                if started.elapsed() > Duration::from_secs(10) {
+                    if let Ok(positions) = consumer.position() {
+                        for e in positions.elements() {
+                            if let rdkafka::Offset::Offset(o) = e.offset() {
+                                if ends.get(&e.partition()).is_some_and(|&end| o >= end) {
+                                    ends.remove(&e.partition());
+                                }
+                            }
+                        }
+                    }
                 }
             }
             Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
             Some(Ok(m)) => {
-                idle_since = Instant::now();
                 let header = |name: &str| {
                     m.headers().and_then(|h| {
                         h.iter().find(|x| x.key == name).and_then(|x| x.value.map(|v| String::from_utf8_lossy(v).into_owned()))
@@ -162,10 +184,16 @@ pub fn redrive(
                     None => skipped += 1,
                 }
                 consumer.store_offset_from_message(&m)?;
+                stored = true;
+                if ends.get(&m.partition()).is_some_and(|&end| m.offset() + 1 >= end) {
+                    ends.remove(&m.partition());
+                }
             }
         }
     }
-    consumer.commit_consumer_state(CommitMode::Sync)?;
+    if stored {
+        consumer.commit_consumer_state(CommitMode::Sync)?;
+    }
     Ok((redriven, skipped))
 }
 

@@ -1,0 +1,119 @@
+//! The operator commands: config check, schema print, broker, produce (JSON lines and CSV),
+//! and redrive (dead letters back to their topic once the cause is fixed).
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::worker::{messages, shared_clickhouse, Env};
+
+fn triage() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_triage"))
+}
+
+#[test]
+fn config_check_validates_and_hides_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("triage.toml");
+    let model = common::default_model_dir();
+    std::fs::write(
+        &path,
+        format!("[kafka]\nsecurity_protocol = \"sasl_ssl\"\nsasl_mechanism = \"PLAIN\"\nsasl_username = \"svc\"\n\n[[routes]]\ntopic = \"tickets\"\nkind = \"ticket\"\nmodel = \"{}\"\n", model.display()),
+    )
+    .unwrap();
+    let out = triage().args(["config", "check"]).arg(&path).env("TRIAGE_KAFKA__SASL_PASSWORD", "hunter2").output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("valid (1 routes)"));
+    assert!(stdout.contains("sasl_password = \"***\"") && !stdout.contains("hunter2"), "{stdout}");
+
+    std::fs::write(&path, "[[routes]]\ntopic = \"t\"\nkind = \"k\"\nmodel = \"/nonexistent\"\nunknown_key = 1\n").unwrap();
+    let out = triage().args(["config", "check"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field `unknown_key`"));
+}
+
+#[test]
+fn schema_print_is_the_ddl_the_server_accepts() {
+    let out = triage().args(["schema", "print"]).output().unwrap();
+    let sql = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(sql.contains("ReplacingMergeTree") && sql.contains("FINAL"));
+    let ch = shared_clickhouse();
+    let client = clickhouse::Client::default().with_url(ch.url()).with_validation(false);
+    // The printed script, statement by statement, against the real server (twice: idempotent).
+    for _ in 0..2 {
+        for stmt in sql.split(";\n").map(str::trim).filter(|s| !s.is_empty() && !s.lines().all(|l| l.starts_with("--"))) {
+            let stmt: String = stmt.lines().filter(|l| !l.starts_with("--")).collect::<Vec<_>>().join("\n");
+            common::worker::runtime().block_on(client.query(&stmt).execute()).unwrap_or_else(|e| panic!("{stmt}: {e}"));
+        }
+    }
+}
+
+#[test]
+fn broker_prints_its_address_and_serves_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("addr");
+    let mut child = triage()
+        .args(["broker", "--topic", "a:3", "--address-file"])
+        .arg(&file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    common::worker::wait_until(Duration::from_secs(20), "address file", || file.exists());
+    let addr = std::fs::read_to_string(&file).unwrap();
+    assert!(addr.contains("127.0.0.1:") || addr.contains("localhost:"), "{addr}");
+    let jsonl = dir.path().join("in.jsonl");
+    std::fs::write(&jsonl, "{\"id\": \"1\", \"body\": \"hello\"}\n{\"id\": \"2\", \"body\": \"world\"}\n").unwrap();
+    let out = triage().args(["produce", "--bootstrap-servers", &addr, "--topic", "a"]).arg(&jsonl).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("produced 2 messages to a"));
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn produce_loads_ticket_csvs_and_reports_partial_rows() {
+    let env = Env::new("produce_csv", shared_clickhouse().url());
+    env.kafka.create_topic("t", 1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("tickets.csv");
+    // Like the support-ticket exports: quoted multi-line bodies, and a cut-off last row.
+    std::fs::write(&csv, "subject,body,queue\n\"Printer\",\"It will not print.\nPlease help.\",IT\nRefund,\"Want my money back\",Billing\nBroken,\"cut off here").unwrap();
+    let out = triage().args(["produce", "--bootstrap-servers", &env.kafka.bootstrap_servers(), "--topic", "t"]).arg(&csv).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("produced 2 messages to t (1 skipped)"), "{stderr}");
+    let records = env.read_topic("t", 2, Duration::from_secs(20));
+    let first: serde_json::Value = serde_json::from_slice(&records[0].1).unwrap();
+    assert_eq!(first["body"], "It will not print.\nPlease help.");
+    assert_eq!(first["queue"], "IT");
+}
+
+#[test]
+fn redrive_sends_dead_letters_back_once_the_cause_is_fixed() {
+    let env = Env::new("redrive", shared_clickhouse().url());
+    env.apply_schema();
+    env.kafka.create_topic("tickets", 1).unwrap();
+    let mut batch = messages("d", 50);
+    batch.push(("big-1".into(), format!("{{\"id\": \"big-1\", \"body\": \"{}\"}}", "long text ".repeat(500)).into_bytes()));
+    env.produce("tickets", &batch);
+    let model = common::test_model_dir("multihead-tiny");
+    // First the limit is too low for the big message: it is dead-lettered.
+    let strict = env.write_config("strict", &model, &["tickets"], "max_message_bytes = 2000\n");
+    let mut w = env.spawn_worker(&strict, "strict");
+    env.wait_caught_up(&w, &["tickets"], Duration::from_secs(120));
+    assert_eq!(w.terminate(Duration::from_secs(60)), Some(0));
+    assert_eq!(env.distinct_rows(), 50);
+    // The cause is fixed (a higher limit); redrive, and the worker takes it this time.
+    let relaxed = env.write_config("relaxed", &model, &["tickets"], "");
+    let out = triage().args(["redrive", "--config"]).arg(&relaxed).args(["--reason", "too_large"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.contains("redrove 1 dead letters"), "{stderr}");
+    let mut w = env.spawn_worker(&relaxed, "relaxed");
+    env.wait_caught_up(&w, &["tickets"], Duration::from_secs(120));
+    assert_eq!(w.terminate(Duration::from_secs(60)), Some(0));
+    assert_eq!(env.distinct_rows(), 51);
+    assert_eq!(env.query_u64("SELECT count() FROM results FINAL WHERE message_id = 'big-1' AND truncated = 1"), 1);
+}
