@@ -103,7 +103,7 @@ fn redrive_sends_dead_letters_back_once_the_cause_is_fixed() {
     // First the limit is too low for the big message: it is dead-lettered.
     let strict = env.write_config("strict", &model, &["tickets"], "max_message_bytes = 2000\n");
     let mut w = env.spawn_worker(&strict, "strict");
-    env.wait_caught_up(&w, &["tickets"], Duration::from_secs(120));
+    env.wait_caught_up(&mut w, &["tickets"], Duration::from_secs(120));
     assert_eq!(w.terminate(Duration::from_secs(60)), Some(0));
     assert_eq!(env.distinct_rows(), 50);
     // The cause is fixed (a higher limit); redrive, and the worker takes it this time.
@@ -112,8 +112,15 @@ fn redrive_sends_dead_letters_back_once_the_cause_is_fixed() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && stderr.contains("redrove 1 dead letters"), "{stderr}");
     let mut w = env.spawn_worker(&relaxed, "relaxed");
-    env.wait_caught_up(&w, &["tickets"], Duration::from_secs(120));
+    env.wait_caught_up(&mut w, &["tickets"], Duration::from_secs(120));
     assert_eq!(w.terminate(Duration::from_secs(60)), Some(0));
     assert_eq!(env.distinct_rows(), 51);
     assert_eq!(env.query_u64("SELECT count() FROM results FINAL WHERE message_id = 'big-1' AND truncated = 1"), 1);
+}
+
+#[test]
+fn the_example_config_is_valid() {
+    let path = common::root().join("deploy/config/triage.toml");
+    let out = triage().args(["config", "check"]).arg(&path).current_dir(common::root()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

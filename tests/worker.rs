@@ -33,7 +33,7 @@ fn ten_thousand_messages_over_four_partitions_land_exactly_once() {
     env.produce("tickets", &messages("m", 10_000));
     let config = env.write_config("w1", &tiny(), &["tickets"], "");
     let mut worker = env.spawn_worker(&config, "w1");
-    env.wait_caught_up(&worker, &["tickets"], 3 * MIN);
+    env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
     assert_eq!(worker.terminate(MIN), Some(0), "{}", worker.log_text());
     assert_eq!(env.distinct_rows(), 10_000);
     assert_eq!(env.distinct_keys(), 10_000);
@@ -49,11 +49,11 @@ fn sigkill_mid_stream_loses_nothing_and_replays_are_bounded() {
     let config = env.write_config("k", &tiny(), &["tickets"], "");
     for (round, kill_after) in [2_000u64, 5_000, 8_000].into_iter().enumerate() {
         let mut worker = env.spawn_worker(&config, &format!("k{round}"));
-        env.wait_for(&worker, "progress before the kill", 3 * MIN, || env.distinct_keys() >= kill_after || env.caught_up(&["tickets"]));
+        env.wait_for(&mut worker, "progress before the kill", 3 * MIN, || env.distinct_keys() >= kill_after || env.caught_up(&["tickets"]));
         worker.kill9();
     }
     let mut last = env.spawn_worker(&config, "k-final");
-    env.wait_caught_up(&last, &["tickets"], 3 * MIN);
+    env.wait_caught_up(&mut last, &["tickets"], 3 * MIN);
     assert_eq!(last.terminate(MIN), Some(0), "{}", last.log_text());
     assert_eq!(env.distinct_keys(), 10_000, "nothing missing");
     assert_eq!(env.distinct_rows(), 10_000, "nothing double-counted when read with FINAL");
@@ -76,7 +76,7 @@ fn sigterm_drains_and_commits_so_a_restart_replays_nothing() {
     assert!(first.log_text().contains("shutdown requested: draining"));
     let after_first = env.raw_rows();
     let mut second = env.spawn_worker(&config, "s2");
-    env.wait_caught_up(&second, &["tickets"], 3 * MIN);
+    env.wait_caught_up(&mut second, &["tickets"], 3 * MIN);
     assert_eq!(second.terminate(MIN), Some(0));
     assert_eq!(env.distinct_keys(), 6_000);
     assert_eq!(env.raw_rows(), 6_000, "the first worker committed all it stored ({after_first} rows): nothing replayed");
@@ -100,7 +100,7 @@ fn malformed_messages_go_to_the_dead_letter_topic_with_their_reason() {
     env.produce("tickets", &batch);
     let config = env.write_config("m", &tiny(), &["tickets"], "max_message_bytes = 4096\n");
     let mut worker = env.spawn_worker(&config, "m");
-    env.wait_caught_up(&worker, &["tickets"], 3 * MIN);
+    env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
     assert_eq!(worker.terminate(MIN), Some(0));
     assert_eq!(env.distinct_rows(), 500, "every good message is in ClickHouse");
     let letters = env.read_topic("triage.dead-letter", bad.len(), Duration::from_secs(30));
@@ -129,7 +129,7 @@ fn two_workers_one_joining_and_one_leaving_lose_nothing() {
     let mut b = env.spawn_worker(&config_b, "b");
     wait_until(3 * MIN, "progress with two workers", || env.distinct_keys() >= 5_000 || env.caught_up(&["tickets"]));
     assert_eq!(a.terminate(MIN), Some(0), "a leaves cleanly: {}", a.log_text());
-    env.wait_caught_up(&b, &["tickets"], 3 * MIN);
+    env.wait_caught_up(&mut b, &["tickets"], 3 * MIN);
     assert_eq!(b.terminate(MIN), Some(0));
     assert_eq!(env.distinct_keys(), 10_000);
     assert_eq!(env.distinct_rows(), 10_000);
@@ -158,7 +158,7 @@ fn broker_errors_are_retried_and_nothing_is_lost() {
     cluster.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 4]);
     let config = env.write_config("e", &tiny(), &["tickets"], "");
     let mut worker = env.spawn_worker(&config, "e");
-    env.wait_caught_up(&worker, &["tickets"], 3 * MIN);
+    env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
     assert_eq!(worker.terminate(MIN), Some(0));
     assert_eq!(env.distinct_rows(), 2_000);
     assert_eq!(env.read_topic("triage.dead-letter", 20, Duration::from_secs(30)).len(), 20);
@@ -172,7 +172,7 @@ fn escalations_carry_message_and_result_and_are_marked_in_clickhouse() {
     // A threshold above any softmax top score of 5 labels escalates everything below 0.99.
     let config = env.write_config("x", &tiny(), &["tickets"], "[escalation]\ndefault_threshold = 0.99\n");
     let mut worker = env.spawn_worker(&config, "x");
-    env.wait_caught_up(&worker, &["tickets"], 3 * MIN);
+    env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
     assert_eq!(worker.terminate(MIN), Some(0));
     let escalated = env.query_u64("SELECT sum(escalated) FROM results FINAL");
     assert!(escalated > 0);
@@ -196,7 +196,7 @@ fn a_row_clickhouse_rejects_is_dead_lettered_and_the_rest_land() {
         .unwrap();
     env.produce("tickets", &messages("p", 400));
     let mut worker = env.spawn_worker(&env.write_config("p", &tiny(), &["tickets"], ""), "p");
-    env.wait_caught_up(&worker, &["tickets"], 3 * MIN);
+    env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
     assert_eq!(worker.terminate(MIN), Some(0), "{}", worker.log_text());
     assert_eq!(env.distinct_rows(), 399, "all but the rejected row");
     let letters = env.read_topic("triage.dead-letter", 1, Duration::from_secs(30));
@@ -235,8 +235,8 @@ fn clickhouse_outage_pauses_consumption_and_recovers_without_loss() {
         .replace("commit_interval_ms = 200\n", "commit_interval_ms = 200\nmax_in_flight = 1000\n")
         .replace("insert_interval_ms = 200\n", "insert_interval_ms = 200\ninsert_timeout_ms = 3000\n");
     std::fs::write(&config_path, text).unwrap();
-    let worker = env.spawn_worker(&config_path, "o");
-    env.wait_caught_up(&worker, &["tickets"], 3 * MIN);
+    let mut worker = env.spawn_worker(&config_path, "o");
+    env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
     server.stop();
     let before = worker.log_text().len();
     // 8,000 more arrive while ClickHouse is down.
@@ -250,9 +250,8 @@ fn clickhouse_outage_pauses_consumption_and_recovers_without_loss() {
     assert!(rss < 600_000, "peak RSS {rss} kB: memory stayed bounded while 8,000 messages waited");
     assert!(!env.caught_up(&["tickets"]), "nothing stored while down, so nothing new may be committed");
     let _server = triage::local::LocalClickHouse::start_in(dir.path(), http, tcp).expect("restart clickhouse");
-    env.wait_caught_up(&worker, &["tickets"], 3 * MIN);
+    env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
     assert!(worker.log_text()[before..].contains("resuming consumption"));
-    let mut worker = worker;
     assert_eq!(worker.terminate(MIN), Some(0));
     assert_eq!(env.distinct_keys(), 10_000);
     assert_eq!(env.distinct_rows(), 10_000);

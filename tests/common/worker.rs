@@ -121,9 +121,12 @@ impl Env {
     }
 
     /// Wait until the group committed everything; on timeout, fail with the worker's log tail.
-    pub fn wait_caught_up(&self, worker: &Worker, topics: &[&str], timeout: Duration) {
+    pub fn wait_caught_up(&self, worker: &mut Worker, topics: &[&str], timeout: Duration) {
         let start = Instant::now();
         while !self.caught_up(topics) {
+            if let Some(code) = worker.exited() {
+                panic!("the worker exited ({code}) before catching up; its log:\n{}", worker.log_text());
+            }
             if start.elapsed() > timeout {
                 let log = worker.log_text();
                 let tail: Vec<&str> = log.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
@@ -134,9 +137,12 @@ impl Env {
     }
 
     /// Wait for `cond`; on timeout, fail with the worker's log tail.
-    pub fn wait_for(&self, worker: &Worker, what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    pub fn wait_for(&self, worker: &mut Worker, what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
         let start = Instant::now();
         while !cond() {
+            if let Some(code) = worker.exited() {
+                panic!("the worker exited ({code}) while waiting for {what}; its log:\n{}", worker.log_text());
+            }
             if start.elapsed() > timeout {
                 let log = worker.log_text();
                 let tail: Vec<&str> = log.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
