@@ -120,20 +120,9 @@ impl Env {
         producer.flush(Duration::from_secs(30)).expect("flush");
     }
 
-    /// Wait until the group committed everything; on timeout, fail with the worker's log tail.
+    /// Wait until the group committed everything; fails early with the worker's log.
     pub fn wait_caught_up(&self, worker: &mut Worker, topics: &[&str], timeout: Duration) {
-        let start = Instant::now();
-        while !self.caught_up(topics) {
-            if let Some(code) = worker.exited() {
-                panic!("the worker exited ({code}) before catching up; its log:\n{}", worker.log_text());
-            }
-            if start.elapsed() > timeout {
-                let log = worker.log_text();
-                let tail: Vec<&str> = log.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
-                panic!("timed out after {timeout:?} waiting for all offsets committed; worker log tail:\n{}", tail.join("\n"));
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        self.wait_for(worker, "all offsets committed", timeout, || self.caught_up(topics));
     }
 
     /// Wait for `cond`; on timeout, fail with the worker's log tail.
