@@ -61,8 +61,7 @@ pub async fn run(options: DemoOptions, progress: impl Fn(&str)) -> Result<DemoRu
     progress("starting a private ClickHouse server on loopback");
     let clickhouse = tokio::task::spawn_blocking(LocalClickHouse::start).await.map_err(|e| DemoError::Other(e.to_string()))??;
 
-    let mut fields = FieldMap::default();
-    fields.timestamp = vec!["created_at".into()];
+    let fields = FieldMap { timestamp: vec!["created_at".into()], ..FieldMap::default() };
     let config = Config {
         worker_id: Some("demo-worker".into()),
         kafka: KafkaConfig {
@@ -90,7 +89,8 @@ pub async fn run(options: DemoOptions, progress: impl Fn(&str)) -> Result<DemoRu
         inference: options.inference.clone(),
         max_message_bytes: crate::message::DEFAULT_MAX_MESSAGE_BYTES,
         shutdown: Default::default(),
-        metrics: Default::default(),
+        // No fixed port on a developer's machine: the demo serves no metrics.
+        metrics: crate::config::MetricsConfig { address: String::new() },
     };
     config.validate().map_err(|e| DemoError::Other(e.to_string()))?;
     for (topic, _, _, partitions) in STREAMS {

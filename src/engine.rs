@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::batcher::{Assembler, Batch, BatchPolicy};
 use crate::model::{Encoded, InferenceSession, Model, ModelError, Prediction, Rendered};
+use crate::telemetry;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -209,11 +210,12 @@ impl<T: Send + 'static> Engine<T> {
 
         let policy = config.policy.clone();
         let batch_stats = stats.clone();
-        threads.push(spawn("triage-batcher".into(), move || batch_loop(policy, token_rx, batch_tx, &batch_stats)));
+        let model_name = model.info().name.clone();
+        threads.push(spawn("triage-batcher".into(), move || batch_loop(policy, token_rx, batch_tx, &batch_stats, &model_name)));
 
         for (i, session) in sessions.into_iter().enumerate() {
-            let (rx, out, stats) = (batch_rx.clone(), outcomes.clone(), stats.clone());
-            threads.push(spawn(format!("triage-infer-{i}"), move || inference_loop(session, rx, out, &stats)));
+            let (rx, out, stats, name) = (batch_rx.clone(), outcomes.clone(), stats.clone(), model.info().name.clone());
+            threads.push(spawn(format!("triage-infer-{i}"), move || inference_loop(session, rx, out, &stats, &name)));
         }
         Ok(Engine { submitter: Some(Submitter { requests: request_tx, stats: stats.clone() }), threads, stats, model })
     }
@@ -265,12 +267,15 @@ fn tokenize_loop<T>(
     stats: &EngineStats,
 ) {
     let encoder = model.encoder();
+    let tokenize_seconds = metrics::histogram!(telemetry::TOKENIZE_SECONDS, "model" => model.info().name.clone());
     for req in requests.iter() {
         let start = Instant::now();
         // A tokenizer panic on some odd input must cost one message, not the worker.
         let encoded = std::panic::catch_unwind(AssertUnwindSafe(|| encoder.encode_rendered(&req.text)))
             .unwrap_or_else(|_| Err("tokenizer panicked on this input".to_string()));
-        stats.tokenize_nanos.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let elapsed = start.elapsed();
+        tokenize_seconds.record(elapsed.as_secs_f64());
+        stats.tokenize_nanos.fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
         let sent = match encoded {
             Ok(encoded) => tokens.send(Tokenized { tag: req.tag, encoded, submitted: req.submitted }).is_ok(),
             Err(e) => {
@@ -289,7 +294,11 @@ fn batch_loop<T>(
     tokens: flume::Receiver<Tokenized<T>>,
     batches: flume::Sender<Batch<Tokenized<T>>>,
     stats: &EngineStats,
+    model: &str,
 ) {
+    let batch_size = metrics::histogram!(telemetry::BATCH_SIZE, "model" => model.to_string());
+    let batch_tokens = metrics::histogram!(telemetry::BATCH_TOKENS, "model" => model.to_string());
+    let padding_ratio = metrics::histogram!(telemetry::BATCH_PADDING_RATIO, "model" => model.to_string());
     let mut assembler = Assembler::new(policy);
     let mut input_open = true;
     loop {
@@ -302,6 +311,9 @@ fn batch_loop<T>(
             stats.batches.fetch_add(1, Ordering::Relaxed);
             stats.real_tokens.fetch_add(batch.real_tokens() as u64, Ordering::Relaxed);
             stats.padded_tokens.fetch_add(batch.padded_tokens() as u64, Ordering::Relaxed);
+            batch_size.record(batch.len() as f64);
+            batch_tokens.record(batch.padded_tokens() as f64);
+            padding_ratio.record(batch.padded_tokens() as f64 / batch.real_tokens().max(1) as f64);
             if batches.send(batch).is_err() {
                 return;
             }
@@ -330,12 +342,15 @@ fn inference_loop<T>(
     batches: flume::Receiver<Batch<Tokenized<T>>>,
     outcomes: flume::Sender<Outcome<T>>,
     stats: &EngineStats,
+    model: &str,
 ) {
+    let inference_seconds = metrics::histogram!(telemetry::INFERENCE_SECONDS, "model" => model.to_string());
     for batch in batches.iter() {
         let start = Instant::now();
         let encoded: Vec<&Encoded> = batch.items.iter().map(|t| &t.encoded).collect();
         let result = session.run(&encoded);
         let inference = start.elapsed();
+        inference_seconds.record(inference.as_secs_f64());
         stats.inference_nanos.fetch_add(inference.as_nanos() as u64, Ordering::Relaxed);
         let batch_size = batch.items.len();
         match result {

@@ -21,6 +21,7 @@ pub mod pipeline;
 pub mod retry;
 pub mod sink;
 pub mod source;
+pub mod telemetry;
 pub mod time;
 
 pub use engine::{Classified, ClassifyError, Engine, EngineConfig, Outcome};

@@ -237,8 +237,7 @@ mod tests {
         assert_eq!(parse_timestamp_ms(&serde_json::json!(1_709_294_400)), Some(1_709_294_400_000));
         assert_eq!(parse_timestamp_ms(&serde_json::json!(1_709_294_400_123i64)), Some(1_709_294_400_123));
         assert_eq!(parse_timestamp_ms(&serde_json::json!("yesterday")), None);
-        let mut fields = FieldMap::default();
-        fields.timestamp = vec!["created_at".into()];
+        let fields = FieldMap { timestamp: vec!["created_at".into()], ..FieldMap::default() };
         let d = Decoder::new(fields, Template::parse("{body}").unwrap(), 1000, 100);
         let m = d.decode(br#"{"body": "x", "created_at": "2024-03-01T12:00:00Z", "customer": {"tier": "gold"}}"#).unwrap();
         assert_eq!(m.event_time_ms, Some(1_709_294_400_000));

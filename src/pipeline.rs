@@ -28,6 +28,7 @@ use crate::sink::clickhouse::{self as ch, Acknowledge, ClickHouseService, Result
 use crate::sink::kafka::{KafkaSink, SourceMessage};
 use crate::source::kafka::{commit_list, consumer_config, producer_config, TrackingContext};
 use crate::source::offsets::{AckResult, Delivery, OffsetTracker, TopicPartition};
+use crate::telemetry::{self, Readiness};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -39,6 +40,8 @@ pub enum WorkerError {
     Sink(#[from] SinkError),
     #[error("{0}")]
     Startup(String),
+    #[error(transparent)]
+    Telemetry(#[from] telemetry::TelemetryError),
 }
 
 /// What one run did.
@@ -91,10 +94,27 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
     let worker_id = config.worker_id();
     let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
     let acks: Arc<dyn Acknowledge> = Arc::new(TrackerAcks(tracker.clone()));
+    let readiness = Arc::new(Readiness::default());
+    let server = if config.metrics.address.is_empty() {
+        None
+    } else {
+        Some(telemetry::serve(&config.metrics.address, telemetry::install()?, readiness.clone()).await?)
+    };
 
     // ClickHouse first: a missing table is a configuration error, found before consuming.
     let clickhouse = Arc::new(ClickHouseService::new(&config.clickhouse));
     wait_for_schema(&clickhouse, &config).await?;
+    readiness.clickhouse_reachable.store(true, std::sync::atomic::Ordering::Relaxed);
+    let pinger = {
+        let (clickhouse, readiness) = (clickhouse.clone(), readiness.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let up = clickhouse.ping().await.is_ok();
+                readiness.clickhouse_reachable.store(up, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+    };
 
     let producer: FutureProducer = producer_config(&config.kafka).create()?;
     let backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
@@ -121,6 +141,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
         }
         let engine = &engines[&route.model];
         let model = engine.model();
+        let info = model.info();
+        metrics::gauge!(telemetry::MODEL_INFO, "model" => info.name.clone(), "version" => info.version.clone(), "provider" => info.provider.to_string()).set(1.0);
         if let Some(head) = &route.escalation_head {
             if !model.heads().heads.iter().any(|h| &h.name == head) {
                 return Err(WorkerError::Startup(format!(
@@ -139,6 +161,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
         });
     }
     drop(outcome_tx);
+    readiness.model_loaded.store(true, std::sync::atomic::Ordering::Relaxed);
     let routes = Arc::new(routes);
 
     let (row_tx, row_rx) = mpsc::channel::<SinkItem>(4096);
@@ -164,7 +187,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
     ));
 
     let consumer: StreamConsumer<TrackingContext> =
-        consumer_config(&config.kafka).create_with_context(TrackingContext { tracker: tracker.clone() })?;
+        consumer_config(&config.kafka).create_with_context(TrackingContext { tracker: tracker.clone(), readiness: readiness.clone() })?;
     let topics: Vec<&str> = config.routes.iter().map(|r| r.topic.as_str()).collect();
     consumer.subscribe(&topics)?;
     tracing::info!(worker = %worker_id, group = %config.kafka.group_id, topics = ?topics, "consuming");
@@ -199,26 +222,32 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
             }
             _ = tick.tick() => {
                 let in_flight = tracker.lock().map(|t| t.in_flight()).unwrap_or(0);
+                metrics::gauge!(telemetry::IN_FLIGHT).set(in_flight as f64);
                 if !paused && in_flight >= max_in_flight {
                     tracing::warn!(in_flight, "downstream is behind: pausing consumption");
                     set_paused(&consumer, true);
                     paused = true;
+                    metrics::gauge!(telemetry::PAUSED).set(1.0);
                 } else if paused && in_flight <= max_in_flight / 2 {
                     tracing::info!(in_flight, "caught up: resuming consumption");
                     set_paused(&consumer, false);
                     paused = false;
+                    metrics::gauge!(telemetry::PAUSED).set(0.0);
                 } else if paused {
                     // Partitions assigned while paused must not run ahead.
                     set_paused(&consumer, true);
                 }
                 if last_commit.elapsed() >= commit_every {
-                    commit(&consumer, &tracker, CommitMode::Async);
+                    // One broker round trip per interval; synchronous so the tracker knows
+                    // exactly what is committed (block_in_place keeps other tasks running).
+                    tokio::task::block_in_place(|| commit(&consumer, &tracker));
                     last_commit = Instant::now();
                 }
             }
             message = consumer.recv() => match message {
                 Ok(m) => {
                     consumed += 1;
+                    metrics::counter!(telemetry::MESSAGES_CONSUMED, "topic" => m.topic().to_string()).increment(1);
                     handle_message(&m, &routes, &submitters, &route_of, &tracker, &acks, &kafka_sink).await;
                 }
                 Err(e) => tracing::warn!(error = %e, "Kafka consumer error"),
@@ -256,9 +285,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
         ),
         _ => {}
     }
-    commit(&consumer, &tracker, CommitMode::Sync);
+    commit(&consumer, &tracker);
     let unfinished = tracker.lock().map(|t| t.in_flight()).unwrap_or(0);
     consumer.unsubscribe();
+    pinger.abort();
+    if let Some(server) = server {
+        server.abort();
+    }
     let report = RunReport {
         consumed,
         rows_inserted: clickhouse.stats.rows_inserted.load(std::sync::atomic::Ordering::Relaxed),
@@ -302,7 +335,8 @@ fn set_paused(consumer: &StreamConsumer<TrackingContext>, pause: bool) {
     }
 }
 
-fn commit(consumer: &StreamConsumer<TrackingContext>, tracker: &Arc<Mutex<OffsetTracker>>, mode: CommitMode) {
+/// Commit every partition's done watermark that moved (synchronously).
+fn commit(consumer: &StreamConsumer<TrackingContext>, tracker: &Arc<Mutex<OffsetTracker>>) {
     let points = match tracker.lock() {
         Ok(t) => t.committable(),
         Err(_) => return,
@@ -310,15 +344,16 @@ fn commit(consumer: &StreamConsumer<TrackingContext>, tracker: &Arc<Mutex<Offset
     if points.is_empty() {
         return;
     }
-    match consumer.commit(&commit_list(&points), mode) {
-        Ok(()) if matches!(mode, CommitMode::Sync) => {
+    match consumer.commit(&commit_list(&points), CommitMode::Sync) {
+        Ok(()) => {
             if let Ok(mut t) = tracker.lock() {
                 for (tp, offset) in &points {
                     t.committed(tp, *offset);
+                    metrics::gauge!(telemetry::COMMITTED_OFFSET, "topic" => tp.topic.clone(), "partition" => tp.partition.to_string())
+                        .set(*offset as f64);
                 }
             }
         }
-        Ok(()) => {}
         Err(e) => tracing::warn!(error = %e, "offset commit failed; retried at the next interval"),
     }
 }
@@ -382,6 +417,7 @@ fn dead_letter(
     let (kafka_sink, acks) = (kafka_sink.clone(), acks.clone());
     tokio::spawn(async move {
         kafka_sink.dead_letter(&source, reason, &detail).await;
+        metrics::counter!(telemetry::MESSAGES_DEAD_LETTERED, "reason" => reason).increment(1);
         acks.ack(&delivery);
     });
 }
@@ -419,12 +455,16 @@ async fn results_loop(
             if added {
                 let payload = escalation_record(&tag, &classified, route, confidence.unwrap_or(0.0));
                 let (kafka_sink, acks, delivery, key) = (kafka_sink.clone(), acks.clone(), tag.delivery.clone(), tag.message_id.clone());
+                let kind = route.config.kind.clone();
                 tokio::spawn(async move {
                     kafka_sink.escalate(&key, &payload).await;
+                    metrics::counter!(telemetry::MESSAGES_ESCALATED, "kind" => kind).increment(1);
                     acks.ack(&delivery);
                 });
             }
         }
+        metrics::counter!(telemetry::MESSAGES_CLASSIFIED, "kind" => route.config.kind.clone(), "model" => route.model.name.clone())
+            .increment(1);
         let row = build_row(&tag, &classified, route, escalate, &worker_id);
         if rows.send(SinkItem { row, delivery: tag.delivery, source: tag.source }).await.is_err() {
             return; // the sink stopped (fatal): nothing more can be stored

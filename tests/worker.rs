@@ -265,3 +265,41 @@ fn demo_runs_the_default_model_end_to_end() {
     assert!(stdout.contains("40 produced, 40 consumed, 39 rows, 1 dead letters"), "{stdout}");
     assert!(stdout.contains("ticket 18, return 11, email 10"), "{stdout}");
 }
+
+#[test]
+fn metrics_health_and_readiness_are_served_on_one_port() {
+    let env = env("metrics");
+    env.kafka.create_topic("tickets", 2).unwrap();
+    let mut batch = messages("q", 1_000);
+    batch.push(("junk".into(), b"not json".to_vec()));
+    env.produce("tickets", &batch);
+    let port = triage::local::free_port().unwrap();
+    let path = env.write_config("q", &tiny(), &["tickets"], "");
+    let text = std::fs::read_to_string(&path).unwrap().replace("address = \"\"", &format!("address = \"127.0.0.1:{port}\""));
+    std::fs::write(&path, text).unwrap();
+    let mut worker = env.spawn_worker(&path, "q");
+    env.wait_for(&mut worker, "/healthz", MIN, || common::worker::http_get(port, "/healthz").0 == 200);
+    env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
+    // librdkafka statistics (group state, lag) arrive every 5 s.
+    env.wait_for(&mut worker, "/readyz 200", MIN, || common::worker::http_get(port, "/readyz").0 == 200);
+    let (status, metrics) = common::worker::http_get(port, "/metrics");
+    assert_eq!(status, 200);
+    for needle in [
+        "triage_messages_consumed_total{topic=\"tickets\"} 1001",
+        "triage_messages_classified_total{kind=\"ticket\",model=\"multihead-tiny\"} 1000",
+        "triage_messages_dead_lettered_total{reason=\"not_json\"} 1",
+        "triage_batch_size_bucket{model=\"multihead-tiny\",le=\"64\"}",
+        "triage_batch_padding_ratio_bucket",
+        "triage_end_to_end_seconds_bucket{kind=\"ticket\",le=",
+        "triage_clickhouse_rows_total{result=\"inserted\"} 1000",
+        "triage_model_info{model=\"multihead-tiny\",version=\"0.0.1\",provider=\"cpu\"} 1",
+        "triage_committed_offset{topic=\"tickets\",partition=",
+        "triage_consumer_lag{topic=\"tickets\",partition=",
+        "triage_in_flight_messages",
+        "# HELP triage_end_to_end_seconds",
+    ] {
+        assert!(metrics.contains(needle), "missing {needle} in:\n{metrics}");
+    }
+    assert_eq!(common::worker::http_get(port, "/nope").0, 404);
+    assert_eq!(worker.terminate(MIN), Some(0));
+}

@@ -94,6 +94,7 @@ impl KafkaSink {
                 Err((e, _)) => {
                     attempt += 1;
                     self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(crate::telemetry::KAFKA_WRITE_RETRIES).increment(1);
                     let delay = self.backoff.delay(attempt);
                     tracing::warn!(topic, error = %e, attempt, retry_in_ms = delay.as_millis() as u64, "Kafka write failed; retrying");
                     tokio::time::sleep(delay).await;

@@ -70,7 +70,8 @@ pub fn consumer_config(k: &KafkaConfig) -> ClientConfig {
         .set("max.poll.interval.ms", k.max_poll_interval_ms.to_string())
         // librdkafka's own prefetch is memory too: keep it modest (pausing bounds the rest).
         .set("queued.max.messages.kbytes", "16384")
-        .set("enable.partition.eof", "false");
+        .set("enable.partition.eof", "false")
+        .set("statistics.interval.ms", "5000");
     apply_properties(&mut c, k);
     c
 }
@@ -82,16 +83,32 @@ pub fn producer_config(k: &KafkaConfig) -> ClientConfig {
     c
 }
 
-/// Consumer context: rebalance and commit callbacks update the shared offset tracker.
+/// Consumer context: rebalance and commit callbacks update the shared offset tracker;
+/// librdkafka's statistics feed the lag gauges and the group-joined readiness check.
 pub struct TrackingContext {
     pub tracker: Arc<Mutex<OffsetTracker>>,
+    pub readiness: Arc<crate::telemetry::Readiness>,
 }
 
 fn tps(list: &TopicPartitionList) -> Vec<TopicPartition> {
     list.elements().iter().map(|e| TopicPartition::new(e.topic(), e.partition())).collect()
 }
 
-impl ClientContext for TrackingContext {}
+impl ClientContext for TrackingContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let joined = statistics.cgrp.as_ref().is_some_and(|g| g.state == "up");
+        self.readiness.kafka_joined.store(joined, std::sync::atomic::Ordering::Relaxed);
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                // librdkafka reports -1 for partitions this member does not consume.
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    metrics::gauge!(crate::telemetry::CONSUMER_LAG, "topic" => topic.clone(), "partition" => partition.to_string())
+                        .set(p.consumer_lag as f64);
+                }
+            }
+        }
+    }
+}
 
 impl ConsumerContext for TrackingContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {

@@ -167,7 +167,7 @@ impl Env {
     }
 
     /// All records of a topic: (key, payload, headers).
-    pub fn read_topic(&self, topic: &str, expected: usize, timeout: Duration) -> Vec<(Option<Vec<u8>>, Vec<u8>, Vec<(String, String)>)> {
+    pub fn read_topic(&self, topic: &str, expected: usize, timeout: Duration) -> Vec<Record> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", self.kafka.bootstrap_servers())
             .set("group.id", format!("reader-{topic}-{}", std::process::id()))
@@ -194,6 +194,9 @@ impl Env {
         out
     }
 }
+
+/// A record read back from a topic: (key, payload, headers).
+pub type Record = (Option<Vec<u8>>, Vec<u8>, Vec<(String, String)>);
 
 pub struct Worker {
     pub child: Option<Child>,
@@ -285,4 +288,16 @@ pub fn messages(prefix: &str, n: usize) -> Vec<(String, Vec<u8>)> {
             (id.clone(), serde_json::json!({"id": id, "subject": format!("ticket {i}"), "body": body.join(" ")}).to_string().into_bytes())
         })
         .collect()
+}
+
+/// GET a path on loopback: (status, body).
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return (0, String::new()) };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes());
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
 }

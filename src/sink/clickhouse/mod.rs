@@ -99,9 +99,12 @@ fn settle(block: Vec<SinkItem>, rejected: &[usize], acks: &Arc<dyn Acknowledge>,
             let (acks, dead_letters) = (acks.clone(), dead_letters.clone());
             tokio::spawn(async move {
                 dead_letters.dead_letter(&item.source, "clickhouse_rejected", "ClickHouse rejected the row for its content").await;
+                metrics::counter!(crate::telemetry::MESSAGES_DEAD_LETTERED, "reason" => "clickhouse_rejected").increment(1);
                 acks.ack(&item.delivery);
             });
         } else {
+            let waited_ms = crate::time::now_ms().saturating_sub(item.row.consumed_time_ms);
+            metrics::histogram!(crate::telemetry::END_TO_END_SECONDS, "kind" => item.row.kind.clone()).record(waited_ms as f64 / 1000.0);
             acks.ack(&item.delivery);
         }
     }

@@ -179,9 +179,13 @@ impl ClickHouseService {
             if start == end {
                 continue;
             }
-            match self.insert_retrying(&rows[start..end]).await? {
+            let started = std::time::Instant::now();
+            let outcome = self.insert_retrying(&rows[start..end]).await?;
+            metrics::histogram!(crate::telemetry::INSERT_SECONDS).record(started.elapsed().as_secs_f64());
+            match outcome {
                 None => {
                     self.stats.rows_inserted.fetch_add((end - start) as u64, Ordering::Relaxed);
+                    metrics::counter!(crate::telemetry::CLICKHOUSE_ROWS, "result" => "inserted").increment((end - start) as u64);
                 }
                 Some(_) if end - start == 1 => rejected.push(start),
                 Some(error) => {
@@ -196,6 +200,7 @@ impl ClickHouseService {
             return Err(SinkError::Fatal(format!("all {} rows of a block were rejected one by one", rows.len())));
         }
         self.stats.rows_rejected.fetch_add(rejected.len() as u64, Ordering::Relaxed);
+        metrics::counter!(crate::telemetry::CLICKHOUSE_ROWS, "result" => "rejected").increment(rejected.len() as u64);
         rejected.sort_unstable();
         Ok(rejected)
     }
@@ -215,6 +220,7 @@ impl ClickHouseService {
                 ErrorKind::Transient => {
                     attempt += 1;
                     self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(crate::telemetry::CLICKHOUSE_RETRIES).increment(1);
                     let delay = self.backoff.delay(attempt);
                     tracing::warn!(%error, attempt, retry_in_ms = delay.as_millis() as u64, rows = rows.len(), "ClickHouse insert failed; retrying");
                     tokio::time::sleep(delay).await;
