@@ -17,6 +17,8 @@ use crate::message::{FieldMap, DEFAULT_MAX_MESSAGE_BYTES};
 use crate::model::InferenceOptions;
 
 pub const ENV_PREFIX: &str = "TRIAGE_";
+/// Top-level scalar fields, overridable as TRIAGE_<FIELD> (sections need TRIAGE_<SECTION>__<FIELD>).
+const TOP_LEVEL_FIELDS: &[&str] = &["worker_id", "max_message_bytes"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -280,7 +282,11 @@ impl Config {
             toml::from_str(text).map_err(|e| ConfigError::Parse { origin: origin.into(), message: e.to_string() })?;
         let mut applied = Vec::new();
         for (key, raw) in env {
-            let Some(path) = key.strip_prefix(ENV_PREFIX).filter(|k| k.contains("__")) else { continue };
+            let Some(path) =
+                key.strip_prefix(ENV_PREFIX).filter(|k| k.contains("__") || TOP_LEVEL_FIELDS.contains(&k.to_ascii_lowercase().as_str()))
+            else {
+                continue;
+            };
             let segments: Vec<String> = path.split("__").map(|s| s.to_ascii_lowercase()).collect();
             set_path(&mut value, &segments, parse_env_value(&raw))
                 .map_err(|message| ConfigError::Parse { origin: key.clone(), message })?;
@@ -455,9 +461,11 @@ mod tests {
                 ("TRIAGE_CLICKHOUSE__INSERT_MAX_ROWS", "123"),
                 ("TRIAGE_BATCHING__MAX_BATCH_SIZE", "8"),
                 ("TRIAGE_MODEL", "ignored: no double underscore"),
+                ("TRIAGE_WORKER_ID", "pod-7"),
             ],
         )
         .unwrap();
+        assert_eq!(c.worker_id.as_deref(), Some("pod-7"));
         assert_eq!(c.kafka.bootstrap_servers, "b1:9092,b2:9092");
         assert_eq!(c.clickhouse.insert_max_rows, 123);
         assert_eq!(c.batching.policy.max_batch_size, 8);

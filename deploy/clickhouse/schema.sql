@@ -1,0 +1,56 @@
+-- triage results schema. Read each message once: SELECT ... FROM <table> FINAL, or
+-- argMax(column, processed_time_ms) grouped by (topic, partition, offset).
+CREATE DATABASE IF NOT EXISTS triage;
+
+CREATE TABLE IF NOT EXISTS triage.results
+(
+    `topic` String,
+    `partition` UInt32,
+    `offset` UInt64,
+    `message_id` String,
+    `kind` String,
+    `event_time` DateTime,
+    `event_time_ms` UInt64,
+    `consumed_time_ms` UInt64,
+    `processed_time_ms` UInt64,
+    `model_name` String,
+    `model_version` String,
+    `category` String,
+    `confidence` Float32,
+    `priority` String,
+    `tags` Array(String),
+    `tag_scores` Array(Float32),
+    `head_names` Array(String),
+    `head_labels` Array(String),
+    `head_scores` Array(Float32),
+    `escalated` UInt8,
+    `text_chars` UInt32,
+    `tokens` UInt32,
+    `truncated` UInt8,
+    `metadata_keys` Array(String),
+    `metadata_values` Array(String),
+    `worker_id` String
+)
+ENGINE = ReplacingMergeTree(processed_time_ms)
+PARTITION BY toYYYYMM(event_time)
+ORDER BY (toDate(event_time), topic, partition, offset);
+
+CREATE VIEW IF NOT EXISTS triage.results_hourly AS
+SELECT toStartOfHour(event_time) AS hour, kind, category, priority,
+       count() AS messages, sum(escalated) AS escalations, avg(confidence) AS mean_confidence
+FROM triage.results FINAL
+GROUP BY hour, kind, category, priority;
+
+CREATE VIEW IF NOT EXISTS triage.results_escalation_rate AS
+SELECT toDate(event_time) AS day, kind, model_name, model_version,
+       count() AS messages, sum(escalated) AS escalations, sum(escalated) / count() AS escalation_rate
+FROM triage.results FINAL
+GROUP BY day, kind, model_name, model_version;
+
+CREATE VIEW IF NOT EXISTS triage.results_confidence_by_model AS
+SELECT toDate(event_time) AS day, model_name, model_version, category,
+       count() AS messages, avg(confidence) AS mean_confidence,
+       quantile(0.1)(confidence) AS p10_confidence, quantile(0.5)(confidence) AS median_confidence
+FROM triage.results FINAL
+GROUP BY day, model_name, model_version, category;
+

@@ -1,0 +1,3 @@
+-- Retention: drop results a while after their event time. Needs ClickHouse 19.6+ (not 18.16).
+-- Whole monthly partitions expire at once with ttl_only_drop_parts (20.x+), which is cheap.
+ALTER TABLE triage.results MODIFY TTL event_time + INTERVAL 400 DAY;
