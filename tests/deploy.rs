@@ -248,3 +248,69 @@ fn schema_views_and_analytics_queries_run_on_clickhouse() {
         .unwrap();
     assert!(!top.is_empty() && top.len() <= 3 && top.iter().all(|(_, n, _)| *n <= 20), "{top:?}");
 }
+
+/// Run a validator installed by scripts/setup; its absence is a setup failure, not a skip.
+fn run_tool(program: &std::path::Path, args: &[&str]) -> String {
+    assert!(program.exists() || program.components().count() == 1, "{} is missing: run scripts/setup", program.display());
+    let out = std::process::Command::new(program)
+        .args(args)
+        .current_dir(common::root())
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/setup)", program.display()));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{} {args:?} failed:\n{text}", program.display());
+    text
+}
+
+fn venv_bin(name: &str) -> std::path::PathBuf {
+    common::root().join(".venv/bin").join(name)
+}
+
+#[test]
+fn core_manifests_validate_against_kubernetes_schemas() {
+    let files = ["namespace.yaml", "configmap.yaml", "deployment.yaml", "pdb.yaml", "service.yaml"].map(|f| format!("deploy/k8s/{f}"));
+    let mut args = vec!["--strict", "--kubernetes-version", "1.31.0"];
+    args.extend(files.iter().map(String::as_str));
+    let out = run_tool(&venv_bin("kubernetes-validate"), &args);
+    assert_eq!(out.matches(" passed for resource ").count(), 5, "{out}");
+}
+
+#[test]
+fn custom_resources_validate_against_their_schemas() {
+    let out = run_tool(
+        std::path::Path::new("node"),
+        &[
+            "tests/deploy/validate_crds.mjs",
+            "deploy/k8s/scaledobject.yaml",
+            "deploy/k8s/servicemonitor.yaml",
+            "deploy/k8s/prometheusrule.yaml",
+        ],
+    );
+    for kind in ["ScaledObject", "TriggerAuthentication", "ServiceMonitor", "PrometheusRule"] {
+        assert!(out.contains(&format!("/{kind} ")) && out.contains("valid"), "{kind} not validated:\n{out}");
+    }
+    // The validator does reject a broken resource.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, "apiVersion: keda.sh/v1alpha1\nkind: ScaledObject\nmetadata:\n  name: x\nspec:\n  minReplicaCount: one\n")
+        .unwrap();
+    let status = std::process::Command::new("node")
+        .arg("tests/deploy/validate_crds.mjs")
+        .arg(&bad)
+        .current_dir(common::root())
+        .output()
+        .unwrap()
+        .status;
+    assert!(!status.success());
+}
+
+#[test]
+fn dockerfiles_pass_hadolint() {
+    run_tool(&venv_bin("hadolint"), &["--config", "deploy/.hadolint.yaml", "deploy/Dockerfile", "deploy/Dockerfile.gpu"]);
+}
+
+#[test]
+fn the_sql_also_runs_on_a_modern_clickhouse_engine() {
+    let out = run_tool(&venv_bin("python"), &["tests/deploy/check_sql_chdb.py"]);
+    assert!(out.contains("schema, TTL, views and 5 queries ok"), "{out}");
+}

@@ -1,0 +1,61 @@
+#!/usr/bin/env python3
+"""Run deploy/clickhouse SQL on a modern ClickHouse engine (chdb: ClickHouse 26.x in-process).
+
+    .venv/bin/python tests/deploy/check_sql_chdb.py
+
+The same files run against Debian's ClickHouse 18.16 in tests/deploy.rs: together they show the
+DDL, the TTL option, the views and the analytics queries work on both. Replays are inserted on
+purpose: FINAL must read each message once. Exits non-zero with the failing statement.
+"""
+import os
+import sys
+import tempfile
+
+from chdb import session
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CH = os.path.join(ROOT, "deploy", "clickhouse")
+
+
+def statements(path):
+    text = open(path).read()
+    body = "\n".join(l for l in text.splitlines() if not l.strip().startswith("--"))
+    return [s.strip() for s in body.split(";") if s.strip()]
+
+
+def main():
+    with tempfile.TemporaryDirectory() as tmp:
+        s = session.Session(tmp)
+        version = s.query("SELECT version()", "CSV").bytes().decode().strip().strip('"')
+        for stmt in statements(os.path.join(CH, "schema.sql")) + statements(os.path.join(CH, "ttl.sql")):
+            s.query(stmt)
+        rows = []
+        for o in list(range(60)) + list(range(10)):  # ten replays
+            kind = ["ticket", "return", "email"][o % 3]
+            category = ["card_arrival", "refund", "pin"][o % 3]
+            rows.append(
+                f"('tickets', 0, {o}, 'm{o}', '{kind}', now() - {o}, toUInt64(toUnixTimestamp(now()) - {o}) * 1000, "
+                f"toUInt64(toUnixTimestamp(now())) * 1000 - 50, toUInt64(toUnixTimestamp(now())) * 1000, 'customer-service', '1.0.0', "
+                f"'{category}', {0.3 + (o % 7) / 10}, 'low', [], [], ['intent'], ['{category}'], [0.9], {int(o % 4 == 0)}, 40, 12, 0, [], [], 'w')"
+            )
+        s.query("INSERT INTO triage.results VALUES " + ", ".join(rows))
+        final = int(s.query("SELECT count() FROM triage.results FINAL", "CSV").bytes().decode().strip())
+        assert final == 60, f"FINAL read {final} rows, expected 60"
+        hourly = int(s.query("SELECT sum(messages) FROM triage.results_hourly", "CSV").bytes().decode().strip())
+        assert hourly == 60, f"results_hourly counted {hourly}, expected 60"
+        for view in ["results_escalation_rate", "results_confidence_by_model"]:
+            s.query(f"SELECT * FROM triage.{view}", "CSV")
+        queries = sorted(os.listdir(os.path.join(CH, "queries")))
+        for name in queries:
+            (sql,) = statements(os.path.join(CH, "queries", name))
+            out = s.query(sql, "CSV").bytes().decode().strip()
+            assert out, f"{name} returned no rows"
+        print(f"chdb {version}: schema, TTL, views and {len(queries)} queries ok")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception as e:  # noqa: BLE001 - report any failure as one line for the Rust test
+        print(f"FAILED: {e}", file=sys.stderr)
+        sys.exit(1)
