@@ -100,12 +100,3 @@ fn field_options_and_files_work() {
     assert_eq!(record["category"], "terminate_account");
     assert_eq!(record["model"], "customer-service");
 }
-
-#[test]
-fn demo_prints_results_and_a_summary() {
-    let out = Command::new(env!("CARGO_BIN_EXE_triage")).arg("demo").output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("lost_or_stolen_card") && stdout.contains("ERROR not_json"), "{stdout}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("summary:"));
-}
