@@ -114,14 +114,18 @@ impl ConsumerContext for TrackingContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Rebalance::Revoke(list) = rebalance else { return };
         let mut commits = TopicPartitionList::new();
+        let mut abandoned = 0;
         if let Ok(mut tracker) = self.tracker.lock() {
             for tp in tps(list) {
-                if let Some(offset) = tracker.revoke(&tp) {
+                let (offset, unfinished) = tracker.revoke(&tp);
+                abandoned += unfinished;
+                if let Some(offset) = offset {
                     let _ = commits.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(offset));
                 }
             }
         }
-        tracing::info!(partitions = list.count(), committing = commits.count(), "partitions revoked");
+        // `abandoned`: in flight here, replayed by the next owner (bounded by max_in_flight).
+        tracing::info!(partitions = list.count(), committing = commits.count(), abandoned, "partitions revoked");
         if commits.count() > 0 {
             if let Err(e) = consumer.commit(&commits, CommitMode::Sync) {
                 tracing::warn!(error = %e, "commit on revoke failed: the new owner replays from the last commit");

@@ -84,9 +84,13 @@ impl OffsetTracker {
         epoch
     }
 
-    /// The partition is revoked: returns what may still be committed for it.
-    pub fn revoke(&mut self, tp: &TopicPartition) -> Option<i64> {
-        self.partitions.remove(tp)?.uncommitted_point()
+    /// The partition is revoked: returns what may still be committed for it, and how many of
+    /// its messages were unfinished (abandoned: the next owner replays them).
+    pub fn revoke(&mut self, tp: &TopicPartition) -> (Option<i64>, usize) {
+        match self.partitions.remove(tp) {
+            Some(state) => (state.uncommitted_point(), state.pending.values().filter(|&&n| n > 0).count()),
+            None => (None, 0),
+        }
     }
 
     pub fn epoch(&self, tp: &TopicPartition) -> Option<u64> {
@@ -222,7 +226,7 @@ mod tests {
         t.assign(tp());
         let old: Vec<_> = (0..5).map(|o| t.begin(&tp(), o, 1).unwrap()).collect();
         t.ack(&old[0]);
-        assert_eq!(t.revoke(&tp()), Some(1), "commit what is done on revoke");
+        assert_eq!(t.revoke(&tp()), (Some(1), 4), "commit what is done on revoke; 4 abandoned");
         // Re-assigned: resumes from the committed offset 1.
         t.assign(tp());
         let new: Vec<_> = (1..5).map(|o| t.begin(&tp(), o, 1).unwrap()).collect();
@@ -237,7 +241,7 @@ mod tests {
     #[test]
     fn revoke_of_an_unassigned_partition_commits_nothing() {
         let mut t = OffsetTracker::new();
-        assert_eq!(t.revoke(&tp()), None);
+        assert_eq!(t.revoke(&tp()), (None, 0));
         assert!(t.begin(&tp(), 0, 1).is_none());
     }
 

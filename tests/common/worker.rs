@@ -168,14 +168,19 @@ impl Env {
 
     /// All records of a topic: (key, payload, headers).
     pub fn read_topic(&self, topic: &str, expected: usize, timeout: Duration) -> Vec<Record> {
+        // Assigned directly from the beginning: no group to join, nothing committed.
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", self.kafka.bootstrap_servers())
             .set("group.id", format!("reader-{topic}-{}", std::process::id()))
-            .set("auto.offset.reset", "earliest")
             .set("enable.auto.commit", "false")
             .create()
             .unwrap();
-        consumer.subscribe(&[topic]).unwrap();
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+        let mut list = rdkafka::TopicPartitionList::new();
+        for p in metadata.topics()[0].partitions() {
+            list.add_partition_offset(topic, p.id(), rdkafka::Offset::Beginning).unwrap();
+        }
+        consumer.assign(&list).unwrap();
         let mut out = Vec::new();
         let start = Instant::now();
         while out.len() < expected && start.elapsed() < timeout {
