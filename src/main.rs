@@ -370,8 +370,20 @@ async fn termination() {
 }
 
 async fn run_worker(args: RunArgs) -> Result<()> {
+    // Catch SIGTERM from the very start: one arriving while the model loads still drains.
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let signals = tokio::spawn(async move {
+        termination().await;
+        let _ = stop_tx.send(());
+    });
+    tokio::task::yield_now().await;
     let config = Config::load(&args.config)?;
-    let report = pipeline::run(config, termination()).await?;
+    let report = pipeline::run(config, async move {
+        let _ = stop_rx.await;
+    })
+    .await;
+    signals.abort();
+    let report = report?;
     tracing::info!(
         consumed = report.consumed,
         rows = report.rows_inserted,

@@ -202,28 +202,62 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
     tokio::pin!(shutdown);
     let mut fatal: Option<WorkerError> = None;
     let mut sink_task = Some(sink_task);
+    let mut submitters = Some(submitters);
+    let mut engines = Some(engines);
+    let mut engine_joiners: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+    // Set when shutdown starts. Draining keeps this loop polling the consumer (partitions
+    // paused, no intake) so that a rebalance in progress can complete and commits go through.
+    let mut drain_deadline: Option<tokio::time::Instant> = None;
 
     loop {
         tokio::select! {
             biased;
-            _ = &mut shutdown => {
+            _ = &mut shutdown, if drain_deadline.is_none() => {
                 tracing::info!("shutdown requested: draining");
-                break;
+                drain_deadline = Some(tokio::time::Instant::now() + Duration::from_millis(config.shutdown.drain_timeout_ms));
+                set_paused(&consumer, true);
+                // Closing the engines' input lets them finish what they hold, then stop.
+                submitters = None;
+                engine_joiners = engines.take().into_iter().flat_map(|e| e.into_values()).map(|e| tokio::task::spawn_blocking(move || e.shutdown())).collect();
             }
-            // A fatal sink error ends the run.
             result = async { sink_task.as_mut().expect("present").await }, if sink_task.is_some() => {
                 sink_task = None;
-                fatal = Some(match result {
-                    Ok(Err(e)) => e.into(),
-                    Ok(Ok(())) => WorkerError::Startup("the ClickHouse sink stopped unexpectedly".into()),
-                    Err(e) => WorkerError::Startup(format!("the ClickHouse sink task failed: {e}")),
-                });
-                break;
+                match result {
+                    // The sink flushed everything after its input closed: a drain's normal end.
+                    Ok(Ok(())) if drain_deadline.is_some() => {}
+                    Ok(Ok(())) => {
+                        fatal = Some(WorkerError::Startup("the ClickHouse sink stopped unexpectedly".into()));
+                        break;
+                    }
+                    Ok(Err(e)) => {
+                        fatal = Some(e.into());
+                        break;
+                    }
+                    Err(e) => {
+                        fatal = Some(WorkerError::Startup(format!("the ClickHouse sink task failed: {e}")));
+                        break;
+                    }
+                }
             }
             _ = tick.tick() => {
                 let in_flight = tracker.lock().map(|t| t.in_flight()).unwrap_or(0);
                 metrics::gauge!(telemetry::IN_FLIGHT).set(in_flight as f64);
-                if !paused && in_flight >= max_in_flight {
+                if let Some(deadline) = drain_deadline {
+                    // Partitions assigned during the drain must not start either.
+                    set_paused(&consumer, true);
+                    let pipeline_done = sink_task.is_none() && results_task.is_finished() && engine_joiners.iter().all(|j| j.is_finished());
+                    if pipeline_done && in_flight == 0 {
+                        break;
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        tracing::warn!(
+                            drain_timeout_ms = config.shutdown.drain_timeout_ms,
+                            in_flight,
+                            "drain deadline passed: committing what is done; the rest will be replayed"
+                        );
+                        break;
+                    }
+                } else if !paused && in_flight >= max_in_flight {
                     tracing::warn!(in_flight, "downstream is behind: pausing consumption");
                     set_paused(&consumer, true);
                     paused = true;
@@ -237,7 +271,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
                     // Partitions assigned while paused must not run ahead.
                     set_paused(&consumer, true);
                 }
-                if last_commit.elapsed() >= commit_every {
+                if drain_deadline.is_some() || last_commit.elapsed() >= commit_every {
                     // One broker round trip per interval; synchronous so the tracker knows
                     // exactly what is committed (block_in_place keeps other tasks running).
                     tokio::task::block_in_place(|| commit(&consumer, &tracker));
@@ -245,47 +279,27 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
                 }
             }
             message = consumer.recv() => match message {
-                Ok(m) => {
-                    consumed += 1;
-                    metrics::counter!(telemetry::MESSAGES_CONSUMED, "topic" => m.topic().to_string()).increment(1);
-                    handle_message(&m, &routes, &submitters, &route_of, &tracker, &acks, &kafka_sink).await;
-                }
+                Ok(m) => match &submitters {
+                    Some(submitters) => {
+                        consumed += 1;
+                        metrics::counter!(telemetry::MESSAGES_CONSUMED, "topic" => m.topic().to_string()).increment(1);
+                        handle_message(&m, &routes, submitters, &route_of, &tracker, &acks, &kafka_sink).await;
+                    }
+                    // Draining: fetched before the pause took effect. Not begun, so not
+                    // committed: the next owner reads it.
+                    None => {}
+                },
                 Err(e) => tracing::warn!(error = %e, "Kafka consumer error"),
             },
         }
     }
 
-    // Drain: no more intake; let engines finish, rows land, Kafka writes complete; then commit.
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(config.shutdown.drain_timeout_ms);
-    drop(submitters);
-    let joiners: Vec<_> = engines.into_values().map(|e| tokio::task::spawn_blocking(move || e.shutdown())).collect();
-    let drained = tokio::time::timeout_at(deadline, async {
-        for j in joiners {
-            let _ = j.await;
-        }
-        let _ = results_task.await;
-        if let Some(task) = sink_task.take() {
-            match task.await {
-                Ok(Err(e)) => return Err(WorkerError::from(e)),
-                Err(e) => return Err(WorkerError::Startup(format!("the ClickHouse sink task failed: {e}"))),
-                Ok(Ok(())) => {}
-            }
-        }
-        while tracker.lock().map(|t| t.in_flight()).unwrap_or(0) > 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(())
-    })
-    .await;
-    match drained {
-        Ok(Err(e)) if fatal.is_none() => fatal = Some(e),
-        Err(_) => tracing::warn!(
-            drain_timeout_ms = config.shutdown.drain_timeout_ms,
-            "drain deadline passed: committing what is done; the rest will be replayed"
-        ),
-        _ => {}
+    // Commit what is done. A rebalance in progress rejects commits until this member rejoins,
+    // which needs polling: poll (paused) and retry until the deadline.
+    let commit_deadline = drain_deadline.unwrap_or_else(tokio::time::Instant::now) + Duration::from_secs(5);
+    while !tokio::task::block_in_place(|| commit(&consumer, &tracker)) && tokio::time::Instant::now() < commit_deadline {
+        let _ = tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await;
     }
-    commit(&consumer, &tracker);
     let unfinished = tracker.lock().map(|t| t.in_flight()).unwrap_or(0);
     consumer.unsubscribe();
     pinger.abort();
@@ -335,14 +349,15 @@ fn set_paused(consumer: &StreamConsumer<TrackingContext>, pause: bool) {
     }
 }
 
-/// Commit every partition's done watermark that moved (synchronously).
-fn commit(consumer: &StreamConsumer<TrackingContext>, tracker: &Arc<Mutex<OffsetTracker>>) {
+/// Commit every partition's done watermark that moved (synchronously). False if a commit was
+/// needed and failed.
+fn commit(consumer: &StreamConsumer<TrackingContext>, tracker: &Arc<Mutex<OffsetTracker>>) -> bool {
     let points = match tracker.lock() {
         Ok(t) => t.committable(),
-        Err(_) => return,
+        Err(_) => return false,
     };
     if points.is_empty() {
-        return;
+        return true;
     }
     match consumer.commit(&commit_list(&points), CommitMode::Sync) {
         Ok(()) => {
@@ -353,8 +368,12 @@ fn commit(consumer: &StreamConsumer<TrackingContext>, tracker: &Arc<Mutex<Offset
                         .set(*offset as f64);
                 }
             }
+            true
         }
-        Err(e) => tracing::warn!(error = %e, "offset commit failed; retried at the next interval"),
+        Err(e) => {
+            tracing::warn!(error = %e, "offset commit failed; retried");
+            false
+        }
     }
 }
 

@@ -143,6 +143,9 @@ fn two_workers_one_joining_and_one_leaving_lose_nothing() {
         .filter_map(|l| l.split("abandoned=").nth(1).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse::<u64>().ok()))
         .sum();
     eprintln!("replayed rows across a join and a leave: {replayed} (abandoned at revokes: {abandoned})");
+    if replayed > abandoned {
+        eprintln!("--- worker a ---\n{}\n--- worker b ---\n{}", a.log_text(), b.log_text());
+    }
     assert!(
         replayed <= abandoned,
         "{replayed} replays but only {abandoned} messages were in flight at revokes: a commit was stale or missing"
