@@ -124,3 +124,43 @@ fn the_example_config_is_valid() {
     let out = triage().args(["config", "check"]).arg(&path).current_dir(common::root()).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn json_logs_are_json_and_carry_no_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("secret.toml");
+    let model = common::test_model_dir("multihead-tiny");
+    // ClickHouse on a closed port: the worker keeps logging while it waits for it.
+    std::fs::write(
+        &path,
+        format!(
+            "[kafka]\nsecurity_protocol = \"sasl_plaintext\"\nsasl_mechanism = \"PLAIN\"\nsasl_username = \"svc\"\n\
+             [clickhouse]\nurl = \"http://127.0.0.1:1\"\nretry_initial_ms = 100\nretry_max_ms = 200\n[metrics]\naddress = \"\"\n\
+             [[routes]]\ntopic = \"t\"\nkind = \"k\"\nmodel = \"{}\"\n",
+            model.display()
+        ),
+    )
+    .unwrap();
+    let mut child = triage()
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&path)
+        .env("TRIAGE_KAFKA__SASL_PASSWORD", "k4fka-s3cret")
+        .env("TRIAGE_CLICKHOUSE__PASSWORD", "cl1ckh0use-s3cret")
+        .env("RUST_LOG", "debug,ort=warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() >= 2, "{log}");
+    assert!(log.contains("ClickHouse not reachable yet"), "{log}");
+    for line in &lines {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+    }
+    assert!(!log.contains("k4fka-s3cret") && !log.contains("cl1ckh0use-s3cret"), "a secret reached the log:\n{log}");
+}
