@@ -111,6 +111,20 @@ pub struct StatsSnapshot {
 }
 
 impl StatsSnapshot {
+    /// Counters of two engines added up.
+    pub fn merge(&self, o: &StatsSnapshot) -> StatsSnapshot {
+        StatsSnapshot {
+            submitted: self.submitted + o.submitted,
+            classified: self.classified + o.classified,
+            failed: self.failed + o.failed,
+            batches: self.batches + o.batches,
+            real_tokens: self.real_tokens + o.real_tokens,
+            padded_tokens: self.padded_tokens + o.padded_tokens,
+            tokenize_seconds: self.tokenize_seconds + o.tokenize_seconds,
+            inference_seconds: self.inference_seconds + o.inference_seconds,
+        }
+    }
+
     pub fn mean_batch_size(&self) -> f64 {
         if self.batches == 0 {
             0.0

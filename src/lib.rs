@@ -8,6 +8,7 @@
 //! `classify` drives the engine from JSON lines. `config` is the one configuration.
 
 pub mod batcher;
+pub mod bench;
 pub mod classify;
 pub mod config;
 pub mod demo;

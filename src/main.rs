@@ -61,6 +61,26 @@ enum Command {
     Produce(ProduceArgs),
     /// Send dead letters back to the topics they came from.
     Redrive(RedriveArgs),
+    /// Side-by-side benchmark: model ceiling vs the whole worker vs batch size 1, with ratios.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Messages per workload (the backlog each worker run drains).
+    #[arg(long, default_value_t = 5000)]
+    messages: usize,
+    /// Which workloads: short, tickets, or both.
+    #[arg(long, default_value = "both")]
+    workload: String,
+    /// The datasets folder (banking77/, support-tickets/); generated texts when absent.
+    #[arg(long, default_value = "../shared/data")]
+    data: PathBuf,
+    /// Batch size of the ceiling run.
+    #[arg(long, default_value_t = 64)]
+    ceiling_batch_size: usize,
 }
 
 #[derive(Subcommand)]
@@ -232,6 +252,7 @@ fn main() {
         Command::Broker(args) => runtime().and_then(|rt| rt.block_on(run_broker(args))),
         Command::Produce(args) => runtime().and_then(|rt| rt.block_on(run_produce(args))),
         Command::Redrive(args) => run_redrive(args),
+        Command::Bench(args) => runtime().and_then(|rt| rt.block_on(run_bench(args))),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -490,6 +511,28 @@ fn run_redrive(args: RedriveArgs) -> Result<()> {
         kafka_tools::redrive(&consumer, &producer, &config.kafka.dead_letter_topic, args.reason.as_deref(), |n| bar.inc(n))?;
     bar.finish_and_clear();
     eprintln!("redrove {redriven} dead letters to their source topics ({skipped} left: other reasons or no source header)");
+    Ok(())
+}
+
+async fn run_bench(args: BenchArgs) -> Result<()> {
+    use triage::bench::{BenchOptions, Workload};
+    let workloads = match args.workload.as_str() {
+        "short" => vec![Workload::Short],
+        "tickets" => vec![Workload::Tickets],
+        "both" => vec![Workload::Short, Workload::Tickets],
+        other => bail!("--workload must be short, tickets or both, not `{other}`"),
+    };
+    let options = BenchOptions {
+        model_dir: model_dir(&args.model.model)?,
+        shared_data: args.data.clone(),
+        messages: args.messages,
+        workloads,
+        inference: inference_options(&args.model),
+        batching: EngineConfig::default(),
+        ceiling_batch_size: args.ceiling_batch_size,
+    };
+    let results = triage::bench::run(options, |step| eprintln!("[bench] {step}")).await?;
+    println!("{}", triage::bench::render(&results));
     Ok(())
 }
 

@@ -52,8 +52,13 @@ pub struct RunReport {
     pub dead_lettered: u64,
     pub escalated: u64,
     pub seconds: f64,
+    /// From the first message consumed to the last commit that moved a watermark: the time
+    /// the backlog took, without start-up, group join and shutdown.
+    pub busy_seconds: f64,
     /// Messages still unfinished at exit (replayed by the next owner).
     pub unfinished: usize,
+    /// Batching and inference counters, summed over the models.
+    pub engine: crate::engine::StatsSnapshot,
 }
 
 /// Everything the pipeline needs to know about a message besides its text.
@@ -129,6 +134,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
     // One engine per model directory, shared by the routes that use it.
     let (outcome_tx, outcome_rx) = flume::bounded::<Outcome<MessageTag>>(config.batching.queue_capacity);
     let mut engines: HashMap<PathBuf, Engine<MessageTag>> = HashMap::new();
+    let mut engine_stats = Vec::new();
     let mut routes = Vec::new();
     let mut submitters = Vec::new();
     for route in &config.routes {
@@ -137,7 +143,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
             let model = tokio::task::spawn_blocking(move || Model::load(&dir, &options))
                 .await
                 .map_err(|e| WorkerError::Startup(format!("model loading task failed: {e}")))??;
-            engines.insert(route.model.clone(), Engine::start(Arc::new(model), &config.batching, outcome_tx.clone())?);
+            let engine = Engine::start(Arc::new(model), &config.batching, outcome_tx.clone())?;
+            engine_stats.push(engine.stats_handle());
+            engines.insert(route.model.clone(), engine);
         }
         let engine = &engines[&route.model];
         let model = engine.model();
@@ -208,6 +216,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
     // Set when shutdown starts. Draining keeps this loop polling the consumer (partitions
     // paused, no intake) so that a rebalance in progress can complete and commits go through.
     let mut drain_deadline: Option<tokio::time::Instant> = None;
+    let mut first_consumed: Option<Instant> = None;
+    let mut last_progress_commit: Option<Instant> = None;
 
     loop {
         tokio::select! {
@@ -274,7 +284,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
                 if drain_deadline.is_some() || last_commit.elapsed() >= commit_every {
                     // One broker round trip per interval; synchronous so the tracker knows
                     // exactly what is committed (block_in_place keeps other tasks running).
-                    tokio::task::block_in_place(|| commit(&consumer, &tracker));
+                    if tokio::task::block_in_place(|| commit(&consumer, &tracker)) == Committed::Moved {
+                        last_progress_commit = Some(Instant::now());
+                    }
                     last_commit = Instant::now();
                 }
             }
@@ -282,6 +294,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
                 Ok(m) => match &submitters {
                     Some(submitters) => {
                         consumed += 1;
+                        first_consumed.get_or_insert_with(Instant::now);
                         metrics::counter!(telemetry::MESSAGES_CONSUMED, "topic" => m.topic().to_string()).increment(1);
                         handle_message(&m, &routes, submitters, &route_of, &tracker, &acks, &kafka_sink).await;
                     }
@@ -297,8 +310,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
     // Commit what is done. A rebalance in progress rejects commits until this member rejoins,
     // which needs polling: poll (paused) and retry until the deadline.
     let commit_deadline = drain_deadline.unwrap_or_else(tokio::time::Instant::now) + Duration::from_secs(5);
-    while !tokio::task::block_in_place(|| commit(&consumer, &tracker)) && tokio::time::Instant::now() < commit_deadline {
-        let _ = tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await;
+    loop {
+        match tokio::task::block_in_place(|| commit(&consumer, &tracker)) {
+            Committed::Moved => last_progress_commit = Some(Instant::now()),
+            Committed::Nothing => break,
+            Committed::Failed if tokio::time::Instant::now() >= commit_deadline => break,
+            Committed::Failed => {
+                let _ = tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await;
+            }
+        }
     }
     let unfinished = tracker.lock().map(|t| t.in_flight()).unwrap_or(0);
     consumer.unsubscribe();
@@ -312,7 +332,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
         dead_lettered: kafka_sink.stats.dead_lettered.load(std::sync::atomic::Ordering::Relaxed),
         escalated: kafka_sink.stats.escalated.load(std::sync::atomic::Ordering::Relaxed),
         seconds: started.elapsed().as_secs_f64(),
+        busy_seconds: match (first_consumed, last_progress_commit) {
+            (Some(first), Some(last)) if last > first => (last - first).as_secs_f64(),
+            _ => 0.0,
+        },
         unfinished,
+        engine: engine_stats.iter().map(|s| s.snapshot()).fold(crate::engine::StatsSnapshot::default(), |a, b| a.merge(&b)),
     };
     match fatal {
         Some(e) => Err(e),
@@ -349,15 +374,21 @@ fn set_paused(consumer: &StreamConsumer<TrackingContext>, pause: bool) {
     }
 }
 
-/// Commit every partition's done watermark that moved (synchronously). False if a commit was
-/// needed and failed.
-fn commit(consumer: &StreamConsumer<TrackingContext>, tracker: &Arc<Mutex<OffsetTracker>>) -> bool {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Committed {
+    Nothing,
+    Moved,
+    Failed,
+}
+
+/// Commit every partition's done watermark that moved (synchronously).
+fn commit(consumer: &StreamConsumer<TrackingContext>, tracker: &Arc<Mutex<OffsetTracker>>) -> Committed {
     let points = match tracker.lock() {
         Ok(t) => t.committable(),
-        Err(_) => return false,
+        Err(_) => return Committed::Failed,
     };
     if points.is_empty() {
-        return true;
+        return Committed::Nothing;
     }
     match consumer.commit(&commit_list(&points), CommitMode::Sync) {
         Ok(()) => {
@@ -368,11 +399,11 @@ fn commit(consumer: &StreamConsumer<TrackingContext>, tracker: &Arc<Mutex<Offset
                         .set(*offset as f64);
                 }
             }
-            true
+            Committed::Moved
         }
         Err(e) => {
             tracing::warn!(error = %e, "offset commit failed; retried");
-            false
+            Committed::Failed
         }
     }
 }

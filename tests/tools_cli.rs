@@ -164,3 +164,25 @@ fn json_logs_are_json_and_carry_no_secret() {
     }
     assert!(!log.contains("k4fka-s3cret") && !log.contains("cl1ckh0use-s3cret"), "a secret reached the log:\n{log}");
 }
+
+#[test]
+fn bench_runs_all_three_stages_and_reports_ratios() {
+    let dir = tempfile::tempdir().unwrap();
+    // An empty data folder: the bench must fall back to generated texts and say so.
+    let out = triage()
+        .args(["bench", "--messages", "300", "--workload", "short", "--data"])
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("GENERATED"), "{stdout}");
+    assert!(stdout.contains("b/a (worker / ceiling) =") && stdout.contains("b/c (worker / batch size 1) ="), "{stdout}");
+    for stage in ["a. ceiling (model only)", "b. worker, default batching", "c. worker, batch size 1"] {
+        let line = stdout.lines().find(|l| l.contains(stage)).unwrap_or_else(|| panic!("no {stage} line: {stdout}"));
+        let after = &line[line.find(stage).unwrap() + stage.len()..];
+        let msgs_per_s: f64 = after.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        assert!(msgs_per_s > 0.0, "{stage}: no throughput in `{line}`");
+    }
+}

@@ -1,0 +1,350 @@
+//! `triage bench`: in ONE process, side by side on the same machine, for each workload:
+//!   a. the ceiling: the model alone on pre-tokenized, globally length-sorted batches (no I/O);
+//!   b. the whole worker at default settings on a backlog: mock Kafka -> tokenize -> batch ->
+//!      model -> ClickHouse, timed from the first message consumed to the last commit;
+//!   c. the same worker with max_batch_size 1 (inserts and commits batched as usual).
+//! and the ratios b/a and b/c. Workloads: short customer messages (Banking77) and e-mail-length
+//! tickets, read from ../shared/data when present, generated otherwise (and said so).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::config::{ClickHouseConfig, Config, KafkaConfig, MetricsConfig, RouteConfig};
+use crate::engine::EngineConfig;
+use crate::kafka_tools::{group_caught_up, produce, Record};
+use crate::local::{LocalClickHouse, LocalKafka};
+use crate::message::{Decoder, FieldMap};
+use crate::model::{Encoded, InferenceOptions, Model};
+use crate::pipeline;
+use crate::sink::clickhouse::ClickHouseService;
+use crate::source::kafka::producer_config;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+    #[error(transparent)]
+    Local(#[from] crate::local::LocalError),
+    #[error(transparent)]
+    Worker(#[from] pipeline::WorkerError),
+    #[error("Kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("ClickHouse: {0}")]
+    ClickHouse(#[from] clickhouse::error::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    Short,
+    Tickets,
+}
+
+impl Workload {
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Short => "short messages (Banking77)",
+            Workload::Tickets => "e-mail-length tickets",
+        }
+    }
+}
+
+pub struct BenchOptions {
+    pub model_dir: PathBuf,
+    pub shared_data: PathBuf,
+    pub messages: usize,
+    pub workloads: Vec<Workload>,
+    pub inference: InferenceOptions,
+    pub batching: EngineConfig,
+    /// Batch size of the ceiling run (sorted, no padding to speak of).
+    pub ceiling_batch_size: usize,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct StageResult {
+    pub messages: usize,
+    pub seconds: f64,
+    pub tokens: u64,
+    pub padding_ratio: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub peak_rss_mb: f64,
+}
+
+impl StageResult {
+    pub fn per_second(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.messages as f64 / self.seconds
+        } else {
+            0.0
+        }
+    }
+    pub fn tokens_per_second(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.tokens as f64 / self.seconds
+        } else {
+            0.0
+        }
+    }
+}
+
+pub struct WorkloadResult {
+    pub workload: Workload,
+    pub source: String,
+    pub ceiling: StageResult,
+    pub worker: StageResult,
+    pub batch_one: StageResult,
+}
+
+impl WorkloadResult {
+    pub fn worker_over_ceiling(&self) -> f64 {
+        self.worker.per_second() / self.ceiling.per_second().max(1e-9)
+    }
+    pub fn worker_over_batch_one(&self) -> f64 {
+        self.worker.per_second() / self.batch_one.per_second().max(1e-9)
+    }
+}
+
+/// Messages as producers would write them, and where they came from.
+pub fn workload_messages(workload: Workload, shared: &Path, n: usize) -> (Vec<serde_json::Value>, String) {
+    let from_shared = match workload {
+        Workload::Short => read_banking(&shared.join("banking77/train.csv"), n),
+        Workload::Tickets => read_tickets(&shared.join("support-tickets/tickets-v5.csv"), n),
+    };
+    match from_shared {
+        Some(messages) if !messages.is_empty() => {
+            let source = format!("{} messages from {}", messages.len(), shared.display());
+            (cycle(messages, n), source)
+        }
+        _ => (generated(workload, n), format!("{n} GENERATED messages ({} absent)", shared.display())),
+    }
+}
+
+fn cycle(messages: Vec<serde_json::Value>, n: usize) -> Vec<serde_json::Value> {
+    (0..n).map(|i| messages[i % messages.len()].clone()).collect()
+}
+
+fn read_banking(path: &Path, n: usize) -> Option<Vec<serde_json::Value>> {
+    let mut reader = csv::Reader::from_path(path).ok()?;
+    Some(reader.records().filter_map(Result::ok).take(n).map(|r| json!({"body": r.get(0).unwrap_or_default()})).collect())
+}
+
+fn read_tickets(path: &Path, n: usize) -> Option<Vec<serde_json::Value>> {
+    let mut reader = csv::Reader::from_path(path).ok()?;
+    let headers = reader.headers().ok()?.clone();
+    let col = |name: &str| headers.iter().position(|h| h == name);
+    let (subject, body) = (col("subject")?, col("body")?);
+    Some(
+        reader
+            .records()
+            .filter_map(Result::ok)
+            .filter(|r| r.get(body).is_some_and(|b| !b.is_empty()))
+            .take(n)
+            .map(|r| json!({"subject": r.get(subject).unwrap_or_default(), "body": r.get(body).unwrap_or_default()}))
+            .collect(),
+    )
+}
+
+fn generated(workload: Workload, n: usize) -> Vec<serde_json::Value> {
+    let words = [
+        "card", "refund", "payment", "account", "transfer", "declined", "arrived", "charged", "twice", "balance", "app", "login", "support",
+    ];
+    let words_per_message = |i: usize| match workload {
+        Workload::Short => 6 + i % 14,
+        Workload::Tickets => 40 + (i * 37) % 120,
+    };
+    (0..n).map(|i| json!({"subject": "help", "body": (0..words_per_message(i)).map(|j| words[(i + j * 7) % words.len()]).collect::<Vec<_>>().join(" ")})).collect()
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// a. The model alone on sorted, pre-tokenized batches.
+pub fn ceiling(model: &Model, messages: &[serde_json::Value], batch_size: usize, max_tokens: usize) -> Result<StageResult, BenchError> {
+    let decoder = Decoder::new(FieldMap::default(), model.template().clone(), usize::MAX, model.encoder().max_chars());
+    let mut encoded: Vec<Encoded> = messages
+        .iter()
+        .filter_map(|m| decoder.decode(m.to_string().as_bytes()).ok())
+        .filter_map(|d| model.encoder().encode_rendered(&d.text).ok())
+        .collect();
+    encoded.sort_by_key(|e| e.len());
+    let mut session = model.session()?;
+    let (mut real, mut padded) = (0u64, 0u64);
+    let start = Instant::now();
+    let mut i = 0;
+    while i < encoded.len() {
+        let mut end = i + 1;
+        while end < encoded.len() && end - i < batch_size && (end + 1 - i) * encoded[end].len() <= max_tokens {
+            end += 1;
+        }
+        let batch: Vec<&Encoded> = encoded[i..end].iter().collect();
+        real += batch.iter().map(|e| e.len() as u64).sum::<u64>();
+        padded += (batch.len() * batch.last().map(|e| e.len()).unwrap_or(0)) as u64;
+        session.run(&batch)?;
+        i = end;
+    }
+    Ok(StageResult {
+        messages: encoded.len(),
+        seconds: start.elapsed().as_secs_f64(),
+        tokens: real,
+        padding_ratio: padded as f64 / real.max(1) as f64,
+        peak_rss_mb: peak_rss_mb(),
+        ..Default::default()
+    })
+}
+
+#[derive(Debug, clickhouse::Row, Deserialize)]
+struct Latency {
+    p50: f64,
+    p99: f64,
+}
+
+/// b / c. The whole worker on a backlog already in the topic.
+async fn worker_stage(
+    name: &str,
+    kafka: &LocalKafka,
+    clickhouse: &LocalClickHouse,
+    options: &BenchOptions,
+    batching: EngineConfig,
+    records: &[Vec<u8>],
+) -> Result<StageResult, BenchError> {
+    let topic = format!("bench-{name}");
+    kafka.create_topic(&topic, 4)?;
+    let kafka_config = KafkaConfig {
+        bootstrap_servers: kafka.bootstrap_servers(),
+        group_id: format!("bench-{name}"),
+        session_timeout_ms: 6_000,
+        commit_interval_ms: 200,
+        ..KafkaConfig::default()
+    };
+    let producer: rdkafka::producer::FutureProducer = producer_config(&kafka_config).create()?;
+    let items = records.iter().map(|p| Ok(Record { key: None, payload: p.clone() }));
+    produce(&producer, &topic, items, None, |_| {}).await.map_err(|e| BenchError::Other(e.to_string()))?;
+    kafka.create_topic(&kafka_config.dead_letter_topic, 1).ok();
+    kafka.create_topic(&kafka_config.escalation_topic, 1).ok();
+    let ch = ClickHouseConfig {
+        url: clickhouse.url(),
+        database: format!("bench_{}", name.replace('-', "_")),
+        insert_interval_ms: 200,
+        ..Default::default()
+    };
+    ClickHouseService::new(&ch).apply_schema().await?;
+    let config = Config {
+        worker_id: Some("bench".into()),
+        kafka: kafka_config.clone(),
+        routes: vec![RouteConfig {
+            topic: topic.clone(),
+            kind: "bench".into(),
+            model: options.model_dir.clone(),
+            fields: FieldMap::default(),
+            metadata: Default::default(),
+            escalation_threshold: None,
+            escalation_head: None,
+        }],
+        escalation: crate::config::EscalationConfig { enabled: false, default_threshold: 0.5 },
+        clickhouse: ch.clone(),
+        batching,
+        inference: options.inference.clone(),
+        max_message_bytes: crate::message::DEFAULT_MAX_MESSAGE_BYTES,
+        shutdown: Default::default(),
+        metrics: MetricsConfig { address: String::new() },
+    };
+    let (k, t) = (kafka_config.clone(), vec![topic.clone()]);
+    let done = async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let (k, t) = (k.clone(), t.clone());
+            if tokio::task::spawn_blocking(move || group_caught_up(&k, &t).unwrap_or(false)).await.unwrap_or(false) {
+                return;
+            }
+        }
+    };
+    let report = pipeline::run(config, done).await?;
+    let client = clickhouse::Client::default().with_url(&ch.url).with_database(&ch.database).with_validation(false);
+    let latency: Latency = client
+        .query("SELECT quantile(0.5)(toFloat64(processed_time_ms) - toFloat64(consumed_time_ms)) AS p50, quantile(0.99)(toFloat64(processed_time_ms) - toFloat64(consumed_time_ms)) AS p99 FROM results FINAL")
+        .fetch_one()
+        .await?;
+    Ok(StageResult {
+        messages: report.consumed as usize,
+        seconds: report.busy_seconds,
+        tokens: report.engine.real_tokens,
+        padding_ratio: report.engine.padding_ratio(),
+        p50_ms: latency.p50,
+        p99_ms: latency.p99,
+        peak_rss_mb: peak_rss_mb(),
+    })
+}
+
+pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Vec<WorkloadResult>, BenchError> {
+    let model = {
+        let (dir, inference) = (options.model_dir.clone(), options.inference.clone());
+        Arc::new(tokio::task::spawn_blocking(move || Model::load(&dir, &inference)).await.map_err(|e| BenchError::Other(e.to_string()))??)
+    };
+    progress("starting the mock Kafka cluster and a private ClickHouse server");
+    let kafka = LocalKafka::start(1)?;
+    let clickhouse = tokio::task::spawn_blocking(LocalClickHouse::start).await.map_err(|e| BenchError::Other(e.to_string()))??;
+    let mut results = Vec::new();
+    for (index, &workload) in options.workloads.iter().enumerate() {
+        let (messages, source) = workload_messages(workload, &options.shared_data, options.messages);
+        progress(&format!("{}: {source}", workload.name()));
+        let records: Vec<Vec<u8>> = messages.iter().map(|m| m.to_string().into_bytes()).collect();
+        progress("  a. ceiling: the model alone on sorted batches");
+        let m = model.clone();
+        let (batch_size, max_tokens) = (options.ceiling_batch_size, options.batching.policy.max_batch_tokens);
+        let msgs = messages.clone();
+        let ceiling = tokio::task::spawn_blocking(move || ceiling(&m, &msgs, batch_size, max_tokens))
+            .await
+            .map_err(|e| BenchError::Other(e.to_string()))??;
+        progress("  b. the whole worker at default settings");
+        let worker = worker_stage(&format!("{index}-b"), &kafka, &clickhouse, &options, options.batching.clone(), &records).await?;
+        progress("  c. the same worker with max_batch_size 1");
+        let mut one = options.batching.clone();
+        one.policy.max_batch_size = 1;
+        let batch_one = worker_stage(&format!("{index}-c"), &kafka, &clickhouse, &options, one, &records).await?;
+        results.push(WorkloadResult { workload, source, ceiling, worker, batch_one });
+    }
+    Ok(results)
+}
+
+/// The report, ratios first.
+pub fn render(results: &[WorkloadResult]) -> String {
+    let mut out = String::new();
+    for r in results {
+        out.push_str(&format!(
+            "\n{}  [{}]\n  b/a (worker / ceiling) = {:.2}    b/c (worker / batch size 1) = {:.2}\n",
+            r.workload.name(),
+            r.source,
+            r.worker_over_ceiling(),
+            r.worker_over_batch_one()
+        ));
+        out.push_str("  stage                          msg/s   tokens/s  padded/real   p50 ms   p99 ms  peak RSS MB\n");
+        for (name, s) in
+            [("a. ceiling (model only)", &r.ceiling), ("b. worker, default batching", &r.worker), ("c. worker, batch size 1", &r.batch_one)]
+        {
+            let lat = |v: f64| if name.starts_with("a.") { "-".to_string() } else { format!("{v:.0}") };
+            out.push_str(&format!(
+                "  {name:<28} {:>8.1} {:>10.0} {:>12.2} {:>8} {:>8} {:>12.0}\n",
+                s.per_second(),
+                s.tokens_per_second(),
+                s.padding_ratio,
+                lat(s.p50_ms),
+                lat(s.p99_ms),
+                s.peak_rss_mb
+            ));
+        }
+    }
+    out
+}
