@@ -291,17 +291,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
                 }
             }
             message = consumer.recv() => match message {
-                Ok(m) => match &submitters {
-                    Some(submitters) => {
+                // While draining, a message fetched before the pause took effect is skipped:
+                // not begun, so not committed; the next owner reads it.
+                Ok(m) => {
+                    if let Some(submitters) = &submitters {
                         consumed += 1;
                         first_consumed.get_or_insert_with(Instant::now);
                         metrics::counter!(telemetry::MESSAGES_CONSUMED, "topic" => m.topic().to_string()).increment(1);
                         handle_message(&m, &routes, submitters, &route_of, &tracker, &acks, &kafka_sink).await;
                     }
-                    // Draining: fetched before the pause took effect. Not begun, so not
-                    // committed: the next owner reads it.
-                    None => {}
-                },
+                }
                 Err(e) => tracing::warn!(error = %e, "Kafka consumer error"),
             },
         }
