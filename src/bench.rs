@@ -118,7 +118,7 @@ pub fn workload_messages(workload: Workload, shared: &Path, n: usize) -> (Vec<se
     };
     match from_shared {
         Some(messages) if !messages.is_empty() => {
-            let source = format!("{} messages from {}", messages.len(), shared.display());
+            let source = format!("{n} messages, {} distinct, from {}", messages.len().min(n), shared.display());
             (cycle(messages, n), source)
         }
         _ => (generated(workload, n), format!("{n} GENERATED messages ({} absent)", shared.display())),
