@@ -97,7 +97,9 @@ pub struct KafkaConfig {
     pub auto_offset_reset: String,
     /// How often done offsets are committed.
     pub commit_interval_ms: u64,
-    /// Consumed-but-not-done messages above which fetching pauses (memory bound).
+    /// Consumed-but-not-done messages above which fetching pauses. Bounds memory and what a
+    /// SIGTERM must finish: keep it to a few seconds of the model's throughput, well under
+    /// shutdown.drain_timeout_ms (5,000 is ~10 s of the default model on 2 cores).
     pub max_in_flight: usize,
     /// Any librdkafka property, passed through (applied last).
     pub properties: BTreeMap<String, String>,
@@ -120,7 +122,7 @@ impl Default for KafkaConfig {
             max_poll_interval_ms: 300_000,
             auto_offset_reset: "earliest".into(),
             commit_interval_ms: 1_000,
-            max_in_flight: 20_000,
+            max_in_flight: 5_000,
             properties: BTreeMap::new(),
             dead_letter_topic: "triage.dead-letter".into(),
             escalation_topic: "triage.escalations".into(),

@@ -60,7 +60,7 @@ fn sigkill_mid_stream_loses_nothing_and_replays_are_bounded() {
     let replayed = env.raw_rows() - 10_000;
     eprintln!("replayed rows after 3 SIGKILLs: {replayed}");
     // Each kill replays at most what was consumed but not yet committed: bounded by the
-    // in-flight limit (20,000 by default) but in practice a commit interval's worth.
+    // in-flight limit (5,000 by default) but in practice a commit interval's worth.
     assert!(replayed <= 3 * 5_000, "replays {replayed} exceed what three kills can leave uncommitted");
 }
 
