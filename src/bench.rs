@@ -8,36 +8,22 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::config::{ClickHouseConfig, Config, KafkaConfig, MetricsConfig, RouteConfig};
+use crate::config::{ClickHouseConfig, RouteConfig};
 use crate::engine::EngineConfig;
-use crate::kafka_tools::{group_caught_up, produce, Record};
-use crate::local::{LocalClickHouse, LocalKafka};
+use crate::kafka_tools::{produce, Record};
+use crate::local::{local_kafka_config, local_worker_config, until_caught_up, LocalClickHouse, LocalKafka, LocalRunError};
 use crate::message::{Decoder, FieldMap};
 use crate::model::{Encoded, InferenceOptions, Model};
 use crate::pipeline;
 use crate::sink::clickhouse::ClickHouseService;
 use crate::source::kafka::producer_config;
 
-#[derive(Debug, thiserror::Error)]
-pub enum BenchError {
-    #[error(transparent)]
-    Model(#[from] crate::model::ModelError),
-    #[error(transparent)]
-    Local(#[from] crate::local::LocalError),
-    #[error(transparent)]
-    Worker(#[from] pipeline::WorkerError),
-    #[error("Kafka: {0}")]
-    Kafka(#[from] rdkafka::error::KafkaError),
-    #[error("ClickHouse: {0}")]
-    ClickHouse(#[from] clickhouse::error::Error),
-    #[error("{0}")]
-    Other(String),
-}
+pub type BenchError = LocalRunError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Workload {
@@ -222,16 +208,10 @@ async fn worker_stage(
 ) -> Result<StageResult, BenchError> {
     let topic = format!("bench-{name}");
     kafka.create_topic(&topic, 4)?;
-    let kafka_config = KafkaConfig {
-        bootstrap_servers: kafka.bootstrap_servers(),
-        group_id: format!("bench-{name}"),
-        session_timeout_ms: 6_000,
-        commit_interval_ms: 200,
-        ..KafkaConfig::default()
-    };
+    let kafka_config = local_kafka_config(kafka, &format!("bench-{name}"));
     let producer: rdkafka::producer::FutureProducer = producer_config(&kafka_config).create()?;
     let items = records.iter().map(|p| Ok(Record { key: None, payload: p.clone() }));
-    produce(&producer, &topic, items, None, |_| {}).await.map_err(|e| BenchError::Other(e.to_string()))?;
+    produce(&producer, &topic, items, None, |_| {}).await?;
     kafka.create_topic(&kafka_config.dead_letter_topic, 1).ok();
     kafka.create_topic(&kafka_config.escalation_topic, 1).ok();
     let ch = ClickHouseConfig {
@@ -241,36 +221,20 @@ async fn worker_stage(
         ..Default::default()
     };
     ClickHouseService::new(&ch).apply_schema().await?;
-    let config = Config {
-        worker_id: Some("bench".into()),
-        kafka: kafka_config.clone(),
-        routes: vec![RouteConfig {
-            topic: topic.clone(),
-            kind: "bench".into(),
-            model: options.model_dir.clone(),
-            fields: FieldMap::default(),
-            metadata: Default::default(),
-            escalation_threshold: None,
-            escalation_head: None,
-        }],
-        escalation: crate::config::EscalationConfig { enabled: false, default_threshold: 0.5 },
-        clickhouse: ch.clone(),
-        batching,
-        inference: options.inference.clone(),
-        max_message_bytes: crate::message::DEFAULT_MAX_MESSAGE_BYTES,
-        shutdown: Default::default(),
-        metrics: MetricsConfig { address: String::new() },
+    let route = RouteConfig {
+        topic: topic.clone(),
+        kind: "bench".into(),
+        model: options.model_dir.clone(),
+        fields: FieldMap::default(),
+        metadata: Default::default(),
+        escalation_threshold: None,
+        escalation_head: None,
     };
-    let (k, t) = (kafka_config.clone(), vec![topic.clone()]);
-    let done = async move {
-        loop {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let (k, t) = (k.clone(), t.clone());
-            if tokio::task::spawn_blocking(move || group_caught_up(&k, &t).unwrap_or(false)).await.unwrap_or(false) {
-                return;
-            }
-        }
-    };
+    let mut config = local_worker_config("bench", kafka_config.clone(), ch.clone(), vec![route], options.inference.clone());
+    // Only the pipeline is timed: no escalation writes.
+    config.escalation.enabled = false;
+    config.batching = batching;
+    let done = until_caught_up(kafka_config, vec![topic.clone()]);
     let report = pipeline::run(config, done).await?;
     let client = clickhouse::Client::default().with_url(&ch.url).with_database(&ch.database).with_validation(false);
     let latency: Latency = client

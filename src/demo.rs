@@ -3,35 +3,20 @@
 //! what landed, read back from ClickHouse the way analysts read it (FINAL).
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use rdkafka::producer::FutureProducer;
 use serde::Deserialize;
 
-use crate::config::{ClickHouseConfig, Config, KafkaConfig, RouteConfig};
+use crate::config::{ClickHouseConfig, Config, RouteConfig};
 use crate::kafka_tools::{produce, read_json_lines};
-use crate::local::{LocalClickHouse, LocalKafka};
+use crate::local::{local_kafka_config, local_worker_config, until_caught_up, LocalClickHouse, LocalKafka, LocalRunError};
 use crate::message::FieldMap;
 use crate::model::InferenceOptions;
 use crate::pipeline::{self, RunReport};
 use crate::sink::clickhouse::ClickHouseService;
 use crate::source::kafka::producer_config;
 
-#[derive(Debug, thiserror::Error)]
-pub enum DemoError {
-    #[error(transparent)]
-    Local(#[from] crate::local::LocalError),
-    #[error(transparent)]
-    Worker(#[from] pipeline::WorkerError),
-    #[error("Kafka: {0}")]
-    Kafka(#[from] rdkafka::error::KafkaError),
-    #[error("ClickHouse: {0}")]
-    ClickHouse(#[from] clickhouse::error::Error),
-    #[error("producing the sample: {0}")]
-    Produce(#[from] crate::kafka_tools::ToolError),
-    #[error("{0}")]
-    Other(String),
-}
+pub type DemoError = LocalRunError;
 
 pub struct DemoOptions {
     pub model_dir: PathBuf,
@@ -62,36 +47,25 @@ pub async fn run(options: DemoOptions, progress: impl Fn(&str)) -> Result<DemoRu
     let clickhouse = tokio::task::spawn_blocking(LocalClickHouse::start).await.map_err(|e| DemoError::Other(e.to_string()))??;
 
     let fields = FieldMap { timestamp: vec!["created_at".into()], ..FieldMap::default() };
-    let config = Config {
-        worker_id: Some("demo-worker".into()),
-        kafka: KafkaConfig {
-            bootstrap_servers: kafka.bootstrap_servers(),
-            group_id: "triage-demo".into(),
-            session_timeout_ms: 6_000,
-            commit_interval_ms: 200,
-            ..KafkaConfig::default()
-        },
-        routes: STREAMS
-            .iter()
-            .map(|(topic, kind, _, _)| RouteConfig {
-                topic: topic.to_string(),
-                kind: kind.to_string(),
-                model: options.model_dir.clone(),
-                fields: fields.clone(),
-                metadata: [("tier".to_string(), "/customer/tier".to_string())].into(),
-                escalation_threshold: None,
-                escalation_head: None,
-            })
-            .collect(),
-        escalation: Default::default(),
-        clickhouse: ClickHouseConfig { url: clickhouse.url(), insert_interval_ms: 200, ..ClickHouseConfig::default() },
-        batching: Default::default(),
-        inference: options.inference.clone(),
-        max_message_bytes: crate::message::DEFAULT_MAX_MESSAGE_BYTES,
-        shutdown: Default::default(),
-        // No fixed port on a developer's machine: the demo serves no metrics.
-        metrics: crate::config::MetricsConfig { address: String::new() },
-    };
+    let routes = STREAMS
+        .iter()
+        .map(|(topic, kind, _, _)| RouteConfig {
+            topic: topic.to_string(),
+            kind: kind.to_string(),
+            model: options.model_dir.clone(),
+            fields: fields.clone(),
+            metadata: [("tier".to_string(), "/customer/tier".to_string())].into(),
+            escalation_threshold: None,
+            escalation_head: None,
+        })
+        .collect();
+    let config = local_worker_config(
+        "demo-worker",
+        local_kafka_config(&kafka, "triage-demo"),
+        ClickHouseConfig { url: clickhouse.url(), insert_interval_ms: 200, ..ClickHouseConfig::default() },
+        routes,
+        options.inference.clone(),
+    );
     config.validate().map_err(|e| DemoError::Other(e.to_string()))?;
     for (topic, _, _, partitions) in STREAMS {
         kafka.create_topic(topic, *partitions)?;
@@ -111,22 +85,9 @@ pub async fn run(options: DemoOptions, progress: impl Fn(&str)) -> Result<DemoRu
     }
 
     progress("running the worker until every message is committed");
-    let done = all_committed(config.kafka.clone(), STREAMS.iter().map(|s| s.0.to_string()).collect());
+    let done = until_caught_up(config.kafka.clone(), STREAMS.iter().map(|s| s.0.to_string()).collect());
     let report = pipeline::run(config.clone(), done).await?;
     Ok(DemoRun { report, produced, config, clickhouse, kafka })
-}
-
-/// Resolves once the group's committed offsets reach the end of every topic.
-async fn all_committed(kafka: KafkaConfig, topics: Vec<String>) {
-    loop {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        let (k, t) = (kafka.clone(), topics.clone());
-        let finished =
-            tokio::task::spawn_blocking(move || crate::kafka_tools::group_caught_up(&k, &t).unwrap_or(false)).await.unwrap_or(false);
-        if finished {
-            return;
-        }
-    }
 }
 
 #[derive(Debug, clickhouse::Row, Deserialize)]

@@ -178,3 +178,70 @@ impl LocalKafka {
         &self.cluster
     }
 }
+
+/// Why a run on local services (`triage demo`, `triage bench`) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalRunError {
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+    #[error(transparent)]
+    Local(#[from] LocalError),
+    #[error(transparent)]
+    Worker(#[from] crate::pipeline::WorkerError),
+    #[error("Kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("ClickHouse: {0}")]
+    ClickHouse(#[from] clickhouse::error::Error),
+    #[error("producing messages: {0}")]
+    Produce(#[from] crate::kafka_tools::ToolError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Kafka settings for a group on a local mock cluster: short session timeout and commit
+/// interval, so starts, stops and checks take seconds.
+pub fn local_kafka_config(kafka: &LocalKafka, group_id: &str) -> crate::config::KafkaConfig {
+    crate::config::KafkaConfig {
+        bootstrap_servers: kafka.bootstrap_servers(),
+        group_id: group_id.into(),
+        session_timeout_ms: 6_000,
+        commit_interval_ms: 200,
+        ..Default::default()
+    }
+}
+
+/// A worker configuration on local services: defaults elsewhere, and no metrics port (a
+/// developer's machine has no port to spare for it).
+pub fn local_worker_config(
+    worker_id: &str,
+    kafka: crate::config::KafkaConfig,
+    clickhouse: crate::config::ClickHouseConfig,
+    routes: Vec<crate::config::RouteConfig>,
+    inference: crate::model::InferenceOptions,
+) -> crate::config::Config {
+    crate::config::Config {
+        worker_id: Some(worker_id.into()),
+        kafka,
+        routes,
+        escalation: Default::default(),
+        clickhouse,
+        batching: Default::default(),
+        inference,
+        max_message_bytes: crate::message::DEFAULT_MAX_MESSAGE_BYTES,
+        shutdown: Default::default(),
+        metrics: crate::config::MetricsConfig { address: String::new() },
+    }
+}
+
+/// Resolves once the group's committed offsets reach the end of every topic (a shutdown
+/// signal for runs over a fixed backlog).
+pub async fn until_caught_up(kafka: crate::config::KafkaConfig, topics: Vec<String>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (k, t) = (kafka.clone(), topics.clone());
+        let done = tokio::task::spawn_blocking(move || crate::kafka_tools::group_caught_up(&k, &t).unwrap_or(false)).await;
+        if done.unwrap_or(false) {
+            return;
+        }
+    }
+}
