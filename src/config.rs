@@ -149,6 +149,9 @@ pub struct RouteConfig {
     pub escalation_threshold: Option<f32>,
     /// The single-label head whose confidence decides escalation (default: the category head).
     pub escalation_head: Option<String>,
+    /// Escalate when the out-of-distribution score is above this (default: the model's
+    /// calibrated `[ood] threshold`; models without a gate never escalate on it).
+    pub ood_threshold: Option<f32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -356,6 +359,11 @@ impl Config {
                     return bad(format!("route `{}`: escalation_threshold {t} is outside 0..1", r.topic));
                 }
             }
+            if let Some(t) = r.ood_threshold {
+                if !t.is_finite() || t < 0.0 {
+                    return bad(format!("route `{}`: ood_threshold {t} must be a number >= 0", r.topic));
+                }
+            }
         }
         if !(0.0..=1.0).contains(&self.escalation.default_threshold) {
             return bad(format!("escalation.default_threshold {} is outside 0..1", self.escalation.default_threshold));
@@ -403,9 +411,11 @@ impl Config {
         })
     }
 
-    /// The escalation threshold of a route.
-    pub fn threshold(&self, route: &RouteConfig) -> f32 {
-        route.escalation_threshold.unwrap_or(self.escalation.default_threshold)
+    /// The escalation threshold of a route: its own, else the one its model was calibrated
+    /// for (when the route escalates on the category head), else the default.
+    pub fn threshold(&self, route: &RouteConfig, model: &crate::model::Descriptor) -> f32 {
+        let calibrated = model.escalation.as_ref().map(|e| e.threshold).filter(|_| route.escalation_head.is_none());
+        route.escalation_threshold.or(calibrated).unwrap_or(self.escalation.default_threshold)
     }
 }
 

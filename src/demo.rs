@@ -57,6 +57,7 @@ pub async fn run(options: DemoOptions, progress: impl Fn(&str)) -> Result<DemoRu
             metadata: [("tier".to_string(), "/customer/tier".to_string())].into(),
             escalation_threshold: None,
             escalation_head: None,
+            ood_threshold: None,
         })
         .collect();
     let config = local_worker_config(

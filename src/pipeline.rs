@@ -79,6 +79,8 @@ struct Route {
     decoder: Decoder,
     model: ModelInfo,
     threshold: f32,
+    /// Escalate when the message's OOD score is above this (models with a gate).
+    ood_threshold: Option<f32>,
 }
 
 struct TrackerAcks(Arc<Mutex<OffsetTracker>>);
@@ -152,7 +154,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
         let info = model.info();
         metrics::gauge!(telemetry::MODEL_INFO, "model" => info.name.clone(), "version" => info.version.clone(), "provider" => info.provider.to_string()).set(1.0);
         if let Some(head) = &route.escalation_head {
-            if !model.heads().heads.iter().any(|h| &h.name == head) {
+            if !model.heads().heads().iter().any(|h| &h.name == head) {
                 return Err(WorkerError::Startup(format!(
                     "route `{}`: escalation_head `{head}` is not a head of {}",
                     route.topic,
@@ -165,7 +167,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
             config: route.clone(),
             decoder: Decoder::new(route.fields.clone(), model.template().clone(), config.max_message_bytes, model.encoder().max_chars()),
             model: model.info().clone(),
-            threshold: config.threshold(route),
+            threshold: config.threshold(route, model.descriptor()),
+            ood_threshold: route.ood_threshold.or(model.descriptor().ood.as_ref().map(|o| o.threshold)).filter(|_| model.heads().ood().is_some()),
         });
     }
     drop(outcome_tx);
@@ -498,11 +501,18 @@ async fn results_loop(
         };
         let route = &routes[tag.route];
         let confidence = classified.prediction.confidence(route.config.escalation_head.as_deref());
-        let escalate = escalation_enabled && confidence.is_some_and(|c| c < route.threshold);
-        if escalate {
+        let reason = if confidence.is_some_and(|c| c < route.threshold) {
+            Some("low_confidence")
+        } else if classified.prediction.ood_score.zip(route.ood_threshold).is_some_and(|(score, limit)| score > limit) {
+            Some("out_of_distribution")
+        } else {
+            None
+        };
+        let escalate = escalation_enabled && reason.is_some();
+        if let (true, Some(reason)) = (escalate, reason) {
             let added = tracker.lock().map(|mut t| t.add_acks(&tag.delivery, 1)).unwrap_or(false);
             if added {
-                let payload = escalation_record(&tag, &classified, route, confidence.unwrap_or(0.0));
+                let payload = escalation_record(&tag, &classified, route, confidence.unwrap_or(0.0), reason);
                 let (kafka_sink, acks, delivery, key) = (kafka_sink.clone(), acks.clone(), tag.delivery.clone(), tag.message_id.clone());
                 let kind = route.config.kind.clone();
                 tokio::spawn(async move {
@@ -558,10 +568,11 @@ fn build_row(tag: &MessageTag, c: &Classified, route: &Route, escalated: bool, w
         metadata_keys: tag.metadata.0.clone(),
         metadata_values: tag.metadata.1.clone(),
         worker_id: worker_id.to_string(),
+        ood_score: p.ood_score,
     }
 }
 
-fn escalation_record(tag: &MessageTag, c: &Classified, route: &Route, confidence: f32) -> Vec<u8> {
+fn escalation_record(tag: &MessageTag, c: &Classified, route: &Route, confidence: f32, reason: &str) -> Vec<u8> {
     let original: Value = serde_json::from_slice(&tag.source.payload)
         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&tag.source.payload).into_owned()));
     let p = &c.prediction;
@@ -578,7 +589,14 @@ fn escalation_record(tag: &MessageTag, c: &Classified, route: &Route, confidence
         "message_id": tag.message_id,
         "kind": route.config.kind,
         "source": {"topic": tag.source.topic, "partition": tag.source.partition, "offset": tag.source.offset, "timestamp_ms": tag.source.timestamp_ms},
-        "reason": {"head": route.config.escalation_head.clone().unwrap_or_else(|| "category".into()), "confidence": confidence, "threshold": route.threshold},
+        "reason": {
+            "why": reason,
+            "head": route.config.escalation_head.clone().unwrap_or_else(|| "category".into()),
+            "confidence": confidence,
+            "threshold": route.threshold,
+            "ood_score": p.ood_score,
+            "ood_threshold": route.ood_threshold,
+        },
         "result": {
             "category": p.category.as_ref().map(|c| &c.label),
             "confidence": p.category.as_ref().map(|c| c.score),

@@ -199,6 +199,7 @@ fn schema_views_and_analytics_queries_run_on_clickhouse() {
         metadata_keys: vec![],
         metadata_values: vec![],
         worker_id: "w".into(),
+        ood_score: Some(0.25),
     };
     let mut rows: Vec<ResultRow> = (0..60)
         .map(|o| {

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::ModelError;
 
@@ -55,11 +55,27 @@ pub struct HeadSpec {
     /// Multi-label: per-label thresholds overriding `threshold`.
     #[serde(default)]
     pub thresholds: BTreeMap<String, f32>,
+    /// Computed in Rust: `output` is the layer's input (e.g. the sentence embedding) and the
+    /// layer is `<weights>.weight` / `<weights>.bias` in heads.safetensors (`triage train`).
+    pub weights: Option<String>,
+    /// Computed heads: share of a lexical layer's probabilities (`<weights>.lexical.*`) in the
+    /// average with the dense layer's (0: no lexical layer).
+    pub lexical_share: Option<f32>,
 }
 
 impl HeadSpec {
     pub fn activation(&self) -> Activation {
-        self.activation.unwrap_or(Activation::None)
+        match (self.activation, &self.weights, self.kind) {
+            (Some(a), _, _) => a,
+            // A computed layer outputs logits.
+            (None, Some(_), HeadKind::MultiLabel) => Activation::Sigmoid,
+            (None, Some(_), _) => Activation::Softmax,
+            (None, None, _) => Activation::None,
+        }
+    }
+
+    pub fn is_computed(&self) -> bool {
+        self.weights.is_some()
     }
 
     pub fn threshold_for(&self, label: &str) -> f32 {
@@ -105,6 +121,55 @@ pub struct DescriptorFile {
     pub priority: Option<PrioritySpec>,
     /// Multi-label threshold overrides for a head derived from config.json.
     pub threshold: Option<f32>,
+    /// The escalation threshold this model recommends (routes may override it).
+    pub escalation: Option<EscalationSpec>,
+    /// Out-of-distribution gate: distance of the embedding to the nearest class centroid.
+    pub ood: Option<OodSpec>,
+    /// How `triage train` built the model; `triage eval` re-reads the data the same way.
+    pub training: Option<TrainingRecord>,
+}
+
+/// A calibrated confidence threshold: below it, a message is escalated.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EscalationSpec {
+    pub threshold: f32,
+    /// What the threshold was calibrated for: accuracy on the messages NOT escalated.
+    pub target_accuracy: Option<f32>,
+    /// Share of validation messages it escalated.
+    pub escalated_share: Option<f32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OodSpec {
+    /// The graph output (an embedding) compared with `ood.centroids` in heads.safetensors.
+    pub output: String,
+    /// Scores above this are out of distribution (escalated when escalation is on).
+    pub threshold: f32,
+    /// Measured on a held-out foreign set, when one was given to `triage train`.
+    pub auroc: Option<f32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingRecord {
+    /// Text columns joined by the template, in order.
+    pub text: Vec<String>,
+    /// head name -> label column.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// head name -> tag columns.
+    #[serde(default)]
+    pub multi_label: BTreeMap<String, Vec<String>>,
+    pub seed: u64,
+    pub validation_fraction: f32,
+    /// Labels with fewer examples than this were left out.
+    pub min_examples: usize,
+    pub encoder: String,
+    pub data: String,
+    pub data_rows: usize,
+    pub trained_at: String,
 }
 
 /// The fields of an HF `config.json` that matter here.
@@ -129,9 +194,17 @@ pub struct Descriptor {
     /// Index into `heads` of the category head, if the model has a single-label head.
     pub category_head: Option<usize>,
     pub priority: Option<PrioritySpec>,
+    pub escalation: Option<EscalationSpec>,
+    pub ood: Option<OodSpec>,
+    pub training: Option<TrainingRecord>,
 }
 
 impl Descriptor {
+    /// Whether loading needs heads.safetensors.
+    pub fn needs_weights(&self) -> bool {
+        self.ood.is_some() || self.heads.iter().any(HeadSpec::is_computed)
+    }
+
     pub fn load(dir: &Path) -> Result<Self, ModelError> {
         let own_path = dir.join(DESCRIPTOR_FILE);
         let optimum_path = dir.join(OPTIMUM_CONFIG_FILE);
@@ -195,6 +268,16 @@ impl Descriptor {
                 }
             }
         }
+        if let Some(e) = &own.escalation {
+            if !(0.0..=1.0).contains(&e.threshold) {
+                return Err(ModelError::invalid(&descriptor_path, format!("escalation.threshold {} is outside 0..1", e.threshold)));
+            }
+        }
+        if let Some(o) = &own.ood {
+            if !o.threshold.is_finite() || o.threshold < 0.0 {
+                return Err(ModelError::invalid(&descriptor_path, format!("ood.threshold {} must be a number >= 0", o.threshold)));
+            }
+        }
         let max_length = own.max_length.unwrap_or(DEFAULT_MAX_LENGTH);
         if max_length < 8 {
             return Err(ModelError::invalid(&descriptor_path, format!("max_length {max_length} is too small (minimum 8)")));
@@ -207,6 +290,9 @@ impl Descriptor {
             heads,
             category_head,
             priority: own.priority,
+            escalation: own.escalation,
+            ood: own.ood,
+            training: own.training,
         })
     }
 }
@@ -252,6 +338,8 @@ fn optimum_head(cfg: &OptimumConfig, threshold: Option<f32>, path: &PathBuf) -> 
         activation: Some(activation),
         threshold,
         thresholds: BTreeMap::new(),
+        weights: None,
+        lexical_share: None,
     })
 }
 
@@ -276,6 +364,17 @@ fn validate_heads(heads: &[HeadSpec], path: &Path) -> Result<(), ModelError> {
                 }
             }
             _ => {}
+        }
+        if let Some(share) = head.lexical_share {
+            if !(0.0..=1.0).contains(&share) || head.weights.is_none() || head.kind != HeadKind::SingleLabel {
+                return Err(ModelError::invalid(
+                    path,
+                    format!("head `{}`: lexical_share must be within 0..1, on a single_label head with weights", head.name),
+                ));
+            }
+        }
+        if head.weights.is_some() && head.kind == HeadKind::Embedding {
+            return Err(ModelError::invalid(path, format!("head `{}`: an embedding head cannot have weights", head.name)));
         }
     }
     Ok(())

@@ -2,7 +2,8 @@
 
 use serde::Serialize;
 
-use super::descriptor::{Activation, HeadKind, HeadSpec, PrioritySpec};
+use super::descriptor::{Activation, HeadKind, HeadSpec, OodSpec, PrioritySpec};
+use super::linear::HeadWeights;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LabelScore {
@@ -29,13 +30,14 @@ pub struct HeadResult {
 /// Everything the model says about one message.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Prediction {
-    /// Top label of the category head.
     pub category: Option<LabelScore>,
     pub priority: Option<String>,
-    /// Labels above threshold from every multi-label head.
     pub tags: Vec<LabelScore>,
-    /// Every head's output, in descriptor order.
     pub heads: Vec<HeadResult>,
+    /// Distance of the message's embedding to the nearest training class centroid (models
+    /// with an out-of-distribution gate only): high means unlike anything seen in training.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ood_score: Option<f32>,
 }
 
 impl Prediction {
@@ -43,7 +45,6 @@ impl Prediction {
         self.heads.iter().find(|h| h.head == name).map(|h| &h.output)
     }
 
-    /// Confidence of a single-label head (the category head when `name` is None).
     pub fn confidence(&self, name: Option<&str>) -> Option<f32> {
         match name {
             None => self.category.as_ref().map(|c| c.score),
@@ -55,25 +56,98 @@ impl Prediction {
     }
 }
 
-/// The post-processing recipe of a model: heads, which is the category, where priority comes from.
+/// The heads of a model and what they read: `predict` takes one row per graph output listed by
+/// [`HeadSet::outputs`] (several heads may share one output, e.g. the sentence embedding).
 #[derive(Debug, Clone)]
 pub struct HeadSet {
-    pub heads: Vec<HeadSpec>,
-    pub category: Option<usize>,
-    pub priority: Option<PrioritySpec>,
+    heads: Vec<HeadSpec>,
+    category: Option<usize>,
+    priority: Option<PrioritySpec>,
+    weights: HeadWeights,
+    ood: Option<OodSpec>,
+    outputs: Vec<String>,
+    /// For each head, its index into `outputs`; then the OOD gate's.
+    head_output: Vec<usize>,
+    ood_output: Option<usize>,
 }
 
 impl HeadSet {
-    /// `rows[i]` is this message's row of head `i`'s output.
-    pub fn predict(&self, rows: &[&[f32]]) -> Prediction {
-        debug_assert_eq!(rows.len(), self.heads.len());
+    /// `weights` must hold a [`ComputedHead`] for every head with `weights` set (and centroids
+    /// when `ood` is set): [`HeadWeights::load`] checks that.
+    pub fn new(
+        heads: Vec<HeadSpec>,
+        category: Option<usize>,
+        priority: Option<PrioritySpec>,
+        weights: HeadWeights,
+        ood: Option<OodSpec>,
+    ) -> Self {
+        let mut outputs: Vec<String> = Vec::new();
+        let mut index_of = |name: &str| match outputs.iter().position(|o| o == name) {
+            Some(i) => i,
+            None => {
+                outputs.push(name.to_string());
+                outputs.len() - 1
+            }
+        };
+        let head_output = heads.iter().map(|h| index_of(&h.output)).collect();
+        let ood_output = ood.as_ref().map(|o| index_of(&o.output));
+        HeadSet { heads, category, priority, weights, ood, outputs, head_output, ood_output }
+    }
+
+    pub fn heads(&self) -> &[HeadSpec] {
+        &self.heads
+    }
+
+    /// Graph outputs `predict` reads, in the order it wants their rows.
+    pub fn outputs(&self) -> &[String] {
+        &self.outputs
+    }
+
+    pub fn ood(&self) -> Option<&OodSpec> {
+        self.ood.as_ref()
+    }
+
+    /// Width of the row each head expects from its output: labels for graph heads, the layer's
+    /// input size for computed heads, anything for embeddings (None).
+    pub fn expected_width(&self, head: usize) -> Option<usize> {
+        let spec = &self.heads[head];
+        match (&spec.weights, spec.kind) {
+            (Some(_), _) => self.weights.heads.get(&spec.name).map(|c| c.dense.inputs),
+            (None, HeadKind::Embedding) => None,
+            (None, _) => Some(spec.labels.len()),
+        }
+    }
+
+    /// Probabilities of every label of a head, from its output row (and token ids for a
+    /// lexical layer). Training and evaluation use this too, so they score exactly as the
+    /// worker does.
+    pub fn probabilities(&self, head: usize, row: &[f32], ids: &[u32]) -> Vec<f32> {
+        let spec = &self.heads[head];
+        let computed = spec.weights.as_ref().and_then(|_| self.weights.heads.get(&spec.name));
+        let Some(computed) = computed else {
+            return activate(spec.activation(), row);
+        };
+        let dense = activate(spec.activation(), &computed.dense.logits(row));
+        match (&computed.lexical, &self.weights.vocabulary) {
+            (Some((layer, share)), Some(vocab)) if *share > 0.0 => {
+                let lexical = activate(spec.activation(), &layer.logits(&vocab.transform(ids)));
+                dense.iter().zip(&lexical).map(|(d, l)| (1.0 - share) * d + share * l).collect()
+            }
+            _ => dense,
+        }
+    }
+
+    /// One message: `rows[i]` is its row of `outputs()[i]`; `ids` its token ids.
+    pub fn predict(&self, rows: &[&[f32]], ids: &[u32]) -> Prediction {
+        debug_assert_eq!(rows.len(), self.outputs.len());
         let mut heads = Vec::with_capacity(self.heads.len());
         let mut tags = Vec::new();
-        for (spec, row) in self.heads.iter().zip(rows) {
+        for (index, spec) in self.heads.iter().enumerate() {
+            let row = rows[self.head_output[index]];
             let output = match spec.kind {
-                HeadKind::SingleLabel => HeadOutput::Label(top_label(spec, row)),
+                HeadKind::SingleLabel => HeadOutput::Label(top_label(spec, &self.probabilities(index, row, ids))),
                 HeadKind::MultiLabel => {
-                    let above = labels_above_threshold(spec, row);
+                    let above = labels_above_threshold(spec, &self.probabilities(index, row, ids));
                     tags.extend(above.iter().cloned());
                     HeadOutput::Tags(above)
                 }
@@ -91,8 +165,12 @@ impl HeadSet {
             let label = label_of(index)?;
             p.priority_of(&label.label)
         });
+        let ood_score = match (self.ood_output, &self.weights.centroids) {
+            (Some(i), Some(centroids)) => Some(centroids.distance_to_nearest(rows[i])),
+            _ => None,
+        };
         tags.sort_by(|a, b| b.score.total_cmp(&a.score));
-        Prediction { category, priority, tags, heads }
+        Prediction { category, priority, tags, heads, ood_score }
     }
 }
 
@@ -115,21 +193,19 @@ pub fn softmax(row: &[f32]) -> Vec<f32> {
     exps.into_iter().map(|e| e / sum).collect()
 }
 
-fn top_label(spec: &HeadSpec, row: &[f32]) -> LabelScore {
-    let probs = activate(spec.activation(), row);
+fn top_label(spec: &HeadSpec, probs: &[f32]) -> LabelScore {
     let (index, score) =
         probs.iter().copied().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, p)| if p > best.1 { (i, p) } else { best });
     LabelScore { label: spec.labels.get(index).cloned().unwrap_or_default(), score }
 }
 
-fn labels_above_threshold(spec: &HeadSpec, row: &[f32]) -> Vec<LabelScore> {
-    let probs = activate(spec.activation(), row);
+fn labels_above_threshold(spec: &HeadSpec, probs: &[f32]) -> Vec<LabelScore> {
     let mut out: Vec<LabelScore> = spec
         .labels
         .iter()
         .zip(probs)
-        .filter(|(label, p)| *p >= spec.threshold_for(label))
-        .map(|(label, score)| LabelScore { label: label.clone(), score })
+        .filter(|(label, p)| **p >= spec.threshold_for(label))
+        .map(|(label, score)| LabelScore { label: label.clone(), score: *score })
         .collect();
     out.sort_by(|a, b| b.score.total_cmp(&a.score));
     out
@@ -150,27 +226,32 @@ mod tests {
             activation,
             threshold: None,
             thresholds: BTreeMap::new(),
+            weights: None,
+            lexical_share: None,
         }
     }
 
     fn set() -> HeadSet {
         let mut tags = head("tags", HeadKind::MultiLabel, &["billing", "bug", "refund"], Some(Activation::Sigmoid));
         tags.thresholds.insert("refund".into(), 0.9);
-        HeadSet {
-            heads: vec![
+        HeadSet::new(
+            vec![
                 head("category", HeadKind::SingleLabel, &["returns", "billing"], None),
                 head("priority", HeadKind::SingleLabel, &["low", "high"], Some(Activation::Softmax)),
                 tags,
                 head("embedding", HeadKind::Embedding, &[], None),
             ],
-            category: Some(0),
-            priority: Some(PrioritySpec { from_head: "priority".into(), map: BTreeMap::new(), default: None }),
-        }
+            Some(0),
+            Some(PrioritySpec { from_head: "priority".into(), map: BTreeMap::new(), default: None }),
+            HeadWeights::default(),
+            None,
+        )
     }
 
     #[test]
     fn multi_head_rows_become_one_prediction() {
-        let p = set().predict(&[&[0.2, 0.8], &[3.0, -1.0], &[2.0, -2.0, 1.5], &[0.6, 0.8]]);
+        let p = set().predict(&[&[0.2, 0.8], &[3.0, -1.0], &[2.0, -2.0, 1.5], &[0.6, 0.8]], &[]);
+        assert_eq!(p.ood_score, None);
         assert_eq!(p.category, Some(LabelScore { label: "billing".into(), score: 0.8 }));
         assert_eq!(p.priority.as_deref(), Some("low"));
         // sigmoid(2)=0.88 passes 0.5; sigmoid(1.5)=0.82 misses refund's 0.9; bug fails.
@@ -190,8 +271,43 @@ mod tests {
             map: [("returns".to_string(), "urgent".to_string())].into(),
             default: Some("normal".into()),
         });
-        assert_eq!(s.predict(&[&[0.9, 0.1], &[0.0, 0.0], &[0.0; 3], &[]]).priority.as_deref(), Some("urgent"));
-        assert_eq!(s.predict(&[&[0.1, 0.9], &[0.0, 0.0], &[0.0; 3], &[]]).priority.as_deref(), Some("normal"));
+        assert_eq!(s.predict(&[&[0.9, 0.1], &[0.0, 0.0], &[0.0; 3], &[]], &[]).priority.as_deref(), Some("urgent"));
+        assert_eq!(s.predict(&[&[0.1, 0.9], &[0.0, 0.0], &[0.0; 3], &[]], &[]).priority.as_deref(), Some("normal"));
+    }
+
+    #[test]
+    fn computed_heads_share_the_embedding_and_average_the_lexical_layer() {
+        use crate::model::linear::{unigram, ComputedHead, DenseLayer, DenseMatrix, LexicalVocabulary, SparseLayer};
+        let mut queue = head("queue", HeadKind::SingleLabel, &["billing", "returns"], None);
+        queue.output = "sentence_embedding".into();
+        queue.weights = Some("queue".into());
+        queue.lexical_share = Some(0.5);
+        let mut embedding = head("embedding", HeadKind::Embedding, &[], None);
+        embedding.output = "sentence_embedding".into();
+        let vocabulary = LexicalVocabulary::from_document_frequencies(vec![(unigram(7), 1)], 2);
+        let dense = DenseLayer { labels: 2, inputs: 2, weight: vec![1.0, 0.0, 0.0, 1.0], bias: vec![0.0, 0.0] };
+        // Token 7 pushes strongly towards `returns`.
+        let lexical = SparseLayer { labels: 2, weight: vec![-5.0, 5.0], bias: vec![0.0, 0.0] };
+        let weights = HeadWeights {
+            heads: [("queue".to_string(), ComputedHead { dense, lexical: Some((lexical, 0.5)) })].into(),
+            vocabulary: Some(vocabulary),
+            centroids: Some(DenseMatrix { rows: 1, cols: 2, data: vec![1.0, 0.0] }),
+        };
+        let ood = OodSpec { output: "sentence_embedding".into(), threshold: 0.3, auroc: None };
+        let set = HeadSet::new(vec![queue, embedding], Some(0), None, weights, Some(ood));
+        assert_eq!(set.outputs(), ["sentence_embedding"]);
+        assert_eq!(set.expected_width(0), Some(2));
+        let dense_only = softmax(&[1.0, 0.0]);
+        let without_token = set.predict(&[&[1.0, 0.0]], &[3]);
+        let Some(c) = &without_token.category else { panic!("no category") };
+        // Unknown token: the lexical layer is its bias alone (0.5 / 0.5).
+        assert_eq!(c.label, "billing");
+        assert!((c.score - (0.5 * dense_only[0] + 0.25)).abs() < 1e-6);
+        let with_token = set.predict(&[&[1.0, 0.0]], &[7]);
+        assert_eq!(with_token.category.as_ref().map(|c| c.label.as_str()), Some("returns"));
+        assert!(without_token.ood_score.is_some_and(|s| s.abs() < 1e-6));
+        let far = set.predict(&[&[0.0, 1.0]], &[]);
+        assert!(far.ood_score.is_some_and(|s| (s - 1.0).abs() < 1e-6));
     }
 
     #[test]

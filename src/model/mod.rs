@@ -7,6 +7,7 @@
 
 pub mod descriptor;
 pub mod heads;
+pub mod linear;
 pub mod runtime;
 mod session;
 pub mod text;
@@ -18,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-pub use descriptor::{Activation, Descriptor, HeadKind, HeadSpec, PrioritySpec};
+pub use descriptor::{Activation, Descriptor, EscalationSpec, HeadKind, HeadSpec, OodSpec, PrioritySpec, TrainingRecord};
 pub use heads::{HeadOutput, HeadResult, HeadSet, LabelScore, Prediction};
 pub use runtime::{Runtime, RuntimeError};
 pub use session::InferenceSession;
@@ -155,6 +156,7 @@ pub struct Model {
     encoder: TextEncoder,
     template: Template,
     heads: Arc<HeadSet>,
+    descriptor: Descriptor,
     onnx_path: PathBuf,
     runtime: Runtime,
     options: InferenceOptions,
@@ -187,15 +189,18 @@ impl Model {
             Template::parse(&template_text).map_err(|reason| ModelError::invalid(dir.join(descriptor::DESCRIPTOR_FILE), reason))?;
         let runtime = runtime::init(options.ort_library.as_deref())?;
         let fingerprint = fingerprint(&onnx_path)?;
-        let heads = Arc::new(HeadSet {
-            heads: descriptor.heads.clone(),
-            category: descriptor.category_head,
-            priority: descriptor.priority.clone(),
-        });
+        let weights = linear::HeadWeights::load(dir, &descriptor)?;
+        let heads = Arc::new(HeadSet::new(
+            descriptor.heads.clone(),
+            descriptor.category_head,
+            descriptor.priority.clone(),
+            weights,
+            descriptor.ood.clone(),
+        ));
 
         let (first, provider) = session::build(&runtime, &onnx_path, options)?;
         let layout = session::InputLayout::detect(first.inputs())?;
-        session::check_outputs(first.outputs(), &heads.heads)?;
+        session::check_outputs(first.outputs(), &heads)?;
 
         let info = ModelInfo {
             name: descriptor.name.clone(),
@@ -206,7 +211,23 @@ impl Model {
             provider,
         };
         tracing::info!(model = %info.name, version = %info.version, provider = %info.provider, max_length, "model loaded");
-        Ok(Model { info, encoder, template, heads, onnx_path, runtime, options: options.clone(), layout, spare: Mutex::new(Some(first)) })
+        Ok(Model {
+            info,
+            encoder,
+            template,
+            heads,
+            descriptor,
+            onnx_path,
+            runtime,
+            options: options.clone(),
+            layout,
+            spare: Mutex::new(Some(first)),
+        })
+    }
+
+    /// What the model directory says about itself (recommended thresholds, training record).
+    pub fn descriptor(&self) -> &Descriptor {
+        &self.descriptor
     }
 
     pub fn info(&self) -> &ModelInfo {

@@ -9,7 +9,7 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{Session, SessionInputValue};
 use ort::value::{Outlet, Tensor, TensorElementType};
 
-use super::{Encoded, HeadKind, HeadSet, HeadSpec, InferenceOptions, ModelError, OptimizationLevel, Prediction, Provider, Runtime};
+use super::{Encoded, HeadSet, InferenceOptions, ModelError, OptimizationLevel, Prediction, Provider, Runtime};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Role {
@@ -54,9 +54,10 @@ impl InputLayout {
     }
 }
 
-pub(crate) fn check_outputs(outputs: &[Outlet], heads: &[HeadSpec]) -> Result<(), ModelError> {
+pub(crate) fn check_outputs(outputs: &[Outlet], heads: &HeadSet) -> Result<(), ModelError> {
     let available = || outputs.iter().map(|o| o.name().to_string()).collect::<Vec<_>>().join(", ");
-    for head in heads {
+    let specs = heads.heads();
+    for (index, head) in specs.iter().enumerate() {
         let Some(outlet) = outputs.iter().find(|o| o.name() == head.output) else {
             return Err(ModelError::MissingOutput { head: head.name.clone(), output: head.output.clone(), available: available() });
         };
@@ -64,15 +65,20 @@ pub(crate) fn check_outputs(outputs: &[Outlet], heads: &[HeadSpec]) -> Result<()
             continue;
         };
         let dims: Vec<i64> = shape.iter().copied().collect();
-        let expected_rank_ok = dims.len() == 2;
-        let label_dim_ok = head.kind == HeadKind::Embedding || dims.last().is_none_or(|&d| d <= 0 || d as usize == head.labels.len());
-        if !expected_rank_ok || !label_dim_ok {
+        let expected = heads.expected_width(index);
+        let width_ok = expected.is_none_or(|w| dims.last().is_none_or(|&d| d <= 0 || d as usize == w));
+        if dims.len() != 2 || !width_ok {
             return Err(ModelError::OutputShape {
                 head: head.name.clone(),
                 output: head.output.clone(),
-                expected: if head.kind == HeadKind::Embedding { "[batch, dim]".into() } else { format!("[batch, {}]", head.labels.len()) },
+                expected: expected.map_or_else(|| "[batch, dim]".to_string(), |w| format!("[batch, {w}]")),
                 found: format!("{dims:?}"),
             });
+        }
+    }
+    if let Some(ood) = heads.ood() {
+        if !outputs.iter().any(|o| o.name() == ood.output) {
+            return Err(ModelError::MissingOutput { head: "ood".into(), output: ood.output.clone(), available: available() });
         }
     }
     Ok(())
@@ -166,36 +172,46 @@ impl InferenceSession {
         }
         let outputs = self.session.run(inputs).map_err(err)?;
 
-        let mut per_head: Vec<(&[f32], usize)> = Vec::with_capacity(self.heads.heads.len());
-        for head in &self.heads.heads {
-            let value = outputs.get(&head.output).ok_or_else(|| ModelError::MissingOutput {
-                head: head.name.clone(),
-                output: head.output.clone(),
+        let mut per_output: Vec<(&[f32], usize)> = Vec::with_capacity(self.heads.outputs().len());
+        for name in self.heads.outputs() {
+            let value = outputs.get(name.as_str()).ok_or_else(|| ModelError::MissingOutput {
+                head: "(any)".into(),
+                output: name.clone(),
                 available: String::new(),
             })?;
             let (shape, data) = value.try_extract_tensor::<f32>().map_err(err)?;
             let dims: Vec<i64> = shape.iter().copied().collect();
             let width = dims.get(1).copied().unwrap_or(0) as usize;
-            let label_ok = head.kind == HeadKind::Embedding || width == head.labels.len();
-            if dims.len() != 2 || dims[0] as usize != rows || !label_ok {
+            if dims.len() != 2 || dims[0] as usize != rows {
                 return Err(ModelError::OutputShape {
-                    head: head.name.clone(),
-                    output: head.output.clone(),
-                    expected: format!(
-                        "[{rows}, {}]",
-                        if head.kind == HeadKind::Embedding { "dim".to_string() } else { head.labels.len().to_string() }
-                    ),
+                    head: "(any)".into(),
+                    output: name.clone(),
+                    expected: format!("[{rows}, width]"),
                     found: format!("{dims:?}"),
                 });
             }
-            per_head.push((data, width));
+            per_output.push((data, width));
+        }
+        // A graph with dynamic output shapes can only be checked here, on real rows.
+        for (index, head) in self.heads.heads().iter().enumerate() {
+            let output = self.heads.outputs().iter().position(|o| *o == head.output).unwrap_or(0);
+            if let Some(expected) = self.heads.expected_width(index) {
+                if per_output[output].1 != expected {
+                    return Err(ModelError::OutputShape {
+                        head: head.name.clone(),
+                        output: head.output.clone(),
+                        expected: format!("[{rows}, {expected}]"),
+                        found: format!("[{rows}, {}]", per_output[output].1),
+                    });
+                }
+            }
         }
         let mut predictions = Vec::with_capacity(rows);
-        let mut row_slices: Vec<&[f32]> = Vec::with_capacity(per_head.len());
-        for r in 0..rows {
+        let mut row_slices: Vec<&[f32]> = Vec::with_capacity(per_output.len());
+        for (r, encoded) in batch.iter().enumerate() {
             row_slices.clear();
-            row_slices.extend(per_head.iter().map(|(data, width)| &data[r * width..(r + 1) * width]));
-            predictions.push(self.heads.predict(&row_slices));
+            row_slices.extend(per_output.iter().map(|(data, width)| &data[r * width..(r + 1) * width]));
+            predictions.push(self.heads.predict(&row_slices, &encoded.ids));
         }
         Ok(predictions)
     }

@@ -36,6 +36,9 @@ pub struct ResultRow {
     pub metadata_keys: Vec<String>,
     pub metadata_values: Vec<String>,
     pub worker_id: String,
+    /// Out-of-distribution score (models with a gate; NULL otherwise). Last, so tables
+    /// created before it get it by `ALTER TABLE ... ADD COLUMN` (`triage schema apply`).
+    pub ood_score: Option<f32>,
 }
 
 /// (column, ClickHouse type, low-cardinality candidate) in row order.
@@ -66,6 +69,7 @@ pub const COLUMNS: &[(&str, &str, bool)] = &[
     ("metadata_keys", "Array(String)", false),
     ("metadata_values", "Array(String)", false),
     ("worker_id", "String", true),
+    ("ood_score", "Nullable(Float32)", false),
 ];
 
 #[cfg(test)]
@@ -101,6 +105,7 @@ mod tests {
             metadata_keys: vec![],
             metadata_values: vec![],
             worker_id: String::new(),
+            ood_score: None,
         };
         let serde_json::Value::Object(fields) = serde_json::to_value(&row).unwrap() else { panic!() };
         let names: Vec<&str> = fields.keys().map(String::as_str).collect();

@@ -63,9 +63,16 @@ pub fn views(c: &ClickHouseConfig) -> Vec<(String, String)> {
     ]
 }
 
+/// Columns added after the first release, for tables created before them (a no-op on a new
+/// table). `ADD COLUMN IF NOT EXISTS` works on 18.16 and on modern servers.
+pub fn migrations(c: &ClickHouseConfig) -> Vec<String> {
+    vec![format!("ALTER TABLE {}.{} ADD COLUMN IF NOT EXISTS `ood_score` Nullable(Float32)", c.database, c.table)]
+}
+
 /// Every statement, in the order `triage schema apply` runs them.
 pub fn statements(c: &ClickHouseConfig) -> Vec<String> {
     let mut out = vec![create_database(c), create_table(c)];
+    out.extend(migrations(c));
     out.extend(views(c).into_iter().map(|(_, sql)| sql));
     out
 }
