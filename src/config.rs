@@ -461,7 +461,17 @@ mod tests {
         assert_eq!(c.kafka.group_id, "triage");
         assert_eq!(c.clickhouse.table, "results");
         assert_eq!(c.max_message_bytes, 1 << 20);
-        assert_eq!(c.threshold(&c.routes[0]), 0.5);
+        let heads = "[[heads]]\nname = \"intent\"\noutput = \"p\"\nkind = \"single_label\"\nlabels = [\"a\", \"b\"]\n";
+        let plain = crate::model::Descriptor::parse(heads, Path::new("m")).unwrap();
+        assert_eq!(c.threshold(&c.routes[0], &plain), 0.5);
+        let calibrated = crate::model::Descriptor::parse(&format!("{heads}[escalation]\nthreshold = 0.7\n"), Path::new("m")).unwrap();
+        assert_eq!(c.threshold(&c.routes[0], &calibrated), 0.7, "the model's calibrated threshold beats the default");
+        let mut own = c.clone();
+        own.routes[0].escalation_threshold = Some(0.2);
+        assert_eq!(own.threshold(&own.routes[0], &calibrated), 0.2, "a route's own threshold beats the model's");
+        own.routes[0].escalation_threshold = None;
+        own.routes[0].escalation_head = Some("other".into());
+        assert_eq!(own.threshold(&own.routes[0], &calibrated), 0.5, "calibrated for the category head only");
     }
 
     #[test]

@@ -214,6 +214,12 @@ impl Descriptor {
         Self::resolve(own, optimum, &dir_name, dir)
     }
 
+    /// A descriptor from `model.toml` text alone (tests, tools).
+    pub fn parse(text: &str, dir: &Path) -> Result<Self, ModelError> {
+        let own: DescriptorFile = toml::from_str(text).map_err(|e| ModelError::invalid(dir.join(DESCRIPTOR_FILE), e.to_string()))?;
+        Self::resolve(Some(own), None, "model", dir)
+    }
+
     fn resolve(own: Option<DescriptorFile>, optimum: Option<OptimumConfig>, dir_name: &str, dir: &Path) -> Result<Self, ModelError> {
         if own.is_none() && optimum.is_none() {
             return Err(ModelError::NoDescriptor { dir: dir.to_path_buf() });
