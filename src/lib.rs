@@ -23,6 +23,7 @@ pub mod retry;
 pub mod sink;
 pub mod source;
 pub mod telemetry;
+pub mod train;
 pub mod time;
 
 pub use engine::{Classified, ClassifyError, Engine, EngineConfig, Outcome};

@@ -63,6 +63,120 @@ enum Command {
     Redrive(RedriveArgs),
     /// Side-by-side benchmark: model ceiling vs the whole worker vs batch size 1, with ratios.
     Bench(BenchArgs),
+    /// Train heads on your labelled CSV / JSON lines over a frozen encoder; writes a model directory.
+    Train(TrainArgs),
+    /// Score a model directory on labelled data, next to a TF-IDF baseline on the same split.
+    Eval(EvalArgs),
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Labelled data: CSV with a header row, or JSON lines.
+    #[arg(long)]
+    data: PathBuf,
+    /// Text columns in template order: COLUMN or PLACEHOLDER=COLUMN (e.g. subject,body or body=text).
+    #[arg(long, required = true, value_delimiter = ',')]
+    text: Vec<String>,
+    /// A single-label head per column: COLUMN or HEAD=COLUMN (repeatable; the first is the category).
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    /// A multi-label head: COLUMN (tags split on | or ;, or a JSON array) or HEAD=COL1,COL2,...
+    #[arg(long = "multi-label")]
+    multi_label: Vec<String>,
+    /// Model directory whose embedding head is the frozen encoder (default: the default model).
+    #[arg(long, env = "TRIAGE_TRAIN_ENCODER")]
+    encoder: Option<PathBuf>,
+    /// Where to write the model directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Model name (default: the --out folder's name).
+    #[arg(long)]
+    name: Option<String>,
+    /// How the worker assembles text, e.g. "{subject}\n{body}" (default: the text placeholders, one per line).
+    #[arg(long)]
+    template: Option<String>,
+    /// Recommend (and write) the confidence threshold reaching this accuracy on what is not escalated, e.g. 0.95.
+    #[arg(long)]
+    target_accuracy: Option<f64>,
+    /// Texts unlike the training data (CSV / JSON lines) to measure the out-of-distribution gate.
+    #[arg(long)]
+    foreign: Option<PathBuf>,
+    /// Text columns of --foreign (default: --text).
+    #[arg(long, value_delimiter = ',')]
+    foreign_text: Vec<String>,
+    /// Lexical (TF-IDF) layer averaged with the embedding layer: auto (if it helps in cross-validation), on, off.
+    #[arg(long, default_value = "auto")]
+    lexical: triage::train::LexicalMode,
+    /// A TOML file with a [priority] table (from_head, default, map) for model.toml.
+    #[arg(long)]
+    priority: Option<PathBuf>,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Share of the data held out for validation.
+    #[arg(long, default_value_t = 0.2)]
+    validation_fraction: f64,
+    /// Labels with fewer examples are left out (with a warning).
+    #[arg(long, default_value_t = 5)]
+    min_examples: usize,
+    /// Regularisation strengths tried by cross-validation (C, larger: weaker).
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    c: Vec<f64>,
+    #[arg(long, default_value_t = 3)]
+    folds: usize,
+    /// Replace a model.toml already in --out.
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+    #[command(flatten)]
+    batch: BatchArgs,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[arg(long, env = "TRIAGE_MODEL")]
+    model: Option<PathBuf>,
+    /// Labelled data (CSV or JSON lines).
+    #[arg(long)]
+    data: PathBuf,
+    /// Score every row (a separate test file) instead of the model's validation split.
+    #[arg(long)]
+    all: bool,
+    /// Text columns (default: the model's [training] record).
+    #[arg(long, value_delimiter = ',')]
+    text: Vec<String>,
+    /// HEAD=COLUMN label columns (default: the model's [training] record).
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+    #[command(flatten)]
+    batch: BatchArgs,
+}
+
+/// ONNX Runtime settings for commands that load models by other flags.
+#[derive(Args, Clone)]
+struct RuntimeArgs {
+    #[arg(long, env = "TRIAGE_ORT_LIBRARY")]
+    ort_library: Option<PathBuf>,
+    #[arg(long, env = "TRIAGE_PROVIDERS", value_delimiter = ',', default_value = "cpu")]
+    providers: Vec<Provider>,
+    #[arg(long, env = "TRIAGE_INTRA_THREADS", default_value_t = 0)]
+    intra_threads: usize,
+}
+
+impl RuntimeArgs {
+    fn options(&self) -> InferenceOptions {
+        InferenceOptions {
+            ort_library: self.ort_library.clone(),
+            providers: self.providers.clone(),
+            intra_threads: self.intra_threads,
+            ..InferenceOptions::default()
+        }
+    }
 }
 
 #[derive(Args)]
@@ -253,6 +367,8 @@ fn main() {
         Command::Produce(args) => runtime().and_then(|rt| rt.block_on(run_produce(args))),
         Command::Redrive(args) => run_redrive(args),
         Command::Bench(args) => runtime().and_then(|rt| rt.block_on(run_bench(args))),
+        Command::Train(args) => run_train(args),
+        Command::Eval(args) => run_eval(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -280,6 +396,157 @@ fn model_dir(arg: &Option<PathBuf>) -> Result<PathBuf> {
             )
         }),
     }
+}
+
+/// Progress of `train` / `eval` stages: a bar on a terminal, a line every 10% otherwise (logs).
+struct StageProgress {
+    bar: std::sync::Mutex<Option<(ProgressBar, String, u64, u64)>>,
+    terminal: bool,
+}
+
+impl StageProgress {
+    fn new() -> Self {
+        StageProgress { bar: std::sync::Mutex::new(None), terminal: std::io::stderr().is_terminal() }
+    }
+}
+
+impl triage::train::Progress for StageProgress {
+    fn stage(&self, name: &str, total: u64) {
+        let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr()).with_style(
+            ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} {per_sec} eta {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_message(name.to_string());
+        if !self.terminal {
+            eprintln!("{name}: 0/{total}");
+        }
+        if let Ok(mut slot) = self.bar.lock() {
+            *slot = Some((bar, name.to_string(), total, 0));
+        }
+    }
+    fn advance(&self, n: u64) {
+        if let Ok(mut slot) = self.bar.lock() {
+            if let Some((bar, name, total, done)) = slot.as_mut() {
+                bar.inc(n);
+                let before = *done * 10 / (*total).max(1);
+                *done += n;
+                if !self.terminal && *done * 10 / (*total).max(1) > before {
+                    let elapsed = bar.elapsed().as_secs_f64();
+                    let eta = elapsed / *done as f64 * (*total - (*done).min(*total)) as f64;
+                    eprintln!("{name}: {done}/{total} ({:.0}/s, eta {eta:.0}s)", *done as f64 / elapsed.max(1e-9));
+                }
+            }
+        }
+    }
+    fn finish_stage(&self) {
+        if let Ok(mut slot) = self.bar.lock() {
+            if let Some((bar, ..)) = slot.take() {
+                bar.finish_and_clear();
+            }
+        }
+    }
+    fn note(&self, line: &str) {
+        match self.bar.lock().ok().and_then(|s| s.as_ref().map(|(b, ..)| b.clone())) {
+            Some(bar) => bar.suspend(|| eprintln!("{line}")),
+            None => eprintln!("{line}"),
+        }
+    }
+}
+
+fn run_train(args: TrainArgs) -> Result<()> {
+    use triage::train::{Columns, TrainOptions};
+    let columns = Columns {
+        text: Columns::parse_text(&args.text)?,
+        labels: args
+            .labels
+            .iter()
+            .map(|l| match l.split_once('=') {
+                Some((h, c)) => (h.trim().to_string(), c.trim().to_string()),
+                None => (l.trim().to_string(), l.trim().to_string()),
+            })
+            .collect(),
+        multi_label: args.multi_label.iter().map(|m| Columns::parse_multi_label(m)).collect::<Result<_, _>>()?,
+    };
+    let encoder = model_dir(&args.encoder)?;
+    let mut options = TrainOptions::new(args.data, columns, encoder, args.out);
+    options.name = args.name;
+    options.template = args.template.map(|t| t.replace("\\n", "\n"));
+    options.target_accuracy = args.target_accuracy;
+    if let Some(t) = options.target_accuracy {
+        if !(0.0..1.0).contains(&t) {
+            bail!("--target-accuracy {t} must be a fraction below 1 (e.g. 0.95)");
+        }
+    }
+    options.foreign = args.foreign;
+    if !args.foreign_text.is_empty() {
+        options.foreign_text = Some(Columns::parse_text(&args.foreign_text)?);
+    }
+    options.lexical = args.lexical;
+    options.priority = args.priority;
+    options.seed = args.seed;
+    options.validation_fraction = args.validation_fraction;
+    options.min_examples = args.min_examples.max(2);
+    if args.c.is_empty() || args.c.iter().any(|c| !(*c > 0.0)) {
+        bail!("--c values must be positive numbers");
+    }
+    options.c_grid = args.c;
+    options.c_grid.sort_by(f64::total_cmp);
+    options.folds = args.folds.clamp(2, 10);
+    options.inference = args.runtime.options();
+    options.engine = engine_config(&args.batch);
+    options.force = args.force;
+    let report = triage::train::train(&options, &StageProgress::new())?;
+    for h in &report.single {
+        println!(
+            "{}: accuracy {:.3}, macro-F1 {:.3} (embedding alone {:.3}; TF-IDF baseline {:.3})",
+            h.name, h.validation.accuracy, h.validation.macro_f1, h.validation_embedding_only.accuracy, h.validation_tfidf_baseline.accuracy
+        );
+    }
+    for m in &report.multi {
+        println!("{}: micro-F1 {:.3} (TF-IDF baseline {:.3})", m.name, m.validation_micro_f1, m.validation_tfidf_baseline_micro_f1);
+    }
+    if let Some(p) = report.escalation.as_ref().and_then(|e| e.recommended) {
+        println!("escalation threshold {:.2}: escalates {:.1}% of validation", p.threshold, p.escalated * 100.0);
+    }
+    if let Some(f) = report.ood.as_ref().and_then(|o| o.foreign.as_ref()) {
+        println!("out-of-distribution AUROC {:.3} (1 - confidence: {:.3})", f.auroc, f.confidence_auroc);
+    }
+    println!("model written to {} (see MODEL_CARD.md)", options.out.display());
+    Ok(())
+}
+
+fn run_eval(args: EvalArgs) -> Result<()> {
+    use triage::train::{eval, Columns};
+    let columns = if args.text.is_empty() && args.labels.is_empty() {
+        None
+    } else {
+        Some(Columns {
+            text: Columns::parse_text(&args.text)?,
+            labels: args
+                .labels
+                .iter()
+                .map(|l| match l.split_once('=') {
+                    Some((h, c)) => (h.trim().to_string(), c.trim().to_string()),
+                    None => (l.trim().to_string(), l.trim().to_string()),
+                })
+                .collect(),
+            multi_label: Vec::new(),
+        })
+    };
+    let options = eval::EvalOptions {
+        model: model_dir(&args.model)?,
+        data: args.data,
+        all: args.all,
+        columns,
+        inference: args.runtime.options(),
+        engine: engine_config(&args.batch),
+    };
+    let report = eval::evaluate(&options, &StageProgress::new())?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", eval::render(&report));
+    }
+    Ok(())
 }
 
 fn load_model(args: &ModelArgs) -> Result<Arc<Model>> {

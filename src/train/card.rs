@@ -1,0 +1,360 @@
+//! Writing a trained model directory: the encoder graph and tokenizer (linked or copied),
+//! heads.safetensors, model.toml, metrics.json and MODEL_CARD.md. Each file is written to a
+//! temporary name and renamed, so a crash never leaves a half-written file behind.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
+use super::fitting::{MultiHeadFit, SingleHeadFit};
+use super::{TrainError, TrainOptions, TrainReport};
+use crate::model::linear::{self, DenseMatrix, LexicalVocabulary};
+use crate::model::{Model, MODEL_FILE, TOKENIZER_FILE};
+
+pub(super) struct Output<'a> {
+    pub options: &'a TrainOptions,
+    pub name: &'a str,
+    pub template: &'a str,
+    pub encoder: &'a Model,
+    pub embedding_output: &'a str,
+    pub vocabulary: &'a LexicalVocabulary,
+    pub single: &'a [SingleHeadFit],
+    pub multi: &'a [MultiHeadFit],
+    pub centroids: Option<&'a DenseMatrix>,
+    pub priority: Option<&'a toml::Value>,
+    pub report: &'a TrainReport,
+    pub data_rows: usize,
+}
+
+fn write_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Write { path: path.to_path_buf(), source }
+}
+
+/// A temporary name beside `path`, removed first: writing through an existing name could
+/// write through a hard link into another model's file.
+fn temporary(path: &Path) -> Result<std::path::PathBuf, TrainError> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    match std::fs::remove_file(&tmp) {
+        Ok(()) => Ok(tmp),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(tmp),
+        Err(e) => Err(write_err(&tmp)(e)),
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
+    let tmp = temporary(path)?;
+    std::fs::write(&tmp, bytes).map_err(write_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(write_err(path))
+}
+
+/// Hard link when possible (same filesystem), else copy; nothing when `target` already is
+/// `source` (the same file, e.g. retraining into the encoder's own directory).
+fn place(source: &Path, target: &Path) -> Result<(), TrainError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(source).map_err(write_err(source))?;
+    if let Ok(existing) = std::fs::metadata(target) {
+        if existing.dev() == meta.dev() && existing.ino() == meta.ino() {
+            return Ok(());
+        }
+    }
+    let tmp = temporary(target)?;
+    if std::fs::hard_link(source, &tmp).is_err() {
+        std::fs::copy(source, &tmp).map_err(write_err(&tmp))?;
+    }
+    std::fs::rename(&tmp, target).map_err(write_err(target))
+}
+
+pub(super) fn write_model_dir(o: &Output<'_>) -> Result<(), TrainError> {
+    let out = &o.options.out;
+    std::fs::create_dir_all(out).map_err(write_err(out))?;
+    let encoder_dir = &o.encoder.info().dir;
+    place(&encoder_dir.join(MODEL_FILE), &out.join(MODEL_FILE))?;
+    place(&encoder_dir.join(TOKENIZER_FILE), &out.join(TOKENIZER_FILE))?;
+
+    let weights = weights_bytes(o).map_err(TrainError::Invalid)?;
+    let version = hex::encode(Sha256::digest(&weights))[..12].to_string();
+    write_atomic(&out.join(linear::WEIGHTS_FILE), &weights)?;
+    write_atomic(&out.join(crate::model::descriptor::DESCRIPTOR_FILE), descriptor(o, &version)?.as_bytes())?;
+    let metrics = serde_json::to_vec_pretty(o.report).map_err(|e| TrainError::Invalid(e.to_string()))?;
+    write_atomic(&out.join("metrics.json"), &metrics)?;
+    write_atomic(&out.join("MODEL_CARD.md"), model_card(o.report, o.options, &version).as_bytes())?;
+    Ok(())
+}
+
+fn weights_bytes(o: &Output<'_>) -> Result<Vec<u8>, String> {
+    let mut f32s: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut any_lexical = false;
+    for head in o.single {
+        let name = &head.report.name;
+        let (d, l) = head.dense.weight.dim();
+        f32s.push((linear::weight_name(name), vec![l, d], head.dense.weight_label_major()));
+        f32s.push((linear::bias_name(name), vec![l], head.dense.bias.clone()));
+        if head.report.lexical_share > 0.0 {
+            any_lexical = true;
+            let prefix = linear::lexical_prefix(name);
+            let (f, l) = head.lexical.weight.dim();
+            f32s.push((linear::weight_name(&prefix), vec![f, l], head.lexical.weight.iter().copied().collect()));
+            f32s.push((linear::bias_name(&prefix), vec![l], head.lexical.bias.clone()));
+        }
+    }
+    for head in o.multi {
+        let (d, l) = head.fit.weight.dim();
+        f32s.push((linear::weight_name(&head.report.name), vec![l, d], head.fit.weight_label_major()));
+        f32s.push((linear::bias_name(&head.report.name), vec![l], head.fit.bias.clone()));
+    }
+    if let Some(c) = o.centroids {
+        f32s.push((linear::OOD_CENTROIDS.to_string(), vec![c.rows, c.cols], c.data.clone()));
+    }
+    let mut u64s: Vec<(String, Vec<usize>, Vec<u64>)> = Vec::new();
+    if any_lexical {
+        f32s.push((linear::LEXICAL_IDF.to_string(), vec![o.vocabulary.len()], o.vocabulary.idf().to_vec()));
+        u64s.push((linear::LEXICAL_FEATURES.to_string(), vec![o.vocabulary.len()], o.vocabulary.keys().to_vec()));
+    }
+    let f32_refs: Vec<(String, Vec<usize>, &[f32])> = f32s.iter().map(|(n, s, d)| (n.clone(), s.clone(), d.as_slice())).collect();
+    let u64_refs: Vec<(String, Vec<usize>, &[u64])> = u64s.iter().map(|(n, s, d)| (n.clone(), s.clone(), d.as_slice())).collect();
+    linear::serialize(&f32_refs, &u64_refs)
+}
+
+fn descriptor(o: &Output<'_>, version: &str) -> Result<String, TrainError> {
+    use toml::{Table, Value};
+    let strings = |v: &[String]| Value::Array(v.iter().cloned().map(Value::String).collect());
+    let mut root = Table::new();
+    root.insert("name".into(), Value::String(o.name.to_string()));
+    root.insert("version".into(), Value::String(version.to_string()));
+    root.insert("max_length".into(), Value::Integer(o.encoder.info().max_length as i64));
+    root.insert("template".into(), Value::String(o.template.to_string()));
+    if let Some(first) = o.single.first() {
+        root.insert("category_head".into(), Value::String(first.report.name.clone()));
+    }
+    let mut heads = Vec::new();
+    for h in o.single {
+        let mut t = Table::new();
+        t.insert("name".into(), Value::String(h.report.name.clone()));
+        t.insert("output".into(), Value::String(o.embedding_output.to_string()));
+        t.insert("kind".into(), Value::String("single_label".into()));
+        t.insert("weights".into(), Value::String(h.report.name.clone()));
+        if h.report.lexical_share > 0.0 {
+            t.insert("lexical_share".into(), Value::Float(f64::from(h.report.lexical_share)));
+        }
+        t.insert("labels".into(), strings(&h.report.labels));
+        heads.push(Value::Table(t));
+    }
+    for h in o.multi {
+        let mut t = Table::new();
+        t.insert("name".into(), Value::String(h.report.name.clone()));
+        t.insert("output".into(), Value::String(o.embedding_output.to_string()));
+        t.insert("kind".into(), Value::String("multi_label".into()));
+        t.insert("weights".into(), Value::String(h.report.name.clone()));
+        t.insert("threshold".into(), Value::Float(f64::from(h.report.threshold)));
+        t.insert("labels".into(), strings(&h.report.labels));
+        heads.push(Value::Table(t));
+    }
+    // The embedding stays an output, so this model can be the encoder of the next training.
+    let taken: Vec<&str> = o.single.iter().map(|h| h.report.name.as_str()).chain(o.multi.iter().map(|h| h.report.name.as_str())).collect();
+    let embedding_name = if taken.contains(&"embedding") { "sentence_embedding" } else { "embedding" };
+    let mut e = Table::new();
+    e.insert("name".into(), Value::String(embedding_name.into()));
+    e.insert("output".into(), Value::String(o.embedding_output.to_string()));
+    e.insert("kind".into(), Value::String("embedding".into()));
+    heads.push(Value::Table(e));
+    root.insert("heads".into(), Value::Array(heads));
+    if let Some(p) = o.priority {
+        root.insert("priority".into(), p.clone());
+    }
+    if let Some(point) = o.report.escalation.as_ref().and_then(|e| e.recommended) {
+        let mut t = Table::new();
+        t.insert("threshold".into(), Value::Float(round(f64::from(point.threshold))));
+        if let Some(target) = o.options.target_accuracy {
+            t.insert("target_accuracy".into(), Value::Float(target));
+        }
+        t.insert("escalated_share".into(), Value::Float(round(point.escalated)));
+        root.insert("escalation".into(), Value::Table(t));
+    }
+    if let Some(ood) = &o.report.ood {
+        let mut t = Table::new();
+        t.insert("output".into(), Value::String(o.embedding_output.to_string()));
+        t.insert("threshold".into(), Value::Float(round(f64::from(ood.threshold))));
+        if let Some(f) = &ood.foreign {
+            t.insert("auroc".into(), Value::Float(round(f.auroc)));
+        }
+        root.insert("ood".into(), Value::Table(t));
+    }
+    let record = crate::model::TrainingRecord {
+        text: o.options.columns.text.iter().map(|(p, c)| if p == c { c.clone() } else { format!("{p}={c}") }).collect(),
+        labels: o.options.columns.labels.iter().cloned().collect(),
+        multi_label: o.options.columns.multi_label.iter().cloned().collect(),
+        seed: o.options.seed,
+        validation_fraction: o.options.validation_fraction as f32,
+        min_examples: o.options.min_examples,
+        encoder: o.options.encoder.display().to_string(),
+        data: o.options.data.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        data_rows: o.data_rows,
+        trained_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+    };
+    root.insert("training".into(), Value::try_from(&record).map_err(|e| TrainError::Invalid(e.to_string()))?);
+    let body = toml::to_string_pretty(&root).map_err(|e| TrainError::Invalid(e.to_string()))?;
+    Ok(format!(
+        "# Written by `triage train` (see MODEL_CARD.md for how and how well). Retrain rather than edit:\n\
+         # heads.safetensors holds weights for exactly these labels, in this order.\n{body}"
+    ))
+}
+
+fn round(v: f64) -> f64 {
+    (v * 10_000.0).round() / 10_000.0
+}
+
+fn pct(v: f64) -> String {
+    format!("{:.1}%", v * 100.0)
+}
+
+/// The model card: what was trained on what, and how well, against the TF-IDF baseline.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placing_and_rewriting_never_write_through_to_the_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let (encoder, out) = (dir.path().join("encoder.onnx"), dir.path().join("out"));
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::write(&encoder, b"graph").unwrap();
+        let target = out.join("model.onnx");
+        // Twice: the second time target and source are already one file.
+        place(&encoder, &target).unwrap();
+        place(&encoder, &target).unwrap();
+        write_atomic(&out.join("model.toml"), b"descriptor").unwrap();
+        write_atomic(&out.join("model.toml"), b"descriptor 2").unwrap();
+        assert_eq!(std::fs::read(&encoder).unwrap(), b"graph");
+        assert_eq!(std::fs::read(&target).unwrap(), b"graph");
+        assert_eq!(std::fs::read(out.join("model.toml")).unwrap(), b"descriptor 2");
+        let leftovers: Vec<_> = std::fs::read_dir(&out).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains("tmp")).collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+        // Overwriting a hard-linked target replaces the name, not the shared file.
+        write_atomic(&target, b"other").unwrap();
+        assert_eq!(std::fs::read(&encoder).unwrap(), b"graph");
+    }
+}
+
+pub fn model_card(r: &TrainReport, o: &TrainOptions, version: &str) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# Model card: {} ({version})\n", r.model);
+    let _ = writeln!(
+        s,
+        "Trained by `triage train` on `{}` ({} rows read, {} usable): a frozen sentence encoder ({}, \
+         {} dimensions) with linear heads fitted on CPU. Split: {} train / {} validation, stratified, seed {}. \
+         Every figure below is on the validation split, which no choice was made on (regularisation and \
+         the lexical share were chosen by {}-fold cross-validation on the training part).\n",
+        r.data, r.rows_read, r.examples, r.encoder, r.embedding_dim, r.train_examples, r.validation_examples, r.seed, o.folds
+    );
+    let _ = writeln!(s, "Embedding took {:.0} s, fitting {:.0} s.\n", r.embed_seconds, r.fit_seconds);
+    for h in &r.single {
+        let _ = writeln!(s, "## Head `{}` (column `{}`, {} labels)\n", h.name, h.column, h.labels.len());
+        let _ = writeln!(s, "| | accuracy | macro-F1 |\n|---|---|---|");
+        let _ = writeln!(
+            s,
+            "| this model (embedding{}) | {:.3} | {:.3} |",
+            if h.lexical_share > 0.0 { format!(" + {:.0}% lexical", h.lexical_share * 100.0) } else { " alone".into() },
+            h.validation.accuracy,
+            h.validation.macro_f1
+        );
+        let _ = writeln!(s, "| embedding layer alone | {:.3} | {:.3} |", h.validation_embedding_only.accuracy, h.validation_embedding_only.macro_f1);
+        let _ = writeln!(
+            s,
+            "| TF-IDF + logistic regression baseline | {:.3} | {:.3} |\n",
+            h.validation_tfidf_baseline.accuracy, h.validation_tfidf_baseline.macro_f1
+        );
+        let _ = writeln!(s, "C = {} (embedding), {} (lexical). Cross-validated accuracy: {:.3} embedding alone, {:.3} as written.\n", h.c, h.lexical_c, h.cv_accuracy_embedding, h.cv_accuracy_combined);
+        let _ = writeln!(s, "<details><summary>Per label</summary>\n\n| label | precision | recall | F1 | support |\n|---|---|---|---|---|");
+        for l in &h.validation.per_label {
+            let _ = writeln!(s, "| {} | {:.2} | {:.2} | {:.2} | {} |", l.label, l.precision, l.recall, l.f1, l.support);
+        }
+        let _ = writeln!(s, "\n</details>\n");
+        if !h.validation.confused.is_empty() {
+            let _ = writeln!(s, "Most confused (true -> predicted): {}.\n", h.validation.confused.iter().take(5).map(|c| format!("{} -> {} ({})", c.truth, c.predicted, c.count)).collect::<Vec<_>>().join("; "));
+        }
+    }
+    for h in &r.multi {
+        let _ = writeln!(
+            s,
+            "## Multi-label head `{}` ({} tags from {})\n\nMicro-F1 {:.3} (TF-IDF baseline {:.3}) at threshold {:.2}, C = {}.\n",
+            h.name,
+            h.labels.len(),
+            h.columns.join(", "),
+            h.validation_micro_f1,
+            h.validation_tfidf_baseline_micro_f1,
+            h.threshold,
+            h.c
+        );
+    }
+    if let Some(e) = &r.escalation {
+        let _ = writeln!(s, "## Escalation: accuracy on what is kept vs share escalated (head `{}`)\n", e.head);
+        let _ = writeln!(s, "| confidence threshold | escalated | accuracy on the rest |\n|---|---|---|");
+        let mut shown: Vec<f32> = vec![0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9];
+        if let Some(p) = e.recommended {
+            shown.push(p.threshold);
+        }
+        shown.sort_by(f32::total_cmp);
+        shown.dedup();
+        for t in shown {
+            if let Some(p) = e.curve.iter().find(|p| (p.threshold - t).abs() < 1e-6) {
+                let mark = if e.recommended.is_some_and(|r| (r.threshold - t).abs() < 1e-6) { " (recommended)" } else { "" };
+                let _ = writeln!(s, "| {:.2}{mark} | {} | {} |", p.threshold, pct(p.escalated), pct(p.kept_accuracy));
+            }
+        }
+        match (e.target_accuracy, e.recommended) {
+            (Some(t), Some(p)) => {
+                let _ = writeln!(s, "\nFor {} accuracy on what is not escalated, model.toml recommends threshold {:.2} (escalates {} of validation).\n", pct(t), p.threshold, pct(p.escalated));
+            }
+            (Some(t), None) => {
+                let _ = writeln!(s, "\nNo threshold reaches {} on validation; none was written.\n", pct(t));
+            }
+            _ => {
+                let _ = writeln!(s, "\nNo target accuracy was given (`--target-accuracy`), so no threshold was written.\n");
+            }
+        }
+    }
+    if let Some(ood) = &r.ood {
+        let _ = writeln!(
+            s,
+            "## Out-of-distribution gate\n\n`ood_score` = 1 - cosine similarity of the message's embedding to the nearest class centroid. \
+             Threshold {:.3} (the 99th percentile of in-domain validation scores: {} of them are above it).\n",
+            ood.threshold,
+            pct(ood.in_domain_flagged)
+        );
+        match &ood.foreign {
+            Some(f) => {
+                let _ = writeln!(
+                    s,
+                    "On a held-out foreign set (`{}`, {} texts): AUROC {:.3} for the OOD score vs {:.3} for 1 - confidence; \
+                     the threshold catches {} of them. Mean confidence on foreign texts {:.3} vs {:.3} in domain.\n",
+                    f.data,
+                    f.examples,
+                    f.auroc,
+                    f.confidence_auroc,
+                    pct(f.caught),
+                    f.foreign_mean_confidence,
+                    f.in_domain_mean_confidence
+                );
+            }
+            None => {
+                let _ = writeln!(s, "No foreign set was given (`--foreign`), so its AUROC is not measured.\n");
+            }
+        }
+    }
+    if !r.warnings.is_empty() {
+        let _ = writeln!(s, "## Data warnings\n");
+        for w in &r.warnings {
+            let _ = writeln!(s, "- {w}");
+        }
+        s.push('\n');
+    }
+    let _ = writeln!(
+        s,
+        "## Use\n\nPoint a route's `model` at this directory. `triage eval --model <dir> --data {}` re-derives the same split and \
+         prints these tables. The data's licence decides where this model may be used.",
+        r.data
+    );
+    s
+}

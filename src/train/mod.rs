@@ -1,0 +1,497 @@
+//! `triage train` and `triage eval`: from a labelled CSV / JSON-lines file to a model directory
+//! the worker loads as it is, on CPU, without Python.
+//!
+//! The encoder stays frozen: every text is embedded once by an existing model directory (its
+//! `embedding` head), batched by the same engine the worker uses; the heads are linear layers
+//! fitted in Rust ([`logreg`]). A second, lexical layer per label (TF-IDF over the word pieces
+//! the tokenizer already produced) is averaged in when it helps on cross-validation: the two
+//! make different mistakes. From the validation split come the metrics, a confidence threshold
+//! calibrated for a target accuracy, and the out-of-distribution gate's threshold.
+
+pub mod card;
+pub mod data;
+mod embed;
+pub mod eval;
+mod fitting;
+pub mod logreg;
+pub mod metrics;
+pub mod split;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ndarray::Array2;
+use serde::Serialize;
+
+use crate::engine::EngineConfig;
+use crate::model::linear::{self, LexicalVocabulary};
+use crate::model::{InferenceOptions, Model, ModelError, Template};
+pub use data::{Columns, DataError, Dataset};
+pub use embed::{embed, EmbedRun};
+pub use fitting::{LexicalMode, SingleHeadFit};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{}: {source}", path.display())]
+    Write { path: PathBuf, source: std::io::Error },
+}
+
+/// Where a long step reports how far it is (a progress bar, log lines, or nothing).
+pub trait Progress: Sync {
+    fn stage(&self, name: &str, total: u64);
+    fn advance(&self, n: u64);
+    fn finish_stage(&self);
+    fn note(&self, line: &str);
+}
+
+/// Reports nothing.
+pub struct Silent;
+
+impl Progress for Silent {
+    fn stage(&self, _: &str, _: u64) {}
+    fn advance(&self, _: u64) {}
+    fn finish_stage(&self) {}
+    fn note(&self, _: &str) {}
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    pub data: PathBuf,
+    pub columns: Columns,
+    /// A model directory with an `embedding` head (default: the default model).
+    pub encoder: PathBuf,
+    pub out: PathBuf,
+    pub name: Option<String>,
+    /// How the worker assembles text (default: the text placeholders joined by newlines).
+    pub template: Option<String>,
+    pub seed: u64,
+    pub validation_fraction: f64,
+    /// Labels with fewer examples are left out (with a warning).
+    pub min_examples: usize,
+    pub lexical: LexicalMode,
+    /// Write the confidence threshold reaching this accuracy on what is not escalated.
+    pub target_accuracy: Option<f64>,
+    /// Texts unlike the training data, to measure the OOD gate (its AUROC).
+    pub foreign: Option<PathBuf>,
+    pub foreign_text: Option<Vec<(String, String)>>,
+    /// A TOML file with a `[priority]` table (from_head, default, map) copied into model.toml.
+    pub priority: Option<PathBuf>,
+    /// Regularisation strengths tried by cross-validation (larger: weaker penalty).
+    pub c_grid: Vec<f64>,
+    pub lexical_c_grid: Vec<f64>,
+    pub folds: usize,
+    pub inference: InferenceOptions,
+    pub engine: EngineConfig,
+    /// Overwrite a model.toml already in `out`.
+    pub force: bool,
+}
+
+impl TrainOptions {
+    pub fn new(data: PathBuf, columns: Columns, encoder: PathBuf, out: PathBuf) -> Self {
+        TrainOptions {
+            data,
+            columns,
+            encoder,
+            out,
+            name: None,
+            template: None,
+            seed: 42,
+            validation_fraction: 0.2,
+            min_examples: 5,
+            lexical: LexicalMode::Auto,
+            target_accuracy: None,
+            foreign: None,
+            foreign_text: None,
+            priority: None,
+            c_grid: vec![1.0, 4.0, 16.0, 64.0],
+            lexical_c_grid: vec![10.0, 30.0],
+            folds: 3,
+            inference: InferenceOptions::default(),
+            engine: EngineConfig::default(),
+            force: false,
+        }
+    }
+}
+
+/// Labels of one head, as indices into `labels` (sorted names).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SingleLabels {
+    pub name: String,
+    pub column: String,
+    pub labels: Vec<String>,
+    pub y: Vec<Option<usize>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MultiLabels {
+    pub name: String,
+    pub columns: Vec<String>,
+    pub labels: Vec<String>,
+    pub y: Vec<Vec<usize>>,
+}
+
+/// The examples with labels turned into indices, rare labels left out; the split is a
+/// function of this and the seed alone, so `triage eval` re-derives it exactly.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub dataset: Dataset,
+    pub single: Vec<SingleLabels>,
+    pub multi: Vec<MultiLabels>,
+    pub warnings: Vec<String>,
+}
+
+pub fn prepare(dataset: Dataset, columns: &Columns, min_examples: usize) -> Result<Prepared, TrainError> {
+    let mut warnings = dataset.warnings.clone();
+    let mut single = Vec::new();
+    for (h, (name, column)) in columns.labels.iter().enumerate() {
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for e in &dataset.examples {
+            if let Some(l) = &e.labels[h] {
+                *counts.entry(l).or_default() += 1;
+            }
+        }
+        let (kept, rare): (Vec<_>, Vec<_>) = counts.iter().partition(|(_, &n)| n >= min_examples);
+        if !rare.is_empty() {
+            let listed: Vec<String> = rare.iter().take(12).map(|(l, n)| format!("{l} ({n})")).collect();
+            let more = if rare.len() > 12 { format!(" and {} more", rare.len() - 12) } else { String::new() };
+            warnings.push(format!(
+                "head `{name}`: {} label(s) with fewer than {min_examples} examples left out: {}{more}",
+                rare.len(),
+                listed.join(", ")
+            ));
+        }
+        let labels: Vec<String> = kept.iter().map(|(l, _)| l.to_string()).collect();
+        if labels.len() < 2 {
+            return Err(TrainError::Invalid(format!(
+                "head `{name}` (column `{column}`): {} label(s) with at least {min_examples} examples; a classifier needs two or more",
+                labels.len()
+            )));
+        }
+        let missing = dataset.examples.iter().filter(|e| e.labels[h].is_none()).count();
+        if missing > 0 {
+            let rows: Vec<String> = dataset.examples.iter().filter(|e| e.labels[h].is_none()).take(8).map(|e| e.row.to_string()).collect();
+            warnings.push(format!("head `{name}`: {missing} row(s) have no `{column}` value and do not train it (rows {}…)", rows.join(", ")));
+        }
+        let y = dataset.examples.iter().map(|e| e.labels[h].as_ref().and_then(|l| labels.binary_search(l).ok())).collect();
+        single.push(SingleLabels { name: name.clone(), column: column.clone(), labels, y });
+    }
+    let mut multi = Vec::new();
+    for (h, (name, cols)) in columns.multi_label.iter().enumerate() {
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for e in &dataset.examples {
+            for t in &e.tags[h] {
+                *counts.entry(t).or_default() += 1;
+            }
+        }
+        let labels: Vec<String> = counts.iter().filter(|(_, &n)| n >= min_examples).map(|(l, _)| l.to_string()).collect();
+        let rare = counts.len() - labels.len();
+        if rare > 0 {
+            warnings.push(format!("head `{name}`: {rare} tag(s) with fewer than {min_examples} examples left out ({} kept)", labels.len()));
+        }
+        if labels.is_empty() {
+            return Err(TrainError::Invalid(format!("head `{name}`: no tag has at least {min_examples} examples")));
+        }
+        let y = dataset.examples.iter().map(|e| e.tags[h].iter().filter_map(|t| labels.binary_search(t).ok()).collect()).collect();
+        multi.push(MultiLabels { name: name.clone(), columns: cols.clone(), labels, y });
+    }
+    Ok(Prepared { dataset, single, multi, warnings })
+}
+
+impl Prepared {
+    /// (train, validation) row indices, stratified on the first single-label head.
+    pub fn split(&self, fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
+        let strata: Vec<usize> = match self.single.first() {
+            Some(head) => head.y.iter().map(|y| y.map_or(head.labels.len(), |i| i)).collect(),
+            None => vec![0; self.dataset.examples.len()],
+        };
+        split::stratified_split(&strata, fraction, seed)
+    }
+
+    /// Each example's text as the worker renders it.
+    pub fn render(&self, template: &Template, max_chars: usize) -> Vec<crate::model::Rendered> {
+        self.dataset.examples.iter().map(|e| template.render(|f| e.fields.get(f).map(String::as_str), max_chars)).collect()
+    }
+}
+
+/// The template for the text placeholders: the given one (which must use only them), else
+/// the placeholders joined by newlines.
+pub fn template_for(columns: &Columns, given: Option<&str>) -> Result<(String, Template), TrainError> {
+    let text = match given {
+        Some(t) => t.to_string(),
+        None => columns.text.iter().map(|(p, _)| format!("{{{p}}}")).collect::<Vec<_>>().join("\n"),
+    };
+    let template = Template::parse(&text).map_err(TrainError::Invalid)?;
+    let unknown: Vec<&str> = template.fields().filter(|f| !columns.text.iter().any(|(p, _)| p == f)).collect();
+    let text_fields: Vec<&str> = columns.text.iter().map(|(p, _)| p.as_str()).collect();
+    if !template.fields().any(|f| text_fields.contains(&f)) {
+        return Err(TrainError::Invalid(format!("template `{text}` uses none of the text fields {}", text_fields.join(", "))));
+    }
+    if !unknown.is_empty() {
+        // Placeholders with no training column are allowed (always empty in training), but only
+        // if they were asked for explicitly: say so, since the worker will fill them.
+        tracing::warn!(placeholders = %unknown.join(", "), "template placeholders without a training column: they are empty in training");
+    }
+    Ok((text, template))
+}
+
+/// Lexical TF-IDF rows of `ids` over a vocabulary built from the rows in `fit_rows` (features
+/// in at least `min_df` of them).
+pub fn lexical_vocabulary(ids: &[Vec<u32>], fit_rows: &[usize], min_df: u32) -> LexicalVocabulary {
+    let mut df: std::collections::HashMap<linear::FeatureKey, u32> = std::collections::HashMap::new();
+    for &r in fit_rows {
+        for key in linear::feature_counts(&ids[r]).into_keys() {
+            *df.entry(key).or_default() += 1;
+        }
+    }
+    LexicalVocabulary::from_document_frequencies(df.into_iter().filter(|(_, d)| *d >= min_df).collect(), fit_rows.len())
+}
+
+pub fn lexical_rows(vocabulary: &LexicalVocabulary, ids: &[Vec<u32>]) -> logreg::SparseRows {
+    logreg::SparseRows::from_rows(vocabulary.len(), ids.iter().map(|i| vocabulary.transform(i)))
+}
+
+/// Everything a training run measured; written as metrics.json and rendered in the card.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainReport {
+    pub model: String,
+    pub data: String,
+    pub rows_read: usize,
+    pub examples: usize,
+    pub warnings: Vec<String>,
+    pub train_examples: usize,
+    pub validation_examples: usize,
+    /// 1-based data rows of the validation split, so other tools can score the same split.
+    pub validation_data_rows: Vec<usize>,
+    pub seed: u64,
+    pub encoder: String,
+    pub embedding_dim: usize,
+    pub embed_seconds: f64,
+    pub fit_seconds: f64,
+    pub single: Vec<fitting::SingleReport>,
+    pub multi: Vec<fitting::MultiReport>,
+    pub escalation: Option<EscalationReport>,
+    pub ood: Option<OodReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EscalationReport {
+    pub head: String,
+    pub curve: Vec<metrics::CurvePoint>,
+    pub target_accuracy: Option<f64>,
+    pub recommended: Option<metrics::CurvePoint>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OodReport {
+    pub threshold: f32,
+    /// Share of in-domain validation messages above the threshold.
+    pub in_domain_flagged: f64,
+    pub foreign: Option<ForeignReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ForeignReport {
+    pub data: String,
+    pub examples: usize,
+    /// AUROC of the OOD score separating foreign from in-domain validation texts.
+    pub auroc: f64,
+    /// The same for 1 - softmax confidence (what a confidence threshold alone would catch).
+    pub confidence_auroc: f64,
+    /// Share of foreign texts above the threshold.
+    pub caught: f64,
+    /// Mean top confidence of the category head on foreign vs in-domain texts.
+    pub foreign_mean_confidence: f64,
+    pub in_domain_mean_confidence: f64,
+}
+
+/// Train and write the model directory; returns what was measured.
+pub fn train(options: &TrainOptions, progress: &dyn Progress) -> Result<TrainReport, TrainError> {
+    if options.out.join(crate::model::descriptor::DESCRIPTOR_FILE).exists() && !options.force {
+        return Err(TrainError::Invalid(format!(
+            "{} already holds a model.toml; pass --force to replace it",
+            options.out.display()
+        )));
+    }
+    if options.columns.labels.is_empty() && options.columns.multi_label.is_empty() {
+        return Err(TrainError::Invalid("nothing to learn: give at least one --label or --multi-label column".into()));
+    }
+    if !(0.05..=0.5).contains(&options.validation_fraction) {
+        return Err(TrainError::Invalid(format!("validation fraction {} must be within 0.05..0.5", options.validation_fraction)));
+    }
+    let priority = options.priority.as_deref().map(read_priority).transpose()?;
+    let (template_text, template) = template_for(&options.columns, options.template.as_deref())?;
+
+    let dataset = data::read(&options.data, &options.columns)?;
+    let prepared = prepare(dataset, &options.columns, options.min_examples)?;
+    for w in &prepared.warnings {
+        progress.note(&format!("warning: {w}"));
+    }
+    let (train_rows, validation_rows) = prepared.split(options.validation_fraction, options.seed);
+    progress.note(&format!(
+        "{} usable rows of {} read: {} train, {} validation (stratified, seed {})",
+        prepared.dataset.examples.len(),
+        prepared.dataset.rows_read,
+        train_rows.len(),
+        validation_rows.len(),
+        options.seed
+    ));
+
+    let encoder = Arc::new(Model::load(&options.encoder, &options.inference)?);
+    let texts = prepared.render(&template, encoder.encoder().max_chars());
+    let run = embed(encoder.clone(), &texts, &options.engine, progress, "embedding")?;
+    progress.note(&format!("embedded {} texts in {:.1}s ({:.0}/s)", texts.len(), run.seconds, texts.len() as f64 / run.seconds.max(1e-9)));
+
+    let fit_start = std::time::Instant::now();
+    let vocabulary = lexical_vocabulary(&run.ids, &train_rows, 2);
+    let lexical = lexical_rows(&vocabulary, &run.ids);
+    let ctx = fitting::Context {
+        embeddings: &run.embeddings,
+        lexical: &lexical,
+        train_rows: &train_rows,
+        validation_rows: &validation_rows,
+        options,
+        progress,
+    };
+    let single: Vec<SingleHeadFit> = prepared.single.iter().map(|h| fitting::fit_single(&ctx, h)).collect();
+    let multi: Vec<fitting::MultiHeadFit> = prepared.multi.iter().map(|h| fitting::fit_multi(&ctx, h)).collect();
+    let fit_seconds = fit_start.elapsed().as_secs_f64();
+
+    let escalation = single.first().map(|head| {
+        let curve = metrics::escalation_curve(&head.validation_confidence, &head.validation_correct);
+        let recommended = options.target_accuracy.and_then(|t| metrics::threshold_for_accuracy(&curve, t));
+        if let (Some(t), None) = (options.target_accuracy, recommended) {
+            progress.note(&format!("warning: no confidence threshold reaches {:.1}% accuracy on the validation split", t * 100.0));
+        }
+        EscalationReport { head: head.report.name.clone(), curve, target_accuracy: options.target_accuracy, recommended }
+    });
+
+    let ood = single.first().map(|head| {
+        let centroids = class_centroids(&run.embeddings, &train_rows, &prepared.single[0].y, head.report.labels.len());
+        let in_domain: Vec<f32> = validation_rows.iter().map(|&r| centroids.distance_to_nearest(run.embeddings.row(r).as_slice().unwrap_or(&[]))).collect();
+        let threshold = metrics::quantile(&in_domain, 0.99);
+        (centroids, in_domain, threshold)
+    });
+    let ood_report = match &ood {
+        Some((centroids, in_domain, threshold)) => {
+            let foreign = match &options.foreign {
+                Some(path) => Some(measure_foreign(options, path, &template, &encoder, &vocabulary, centroids, in_domain, *threshold, &single[0], progress)?),
+                None => None,
+            };
+            Some(OodReport {
+                threshold: *threshold,
+                in_domain_flagged: in_domain.iter().filter(|s| **s > *threshold).count() as f64 / in_domain.len().max(1) as f64,
+                foreign,
+            })
+        }
+        None => None,
+    };
+
+    let name = options.name.clone().unwrap_or_else(|| {
+        options.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+    });
+    let report = TrainReport {
+        model: name.clone(),
+        data: options.data.display().to_string(),
+        rows_read: prepared.dataset.rows_read,
+        examples: prepared.dataset.examples.len(),
+        warnings: prepared.warnings.clone(),
+        train_examples: train_rows.len(),
+        validation_examples: validation_rows.len(),
+        validation_data_rows: validation_rows.iter().map(|&r| prepared.dataset.examples[r].row).collect(),
+        seed: options.seed,
+        encoder: format!("{} ({})", encoder.info().name, options.encoder.display()),
+        embedding_dim: run.embeddings.ncols(),
+        embed_seconds: run.seconds,
+        fit_seconds,
+        single: single.iter().map(|s| s.report.clone()).collect(),
+        multi: multi.iter().map(|m| m.report.clone()).collect(),
+        escalation,
+        ood: ood_report,
+    };
+    let output = card::Output {
+        options,
+        name: &name,
+        template: &template_text,
+        encoder: &encoder,
+        embedding_output: &run.embedding_output,
+        vocabulary: &vocabulary,
+        single: &single,
+        multi: &multi,
+        centroids: ood.as_ref().map(|(c, _, _)| c),
+        priority: priority.as_ref(),
+        report: &report,
+        data_rows: prepared.dataset.rows_read,
+    };
+    card::write_model_dir(&output)?;
+    progress.note(&format!("wrote {}", options.out.display()));
+    Ok(report)
+}
+
+fn read_priority(path: &Path) -> Result<toml::Value, TrainError> {
+    let text = std::fs::read_to_string(path).map_err(|e| TrainError::Invalid(format!("{}: {e}", path.display())))?;
+    let mut table: toml::Table = toml::from_str(&text).map_err(|e| TrainError::Invalid(format!("{}: {e}", path.display())))?;
+    let priority = table.remove("priority").ok_or_else(|| TrainError::Invalid(format!("{}: no [priority] table", path.display())))?;
+    priority
+        .clone()
+        .try_into::<crate::model::PrioritySpec>()
+        .map_err(|e| TrainError::Invalid(format!("{}: [priority]: {e}", path.display())))?;
+    Ok(priority)
+}
+
+/// Unit-length mean of each class's unit-length training embeddings.
+pub fn class_centroids(embeddings: &Array2<f32>, rows: &[usize], y: &[Option<usize>], classes: usize) -> linear::DenseMatrix {
+    let dim = embeddings.ncols();
+    let mut sums = vec![0.0f32; classes * dim];
+    for &r in rows {
+        if let Some(c) = y[r] {
+            let row = embeddings.row(r);
+            let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+            sums[c * dim..(c + 1) * dim].iter_mut().zip(row.iter()).for_each(|(s, v)| *s += v / norm);
+        }
+    }
+    for centroid in sums.chunks_exact_mut(dim) {
+        let norm = centroid.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+        centroid.iter_mut().for_each(|v| *v /= norm);
+    }
+    linear::DenseMatrix { rows: classes, cols: dim, data: sums }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn measure_foreign(
+    options: &TrainOptions,
+    path: &Path,
+    template: &Template,
+    encoder: &Arc<Model>,
+    vocabulary: &LexicalVocabulary,
+    centroids: &linear::DenseMatrix,
+    in_domain: &[f32],
+    threshold: f32,
+    category: &SingleHeadFit,
+    progress: &dyn Progress,
+) -> Result<ForeignReport, TrainError> {
+    let text = options.foreign_text.clone().unwrap_or_else(|| options.columns.text.clone());
+    let columns = Columns { text, labels: Vec::new(), multi_label: Vec::new() };
+    let foreign = data::read(path, &columns)?;
+    let texts: Vec<_> = foreign.examples.iter().map(|e| template.render(|f| e.fields.get(f).map(String::as_str), encoder.encoder().max_chars())).collect();
+    let run = embed(encoder.clone(), &texts, &options.engine, progress, "embedding the foreign set")?;
+    let scores: Vec<f32> = run.embeddings.outer_iter().map(|e| centroids.distance_to_nearest(e.as_slice().unwrap_or(&[]))).collect();
+    let foreign_confidence = category.confidence_on(&run.embeddings, &lexical_rows(vocabulary, &run.ids));
+    let to_doubt = |c: &[f32]| c.iter().map(|v| 1.0 - v).collect::<Vec<f32>>();
+    let mean = |v: &[f32]| v.iter().map(|x| f64::from(*x)).sum::<f64>() / v.len().max(1) as f64;
+    Ok(ForeignReport {
+        data: path.display().to_string(),
+        examples: texts.len(),
+        auroc: metrics::auroc(&scores, in_domain),
+        confidence_auroc: metrics::auroc(&to_doubt(&foreign_confidence), &to_doubt(&category.validation_confidence)),
+        caught: scores.iter().filter(|s| **s > threshold).count() as f64 / scores.len().max(1) as f64,
+        foreign_mean_confidence: mean(&foreign_confidence),
+        in_domain_mean_confidence: mean(&category.validation_confidence),
+    })
+}
