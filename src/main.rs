@@ -126,6 +126,9 @@ struct TrainArgs {
     /// Replace a model.toml already in --out.
     #[arg(long)]
     force: bool,
+    /// Markdown added to MODEL_CARD.md (architecture, data credit and licence, business rules).
+    #[arg(long)]
+    card_notes: Option<PathBuf>,
     #[command(flatten)]
     runtime: RuntimeArgs,
     #[command(flatten)]
@@ -494,6 +497,7 @@ fn run_train(args: TrainArgs) -> Result<()> {
     options.inference = args.runtime.options();
     options.engine = engine_config(&args.batch);
     options.force = args.force;
+    options.card_notes = args.card_notes;
     let report = triage::train::train(&options, &StageProgress::new())?;
     for h in &report.single {
         println!(

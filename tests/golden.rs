@@ -1,5 +1,6 @@
-//! The Rust pipeline (template, tokenizer, padded length-bucketed batches, ONNX Runtime, heads)
-//! matches the Python onnxruntime reference run one text at a time, within 1e-4.
+//! The Rust pipeline (template, tokenizer, padded length-bucketed batches, ONNX Runtime, heads
+//! computed in Rust incl. the lexical layer, OOD score) matches the Python onnxruntime + numpy
+//! reference run one text at a time, within 1e-4.
 //! Reference: tests/fixtures/golden-customer-service.json, made by models/scripts/make_golden.py.
 
 mod common;
@@ -45,6 +46,8 @@ fn batched_rust_outputs_match_the_python_reference() {
         assert_eq!(category.label, case["category"].as_str().unwrap(), "case {i}");
         let diff = (category.score - case["confidence"].as_f64().unwrap() as f32).abs();
         worst = worst.max(diff);
+        let ood = c.prediction.ood_score.expect("the default model has an OOD gate");
+        worst = worst.max((ood - case["ood_score"].as_f64().unwrap() as f32).abs());
         let Some(HeadOutput::Embedding(emb)) = c.prediction.head("embedding") else { panic!("no embedding") };
         let reference: Vec<f32> = case["embedding"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
         assert_eq!(emb.len(), reference.len());

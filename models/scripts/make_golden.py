@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference outputs of the default model from Python onnxruntime, for tests/golden.rs.
+"""Reference outputs of the default model from Python onnxruntime + numpy heads, for tests/golden.rs.
 
     .venv/bin/pip install -r models/requirements-dev.txt
     .venv/bin/python models/scripts/make_golden.py
@@ -49,11 +49,55 @@ def render(m: dict) -> str:
     return f"{m.get('subject', '')}\n{m.get('body', '')}".strip()
 
 
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """The safetensors format by hand (8-byte header length, JSON header, raw little-endian data),
+    so this check shares no code with the Rust reader."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    kinds = {"F32": np.float32, "U64": np.uint64}
+    out = {}
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = t["data_offsets"]
+        out[name] = np.frombuffer(raw[8 + n + start:8 + n + end], dtype=kinds[t["dtype"]]).reshape(t["shape"])
+    return out
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def lexical_features(ids: list[int], keys: np.ndarray, idf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Word-piece unigrams (the id) and bigrams ((first + 1) << 32 | second), sublinear TF x IDF, L2."""
+    counts: dict[int, int] = {}
+    for i in ids:
+        counts[i] = counts.get(i, 0) + 1
+    for a, b in zip(ids, ids[1:]):
+        k = ((a + 1) << 32) | b
+        counts[k] = counts.get(k, 0) + 1
+    cols, vals = [], []
+    for k, tf in counts.items():
+        j = int(np.searchsorted(keys, np.uint64(k)))
+        if j < len(keys) and int(keys[j]) == k:
+            cols.append(j)
+            vals.append((1.0 + np.log(tf)) * idf[j])
+    vals = np.array(vals, dtype=np.float64)
+    if len(vals):
+        vals /= np.linalg.norm(vals)
+    return np.array(cols, dtype=np.int64), vals
+
+
 def main() -> None:
     with open(os.path.join(MODEL, "model.toml"), "rb") as f:
         import tomllib
         desc = tomllib.load(f)
-    labels = desc["heads"][0]["labels"]
+    head = desc["heads"][0]
+    labels, share = head["labels"], head.get("lexical_share", 0.0)
+    w = read_safetensors(os.path.join(MODEL, "heads.safetensors"))
     tok = load_tokenizer(os.path.join(MODEL, "tokenizer.json"), desc["max_length"])
     sess = session(os.path.join(MODEL, "model.onnx"))
     cases = []
@@ -61,17 +105,26 @@ def main() -> None:
         enc = tok.encode(render(m))
         ids = np.array([enc.ids], dtype=np.int64)
         feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.array([enc.type_ids], dtype=np.int64)}
-        probs, emb = sess.run(["intent_probs", "sentence_embedding"], feed)
-        top = int(np.argmax(probs[0]))
+        (emb,) = sess.run(["sentence_embedding"], feed)
+        e = emb[0].astype(np.float64)
+        probs = softmax(w[f"{head['name']}.weight"].astype(np.float64) @ e + w[f"{head['name']}.bias"])
+        if share > 0:
+            cols, vals = lexical_features(enc.ids, w["lexical.features"], w["lexical.idf"].astype(np.float64))
+            lex = w[f"{head['name']}.lexical.weight"].astype(np.float64)
+            z = w[f"{head['name']}.lexical.bias"].astype(np.float64) + (vals[:, None] * lex[cols]).sum(axis=0)
+            probs = (1 - share) * probs + share * softmax(z)
+        centroids = w["ood.centroids"].astype(np.float64)
+        top = int(np.argmax(probs))
         cases.append({
             "message": m,
             "tokens": len(enc.ids),
             "category": labels[top],
-            "confidence": float(probs[0][top]),
+            "confidence": float(probs[top]),
+            "ood_score": float(1.0 - (centroids @ (e / np.linalg.norm(e))).max()),
             "embedding": [float(x) for x in emb[0]],
         })
     with open(OUT, "w") as f:
-        json.dump({"model": "customer-service", "max_length": desc["max_length"], "cases": cases}, f, indent=1)
+        json.dump({"model": "customer-service", "version": desc["version"], "max_length": desc["max_length"], "cases": cases}, f, indent=1)
         f.write("\n")
     print(f"wrote {os.path.relpath(OUT)}: {len(cases)} cases")
 

@@ -163,7 +163,7 @@ pub struct TrainingRecord {
     #[serde(default)]
     pub multi_label: BTreeMap<String, Vec<String>>,
     pub seed: u64,
-    pub validation_fraction: f32,
+    pub validation_fraction: f64,
     /// Labels with fewer examples than this were left out.
     pub min_examples: usize,
     pub encoder: String,

@@ -79,7 +79,11 @@ pub(super) fn write_model_dir(o: &Output<'_>) -> Result<(), TrainError> {
     write_atomic(&out.join(crate::model::descriptor::DESCRIPTOR_FILE), descriptor(o, &version)?.as_bytes())?;
     let metrics = serde_json::to_vec_pretty(o.report).map_err(|e| TrainError::Invalid(e.to_string()))?;
     write_atomic(&out.join("metrics.json"), &metrics)?;
-    write_atomic(&out.join("MODEL_CARD.md"), model_card(o.report, o.options, &version).as_bytes())?;
+    let notes = match &o.options.card_notes {
+        Some(path) => Some(std::fs::read_to_string(path).map_err(write_err(path))?),
+        None => None,
+    };
+    write_atomic(&out.join("MODEL_CARD.md"), model_card(o.report, o.options, &version, notes.as_deref()).as_bytes())?;
     Ok(())
 }
 
@@ -136,7 +140,7 @@ fn descriptor(o: &Output<'_>, version: &str) -> Result<String, TrainError> {
         t.insert("kind".into(), Value::String("single_label".into()));
         t.insert("weights".into(), Value::String(h.report.name.clone()));
         if h.report.lexical_share > 0.0 {
-            t.insert("lexical_share".into(), Value::Float(f64::from(h.report.lexical_share)));
+            t.insert("lexical_share".into(), Value::Float(round(f64::from(h.report.lexical_share))));
         }
         t.insert("labels".into(), strings(&h.report.labels));
         heads.push(Value::Table(t));
@@ -147,7 +151,7 @@ fn descriptor(o: &Output<'_>, version: &str) -> Result<String, TrainError> {
         t.insert("output".into(), Value::String(o.embedding_output.to_string()));
         t.insert("kind".into(), Value::String("multi_label".into()));
         t.insert("weights".into(), Value::String(h.report.name.clone()));
-        t.insert("threshold".into(), Value::Float(f64::from(h.report.threshold)));
+        t.insert("threshold".into(), Value::Float(round(f64::from(h.report.threshold))));
         t.insert("labels".into(), strings(&h.report.labels));
         heads.push(Value::Table(t));
     }
@@ -186,7 +190,7 @@ fn descriptor(o: &Output<'_>, version: &str) -> Result<String, TrainError> {
         labels: o.options.columns.labels.iter().cloned().collect(),
         multi_label: o.options.columns.multi_label.iter().cloned().collect(),
         seed: o.options.seed,
-        validation_fraction: o.options.validation_fraction as f32,
+        validation_fraction: o.options.validation_fraction,
         min_examples: o.options.min_examples,
         encoder: o.options.encoder.display().to_string(),
         data: o.options.data.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
@@ -237,7 +241,7 @@ mod tests {
     }
 }
 
-pub fn model_card(r: &TrainReport, o: &TrainOptions, version: &str) -> String {
+pub fn model_card(r: &TrainReport, o: &TrainOptions, version: &str, notes: Option<&str>) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# Model card: {} ({version})\n", r.model);
     let _ = writeln!(
@@ -249,6 +253,9 @@ pub fn model_card(r: &TrainReport, o: &TrainOptions, version: &str) -> String {
         r.data, r.rows_read, r.examples, r.encoder, r.embedding_dim, r.train_examples, r.validation_examples, r.seed, o.folds
     );
     let _ = writeln!(s, "Embedding took {:.0} s, fitting {:.0} s.\n", r.embed_seconds, r.fit_seconds);
+    if let Some(notes) = notes {
+        let _ = writeln!(s, "{}\n", notes.trim());
+    }
     for h in &r.single {
         let _ = writeln!(s, "## Head `{}` (column `{}`, {} labels)\n", h.name, h.column, h.labels.len());
         let _ = writeln!(s, "| | accuracy | macro-F1 |\n|---|---|---|");

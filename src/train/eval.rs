@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::logreg::{self, Design, FitOptions, Target};
+use super::logreg::Design;
 use super::metrics::{self, Report};
 use super::{data, embed, lexical_rows, lexical_vocabulary, prepare, Columns, Progress, TrainError};
 use crate::engine::EngineConfig;
@@ -86,7 +86,7 @@ pub fn evaluate(options: &EvalOptions, progress: &dyn Progress) -> Result<EvalRe
     let n = prepared.dataset.examples.len();
     let (train_rows, eval_rows, split) = match (&record, options.all) {
         (Some(r), false) => {
-            let (t, v) = prepared.split(f64::from(r.validation_fraction), r.seed);
+            let (t, v) = prepared.split(r.validation_fraction, r.seed);
             let split = format!("the model's validation split (seed {}, {:.0}%)", r.seed, r.validation_fraction * 100.0);
             (t, v, split)
         }
@@ -130,7 +130,9 @@ pub fn evaluate(options: &EvalOptions, progress: &dyn Progress) -> Result<EvalRe
         let baseline = lexical.as_ref().map(|x| {
             let fit_rows: Vec<usize> = train_rows.iter().copied().filter(|&r| head.y[r].is_some()).collect();
             let y: Vec<usize> = fit_rows.iter().filter_map(|&r| head.y[r]).collect();
-            let fit = logreg::fit(&x.subset(&fit_rows), Target::Classes { y: &y, labels: head.labels.len() }, FitOptions::default(), None);
+            let grid = super::TrainOptions::new(PathBuf::new(), columns.clone(), PathBuf::new(), PathBuf::new()).lexical_c_grid;
+            let seed = record.as_ref().map_or(42, |r| r.seed);
+            let fit = super::fitting::tfidf_baseline(&x.subset(&fit_rows), &y, head.labels.len(), &grid, 3, seed);
             let rows: Vec<usize> = eval_rows.iter().copied().filter(|&r| head.y[r].is_some()).collect();
             let p = fit.probabilities(&x.subset(&rows), false);
             let pred: Vec<usize> = p.outer_iter().map(|r| super::fitting::argmax(r.view())).collect();

@@ -142,6 +142,14 @@ fn best_index(scores: &[f64]) -> usize {
     scores.iter().enumerate().fold((0, f64::NEG_INFINITY), |b, (i, &s)| if s > b.1 { (i, s) } else { b }).0
 }
 
+/// The TF-IDF + logistic-regression baseline alone: C chosen by the same cross-validation.
+pub fn tfidf_baseline(lexical: &SparseRows, y: &[usize], labels: usize, grid: &[f64], folds: usize, seed: u64) -> Fit {
+    let folds = split::stratified_folds(y, folds, seed);
+    let oof = cross_validate(lexical, CvTarget::Classes(y, labels), grid, &folds, &super::Silent);
+    let best = best_index(&oof.iter().map(|p| accuracy(p, y)).collect::<Vec<_>>());
+    logreg::fit(lexical, Target::Classes { y, labels }, FitOptions { c: grid[best], ..FitOptions::default() }, None)
+}
+
 pub(super) fn fit_single(ctx: &Context<'_>, head: &SingleLabels) -> SingleHeadFit {
     let o = ctx.options;
     let rows: Vec<usize> = ctx.train_rows.iter().copied().filter(|&r| head.y[r].is_some()).collect();

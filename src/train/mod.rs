@@ -91,6 +91,9 @@ pub struct TrainOptions {
     pub engine: EngineConfig,
     /// Overwrite a model.toml already in `out`.
     pub force: bool,
+    /// Markdown placed in the model card after its first paragraph (architecture, data
+    /// credit and licence, business rules: what the measurements cannot say).
+    pub card_notes: Option<PathBuf>,
 }
 
 impl TrainOptions {
@@ -116,6 +119,7 @@ impl TrainOptions {
             inference: InferenceOptions::default(),
             engine: EngineConfig::default(),
             force: false,
+            card_notes: None,
         }
     }
 }
