@@ -315,3 +315,27 @@ fn the_sql_also_runs_on_a_modern_clickhouse_engine() {
     let out = run_tool(&venv_bin("python"), &["tests/deploy/check_sql_chdb.py"]);
     assert!(out.contains("schema, TTL, views and 5 queries ok"), "{out}");
 }
+
+#[test]
+fn schema_apply_adds_new_columns_to_a_table_from_an_earlier_release() {
+    use triage::sink::clickhouse::schema;
+    let ch = common::worker::shared_clickhouse();
+    let config = triage::config::ClickHouseConfig { url: ch.url(), database: "triage_upgrade".into(), ..Default::default() };
+    let rt = common::worker::runtime();
+    let client = clickhouse::Client::default().with_url(ch.url());
+    // The table as the first release created it: every column but the added ones.
+    let old_ddl = schema::create_table(&config)
+        .lines()
+        .filter(|l| !schema::ADDED_COLUMNS.iter().any(|c| l.contains(&format!("`{c}`"))))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("`worker_id` String,", "`worker_id` String");
+    rt.block_on(client.query("DROP DATABASE IF EXISTS triage_upgrade").execute()).unwrap();
+    rt.block_on(client.query(&schema::create_database(&config)).execute()).unwrap();
+    rt.block_on(client.query(&old_ddl).execute()).unwrap_or_else(|e| panic!("{old_ddl}\n{e}"));
+    let service = triage::sink::clickhouse::ClickHouseService::new(&config);
+    assert!(rt.block_on(service.check_schema()).is_err(), "the old table lacks ood_score: the worker must refuse it");
+    rt.block_on(service.apply_schema()).unwrap();
+    rt.block_on(service.apply_schema()).unwrap();
+    assert!(rt.block_on(service.check_schema()).is_ok(), "after apply the table has every column");
+}

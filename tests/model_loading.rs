@@ -42,7 +42,7 @@ fn optimum_export_loads_from_config_json_alone() {
     assert!(!dir.join("model.toml").exists());
     let model = common::load(&dir);
     assert_eq!(model.info().name, "optimum-tiny");
-    let heads = &model.heads().heads;
+    let heads = model.heads().heads();
     assert_eq!(heads.len(), 1);
     assert_eq!(heads[0].output, "logits");
     assert_eq!(heads[0].labels, vec!["billing", "returns", "technical"]);

@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS triage.results_local ON CLUSTER '{cluster}'
     `truncated` UInt8,
     `metadata_keys` Array(String),
     `metadata_values` Array(String),
-    `worker_id` String
+    `worker_id` String,
+    `ood_score` Nullable(Float32)
 )
 ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/triage/results_local', '{replica}', processed_time_ms)
 PARTITION BY toYYYYMM(event_time)

@@ -29,7 +29,8 @@ CREATE TABLE IF NOT EXISTS triage.results
     `truncated` UInt8,
     `metadata_keys` Array(String),
     `metadata_values` Array(String),
-    `worker_id` String
+    `worker_id` String,
+    `ood_score` Nullable(Float32)
 )
 ENGINE = ReplacingMergeTree(processed_time_ms)
 PARTITION BY toYYYYMM(event_time)
@@ -54,3 +55,5 @@ SELECT toDate(event_time) AS day, model_name, model_version, category,
 FROM triage.results FINAL
 GROUP BY day, model_name, model_version, category;
 
+-- Upgrading a table created by an earlier release (`triage schema apply` does this itself):
+-- ALTER TABLE triage.results ADD COLUMN `ood_score` Nullable(Float32);

@@ -63,16 +63,19 @@ pub fn views(c: &ClickHouseConfig) -> Vec<(String, String)> {
     ]
 }
 
-/// Columns added after the first release, for tables created before them (a no-op on a new
-/// table). `ADD COLUMN IF NOT EXISTS` works on 18.16 and on modern servers.
-pub fn migrations(c: &ClickHouseConfig) -> Vec<String> {
-    vec![format!("ALTER TABLE {}.{} ADD COLUMN IF NOT EXISTS `ood_score` Nullable(Float32)", c.database, c.table)]
+/// Columns added after the first release: `triage schema apply` adds those a table created
+/// earlier lacks. (18.16 has no `ADD COLUMN IF NOT EXISTS`, so apply checks system.columns.)
+pub const ADDED_COLUMNS: &[&str] = &["ood_score"];
+
+pub fn add_column(c: &ClickHouseConfig, name: &str) -> Option<String> {
+    let (_, ty, _) = COLUMNS.iter().find(|(n, _, _)| *n == name)?;
+    Some(format!("ALTER TABLE {}.{} ADD COLUMN `{name}` {ty}", c.database, c.table))
 }
 
-/// Every statement, in the order `triage schema apply` runs them.
+/// Every statement, in the order `triage schema apply` runs them (plus any `add_column`
+/// between the table and the views).
 pub fn statements(c: &ClickHouseConfig) -> Vec<String> {
     let mut out = vec![create_database(c), create_table(c)];
-    out.extend(migrations(c));
     out.extend(views(c).into_iter().map(|(_, sql)| sql));
     out
 }
@@ -86,6 +89,12 @@ pub fn script(c: &ClickHouseConfig) -> String {
     for stmt in statements(c) {
         s.push_str(&stmt);
         s.push_str(";\n\n");
+    }
+    s.push_str("-- Upgrading a table created by an earlier release (`triage schema apply` does this itself):\n");
+    for name in ADDED_COLUMNS {
+        if let Some(sql) = add_column(c, name) {
+            s.push_str(&format!("-- {sql};\n"));
+        }
     }
     s
 }

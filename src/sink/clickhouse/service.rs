@@ -112,11 +112,29 @@ impl ClickHouseService {
         ClickHouseService { client, config: config.clone(), backoff, stats: Arc::default() }
     }
 
-    /// Create the database, table and views (idempotent).
+    /// Create the database, table and views, and add columns newer than the table
+    /// (idempotent).
     pub async fn apply_schema(&self) -> Result<(), clickhouse::error::Error> {
         let admin = self.client.clone().with_database("default");
-        for stmt in schema::statements(&self.config) {
-            admin.query(&stmt).execute().await?;
+        let statements = schema::statements(&self.config);
+        let (table, views) = statements.split_at(2);
+        for stmt in table {
+            admin.query(stmt).execute().await?;
+        }
+        let existing: Vec<String> = admin
+            .query("SELECT name FROM system.columns WHERE database = ? AND table = ?")
+            .bind(&self.config.database)
+            .bind(&self.config.table)
+            .fetch_all()
+            .await?;
+        for name in schema::ADDED_COLUMNS.iter().filter(|n| !existing.iter().any(|e| e == *n)) {
+            if let Some(sql) = schema::add_column(&self.config, name) {
+                tracing::info!(column = name, "adding a column to an existing results table");
+                admin.query(&sql).execute().await?;
+            }
+        }
+        for stmt in views {
+            admin.query(stmt).execute().await?;
         }
         Ok(())
     }
