@@ -107,7 +107,8 @@ struct TrainArgs {
     /// Lexical (TF-IDF) layer averaged with the embedding layer: auto (if it helps in cross-validation), on, off.
     #[arg(long, default_value = "auto")]
     lexical: triage::train::LexicalMode,
-    /// A TOML file with a [priority] table (from_head, default, map) for model.toml.
+    /// A TOML file with a [priority] table (from_head, default, map) for model.toml (default: a head named
+    /// `priority`, if one is trained, gives the priority).
     #[arg(long)]
     priority: Option<PathBuf>,
     #[arg(long, default_value_t = 42)]
@@ -462,10 +463,7 @@ fn run_train(args: TrainArgs) -> Result<()> {
         labels: args
             .labels
             .iter()
-            .map(|l| match l.split_once('=') {
-                Some((h, c)) => (h.trim().to_string(), c.trim().to_string()),
-                None => (l.trim().to_string(), l.trim().to_string()),
-            })
+            .map(|l| Columns::parse_label(l))
             .collect(),
         multi_label: args.multi_label.iter().map(|m| Columns::parse_multi_label(m)).collect::<Result<_, _>>()?,
     };
@@ -528,10 +526,7 @@ fn run_eval(args: EvalArgs) -> Result<()> {
             labels: args
                 .labels
                 .iter()
-                .map(|l| match l.split_once('=') {
-                    Some((h, c)) => (h.trim().to_string(), c.trim().to_string()),
-                    None => (l.trim().to_string(), l.trim().to_string()),
-                })
+                .map(|l| Columns::parse_label(l))
                 .collect(),
             multi_label: Vec::new(),
         })

@@ -156,12 +156,12 @@ pub struct OodSpec {
 pub struct TrainingRecord {
     /// Text columns joined by the template, in order.
     pub text: Vec<String>,
-    /// head name -> label column.
+    /// Single-label heads as "HEAD=COLUMN", in training order (the first stratifies the split).
     #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    /// head name -> tag columns.
+    pub labels: Vec<String>,
+    /// Multi-label heads as "HEAD=COL1,COL2".
     #[serde(default)]
-    pub multi_label: BTreeMap<String, Vec<String>>,
+    pub multi_label: Vec<String>,
     pub seed: u64,
     pub validation_fraction: f64,
     /// Labels with fewer examples than this were left out.

@@ -164,8 +164,17 @@ fn descriptor(o: &Output<'_>, version: &str) -> Result<String, TrainError> {
     e.insert("kind".into(), Value::String("embedding".into()));
     heads.push(Value::Table(e));
     root.insert("heads".into(), Value::Array(heads));
-    if let Some(p) = o.priority {
-        root.insert("priority".into(), p.clone());
+    match o.priority {
+        Some(p) => {
+            root.insert("priority".into(), p.clone());
+        }
+        // A head trained on a priority column gives the priority as it is.
+        None if o.single.iter().any(|h| h.report.name == "priority") => {
+            let mut t = Table::new();
+            t.insert("from_head".into(), Value::String("priority".into()));
+            root.insert("priority".into(), Value::Table(t));
+        }
+        None => {}
     }
     if let Some(point) = o.report.escalation.as_ref().and_then(|e| e.recommended) {
         let mut t = Table::new();
@@ -187,8 +196,8 @@ fn descriptor(o: &Output<'_>, version: &str) -> Result<String, TrainError> {
     }
     let record = crate::model::TrainingRecord {
         text: o.options.columns.text.iter().map(|(p, c)| if p == c { c.clone() } else { format!("{p}={c}") }).collect(),
-        labels: o.options.columns.labels.iter().cloned().collect(),
-        multi_label: o.options.columns.multi_label.iter().cloned().collect(),
+        labels: o.options.columns.labels.iter().map(|(h, c)| format!("{h}={c}")).collect(),
+        multi_label: o.options.columns.multi_label.iter().map(|(h, cs)| format!("{h}={}", cs.join(","))).collect(),
         seed: o.options.seed,
         validation_fraction: o.options.validation_fraction,
         min_examples: o.options.min_examples,

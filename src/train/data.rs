@@ -35,6 +35,14 @@ impl Columns {
             .collect()
     }
 
+    /// `--label` entries: `column` or `head=column`.
+    pub fn parse_label(entry: &str) -> (String, String) {
+        match entry.split_once('=') {
+            Some((h, c)) => (h.trim().to_string(), c.trim().to_string()),
+            None => (entry.trim().to_string(), entry.trim().to_string()),
+        }
+    }
+
     /// `--multi-label` entries: `column` (tags separated by `|` or `;`, or a JSON array) or
     /// `head=col1,col2,...` (one tag per column, e.g. tag_1..tag_8).
     pub fn parse_multi_label(entry: &str) -> Result<(String, Vec<String>), DataError> {

@@ -65,8 +65,8 @@ pub fn evaluate(options: &EvalOptions, progress: &dyn Progress) -> Result<EvalRe
         (Some(c), _) => c.clone(),
         (None, Some(r)) => Columns {
             text: Columns::parse_text(&r.text)?,
-            labels: r.labels.iter().map(|(h, c)| (h.clone(), c.clone())).collect(),
-            multi_label: r.multi_label.iter().map(|(h, c)| (h.clone(), c.clone())).collect(),
+            labels: r.labels.iter().map(|l| Columns::parse_label(l)).collect(),
+            multi_label: r.multi_label.iter().map(|m| Columns::parse_multi_label(m)).collect::<Result<_, _>>()?,
         },
         (None, None) => {
             return Err(TrainError::Invalid(format!(
