@@ -282,6 +282,14 @@ pub fn model_card(r: &TrainReport, o: &TrainOptions, version: &str, notes: Optio
             h.validation_tfidf_baseline.accuracy, h.validation_tfidf_baseline.macro_f1
         );
         let _ = writeln!(s, "C = {} (embedding), {} (lexical). Cross-validated accuracy: {:.3} embedding alone, {:.3} as written.\n", h.c, h.lexical_c, h.cv_accuracy_embedding, h.cv_accuracy_combined);
+        if h.validation_tfidf_baseline.accuracy >= h.validation_embedding_only.accuracy {
+            let _ = writeln!(
+                s,
+                "Here the encoder does not earn its cost on its own: the TF-IDF baseline is as good or better than the embedding \
+                 layer (a domain or language the encoder was not trained for). The lexical share carries the head; the \
+                 embedding still gives the out-of-distribution score.\n"
+            );
+        }
         let _ = writeln!(s, "<details><summary>Per label</summary>\n\n| label | precision | recall | F1 | support |\n|---|---|---|---|---|");
         for l in &h.validation.per_label {
             let _ = writeln!(s, "| {} | {:.2} | {:.2} | {:.2} | {} |", l.label, l.precision, l.recall, l.f1, l.support);

@@ -171,8 +171,8 @@ pub(super) fn fit_single(ctx: &Context<'_>, head: &SingleLabels) -> SingleHeadFi
 
     let shares: &[f32] = match o.lexical {
         LexicalMode::Off => &[0.0],
-        LexicalMode::On => &[0.2, 0.3, 0.4, 0.5, 0.6],
-        LexicalMode::Auto => &[0.0, 0.2, 0.3, 0.4, 0.5, 0.6],
+        LexicalMode::On => &[0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0],
+        LexicalMode::Auto => &[0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0],
     };
     let share_scores: Vec<f64> = shares.iter().map(|&s| accuracy(&mix(&dense_oof[best_dense], &lexical_oof[best_lexical], s), &y)).collect();
     let share = shares[best_index(&share_scores)];
