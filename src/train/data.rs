@@ -306,6 +306,19 @@ mod tests {
     }
 
     #[test]
+    fn a_record_that_does_not_parse_is_skipped_with_its_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.csv");
+        let mut bytes = b"subject,body,queue,tag_1,tag_2\nA,fine,q,,\nB,".to_vec();
+        bytes.extend_from_slice(&[0xff, 0xfe]);
+        bytes.extend_from_slice(b" bad bytes,q,,\nC,also fine,q,,\n");
+        std::fs::write(&path, bytes).unwrap();
+        let data = read(&path, &columns()).unwrap();
+        assert_eq!(data.examples.iter().map(|e| e.row).collect::<Vec<_>>(), vec![1, 3]);
+        assert!(data.warnings.join("").contains("unparseable CSV at line 3 (rows 2)"), "{:?}", data.warnings);
+    }
+
+    #[test]
     fn unknown_columns_are_named_with_the_available_ones() {
         let (_d, path) = write("t.csv", "subject,body,team\na,b,c\n");
         let err = read(&path, &columns()).unwrap_err().to_string();
