@@ -501,10 +501,11 @@ async fn results_loop(
         };
         let route = &routes[tag.route];
         let confidence = classified.prediction.confidence(route.config.escalation_head.as_deref());
-        let reason = if confidence.is_some_and(|c| c < route.threshold) {
-            Some("low_confidence")
-        } else if classified.prediction.ood_score.zip(route.ood_threshold).is_some_and(|(score, limit)| score > limit) {
+        // Unlike the training data says more than a low score does, so it is the reason given.
+        let reason = if classified.prediction.ood_score.zip(route.ood_threshold).is_some_and(|(score, limit)| score > limit) {
             Some("out_of_distribution")
+        } else if confidence.is_some_and(|c| c < route.threshold) {
+            Some("low_confidence")
         } else {
             None
         };
