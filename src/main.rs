@@ -187,9 +187,9 @@ impl RuntimeArgs {
 struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Messages per workload (the backlog each worker run drains).
-    #[arg(long, default_value_t = 5000)]
-    messages: usize,
+    /// Messages per workload (the backlog each worker run drains; default 5000, 1000 with --sweep).
+    #[arg(long)]
+    messages: Option<usize>,
     /// Which workloads: short, tickets, or both.
     #[arg(long, default_value = "both")]
     workload: String,
@@ -199,6 +199,16 @@ struct BenchArgs {
     /// Batch size of the ceiling run.
     #[arg(long, default_value_t = 64)]
     ceiling_batch_size: usize,
+    /// Tune the ceiling instead: batch size, threads vs sessions, optimisation level, truncation,
+    /// tokenization overlap, --variant directories, GFLOP/s and share of peak; latency at low load.
+    #[arg(long)]
+    sweep: bool,
+    /// With --sweep: another model or encoder directory to compare (repeatable).
+    #[arg(long = "variant")]
+    variants: Vec<PathBuf>,
+    /// With --sweep: the CPU's peak fp32 GFLOP/s (default: estimated from /proc/cpuinfo).
+    #[arg(long)]
+    peak_gflops: Option<f64>,
 }
 
 #[derive(Subcommand)]
@@ -788,10 +798,25 @@ async fn run_bench(args: BenchArgs) -> Result<()> {
         "both" => vec![Workload::Short, Workload::Tickets],
         other => bail!("--workload must be short, tickets or both, not `{other}`"),
     };
+    if args.sweep {
+        let options = triage::bench::sweep::SweepOptions {
+            model_dir: model_dir(&args.model.model)?,
+            shared_data: args.data.clone(),
+            messages: args.messages.unwrap_or(1000),
+            workloads,
+            variants: args.variants.clone(),
+            inference: inference_options(&args.model),
+            batching: EngineConfig::default(),
+            peak_gflops: args.peak_gflops,
+        };
+        let report = tokio::task::spawn_blocking(move || triage::bench::sweep::run(&options, |step| eprintln!("[sweep] {step}"))).await??;
+        println!("{}", triage::bench::sweep::render(&report));
+        return Ok(());
+    }
     let options = BenchOptions {
         model_dir: model_dir(&args.model.model)?,
         shared_data: args.data.clone(),
-        messages: args.messages,
+        messages: args.messages.unwrap_or(5000),
         workloads,
         inference: inference_options(&args.model),
         batching: EngineConfig::default(),

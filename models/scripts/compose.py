@@ -72,9 +72,9 @@ def add_linear_head(model: onnx.ModelProto, output: str, weight: np.ndarray, bia
     return model
 
 
-def pooled_encoder(encoder_path: str) -> onnx.ModelProto:
+def pooled_encoder(encoder_path: str, hidden_output: str = "last_hidden_state") -> onnx.ModelProto:
     model = onnx.load(encoder_path)
-    return add_pooling(model)
+    return add_pooling(model, hidden_output)
 
 
 def save(model: onnx.ModelProto, path: str) -> None:

@@ -127,6 +127,29 @@ pub struct DescriptorFile {
     pub ood: Option<OodSpec>,
     /// How `triage train` built the model; `triage eval` re-reads the data the same way.
     pub training: Option<TrainingRecord>,
+    /// The encoder's shape, for FLOP estimates (`triage bench --sweep`).
+    pub architecture: Option<Architecture>,
+}
+
+/// A BERT-style encoder's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Architecture {
+    pub layers: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+}
+
+impl Architecture {
+    /// Floating-point operations (multiply and add counted apart) for `rows` sequences padded to
+    /// `width` tokens: per layer and token, the Q/K/V/output projections (4 H^2 multiply-adds)
+    /// and the feed-forward pair (2 H I), plus attention scores and context (2 x width x H).
+    /// Embedding lookups, layer norms, softmax and GELU are left out (a few percent).
+    pub fn flops(&self, rows: usize, width: usize) -> f64 {
+        let (h, i, s) = (self.hidden as f64, self.intermediate as f64, width as f64);
+        let per_token = 2.0 * (4.0 * h * h + 2.0 * h * i) + 2.0 * 2.0 * s * h;
+        self.layers as f64 * per_token * rows as f64 * s
+    }
 }
 
 /// A calibrated confidence threshold: below it, a message is escalated.
@@ -197,6 +220,7 @@ pub struct Descriptor {
     pub escalation: Option<EscalationSpec>,
     pub ood: Option<OodSpec>,
     pub training: Option<TrainingRecord>,
+    pub architecture: Option<Architecture>,
 }
 
 impl Descriptor {
@@ -299,6 +323,7 @@ impl Descriptor {
             escalation: own.escalation,
             ood: own.ood,
             training: own.training,
+            architecture: own.architecture,
         })
     }
 }
@@ -489,6 +514,14 @@ mod tests {
     fn a_directory_without_any_descriptor_says_so() {
         let err = Descriptor::resolve(None, None, "dir", Path::new("/models/x")).unwrap_err();
         assert!(err.to_string().contains("/models/x"), "{err}");
+    }
+
+    #[test]
+    fn minilm_l6_costs_about_21_megaflops_per_token() {
+        let a = Architecture { layers: 6, hidden: 384, intermediate: 1536 };
+        let per_token = a.flops(1, 16) / 16.0;
+        assert!((per_token / 1e6 - 21.4).abs() < 0.2, "{per_token}");
+        assert!(a.flops(2, 128) > 2.0 * a.flops(1, 128) - 1.0);
     }
 
     #[test]

@@ -206,6 +206,9 @@ fn descriptor(o: &Output<'_>, version: &str) -> Result<String, TrainError> {
         data_rows: o.data_rows,
         trained_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
     };
+    if let Some(a) = o.encoder.descriptor().architecture {
+        root.insert("architecture".into(), Value::try_from(a).map_err(|e| TrainError::Invalid(e.to_string()))?);
+    }
     root.insert("training".into(), Value::try_from(&record).map_err(|e| TrainError::Invalid(e.to_string()))?);
     let body = toml::to_string_pretty(&root).map_err(|e| TrainError::Invalid(e.to_string()))?;
     Ok(format!(

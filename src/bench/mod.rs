@@ -5,6 +5,10 @@
 //!   c. the same worker with max_batch_size 1 (inserts and commits batched as usual).
 //! and the ratios b/a and b/c. Workloads: short customer messages (Banking77) and e-mail-length
 //! tickets, read from ../shared/data when present, generated otherwise (and said so).
+//! `sweep` tunes what decides the ceiling itself (threads, sessions, optimisation level,
+//! truncation, batch size, encoder variants) and measures latency at low load.
+
+pub mod sweep;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -60,6 +64,8 @@ pub struct StageResult {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub peak_rss_mb: f64,
+    /// Estimated floating-point operations done (ceiling runs of models with an architecture).
+    pub flops: f64,
 }
 
 impl StageResult {
@@ -157,8 +163,8 @@ fn peak_rss_mb() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// a. The model alone on sorted, pre-tokenized batches.
-pub fn ceiling(model: &Model, messages: &[serde_json::Value], batch_size: usize, max_tokens: usize) -> Result<StageResult, BenchError> {
+/// Messages tokenized as the worker would, sorted by length.
+pub fn pretokenize(model: &Model, messages: &[serde_json::Value]) -> Vec<Encoded> {
     let decoder = Decoder::new(FieldMap::default(), model.template().clone(), usize::MAX, model.encoder().max_chars());
     let mut encoded: Vec<Encoded> = messages
         .iter()
@@ -166,27 +172,69 @@ pub fn ceiling(model: &Model, messages: &[serde_json::Value], batch_size: usize,
         .filter_map(|d| model.encoder().encode_rendered(&d.text).ok())
         .collect();
     encoded.sort_by_key(|e| e.len());
-    let mut session = model.session()?;
-    let (mut real, mut padded) = (0u64, 0u64);
-    let start = Instant::now();
+    encoded
+}
+
+/// Consecutive batches of sorted sequences: at most `batch_size` rows and `max_tokens` padded.
+fn batches(encoded: &[Encoded], batch_size: usize, max_tokens: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
     let mut i = 0;
     while i < encoded.len() {
         let mut end = i + 1;
         while end < encoded.len() && end - i < batch_size && (end + 1 - i) * encoded[end].len() <= max_tokens {
             end += 1;
         }
-        let batch: Vec<&Encoded> = encoded[i..end].iter().collect();
-        real += batch.iter().map(|e| e.len() as u64).sum::<u64>();
-        padded += (batch.len() * batch.last().map(|e| e.len()).unwrap_or(0)) as u64;
-        session.run(&batch)?;
+        out.push(i..end);
         i = end;
     }
+    out
+}
+
+/// a. The model alone on sorted, pre-tokenized batches.
+pub fn ceiling(model: &Model, messages: &[serde_json::Value], batch_size: usize, max_tokens: usize) -> Result<StageResult, BenchError> {
+    ceiling_on(model, &pretokenize(model, messages), batch_size, max_tokens, 1)
+}
+
+/// The ceiling with `sessions` sessions, each on its own thread, taking batches in turn.
+pub fn ceiling_on(model: &Model, encoded: &[Encoded], batch_size: usize, max_tokens: usize, sessions: usize) -> Result<StageResult, BenchError> {
+    let plan = batches(encoded, batch_size, max_tokens);
+    let (mut real, mut padded, mut flops) = (0u64, 0u64, 0f64);
+    let architecture = model.descriptor().architecture;
+    for range in &plan {
+        let width = encoded[range.end - 1].len();
+        real += encoded[range.clone()].iter().map(|e| e.len() as u64).sum::<u64>();
+        padded += (range.len() * width) as u64;
+        flops += architecture.map_or(0.0, |a| a.flops(range.len(), width));
+    }
+    let mut session_list = (0..sessions.max(1)).map(|_| model.session()).collect::<Result<Vec<_>, _>>()?;
+    let start = Instant::now();
+    std::thread::scope(|scope| -> Result<(), BenchError> {
+        let handles: Vec<_> = session_list
+            .iter_mut()
+            .enumerate()
+            .map(|(k, session)| {
+                let plan = &plan;
+                scope.spawn(move || -> Result<(), crate::model::ModelError> {
+                    for range in plan.iter().skip(k).step_by(sessions.max(1)) {
+                        let batch: Vec<&Encoded> = encoded[range.clone()].iter().collect();
+                        session.run(&batch)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().map_err(|_| BenchError::Other("a ceiling thread panicked".into()))??;
+        }
+        Ok(())
+    })?;
     Ok(StageResult {
         messages: encoded.len(),
         seconds: start.elapsed().as_secs_f64(),
         tokens: real,
         padding_ratio: padded as f64 / real.max(1) as f64,
         peak_rss_mb: peak_rss_mb(),
+        flops,
         ..Default::default()
     })
 }
@@ -250,6 +298,7 @@ async fn worker_stage(
         p50_ms: latency.p50,
         p99_ms: latency.p99,
         peak_rss_mb: peak_rss_mb(),
+        flops: 0.0,
     })
 }
 

@@ -1,0 +1,53 @@
+#!/usr/bin/env python3
+"""Int8 dynamic quantization of an encoder directory (made by build_encoder.py).
+
+    python models/scripts/quantize_encoder.py --src runtime/encoders/minilm-l6 --out runtime/encoders/minilm-l6-int8
+
+The pinned encoder stores int8 weights that the graph dequantizes (Cast + Mul) into fp32 at
+load: ONNX Runtime then runs fp32 GEMMs. Dynamic quantization needs plain fp32 weights, so the
+graph is first constant-folded at ONNX Runtime's basic optimisation level (the dequantization
+becomes fp32 initializers), then every MatMul is quantized (int8 weights, activations quantized
+per batch at run time: MatMulInteger, which uses VNNI / AMX where the CPU has them).
+Needs the onnxruntime Python package (scripts/build-variants installs it).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+
+import onnxruntime as ort
+from onnxruntime.quantization import QuantType, quantize_dynamic
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--src", required=True, help="encoder directory (model.onnx, tokenizer.json, model.toml)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--name", default=None)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        folded = os.path.join(tmp, "folded.onnx")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = folded
+        ort.InferenceSession(os.path.join(args.src, "model.onnx"), options, providers=["CPUExecutionProvider"])
+        target = os.path.join(args.out, "model.onnx")
+        quantize_dynamic(folded, target + ".tmp", weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+        os.replace(target + ".tmp", target)
+    shutil.copyfile(os.path.join(args.src, "tokenizer.json"), os.path.join(args.out, "tokenizer.json.tmp"))
+    os.replace(os.path.join(args.out, "tokenizer.json.tmp"), os.path.join(args.out, "tokenizer.json"))
+    name = args.name or os.path.basename(os.path.normpath(args.out))
+    with open(os.path.join(args.src, "model.toml")) as f:
+        descriptor = f.read()
+    # The top-level name (the first `name =` line, before any [[heads]] table) becomes this one's.
+    descriptor = descriptor.replace(descriptor[descriptor.index("name = "):].split("\n", 1)[0], f'name = "{name}"', 1)
+    with open(os.path.join(args.out, "model.toml"), "w") as f:
+        f.write("# Int8 dynamic quantization of " + os.path.normpath(args.src) + " (models/scripts/quantize_encoder.py).\n" + descriptor)
+    print(f"wrote {args.out} ({os.path.getsize(target) / 1e6:.1f} MB graph)")
+
+
+if __name__ == "__main__":
+    main()
