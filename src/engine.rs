@@ -23,7 +23,9 @@ pub struct EngineConfig {
     pub policy: BatchPolicy,
     /// Threads that tokenize (one tokenizes ~15k short texts/s; inference is the bottleneck).
     pub tokenizer_threads: usize,
-    /// Inference threads, each with its own session.
+    /// Inference threads, each with its own session (0: one per core on CPU, one on a GPU).
+    /// Unless `inference.intra_threads` is set, the cores are shared out among the sessions:
+    /// on CPU, N single-threaded sessions beat one N-threaded session (`triage bench --sweep`).
     pub inference_threads: usize,
     /// Capacity of each queue between stages (messages).
     pub queue_capacity: usize,
@@ -31,15 +33,31 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { policy: BatchPolicy::default(), tokenizer_threads: 1, inference_threads: 1, queue_capacity: 1024 }
+        EngineConfig { policy: BatchPolicy::default(), tokenizer_threads: 1, inference_threads: 0, queue_capacity: 1024 }
     }
 }
 
 impl EngineConfig {
+    /// (sessions, intra-op threads per session; None: the model's own setting).
+    pub fn sessions_for(&self, model: &Model) -> (usize, Option<usize>) {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let on_cpu = model.info().provider == crate::model::Provider::Cpu;
+        let sessions = match self.inference_threads {
+            0 if on_cpu => cores,
+            0 => 1,
+            n => n,
+        };
+        let intra = match model.intra_threads() {
+            0 if on_cpu => Some((cores / sessions).max(1)),
+            _ => None,
+        };
+        (sessions, intra)
+    }
+
     pub fn validate(&self, max_length: usize) -> Result<(), String> {
         self.policy.validate(max_length)?;
-        if self.tokenizer_threads == 0 || self.inference_threads == 0 {
-            return Err("tokenizer_threads and inference_threads must be at least 1".into());
+        if self.tokenizer_threads == 0 {
+            return Err("tokenizer_threads must be at least 1".into());
         }
         if self.queue_capacity == 0 {
             return Err("queue_capacity must be at least 1".into());
@@ -208,12 +226,13 @@ impl<T: Send + 'static> Engine<T> {
     /// Start the threads. Sessions are created here, so model problems surface now.
     pub fn start(model: Arc<Model>, config: &EngineConfig, outcomes: flume::Sender<Outcome<T>>) -> Result<Self, ModelError> {
         config.validate(model.info().max_length).map_err(|reason| ModelError::invalid(&model.info().dir, reason))?;
-        let sessions = (0..config.inference_threads).map(|_| model.session()).collect::<Result<Vec<_>, _>>()?;
+        let (count, intra) = config.sessions_for(&model);
+        let sessions = (0..count).map(|_| model.session_with_threads(intra)).collect::<Result<Vec<_>, _>>()?;
         let stats = Arc::new(EngineStats::default());
         let (request_tx, request_rx) = flume::bounded::<Request<T>>(config.queue_capacity);
         let (token_tx, token_rx) = flume::bounded::<Tokenized<T>>(config.queue_capacity);
         // One batch in hand per inference thread: the batcher keeps sorting while they compute.
-        let (batch_tx, batch_rx) = flume::bounded::<Batch<Tokenized<T>>>(config.inference_threads);
+        let (batch_tx, batch_rx) = flume::bounded::<Batch<Tokenized<T>>>(count);
         let mut threads = Vec::new();
 
         for i in 0..config.tokenizer_threads {

@@ -196,9 +196,9 @@ struct BenchArgs {
     /// The datasets folder (banking77/, support-tickets/); generated texts when absent.
     #[arg(long, default_value = "../shared/data")]
     data: PathBuf,
-    /// Batch size of the ceiling run.
-    #[arg(long, default_value_t = 64)]
-    ceiling_batch_size: usize,
+    /// Batch size of the ceiling run (default: the best of 8, 16, 32, 64 on a sample).
+    #[arg(long)]
+    ceiling_batch_size: Option<usize>,
     /// Tune the ceiling instead: batch size, threads vs sessions, optimisation level, truncation,
     /// tokenization overlap, --variant directories, GFLOP/s and share of peak; latency at low load.
     #[arg(long)]
@@ -317,6 +317,7 @@ struct BatchArgs {
     batch_cost_tokens: usize,
     #[arg(long, env = "TRIAGE_TOKENIZER_THREADS", default_value_t = EngineConfig::default().tokenizer_threads)]
     tokenizer_threads: usize,
+    /// Inference sessions, each on its own thread (0: one per core on CPU, one on GPU).
     #[arg(long, env = "TRIAGE_INFERENCE_THREADS", default_value_t = EngineConfig::default().inference_threads)]
     inference_threads: usize,
 }

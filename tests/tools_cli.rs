@@ -179,10 +179,35 @@ fn bench_runs_all_three_stages_and_reports_ratios() {
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("GENERATED"), "{stdout}");
     assert!(stdout.contains("b/a (worker / ceiling) =") && stdout.contains("b/c (worker / batch size 1) ="), "{stdout}");
-    for stage in ["a. ceiling (model only)", "b. worker, default batching", "c. worker, batch size 1"] {
+    for stage in ["a. ceiling, sorted batches", "b. worker, default batching", "c. worker, batch size 1"] {
         let line = stdout.lines().find(|l| l.contains(stage)).unwrap_or_else(|| panic!("no {stage} line: {stdout}"));
         let after = &line[line.find(stage).unwrap() + stage.len()..];
         let msgs_per_s: f64 = after.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
         assert!(msgs_per_s > 0.0, "{stage}: no throughput in `{line}`");
     }
+}
+
+#[test]
+fn bench_sweep_reports_each_setting_with_its_share_of_peak_and_low_load_latency() {
+    let dir = tempfile::tempdir().unwrap();
+    let encoder = common::root().join("runtime/encoders/minilm-l6");
+    let out = triage()
+        .args(["bench", "--sweep", "--messages", "60", "--workload", "short", "--peak-gflops", "100", "--data"])
+        .arg(dir.path())
+        .arg("--variant")
+        .arg(&encoder)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("peak: 100 GFLOP/s fp32 = given with --peak-gflops"), "{stdout}");
+    for group in ["batch size", "threads", "optimisation", "truncation", "tokenization", "variant"] {
+        assert!(stdout.lines().any(|l| l.trim_start().starts_with(group)), "no {group} rows: {stdout}");
+    }
+    // The default model declares its architecture, so its rows carry GFLOP/s and a share of peak.
+    let row = stdout.lines().find(|l| l.contains("1 session x all cores (default)")).unwrap();
+    assert!(row.trim_end().ends_with('%'), "{row}");
+    let low = stdout.lines().find(|l| l.contains("low load")).unwrap_or_else(|| panic!("{stdout}"));
+    assert!(low.contains("within max_wait + own batch"), "{low}");
 }

@@ -51,8 +51,8 @@ pub struct BenchOptions {
     pub workloads: Vec<Workload>,
     pub inference: InferenceOptions,
     pub batching: EngineConfig,
-    /// Batch size of the ceiling run (sorted, no padding to speak of).
-    pub ceiling_batch_size: usize,
+    /// Batch size of the ceiling run (sorted, no padding to speak of); None: the best found.
+    pub ceiling_batch_size: Option<usize>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -88,6 +88,7 @@ impl StageResult {
 pub struct WorkloadResult {
     pub workload: Workload,
     pub source: String,
+    pub ceiling_batch_size: usize,
     pub ceiling: StageResult,
     pub worker: StageResult,
     pub batch_one: StageResult,
@@ -190,13 +191,46 @@ fn batches(encoded: &[Encoded], batch_size: usize, max_tokens: usize) -> Vec<std
     out
 }
 
-/// a. The model alone on sorted, pre-tokenized batches.
-pub fn ceiling(model: &Model, messages: &[serde_json::Value], batch_size: usize, max_tokens: usize) -> Result<StageResult, BenchError> {
-    ceiling_on(model, &pretokenize(model, messages), batch_size, max_tokens, 1)
+/// a. The model alone on sorted, pre-tokenized batches, with the worker's sessions and threads,
+/// at the best batch size (`batch_size`, or the best of 8 / 16 / 32 / 64 on a sample).
+pub fn ceiling(
+    model: &Model,
+    messages: &[serde_json::Value],
+    batch_size: Option<usize>,
+    max_tokens: usize,
+    engine: &EngineConfig,
+) -> Result<(StageResult, usize), BenchError> {
+    let encoded = pretokenize(model, messages);
+    let (sessions, intra) = engine.sessions_for(model);
+    let batch_size = match batch_size {
+        Some(b) => b,
+        None => {
+            // Every k-th of the length-sorted messages keeps the length mix.
+            let step = (encoded.len() / 400).max(1);
+            let sample: Vec<Encoded> = encoded.iter().step_by(step).cloned().collect();
+            let mut best = (32, 0.0);
+            for size in [8, 16, 32, 64] {
+                let rate = ceiling_on(model, &sample, size, usize::MAX, sessions, intra)?.per_second();
+                if rate > best.1 {
+                    best = (size, rate);
+                }
+            }
+            best.0
+        }
+    };
+    Ok((ceiling_on(model, &encoded, batch_size, max_tokens.max(batch_size * model.info().max_length), sessions, intra)?, batch_size))
 }
 
-/// The ceiling with `sessions` sessions, each on its own thread, taking batches in turn.
-pub fn ceiling_on(model: &Model, encoded: &[Encoded], batch_size: usize, max_tokens: usize, sessions: usize) -> Result<StageResult, BenchError> {
+/// The ceiling with `sessions` sessions (`intra` threads each), each on its own thread,
+/// taking batches in turn.
+pub fn ceiling_on(
+    model: &Model,
+    encoded: &[Encoded],
+    batch_size: usize,
+    max_tokens: usize,
+    sessions: usize,
+    intra: Option<usize>,
+) -> Result<StageResult, BenchError> {
     let plan = batches(encoded, batch_size, max_tokens);
     let (mut real, mut padded, mut flops) = (0u64, 0u64, 0f64);
     let architecture = model.descriptor().architecture;
@@ -206,7 +240,7 @@ pub fn ceiling_on(model: &Model, encoded: &[Encoded], batch_size: usize, max_tok
         padded += (range.len() * width) as u64;
         flops += architecture.map_or(0.0, |a| a.flops(range.len(), width));
     }
-    let mut session_list = (0..sessions.max(1)).map(|_| model.session()).collect::<Result<Vec<_>, _>>()?;
+    let mut session_list = (0..sessions.max(1)).map(|_| model.session_with_threads(intra)).collect::<Result<Vec<_>, _>>()?;
     let start = Instant::now();
     std::thread::scope(|scope| -> Result<(), BenchError> {
         let handles: Vec<_> = session_list
@@ -317,9 +351,9 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Vec<W
         let records: Vec<Vec<u8>> = messages.iter().map(|m| m.to_string().into_bytes()).collect();
         progress("  a. ceiling: the model alone on sorted batches");
         let m = model.clone();
-        let (batch_size, max_tokens) = (options.ceiling_batch_size, options.batching.policy.max_batch_tokens);
+        let (batch_size, max_tokens, engine) = (options.ceiling_batch_size, options.batching.policy.max_batch_tokens, options.batching.clone());
         let msgs = messages.clone();
-        let ceiling = tokio::task::spawn_blocking(move || ceiling(&m, &msgs, batch_size, max_tokens))
+        let (ceiling, ceiling_batch_size) = tokio::task::spawn_blocking(move || ceiling(&m, &msgs, batch_size, max_tokens, &engine))
             .await
             .map_err(|e| BenchError::Other(e.to_string()))??;
         progress("  b. the whole worker at default settings");
@@ -328,7 +362,7 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Vec<W
         let mut one = options.batching.clone();
         one.policy.max_batch_size = 1;
         let batch_one = worker_stage(&format!("{index}-c"), &kafka, &clickhouse, &options, one, &records).await?;
-        results.push(WorkloadResult { workload, source, ceiling, worker, batch_one });
+        results.push(WorkloadResult { workload, source, ceiling_batch_size, ceiling, worker, batch_one });
     }
     Ok(results)
 }
@@ -344,9 +378,10 @@ pub fn render(results: &[WorkloadResult]) -> String {
             r.worker_over_ceiling(),
             r.worker_over_batch_one()
         ));
+        out.push_str(&format!("  (a: pre-tokenized, length-sorted batches of {}, the best of 8/16/32/64 here)\n", r.ceiling_batch_size));
         out.push_str("  stage                          msg/s   tokens/s  padded/real   p50 ms   p99 ms  peak RSS MB\n");
         for (name, s) in
-            [("a. ceiling (model only)", &r.ceiling), ("b. worker, default batching", &r.worker), ("c. worker, batch size 1", &r.batch_one)]
+            [("a. ceiling, sorted batches", &r.ceiling), ("b. worker, default batching", &r.worker), ("c. worker, batch size 1", &r.batch_one)]
         {
             let lat = |v: f64| if name.starts_with("a.") { "-".to_string() } else { format!("{v:.0}") };
             out.push_str(&format!(

@@ -104,7 +104,8 @@ pub fn run(options: &SweepOptions, progress: impl Fn(&str)) -> Result<SweepRepor
         Some(g) => Peak { gflops: g, how: "given with --peak-gflops".into() },
         None => cpu_peak(),
     };
-    let max_tokens = options.batching.policy.max_batch_tokens;
+    // The ceiling's batches are limited by rows only (the sweep varies them).
+    let max_tokens = usize::MAX;
     let base_model = load(&options.model_dir, &options.inference)?;
     let mut workloads = Vec::new();
     for &workload in &options.workloads {
@@ -121,7 +122,7 @@ pub fn run(options: &SweepOptions, progress: impl Fn(&str)) -> Result<SweepRepor
         let mut best = (64usize, 0.0f64);
         let mut reference = None;
         for size in [1usize, 8, 16, 32, 64, 128] {
-            let r = ceiling_on(&base_model, &encoded, size, max_tokens, 1)?;
+            let r = ceiling_on(&base_model, &encoded, size, max_tokens, 1, None)?;
             if r.per_second() > best.1 {
                 best = (size, r.per_second());
             }
@@ -130,26 +131,26 @@ pub fn run(options: &SweepOptions, progress: impl Fn(&str)) -> Result<SweepRepor
             reference.get_or_insert(rate);
         }
         let batch_size = best.0;
-        let default = ceiling_on(&base_model, &encoded, batch_size, max_tokens, 1)?;
+        let default = ceiling_on(&base_model, &encoded, batch_size, max_tokens, 1, None)?;
         let default_rate = default.per_second();
 
         progress("  threads: intra-op threads per session vs sessions");
         push(&mut rows, "threads", "1 session x all cores (default)".into(), default.clone(), None);
         let one_thread = load(&options.model_dir, &InferenceOptions { intra_threads: 1, ..options.inference.clone() })?;
-        push(&mut rows, "threads", "1 session x 1 thread".into(), ceiling_on(&one_thread, &encoded, batch_size, max_tokens, 1)?, Some(default_rate));
+        push(&mut rows, "threads", "1 session x 1 thread".into(), ceiling_on(&one_thread, &encoded, batch_size, max_tokens, 1, None)?, Some(default_rate));
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         push(
             &mut rows,
             "threads",
             format!("{cores} sessions x 1 thread"),
-            ceiling_on(&one_thread, &encoded, batch_size, max_tokens, cores)?,
+            ceiling_on(&one_thread, &encoded, batch_size, max_tokens, cores, None)?,
             Some(default_rate),
         );
         push(
             &mut rows,
             "threads",
             format!("{cores} sessions x all cores (oversubscribed)"),
-            ceiling_on(&base_model, &encoded, batch_size, max_tokens, cores)?,
+            ceiling_on(&base_model, &encoded, batch_size, max_tokens, cores, None)?,
             Some(default_rate),
         );
         drop(one_thread);
@@ -157,14 +158,14 @@ pub fn run(options: &SweepOptions, progress: impl Fn(&str)) -> Result<SweepRepor
         progress("  graph optimisation level");
         for (name, level) in [("basic", OptimizationLevel::Basic), ("extended", OptimizationLevel::Extended), ("all (default)", OptimizationLevel::All)] {
             let m = load(&options.model_dir, &InferenceOptions { optimization: level, ..options.inference.clone() })?;
-            push(&mut rows, "optimisation", name.into(), ceiling_on(&m, &encoded, batch_size, max_tokens, 1)?, Some(default_rate));
+            push(&mut rows, "optimisation", name.into(), ceiling_on(&m, &encoded, batch_size, max_tokens, 1, None)?, Some(default_rate));
         }
 
         progress("  truncation length");
         for length in [64usize, 128, 256] {
             let m = load(&options.model_dir, &InferenceOptions { max_length: Some(length), ..options.inference.clone() })?;
             let e = pretokenize(&m, &messages);
-            push(&mut rows, "truncation", format!("max_length {length}"), ceiling_on(&m, &e, batch_size, max_tokens, 1)?, Some(default_rate));
+            push(&mut rows, "truncation", format!("max_length {length}"), ceiling_on(&m, &e, batch_size, max_tokens, 1, None)?, Some(default_rate));
         }
 
         progress("  tokenization: alone, and overlapped with inference by the engine");
@@ -189,7 +190,7 @@ pub fn run(options: &SweepOptions, progress: impl Fn(&str)) -> Result<SweepRepor
             progress(&format!("  variant {}", dir.display()));
             let m = load(dir, &options.inference)?;
             let e = pretokenize(&m, &messages);
-            push(&mut rows, "variant", m.info().name.clone(), ceiling_on(&m, &e, batch_size, max_tokens, 1)?, Some(default_rate));
+            push(&mut rows, "variant", m.info().name.clone(), ceiling_on(&m, &e, batch_size, max_tokens, 1, None)?, Some(default_rate));
         }
 
         progress("  latency at low load");

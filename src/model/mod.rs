@@ -246,6 +246,22 @@ impl Model {
         &self.heads
     }
 
+    /// Intra-op threads per session as configured (0: ONNX Runtime's default).
+    pub fn intra_threads(&self) -> usize {
+        self.options.intra_threads
+    }
+
+    /// A session with `intra` intra-op threads (None: as configured).
+    pub fn session_with_threads(&self, intra: Option<usize>) -> Result<InferenceSession, ModelError> {
+        match intra {
+            Some(n) if n != self.options.intra_threads => {
+                let options = InferenceOptions { intra_threads: n, ..self.options.clone() };
+                Ok(InferenceSession::new(session::build(&self.runtime, &self.onnx_path, &options)?.0, self.layout.clone(), self.heads.clone()))
+            }
+            _ => self.session(),
+        }
+    }
+
     /// A session for one inference thread (`Session::run` needs `&mut`).
     pub fn session(&self) -> Result<InferenceSession, ModelError> {
         let spare = self.spare.lock().map(|mut s| s.take()).unwrap_or(None);
