@@ -187,7 +187,8 @@ impl RuntimeArgs {
 struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Messages per workload (the backlog each worker run drains; default 5000, 1000 with --sweep).
+    /// Messages per workload (the backlog each worker run drains; default 10000, 1000 with --sweep).
+    /// Fewer make the fixed tail (last insert, last commit) a visible share of stage b.
     #[arg(long)]
     messages: Option<usize>,
     /// Which workloads: short, tickets, or both.
@@ -209,6 +210,9 @@ struct BenchArgs {
     /// With --sweep: the CPU's peak fp32 GFLOP/s (default: estimated from /proc/cpuinfo).
     #[arg(long)]
     peak_gflops: Option<f64>,
+    /// The worker's batching and threads (stage b; stage c changes only max_batch_size).
+    #[command(flatten)]
+    batch: BatchArgs,
 }
 
 #[derive(Subcommand)]
@@ -807,7 +811,7 @@ async fn run_bench(args: BenchArgs) -> Result<()> {
             workloads,
             variants: args.variants.clone(),
             inference: inference_options(&args.model),
-            batching: EngineConfig::default(),
+            batching: engine_config(&args.batch),
             peak_gflops: args.peak_gflops,
         };
         let report = tokio::task::spawn_blocking(move || triage::bench::sweep::run(&options, |step| eprintln!("[sweep] {step}"))).await??;
@@ -817,10 +821,10 @@ async fn run_bench(args: BenchArgs) -> Result<()> {
     let options = BenchOptions {
         model_dir: model_dir(&args.model.model)?,
         shared_data: args.data.clone(),
-        messages: args.messages.unwrap_or(5000),
+        messages: args.messages.unwrap_or(10_000),
         workloads,
         inference: inference_options(&args.model),
-        batching: EngineConfig::default(),
+        batching: engine_config(&args.batch),
         ceiling_batch_size: args.ceiling_batch_size,
     };
     let results = triage::bench::run(options, |step| eprintln!("[bench] {step}")).await?;

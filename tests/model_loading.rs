@@ -129,6 +129,18 @@ fn gpu_provider_on_a_cpu_library_falls_back_to_cpu() {
     assert_eq!(model.info().provider, Provider::Cpu);
 }
 
+#[test]
+fn cuda_library_folders_without_the_libraries_still_fall_back_to_cpu() {
+    let empty = tempfile::tempdir().unwrap();
+    let options = InferenceOptions {
+        providers: vec![Provider::Cuda, Provider::Cpu],
+        cuda_library_dirs: vec![empty.path().to_path_buf()],
+        ..InferenceOptions::default()
+    };
+    let model = Model::load(common::test_model_dir("optimum-tiny"), &options).expect("falls back instead of failing");
+    assert_eq!(model.info().provider, Provider::Cpu);
+}
+
 // ONNX Runtime's environment is process-wide, so library problems are tested in child processes.
 
 fn triage_classify_with_library(library: &std::path::Path) -> (i32, String) {

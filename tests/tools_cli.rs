@@ -211,3 +211,24 @@ fn bench_sweep_reports_each_setting_with_its_share_of_peak_and_low_load_latency(
     let low = stdout.lines().find(|l| l.contains("low load")).unwrap_or_else(|| panic!("{stdout}"));
     assert!(low.contains("within max_wait + own batch"), "{low}");
 }
+
+#[test]
+fn cost_script_computes_core_hours_and_llm_cost_per_million_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("cost.toml");
+    std::fs::write(
+        &config,
+        "[cpu]\nprice_per_core_hour = 1.0\n\n[[workload]]\nname = \"w\"\ncores = 1\nmessages_per_second = 1000.0\nwordpiece_tokens_per_message = 100.0\n\n\
+         [llm]\nprompt_tokens = 0\noutput_tokens = 10\n\n[[llm.model]]\nname = \"m\"\ninput_per_million = 1.0\noutput_per_million = 2.0\nknown_from = \"test\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(common::root().join("scripts/cost")).arg("--config").arg(&config).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    // 10^6 messages / 1000 per s = 1000 s = 0.28 core-hours at $1; LLM: 100 x $1 + 10 x $2 = $120.
+    assert!(stdout.contains("0.3 core-hours = $0.28 per million messages"), "{stdout}");
+    assert!(stdout.contains("$    120.00 per million messages (432x)"), "{stdout}");
+    std::fs::write(&config, "[cpu]\n").unwrap();
+    let bad = std::process::Command::new(common::root().join("scripts/cost")).arg("--config").arg(&config).output().unwrap();
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("price_per_core_hour"));
+}

@@ -112,6 +112,10 @@ pub struct InferenceOptions {
     /// Providers in order of preference; CPU is always the last resort.
     pub providers: Vec<Provider>,
     pub gpu_device_id: i32,
+    /// Folders holding the CUDA 13 and cuDNN 9 libraries the CUDA provider needs (e.g. the
+    /// `lib` folders of pip's nvidia-* packages), loaded before the first GPU session; unset:
+    /// the system's library path.
+    pub cuda_library_dirs: Vec<PathBuf>,
     /// Intra-op threads per session (0: ONNX Runtime's default, one per core).
     pub intra_threads: usize,
     pub optimization: OptimizationLevel,
@@ -127,6 +131,7 @@ impl Default for InferenceOptions {
             ort_library: None,
             providers: vec![Provider::Cpu],
             gpu_device_id: 0,
+            cuda_library_dirs: Vec::new(),
             intra_threads: 0,
             optimization: OptimizationLevel::All,
             max_length: None,

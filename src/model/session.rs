@@ -86,6 +86,24 @@ pub(crate) fn check_outputs(outputs: &[Outlet], heads: &HeadSet) -> Result<(), M
 
 /// Build a session with the requested providers, falling back to CPU (with a warning) when a
 /// provider cannot be registered. Returns the provider actually in use.
+/// Load the CUDA / cuDNN libraries from the configured folders, once per process. Returns the
+/// ones found nowhere (the provider then fails to register and triage falls back to CPU).
+fn preload_cuda(dirs: &[std::path::PathBuf]) -> Vec<&'static str> {
+    static MISSING: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+    MISSING
+        .get_or_init(|| {
+            let mut missing = Vec::new();
+            for name in ort::ep::cuda::CUDA_DYLIBS.iter().chain(ort::ep::cuda::CUDNN_DYLIBS) {
+                let loaded = dirs.iter().map(|d| d.join(name)).filter(|p| p.is_file()).any(|p| ort::util::preload_dylib(&p).is_ok());
+                if !loaded {
+                    missing.push(*name);
+                }
+            }
+            missing
+        })
+        .clone()
+}
+
 pub(crate) fn build(runtime: &Runtime, path: &Path, options: &InferenceOptions) -> Result<(Session, Provider), ModelError> {
     let graph_err = |e: ort::Error| ModelError::Graph { path: path.to_path_buf(), detail: e.to_string() };
     let builder_err = |e: ort::Error<ort::session::builder::SessionBuilder>| graph_err(ort::Error::<()>::from(e));
@@ -102,6 +120,13 @@ pub(crate) fn build(runtime: &Runtime, path: &Path, options: &InferenceOptions) 
         builder = builder.with_intra_threads(options.intra_threads).map_err(builder_err)?;
     }
     let mut active = Provider::Cpu;
+    let wants_gpu = options.providers.iter().any(|p| *p != Provider::Cpu);
+    if wants_gpu && !options.cuda_library_dirs.is_empty() {
+        let missing = preload_cuda(&options.cuda_library_dirs);
+        if !missing.is_empty() {
+            tracing::warn!(missing = %missing.join(", "), dirs = ?options.cuda_library_dirs, "CUDA/cuDNN libraries not found in cuda_library_dirs");
+        }
+    }
     for provider in &options.providers {
         let dispatch = match provider {
             Provider::Cpu => break,
