@@ -161,13 +161,16 @@ struct EvalArgs {
     batch: BatchArgs,
 }
 
-/// ONNX Runtime settings for commands that load models by other flags.
+/// Where ONNX Runtime comes from and how sessions run (every command that loads a model).
 #[derive(Args, Clone)]
 struct RuntimeArgs {
+    /// Path to libonnxruntime.so (default: ORT_DYLIB_PATH, then runtime/onnxruntime/ of the project).
     #[arg(long, env = "TRIAGE_ORT_LIBRARY")]
     ort_library: Option<PathBuf>,
+    /// Execution providers in order of preference (cpu, cuda, tensorrt); CPU is the fallback.
     #[arg(long, env = "TRIAGE_PROVIDERS", value_delimiter = ',', default_value = "cpu")]
     providers: Vec<Provider>,
+    /// Intra-op threads per inference session (0: the cores shared out among the sessions).
     #[arg(long, env = "TRIAGE_INTRA_THREADS", default_value_t = 0)]
     intra_threads: usize,
 }
@@ -286,15 +289,8 @@ struct ModelArgs {
     /// Model directory (model.onnx, tokenizer.json, model.toml and/or config.json).
     #[arg(long, env = "TRIAGE_MODEL")]
     model: Option<PathBuf>,
-    /// Path to libonnxruntime.so (default: ORT_DYLIB_PATH, then runtime/onnxruntime/ of the project).
-    #[arg(long, env = "TRIAGE_ORT_LIBRARY")]
-    ort_library: Option<PathBuf>,
-    /// Execution providers in order of preference (cpu, cuda, tensorrt); CPU is the fallback.
-    #[arg(long, env = "TRIAGE_PROVIDERS", value_delimiter = ',', default_value = "cpu")]
-    providers: Vec<Provider>,
-    /// Intra-op threads per inference session (0: one per core).
-    #[arg(long, env = "TRIAGE_INTRA_THREADS", default_value_t = 0)]
-    intra_threads: usize,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
     /// Override the model's truncation length (tokens).
     #[arg(long, env = "TRIAGE_MAX_LENGTH")]
     max_length: Option<usize>,
@@ -647,14 +643,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn inference_options(args: &ModelArgs) -> InferenceOptions {
-    InferenceOptions {
-        ort_library: args.ort_library.clone(),
-        providers: args.providers.clone(),
-        intra_threads: args.intra_threads,
-        max_length: args.max_length,
-        template: args.template.clone(),
-        ..InferenceOptions::default()
-    }
+    InferenceOptions { max_length: args.max_length, template: args.template.clone(), ..args.runtime.options() }
 }
 
 /// Resolves on SIGTERM or SIGINT.
