@@ -231,7 +231,7 @@ impl<W: Write> OrderedWriter<W> {
             };
             heads.insert(h.head.clone(), value);
         }
-        json!({
+        let mut record = json!({
             "line": tag.line,
             "id": tag.id,
             "category": p.category.as_ref().map(|c| &c.label),
@@ -243,7 +243,12 @@ impl<W: Write> OrderedWriter<W> {
             "model_version": self.model_version,
             "tokens": c.tokens,
             "truncated": c.truncated,
-        })
+        });
+        // Only models with an out-of-distribution gate have a score to give.
+        if let (Some(score), Value::Object(fields)) = (p.ood_score, &mut record) {
+            fields.insert("ood_score".into(), json!(score));
+        }
+        record
     }
 }
 

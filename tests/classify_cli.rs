@@ -55,6 +55,9 @@ fn bad_lines_become_error_records_and_the_run_goes_on() {
     assert_eq!(reason(5).as_deref(), Some("not_object"));
     assert_eq!(reason(6).as_deref(), Some("too_large"));
     assert_eq!(records[7]["category"], "change_pin");
+    // The default model's OOD gate scores every message: a banking question sits near its intents.
+    let ood = records[7]["ood_score"].as_f64().expect("ood_score");
+    assert!((0.0..0.5).contains(&ood), "{ood}");
     assert!(stderr.contains("8 messages (3 classified, 5 errors)"), "summary on stderr: {stderr}");
 }
 
