@@ -518,7 +518,7 @@ async fn results_loop(
                 let kind = route.config.kind.clone();
                 tokio::spawn(async move {
                     kafka_sink.escalate(&key, &payload).await;
-                    metrics::counter!(telemetry::MESSAGES_ESCALATED, "kind" => kind).increment(1);
+                    metrics::counter!(telemetry::MESSAGES_ESCALATED, "kind" => kind, "reason" => reason).increment(1);
                     acks.ack(&delivery);
                 });
             }
