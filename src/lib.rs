@@ -23,8 +23,8 @@ pub mod retry;
 pub mod sink;
 pub mod source;
 pub mod telemetry;
-pub mod train;
 pub mod time;
+pub mod train;
 
 pub use engine::{Classified, ClassifyError, Engine, EngineConfig, Outcome};
 pub use model::{InferenceOptions, Model, ModelError, Prediction};

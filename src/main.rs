@@ -471,11 +471,7 @@ fn run_train(args: TrainArgs) -> Result<()> {
     use triage::train::{Columns, TrainOptions};
     let columns = Columns {
         text: Columns::parse_text(&args.text)?,
-        labels: args
-            .labels
-            .iter()
-            .map(|l| Columns::parse_label(l))
-            .collect(),
+        labels: args.labels.iter().map(|l| Columns::parse_label(l)).collect(),
         multi_label: args.multi_label.iter().map(|m| Columns::parse_multi_label(m)).collect::<Result<_, _>>()?,
     };
     let encoder = model_dir(&args.encoder)?;
@@ -511,7 +507,11 @@ fn run_train(args: TrainArgs) -> Result<()> {
     for h in &report.single {
         println!(
             "{}: accuracy {:.3}, macro-F1 {:.3} (embedding alone {:.3}; TF-IDF baseline {:.3})",
-            h.name, h.validation.accuracy, h.validation.macro_f1, h.validation_embedding_only.accuracy, h.validation_tfidf_baseline.accuracy
+            h.name,
+            h.validation.accuracy,
+            h.validation.macro_f1,
+            h.validation_embedding_only.accuracy,
+            h.validation_tfidf_baseline.accuracy
         );
     }
     for m in &report.multi {
@@ -534,11 +534,7 @@ fn run_eval(args: EvalArgs) -> Result<()> {
     } else {
         Some(Columns {
             text: Columns::parse_text(&args.text)?,
-            labels: args
-                .labels
-                .iter()
-                .map(|l| Columns::parse_label(l))
-                .collect(),
+            labels: args.labels.iter().map(|l| Columns::parse_label(l)).collect(),
             multi_label: Vec::new(),
         })
     };

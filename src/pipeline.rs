@@ -168,7 +168,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
             decoder: Decoder::new(route.fields.clone(), model.template().clone(), config.max_message_bytes, model.encoder().max_chars()),
             model: model.info().clone(),
             threshold: config.threshold(route, model.descriptor()),
-            ood_threshold: route.ood_threshold.or(model.descriptor().ood.as_ref().map(|o| o.threshold)).filter(|_| model.heads().ood().is_some()),
+            ood_threshold: route
+                .ood_threshold
+                .or(model.descriptor().ood.as_ref().map(|o| o.threshold))
+                .filter(|_| model.heads().ood().is_some()),
         });
     }
     drop(outcome_tx);

@@ -18,7 +18,12 @@ pub const METRICS: &[(&str, &str, &str, &str)] = &[
     (MESSAGES_CONSUMED, "counter", "topic", "Messages received from Kafka."),
     (MESSAGES_CLASSIFIED, "counter", "kind, model", "Messages the model classified."),
     (MESSAGES_DEAD_LETTERED, "counter", "reason", "Messages written to the dead-letter topic (acknowledged by Kafka)."),
-    (MESSAGES_ESCALATED, "counter", "kind, reason", "Messages written to the escalation topic (acknowledged by Kafka); reason: low_confidence or out_of_distribution."),
+    (
+        MESSAGES_ESCALATED,
+        "counter",
+        "kind, reason",
+        "Messages written to the escalation topic (acknowledged by Kafka); reason: low_confidence or out_of_distribution.",
+    ),
     (BATCH_SIZE, "histogram", "model", "Messages per inference batch."),
     (BATCH_TOKENS, "histogram", "model", "Padded tokens (rows x longest row) per batch."),
     (BATCH_PADDING_RATIO, "histogram", "model", "Padded tokens / real tokens per batch (1 = no padding)."),

@@ -16,22 +16,50 @@ const QUEUES: &[(&str, &[&str], &[&str])] = &[
     (
         "billing",
         &["Invoice question", "Charged twice", "Refund please", "Payment problem"],
-        &["I was charged twice for my subscription this month", "the invoice shows the wrong amount", "please refund the extra payment on my credit card", "my card was billed but the order was cancelled", "why is there a late fee on my statement", "the payment failed but money left my account"],
+        &[
+            "I was charged twice for my subscription this month",
+            "the invoice shows the wrong amount",
+            "please refund the extra payment on my credit card",
+            "my card was billed but the order was cancelled",
+            "why is there a late fee on my statement",
+            "the payment failed but money left my account",
+        ],
     ),
     (
         "shipping",
         &["Where is my parcel", "Delivery delayed", "Tracking number", "Courier issue"],
-        &["my package has not arrived and tracking shows no update", "the courier left the parcel at the wrong address", "delivery was promised for monday and it is now friday", "the tracking number you sent does not work", "can you ship to a different address", "the box arrived crushed by the delivery driver"],
+        &[
+            "my package has not arrived and tracking shows no update",
+            "the courier left the parcel at the wrong address",
+            "delivery was promised for monday and it is now friday",
+            "the tracking number you sent does not work",
+            "can you ship to a different address",
+            "the box arrived crushed by the delivery driver",
+        ],
     ),
     (
         "account",
         &["Cannot log in", "Password reset", "Two-factor problem", "Account locked"],
-        &["I cannot sign in to my account after the update", "the password reset email never arrives", "my two-factor code is always rejected", "the app says my account is locked", "how do I change the email address on my profile", "I get an error when I try to log in on my phone"],
+        &[
+            "I cannot sign in to my account after the update",
+            "the password reset email never arrives",
+            "my two-factor code is always rejected",
+            "the app says my account is locked",
+            "how do I change the email address on my profile",
+            "I get an error when I try to log in on my phone",
+        ],
     ),
     (
         "returns",
         &["Return request", "Exchange size", "Damaged item", "Wrong item sent"],
-        &["I want to return the shoes, they are too small", "can I exchange this jacket for a larger size", "the lamp arrived broken, I want to send it back", "you sent me the wrong colour, how do I return it", "what is your return policy for opened items", "please send a return label for my order"],
+        &[
+            "I want to return the shoes, they are too small",
+            "can I exchange this jacket for a larger size",
+            "the lamp arrived broken, I want to send it back",
+            "you sent me the wrong colour, how do I return it",
+            "what is your return policy for opened items",
+            "please send a return label for my order",
+        ],
     ),
 ];
 const FILLERS: &[&str] = &["Hello,", "Hi team,", "Good morning.", "Dear support,", ""];
@@ -107,9 +135,27 @@ fn train_eval_and_serve_a_model_from_a_labelled_csv() {
     labelled_csv(&data, 40, 7);
     foreign_jsonl(&foreign);
     let out = triage(&[
-        "train", "--data", s(&data), "--text", "subject,body", "--label", "queue", "--label", "priority",
-        "--multi-label", "tags=tag_1,tag_2", "--encoder", s(&encoder()), "--out", s(&model),
-        "--target-accuracy", "0.9", "--foreign", s(&foreign), "--foreign-text", "body",
+        "train",
+        "--data",
+        s(&data),
+        "--text",
+        "subject,body",
+        "--label",
+        "queue",
+        "--label",
+        "priority",
+        "--multi-label",
+        "tags=tag_1,tag_2",
+        "--encoder",
+        s(&encoder()),
+        "--out",
+        s(&model),
+        "--target-accuracy",
+        "0.9",
+        "--foreign",
+        s(&foreign),
+        "--foreign-text",
+        "body",
     ]);
     assert!(out.status.success(), "{}", text(&out));
     let log = text(&out);
@@ -161,10 +207,18 @@ fn train_eval_and_serve_a_model_from_a_labelled_csv() {
     let mut messages: Vec<(String, Vec<u8>)> = (0..12)
         .map(|i| {
             let (_, subjects, bodies) = QUEUES[i % 4];
-            (format!("t-{i}"), serde_json::json!({"id": format!("t-{i}"), "subject": subjects[0], "body": bodies[i % bodies.len()]}).to_string().into_bytes())
+            (
+                format!("t-{i}"),
+                serde_json::json!({"id": format!("t-{i}"), "subject": subjects[0], "body": bodies[i % bodies.len()]})
+                    .to_string()
+                    .into_bytes(),
+            )
         })
         .collect();
-    messages.push(("f-1".into(), serde_json::json!({"id": "f-1", "body": "Whisk the eggs and fold in the melted chocolate, then bake"}).to_string().into_bytes()));
+    messages.push((
+        "f-1".into(),
+        serde_json::json!({"id": "f-1", "body": "Whisk the eggs and fold in the melted chocolate, then bake"}).to_string().into_bytes(),
+    ));
     env.produce("tickets", &messages);
     let config = env.write_config("trained", &model, &["tickets"], "");
     let mut worker = env.spawn_worker(&config, "trained");
@@ -202,7 +256,19 @@ fn bad_input_gets_clear_errors_and_warnings_with_row_numbers() {
     std::fs::write(&data, raw).unwrap();
     let out_dir = dir.path().join("m");
 
-    let out = triage(&["train", "--data", s(&data), "--text", "subject,body", "--label", "team", "--encoder", s(&encoder()), "--out", s(&out_dir)]);
+    let out = triage(&[
+        "train",
+        "--data",
+        s(&data),
+        "--text",
+        "subject,body",
+        "--label",
+        "team",
+        "--encoder",
+        s(&encoder()),
+        "--out",
+        s(&out_dir),
+    ]);
     assert!(!out.status.success());
     let msg = text(&out);
     assert!(msg.contains("unknown column(s) team") && msg.contains("subject, body, queue"), "{msg}");
@@ -213,7 +279,21 @@ fn bad_input_gets_clear_errors_and_warnings_with_row_numbers() {
     let out = triage(&["train", "--data", s(&dir.path().join("nope.csv")), "--text", "body", "--label", "queue", "--out", s(&out_dir)]);
     assert!(!out.status.success() && text(&out).contains("nope.csv"), "{}", text(&out));
 
-    let out = triage(&["train", "--data", s(&data), "--text", "subject,body", "--label", "queue", "--encoder", s(&encoder()), "--out", s(&out_dir), "--lexical", "off"]);
+    let out = triage(&[
+        "train",
+        "--data",
+        s(&data),
+        "--text",
+        "subject,body",
+        "--label",
+        "queue",
+        "--encoder",
+        s(&encoder()),
+        "--out",
+        s(&out_dir),
+        "--lexical",
+        "off",
+    ]);
     assert!(out.status.success(), "{}", text(&out));
     let log = text(&out);
     assert!(log.contains("empty text (rows 49)"), "{log}");
@@ -224,13 +304,37 @@ fn bad_input_gets_clear_errors_and_warnings_with_row_numbers() {
     assert_eq!(descriptor.heads[0].lexical_share, None, "--lexical off");
 
     // An existing model is not overwritten by accident.
-    let again = triage(&["train", "--data", s(&data), "--text", "subject,body", "--label", "queue", "--encoder", s(&encoder()), "--out", s(&out_dir)]);
+    let again = triage(&[
+        "train",
+        "--data",
+        s(&data),
+        "--text",
+        "subject,body",
+        "--label",
+        "queue",
+        "--encoder",
+        s(&encoder()),
+        "--out",
+        s(&out_dir),
+    ]);
     assert!(!again.status.success() && text(&again).contains("--force"), "{}", text(&again));
 
     // A label column with one usable label cannot train a classifier.
     let one = dir.path().join("one.csv");
     std::fs::write(&one, "body,queue\n".to_string() + &"refund my order,billing\n".repeat(8)).unwrap();
-    let out = triage(&["train", "--data", s(&one), "--text", "body", "--label", "queue", "--encoder", s(&encoder()), "--out", s(&dir.path().join("x"))]);
+    let out = triage(&[
+        "train",
+        "--data",
+        s(&one),
+        "--text",
+        "body",
+        "--label",
+        "queue",
+        "--encoder",
+        s(&encoder()),
+        "--out",
+        s(&dir.path().join("x")),
+    ]);
     assert!(!out.status.success() && text(&out).contains("two or more"), "{}", text(&out));
 }
 

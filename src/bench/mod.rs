@@ -351,7 +351,8 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Vec<W
         let records: Vec<Vec<u8>> = messages.iter().map(|m| m.to_string().into_bytes()).collect();
         progress("  a. ceiling: the model alone on sorted batches");
         let m = model.clone();
-        let (batch_size, max_tokens, engine) = (options.ceiling_batch_size, options.batching.policy.max_batch_tokens, options.batching.clone());
+        let (batch_size, max_tokens, engine) =
+            (options.ceiling_batch_size, options.batching.policy.max_batch_tokens, options.batching.clone());
         let msgs = messages.clone();
         let (ceiling, ceiling_batch_size) = tokio::task::spawn_blocking(move || ceiling(&m, &msgs, batch_size, max_tokens, &engine))
             .await
@@ -380,9 +381,11 @@ pub fn render(results: &[WorkloadResult]) -> String {
         ));
         out.push_str(&format!("  (a: pre-tokenized, length-sorted batches of {}, the best of 8/16/32/64 here)\n", r.ceiling_batch_size));
         out.push_str("  stage                          msg/s   tokens/s  padded/real   p50 ms   p99 ms  peak RSS MB\n");
-        for (name, s) in
-            [("a. ceiling, sorted batches", &r.ceiling), ("b. worker, default batching", &r.worker), ("c. worker, batch size 1", &r.batch_one)]
-        {
+        for (name, s) in [
+            ("a. ceiling, sorted batches", &r.ceiling),
+            ("b. worker, default batching", &r.worker),
+            ("c. worker, batch size 1", &r.batch_one),
+        ] {
             let lat = |v: f64| if name.starts_with("a.") { "-".to_string() } else { format!("{v:.0}") };
             out.push_str(&format!(
                 "  {name:<28} {:>8.1} {:>10.0} {:>12.2} {:>8} {:>8} {:>12.0}\n",

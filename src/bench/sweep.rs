@@ -137,7 +137,13 @@ pub fn run(options: &SweepOptions, progress: impl Fn(&str)) -> Result<SweepRepor
         progress("  threads: intra-op threads per session vs sessions");
         push(&mut rows, "threads", "1 session x all cores (default)".into(), default.clone(), None);
         let one_thread = load(&options.model_dir, &InferenceOptions { intra_threads: 1, ..options.inference.clone() })?;
-        push(&mut rows, "threads", "1 session x 1 thread".into(), ceiling_on(&one_thread, &encoded, batch_size, max_tokens, 1, None)?, Some(default_rate));
+        push(
+            &mut rows,
+            "threads",
+            "1 session x 1 thread".into(),
+            ceiling_on(&one_thread, &encoded, batch_size, max_tokens, 1, None)?,
+            Some(default_rate),
+        );
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         push(
             &mut rows,
@@ -156,7 +162,9 @@ pub fn run(options: &SweepOptions, progress: impl Fn(&str)) -> Result<SweepRepor
         drop(one_thread);
 
         progress("  graph optimisation level");
-        for (name, level) in [("basic", OptimizationLevel::Basic), ("extended", OptimizationLevel::Extended), ("all (default)", OptimizationLevel::All)] {
+        for (name, level) in
+            [("basic", OptimizationLevel::Basic), ("extended", OptimizationLevel::Extended), ("all (default)", OptimizationLevel::All)]
+        {
             let m = load(&options.model_dir, &InferenceOptions { optimization: level, ..options.inference.clone() })?;
             push(&mut rows, "optimisation", name.into(), ceiling_on(&m, &encoded, batch_size, max_tokens, 1, None)?, Some(default_rate));
         }
@@ -165,7 +173,13 @@ pub fn run(options: &SweepOptions, progress: impl Fn(&str)) -> Result<SweepRepor
         for length in [64usize, 128, 256] {
             let m = load(&options.model_dir, &InferenceOptions { max_length: Some(length), ..options.inference.clone() })?;
             let e = pretokenize(&m, &messages);
-            push(&mut rows, "truncation", format!("max_length {length}"), ceiling_on(&m, &e, batch_size, max_tokens, 1, None)?, Some(default_rate));
+            push(
+                &mut rows,
+                "truncation",
+                format!("max_length {length}"),
+                ceiling_on(&m, &e, batch_size, max_tokens, 1, None)?,
+                Some(default_rate),
+            );
         }
 
         progress("  tokenization: alone, and overlapped with inference by the engine");
@@ -233,7 +247,13 @@ fn engine_throughput(model: Arc<Model>, messages: &[serde_json::Value], config: 
 }
 
 /// One message every 1/rate seconds through the engine; latency = submit to result.
-fn low_load_latency(model: Arc<Model>, messages: &[serde_json::Value], config: &EngineConfig, rate: f64, count: usize) -> Result<LowLoad, BenchError> {
+fn low_load_latency(
+    model: Arc<Model>,
+    messages: &[serde_json::Value],
+    config: &EngineConfig,
+    rate: f64,
+    count: usize,
+) -> Result<LowLoad, BenchError> {
     let texts = rendered(&model, messages);
     let (tx, rx) = flume::bounded::<Outcome<Instant>>(config.queue_capacity);
     let engine = Engine::start(model, config, tx)?;
@@ -280,7 +300,11 @@ pub fn render(report: &SweepReport) -> String {
         out.push_str("  group         setting                                    seq/s  x ref   tokens/s  padded/real  GFLOP/s  % peak\n");
         for r in &w.rows {
             let gflops = if r.result.flops > 0.0 { r.result.flops / r.result.seconds.max(1e-9) / 1e9 } else { 0.0 };
-            let (g, p) = if gflops > 0.0 { (format!("{gflops:.0}"), format!("{:.0}%", 100.0 * gflops / report.peak.gflops)) } else { ("-".into(), "-".into()) };
+            let (g, p) = if gflops > 0.0 {
+                (format!("{gflops:.0}"), format!("{:.0}%", 100.0 * gflops / report.peak.gflops))
+            } else {
+                ("-".into(), "-".into())
+            };
             out.push_str(&format!(
                 "  {:<13} {:<40} {:>9.1} {:>6.2} {:>10.0} {:>12.2} {:>8} {:>7}\n",
                 r.group,

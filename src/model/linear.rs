@@ -168,7 +168,10 @@ impl HeadWeights {
             let prefix = spec.weights.as_deref().unwrap_or_default();
             let dense = file.dense_layer(prefix, spec.labels.len())?;
             if inputs.is_some_and(|n| n != dense.inputs) && descriptor.heads.iter().filter(|h| h.output == spec.output).count() > 1 {
-                return Err(ModelError::invalid(&path, format!("head `{}` reads {} inputs, unlike the other heads on `{}`", spec.name, dense.inputs, spec.output)));
+                return Err(ModelError::invalid(
+                    &path,
+                    format!("head `{}` reads {} inputs, unlike the other heads on `{}`", spec.name, dense.inputs, spec.output),
+                ));
             }
             inputs = Some(dense.inputs);
             let lexical = match spec.lexical_share {
@@ -186,7 +189,10 @@ impl HeadWeights {
         if descriptor.ood.is_some() {
             let centroids = file.matrix(OOD_CENTROIDS)?;
             if centroids.rows == 0 || inputs.is_some_and(|n| n != centroids.cols) {
-                return Err(ModelError::invalid(&path, format!("tensor `{OOD_CENTROIDS}` has shape [{}, {}]", centroids.rows, centroids.cols)));
+                return Err(ModelError::invalid(
+                    &path,
+                    format!("tensor `{OOD_CENTROIDS}` has shape [{}, {}]", centroids.rows, centroids.cols),
+                ));
             }
             weights.centroids = Some(centroids);
         }
@@ -382,7 +388,8 @@ mod tests {
 
     #[test]
     fn serialized_tensors_read_back() {
-        let bytes = serialize(&[("a.weight".into(), vec![2, 2], &[1.0, 2.0, 3.0, 4.0])], &[(LEXICAL_FEATURES.into(), vec![2], &[1, 9])]).unwrap();
+        let bytes =
+            serialize(&[("a.weight".into(), vec![2, 2], &[1.0, 2.0, 3.0, 4.0])], &[(LEXICAL_FEATURES.into(), vec![2], &[1, 9])]).unwrap();
         let path = Path::new("heads.safetensors");
         let file = WeightsFile::parse(path, &bytes).unwrap();
         assert_eq!(file.matrix("a.weight").unwrap().data, vec![1.0, 2.0, 3.0, 4.0]);

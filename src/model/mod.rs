@@ -261,7 +261,11 @@ impl Model {
         match intra {
             Some(n) if n != self.options.intra_threads => {
                 let options = InferenceOptions { intra_threads: n, ..self.options.clone() };
-                Ok(InferenceSession::new(session::build(&self.runtime, &self.onnx_path, &options)?.0, self.layout.clone(), self.heads.clone()))
+                Ok(InferenceSession::new(
+                    session::build(&self.runtime, &self.onnx_path, &options)?.0,
+                    self.layout.clone(),
+                    self.heads.clone(),
+                ))
             }
             _ => self.session(),
         }

@@ -245,7 +245,8 @@ mod tests {
         assert_eq!(std::fs::read(&encoder).unwrap(), b"graph");
         assert_eq!(std::fs::read(&target).unwrap(), b"graph");
         assert_eq!(std::fs::read(out.join("model.toml")).unwrap(), b"descriptor 2");
-        let leftovers: Vec<_> = std::fs::read_dir(&out).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains("tmp")).collect();
+        let leftovers: Vec<_> =
+            std::fs::read_dir(&out).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains("tmp")).collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
         // Overwriting a hard-linked target replaces the name, not the shared file.
         write_atomic(&target, b"other").unwrap();
@@ -278,13 +279,21 @@ pub fn model_card(r: &TrainReport, o: &TrainOptions, version: &str, notes: Optio
             h.validation.accuracy,
             h.validation.macro_f1
         );
-        let _ = writeln!(s, "| embedding layer alone | {:.3} | {:.3} |", h.validation_embedding_only.accuracy, h.validation_embedding_only.macro_f1);
+        let _ = writeln!(
+            s,
+            "| embedding layer alone | {:.3} | {:.3} |",
+            h.validation_embedding_only.accuracy, h.validation_embedding_only.macro_f1
+        );
         let _ = writeln!(
             s,
             "| TF-IDF + logistic regression baseline | {:.3} | {:.3} |\n",
             h.validation_tfidf_baseline.accuracy, h.validation_tfidf_baseline.macro_f1
         );
-        let _ = writeln!(s, "C = {} (embedding), {} (lexical). Cross-validated accuracy: {:.3} embedding alone, {:.3} as written.\n", h.c, h.lexical_c, h.cv_accuracy_embedding, h.cv_accuracy_combined);
+        let _ = writeln!(
+            s,
+            "C = {} (embedding), {} (lexical). Cross-validated accuracy: {:.3} embedding alone, {:.3} as written.\n",
+            h.c, h.lexical_c, h.cv_accuracy_embedding, h.cv_accuracy_combined
+        );
         if h.validation_tfidf_baseline.accuracy >= h.validation_embedding_only.accuracy {
             let _ = writeln!(
                 s,
@@ -293,13 +302,24 @@ pub fn model_card(r: &TrainReport, o: &TrainOptions, version: &str, notes: Optio
                  embedding still gives the out-of-distribution score.\n"
             );
         }
-        let _ = writeln!(s, "<details><summary>Per label</summary>\n\n| label | precision | recall | F1 | support |\n|---|---|---|---|---|");
+        let _ =
+            writeln!(s, "<details><summary>Per label</summary>\n\n| label | precision | recall | F1 | support |\n|---|---|---|---|---|");
         for l in &h.validation.per_label {
             let _ = writeln!(s, "| {} | {:.2} | {:.2} | {:.2} | {} |", l.label, l.precision, l.recall, l.f1, l.support);
         }
         let _ = writeln!(s, "\n</details>\n");
         if !h.validation.confused.is_empty() {
-            let _ = writeln!(s, "Most confused (true -> predicted): {}.\n", h.validation.confused.iter().take(5).map(|c| format!("{} -> {} ({})", c.truth, c.predicted, c.count)).collect::<Vec<_>>().join("; "));
+            let _ = writeln!(
+                s,
+                "Most confused (true -> predicted): {}.\n",
+                h.validation
+                    .confused
+                    .iter()
+                    .take(5)
+                    .map(|c| format!("{} -> {} ({})", c.truth, c.predicted, c.count))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
         }
     }
     for h in &r.multi {
@@ -332,7 +352,13 @@ pub fn model_card(r: &TrainReport, o: &TrainOptions, version: &str, notes: Optio
         }
         match (e.target_accuracy, e.recommended) {
             (Some(t), Some(p)) => {
-                let _ = writeln!(s, "\nFor {} accuracy on what is not escalated, model.toml recommends threshold {:.2} (escalates {} of validation).\n", pct(t), p.threshold, pct(p.escalated));
+                let _ = writeln!(
+                    s,
+                    "\nFor {} accuracy on what is not escalated, model.toml recommends threshold {:.2} (escalates {} of validation).\n",
+                    pct(t),
+                    p.threshold,
+                    pct(p.escalated)
+                );
             }
             (Some(t), None) => {
                 let _ = writeln!(s, "\nNo threshold reaches {} on validation; none was written.\n", pct(t));

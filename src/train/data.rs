@@ -150,11 +150,7 @@ fn build(row: usize, get: impl Fn(&str) -> Option<Value>, columns: &Columns, pro
         problems.add("empty text", row);
         return None;
     }
-    let labels = columns
-        .labels
-        .iter()
-        .map(|(_, c)| Some(text_of(get(c)).trim().to_string()).filter(|l| !l.is_empty()))
-        .collect::<Vec<_>>();
+    let labels = columns.labels.iter().map(|(_, c)| Some(text_of(get(c)).trim().to_string()).filter(|l| !l.is_empty())).collect::<Vec<_>>();
     let tags = columns
         .multi_label
         .iter()

@@ -22,7 +22,13 @@ pub struct EmbedRun {
 }
 
 /// Predictions for every text, in order.
-pub fn predict_all(model: Arc<Model>, texts: &[Rendered], engine: &EngineConfig, progress: &dyn Progress, stage: &str) -> Result<(Vec<Prediction>, f64), TrainError> {
+pub fn predict_all(
+    model: Arc<Model>,
+    texts: &[Rendered],
+    engine: &EngineConfig,
+    progress: &dyn Progress,
+    stage: &str,
+) -> Result<(Vec<Prediction>, f64), TrainError> {
     let start = Instant::now();
     let (tx, rx) = flume::bounded::<Outcome<usize>>(engine.queue_capacity);
     let engine = Engine::start(model, engine, tx)?;
@@ -60,7 +66,13 @@ pub fn predict_all(model: Arc<Model>, texts: &[Rendered], engine: &EngineConfig,
 }
 
 /// Embed every text with the model's embedding head (and keep its token ids).
-pub fn embed(model: Arc<Model>, texts: &[Rendered], engine: &EngineConfig, progress: &dyn Progress, stage: &str) -> Result<EmbedRun, TrainError> {
+pub fn embed(
+    model: Arc<Model>,
+    texts: &[Rendered],
+    engine: &EngineConfig,
+    progress: &dyn Progress,
+    stage: &str,
+) -> Result<EmbedRun, TrainError> {
     let head = model.heads().heads().iter().find(|h| h.kind == HeadKind::Embedding).cloned().ok_or_else(|| {
         TrainError::Invalid(format!(
             "{} has no embedding head (a [[heads]] entry with kind = \"embedding\") to train on",

@@ -194,11 +194,14 @@ pub fn evaluate(options: &EvalOptions, progress: &dyn Progress) -> Result<EvalRe
     })
 }
 
-
 /// The report as text for a terminal.
 pub fn render(r: &EvalReport) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "{} {} on {}: {} ({} messages, {:.0} messages/s)", r.model, r.version, r.data, r.split, r.evaluated, r.messages_per_second);
+    let _ = writeln!(
+        s,
+        "{} {} on {}: {} ({} messages, {:.0} messages/s)",
+        r.model, r.version, r.data, r.split, r.evaluated, r.messages_per_second
+    );
     for w in &r.warnings {
         let _ = writeln!(s, "warning: {w}");
     }
@@ -232,7 +235,12 @@ pub fn render(r: &EvalReport) -> String {
         let _ = writeln!(s, "\nmulti-label head `{}`: micro-F1 {:.3}", m.name, m.micro_f1);
     }
     if let Some((t, escalated, kept)) = r.escalation {
-        let _ = writeln!(s, "\nescalation at the model's threshold {t:.2}: {:.1}% escalated, accuracy {:.1}% on the rest", escalated * 100.0, kept * 100.0);
+        let _ = writeln!(
+            s,
+            "\nescalation at the model's threshold {t:.2}: {:.1}% escalated, accuracy {:.1}% on the rest",
+            escalated * 100.0,
+            kept * 100.0
+        );
     }
     if let Some((t, above)) = r.ood {
         let _ = writeln!(s, "out-of-distribution score above {t:.3}: {:.1}% of these messages", above * 100.0);

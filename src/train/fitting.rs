@@ -94,7 +94,13 @@ fn accuracy(p: &Array2<f32>, y: &[usize]) -> f64 {
 }
 
 /// Out-of-fold probabilities for every C of `grid` (ascending, warm-started), on rows `x` / `y`.
-fn cross_validate<X: Design>(x: &X, target: CvTarget<'_>, grid: &[f64], folds: &[(Vec<usize>, Vec<usize>)], progress: &dyn super::Progress) -> Vec<Array2<f32>> {
+fn cross_validate<X: Design>(
+    x: &X,
+    target: CvTarget<'_>,
+    grid: &[f64],
+    folds: &[(Vec<usize>, Vec<usize>)],
+    progress: &dyn super::Progress,
+) -> Vec<Array2<f32>> {
     let (n, labels) = (x.rows(), target.labels());
     let mut oof: Vec<Array2<f32>> = grid.iter().map(|_| Array2::zeros((n, labels))).collect();
     for (fit_rows, held_rows) in folds {
@@ -174,7 +180,8 @@ pub(super) fn fit_single(ctx: &Context<'_>, head: &SingleLabels) -> SingleHeadFi
         LexicalMode::On => &[0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0],
         LexicalMode::Auto => &[0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0],
     };
-    let share_scores: Vec<f64> = shares.iter().map(|&s| accuracy(&mix(&dense_oof[best_dense], &lexical_oof[best_lexical], s), &y)).collect();
+    let share_scores: Vec<f64> =
+        shares.iter().map(|&s| accuracy(&mix(&dense_oof[best_dense], &lexical_oof[best_lexical], s), &y)).collect();
     let share = shares[best_index(&share_scores)];
 
     let target = Target::Classes { y: &y, labels };
@@ -275,12 +282,14 @@ pub(super) fn fit_multi(ctx: &Context<'_>, head: &MultiLabels) -> MultiHeadFit {
     let fit = logreg::fit(&dense_x, Target::Multi { y: y.view() }, FitOptions { c: o.c_grid[best], ..FitOptions::default() }, None);
     ctx.progress.advance(1);
     let lexical_c = o.lexical_c_grid.first().copied().unwrap_or(10.0);
-    let baseline = logreg::fit(&ctx.lexical.subset(rows), Target::Multi { y: y.view() }, FitOptions { c: lexical_c, ..FitOptions::default() }, None);
+    let baseline =
+        logreg::fit(&ctx.lexical.subset(rows), Target::Multi { y: y.view() }, FitOptions { c: lexical_c, ..FitOptions::default() }, None);
     ctx.progress.advance(1);
     ctx.progress.finish_stage();
     let val = ctx.validation_rows;
     let val_truth = as_bools(&multi_hot(&head.y, val, labels));
-    let validation_micro_f1 = metrics::micro_f1(&val_truth, &decide(&fit.probabilities(&ctx.embeddings.select(Axis(0), val), true), threshold));
+    let validation_micro_f1 =
+        metrics::micro_f1(&val_truth, &decide(&fit.probabilities(&ctx.embeddings.select(Axis(0), val), true), threshold));
     let baseline_f1 = metrics::micro_f1(&val_truth, &decide(&baseline.probabilities(&ctx.lexical.subset(val), true), threshold));
     ctx.progress.note(&format!(
         "head `{}`: validation micro-F1 {validation_micro_f1:.3} (TF-IDF baseline {baseline_f1:.3}) at threshold {threshold:.2}",

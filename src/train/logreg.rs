@@ -236,7 +236,12 @@ pub fn fit<X: Design>(x: &X, target: Target<'_>, options: FitOptions, warm: Opti
 
 /// Limited-memory BFGS with a backtracking (Armijo) line search. Returns (x, iterations,
 /// whether the gradient tolerance was reached).
-pub fn lbfgs(mut x: Vec<f64>, mut f: impl FnMut(&[f64], &mut [f64]) -> f64, max_iterations: usize, tolerance: f64) -> (Vec<f64>, usize, bool) {
+pub fn lbfgs(
+    mut x: Vec<f64>,
+    mut f: impl FnMut(&[f64], &mut [f64]) -> f64,
+    max_iterations: usize,
+    tolerance: f64,
+) -> (Vec<f64>, usize, bool) {
     const MEMORY: usize = 7;
     let n = x.len();
     let mut g = vec![0.0; n];

@@ -181,7 +181,8 @@ pub fn prepare(dataset: Dataset, columns: &Columns, min_examples: usize) -> Resu
         let missing = dataset.examples.iter().filter(|e| e.labels[h].is_none()).count();
         if missing > 0 {
             let rows: Vec<String> = dataset.examples.iter().filter(|e| e.labels[h].is_none()).take(8).map(|e| e.row.to_string()).collect();
-            warnings.push(format!("head `{name}`: {missing} row(s) have no `{column}` value and do not train it (rows {}…)", rows.join(", ")));
+            warnings
+                .push(format!("head `{name}`: {missing} row(s) have no `{column}` value and do not train it (rows {}…)", rows.join(", ")));
         }
         let y = dataset.examples.iter().map(|e| e.labels[h].as_ref().and_then(|l| labels.binary_search(l).ok())).collect();
         single.push(SingleLabels { name: name.clone(), column: column.clone(), labels, y });
@@ -318,10 +319,7 @@ pub struct ForeignReport {
 /// Train and write the model directory; returns what was measured.
 pub fn train(options: &TrainOptions, progress: &dyn Progress) -> Result<TrainReport, TrainError> {
     if options.out.join(crate::model::descriptor::DESCRIPTOR_FILE).exists() && !options.force {
-        return Err(TrainError::Invalid(format!(
-            "{} already holds a model.toml; pass --force to replace it",
-            options.out.display()
-        )));
+        return Err(TrainError::Invalid(format!("{} already holds a model.toml; pass --force to replace it", options.out.display())));
     }
     if options.columns.labels.is_empty() && options.columns.multi_label.is_empty() {
         return Err(TrainError::Invalid("nothing to learn: give at least one --label or --multi-label column".into()));
@@ -378,14 +376,26 @@ pub fn train(options: &TrainOptions, progress: &dyn Progress) -> Result<TrainRep
 
     let ood = single.first().map(|head| {
         let centroids = class_centroids(&run.embeddings, &train_rows, &prepared.single[0].y, head.report.labels.len());
-        let in_domain: Vec<f32> = validation_rows.iter().map(|&r| centroids.distance_to_nearest(run.embeddings.row(r).as_slice().unwrap_or(&[]))).collect();
+        let in_domain: Vec<f32> =
+            validation_rows.iter().map(|&r| centroids.distance_to_nearest(run.embeddings.row(r).as_slice().unwrap_or(&[]))).collect();
         let threshold = metrics::quantile(&in_domain, 0.99);
         (centroids, in_domain, threshold)
     });
     let ood_report = match &ood {
         Some((centroids, in_domain, threshold)) => {
             let foreign = match &options.foreign {
-                Some(path) => Some(measure_foreign(options, path, &template, &encoder, &vocabulary, centroids, in_domain, *threshold, &single[0], progress)?),
+                Some(path) => Some(measure_foreign(
+                    options,
+                    path,
+                    &template,
+                    &encoder,
+                    &vocabulary,
+                    centroids,
+                    in_domain,
+                    *threshold,
+                    &single[0],
+                    progress,
+                )?),
                 None => None,
             };
             Some(OodReport {
@@ -397,9 +407,10 @@ pub fn train(options: &TrainOptions, progress: &dyn Progress) -> Result<TrainRep
         None => None,
     };
 
-    let name = options.name.clone().unwrap_or_else(|| {
-        options.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
-    });
+    let name = options
+        .name
+        .clone()
+        .unwrap_or_else(|| options.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()));
     let report = TrainReport {
         model: name.clone(),
         data: options.data.display().to_string(),
@@ -483,7 +494,8 @@ fn measure_foreign(
     let text = options.foreign_text.clone().unwrap_or_else(|| options.columns.text.clone());
     let columns = Columns { text, labels: Vec::new(), multi_label: Vec::new() };
     let foreign = data::read(path, &columns)?;
-    let texts: Vec<_> = foreign.examples.iter().map(|e| template.render(|f| e.fields.get(f).map(String::as_str), encoder.encoder().max_chars())).collect();
+    let texts: Vec<_> =
+        foreign.examples.iter().map(|e| template.render(|f| e.fields.get(f).map(String::as_str), encoder.encoder().max_chars())).collect();
     let run = embed(encoder.clone(), &texts, &options.engine, progress, "embedding the foreign set")?;
     let scores: Vec<f32> = run.embeddings.outer_iter().map(|e| centroids.distance_to_nearest(e.as_slice().unwrap_or(&[]))).collect();
     let foreign_confidence = category.confidence_on(&run.embeddings, &lexical_rows(vocabulary, &run.ids));
