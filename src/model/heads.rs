@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use super::descriptor::{Activation, HeadKind, HeadSpec, OodSpec, PrioritySpec};
-use super::linear::HeadWeights;
+use super::linear::{HeadWeights, SparseRow};
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LabelScore {
@@ -98,6 +98,11 @@ impl HeadSet {
         &self.heads
     }
 
+    /// Index into [`HeadSet::outputs`] of the output head `head` reads.
+    pub fn output_of(&self, head: usize) -> usize {
+        self.head_output[head]
+    }
+
     /// Graph outputs `predict` reads, in the order it wants their rows.
     pub fn outputs(&self) -> &[String] {
         &self.outputs
@@ -118,19 +123,18 @@ impl HeadSet {
         }
     }
 
-    /// Probabilities of every label of a head, from its output row (and token ids for a
-    /// lexical layer). Training and evaluation use this too, so they score exactly as the
-    /// worker does.
-    pub fn probabilities(&self, head: usize, row: &[f32], ids: &[u32]) -> Vec<f32> {
+    /// Probabilities of every label of a head, from its output row (and, for a lexical layer,
+    /// the message's TF-IDF row, computed once per message by `predict`).
+    fn probabilities(&self, head: usize, row: &[f32], lexical_row: Option<&SparseRow>) -> Vec<f32> {
         let spec = &self.heads[head];
         let computed = spec.weights.as_ref().and_then(|_| self.weights.heads.get(&spec.name));
         let Some(computed) = computed else {
             return activate(spec.activation(), row);
         };
         let dense = activate(spec.activation(), &computed.dense.logits(row));
-        match (&computed.lexical, &self.weights.vocabulary) {
-            (Some((layer, share)), Some(vocab)) if *share > 0.0 => {
-                let lexical = activate(spec.activation(), &layer.logits(&vocab.transform(ids)));
+        match (&computed.lexical, lexical_row) {
+            (Some((layer, share)), Some(features)) if *share > 0.0 => {
+                let lexical = activate(spec.activation(), &layer.logits(features));
                 dense.iter().zip(&lexical).map(|(d, l)| (1.0 - share) * d + share * l).collect()
             }
             _ => dense,
@@ -142,12 +146,14 @@ impl HeadSet {
         debug_assert_eq!(rows.len(), self.outputs.len());
         let mut heads = Vec::with_capacity(self.heads.len());
         let mut tags = Vec::new();
+        // The vocabulary is loaded only when some head has a lexical layer.
+        let lexical_row = self.weights.vocabulary.as_ref().map(|v| v.transform(ids));
         for (index, spec) in self.heads.iter().enumerate() {
             let row = rows[self.head_output[index]];
             let output = match spec.kind {
-                HeadKind::SingleLabel => HeadOutput::Label(top_label(spec, &self.probabilities(index, row, ids))),
+                HeadKind::SingleLabel => HeadOutput::Label(top_label(spec, &self.probabilities(index, row, lexical_row.as_ref()))),
                 HeadKind::MultiLabel => {
-                    let above = labels_above_threshold(spec, &self.probabilities(index, row, ids));
+                    let above = labels_above_threshold(spec, &self.probabilities(index, row, lexical_row.as_ref()));
                     tags.extend(above.iter().cloned());
                     HeadOutput::Tags(above)
                 }

@@ -219,7 +219,7 @@ impl InferenceSession {
         }
         // A graph with dynamic output shapes can only be checked here, on real rows.
         for (index, head) in self.heads.heads().iter().enumerate() {
-            let output = self.heads.outputs().iter().position(|o| *o == head.output).unwrap_or(0);
+            let output = self.heads.output_of(index);
             if let Some(expected) = self.heads.expected_width(index) {
                 if per_output[output].1 != expected {
                     return Err(ModelError::OutputShape {
