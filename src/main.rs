@@ -469,11 +469,7 @@ impl triage::train::Progress for StageProgress {
 
 fn run_train(args: TrainArgs) -> Result<()> {
     use triage::train::{Columns, TrainOptions};
-    let columns = Columns {
-        text: Columns::parse_text(&args.text)?,
-        labels: args.labels.iter().map(|l| Columns::parse_label(l)).collect(),
-        multi_label: args.multi_label.iter().map(|m| Columns::parse_multi_label(m)).collect::<Result<_, _>>()?,
-    };
+    let columns = Columns::parse(&args.text, &args.labels, &args.multi_label)?;
     let encoder = model_dir(&args.encoder)?;
     let mut options = TrainOptions::new(args.data, columns, encoder, args.out);
     options.name = args.name;
@@ -529,15 +525,7 @@ fn run_train(args: TrainArgs) -> Result<()> {
 
 fn run_eval(args: EvalArgs) -> Result<()> {
     use triage::train::{eval, Columns};
-    let columns = if args.text.is_empty() && args.labels.is_empty() {
-        None
-    } else {
-        Some(Columns {
-            text: Columns::parse_text(&args.text)?,
-            labels: args.labels.iter().map(|l| Columns::parse_label(l)).collect(),
-            multi_label: Vec::new(),
-        })
-    };
+    let columns = if args.text.is_empty() && args.labels.is_empty() { None } else { Some(Columns::parse(&args.text, &args.labels, &[])?) };
     let options = eval::EvalOptions {
         model: model_dir(&args.model)?,
         data: args.data,

@@ -164,14 +164,16 @@ fn peak_rss_mb() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Messages' texts as the worker renders them.
+pub fn rendered(model: &Model, messages: &[serde_json::Value]) -> Vec<crate::model::Rendered> {
+    let decoder = Decoder::new(FieldMap::default(), model.template().clone(), usize::MAX, model.encoder().max_chars());
+    messages.iter().filter_map(|m| decoder.decode(m.to_string().as_bytes()).ok()).map(|d| d.text).collect()
+}
+
 /// Messages tokenized as the worker would, sorted by length.
 pub fn pretokenize(model: &Model, messages: &[serde_json::Value]) -> Vec<Encoded> {
-    let decoder = Decoder::new(FieldMap::default(), model.template().clone(), usize::MAX, model.encoder().max_chars());
-    let mut encoded: Vec<Encoded> = messages
-        .iter()
-        .filter_map(|m| decoder.decode(m.to_string().as_bytes()).ok())
-        .filter_map(|d| model.encoder().encode_rendered(&d.text).ok())
-        .collect();
+    let mut encoded: Vec<Encoded> =
+        rendered(model, messages).iter().filter_map(|text| model.encoder().encode_rendered(text).ok()).collect();
     encoded.sort_by_key(|e| e.len());
     encoded
 }

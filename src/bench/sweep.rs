@@ -10,9 +10,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{ceiling_on, pretokenize, workload_messages, BenchError, StageResult, Workload};
+use super::{ceiling_on, pretokenize, rendered, workload_messages, BenchError, StageResult, Workload};
 use crate::engine::{Engine, EngineConfig, Outcome};
-use crate::message::{Decoder, FieldMap};
 use crate::model::{InferenceOptions, Model, OptimizationLevel};
 
 pub struct SweepOptions {
@@ -212,11 +211,6 @@ pub fn run(options: &SweepOptions, progress: impl Fn(&str)) -> Result<SweepRepor
         workloads.push(WorkloadSweep { workload, source, rows, low_load });
     }
     Ok(SweepReport { peak, workloads })
-}
-
-fn rendered(model: &Model, messages: &[serde_json::Value]) -> Vec<crate::model::Rendered> {
-    let decoder = Decoder::new(FieldMap::default(), model.template().clone(), usize::MAX, model.encoder().max_chars());
-    messages.iter().filter_map(|m| decoder.decode(m.to_string().as_bytes()).ok()).map(|d| d.text).collect()
 }
 
 /// Texts through the whole engine (tokenizer pool, batcher, inference), as fast as it takes them.

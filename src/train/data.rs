@@ -20,6 +20,15 @@ pub struct Columns {
 }
 
 impl Columns {
+    /// From `--text`, `--label` and `--multi-label` entries (or a model's training record).
+    pub fn parse(text: &[String], labels: &[String], multi_label: &[String]) -> Result<Columns, DataError> {
+        Ok(Columns {
+            text: Self::parse_text(text)?,
+            labels: labels.iter().map(|l| Self::parse_label(l)).collect(),
+            multi_label: multi_label.iter().map(|m| Self::parse_multi_label(m)).collect::<Result<_, _>>()?,
+        })
+    }
+
     /// `--text` entries: `column` or `placeholder=column`.
     pub fn parse_text(entries: &[String]) -> Result<Vec<(String, String)>, DataError> {
         entries
@@ -88,6 +97,13 @@ pub struct Example {
     pub labels: Vec<Option<String>>,
     /// One per multi-label head.
     pub tags: Vec<Vec<String>>,
+}
+
+impl Example {
+    /// The text as the worker renders it with `template`.
+    pub fn render(&self, template: &crate::model::Template, max_chars: usize) -> crate::model::Rendered {
+        template.render(|f| self.fields.get(f).map(String::as_str), max_chars)
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]

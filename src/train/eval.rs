@@ -63,11 +63,7 @@ pub fn evaluate(options: &EvalOptions, progress: &dyn Progress) -> Result<EvalRe
     let record = model.descriptor().training.clone();
     let columns = match (&options.columns, &record) {
         (Some(c), _) => c.clone(),
-        (None, Some(r)) => Columns {
-            text: Columns::parse_text(&r.text)?,
-            labels: r.labels.iter().map(|l| Columns::parse_label(l)).collect(),
-            multi_label: r.multi_label.iter().map(|m| Columns::parse_multi_label(m)).collect::<Result<_, _>>()?,
-        },
+        (None, Some(r)) => Columns::parse(&r.text, &r.labels, &r.multi_label)?,
         (None, None) => {
             return Err(TrainError::Invalid(format!(
                 "{} has no [training] record: say which columns to read (--text and --label HEAD=COLUMN)",
@@ -130,7 +126,7 @@ pub fn evaluate(options: &EvalOptions, progress: &dyn Progress) -> Result<EvalRe
         let baseline = lexical.as_ref().map(|x| {
             let fit_rows: Vec<usize> = train_rows.iter().copied().filter(|&r| head.y[r].is_some()).collect();
             let y: Vec<usize> = fit_rows.iter().filter_map(|&r| head.y[r]).collect();
-            let grid = super::TrainOptions::new(PathBuf::new(), columns.clone(), PathBuf::new(), PathBuf::new()).lexical_c_grid;
+            let grid = super::LEXICAL_C_GRID;
             let seed = record.as_ref().map_or(42, |r| r.seed);
             let fit = super::fitting::tfidf_baseline(&x.subset(&fit_rows), &y, head.labels.len(), &grid, 3, seed);
             let rows: Vec<usize> = eval_rows.iter().copied().filter(|&r| head.y[r].is_some()).collect();

@@ -61,6 +61,9 @@ impl Progress for Silent {
     fn note(&self, _: &str) {}
 }
 
+/// C values tried for the lexical (TF-IDF) layer and the TF-IDF baseline.
+pub const LEXICAL_C_GRID: &[f64] = &[10.0, 30.0];
+
 #[derive(Debug, Clone)]
 pub struct TrainOptions {
     pub data: PathBuf,
@@ -114,7 +117,7 @@ impl TrainOptions {
             foreign_text: None,
             priority: None,
             c_grid: vec![1.0, 4.0, 16.0, 64.0],
-            lexical_c_grid: vec![10.0, 30.0],
+            lexical_c_grid: LEXICAL_C_GRID.to_vec(),
             folds: 3,
             inference: InferenceOptions::default(),
             engine: EngineConfig::default(),
@@ -221,7 +224,7 @@ impl Prepared {
 
     /// Each example's text as the worker renders it.
     pub fn render(&self, template: &Template, max_chars: usize) -> Vec<crate::model::Rendered> {
-        self.dataset.examples.iter().map(|e| template.render(|f| e.fields.get(f).map(String::as_str), max_chars)).collect()
+        self.dataset.examples.iter().map(|e| e.render(template, max_chars)).collect()
     }
 }
 
@@ -494,8 +497,7 @@ fn measure_foreign(
     let text = options.foreign_text.clone().unwrap_or_else(|| options.columns.text.clone());
     let columns = Columns { text, labels: Vec::new(), multi_label: Vec::new() };
     let foreign = data::read(path, &columns)?;
-    let texts: Vec<_> =
-        foreign.examples.iter().map(|e| template.render(|f| e.fields.get(f).map(String::as_str), encoder.encoder().max_chars())).collect();
+    let texts: Vec<_> = foreign.examples.iter().map(|e| e.render(template, encoder.encoder().max_chars())).collect();
     let run = embed(encoder.clone(), &texts, &options.engine, progress, "embedding the foreign set")?;
     let scores: Vec<f32> = run.embeddings.outer_iter().map(|e| centroids.distance_to_nearest(e.as_slice().unwrap_or(&[]))).collect();
     let foreign_confidence = category.confidence_on(&run.embeddings, &lexical_rows(vocabulary, &run.ids));
