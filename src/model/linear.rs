@@ -163,17 +163,17 @@ impl HeadWeights {
         let bytes = std::fs::read(&path).map_err(|e| ModelError::io(&path, e))?;
         let file = WeightsFile::parse(&path, &bytes)?;
         let mut weights = HeadWeights::default();
-        let mut inputs: Option<usize> = None;
+        // Every layer reading one graph output must agree on its width.
+        let mut widths: HashMap<&str, usize> = HashMap::new();
         for spec in descriptor.heads.iter().filter(|h| h.is_computed()) {
             let prefix = spec.weights.as_deref().unwrap_or_default();
             let dense = file.dense_layer(prefix, spec.labels.len())?;
-            if inputs.is_some_and(|n| n != dense.inputs) && descriptor.heads.iter().filter(|h| h.output == spec.output).count() > 1 {
+            if *widths.entry(spec.output.as_str()).or_insert(dense.inputs) != dense.inputs {
                 return Err(ModelError::invalid(
                     &path,
                     format!("head `{}` reads {} inputs, unlike the other heads on `{}`", spec.name, dense.inputs, spec.output),
                 ));
             }
-            inputs = Some(dense.inputs);
             let lexical = match spec.lexical_share {
                 Some(share) if share > 0.0 => {
                     if weights.vocabulary.is_none() {
@@ -186,9 +186,9 @@ impl HeadWeights {
             };
             weights.heads.insert(spec.name.clone(), ComputedHead { dense, lexical });
         }
-        if descriptor.ood.is_some() {
+        if let Some(ood) = &descriptor.ood {
             let centroids = file.matrix(OOD_CENTROIDS)?;
-            if centroids.rows == 0 || inputs.is_some_and(|n| n != centroids.cols) {
+            if centroids.rows == 0 || widths.get(ood.output.as_str()).is_some_and(|&n| n != centroids.cols) {
                 return Err(ModelError::invalid(
                     &path,
                     format!("tensor `{OOD_CENTROIDS}` has shape [{}, {}]", centroids.rows, centroids.cols),
@@ -197,11 +197,6 @@ impl HeadWeights {
             weights.centroids = Some(centroids);
         }
         Ok(weights)
-    }
-
-    /// Input width of the computed heads (they all read the embedding), if any.
-    pub fn input_width(&self) -> Option<usize> {
-        self.heads.values().map(|h| h.dense.inputs).next().or(self.centroids.as_ref().map(|c| c.cols))
     }
 }
 
