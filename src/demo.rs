@@ -7,14 +7,14 @@ use std::path::PathBuf;
 use rdkafka::producer::FutureProducer;
 use serde::Deserialize;
 
+use crate::config::ClientRole;
 use crate::config::{ClickHouseConfig, Config, RouteConfig};
 use crate::kafka_tools::{produce, read_json_lines};
 use crate::local::{local_kafka_config, local_worker_config, until_caught_up, LocalClickHouse, LocalKafka, LocalRunError};
 use crate::message::FieldMap;
 use crate::model::InferenceOptions;
-use crate::pipeline::{self, RunReport};
 use crate::sink::clickhouse::ClickHouseService;
-use crate::source::kafka::producer_config;
+use crate::worker::{self, RunReport};
 
 pub type DemoError = LocalRunError;
 
@@ -75,7 +75,7 @@ pub async fn run(options: DemoOptions, progress: impl Fn(&str)) -> Result<DemoRu
     kafka.create_topic(&config.kafka.escalation_topic, 1)?;
     ClickHouseService::new(&config.clickhouse).apply_schema().await?;
 
-    let producer: FutureProducer = producer_config(&config.kafka).create()?;
+    let producer: FutureProducer = config.kafka.client(ClientRole::Producer).create()?;
     let mut produced = 0;
     for (topic, _, file, _) in STREAMS {
         let path = options.data_dir.join(file);
@@ -87,7 +87,7 @@ pub async fn run(options: DemoOptions, progress: impl Fn(&str)) -> Result<DemoRu
 
     progress("running the worker until every message is committed");
     let done = until_caught_up(config.kafka.clone(), STREAMS.iter().map(|s| s.0.to_string()).collect());
-    let report = pipeline::run(config.clone(), done).await?;
+    let report = worker::run(config.clone(), done).await?;
     Ok(DemoRun { report, produced, config, clickhouse, kafka })
 }
 

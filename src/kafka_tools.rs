@@ -200,7 +200,7 @@ pub fn redrive(
 /// Whether the group's committed offsets reached the end of every partition of `topics`.
 pub fn group_caught_up(kafka: &crate::config::KafkaConfig, topics: &[String]) -> Result<bool, rdkafka::error::KafkaError> {
     use rdkafka::{Offset, TopicPartitionList};
-    let consumer: BaseConsumer = crate::source::kafka::client_config(kafka).set("group.id", &kafka.group_id).create()?;
+    let consumer: BaseConsumer = kafka.client(crate::config::ClientRole::Observer).create()?;
     let metadata = consumer.fetch_metadata(None, Duration::from_secs(5))?;
     let mut list = TopicPartitionList::new();
     let mut ends = Vec::new();

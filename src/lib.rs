@@ -4,8 +4,9 @@
 //! The flow, one module per stage:
 //! `source` (Kafka consumer group, offset tracker) -> `message` (bytes -> text) -> `engine`
 //! (tokenizer pool -> `batcher` -> inference threads running a `model`) -> `sink` (ClickHouse
-//! rows; dead-letter and escalation topics). `pipeline` wires them for `triage run`;
-//! `classify` drives the engine from JSON lines. `config` is the one configuration.
+//! rows; dead-letter and escalation topics). `worker` wires them for `triage run` and owns the
+//! one settle path; `classify` drives the engine from JSON lines. `config` composes each
+//! component's configuration; `telemetry` declares the metrics and the typed events.
 
 pub mod batcher;
 pub mod bench;
@@ -18,13 +19,13 @@ pub mod local;
 pub mod message;
 pub mod model;
 pub mod paths;
-pub mod pipeline;
 pub mod retry;
 pub mod sink;
 pub mod source;
 pub mod telemetry;
 pub mod time;
 pub mod train;
+pub mod worker;
 
 pub use engine::{Classified, ClassifyError, Engine, EngineConfig, Outcome};
 pub use model::{InferenceOptions, Model, ModelError, Prediction};

@@ -187,7 +187,7 @@ pub enum LocalRunError {
     #[error(transparent)]
     Local(#[from] LocalError),
     #[error(transparent)]
-    Worker(#[from] crate::pipeline::WorkerError),
+    Worker(#[from] crate::worker::WorkerError),
     #[error("Kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("ClickHouse: {0}")]

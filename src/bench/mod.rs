@@ -17,15 +17,15 @@ use std::time::Instant;
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::config::ClientRole;
 use crate::config::{ClickHouseConfig, RouteConfig};
 use crate::engine::EngineConfig;
 use crate::kafka_tools::{produce, Record};
 use crate::local::{local_kafka_config, local_worker_config, until_caught_up, LocalClickHouse, LocalKafka, LocalRunError};
 use crate::message::{Decoder, FieldMap};
 use crate::model::{Encoded, InferenceOptions, Model};
-use crate::pipeline;
 use crate::sink::clickhouse::ClickHouseService;
-use crate::source::kafka::producer_config;
+use crate::worker;
 
 pub type BenchError = LocalRunError;
 
@@ -293,7 +293,7 @@ async fn worker_stage(
     let topic = format!("bench-{name}");
     kafka.create_topic(&topic, 4)?;
     let kafka_config = local_kafka_config(kafka, &format!("bench-{name}"));
-    let producer: rdkafka::producer::FutureProducer = producer_config(&kafka_config).create()?;
+    let producer: rdkafka::producer::FutureProducer = kafka_config.client(ClientRole::Producer).create()?;
     let items = records.iter().map(|p| Ok(Record { key: None, payload: p.clone() }));
     produce(&producer, &topic, items, None, |_| {}).await?;
     kafka.create_topic(&kafka_config.dead_letter_topic, 1).ok();
@@ -320,7 +320,7 @@ async fn worker_stage(
     config.escalation.enabled = false;
     config.batching = batching;
     let done = until_caught_up(kafka_config, vec![topic.clone()]);
-    let report = pipeline::run(config, done).await?;
+    let report = worker::run(config, done).await?;
     let client = clickhouse::Client::default().with_url(&ch.url).with_database(&ch.database).with_validation(false);
     let latency: Latency = client
         .query("SELECT quantile(0.5)(toFloat64(processed_time_ms) - toFloat64(consumed_time_ms)) AS p50, quantile(0.99)(toFloat64(processed_time_ms) - toFloat64(consumed_time_ms)) AS p99 FROM results FINAL")

@@ -1,12 +1,12 @@
-//! Dead-letter and escalation producers. A message that goes to one of these topics counts as
-//! done only once Kafka acknowledged the write; failures are retried with backoff, never
-//! dropped (a stuck topic stalls the partition's commits instead of losing the message).
+//! The dead-letter and escalation producer: one idempotent Kafka producer writing the two side
+//! topics. A write returns only once Kafka acknowledged it; failures are retried with backoff,
+//! never dropped (a stuck topic stalls the partition's commits instead of losing the message).
+//! Counting and acknowledging the message is the settle path's job, not this writer's.
 //!
 //! Dead letters carry the original bytes and key, and headers saying why and where from:
 //! `triage.reason`, `triage.detail`, `triage.source.topic`, `triage.source.partition`,
 //! `triage.source.offset`, `triage.source.timestamp`, `triage.worker`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +15,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 
 use crate::retry::Backoff;
+use crate::source::SourceMessage;
+use crate::telemetry::events::{Counters, DeadLetterReason, InternalEvent, KafkaWriteRetried};
 
 pub const HEADER_REASON: &str = "triage.reason";
 pub const HEADER_DETAIL: &str = "triage.detail";
@@ -24,62 +26,51 @@ pub const HEADER_SOURCE_OFFSET: &str = "triage.source.offset";
 pub const HEADER_SOURCE_TIMESTAMP: &str = "triage.source.timestamp";
 pub const HEADER_WORKER: &str = "triage.worker";
 
-/// Where a consumed message came from, and its original bytes.
+/// Where the side topics are and who writes them.
 #[derive(Debug, Clone)]
-pub struct SourceMessage {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-    /// Kafka timestamp (ms), if the message had one.
-    pub timestamp_ms: Option<i64>,
-    pub key: Option<Vec<u8>>,
-    pub payload: Vec<u8>,
+pub struct SideTopicsConfig {
+    pub dead_letter_topic: String,
+    pub escalation_topic: String,
+    pub worker_id: String,
+    pub backoff: Backoff,
 }
 
-#[derive(Debug, Default)]
-pub struct ProducerStats {
-    pub dead_lettered: AtomicU64,
-    pub escalated: AtomicU64,
-    pub retries: AtomicU64,
-}
-
-pub struct KafkaSink {
+pub struct SideTopics {
     producer: FutureProducer,
-    dead_letter_topic: String,
-    escalation_topic: String,
-    worker_id: String,
-    backoff: Backoff,
-    pub stats: Arc<ProducerStats>,
+    config: SideTopicsConfig,
+    counters: Arc<Counters>,
 }
 
-impl KafkaSink {
-    pub fn new(producer: FutureProducer, dead_letter_topic: String, escalation_topic: String, worker_id: String, backoff: Backoff) -> Self {
-        KafkaSink { producer, dead_letter_topic, escalation_topic, worker_id, backoff, stats: Arc::default() }
+impl SideTopics {
+    pub fn new(producer: FutureProducer, config: SideTopicsConfig, counters: Arc<Counters>) -> Self {
+        SideTopics { producer, config, counters }
+    }
+
+    pub fn dead_letter_topic(&self) -> &str {
+        &self.config.dead_letter_topic
     }
 
     /// Write a dead letter; returns once Kafka acknowledged it.
-    pub async fn dead_letter(&self, source: &SourceMessage, reason: &str, detail: &str) {
+    pub async fn dead_letter(&self, source: &SourceMessage, reason: DeadLetterReason, detail: &str) {
         let partition = source.partition.to_string();
         let offset = source.offset.to_string();
         let timestamp = source.timestamp_ms.map(|t| t.to_string()).unwrap_or_default();
         let headers = || {
             OwnedHeaders::new()
-                .insert(Header { key: HEADER_REASON, value: Some(reason) })
+                .insert(Header { key: HEADER_REASON, value: Some(reason.as_str()) })
                 .insert(Header { key: HEADER_DETAIL, value: Some(detail) })
                 .insert(Header { key: HEADER_SOURCE_TOPIC, value: Some(source.topic.as_str()) })
                 .insert(Header { key: HEADER_SOURCE_PARTITION, value: Some(partition.as_str()) })
                 .insert(Header { key: HEADER_SOURCE_OFFSET, value: Some(offset.as_str()) })
                 .insert(Header { key: HEADER_SOURCE_TIMESTAMP, value: Some(timestamp.as_str()) })
-                .insert(Header { key: HEADER_WORKER, value: Some(self.worker_id.as_str()) })
+                .insert(Header { key: HEADER_WORKER, value: Some(self.config.worker_id.as_str()) })
         };
-        self.send_until_acked(&self.dead_letter_topic, source.key.as_deref(), &source.payload, headers).await;
-        self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        self.send_until_acked(&self.config.dead_letter_topic, source.key.as_deref(), &source.payload, headers).await;
     }
 
     /// Write an escalation record keyed by the message id; returns once acknowledged.
     pub async fn escalate(&self, key: &str, payload: &[u8]) {
-        self.send_until_acked(&self.escalation_topic, Some(key.as_bytes()), payload, OwnedHeaders::new).await;
-        self.stats.escalated.fetch_add(1, Ordering::Relaxed);
+        self.send_until_acked(&self.config.escalation_topic, Some(key.as_bytes()), payload, OwnedHeaders::new).await;
     }
 
     async fn send_until_acked(&self, topic: &str, key: Option<&[u8]>, payload: &[u8], headers: impl Fn() -> OwnedHeaders) {
@@ -91,12 +82,10 @@ impl KafkaSink {
             }
             match self.producer.send(record, Timeout::After(Duration::from_secs(30))).await {
                 Ok(_) => return,
-                Err((e, _)) => {
+                Err((error, _)) => {
                     attempt += 1;
-                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!(crate::telemetry::KAFKA_WRITE_RETRIES).increment(1);
-                    let delay = self.backoff.delay(attempt);
-                    tracing::warn!(topic, error = %e, attempt, retry_in_ms = delay.as_millis() as u64, "Kafka write failed; retrying");
+                    let delay = self.config.backoff.delay(attempt);
+                    KafkaWriteRetried { topic, attempt, error: &error, delay }.emit(&self.counters);
                     tokio::time::sleep(delay).await;
                 }
             }

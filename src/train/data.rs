@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 /// Which columns make the text and the labels.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Columns {
     /// (template placeholder, data column), in template order.
     pub text: Vec<(String, String)>,

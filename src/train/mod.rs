@@ -125,6 +125,32 @@ impl TrainOptions {
             card_notes: None,
         }
     }
+
+    /// Check the settings no data can fix, and return them in canonical form (C grid sorted).
+    pub fn checked(&self) -> Result<TrainOptions, TrainError> {
+        let bad = |m: String| Err(TrainError::Invalid(m));
+        if let Some(t) = self.target_accuracy {
+            if !(t > 0.0 && t < 1.0) {
+                return bad(format!("target accuracy {t} must be a fraction between 0 and 1 (e.g. 0.95)"));
+            }
+        }
+        if self.c_grid.is_empty() || self.c_grid.iter().any(|c| !(c.is_finite() && *c > 0.0)) {
+            return bad("the C grid must hold positive numbers (e.g. 1,4,16,64)".into());
+        }
+        if !(2..=10).contains(&self.folds) {
+            return bad(format!("{} cross-validation folds: use 2 to 10", self.folds));
+        }
+        if self.min_examples < 2 {
+            return bad(format!("min_examples {}: a label needs at least 2 examples to be split", self.min_examples));
+        }
+        if !(0.05..=0.5).contains(&self.validation_fraction) {
+            return bad(format!("validation fraction {} must be within 0.05..0.5", self.validation_fraction));
+        }
+        let mut options = self.clone();
+        options.c_grid.sort_by(f64::total_cmp);
+        options.c_grid.dedup();
+        Ok(options)
+    }
 }
 
 /// Labels of one head, as indices into `labels` (sorted names).
@@ -321,14 +347,12 @@ pub struct ForeignReport {
 
 /// Train and write the model directory; returns what was measured.
 pub fn train(options: &TrainOptions, progress: &dyn Progress) -> Result<TrainReport, TrainError> {
+    let options = &options.checked()?;
     if options.out.join(crate::model::descriptor::DESCRIPTOR_FILE).exists() && !options.force {
         return Err(TrainError::Invalid(format!("{} already holds a model.toml; pass --force to replace it", options.out.display())));
     }
     if options.columns.labels.is_empty() && options.columns.multi_label.is_empty() {
         return Err(TrainError::Invalid("nothing to learn: give at least one --label or --multi-label column".into()));
-    }
-    if !(0.05..=0.5).contains(&options.validation_fraction) {
-        return Err(TrainError::Invalid(format!("validation fraction {} must be within 0.05..0.5", options.validation_fraction)));
     }
     let priority = options.priority.as_deref().map(read_priority).transpose()?;
     let (template_text, template) = template_for(&options.columns, options.template.as_deref())?;
@@ -512,4 +536,32 @@ fn measure_foreign(
         foreign_mean_confidence: mean(&foreign_confidence),
         in_domain_mean_confidence: mean(&category.validation_confidence),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options() -> TrainOptions {
+        let columns = Columns::parse(&["text".into()], &["label".into()], &[]).unwrap();
+        TrainOptions::new("d.csv".into(), columns, "enc".into(), "out".into())
+    }
+
+    #[test]
+    fn settings_no_data_can_fix_are_refused_with_the_value() {
+        let refused = |o: TrainOptions| o.checked().unwrap_err().to_string();
+        assert!(refused(TrainOptions { target_accuracy: Some(1.0), ..options() }).contains("target accuracy 1"));
+        assert!(refused(TrainOptions { c_grid: vec![1.0, 0.0], ..options() }).contains("C grid"));
+        assert!(refused(TrainOptions { c_grid: vec![], ..options() }).contains("C grid"));
+        assert!(refused(TrainOptions { folds: 1, ..options() }).contains("1 cross-validation folds"));
+        assert!(refused(TrainOptions { min_examples: 1, ..options() }).contains("min_examples 1"));
+        assert!(refused(TrainOptions { validation_fraction: 0.9, ..options() }).contains("0.9"));
+    }
+
+    #[test]
+    fn the_c_grid_is_sorted_and_deduplicated() {
+        let o = TrainOptions { c_grid: vec![64.0, 1.0, 4.0, 1.0], ..options() }.checked().unwrap();
+        assert_eq!(o.c_grid, vec![1.0, 4.0, 64.0]);
+        assert_eq!(options().checked().unwrap().c_grid, options().c_grid, "the default grid is already canonical");
+    }
 }

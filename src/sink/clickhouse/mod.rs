@@ -1,8 +1,10 @@
-//! The ClickHouse sink: rows in, acknowledgements out. Rows are gathered into blocks (by size
-//! or age), inserted one block at a time while new rows keep arriving, and each row's message
-//! is acknowledged only after ClickHouse confirmed the INSERT. Rows ClickHouse rejects go to
-//! the dead-letter topic instead.
+//! The ClickHouse sink: rows in, settlements out. Rows are gathered into blocks (by size or
+//! age), inserted one block at a time while new rows keep arriving, and each row is reported
+//! to the caller's [`Settle`] only after ClickHouse confirmed the INSERT, or as rejected when
+//! ClickHouse refused it for its content. What "settled" means (an offset acknowledged, a
+//! dead letter written) is the caller's business: the sink knows rows and tickets only.
 
+pub mod config;
 pub mod row;
 pub mod schema;
 pub mod service;
@@ -13,22 +15,22 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+pub use config::ClickHouseConfig;
 pub use row::ResultRow;
-pub use service::{ClickHouseService, SinkError, SinkStats};
+pub use service::{ClickHouseService, SinkError};
 
-use crate::sink::kafka::{KafkaSink, SourceMessage};
-use crate::source::offsets::Delivery;
-
-/// A row and what is needed to acknowledge it, or to dead-letter its message if rejected.
-pub struct SinkItem {
+/// A row and the caller's ticket for it (returned through [`Settle`]).
+pub struct SinkItem<T> {
     pub row: ResultRow,
-    pub delivery: Delivery,
-    pub source: Arc<SourceMessage>,
+    pub ticket: T,
 }
 
-/// Receives acknowledgements (the offset tracker, behind the pipeline).
-pub trait Acknowledge: Send + Sync + 'static {
-    fn ack(&self, delivery: &Delivery);
+/// How the sink hands each row's fate back.
+pub trait Settle<T>: Send + Sync + 'static {
+    /// ClickHouse acknowledged the row.
+    fn stored(&self, ticket: T, row: &ResultRow);
+    /// ClickHouse refused the row itself (not the server's state): `error` says why.
+    fn rejected(&self, ticket: T, error: &str);
 }
 
 pub struct BlockPolicy {
@@ -36,26 +38,25 @@ pub struct BlockPolicy {
     pub max_age: Duration,
 }
 
-type InsertResult = (Vec<SinkItem>, Result<Vec<usize>, SinkError>);
+type InsertResult<T> = (Vec<SinkItem<T>>, Result<Vec<(usize, String)>, SinkError>);
 
 /// Run until `rows` closes and everything is stored (or a fatal error).
-pub async fn run(
+pub async fn run<T: Send + 'static>(
     service: Arc<ClickHouseService>,
-    mut rows: mpsc::Receiver<SinkItem>,
+    mut rows: mpsc::Receiver<SinkItem<T>>,
     policy: BlockPolicy,
-    acks: Arc<dyn Acknowledge>,
-    dead_letters: Arc<KafkaSink>,
+    settle: Arc<dyn Settle<T>>,
 ) -> Result<(), SinkError> {
-    let mut buffer: Vec<SinkItem> = Vec::new();
+    let mut buffer: Vec<SinkItem<T>> = Vec::new();
     let mut oldest: Option<Instant> = None;
-    let mut running: Option<tokio::task::JoinHandle<InsertResult>> = None;
+    let mut running: Option<tokio::task::JoinHandle<InsertResult<T>>> = None;
     let mut open = true;
     loop {
         let flush_due =
             !buffer.is_empty() && (buffer.len() >= policy.max_rows || !open || oldest.is_some_and(|t| t.elapsed() >= policy.max_age));
         if running.is_none() && flush_due {
             let take = buffer.len().min(policy.max_rows);
-            let mut block: Vec<SinkItem> = buffer.drain(..take).collect();
+            let mut block: Vec<SinkItem<T>> = buffer.drain(..take).collect();
             oldest = if buffer.is_empty() { None } else { Some(Instant::now()) };
             let now_ms = crate::time::now_ms();
             for item in &mut block {
@@ -77,7 +78,7 @@ pub async fn run(
                 running = None;
                 let (block, result) = finished.unwrap_or_else(|e| (Vec::new(), Err(SinkError::Fatal(format!("insert task failed: {e}")))));
                 let rejected = result?;
-                settle(block, &rejected, &acks, &dead_letters);
+                report(block, &rejected, settle.as_ref());
             }
             item = rows.recv(), if open => match item {
                 Some(item) => {
@@ -91,21 +92,40 @@ pub async fn run(
     }
 }
 
-/// Acknowledge stored rows; dead-letter rejected ones (acknowledged once Kafka has them).
-fn settle(block: Vec<SinkItem>, rejected: &[usize], acks: &Arc<dyn Acknowledge>, dead_letters: &Arc<KafkaSink>) {
+/// Hand each row of a finished block back: stored, or rejected with ClickHouse's reason.
+/// `rejected` is sorted by row index.
+fn report<T: 'static>(block: Vec<SinkItem<T>>, rejected: &[(usize, String)], settle: &dyn Settle<T>) {
     for (i, item) in block.into_iter().enumerate() {
-        if rejected.binary_search(&i).is_ok() {
-            tracing::warn!(topic = %item.source.topic, partition = item.source.partition, offset = item.source.offset, "row rejected by ClickHouse: dead-lettering its message");
-            let (acks, dead_letters) = (acks.clone(), dead_letters.clone());
-            tokio::spawn(async move {
-                dead_letters.dead_letter(&item.source, "clickhouse_rejected", "ClickHouse rejected the row for its content").await;
-                metrics::counter!(crate::telemetry::MESSAGES_DEAD_LETTERED, "reason" => "clickhouse_rejected").increment(1);
-                acks.ack(&item.delivery);
-            });
-        } else {
-            let waited_ms = crate::time::now_ms().saturating_sub(item.row.consumed_time_ms);
-            metrics::histogram!(crate::telemetry::END_TO_END_SECONDS, "kind" => item.row.kind.clone()).record(waited_ms as f64 / 1000.0);
-            acks.ack(&item.delivery);
+        match rejected.binary_search_by_key(&i, |(index, _)| *index) {
+            Ok(at) => settle.rejected(item.ticket, &rejected[at].1),
+            Err(_) => settle.stored(item.ticket, &item.row),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Recorded(Mutex<Vec<(u32, Option<String>)>>);
+
+    impl Settle<u32> for Recorded {
+        fn stored(&self, ticket: u32, _: &ResultRow) {
+            self.0.lock().unwrap().push((ticket, None));
+        }
+        fn rejected(&self, ticket: u32, error: &str) {
+            self.0.lock().unwrap().push((ticket, Some(error.to_string())));
+        }
+    }
+
+    #[test]
+    fn every_row_of_a_block_is_settled_once_with_its_own_fate() {
+        let block: Vec<SinkItem<u32>> = (0..5).map(|i| SinkItem { row: ResultRow::default(), ticket: 100 + i }).collect();
+        let settle = Recorded::default();
+        report(block, &[(1, "bad".into()), (4, "worse".into())], &settle);
+        let got = settle.0.into_inner().unwrap();
+        assert_eq!(got, vec![(100, None), (101, Some("bad".into())), (102, None), (103, None), (104, Some("worse".into()))]);
     }
 }

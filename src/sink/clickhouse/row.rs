@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq, clickhouse::Row, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, clickhouse::Row, Serialize, Deserialize)]
 pub struct ResultRow {
     pub topic: String,
     pub partition: u32,

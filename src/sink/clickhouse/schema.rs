@@ -6,8 +6,8 @@
 //! same on every replay), so a replayed message's rows collapse into one. Until merges run,
 //! duplicates may be visible: read with FINAL (as every view here does) or with argMax.
 
+use super::config::ClickHouseConfig;
 use super::row::COLUMNS;
-use crate::config::ClickHouseConfig;
 
 pub fn create_database(c: &ClickHouseConfig) -> String {
     format!("CREATE DATABASE IF NOT EXISTS {}", c.database)

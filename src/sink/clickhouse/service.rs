@@ -7,15 +7,15 @@
 //! rows ClickHouse rejects are isolated (they are dead-lettered by the caller); if every row of
 //! a multi-row block is rejected on its own, it is not the rows' fault: fatal.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use clickhouse::Client;
 
+use super::config::ClickHouseConfig;
 use super::row::{ResultRow, COLUMNS};
 use super::schema;
-use crate::config::ClickHouseConfig;
 use crate::retry::Backoff;
+use crate::telemetry::events::{BlockInserted, BlockSplit, Counters, InsertRetried, InternalEvent, RowsRejected};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -78,23 +78,20 @@ fn classify(error: &clickhouse::error::Error) -> ErrorKind {
     }
 }
 
-#[derive(Debug, Default)]
-pub struct SinkStats {
-    pub rows_inserted: AtomicU64,
-    pub inserts: AtomicU64,
-    pub retries: AtomicU64,
-    pub rows_rejected: AtomicU64,
-}
-
 pub struct ClickHouseService {
     client: Client,
     config: ClickHouseConfig,
     backoff: Backoff,
-    pub stats: Arc<SinkStats>,
+    counters: Arc<Counters>,
 }
 
 impl ClickHouseService {
     pub fn new(config: &ClickHouseConfig) -> Self {
+        Self::with_counters(config, Arc::default())
+    }
+
+    /// A service whose inserts, retries and rejections count in `counters` (a run's report).
+    pub fn with_counters(config: &ClickHouseConfig, counters: Arc<Counters>) -> Self {
         let mut client = Client::default()
             .with_url(&config.url)
             .with_user(&config.user)
@@ -109,7 +106,7 @@ impl ClickHouseService {
         }
         let backoff =
             Backoff::new(std::time::Duration::from_millis(config.retry_initial_ms), std::time::Duration::from_millis(config.retry_max_ms));
-        ClickHouseService { client, config: config.clone(), backoff, stats: Arc::default() }
+        ClickHouseService { client, config: config.clone(), backoff, counters }
     }
 
     /// Create the database, table and views, and add columns newer than the table
@@ -137,6 +134,25 @@ impl ClickHouseService {
             admin.query(stmt).execute().await?;
         }
         Ok(())
+    }
+
+    /// Wait (with backoff, logging each attempt) until the server answers and the table has
+    /// every column the row needs. A missing table or column is returned at once: waiting
+    /// would not fix it.
+    pub async fn wait_for_schema(&self) -> Result<(), SinkError> {
+        let mut attempt = 0;
+        loop {
+            match self.check_schema().await {
+                Ok(()) => return Ok(()),
+                Err(Err(fatal)) => return Err(fatal),
+                Err(Ok(transient)) => {
+                    attempt += 1;
+                    let delay = self.backoff.delay(attempt);
+                    tracing::warn!(error = %transient, url = %self.config.url, retry_in_ms = delay.as_millis() as u64, "ClickHouse not reachable yet");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
     }
 
     /// Whether the server answers at all.
@@ -187,9 +203,10 @@ impl ClickHouseService {
         insert.end().await
     }
 
-    /// Insert with retries; returns the indices of rows ClickHouse rejected for their content.
-    /// Returns only when every row is either stored or isolated as rejected.
-    pub async fn insert(&self, rows: &[ResultRow]) -> Result<Vec<usize>, SinkError> {
+    /// Insert with retries; returns the rows ClickHouse rejected for their content (index in
+    /// `rows`, sorted, with ClickHouse's error). Returns only when every row is either stored or
+    /// isolated as rejected.
+    pub async fn insert(&self, rows: &[ResultRow]) -> Result<Vec<(usize, String)>, SinkError> {
         let mut rejected = Vec::new();
         // Blocks still to insert: (start, end) ranges of `rows`.
         let mut todo = vec![(0, rows.len())];
@@ -198,16 +215,11 @@ impl ClickHouseService {
                 continue;
             }
             let started = std::time::Instant::now();
-            let outcome = self.insert_retrying(&rows[start..end]).await?;
-            metrics::histogram!(crate::telemetry::INSERT_SECONDS).record(started.elapsed().as_secs_f64());
-            match outcome {
-                None => {
-                    self.stats.rows_inserted.fetch_add((end - start) as u64, Ordering::Relaxed);
-                    metrics::counter!(crate::telemetry::CLICKHOUSE_ROWS, "result" => "inserted").increment((end - start) as u64);
-                }
-                Some(_) if end - start == 1 => rejected.push(start),
+            match self.insert_retrying(&rows[start..end]).await? {
+                None => BlockInserted { rows: end - start, elapsed: started.elapsed() }.emit(&self.counters),
+                Some(error) if end - start == 1 => rejected.push((start, error)),
                 Some(error) => {
-                    tracing::warn!(rows = end - start, %error, "ClickHouse rejected a block; splitting it to find the rows");
+                    BlockSplit { rows: end - start, error: &error }.emit(&self.counters);
                     let mid = start + (end - start) / 2;
                     todo.push((mid, end));
                     todo.push((start, mid));
@@ -217,9 +229,8 @@ impl ClickHouseService {
         if rows.len() > 1 && rejected.len() == rows.len() {
             return Err(SinkError::Fatal(format!("all {} rows of a block were rejected one by one", rows.len())));
         }
-        self.stats.rows_rejected.fetch_add(rejected.len() as u64, Ordering::Relaxed);
-        metrics::counter!(crate::telemetry::CLICKHOUSE_ROWS, "result" => "rejected").increment(rejected.len() as u64);
-        rejected.sort_unstable();
+        RowsRejected { rows: rejected.len() }.emit(&self.counters);
+        rejected.sort_unstable_by_key(|(index, _)| *index);
         Ok(rejected)
     }
 
@@ -227,7 +238,6 @@ impl ClickHouseService {
     async fn insert_retrying(&self, rows: &[ResultRow]) -> Result<Option<String>, SinkError> {
         let mut attempt = 0;
         loop {
-            self.stats.inserts.fetch_add(1, Ordering::Relaxed);
             let error = match self.insert_once(rows).await {
                 Ok(()) => return Ok(None),
                 Err(e) => e,
@@ -237,10 +247,8 @@ impl ClickHouseService {
                 ErrorKind::Content => return Ok(Some(error.to_string())),
                 ErrorKind::Transient => {
                     attempt += 1;
-                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!(crate::telemetry::CLICKHOUSE_RETRIES).increment(1);
                     let delay = self.backoff.delay(attempt);
-                    tracing::warn!(%error, attempt, retry_in_ms = delay.as_millis() as u64, rows = rows.len(), "ClickHouse insert failed; retrying");
+                    InsertRetried { rows: rows.len(), attempt, error: &error, delay }.emit(&self.counters);
                     tokio::time::sleep(delay).await;
                 }
             }

@@ -5,6 +5,8 @@
 //! Labels are bounded by configuration (topic, kind, model, reason, partition): never a
 //! per-message value.
 
+pub mod events;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -235,7 +237,7 @@ mod tests {
 mod readme_tests {
     #[test]
     fn the_readme_documents_every_metric() {
-        let readme = include_str!("../README.md");
+        let readme = include_str!("../../README.md");
         for (name, kind, _, _) in super::METRICS {
             assert!(readme.contains(&format!("| `{name}` | {kind} |")), "README lacks {name}");
         }

@@ -2,23 +2,25 @@
 //! environment, unknown fields rejected, secrets redacted. Validated without connecting to
 //! anything (`triage config check`).
 //!
-//! Environment overrides: `TRIAGE_<SECTION>__<FIELD>` (double underscore between levels,
-//! case-insensitive), e.g. `TRIAGE_KAFKA__BOOTSTRAP_SERVERS=broker:9092`,
-//! `TRIAGE_CLICKHOUSE__INSERT_MAX_ROWS=20000`. Values parse as TOML (numbers, booleans,
-//! arrays) and fall back to strings.
+//! Each section's type lives beside its component (`[kafka]`: `source::kafka::config`,
+//! `[clickhouse]`: `sink::clickhouse::config`, `[batching]`: `engine`, `[inference]`: `model`);
+//! this module composes them, cross-checks them, and reads the environment ([`env`]).
+
+pub mod env;
+mod secret;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::EngineConfig;
+pub use crate::engine::EngineConfig;
 use crate::message::{FieldMap, DEFAULT_MAX_MESSAGE_BYTES};
-use crate::model::InferenceOptions;
-
-pub const ENV_PREFIX: &str = "TRIAGE_";
-/// Top-level scalar fields, overridable as TRIAGE_<FIELD> (sections need TRIAGE_<SECTION>__<FIELD>).
-const TOP_LEVEL_FIELDS: &[&str] = &["worker_id", "max_message_bytes"];
+pub use crate::model::InferenceOptions;
+pub use crate::sink::clickhouse::config::ClickHouseConfig;
+pub use crate::source::kafka::config::{ClientRole, KafkaConfig, SaslMechanism, SecurityProtocol};
+pub use env::ENV_PREFIX;
+pub use secret::Secret;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -30,104 +32,6 @@ pub enum ConfigError {
     Invalid(String),
     #[error("secret file {}: {source}", path.display())]
     Secret { path: PathBuf, source: std::io::Error },
-}
-
-/// A secret value: never printed, never logged.
-#[derive(Clone, Default, Deserialize, PartialEq)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Secret(s.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"***\"" })
-    }
-}
-
-impl Serialize for Secret {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(if self.0.is_empty() { "" } else { "***" })
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SecurityProtocol {
-    #[default]
-    Plaintext,
-    Ssl,
-    SaslPlaintext,
-    SaslSsl,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum SaslMechanism {
-    #[serde(rename = "PLAIN")]
-    Plain,
-    #[serde(rename = "SCRAM-SHA-256")]
-    ScramSha256,
-    #[serde(rename = "SCRAM-SHA-512")]
-    ScramSha512,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct KafkaConfig {
-    pub bootstrap_servers: String,
-    pub group_id: String,
-    pub security_protocol: SecurityProtocol,
-    pub sasl_mechanism: Option<SaslMechanism>,
-    pub sasl_username: Option<String>,
-    pub sasl_password: Secret,
-    /// Read the SASL password from this file (e.g. a mounted Kubernetes Secret).
-    pub sasl_password_file: Option<PathBuf>,
-    /// CA bundle for SSL / SASL_SSL (default: the system's).
-    pub ssl_ca_location: Option<PathBuf>,
-    pub session_timeout_ms: u32,
-    pub max_poll_interval_ms: u32,
-    /// Where the consumer starts in a partition without a committed offset.
-    pub auto_offset_reset: String,
-    /// How often done offsets are committed.
-    pub commit_interval_ms: u64,
-    /// Consumed-but-not-done messages above which fetching pauses. Bounds memory and what a
-    /// SIGTERM must finish: keep it to a few seconds of the model's throughput, well under
-    /// shutdown.drain_timeout_ms (5,000 is ~10 s of the default model on 2 cores).
-    pub max_in_flight: usize,
-    /// Any librdkafka property, passed through (applied last).
-    pub properties: BTreeMap<String, String>,
-    pub dead_letter_topic: String,
-    pub escalation_topic: String,
-}
-
-impl Default for KafkaConfig {
-    fn default() -> Self {
-        KafkaConfig {
-            bootstrap_servers: "localhost:9092".into(),
-            group_id: "triage".into(),
-            security_protocol: SecurityProtocol::Plaintext,
-            sasl_mechanism: None,
-            sasl_username: None,
-            sasl_password: Secret::default(),
-            sasl_password_file: None,
-            ssl_ca_location: None,
-            session_timeout_ms: 45_000,
-            max_poll_interval_ms: 300_000,
-            auto_offset_reset: "earliest".into(),
-            commit_interval_ms: 1_000,
-            max_in_flight: 5_000,
-            properties: BTreeMap::new(),
-            dead_letter_topic: "triage.dead-letter".into(),
-            escalation_topic: "triage.escalations".into(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -164,52 +68,6 @@ pub struct EscalationConfig {
 impl Default for EscalationConfig {
     fn default() -> Self {
         EscalationConfig { enabled: true, default_threshold: 0.5 }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ClickHouseConfig {
-    /// HTTP(S) endpoint, e.g. http://clickhouse:8123 or https://xyz.clickhouse.cloud:8443.
-    pub url: String,
-    pub database: String,
-    pub table: String,
-    pub user: String,
-    pub password: Secret,
-    pub password_file: Option<PathBuf>,
-    /// Rows per INSERT at most.
-    pub insert_max_rows: usize,
-    /// Longest a row waits before its INSERT starts (milliseconds).
-    pub insert_interval_ms: u64,
-    /// An INSERT that has not finished after this long is abandoned and retried (milliseconds).
-    pub insert_timeout_ms: u64,
-    /// Retry backoff: first delay, cap (milliseconds); jittered.
-    pub retry_initial_ms: u64,
-    pub retry_max_ms: u64,
-    /// Use LowCardinality(String) for low-cardinality columns in the DDL (ClickHouse >= 19;
-    /// 18.x needs allow_experimental_low_cardinality_type).
-    pub low_cardinality: bool,
-    /// Extra settings sent with every INSERT (e.g. async_insert = "0" on modern servers).
-    pub settings: BTreeMap<String, String>,
-}
-
-impl Default for ClickHouseConfig {
-    fn default() -> Self {
-        ClickHouseConfig {
-            url: "http://localhost:8123".into(),
-            database: "triage".into(),
-            table: "results".into(),
-            user: "default".into(),
-            password: Secret::default(),
-            password_file: None,
-            insert_max_rows: 10_000,
-            insert_interval_ms: 1_000,
-            insert_timeout_ms: 30_000,
-            retry_initial_ms: 200,
-            retry_max_ms: 30_000,
-            low_cardinality: false,
-            settings: BTreeMap::new(),
-        }
     }
 }
 
@@ -285,18 +143,7 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let mut value: toml::Value =
             toml::from_str(text).map_err(|e| ConfigError::Parse { origin: origin.into(), message: e.to_string() })?;
-        let mut applied = Vec::new();
-        for (key, raw) in env {
-            let Some(path) =
-                key.strip_prefix(ENV_PREFIX).filter(|k| k.contains("__") || TOP_LEVEL_FIELDS.contains(&k.to_ascii_lowercase().as_str()))
-            else {
-                continue;
-            };
-            let segments: Vec<String> = path.split("__").map(|s| s.to_ascii_lowercase()).collect();
-            set_path(&mut value, &segments, parse_env_value(&raw))
-                .map_err(|message| ConfigError::Parse { origin: key.clone(), message })?;
-            applied.push(key);
-        }
+        let applied = env::apply(&mut value, env).map_err(|(key, message)| ConfigError::Parse { origin: key, message })?;
         let mut config: Config = value.try_into().map_err(|e: toml::de::Error| ConfigError::Parse {
             origin: if applied.is_empty() {
                 origin.to_string()
@@ -368,37 +215,8 @@ impl Config {
         if !(0.0..=1.0).contains(&self.escalation.default_threshold) {
             return bad(format!("escalation.default_threshold {} is outside 0..1", self.escalation.default_threshold));
         }
-        let k = &self.kafka;
-        if k.bootstrap_servers.trim().is_empty() || k.group_id.trim().is_empty() {
-            return bad("kafka.bootstrap_servers and kafka.group_id are required".into());
-        }
-        let sasl = matches!(k.security_protocol, SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl);
-        if sasl && (k.sasl_mechanism.is_none() || k.sasl_username.is_none() || k.sasl_password.expose().is_empty()) {
-            return bad(
-                "kafka.security_protocol is SASL: set sasl_mechanism, sasl_username and sasl_password (or sasl_password_file)".into()
-            );
-        }
-        if !sasl && k.sasl_mechanism.is_some() {
-            return bad("kafka.sasl_mechanism is set but security_protocol is not sasl_plaintext or sasl_ssl".into());
-        }
-        if k.max_in_flight == 0 || k.commit_interval_ms == 0 {
-            return bad("kafka.max_in_flight and kafka.commit_interval_ms must be positive".into());
-        }
-        if !["earliest", "latest"].contains(&k.auto_offset_reset.as_str()) {
-            return bad(format!("kafka.auto_offset_reset must be earliest or latest, not `{}`", k.auto_offset_reset));
-        }
-        let c = &self.clickhouse;
-        if !(c.url.starts_with("http://") || c.url.starts_with("https://")) {
-            return bad(format!("clickhouse.url must start with http:// or https:// (got `{}`)", c.url));
-        }
-        for (what, name) in [("database", &c.database), ("table", &c.table)] {
-            if name.is_empty() || !name.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_') {
-                return bad(format!("clickhouse.{what} `{name}` must be letters, digits and _"));
-            }
-        }
-        if c.insert_max_rows == 0 || c.retry_initial_ms == 0 || c.retry_max_ms < c.retry_initial_ms {
-            return bad("clickhouse.insert_max_rows and retry_initial_ms must be positive, retry_max_ms >= retry_initial_ms".into());
-        }
+        self.kafka.validate().map_err(ConfigError::Invalid)?;
+        self.clickhouse.validate().map_err(ConfigError::Invalid)?;
         self.batching.validate(8).map_err(|m| ConfigError::Invalid(format!("batching: {m}")))?;
         Ok(())
     }
@@ -410,34 +228,6 @@ impl Config {
             })
         })
     }
-
-    /// The escalation threshold of a route: its own, else the one its model was calibrated
-    /// for (when the route escalates on the category head), else the default.
-    pub fn threshold(&self, route: &RouteConfig, model: &crate::model::Descriptor) -> f32 {
-        let calibrated = model.escalation.as_ref().map(|e| e.threshold).filter(|_| route.escalation_head.is_none());
-        route.escalation_threshold.or(calibrated).unwrap_or(self.escalation.default_threshold)
-    }
-}
-
-fn parse_env_value(raw: &str) -> toml::Value {
-    toml::from_str::<toml::Table>(&format!("v = {raw}"))
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
-}
-
-fn set_path(root: &mut toml::Value, path: &[String], value: toml::Value) -> Result<(), String> {
-    let (last, parents) = path.split_last().ok_or("empty override path")?;
-    let mut node = root;
-    for seg in parents {
-        let table = node.as_table_mut().ok_or_else(|| format!("`{seg}` is not a section"))?;
-        node = table.entry(seg.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        if let toml::Value::Array(items) = node {
-            return Err(format!("`{seg}` is a list ({} entries): override it in the file", items.len()));
-        }
-    }
-    node.as_table_mut().ok_or_else(|| format!("cannot set `{last}`: its parent is not a section"))?.insert(last.clone(), value);
-    Ok(())
 }
 
 #[cfg(test)]
@@ -461,17 +251,6 @@ mod tests {
         assert_eq!(c.kafka.group_id, "triage");
         assert_eq!(c.clickhouse.table, "results");
         assert_eq!(c.max_message_bytes, 1 << 20);
-        let heads = "[[heads]]\nname = \"intent\"\noutput = \"p\"\nkind = \"single_label\"\nlabels = [\"a\", \"b\"]\n";
-        let plain = crate::model::Descriptor::parse(heads, Path::new("m")).unwrap();
-        assert_eq!(c.threshold(&c.routes[0], &plain), 0.5);
-        let calibrated = crate::model::Descriptor::parse(&format!("{heads}[escalation]\nthreshold = 0.7\n"), Path::new("m")).unwrap();
-        assert_eq!(c.threshold(&c.routes[0], &calibrated), 0.7, "the model's calibrated threshold beats the default");
-        let mut own = c.clone();
-        own.routes[0].escalation_threshold = Some(0.2);
-        assert_eq!(own.threshold(&own.routes[0], &calibrated), 0.2, "a route's own threshold beats the model's");
-        own.routes[0].escalation_threshold = None;
-        own.routes[0].escalation_head = Some("other".into());
-        assert_eq!(own.threshold(&own.routes[0], &calibrated), 0.5, "calibrated for the category head only");
     }
 
     #[test]

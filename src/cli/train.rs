@@ -1,0 +1,134 @@
+//! `triage train`: heads over a frozen encoder from labelled CSV / JSON lines.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use triage::train::{Columns, LexicalMode, TrainOptions};
+
+use super::{model_dir, BatchArgs, RuntimeArgs, StageProgress};
+
+/// The library's defaults, shown by --help and used when a flag is absent.
+fn defaults() -> TrainOptions {
+    TrainOptions::new(PathBuf::new(), Columns::default(), PathBuf::new(), PathBuf::new())
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Labelled data: CSV with a header row, or JSON lines.
+    #[arg(long)]
+    data: PathBuf,
+    /// Text columns in template order: COLUMN or PLACEHOLDER=COLUMN (e.g. subject,body or body=text).
+    #[arg(long, required = true, value_delimiter = ',')]
+    text: Vec<String>,
+    /// A single-label head per column: COLUMN or HEAD=COLUMN (repeatable; the first is the category).
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    /// A multi-label head: COLUMN (tags split on | or ;, or a JSON array) or HEAD=COL1,COL2,...
+    #[arg(long = "multi-label")]
+    multi_label: Vec<String>,
+    /// Model directory whose embedding head is the frozen encoder (default: the default model).
+    #[arg(long, env = "TRIAGE_TRAIN_ENCODER")]
+    encoder: Option<PathBuf>,
+    /// Where to write the model directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Model name (default: the --out folder's name).
+    #[arg(long)]
+    name: Option<String>,
+    /// How the worker assembles text, e.g. "{subject}\n{body}" (default: the text placeholders, one per line).
+    #[arg(long)]
+    template: Option<String>,
+    /// Recommend (and write) the confidence threshold reaching this accuracy on what is not escalated, e.g. 0.95.
+    #[arg(long)]
+    target_accuracy: Option<f64>,
+    /// Texts unlike the training data (CSV / JSON lines) to measure the out-of-distribution gate.
+    #[arg(long)]
+    foreign: Option<PathBuf>,
+    /// Text columns of --foreign (default: --text).
+    #[arg(long, value_delimiter = ',')]
+    foreign_text: Vec<String>,
+    /// Lexical (TF-IDF) layer averaged with the embedding layer: auto (if it helps in cross-validation), on, off.
+    #[arg(long, default_value = "auto")]
+    lexical: LexicalMode,
+    /// A TOML file with a [priority] table (from_head, default, map) for model.toml (default: a head named
+    /// `priority`, if one is trained, gives the priority).
+    #[arg(long)]
+    priority: Option<PathBuf>,
+    #[arg(long, default_value_t = defaults().seed)]
+    seed: u64,
+    /// Share of the data held out for validation.
+    #[arg(long, default_value_t = defaults().validation_fraction)]
+    validation_fraction: f64,
+    /// Labels with fewer examples are left out (with a warning).
+    #[arg(long, default_value_t = defaults().min_examples)]
+    min_examples: usize,
+    /// Regularisation strengths tried by cross-validation (C, larger: weaker).
+    #[arg(long, value_delimiter = ',', default_values_t = defaults().c_grid)]
+    c: Vec<f64>,
+    /// Cross-validation folds (2 to 10).
+    #[arg(long, default_value_t = defaults().folds)]
+    folds: usize,
+    /// Replace a model.toml already in --out.
+    #[arg(long)]
+    force: bool,
+    /// Markdown added to MODEL_CARD.md (architecture, data credit and licence, business rules).
+    #[arg(long)]
+    card_notes: Option<PathBuf>,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+    #[command(flatten)]
+    batch: BatchArgs,
+}
+
+impl TrainArgs {
+    fn options(self) -> Result<TrainOptions> {
+        let columns = Columns::parse(&self.text, &self.labels, &self.multi_label)?;
+        let mut options = TrainOptions::new(self.data, columns, model_dir(&self.encoder)?, self.out);
+        options.name = self.name;
+        options.template = self.template.map(|t| t.replace("\\n", "\n"));
+        options.target_accuracy = self.target_accuracy;
+        options.foreign = self.foreign;
+        if !self.foreign_text.is_empty() {
+            options.foreign_text = Some(Columns::parse_text(&self.foreign_text)?);
+        }
+        options.lexical = self.lexical;
+        options.priority = self.priority;
+        options.seed = self.seed;
+        options.validation_fraction = self.validation_fraction;
+        options.min_examples = self.min_examples;
+        options.c_grid = self.c;
+        options.folds = self.folds;
+        options.inference = self.runtime.options();
+        options.engine = self.batch.engine();
+        options.force = self.force;
+        options.card_notes = self.card_notes;
+        Ok(options)
+    }
+}
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    let options = args.options()?;
+    let report = triage::train::train(&options, &StageProgress::new())?;
+    for h in &report.single {
+        println!(
+            "{}: accuracy {:.3}, macro-F1 {:.3} (embedding alone {:.3}; TF-IDF baseline {:.3})",
+            h.name,
+            h.validation.accuracy,
+            h.validation.macro_f1,
+            h.validation_embedding_only.accuracy,
+            h.validation_tfidf_baseline.accuracy
+        );
+    }
+    for m in &report.multi {
+        println!("{}: micro-F1 {:.3} (TF-IDF baseline {:.3})", m.name, m.validation_micro_f1, m.validation_tfidf_baseline_micro_f1);
+    }
+    if let Some(p) = report.escalation.as_ref().and_then(|e| e.recommended) {
+        println!("escalation threshold {:.2}: escalates {:.1}% of validation", p.threshold, p.escalated * 100.0);
+    }
+    if let Some(f) = report.ood.as_ref().and_then(|o| o.foreign.as_ref()) {
+        println!("out-of-distribution AUROC {:.3} (1 - confidence: {:.3})", f.auroc, f.confidence_auroc);
+    }
+    println!("model written to {} (see MODEL_CARD.md)", options.out.display());
+    Ok(())
+}

@@ -1,0 +1,72 @@
+//! `[clickhouse]`: where results are stored and how INSERTs are paced and retried.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Secret;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClickHouseConfig {
+    /// HTTP(S) endpoint, e.g. http://clickhouse:8123 or https://xyz.clickhouse.cloud:8443.
+    pub url: String,
+    pub database: String,
+    pub table: String,
+    pub user: String,
+    pub password: Secret,
+    pub password_file: Option<PathBuf>,
+    /// Rows per INSERT at most.
+    pub insert_max_rows: usize,
+    /// Longest a row waits before its INSERT starts (milliseconds).
+    pub insert_interval_ms: u64,
+    /// An INSERT that has not finished after this long is abandoned and retried (milliseconds).
+    pub insert_timeout_ms: u64,
+    /// Retry backoff: first delay, cap (milliseconds); jittered.
+    pub retry_initial_ms: u64,
+    pub retry_max_ms: u64,
+    /// Use LowCardinality(String) for low-cardinality columns in the DDL (ClickHouse >= 19;
+    /// 18.x needs allow_experimental_low_cardinality_type).
+    pub low_cardinality: bool,
+    /// Extra settings sent with every INSERT (e.g. async_insert = "0" on modern servers).
+    pub settings: BTreeMap<String, String>,
+}
+
+impl Default for ClickHouseConfig {
+    fn default() -> Self {
+        ClickHouseConfig {
+            url: "http://localhost:8123".into(),
+            database: "triage".into(),
+            table: "results".into(),
+            user: "default".into(),
+            password: Secret::default(),
+            password_file: None,
+            insert_max_rows: 10_000,
+            insert_interval_ms: 1_000,
+            insert_timeout_ms: 30_000,
+            retry_initial_ms: 200,
+            retry_max_ms: 30_000,
+            low_cardinality: false,
+            settings: BTreeMap::new(),
+        }
+    }
+}
+
+impl ClickHouseConfig {
+    /// Everything that can be checked without connecting.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+            return Err(format!("clickhouse.url must start with http:// or https:// (got `{}`)", self.url));
+        }
+        for (what, name) in [("database", &self.database), ("table", &self.table)] {
+            if name.is_empty() || !name.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_') {
+                return Err(format!("clickhouse.{what} `{name}` must be letters, digits and _"));
+            }
+        }
+        if self.insert_max_rows == 0 || self.retry_initial_ms == 0 || self.retry_max_ms < self.retry_initial_ms {
+            return Err("clickhouse.insert_max_rows and retry_initial_ms must be positive, retry_max_ms >= retry_initial_ms".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,237 @@
+//! `[kafka]`: brokers, security, the consumer group, the side topics, and how every Kafka
+//! client the project makes is configured: [`KafkaConfig::client`] builds each role's
+//! librdkafka settings and applies `[kafka.properties]` last, for every role alike.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use rdkafka::config::ClientConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::config::Secret;
+
+/// The Kafka clients triage makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientRole {
+    /// The worker's group member: manual commits of what is done, cooperative rebalancing.
+    Consumer,
+    /// Dead letters, escalations, `triage produce` and redrive's writes: idempotent, acks=all.
+    Producer,
+    /// `triage redrive` reading the dead-letter topic in its own group (`<group_id>-redrive`).
+    Redrive,
+    /// Reads the group's committed offsets and the partitions' ends; joins nothing.
+    Observer,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SecurityProtocol {
+    #[default]
+    Plaintext,
+    Ssl,
+    SaslPlaintext,
+    SaslSsl,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SaslMechanism {
+    #[serde(rename = "PLAIN")]
+    Plain,
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    pub bootstrap_servers: String,
+    pub group_id: String,
+    pub security_protocol: SecurityProtocol,
+    pub sasl_mechanism: Option<SaslMechanism>,
+    pub sasl_username: Option<String>,
+    pub sasl_password: Secret,
+    /// Read the SASL password from this file (e.g. a mounted Kubernetes Secret).
+    pub sasl_password_file: Option<PathBuf>,
+    /// CA bundle for SSL / SASL_SSL (default: the system's).
+    pub ssl_ca_location: Option<PathBuf>,
+    pub session_timeout_ms: u32,
+    pub max_poll_interval_ms: u32,
+    /// Where the consumer starts in a partition without a committed offset.
+    pub auto_offset_reset: String,
+    /// How often done offsets are committed.
+    pub commit_interval_ms: u64,
+    /// Consumed-but-not-done messages above which fetching pauses. Bounds memory and what a
+    /// SIGTERM must finish: keep it to a few seconds of the model's throughput, well under
+    /// shutdown.drain_timeout_ms (5,000 is ~10 s of the default model on 2 cores).
+    pub max_in_flight: usize,
+    /// Any librdkafka property, passed through (applied last).
+    pub properties: BTreeMap<String, String>,
+    pub dead_letter_topic: String,
+    pub escalation_topic: String,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            bootstrap_servers: "localhost:9092".into(),
+            group_id: "triage".into(),
+            security_protocol: SecurityProtocol::Plaintext,
+            sasl_mechanism: None,
+            sasl_username: None,
+            sasl_password: Secret::default(),
+            sasl_password_file: None,
+            ssl_ca_location: None,
+            session_timeout_ms: 45_000,
+            max_poll_interval_ms: 300_000,
+            auto_offset_reset: "earliest".into(),
+            commit_interval_ms: 1_000,
+            max_in_flight: 5_000,
+            properties: BTreeMap::new(),
+            dead_letter_topic: "triage.dead-letter".into(),
+            escalation_topic: "triage.escalations".into(),
+        }
+    }
+}
+
+impl KafkaConfig {
+    /// The librdkafka settings of one client role, `[kafka.properties]` applied last.
+    pub fn client(&self, role: ClientRole) -> ClientConfig {
+        let mut c = self.connection();
+        match role {
+            ClientRole::Consumer => {
+                c.set("group.id", &self.group_id)
+                    .set("partition.assignment.strategy", "cooperative-sticky")
+                    // Offsets are committed by the worker, only for what is done.
+                    .set("enable.auto.commit", "false")
+                    .set("enable.auto.offset.store", "false")
+                    .set("auto.offset.reset", &self.auto_offset_reset)
+                    .set("session.timeout.ms", self.session_timeout_ms.to_string())
+                    .set("max.poll.interval.ms", self.max_poll_interval_ms.to_string())
+                    // librdkafka's own prefetch is memory too: keep it modest (pausing bounds the rest).
+                    .set("queued.max.messages.kbytes", "16384")
+                    .set("enable.partition.eof", "false")
+                    .set("statistics.interval.ms", "5000");
+            }
+            ClientRole::Producer => {
+                c.set("enable.idempotence", "true").set("acks", "all").set("linger.ms", "5").set("compression.type", "zstd");
+            }
+            ClientRole::Redrive => {
+                c.set("group.id", format!("{}-redrive", self.group_id))
+                    .set("enable.auto.commit", "false")
+                    .set("enable.auto.offset.store", "false")
+                    .set("auto.offset.reset", "earliest");
+            }
+            ClientRole::Observer => {
+                c.set("group.id", &self.group_id);
+            }
+        }
+        for (key, value) in &self.properties {
+            c.set(key, value);
+        }
+        c
+    }
+
+    /// Brokers and security: what every role shares.
+    fn connection(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.bootstrap_servers);
+        c.set(
+            "security.protocol",
+            match self.security_protocol {
+                SecurityProtocol::Plaintext => "plaintext",
+                SecurityProtocol::Ssl => "ssl",
+                SecurityProtocol::SaslPlaintext => "sasl_plaintext",
+                SecurityProtocol::SaslSsl => "sasl_ssl",
+            },
+        );
+        if let Some(m) = self.sasl_mechanism {
+            c.set(
+                "sasl.mechanism",
+                match m {
+                    SaslMechanism::Plain => "PLAIN",
+                    SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+                    SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+                },
+            );
+        }
+        if let Some(u) = &self.sasl_username {
+            c.set("sasl.username", u);
+        }
+        if !self.sasl_password.expose().is_empty() {
+            c.set("sasl.password", self.sasl_password.expose());
+        }
+        if let Some(ca) = &self.ssl_ca_location {
+            c.set("ssl.ca.location", ca.display().to_string());
+        }
+        c
+    }
+
+    /// Everything that can be checked without connecting.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.bootstrap_servers.trim().is_empty() || self.group_id.trim().is_empty() {
+            return Err("kafka.bootstrap_servers and kafka.group_id are required".into());
+        }
+        let sasl = matches!(self.security_protocol, SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl);
+        if sasl && (self.sasl_mechanism.is_none() || self.sasl_username.is_none() || self.sasl_password.expose().is_empty()) {
+            return Err(
+                "kafka.security_protocol is SASL: set sasl_mechanism, sasl_username and sasl_password (or sasl_password_file)".into()
+            );
+        }
+        if !sasl && self.sasl_mechanism.is_some() {
+            return Err("kafka.sasl_mechanism is set but security_protocol is not sasl_plaintext or sasl_ssl".into());
+        }
+        if self.max_in_flight == 0 || self.commit_interval_ms == 0 {
+            return Err("kafka.max_in_flight and kafka.commit_interval_ms must be positive".into());
+        }
+        if !["earliest", "latest"].contains(&self.auto_offset_reset.as_str()) {
+            return Err(format!("kafka.auto_offset_reset must be earliest or latest, not `{}`", self.auto_offset_reset));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secured() -> KafkaConfig {
+        KafkaConfig {
+            security_protocol: SecurityProtocol::SaslSsl,
+            sasl_mechanism: Some(SaslMechanism::ScramSha512),
+            sasl_username: Some("svc".into()),
+            sasl_password: Secret::new("pw"),
+            properties: [("fetch.max.bytes".to_string(), "1048576".to_string()), ("auto.offset.reset".to_string(), "latest".to_string())]
+                .into(),
+            ..KafkaConfig::default()
+        }
+    }
+
+    #[test]
+    fn security_and_pass_through_properties_reach_librdkafka() {
+        let c = secured().client(ClientRole::Consumer);
+        assert_eq!(c.get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(c.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
+        assert_eq!(c.get("sasl.password"), Some("pw"));
+        assert_eq!(c.get("enable.auto.commit"), Some("false"));
+        assert_eq!(c.get("partition.assignment.strategy"), Some("cooperative-sticky"));
+        assert_eq!(c.get("fetch.max.bytes"), Some("1048576"));
+        assert_eq!(c.get("auto.offset.reset"), Some("latest"), "pass-through properties are applied last");
+    }
+
+    #[test]
+    fn every_role_gets_the_security_settings_and_the_properties() {
+        let k = secured();
+        for role in [ClientRole::Consumer, ClientRole::Producer, ClientRole::Redrive, ClientRole::Observer] {
+            let c = k.client(role);
+            assert_eq!(c.get("sasl.username"), Some("svc"), "{role:?}");
+            assert_eq!(c.get("security.protocol"), Some("sasl_ssl"), "{role:?}");
+            assert_eq!(c.get("fetch.max.bytes"), Some("1048576"), "{role:?}: [kafka.properties] reach every client");
+        }
+        assert_eq!(k.client(ClientRole::Redrive).get("group.id"), Some("triage-redrive"));
+        assert_eq!(k.client(ClientRole::Observer).get("group.id"), Some("triage"));
+        assert_eq!(k.client(ClientRole::Producer).get("enable.idempotence"), Some("true"));
+        assert_eq!(k.client(ClientRole::Producer).get("group.id"), None);
+    }
+}

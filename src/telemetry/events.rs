@@ -1,0 +1,338 @@
+//! Typed internal events. Each event's `emit` updates its metric, writes its log line and
+//! counts it in the run report together, so the three can never disagree (the way Vector's
+//! `internal_events` do it). Reasons are enums with a fixed label text: a metric label can
+//! never take a per-message value.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::{
+    CLICKHOUSE_RETRIES, CLICKHOUSE_ROWS, COMMITTED_OFFSET, END_TO_END_SECONDS, INSERT_SECONDS, KAFKA_WRITE_RETRIES, MESSAGES_CLASSIFIED,
+    MESSAGES_CONSUMED, MESSAGES_DEAD_LETTERED, MESSAGES_ESCALATED, PAUSED,
+};
+use crate::message::DecodeReason;
+
+/// Why a message went to the dead-letter topic (the `triage.reason` header and the metric's
+/// `reason` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum DeadLetterReason {
+    /// The bytes are not a usable message (too large, not UTF-8, not JSON, ...).
+    Decode(DecodeReason),
+    /// Consumed from a topic no route names.
+    Unrouted,
+    TokenizeFailed,
+    InferenceFailed,
+    /// ClickHouse refused the row for its content (isolated by block bisection).
+    ClickhouseRejected,
+}
+
+impl DeadLetterReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterReason::Decode(r) => r.as_str(),
+            DeadLetterReason::Unrouted => "unrouted",
+            DeadLetterReason::TokenizeFailed => "tokenize_failed",
+            DeadLetterReason::InferenceFailed => "inference_failed",
+            DeadLetterReason::ClickhouseRejected => "clickhouse_rejected",
+        }
+    }
+
+    /// Faults of the pipeline rather than of the producer's bytes deserve an operator's eye.
+    fn is_pipeline_fault(self) -> bool {
+        matches!(self, DeadLetterReason::InferenceFailed | DeadLetterReason::TokenizeFailed | DeadLetterReason::ClickhouseRejected)
+    }
+}
+
+impl std::fmt::Display for DeadLetterReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a classified message was escalated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EscalationReason {
+    /// The deciding head's confidence is under the route's threshold.
+    LowConfidence,
+    /// The text is unlike the training data (OOD score over the gate).
+    OutOfDistribution,
+}
+
+impl EscalationReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EscalationReason::LowConfidence => "low_confidence",
+            EscalationReason::OutOfDistribution => "out_of_distribution",
+        }
+    }
+}
+
+impl std::fmt::Display for EscalationReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a run did, counted by the events themselves.
+#[derive(Debug, Default)]
+pub struct Counters {
+    consumed: AtomicU64,
+    classified: AtomicU64,
+    rows_inserted: AtomicU64,
+    rows_rejected: AtomicU64,
+    dead_lettered: AtomicU64,
+    escalated: AtomicU64,
+    insert_retries: AtomicU64,
+    kafka_write_retries: AtomicU64,
+}
+
+/// The counters at one moment.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct CountersSnapshot {
+    pub consumed: u64,
+    pub classified: u64,
+    pub rows_inserted: u64,
+    pub rows_rejected: u64,
+    pub dead_lettered: u64,
+    pub escalated: u64,
+    pub insert_retries: u64,
+    pub kafka_write_retries: u64,
+}
+
+impl Counters {
+    pub fn snapshot(&self) -> CountersSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        CountersSnapshot {
+            consumed: get(&self.consumed),
+            classified: get(&self.classified),
+            rows_inserted: get(&self.rows_inserted),
+            rows_rejected: get(&self.rows_rejected),
+            dead_lettered: get(&self.dead_lettered),
+            escalated: get(&self.escalated),
+            insert_retries: get(&self.insert_retries),
+            kafka_write_retries: get(&self.kafka_write_retries),
+        }
+    }
+
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// An event: one call updates the metric, the log and the run report.
+pub trait InternalEvent {
+    fn emit(self, counters: &Counters);
+}
+
+pub struct MessageConsumed<'a> {
+    pub topic: &'a str,
+}
+
+impl InternalEvent for MessageConsumed<'_> {
+    fn emit(self, counters: &Counters) {
+        Counters::add(&counters.consumed, 1);
+        metrics::counter!(MESSAGES_CONSUMED, "topic" => self.topic.to_string()).increment(1);
+    }
+}
+
+pub struct MessageClassified<'a> {
+    pub kind: &'a str,
+    pub model: &'a str,
+}
+
+impl InternalEvent for MessageClassified<'_> {
+    fn emit(self, counters: &Counters) {
+        Counters::add(&counters.classified, 1);
+        metrics::counter!(MESSAGES_CLASSIFIED, "kind" => self.kind.to_string(), "model" => self.model.to_string()).increment(1);
+    }
+}
+
+/// Kafka acknowledged a dead letter.
+pub struct DeadLettered<'a> {
+    pub reason: DeadLetterReason,
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    pub detail: &'a str,
+}
+
+impl InternalEvent for DeadLettered<'_> {
+    fn emit(self, counters: &Counters) {
+        Counters::add(&counters.dead_lettered, 1);
+        metrics::counter!(MESSAGES_DEAD_LETTERED, "reason" => self.reason.as_str()).increment(1);
+        let (topic, partition, offset, reason, detail) = (self.topic, self.partition, self.offset, self.reason.as_str(), self.detail);
+        if self.reason.is_pipeline_fault() {
+            tracing::warn!(topic, partition, offset, reason, detail, "message dead-lettered");
+        } else {
+            tracing::debug!(topic, partition, offset, reason, detail, "message dead-lettered");
+        }
+    }
+}
+
+/// Kafka acknowledged an escalation record.
+pub struct Escalated<'a> {
+    pub kind: &'a str,
+    pub reason: EscalationReason,
+}
+
+impl InternalEvent for Escalated<'_> {
+    fn emit(self, counters: &Counters) {
+        Counters::add(&counters.escalated, 1);
+        metrics::counter!(MESSAGES_ESCALATED, "kind" => self.kind.to_string(), "reason" => self.reason.as_str()).increment(1);
+        tracing::debug!(kind = self.kind, reason = self.reason.as_str(), "message escalated");
+    }
+}
+
+pub struct KafkaWriteRetried<'a> {
+    pub topic: &'a str,
+    pub attempt: u32,
+    pub error: &'a dyn std::fmt::Display,
+    pub delay: Duration,
+}
+
+impl InternalEvent for KafkaWriteRetried<'_> {
+    fn emit(self, counters: &Counters) {
+        Counters::add(&counters.kafka_write_retries, 1);
+        metrics::counter!(KAFKA_WRITE_RETRIES).increment(1);
+        tracing::warn!(topic = self.topic, error = %self.error, attempt = self.attempt, retry_in_ms = self.delay.as_millis() as u64, "Kafka write failed; retrying");
+    }
+}
+
+pub struct InsertRetried<'a> {
+    pub rows: usize,
+    pub attempt: u32,
+    pub error: &'a dyn std::fmt::Display,
+    pub delay: Duration,
+}
+
+impl InternalEvent for InsertRetried<'_> {
+    fn emit(self, counters: &Counters) {
+        Counters::add(&counters.insert_retries, 1);
+        metrics::counter!(CLICKHOUSE_RETRIES).increment(1);
+        tracing::warn!(error = %self.error, attempt = self.attempt, retry_in_ms = self.delay.as_millis() as u64, rows = self.rows, "ClickHouse insert failed; retrying");
+    }
+}
+
+/// One INSERT (retries included) finished with every row stored.
+pub struct BlockInserted {
+    pub rows: usize,
+    pub elapsed: Duration,
+}
+
+impl InternalEvent for BlockInserted {
+    fn emit(self, counters: &Counters) {
+        Counters::add(&counters.rows_inserted, self.rows as u64);
+        metrics::histogram!(INSERT_SECONDS).record(self.elapsed.as_secs_f64());
+        metrics::counter!(CLICKHOUSE_ROWS, "result" => "inserted").increment(self.rows as u64);
+    }
+}
+
+/// ClickHouse refused a block for its content: it is split to isolate the rows at fault.
+pub struct BlockSplit<'a> {
+    pub rows: usize,
+    pub error: &'a str,
+}
+
+impl InternalEvent for BlockSplit<'_> {
+    fn emit(self, _: &Counters) {
+        tracing::warn!(rows = self.rows, error = self.error, "ClickHouse rejected a block; splitting it to find the rows");
+    }
+}
+
+/// Rows isolated as rejected for their content (their messages are dead-lettered).
+pub struct RowsRejected {
+    pub rows: usize,
+}
+
+impl InternalEvent for RowsRejected {
+    fn emit(self, counters: &Counters) {
+        Counters::add(&counters.rows_rejected, self.rows as u64);
+        metrics::counter!(CLICKHOUSE_ROWS, "result" => "rejected").increment(self.rows as u64);
+    }
+}
+
+/// A row is safely in ClickHouse: its message's wait from consumption ends here.
+pub struct RowStored<'a> {
+    pub kind: &'a str,
+    pub waited: Duration,
+}
+
+impl InternalEvent for RowStored<'_> {
+    fn emit(self, _: &Counters) {
+        metrics::histogram!(END_TO_END_SECONDS, "kind" => self.kind.to_string()).record(self.waited.as_secs_f64());
+    }
+}
+
+pub struct ConsumptionPaused {
+    pub in_flight: usize,
+}
+
+impl InternalEvent for ConsumptionPaused {
+    fn emit(self, _: &Counters) {
+        metrics::gauge!(PAUSED).set(1.0);
+        tracing::warn!(in_flight = self.in_flight, "downstream is behind: pausing consumption");
+    }
+}
+
+pub struct ConsumptionResumed {
+    pub in_flight: usize,
+}
+
+impl InternalEvent for ConsumptionResumed {
+    fn emit(self, _: &Counters) {
+        metrics::gauge!(PAUSED).set(0.0);
+        tracing::info!(in_flight = self.in_flight, "caught up: resuming consumption");
+    }
+}
+
+pub struct OffsetCommitted<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+impl InternalEvent for OffsetCommitted<'_> {
+    fn emit(self, _: &Counters) {
+        metrics::gauge!(COMMITTED_OFFSET, "topic" => self.topic.to_string(), "partition" => self.partition.to_string())
+            .set(self.offset as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_keep_the_label_texts_dashboards_and_alerts_use() {
+        assert_eq!(DeadLetterReason::Decode(DecodeReason::NotJson).as_str(), "not_json");
+        assert_eq!(DeadLetterReason::ClickhouseRejected.as_str(), "clickhouse_rejected");
+        assert_eq!(DeadLetterReason::InferenceFailed.as_str(), "inference_failed");
+        assert_eq!(DeadLetterReason::Unrouted.as_str(), "unrouted");
+        assert_eq!(EscalationReason::OutOfDistribution.as_str(), "out_of_distribution");
+        assert_eq!(serde_json::to_string(&EscalationReason::LowConfidence).unwrap(), "\"low_confidence\"");
+    }
+
+    #[test]
+    fn one_emit_counts_in_the_report_and_the_metric() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let counters = Counters::default();
+        metrics::with_local_recorder(&recorder, || {
+            for _ in 0..3 {
+                DeadLettered { reason: DeadLetterReason::Decode(DecodeReason::NotJson), topic: "t", partition: 0, offset: 1, detail: "x" }
+                    .emit(&counters);
+            }
+            InsertRetried { rows: 10, attempt: 1, error: &"boom", delay: Duration::from_millis(5) }.emit(&counters);
+            BlockInserted { rows: 7, elapsed: Duration::from_millis(3) }.emit(&counters);
+        });
+        let s = counters.snapshot();
+        assert_eq!((s.dead_lettered, s.insert_retries, s.rows_inserted), (3, 1, 7));
+        let text = handle.render();
+        assert!(text.contains("triage_messages_dead_lettered_total{reason=\"not_json\"} 3"), "{text}");
+        assert!(text.contains("triage_clickhouse_retries_total 1"), "{text}");
+        assert!(text.contains("triage_clickhouse_rows_total{result=\"inserted\"} 7"), "{text}");
+    }
+}

@@ -1,0 +1,286 @@
+//! The consumer's lifecycle, as two states:
+//! - `Consuming`: receive, decode, submit to the route's engine; pause fetching while more than
+//!   `max_in_flight` messages are unsettled, resume at half; commit done watermarks every
+//!   `commit_interval_ms`.
+//! - `Draining` (after SIGTERM, with a deadline): intake is closed (submitters dropped, engines
+//!   finishing what they hold, partitions paused) but the consumer keeps polling, so a rebalance
+//!   in progress completes and commits go through; it ends when everything downstream finished
+//!   and nothing is in flight, or at the deadline (the rest is replayed by the next owner).
+//!
+//! Then a last commit, retried through polling (a rebalance rejects commits until this member
+//! rejoins) for a few seconds.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Message};
+use tokio::task::JoinHandle;
+
+use super::routes::{MessageTag, Route};
+use super::settle::Settler;
+use super::WorkerError;
+use crate::engine::{Engine, Submitter};
+use crate::sink::clickhouse::SinkError;
+use crate::source::kafka::{commit_list, TrackingContext};
+use crate::source::offsets::{OffsetTracker, TopicPartition};
+use crate::source::{Consumed, SourceMessage};
+use crate::telemetry::events::{ConsumptionPaused, ConsumptionResumed, DeadLetterReason, InternalEvent, MessageConsumed, OffsetCommitted};
+use crate::telemetry::IN_FLIGHT;
+
+/// The consumer's state; intake exists only while consuming.
+pub(super) enum State {
+    Consuming { submitters: Vec<Submitter<MessageTag>>, engines: Vec<Engine<MessageTag>>, paused: bool },
+    Draining { deadline: tokio::time::Instant, engines: Vec<JoinHandle<()>> },
+}
+
+impl State {
+    /// Close intake: dropping the submitters lets the engines finish what they hold, then stop.
+    fn drain(&mut self, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let previous = std::mem::replace(self, State::Draining { deadline, engines: Vec::new() });
+        if let State::Consuming { submitters, engines, .. } = previous {
+            drop(submitters);
+            let joiners = engines.into_iter().map(|e| tokio::task::spawn_blocking(move || e.shutdown())).collect();
+            *self = State::Draining { deadline, engines: joiners };
+        }
+    }
+
+    fn deadline(&self) -> Option<tokio::time::Instant> {
+        match self {
+            State::Draining { deadline, .. } => Some(*deadline),
+            State::Consuming { .. } => None,
+        }
+    }
+}
+
+/// The tasks downstream of the engines.
+pub(super) struct Downstream {
+    pub sink: JoinHandle<Result<(), SinkError>>,
+    pub results: JoinHandle<()>,
+}
+
+pub(super) struct Limits {
+    pub commit_every: Duration,
+    pub max_in_flight: usize,
+    pub drain_timeout: Duration,
+}
+
+/// How the consumer ended.
+pub(super) struct Stopped {
+    /// From the first message consumed to the last commit that moved a watermark.
+    pub busy: Duration,
+    /// Messages unsettled at exit (replayed by the next owner).
+    pub unfinished: usize,
+    pub fatal: Option<WorkerError>,
+}
+
+pub(super) struct Consumer {
+    pub kafka: StreamConsumer<TrackingContext>,
+    pub tracker: Arc<Mutex<OffsetTracker>>,
+    pub routes: Arc<Vec<Route>>,
+    pub route_of: HashMap<String, usize>,
+    pub settle: Settler,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Committed {
+    Nothing,
+    Moved,
+    Failed,
+}
+
+impl Consumer {
+    pub async fn run(self, shutdown: impl Future<Output = ()>, mut state: State, downstream: Downstream) -> Stopped {
+        let Downstream { sink, results } = downstream;
+        let mut sink = Some(sink);
+        let mut tick = tokio::time::interval(self.limits.commit_every.min(Duration::from_millis(500)));
+        let mut last_commit = Instant::now();
+        let (mut first_consumed, mut last_progress): (Option<Instant>, Option<Instant>) = (None, None);
+        tokio::pin!(shutdown);
+
+        let fatal = loop {
+            tokio::select! {
+                biased;
+                _ = &mut shutdown, if state.deadline().is_none() => {
+                    tracing::info!("shutdown requested: draining");
+                    state.drain(self.limits.drain_timeout);
+                    self.set_paused(true);
+                }
+                ended = async { sink.as_mut().expect("guarded").await }, if sink.is_some() => {
+                    sink = None;
+                    match ended {
+                        // The sink flushed everything after its input closed: a drain's normal end.
+                        Ok(Ok(())) if state.deadline().is_some() => {}
+                        Ok(Ok(())) => break Some(WorkerError::SinkStopped),
+                        Ok(Err(e)) => break Some(e.into()),
+                        Err(e) => break Some(WorkerError::TaskFailed { task: "ClickHouse sink", detail: e.to_string() }),
+                    }
+                }
+                _ = tick.tick() => {
+                    let in_flight = self.in_flight();
+                    metrics::gauge!(IN_FLIGHT).set(in_flight as f64);
+                    match &mut state {
+                        State::Draining { deadline, engines } => {
+                            // Partitions assigned during the drain must not start either.
+                            self.set_paused(true);
+                            let downstream_done = sink.is_none() && results.is_finished() && engines.iter().all(|j| j.is_finished());
+                            if downstream_done && in_flight == 0 {
+                                break None;
+                            }
+                            if tokio::time::Instant::now() >= *deadline {
+                                tracing::warn!(
+                                    drain_timeout_ms = self.limits.drain_timeout.as_millis() as u64,
+                                    in_flight,
+                                    "drain deadline passed: committing what is done; the rest will be replayed"
+                                );
+                                break None;
+                            }
+                        }
+                        State::Consuming { paused, .. } => self.apply_backpressure(paused, in_flight),
+                    }
+                    if state.deadline().is_some() || last_commit.elapsed() >= self.limits.commit_every {
+                        if self.commit() == Committed::Moved {
+                            last_progress = Some(Instant::now());
+                        }
+                        last_commit = Instant::now();
+                    }
+                }
+                message = self.kafka.recv() => match message {
+                    // While draining, a message fetched before the pause took effect is skipped:
+                    // not begun, so not committed; the next owner reads it.
+                    Ok(m) => if let State::Consuming { submitters, .. } = &state {
+                        first_consumed.get_or_insert_with(Instant::now);
+                        MessageConsumed { topic: m.topic() }.emit(self.settle.counters());
+                        self.intake(&m, submitters).await;
+                    },
+                    Err(e) => tracing::warn!(error = %e, "Kafka consumer error"),
+                },
+            }
+        };
+
+        // Commit what is done; a rebalance in progress rejects commits until this member
+        // rejoins, which needs polling: poll (paused) and retry until the deadline.
+        let commit_deadline = state.deadline().unwrap_or_else(tokio::time::Instant::now) + Duration::from_secs(5);
+        loop {
+            match self.commit() {
+                Committed::Moved => last_progress = Some(Instant::now()),
+                Committed::Nothing => break,
+                Committed::Failed if tokio::time::Instant::now() >= commit_deadline => break,
+                Committed::Failed => {
+                    let _ = tokio::time::timeout(Duration::from_millis(200), self.kafka.recv()).await;
+                }
+            }
+        }
+        let unfinished = self.in_flight();
+        self.kafka.unsubscribe();
+        let busy = match (first_consumed, last_progress) {
+            (Some(first), Some(last)) if last > first => last - first,
+            _ => Duration::ZERO,
+        };
+        Stopped { busy, unfinished, fatal }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.tracker.lock().map(|t| t.in_flight()).unwrap_or(0)
+    }
+
+    fn apply_backpressure(&self, paused: &mut bool, in_flight: usize) {
+        let max = self.limits.max_in_flight;
+        if !*paused && in_flight >= max {
+            ConsumptionPaused { in_flight }.emit(self.settle.counters());
+            self.set_paused(true);
+            *paused = true;
+        } else if *paused && in_flight <= max / 2 {
+            ConsumptionResumed { in_flight }.emit(self.settle.counters());
+            self.set_paused(false);
+            *paused = false;
+        } else if *paused {
+            // Partitions assigned while paused must not run ahead.
+            self.set_paused(true);
+        }
+    }
+
+    /// Begin a message in the tracker, then hand it to its route's engine, or settle it as a
+    /// dead letter when it cannot be classified.
+    async fn intake(&self, m: &BorrowedMessage<'_>, submitters: &[Submitter<MessageTag>]) {
+        let tp = TopicPartition::new(m.topic(), m.partition());
+        let Some(delivery) = self.tracker.lock().ok().and_then(|mut t| t.begin(&tp, m.offset(), 1)) else {
+            tracing::debug!(%tp, offset = m.offset(), "message of a partition no longer assigned: skipped (its owner reads it)");
+            return;
+        };
+        let message = Arc::new(SourceMessage {
+            topic: m.topic().to_string(),
+            partition: m.partition(),
+            offset: m.offset(),
+            timestamp_ms: m.timestamp().to_millis(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+        });
+        let consumed = Consumed { delivery, message };
+        let Some(&route_index) = self.route_of.get(m.topic()) else {
+            self.settle.dead_letter(consumed, DeadLetterReason::Unrouted, "no route for this topic".into());
+            return;
+        };
+        let route = &self.routes[route_index];
+        match route.decoder.decode(&consumed.message.payload) {
+            Ok(decoded) => {
+                let source = &consumed.message;
+                let tag = MessageTag {
+                    message_id: decoded.id.clone().unwrap_or_else(|| format!("{}-{}-{}", source.topic, source.partition, source.offset)),
+                    metadata: decoded.metadata(&route.config.metadata),
+                    event_time_ms: decoded.event_time_ms.or(source.timestamp_ms).unwrap_or(0),
+                    consumed_ms: crate::time::now_ms(),
+                    route: route_index,
+                    message: consumed,
+                };
+                if let Err(closed) = submitters[route_index].submit_async(tag, decoded.text).await {
+                    tracing::error!(offset = closed.0.message.message.offset, "engine stopped; the message will be replayed");
+                }
+            }
+            Err(e) => self.settle.dead_letter(consumed, DeadLetterReason::Decode(e.reason), e.detail),
+        }
+    }
+
+    fn set_paused(&self, pause: bool) {
+        let Ok(assignment) = self.kafka.assignment() else { return };
+        if assignment.count() == 0 {
+            return;
+        }
+        let result = if pause { self.kafka.pause(&assignment) } else { self.kafka.resume(&assignment) };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, pause, "pause/resume failed");
+        }
+    }
+
+    /// Commit every partition's done watermark that moved. Synchronous, so the tracker knows
+    /// exactly what is committed; one broker round trip per interval (block_in_place keeps the
+    /// runtime's other tasks running).
+    fn commit(&self) -> Committed {
+        let points = match self.tracker.lock() {
+            Ok(t) => t.committable(),
+            Err(_) => return Committed::Failed,
+        };
+        if points.is_empty() {
+            return Committed::Nothing;
+        }
+        match tokio::task::block_in_place(|| self.kafka.commit(&commit_list(&points), CommitMode::Sync)) {
+            Ok(()) => {
+                if let Ok(mut t) = self.tracker.lock() {
+                    for (tp, offset) in &points {
+                        t.committed(tp, *offset);
+                        OffsetCommitted { topic: &tp.topic, partition: tp.partition, offset: *offset }.emit(self.settle.counters());
+                    }
+                }
+                Committed::Moved
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "offset commit failed; retried");
+                Committed::Failed
+            }
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! `triage run`: Kafka -> decode -> engine (tokenize, batch, infer) -> policy -> settle.
+//!
+//! ```text
+//! consumer ─> engines ─> results ─┬─> ClickHouse sink ─┐
+//!    │                            └─> escalation ──────┤
+//!    └─> bad input ─> dead letter ─────────────────────┴─> settle ─> offset tracker ─> commit
+//! ```
+//! Modules: [`consumer`] (the consumer's states: consuming, draining), [`routes`] (engines and
+//! routes), [`results`] (outcomes into rows and escalations), [`policy`] (whether to escalate),
+//! [`settle`] (the one path by which a message becomes done). This file only wires them.
+
+mod consumer;
+pub mod policy;
+mod results;
+mod routes;
+pub mod settle;
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::error::KafkaError;
+use rdkafka::producer::FutureProducer;
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::model::ModelError;
+use crate::retry::Backoff;
+use crate::sink::clickhouse::{self as ch, ClickHouseService, SinkError};
+use crate::sink::kafka::{SideTopics, SideTopicsConfig};
+use crate::source::kafka::{ClientRole, TrackingContext};
+use crate::source::offsets::OffsetTracker;
+use crate::telemetry::events::Counters;
+use crate::telemetry::{self, Readiness};
+use settle::Settler;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("Kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    Telemetry(#[from] telemetry::TelemetryError),
+    #[error("route `{topic}`: {reason}")]
+    Route { topic: String, reason: String },
+    #[error("the {task} task failed: {detail}")]
+    TaskFailed { task: &'static str, detail: String },
+    #[error("the ClickHouse sink stopped unexpectedly")]
+    SinkStopped,
+}
+
+/// What one run did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RunReport {
+    pub consumed: u64,
+    pub rows_inserted: u64,
+    pub dead_lettered: u64,
+    pub escalated: u64,
+    pub seconds: f64,
+    /// From the first message consumed to the last commit that moved a watermark: the time
+    /// the backlog took, without start-up, group join and shutdown.
+    pub busy_seconds: f64,
+    /// Messages still unfinished at exit (replayed by the next owner).
+    pub unfinished: usize,
+    /// Batching and inference counters, summed over the models.
+    pub engine: crate::engine::StatsSnapshot,
+}
+
+/// Run the worker until `shutdown` resolves (then drain) or a fatal error.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<RunReport, WorkerError> {
+    let started = Instant::now();
+    let counters = Arc::new(Counters::default());
+    let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
+    let readiness = Arc::new(Readiness::default());
+    let server = match config.metrics.address.as_str() {
+        "" => None,
+        address => Some(telemetry::serve(address, telemetry::install()?, readiness.clone()).await?),
+    };
+
+    // ClickHouse first: a missing table is a configuration error, found before consuming.
+    let clickhouse = Arc::new(ClickHouseService::with_counters(&config.clickhouse, counters.clone()));
+    clickhouse.wait_for_schema().await?;
+    readiness.clickhouse_reachable.store(true, Ordering::Relaxed);
+    let pinger = tokio::spawn(ping_forever(clickhouse.clone(), readiness.clone()));
+
+    let producer: FutureProducer = config.kafka.client(ClientRole::Producer).create()?;
+    let side_topics = SideTopicsConfig {
+        dead_letter_topic: config.kafka.dead_letter_topic.clone(),
+        escalation_topic: config.kafka.escalation_topic.clone(),
+        worker_id: config.worker_id(),
+        backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(10)),
+    };
+    let settle = Settler::new(Arc::new(SideTopics::new(producer, side_topics, counters.clone())), tracker.clone(), counters.clone());
+
+    let started_routes = routes::start(&config).await?;
+    readiness.model_loaded.store(true, Ordering::Relaxed);
+    let engine_stats = started_routes.engine_stats();
+    let routes::Started { routes, submitters, engines, outcomes } = started_routes;
+
+    let (row_tx, row_rx) = mpsc::channel(4096);
+    let block_policy = ch::BlockPolicy {
+        max_rows: config.clickhouse.insert_max_rows,
+        max_age: Duration::from_millis(config.clickhouse.insert_interval_ms),
+    };
+    let sink = tokio::spawn(ch::run(clickhouse.clone(), row_rx, block_policy, Arc::new(settle.clone())));
+    let results = results::ResultsLoop {
+        routes: routes.clone(),
+        rows: row_tx,
+        settle: settle.clone(),
+        worker_id: config.worker_id(),
+        escalation_enabled: config.escalation.enabled,
+    };
+    let results = tokio::spawn(results.run(outcomes));
+
+    let kafka = config
+        .kafka
+        .client(ClientRole::Consumer)
+        .create_with_context(TrackingContext { tracker: tracker.clone(), readiness: readiness.clone() })?;
+    let topics: Vec<&str> = config.routes.iter().map(|r| r.topic.as_str()).collect();
+    rdkafka::consumer::Consumer::subscribe(&kafka, &topics)?;
+    tracing::info!(worker = %config.worker_id(), group = %config.kafka.group_id, topics = ?topics, "consuming");
+
+    let consumer = consumer::Consumer {
+        kafka,
+        tracker,
+        route_of: config.routes.iter().enumerate().map(|(i, r)| (r.topic.clone(), i)).collect(),
+        routes,
+        settle,
+        limits: consumer::Limits {
+            commit_every: Duration::from_millis(config.kafka.commit_interval_ms),
+            max_in_flight: config.kafka.max_in_flight,
+            drain_timeout: Duration::from_millis(config.shutdown.drain_timeout_ms),
+        },
+    };
+    let state = consumer::State::Consuming { submitters, engines, paused: false };
+    let stopped = consumer.run(shutdown, state, consumer::Downstream { sink, results }).await;
+
+    pinger.abort();
+    if let Some(server) = server {
+        server.abort();
+    }
+    if let Some(fatal) = stopped.fatal {
+        return Err(fatal);
+    }
+    let counted = counters.snapshot();
+    Ok(RunReport {
+        consumed: counted.consumed,
+        rows_inserted: counted.rows_inserted,
+        dead_lettered: counted.dead_lettered,
+        escalated: counted.escalated,
+        seconds: started.elapsed().as_secs_f64(),
+        busy_seconds: stopped.busy.as_secs_f64(),
+        unfinished: stopped.unfinished,
+        engine: routes::merged(&engine_stats),
+    })
+}
+
+async fn ping_forever(clickhouse: Arc<ClickHouseService>, readiness: Arc<Readiness>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let up = clickhouse.ping().await.is_ok();
+        readiness.clickhouse_reachable.store(up, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,141 @@
+//! Outcomes of the engines -> settlements: a failed message is dead-lettered; a classified one
+//! becomes a row for the ClickHouse sink and, when its route's policy doubts it, also an
+//! escalation record. Runs as one task; the row channel is bounded, so a slow ClickHouse slows
+//! this loop, the engines, and finally the consumer (which pauses).
+
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::policy::{decide, EscalationPolicy};
+use super::routes::{MessageTag, Route};
+use super::settle::Settler;
+use crate::engine::{Classified, ClassifyError, Outcome};
+use crate::model::HeadOutput;
+use crate::sink::clickhouse::{ResultRow, SinkItem};
+use crate::source::Consumed;
+use crate::telemetry::events::{DeadLetterReason, EscalationReason, InternalEvent, MessageClassified};
+
+pub(super) struct ResultsLoop {
+    pub routes: Arc<Vec<Route>>,
+    pub rows: mpsc::Sender<SinkItem<Consumed>>,
+    pub settle: Settler,
+    pub worker_id: String,
+    pub escalation_enabled: bool,
+}
+
+impl ResultsLoop {
+    /// Until the engines close their outcome channel, or the sink stops (fatal).
+    pub async fn run(self, outcomes: flume::Receiver<Outcome<MessageTag>>) {
+        while let Ok(outcome) = outcomes.recv_async().await {
+            let tag = outcome.tag;
+            let classified = match outcome.result {
+                Ok(c) => c,
+                Err(e) => {
+                    let reason = match &e {
+                        ClassifyError::Input(d) => DeadLetterReason::Decode(d.reason),
+                        ClassifyError::Tokenize(_) => DeadLetterReason::TokenizeFailed,
+                        ClassifyError::Inference(_) => DeadLetterReason::InferenceFailed,
+                    };
+                    self.settle.dead_letter(tag.message, reason, e.to_string());
+                    continue;
+                }
+            };
+            let route = &self.routes[tag.route];
+            let doubt = decide(&classified.prediction, &route.policy).filter(|_| self.escalation_enabled);
+            if let Some(reason) = doubt {
+                let record = escalation_record(&tag, &classified, route, reason);
+                self.settle.escalate(&tag.message, tag.message_id.clone(), record, route.config.kind.clone(), reason);
+            }
+            MessageClassified { kind: &route.config.kind, model: &route.model.name }.emit(self.settle.counters());
+            let row = build_row(&tag, &classified, route, doubt.is_some(), &self.worker_id);
+            if self.rows.send(SinkItem { row, ticket: tag.message }).await.is_err() {
+                return; // the sink stopped (fatal): nothing more can be stored
+            }
+        }
+    }
+}
+
+fn build_row(tag: &MessageTag, c: &Classified, route: &Route, escalated: bool, worker_id: &str) -> ResultRow {
+    let p = &c.prediction;
+    let (mut head_names, mut head_labels, mut head_scores) = (Vec::new(), Vec::new(), Vec::new());
+    for h in &p.heads {
+        if let HeadOutput::Label(l) = &h.output {
+            head_names.push(h.head.clone());
+            head_labels.push(l.label.clone());
+            head_scores.push(l.score);
+        }
+    }
+    let source = &tag.message.message;
+    ResultRow {
+        topic: source.topic.clone(),
+        partition: source.partition.max(0) as u32,
+        offset: source.offset.max(0) as u64,
+        message_id: tag.message_id.clone(),
+        kind: route.config.kind.clone(),
+        event_time: (tag.event_time_ms.max(0) / 1000).min(u32::MAX as i64) as u32,
+        event_time_ms: tag.event_time_ms.max(0) as u64,
+        consumed_time_ms: tag.consumed_ms,
+        processed_time_ms: 0,
+        model_name: route.model.name.clone(),
+        model_version: route.model.version.clone(),
+        category: p.category.as_ref().map(|c| c.label.clone()).unwrap_or_default(),
+        confidence: p.category.as_ref().map(|c| c.score).unwrap_or(0.0),
+        priority: p.priority.clone().unwrap_or_default(),
+        tags: p.tags.iter().map(|t| t.label.clone()).collect(),
+        tag_scores: p.tags.iter().map(|t| t.score).collect(),
+        head_names,
+        head_labels,
+        head_scores,
+        escalated: u8::from(escalated),
+        text_chars: c.chars as u32,
+        tokens: c.tokens as u32,
+        truncated: u8::from(c.truncated),
+        metadata_keys: tag.metadata.0.clone(),
+        metadata_values: tag.metadata.1.clone(),
+        worker_id: worker_id.to_string(),
+        ood_score: p.ood_score,
+    }
+}
+
+fn escalation_record(tag: &MessageTag, c: &Classified, route: &Route, reason: EscalationReason) -> Vec<u8> {
+    let source = &tag.message.message;
+    let original: Value =
+        serde_json::from_slice(&source.payload).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&source.payload).into_owned()));
+    let p = &c.prediction;
+    let policy: &EscalationPolicy = &route.policy;
+    let heads: serde_json::Map<String, Value> = p
+        .heads
+        .iter()
+        .filter_map(|h| match &h.output {
+            HeadOutput::Label(l) => Some((h.head.clone(), json!({"label": l.label, "score": l.score}))),
+            HeadOutput::Tags(t) => Some((h.head.clone(), json!(t))),
+            HeadOutput::Embedding(_) => None,
+        })
+        .collect();
+    serde_json::to_vec(&json!({
+        "message_id": tag.message_id,
+        "kind": route.config.kind,
+        "source": {"topic": source.topic, "partition": source.partition, "offset": source.offset, "timestamp_ms": source.timestamp_ms},
+        "reason": {
+            "why": reason.as_str(),
+            "head": policy.head.clone().unwrap_or_else(|| "category".into()),
+            "confidence": policy.confidence(p).unwrap_or(0.0),
+            "threshold": policy.threshold,
+            "ood_score": p.ood_score,
+            "ood_threshold": policy.ood_threshold,
+        },
+        "result": {
+            "category": p.category.as_ref().map(|c| &c.label),
+            "confidence": p.category.as_ref().map(|c| c.score),
+            "priority": p.priority,
+            "tags": p.tags.iter().map(|t| &t.label).collect::<Vec<_>>(),
+            "heads": heads,
+            "model": route.model.name,
+            "model_version": route.model.version,
+        },
+        "message": original,
+    }))
+    .unwrap_or_default()
+}
