@@ -1,8 +1,9 @@
 //! The compute pipeline for one model: a pool of tokenizer threads, one batcher thread and
-//! one or more inference threads (each with its own ONNX Runtime session), joined by bounded
-//! channels. Callers submit rendered text with a tag; each [`Outcome`] comes back with its tag,
-//! in whatever order batches finish. Async callers use [`Submitter::submit_async`] and never
-//! block a runtime thread; when the model is behind, submissions wait (backpressure).
+//! one or more inference threads (each with its own [`Backend`], an ONNX Runtime session in
+//! production), joined by bounded channels. Callers submit rendered text with a tag; each
+//! [`Outcome`] comes back with its tag, in whatever order batches finish. Async callers use
+//! [`Submitter::submit_async`] and never block a runtime thread; when the model is behind,
+//! submissions wait (backpressure).
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::batcher::{Assembler, Batch, BatchPolicy};
-use crate::model::{Encoded, InferenceSession, Model, ModelError, Prediction, Rendered};
+use crate::model::{Encoded, InferenceSession, Model, ModelError, Prediction, Rendered, TextEncoder};
 use crate::telemetry;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -63,6 +64,19 @@ impl EngineConfig {
             return Err("queue_capacity must be at least 1".into());
         }
         Ok(())
+    }
+}
+
+/// One inference step: a padded batch of encoded texts in, one prediction per text out, in
+/// batch order. Each inference thread owns one (`&mut self`: an ONNX Runtime session runs one
+/// batch at a time); tests use a fake one, without ONNX Runtime.
+pub trait Backend: Send + 'static {
+    fn run(&mut self, batch: &[&Encoded]) -> Result<Vec<Prediction>, ModelError>;
+}
+
+impl Backend for InferenceSession {
+    fn run(&mut self, batch: &[&Encoded]) -> Result<Vec<Prediction>, ModelError> {
+        InferenceSession::run(self, batch)
     }
 }
 
@@ -219,15 +233,34 @@ pub struct Engine<T> {
     submitter: Option<Submitter<T>>,
     threads: Vec<JoinHandle<()>>,
     stats: Arc<EngineStats>,
-    model: Arc<Model>,
 }
 
 impl<T: Send + 'static> Engine<T> {
-    /// Start the threads. Sessions are created here, so model problems surface now.
+    /// Start the threads over a loaded model: as many sessions as `config` asks for the model's
+    /// provider. Sessions are created here, so model problems surface now.
     pub fn start(model: Arc<Model>, config: &EngineConfig, outcomes: flume::Sender<Outcome<T>>) -> Result<Self, ModelError> {
         config.validate(model.info().max_length).map_err(|reason| ModelError::invalid(&model.info().dir, reason))?;
         let (count, intra) = config.sessions_for(&model);
-        let sessions = (0..count).map(|_| model.session_with_threads(intra)).collect::<Result<Vec<_>, _>>()?;
+        let sessions = (0..count)
+            .map(|_| model.session_with_threads(intra).map(|s| Box::new(s) as Box<dyn Backend>))
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::with_backends(&model.info().name, Arc::new(model.encoder().clone()), sessions, config, outcomes)
+    }
+
+    /// Start the threads over any backends: one inference thread per backend. `name` labels the
+    /// engine's metrics.
+    pub fn with_backends(
+        name: &str,
+        encoder: Arc<TextEncoder>,
+        backends: Vec<Box<dyn Backend>>,
+        config: &EngineConfig,
+        outcomes: flume::Sender<Outcome<T>>,
+    ) -> Result<Self, ModelError> {
+        config.validate(encoder.max_length()).map_err(|reason| ModelError::invalid(name, reason))?;
+        if backends.is_empty() {
+            return Err(ModelError::invalid(name, "an engine needs at least one inference backend"));
+        }
+        let count = backends.len();
         let stats = Arc::new(EngineStats::default());
         let (request_tx, request_rx) = flume::bounded::<Request<T>>(config.queue_capacity);
         let (token_tx, token_rx) = flume::bounded::<Tokenized<T>>(config.queue_capacity);
@@ -236,21 +269,22 @@ impl<T: Send + 'static> Engine<T> {
         let mut threads = Vec::new();
 
         for i in 0..config.tokenizer_threads {
-            let (rx, tx, out, model, stats) = (request_rx.clone(), token_tx.clone(), outcomes.clone(), model.clone(), stats.clone());
-            threads.push(spawn(format!("triage-tokenize-{i}"), move || tokenize_loop(&model, rx, tx, out, &stats)));
+            let (rx, tx, out, encoder, stats) = (request_rx.clone(), token_tx.clone(), outcomes.clone(), encoder.clone(), stats.clone());
+            let name = name.to_string();
+            threads.push(spawn(format!("triage-tokenize-{i}"), move || tokenize_loop(&encoder, &name, rx, tx, out, &stats)));
         }
         drop((request_rx, token_tx));
 
         let policy = config.policy.clone();
         let batch_stats = stats.clone();
-        let model_name = model.info().name.clone();
+        let model_name = name.to_string();
         threads.push(spawn("triage-batcher".into(), move || batch_loop(policy, token_rx, batch_tx, &batch_stats, &model_name)));
 
-        for (i, session) in sessions.into_iter().enumerate() {
-            let (rx, out, stats, name) = (batch_rx.clone(), outcomes.clone(), stats.clone(), model.info().name.clone());
-            threads.push(spawn(format!("triage-infer-{i}"), move || inference_loop(session, rx, out, &stats, &name)));
+        for (i, backend) in backends.into_iter().enumerate() {
+            let (rx, out, stats, name) = (batch_rx.clone(), outcomes.clone(), stats.clone(), name.to_string());
+            threads.push(spawn(format!("triage-infer-{i}"), move || inference_loop(backend, rx, out, &stats, &name)));
         }
-        Ok(Engine { submitter: Some(Submitter { requests: request_tx, stats: stats.clone() }), threads, stats, model })
+        Ok(Engine { submitter: Some(Submitter { requests: request_tx, stats: stats.clone() }), threads, stats })
     }
 
     pub fn submitter(&self) -> Submitter<T> {
@@ -262,10 +296,6 @@ impl<T: Send + 'static> Engine<T> {
             Some(s) => s.submit(tag, text),
             None => Err(EngineClosed(tag)),
         }
-    }
-
-    pub fn model(&self) -> &Arc<Model> {
-        &self.model
     }
 
     pub fn stats(&self) -> StatsSnapshot {
@@ -293,14 +323,14 @@ fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
 }
 
 fn tokenize_loop<T>(
-    model: &Model,
+    encoder: &TextEncoder,
+    model: &str,
     requests: flume::Receiver<Request<T>>,
     tokens: flume::Sender<Tokenized<T>>,
     outcomes: flume::Sender<Outcome<T>>,
     stats: &EngineStats,
 ) {
-    let encoder = model.encoder();
-    let tokenize_seconds = metrics::histogram!(telemetry::TOKENIZE_SECONDS, "model" => model.info().name.clone());
+    let tokenize_seconds = metrics::histogram!(telemetry::TOKENIZE_SECONDS, "model" => model.to_string());
     for req in requests.iter() {
         let start = Instant::now();
         // A tokenizer panic on some odd input must cost one message, not the worker.
@@ -371,7 +401,7 @@ fn batch_loop<T>(
 }
 
 fn inference_loop<T>(
-    mut session: InferenceSession,
+    mut backend: Box<dyn Backend>,
     batches: flume::Receiver<Batch<Tokenized<T>>>,
     outcomes: flume::Sender<Outcome<T>>,
     stats: &EngineStats,
@@ -381,7 +411,7 @@ fn inference_loop<T>(
     for batch in batches.iter() {
         let start = Instant::now();
         let encoded: Vec<&Encoded> = batch.items.iter().map(|t| &t.encoded).collect();
-        let result = session.run(&encoded);
+        let result = backend.run(&encoded);
         let inference = start.elapsed();
         inference_seconds.record(inference.as_secs_f64());
         stats.inference_nanos.fetch_add(inference.as_nanos() as u64, Ordering::Relaxed);
@@ -415,5 +445,204 @@ fn inference_loop<T>(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The engine on a fake backend: the committed tokenizer, no ONNX Runtime.
+
+    use std::collections::HashSet;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::{Condvar, Mutex};
+
+    use super::*;
+    use crate::model::LabelScore;
+
+    fn encoder() -> Arc<TextEncoder> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/customer-service/tokenizer.json");
+        Arc::new(TextEncoder::from_file(&path, 128).unwrap())
+    }
+
+    fn rendered(text: &str) -> Rendered {
+        Rendered { text: text.to_string(), cut: false, has_text: !text.trim().is_empty() }
+    }
+
+    /// A prediction that depends only on the message's own tokens: a result delivered to the
+    /// wrong message shows.
+    fn predict(encoded: &Encoded) -> Prediction {
+        let sum: u64 = encoded.ids.iter().map(|&i| u64::from(i)).sum();
+        Prediction {
+            category: Some(LabelScore { label: format!("n{}", encoded.len()), score: (sum % 1000) as f32 / 1000.0 }),
+            priority: Some(format!("p{}", sum % 7)),
+            tags: Vec::new(),
+            heads: Vec::new(),
+            ood_score: None,
+        }
+    }
+
+    /// Open/closed gate a backend waits on before each batch.
+    #[derive(Default)]
+    struct Gate {
+        open: Mutex<bool>,
+        changed: Condvar,
+    }
+
+    impl Gate {
+        fn open(&self) {
+            *self.open.lock().unwrap() = true;
+            self.changed.notify_all();
+        }
+        fn wait(&self) {
+            let mut open = self.open.lock().unwrap();
+            while !*open {
+                open = self.changed.wait(open).unwrap();
+            }
+        }
+    }
+
+    struct Fake {
+        /// Fail any batch holding this token id.
+        poison: Option<u32>,
+        /// Sleep per batch (backends of different speeds finish batches out of order).
+        delay: Duration,
+        gate: Option<Arc<Gate>>,
+    }
+
+    impl Backend for Fake {
+        fn run(&mut self, batch: &[&Encoded]) -> Result<Vec<Prediction>, ModelError> {
+            if let Some(gate) = &self.gate {
+                gate.wait();
+            }
+            std::thread::sleep(self.delay);
+            if let Some(p) = self.poison {
+                if batch.iter().any(|e| e.ids.contains(&p)) {
+                    return Err(ModelError::Inference("the fake backend fails on the poison token".into()));
+                }
+            }
+            Ok(batch.iter().map(|e| predict(e)).collect())
+        }
+    }
+
+    fn fake(delay_ms: u64) -> Box<dyn Backend> {
+        Box::new(Fake { poison: None, delay: Duration::from_millis(delay_ms), gate: None })
+    }
+
+    fn texts(n: usize) -> Vec<String> {
+        let words = ["refund", "parcel", "late", "login", "broken", "invoice", "card", "charged", "twice", "password", "return"];
+        (0..n).map(|i| (0..(1 + (i * 7) % 40)).map(|j| words[(i * 3 + j * 5) % words.len()]).collect::<Vec<_>>().join(" ")).collect()
+    }
+
+    fn config(max_batch_size: usize, queue_capacity: usize) -> EngineConfig {
+        EngineConfig {
+            policy: BatchPolicy { max_batch_size, max_batch_tokens: 4096, max_wait_ms: 2, bucket_window: 3, ..BatchPolicy::default() },
+            tokenizer_threads: 3,
+            inference_threads: 0,
+            queue_capacity,
+        }
+    }
+
+    #[test]
+    fn results_return_to_their_own_message_whatever_order_batches_finish() {
+        let encoder = encoder();
+        let texts = Arc::new(texts(400));
+        let expected: Vec<Prediction> = texts.iter().map(|t| predict(&encoder.encode(t).unwrap())).collect();
+        let (tx, rx) = flume::bounded(8);
+        // A fast and a slow backend: batches overtake each other.
+        let engine = Engine::with_backends("fake", encoder, vec![fake(0), fake(3)], &config(16, 8), tx).unwrap();
+        let producers: Vec<_> = (0..4)
+            .map(|p| {
+                let (submitter, texts) = (engine.submitter(), texts.clone());
+                std::thread::spawn(move || {
+                    for i in (p..texts.len()).step_by(4) {
+                        submitter.submit(i, rendered(&texts[i])).unwrap();
+                    }
+                })
+            })
+            .collect();
+        let mut seen = HashSet::new();
+        for _ in 0..texts.len() {
+            let outcome = rx.recv().unwrap();
+            assert!(seen.insert(outcome.tag), "message {} came back twice", outcome.tag);
+            assert_eq!(outcome.result.unwrap().prediction, expected[outcome.tag], "message {}", outcome.tag);
+        }
+        producers.into_iter().for_each(|p| p.join().unwrap());
+        let stats = engine.stats();
+        engine.shutdown();
+        assert_eq!((seen.len(), stats.classified), (400, 400));
+        assert!(stats.mean_batch_size() > 1.5, "dynamic batching formed real batches: {}", stats.mean_batch_size());
+        assert!(rx.try_recv().is_err(), "nothing beyond one outcome per message");
+    }
+
+    #[test]
+    fn a_failing_batch_fails_its_own_messages_only() {
+        let encoder = encoder();
+        let poison = encoder.encode("xylophone").unwrap().ids[1];
+        let backend = Box::new(Fake { poison: Some(poison), delay: Duration::ZERO, gate: None });
+        let (tx, rx) = flume::unbounded();
+        let engine = Engine::with_backends("fake", encoder.clone(), vec![backend], &config(1, 8), tx).unwrap();
+        let inputs = ["card lost", "xylophone", "where is my parcel", "refund please"];
+        for (i, text) in inputs.iter().enumerate() {
+            engine.submit(i, rendered(text)).unwrap();
+        }
+        engine.shutdown();
+        let mut outcomes: Vec<_> = rx.try_iter().collect();
+        outcomes.sort_by_key(|o| o.tag);
+        assert_eq!(outcomes.len(), 4);
+        for o in &outcomes {
+            match (o.tag, &o.result) {
+                (1, Err(ClassifyError::Inference(e))) => assert!(e.contains("poison"), "{e}"),
+                (1, other) => panic!("the poisoned message must fail: {other:?}"),
+                (i, Ok(c)) => assert_eq!(c.prediction, predict(&encoder.encode(inputs[i]).unwrap())),
+                (i, Err(e)) => panic!("message {i} failed with the poisoned one's batch: {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn shutdown_delivers_everything_in_flight() {
+        let (tx, rx) = flume::unbounded();
+        // A long max_wait: only the flush at shutdown can release these.
+        let config = EngineConfig { policy: BatchPolicy { max_wait_ms: 60_000, ..BatchPolicy::default() }, ..config(32, 8) };
+        let engine = Engine::with_backends("fake", encoder(), vec![fake(0)], &config, tx).unwrap();
+        for i in 0..10 {
+            engine.submit(i, rendered("where is my parcel")).unwrap();
+        }
+        engine.shutdown();
+        let tags: std::collections::BTreeSet<_> = rx.try_iter().map(|o| o.tag).collect();
+        assert_eq!(tags, (0..10).collect());
+    }
+
+    #[test]
+    fn submissions_wait_while_the_backend_is_stuck_then_all_complete() {
+        let gate = Arc::new(Gate::default());
+        let backend = Box::new(Fake { poison: None, delay: Duration::ZERO, gate: Some(gate.clone()) });
+        let (tx, rx) = flume::unbounded();
+        let engine = Engine::with_backends("fake", encoder(), vec![backend], &config(1, 2), tx).unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let producer = {
+            let (submitter, accepted) = (engine.submitter(), accepted.clone());
+            std::thread::spawn(move || {
+                for i in 0..200 {
+                    submitter.submit(i, rendered("card charged twice")).unwrap();
+                    accepted.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        };
+        // However long this waits, bounded queues stop the producer well short of 200.
+        std::thread::sleep(Duration::from_millis(300));
+        let held = accepted.load(Ordering::SeqCst);
+        assert!(held < 200, "a stuck backend must stop intake (bounded queues), but {held} were accepted");
+        gate.open();
+        producer.join().unwrap();
+        engine.shutdown();
+        assert_eq!(rx.try_iter().filter(|o| o.result.is_ok()).count(), 200);
+    }
+
+    #[test]
+    fn an_engine_without_backends_is_refused() {
+        let (tx, _rx) = flume::unbounded::<Outcome<u8>>();
+        let err = Engine::with_backends("fake", encoder(), Vec::new(), &config(8, 8), tx).err().unwrap();
+        assert!(err.to_string().contains("at least one"), "{err}");
     }
 }

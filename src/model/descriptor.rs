@@ -18,7 +18,7 @@ pub const DEFAULT_TEMPLATE: &str = "{subject}\n{body}";
 pub const DEFAULT_MAX_LENGTH: usize = 128;
 pub const DEFAULT_MULTI_LABEL_THRESHOLD: f32 = 0.5;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HeadKind {
     /// One label per message (argmax).
@@ -30,7 +30,7 @@ pub enum HeadKind {
 }
 
 /// What turns the graph's raw output into probabilities.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Activation {
     /// The graph already outputs probabilities.
@@ -39,28 +39,33 @@ pub enum Activation {
     Sigmoid,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HeadSpec {
     pub name: String,
     /// Name of the graph output this head reads.
     pub output: String,
     pub kind: HeadKind,
-    #[serde(default)]
-    pub labels: Vec<String>,
     /// Defaults to `none` (the graph outputs probabilities).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub activation: Option<Activation>,
     /// Multi-label: the default threshold (0.5 unless set).
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "short::option_f32")]
     pub threshold: Option<f32>,
     /// Multi-label: per-label thresholds overriding `threshold`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty", serialize_with = "short::map_f32")]
     pub thresholds: BTreeMap<String, f32>,
     /// Computed in Rust: `output` is the layer's input (e.g. the sentence embedding) and the
     /// layer is `<weights>.weight` / `<weights>.bias` in heads.safetensors (`triage train`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub weights: Option<String>,
     /// Computed heads: share of a lexical layer's probabilities (`<weights>.lexical.*`) in the
     /// average with the dense layer's (0: no lexical layer).
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "short::option_f32")]
     pub lexical_share: Option<f32>,
+    // Last: a long list reads best after the head's short fields.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
 }
 
 impl HeadSpec {
@@ -84,16 +89,17 @@ impl HeadSpec {
 }
 
 /// Where a message's priority comes from: the label of a head, optionally mapped.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PrioritySpec {
     /// The single-label head whose label decides the priority.
     pub from_head: String,
-    /// label -> priority. Empty: the head's label IS the priority (a priority head).
-    #[serde(default)]
-    pub map: BTreeMap<String, String>,
     /// Priority for labels missing from `map`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub default: Option<String>,
+    /// label -> priority. Empty: the head's label IS the priority (a priority head).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub map: BTreeMap<String, String>,
 }
 
 impl PrioritySpec {
@@ -105,30 +111,81 @@ impl PrioritySpec {
     }
 }
 
-/// `model.toml` as written by people or by `triage train`.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// `model.toml` as written by people or by `triage train` (which writes it through this type,
+/// [`DescriptorFile::to_toml`], so what is written is what is read).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DescriptorFile {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_length: Option<usize>,
     /// Text assembly, e.g. "{subject}\n{body}"; placeholders name message fields.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub template: Option<String>,
     /// The single-label head reported as the message's category (and used for escalation).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub category_head: Option<String>,
-    #[serde(default)]
-    pub heads: Vec<HeadSpec>,
-    pub priority: Option<PrioritySpec>,
     /// Multi-label threshold overrides for a head derived from config.json.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "short::option_f32")]
     pub threshold: Option<f32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub heads: Vec<HeadSpec>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub priority: Option<PrioritySpec>,
     /// The escalation threshold this model recommends (routes may override it).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub escalation: Option<EscalationSpec>,
     /// Out-of-distribution gate: distance of the embedding to the nearest class centroid.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub ood: Option<OodSpec>,
-    /// How `triage train` built the model; `triage eval` re-reads the data the same way.
-    pub training: Option<TrainingRecord>,
     /// The encoder's shape, for FLOP estimates (`triage bench --sweep`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub architecture: Option<Architecture>,
+    /// How `triage train` built the model; `triage eval` re-reads the data the same way.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub training: Option<TrainingRecord>,
+}
+
+impl DescriptorFile {
+    /// The file's text: `header` (comment lines) and then the fields.
+    pub fn to_toml(&self, header: &str) -> Result<String, toml::ser::Error> {
+        Ok(format!("{header}{}", toml::to_string_pretty(self)?))
+    }
+}
+
+/// Floats written as the shortest decimal that reads back to the same f32: a threshold of
+/// 0.45 is written `0.45`, not the f64 widening `0.44999998807907104`.
+mod short {
+    use std::collections::BTreeMap;
+
+    use serde::ser::SerializeMap;
+    use serde::Serializer;
+
+    pub fn f64_of(v: f32) -> f64 {
+        v.to_string().parse().unwrap_or(f64::from(v))
+    }
+
+    pub fn f32<S: Serializer>(v: &f32, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(f64_of(*v))
+    }
+
+    pub fn option_f32<S: Serializer>(v: &Option<f32>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => s.serialize_some(&f64_of(*v)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn map_f32<S: Serializer>(v: &BTreeMap<String, f32>, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(v.len()))?;
+        for (k, x) in v {
+            map.serialize_entry(k, &f64_of(*x))?;
+        }
+        map.end()
+    }
 }
 
 /// A BERT-style encoder's shape.
@@ -156,10 +213,13 @@ impl Architecture {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EscalationSpec {
+    #[serde(serialize_with = "short::f32")]
     pub threshold: f32,
     /// What the threshold was calibrated for: accuracy on the messages NOT escalated.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "short::option_f32")]
     pub target_accuracy: Option<f32>,
     /// Share of validation messages it escalated.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "short::option_f32")]
     pub escalated_share: Option<f32>,
 }
 
@@ -169,8 +229,10 @@ pub struct OodSpec {
     /// The graph output (an embedding) compared with `ood.centroids` in heads.safetensors.
     pub output: String,
     /// Scores above this are out of distribution (escalated when escalation is on).
+    #[serde(serialize_with = "short::f32")]
     pub threshold: f32,
     /// Measured on a held-out foreign set, when one was given to `triage train`.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "short::option_f32")]
     pub auroc: Option<f32>,
 }
 
@@ -414,6 +476,89 @@ fn validate_heads(heads: &[HeadSpec], path: &Path) -> Result<(), ModelError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn written_by_train() -> DescriptorFile {
+        let head = |name: &str, kind: HeadKind| HeadSpec {
+            name: name.into(),
+            output: "embedding".into(),
+            kind,
+            labels: Vec::new(),
+            activation: None,
+            threshold: None,
+            thresholds: BTreeMap::new(),
+            weights: None,
+            lexical_share: None,
+        };
+        DescriptorFile {
+            name: Some("support".into()),
+            version: Some("2026-12-01".into()),
+            max_length: Some(128),
+            template: Some("{subject}\n{body}".into()),
+            category_head: Some("queue".into()),
+            threshold: None,
+            heads: vec![
+                HeadSpec {
+                    weights: Some("queue".into()),
+                    lexical_share: Some(0.3),
+                    labels: vec!["billing".into(), "tech".into()],
+                    ..head("queue", HeadKind::SingleLabel)
+                },
+                HeadSpec {
+                    weights: Some("tags".into()),
+                    threshold: Some(0.35),
+                    thresholds: [("urgent".to_string(), 0.6f32)].into(),
+                    labels: vec!["urgent".into(), "refund".into()],
+                    ..head("tags", HeadKind::MultiLabel)
+                },
+                head("embedding", HeadKind::Embedding),
+            ],
+            priority: Some(PrioritySpec {
+                from_head: "queue".into(),
+                default: Some("normal".into()),
+                map: [("billing".to_string(), "high".to_string())].into(),
+            }),
+            escalation: Some(EscalationSpec { threshold: 0.45, target_accuracy: Some(0.95), escalated_share: Some(0.047) }),
+            ood: Some(OodSpec { output: "embedding".into(), threshold: 0.3123, auroc: Some(0.998) }),
+            architecture: Some(Architecture { layers: 6, hidden: 384, intermediate: 1536 }),
+            training: Some(TrainingRecord {
+                text: vec!["subject".into(), "body".into()],
+                labels: vec!["queue=queue".into()],
+                multi_label: vec!["tags=tag_1,tag_2".into()],
+                seed: 42,
+                validation_fraction: 0.2,
+                min_examples: 5,
+                encoder: "runtime/encoders/minilm-l6".into(),
+                data: "tickets.csv".into(),
+                data_rows: 1000,
+                trained_at: "2026-12-01T00:00:00Z".into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn what_train_writes_reads_back_identically() {
+        let written = written_by_train();
+        let text = written.to_toml("# header\n").unwrap();
+        assert!(text.starts_with("# header\n"), "{text}");
+        let read: DescriptorFile = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(read, written, "{text}");
+        let resolved = Descriptor::parse(&text, Path::new("m")).unwrap();
+        assert_eq!(resolved.category_head, Some(0));
+        assert_eq!(resolved.escalation.unwrap().threshold, 0.45);
+        assert_eq!(resolved.heads[1].threshold_for("urgent"), 0.6);
+    }
+
+    #[test]
+    fn thresholds_are_written_without_float_noise() {
+        let text = written_by_train().to_toml("").unwrap();
+        for expected in
+            ["threshold = 0.45", "threshold = 0.3123", "threshold = 0.35", "urgent = 0.6", "lexical_share = 0.3", "auroc = 0.998"]
+        {
+            assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
+        }
+        assert!(!text.contains("0.4499") && !text.contains("0.3499") && !text.contains("00000"), "{text}");
+        assert!(!text.contains("activation") && !text.contains("thresholds = {}"), "unset fields are left out:\n{text}");
+    }
 
     fn optimum(problem_type: Option<&str>) -> OptimumConfig {
         OptimumConfig {

@@ -19,7 +19,9 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-pub use descriptor::{Activation, Architecture, Descriptor, EscalationSpec, HeadKind, HeadSpec, OodSpec, PrioritySpec, TrainingRecord};
+pub use descriptor::{
+    Activation, Architecture, Descriptor, DescriptorFile, EscalationSpec, HeadKind, HeadSpec, OodSpec, PrioritySpec, TrainingRecord,
+};
 pub use heads::{HeadOutput, HeadResult, HeadSet, LabelScore, Prediction};
 pub use runtime::{Runtime, RuntimeError};
 pub use session::InferenceSession;

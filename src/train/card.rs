@@ -22,7 +22,7 @@ pub(super) struct Output<'a> {
     pub single: &'a [SingleHeadFit],
     pub multi: &'a [MultiHeadFit],
     pub centroids: Option<&'a DenseMatrix>,
-    pub priority: Option<&'a toml::Value>,
+    pub priority: Option<&'a crate::model::PrioritySpec>,
     pub report: &'a TrainReport,
     pub data_rows: usize,
 }
@@ -122,79 +122,57 @@ fn weights_bytes(o: &Output<'_>) -> Result<Vec<u8>, String> {
 }
 
 fn descriptor(o: &Output<'_>, version: &str) -> Result<String, TrainError> {
-    use toml::{Table, Value};
-    let strings = |v: &[String]| Value::Array(v.iter().cloned().map(Value::String).collect());
-    let mut root = Table::new();
-    root.insert("name".into(), Value::String(o.name.to_string()));
-    root.insert("version".into(), Value::String(version.to_string()));
-    root.insert("max_length".into(), Value::Integer(o.encoder.info().max_length as i64));
-    root.insert("template".into(), Value::String(o.template.to_string()));
-    if let Some(first) = o.single.first() {
-        root.insert("category_head".into(), Value::String(first.report.name.clone()));
-    }
+    use crate::model::{DescriptorFile, EscalationSpec, HeadKind, HeadSpec, OodSpec, PrioritySpec};
+    let head = |name: &str, kind: HeadKind| HeadSpec {
+        name: name.to_string(),
+        output: o.embedding_output.to_string(),
+        kind,
+        labels: Vec::new(),
+        activation: None,
+        threshold: None,
+        thresholds: Default::default(),
+        weights: None,
+        lexical_share: None,
+    };
     let mut heads = Vec::new();
     for h in o.single {
-        let mut t = Table::new();
-        t.insert("name".into(), Value::String(h.report.name.clone()));
-        t.insert("output".into(), Value::String(o.embedding_output.to_string()));
-        t.insert("kind".into(), Value::String("single_label".into()));
-        t.insert("weights".into(), Value::String(h.report.name.clone()));
-        if h.report.lexical_share > 0.0 {
-            t.insert("lexical_share".into(), Value::Float(round(f64::from(h.report.lexical_share))));
-        }
-        t.insert("labels".into(), strings(&h.report.labels));
-        heads.push(Value::Table(t));
+        heads.push(HeadSpec {
+            weights: Some(h.report.name.clone()),
+            lexical_share: (h.report.lexical_share > 0.0).then(|| round(f64::from(h.report.lexical_share)) as f32),
+            labels: h.report.labels.clone(),
+            ..head(&h.report.name, HeadKind::SingleLabel)
+        });
     }
     for h in o.multi {
-        let mut t = Table::new();
-        t.insert("name".into(), Value::String(h.report.name.clone()));
-        t.insert("output".into(), Value::String(o.embedding_output.to_string()));
-        t.insert("kind".into(), Value::String("multi_label".into()));
-        t.insert("weights".into(), Value::String(h.report.name.clone()));
-        t.insert("threshold".into(), Value::Float(round(f64::from(h.report.threshold))));
-        t.insert("labels".into(), strings(&h.report.labels));
-        heads.push(Value::Table(t));
+        heads.push(HeadSpec {
+            weights: Some(h.report.name.clone()),
+            threshold: Some(round(f64::from(h.report.threshold)) as f32),
+            labels: h.report.labels.clone(),
+            ..head(&h.report.name, HeadKind::MultiLabel)
+        });
     }
     // The embedding stays an output, so this model can be the encoder of the next training.
     let taken: Vec<&str> = o.single.iter().map(|h| h.report.name.as_str()).chain(o.multi.iter().map(|h| h.report.name.as_str())).collect();
-    let embedding_name = if taken.contains(&"embedding") { "sentence_embedding" } else { "embedding" };
-    let mut e = Table::new();
-    e.insert("name".into(), Value::String(embedding_name.into()));
-    e.insert("output".into(), Value::String(o.embedding_output.to_string()));
-    e.insert("kind".into(), Value::String("embedding".into()));
-    heads.push(Value::Table(e));
-    root.insert("heads".into(), Value::Array(heads));
-    match o.priority {
-        Some(p) => {
-            root.insert("priority".into(), p.clone());
-        }
+    heads.push(head(if taken.contains(&"embedding") { "sentence_embedding" } else { "embedding" }, HeadKind::Embedding));
+    let priority = match o.priority {
+        Some(p) => Some(p.clone()),
         // A head trained on a priority column gives the priority as it is.
         None if o.single.iter().any(|h| h.report.name == "priority") => {
-            let mut t = Table::new();
-            t.insert("from_head".into(), Value::String("priority".into()));
-            root.insert("priority".into(), Value::Table(t));
+            Some(PrioritySpec { from_head: "priority".into(), default: None, map: Default::default() })
         }
-        None => {}
-    }
-    if let Some(point) = o.report.escalation.as_ref().and_then(|e| e.recommended) {
-        let mut t = Table::new();
-        t.insert("threshold".into(), Value::Float(round(f64::from(point.threshold))));
-        if let Some(target) = o.options.target_accuracy {
-            t.insert("target_accuracy".into(), Value::Float(target));
-        }
-        t.insert("escalated_share".into(), Value::Float(round(point.escalated)));
-        root.insert("escalation".into(), Value::Table(t));
-    }
-    if let Some(ood) = &o.report.ood {
-        let mut t = Table::new();
-        t.insert("output".into(), Value::String(o.embedding_output.to_string()));
-        t.insert("threshold".into(), Value::Float(round(f64::from(ood.threshold))));
-        if let Some(f) = &ood.foreign {
-            t.insert("auroc".into(), Value::Float(round(f.auroc)));
-        }
-        root.insert("ood".into(), Value::Table(t));
-    }
-    let record = crate::model::TrainingRecord {
+        None => None,
+    };
+    let escalation = o.report.escalation.as_ref().and_then(|e| e.recommended).map(|point| EscalationSpec {
+        threshold: round(f64::from(point.threshold)) as f32,
+        target_accuracy: o.options.target_accuracy.map(|t| t as f32),
+        escalated_share: Some(round(point.escalated) as f32),
+    });
+    let ood = o.report.ood.as_ref().map(|ood| OodSpec {
+        output: o.embedding_output.to_string(),
+        threshold: round(f64::from(ood.threshold)) as f32,
+        auroc: ood.foreign.as_ref().map(|f| round(f.auroc) as f32),
+    });
+    let training = crate::model::TrainingRecord {
         text: o.options.columns.text.iter().map(|(p, c)| if p == c { c.clone() } else { format!("{p}={c}") }).collect(),
         labels: o.options.columns.labels.iter().map(|(h, c)| format!("{h}={c}")).collect(),
         multi_label: o.options.columns.multi_label.iter().map(|(h, cs)| format!("{h}={}", cs.join(","))).collect(),
@@ -206,15 +184,25 @@ fn descriptor(o: &Output<'_>, version: &str) -> Result<String, TrainError> {
         data_rows: o.data_rows,
         trained_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
     };
-    if let Some(a) = o.encoder.descriptor().architecture {
-        root.insert("architecture".into(), Value::try_from(a).map_err(|e| TrainError::Invalid(e.to_string()))?);
-    }
-    root.insert("training".into(), Value::try_from(&record).map_err(|e| TrainError::Invalid(e.to_string()))?);
-    let body = toml::to_string_pretty(&root).map_err(|e| TrainError::Invalid(e.to_string()))?;
-    Ok(format!(
+    let file = DescriptorFile {
+        name: Some(o.name.to_string()),
+        version: Some(version.to_string()),
+        max_length: Some(o.encoder.info().max_length),
+        template: Some(o.template.to_string()),
+        category_head: o.single.first().map(|h| h.report.name.clone()),
+        threshold: None,
+        heads,
+        priority,
+        escalation,
+        ood,
+        architecture: o.encoder.descriptor().architecture,
+        training: Some(training),
+    };
+    file.to_toml(
         "# Written by `triage train` (see MODEL_CARD.md for how and how well). Retrain rather than edit:\n\
-         # heads.safetensors holds weights for exactly these labels, in this order.\n{body}"
-    ))
+         # heads.safetensors holds weights for exactly these labels, in this order.\n",
+    )
+    .map_err(|e| TrainError::Invalid(e.to_string()))
 }
 
 fn round(v: f64) -> f64 {

@@ -476,15 +476,11 @@ pub fn train(options: &TrainOptions, progress: &dyn Progress) -> Result<TrainRep
     Ok(report)
 }
 
-fn read_priority(path: &Path) -> Result<toml::Value, TrainError> {
+fn read_priority(path: &Path) -> Result<crate::model::PrioritySpec, TrainError> {
     let text = std::fs::read_to_string(path).map_err(|e| TrainError::Invalid(format!("{}: {e}", path.display())))?;
     let mut table: toml::Table = toml::from_str(&text).map_err(|e| TrainError::Invalid(format!("{}: {e}", path.display())))?;
     let priority = table.remove("priority").ok_or_else(|| TrainError::Invalid(format!("{}: no [priority] table", path.display())))?;
-    priority
-        .clone()
-        .try_into::<crate::model::PrioritySpec>()
-        .map_err(|e| TrainError::Invalid(format!("{}: [priority]: {e}", path.display())))?;
-    Ok(priority)
+    priority.try_into().map_err(|e| TrainError::Invalid(format!("{}: [priority]: {e}", path.display())))
 }
 
 /// Unit-length mean of each class's unit-length training embeddings.

@@ -139,3 +139,107 @@ fn escalation_record(tag: &MessageTag, c: &Classified, route: &Route, reason: Es
     }))
     .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::RouteConfig;
+    use crate::message::{Decoder, FieldMap};
+    use crate::model::{HeadResult, LabelScore, ModelInfo, Prediction, Provider, Template};
+    use crate::source::{Delivery, SourceMessage, TopicPartition};
+
+    fn route(policy: EscalationPolicy) -> Route {
+        Route {
+            config: toml::from_str("topic = \"tickets\"\nkind = \"ticket\"\nmodel = \"m\"").unwrap(),
+            decoder: Decoder::new(FieldMap::default(), Template::parse("{body}").unwrap(), 1 << 20, 2048),
+            model: ModelInfo {
+                name: "support".into(),
+                version: "v7".into(),
+                fingerprint: "abc".into(),
+                dir: "m".into(),
+                max_length: 128,
+                provider: Provider::Cpu,
+            },
+            policy,
+        }
+    }
+
+    fn tag(payload: &[u8]) -> MessageTag {
+        let message = Arc::new(SourceMessage {
+            topic: "tickets".into(),
+            partition: 2,
+            offset: 41,
+            timestamp_ms: Some(1_700_000_000_000),
+            key: None,
+            payload: payload.to_vec(),
+        });
+        MessageTag {
+            message: Consumed { delivery: Delivery { tp: TopicPartition::new("tickets", 2), offset: 41, epoch: 1 }, message },
+            route: 0,
+            message_id: "t-1".into(),
+            event_time_ms: 1_700_000_123_456,
+            consumed_ms: 1_700_000_200_000,
+            metadata: (vec!["customer".into()], vec!["acme".into()]),
+        }
+    }
+
+    fn classified() -> Classified {
+        let label = |l: &str, score| LabelScore { label: l.into(), score };
+        Classified {
+            prediction: Prediction {
+                category: Some(label("card_lost", 0.42)),
+                priority: Some("high".into()),
+                tags: vec![label("urgent", 0.9)],
+                heads: vec![
+                    HeadResult { head: "intent".into(), output: HeadOutput::Label(label("card_lost", 0.42)) },
+                    HeadResult { head: "tags".into(), output: HeadOutput::Tags(vec![label("urgent", 0.9)]) },
+                    HeadResult { head: "embedding".into(), output: HeadOutput::Embedding(vec![0.1, 0.2]) },
+                ],
+                ood_score: Some(0.12),
+            },
+            tokens: 17,
+            truncated: true,
+            chars: 64,
+            queued: Duration::ZERO,
+            inference: Duration::ZERO,
+            batch_size: 4,
+        }
+    }
+
+    #[test]
+    fn a_row_carries_the_source_key_event_time_and_every_label_head() {
+        let route = route(EscalationPolicy { head: None, threshold: 0.5, ood_threshold: None });
+        let row = build_row(&tag(b"{}"), &classified(), &route, true, "pod-3");
+        assert_eq!((row.topic.as_str(), row.partition, row.offset), ("tickets", 2, 41));
+        assert_eq!((row.event_time, row.event_time_ms), (1_700_000_123, 1_700_000_123_456));
+        assert_eq!((row.category.as_str(), row.priority.as_str(), row.escalated), ("card_lost", "high", 1));
+        assert_eq!(row.head_names, vec!["intent"], "label heads only: tags and embeddings have their own columns or none");
+        assert_eq!(row.tags, vec!["urgent"]);
+        assert_eq!((row.model_name.as_str(), row.model_version.as_str(), row.worker_id.as_str()), ("support", "v7", "pod-3"));
+        assert_eq!((row.tokens, row.truncated, row.text_chars), (17, 1, 64));
+        assert_eq!(row.metadata_values, vec!["acme"]);
+        assert_eq!(row.ood_score, Some(0.12));
+    }
+
+    #[test]
+    fn an_escalation_record_says_why_and_keeps_the_original_message() {
+        let route = route(EscalationPolicy { head: None, threshold: 0.5, ood_threshold: Some(0.3) });
+        let record = escalation_record(&tag(br#"{"body": "my card is gone"}"#), &classified(), &route, EscalationReason::LowConfidence);
+        let v: Value = serde_json::from_slice(&record).unwrap();
+        assert_eq!(v["message_id"], "t-1");
+        assert_eq!(v["reason"]["why"], "low_confidence");
+        assert_eq!(v["reason"]["head"], "category");
+        assert!((v["reason"]["confidence"].as_f64().unwrap() - 0.42).abs() < 1e-6);
+        assert!((v["reason"]["ood_threshold"].as_f64().unwrap() - 0.3).abs() < 1e-6);
+        assert_eq!(v["source"]["offset"], 41);
+        assert_eq!(v["message"]["body"], "my card is gone");
+        assert_eq!(v["result"]["heads"]["tags"][0]["label"], "urgent");
+        assert!(v["result"]["heads"].get("embedding").is_none(), "vectors stay out of escalations");
+        let bytes = escalation_record(&tag(b"\xff not json"), &classified(), &route, EscalationReason::OutOfDistribution);
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        assert!(v["message"].is_string(), "a payload that is not JSON travels as text");
+        assert_eq!(v["reason"]["why"], "out_of_distribution");
+    }
+}

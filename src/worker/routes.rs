@@ -56,6 +56,7 @@ pub(super) async fn start(config: &Config) -> Result<Started, WorkerError> {
     let (outcome_tx, outcomes) = flume::bounded::<Outcome<MessageTag>>(config.batching.queue_capacity);
     let mut engine_of: HashMap<PathBuf, usize> = HashMap::new();
     let mut engines: Vec<Engine<MessageTag>> = Vec::new();
+    let mut models: Vec<Arc<Model>> = Vec::new();
     let (mut routes, mut submitters) = (Vec::new(), Vec::new());
     for route in &config.routes {
         let index = match engine_of.get(&route.model) {
@@ -65,12 +66,14 @@ pub(super) async fn start(config: &Config) -> Result<Started, WorkerError> {
                 let model = tokio::task::spawn_blocking(move || Model::load(&dir, &options))
                     .await
                     .map_err(|e| WorkerError::TaskFailed { task: "model loading", detail: e.to_string() })??;
-                engines.push(Engine::start(Arc::new(model), &config.batching, outcome_tx.clone())?);
+                let model = Arc::new(model);
+                engines.push(Engine::start(model.clone(), &config.batching, outcome_tx.clone())?);
+                models.push(model);
                 engine_of.insert(route.model.clone(), engines.len() - 1);
                 engines.len() - 1
             }
         };
-        let model = engines[index].model();
+        let model = &models[index];
         let info = model.info();
         metrics::gauge!(telemetry::MODEL_INFO, "model" => info.name.clone(), "version" => info.version.clone(), "provider" => info.provider.to_string()).set(1.0);
         if let Some(head) = &route.escalation_head {
