@@ -214,34 +214,6 @@ fn pct(v: f64) -> String {
 }
 
 /// The model card: what was trained on what, and how well, against the TF-IDF baseline.
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn placing_and_rewriting_never_write_through_to_the_source() {
-        let dir = tempfile::tempdir().unwrap();
-        let (encoder, out) = (dir.path().join("encoder.onnx"), dir.path().join("out"));
-        std::fs::create_dir_all(&out).unwrap();
-        std::fs::write(&encoder, b"graph").unwrap();
-        let target = out.join("model.onnx");
-        // Twice: the second time target and source are already one file.
-        place(&encoder, &target).unwrap();
-        place(&encoder, &target).unwrap();
-        write_atomic(&out.join("model.toml"), b"descriptor").unwrap();
-        write_atomic(&out.join("model.toml"), b"descriptor 2").unwrap();
-        assert_eq!(std::fs::read(&encoder).unwrap(), b"graph");
-        assert_eq!(std::fs::read(&target).unwrap(), b"graph");
-        assert_eq!(std::fs::read(out.join("model.toml")).unwrap(), b"descriptor 2");
-        let leftovers: Vec<_> =
-            std::fs::read_dir(&out).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains("tmp")).collect();
-        assert!(leftovers.is_empty(), "{leftovers:?}");
-        // Overwriting a hard-linked target replaces the name, not the shared file.
-        write_atomic(&target, b"other").unwrap();
-        assert_eq!(std::fs::read(&encoder).unwrap(), b"graph");
-    }
-}
-
 pub fn model_card(r: &TrainReport, o: &TrainOptions, version: &str, notes: Option<&str>) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# Model card: {} ({version})\n", r.model);
@@ -398,4 +370,32 @@ pub fn model_card(r: &TrainReport, o: &TrainOptions, version: &str, notes: Optio
         r.data
     );
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placing_and_rewriting_never_write_through_to_the_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let (encoder, out) = (dir.path().join("encoder.onnx"), dir.path().join("out"));
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::write(&encoder, b"graph").unwrap();
+        let target = out.join("model.onnx");
+        // Twice: the second time target and source are already one file.
+        place(&encoder, &target).unwrap();
+        place(&encoder, &target).unwrap();
+        write_atomic(&out.join("model.toml"), b"descriptor").unwrap();
+        write_atomic(&out.join("model.toml"), b"descriptor 2").unwrap();
+        assert_eq!(std::fs::read(&encoder).unwrap(), b"graph");
+        assert_eq!(std::fs::read(&target).unwrap(), b"graph");
+        assert_eq!(std::fs::read(out.join("model.toml")).unwrap(), b"descriptor 2");
+        let leftovers: Vec<_> =
+            std::fs::read_dir(&out).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains("tmp")).collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+        // Overwriting a hard-linked target replaces the name, not the shared file.
+        write_atomic(&target, b"other").unwrap();
+        assert_eq!(std::fs::read(&encoder).unwrap(), b"graph");
+    }
 }

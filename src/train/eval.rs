@@ -128,7 +128,7 @@ pub fn evaluate(options: &EvalOptions, progress: &dyn Progress) -> Result<EvalRe
             let y: Vec<usize> = fit_rows.iter().filter_map(|&r| head.y[r]).collect();
             let grid = super::LEXICAL_C_GRID;
             let seed = record.as_ref().map_or(42, |r| r.seed);
-            let fit = super::fitting::tfidf_baseline(&x.subset(&fit_rows), &y, head.labels.len(), &grid, 3, seed);
+            let fit = super::fitting::tfidf_baseline(&x.subset(&fit_rows), &y, head.labels.len(), grid, 3, seed);
             let rows: Vec<usize> = eval_rows.iter().copied().filter(|&r| head.y[r].is_some()).collect();
             let p = fit.probabilities(&x.subset(&rows), false);
             let pred: Vec<usize> = p.outer_iter().map(|r| super::fitting::argmax(r.view())).collect();

@@ -145,7 +145,6 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::config::RouteConfig;
     use crate::message::{Decoder, FieldMap};
     use crate::model::{HeadResult, LabelScore, ModelInfo, Prediction, Provider, Template};
     use crate::source::{Delivery, SourceMessage, TopicPartition};
