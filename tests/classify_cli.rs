@@ -103,3 +103,24 @@ fn field_options_and_files_work() {
     assert_eq!(record["category"], "terminate_account");
     assert_eq!(record["model"], "customer-service");
 }
+
+#[test]
+fn flags_read_the_sectioned_variables_and_their_flat_aliases() {
+    // An invalid batch size must be refused whichever name carries it: proof the value arrived.
+    for (name, value) in [("TRIAGE_BATCHING__MAX_BATCH_SIZE", "0"), ("TRIAGE_MAX_BATCH_SIZE", "0")] {
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_triage")).arg("classify").env(name, value).stdin(Stdio::null()).output().expect("run triage");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(out.status.code(), Some(0), "{name}={value} was ignored: {stderr}");
+        assert!(stderr.contains("max_batch_size"), "{name}: {stderr}");
+    }
+    // The sectioned name wins over the alias.
+    let out = Command::new(env!("CARGO_BIN_EXE_triage"))
+        .arg("classify")
+        .env("TRIAGE_MAX_BATCH_SIZE", "0")
+        .env("TRIAGE_BATCHING__MAX_BATCH_SIZE", "8")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run triage");
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}

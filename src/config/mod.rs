@@ -273,6 +273,18 @@ mod tests {
     }
 
     #[test]
+    fn flat_aliases_reach_the_worker_and_lose_to_sectioned_names() {
+        let c = parse(MINIMAL, &[("TRIAGE_MAX_BATCH_SIZE", "8"), ("TRIAGE_PROVIDERS", "cuda,cpu"), ("TRIAGE_INTRA_THREADS", "1")]).unwrap();
+        assert_eq!(c.batching.policy.max_batch_size, 8);
+        assert_eq!(c.inference.providers, vec![crate::model::Provider::Cuda, crate::model::Provider::Cpu]);
+        assert_eq!(c.inference.intra_threads, 1);
+        let c = parse(MINIMAL, &[("TRIAGE_MAX_BATCH_SIZE", "8"), ("TRIAGE_BATCHING__MAX_BATCH_SIZE", "16")]).unwrap();
+        assert_eq!(c.batching.policy.max_batch_size, 16);
+        let c = parse(MINIMAL, &[("TRIAGE_METRICS_SERVICE_HOST", "10.0.0.1"), ("TRIAGE_METRICS_SERVICE_PORT", "9464")]).unwrap();
+        assert_eq!(c.metrics.address, MetricsConfig::default().address, "Kubernetes service variables are not settings");
+    }
+
+    #[test]
     fn unknown_fields_are_rejected_by_name_even_from_env() {
         let err = parse(&format!("{MINIMAL}\n[kafka]\nbootstrap_server = \"x\""), &[]).unwrap_err().to_string();
         assert!(err.contains("bootstrap_server"), "{err}");
