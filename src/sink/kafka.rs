@@ -1,22 +1,33 @@
 //! The dead-letter and escalation producer: one idempotent Kafka producer writing the two side
-//! topics. A write returns only once Kafka acknowledged it; failures are retried with backoff,
-//! never dropped (a stuck topic stalls the partition's commits instead of losing the message).
-//! Counting and acknowledging the message is the settle path's job, not this writer's.
+//! topics. A write returns once Kafka acknowledged it, or with a [`WriteError`] when retrying
+//! cannot help. Counting and acknowledging the message is the settle path's job.
+//!
+//! Errors are sorted by librdkafka's code ([`classify`]): transient ones (a broker away, a
+//! leader election, a timeout) are retried with backoff for as long as they last; a record too
+//! large for the topic is cut to fit and written ([`Fit`]); an unknown topic is retried for a
+//! bounded time (metadata can lag a topic's creation), then permanent; authorization and
+//! invalid-record errors are permanent at once. A permanent error stops the worker rather than
+//! dropping the message or retrying forever while the partition's commits stall unseen.
 //!
 //! Dead letters carry the original bytes and key, and headers saying why and where from:
 //! `triage.reason`, `triage.detail`, `triage.source.topic`, `triage.source.partition`,
-//! `triage.source.offset`, `triage.source.timestamp`, `triage.worker`.
+//! `triage.source.offset`, `triage.source.timestamp`, `triage.worker`. A dead letter whose
+//! payload had to be cut also carries `triage.truncated` = `true`, `triage.original.size` (bytes)
+//! and `triage.original.sha256` (hex, of the original bytes), so it can be recognised and never
+//! redriven as if it were whole.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
+use sha2::{Digest, Sha256};
 
 use crate::retry::Backoff;
 use crate::source::SourceMessage;
-use crate::telemetry::events::{Counters, DeadLetterReason, InternalEvent, KafkaWriteRetried};
+use crate::telemetry::events::{Counters, DeadLetterReason, InternalEvent, KafkaWriteRetried, SideRecordCut};
 
 pub const HEADER_REASON: &str = "triage.reason";
 pub const HEADER_DETAIL: &str = "triage.detail";
@@ -25,6 +36,17 @@ pub const HEADER_SOURCE_PARTITION: &str = "triage.source.partition";
 pub const HEADER_SOURCE_OFFSET: &str = "triage.source.offset";
 pub const HEADER_SOURCE_TIMESTAMP: &str = "triage.source.timestamp";
 pub const HEADER_WORKER: &str = "triage.worker";
+pub const HEADER_TRUNCATED: &str = "triage.truncated";
+pub const HEADER_ORIGINAL_SIZE: &str = "triage.original.size";
+pub const HEADER_ORIGINAL_SHA256: &str = "triage.original.sha256";
+
+/// Room for headers and the record's framing on top of the payload in the producer's
+/// `message.max.bytes` (the detail header is capped well below this).
+pub const HEADER_ROOM_BYTES: usize = 64 * 1024;
+/// The `triage.detail` header is cut to this many bytes.
+const DETAIL_MAX_BYTES: usize = 4 * 1024;
+/// Below this, cutting further would leave nothing worth keeping: the topic's limit is absurd.
+const SMALLEST_CUT_BYTES: usize = 1024;
 
 /// Where the side topics are and who writes them.
 #[derive(Debug, Clone)]
@@ -33,6 +55,67 @@ pub struct SideTopicsConfig {
     pub escalation_topic: String,
     pub worker_id: String,
     pub backoff: Backoff,
+    /// Largest payload written as it is (the worker's `max_message_bytes`); larger ones are cut.
+    pub max_payload_bytes: usize,
+    /// How long an unknown topic is retried before it counts as missing.
+    pub unknown_topic_grace: Duration,
+}
+
+/// A side-topic write that retrying cannot complete.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+#[error("cannot write to Kafka topic `{topic}`: {cause}")]
+pub struct WriteError {
+    pub topic: String,
+    pub cause: String,
+}
+
+/// What to do about a failed write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Wait and try again (brokers away, elections, timeouts, throttling).
+    Retry,
+    /// The record is too large for the producer or the topic: cut it and try again.
+    TooLarge,
+    /// The topic may not exist yet in the metadata: retry within a grace period.
+    UnknownTopic,
+    /// Retrying cannot help (authorization, invalid record, a policy).
+    Permanent,
+}
+
+pub fn classify(error: &KafkaError) -> Verdict {
+    use RDKafkaErrorCode as C;
+    match error.rdkafka_error_code() {
+        Some(C::MessageSizeTooLarge | C::MessageBatchTooLarge | C::InvalidMessageSize) => Verdict::TooLarge,
+        Some(C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition | C::UnknownTopicId) => Verdict::UnknownTopic,
+        Some(
+            C::TopicAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::InvalidRecord
+            | C::InvalidTopic
+            | C::PolicyViolation
+            | C::InvalidMessage,
+        ) => Verdict::Permanent,
+        _ => Verdict::Retry,
+    }
+}
+
+/// How a record is made smaller when it does not fit: cut to at most `limit` bytes.
+pub trait Fit: Send + Sync {
+    fn bytes(&self) -> &[u8];
+    /// A version of at most `limit` bytes (it may be smaller), or None if none can be made.
+    fn cut(&self, limit: usize) -> Option<Vec<u8>>;
+}
+
+/// Raw bytes (a dead letter's payload): the first `limit` bytes.
+pub struct RawBytes<'a>(pub &'a [u8]);
+
+impl Fit for RawBytes<'_> {
+    fn bytes(&self) -> &[u8] {
+        self.0
+    }
+    fn cut(&self, limit: usize) -> Option<Vec<u8>> {
+        Some(self.0[..limit.min(self.0.len())].to_vec())
+    }
 }
 
 pub struct SideTopics {
@@ -50,45 +133,141 @@ impl SideTopics {
         &self.config.dead_letter_topic
     }
 
+    pub fn escalation_topic(&self) -> &str {
+        &self.config.escalation_topic
+    }
+
     /// Write a dead letter; returns once Kafka acknowledged it.
-    pub async fn dead_letter(&self, source: &SourceMessage, reason: DeadLetterReason, detail: &str) {
+    pub async fn dead_letter(&self, source: &SourceMessage, reason: DeadLetterReason, detail: &str) -> Result<(), WriteError> {
         let partition = source.partition.to_string();
         let offset = source.offset.to_string();
         let timestamp = source.timestamp_ms.map(|t| t.to_string()).unwrap_or_default();
-        let headers = || {
-            OwnedHeaders::new()
+        let detail = cut_at_char(detail, DETAIL_MAX_BYTES);
+        let original = (source.payload.len().to_string(), hex::encode(Sha256::digest(&source.payload)));
+        let headers = |cut: bool| {
+            let h = OwnedHeaders::new()
                 .insert(Header { key: HEADER_REASON, value: Some(reason.as_str()) })
                 .insert(Header { key: HEADER_DETAIL, value: Some(detail) })
                 .insert(Header { key: HEADER_SOURCE_TOPIC, value: Some(source.topic.as_str()) })
                 .insert(Header { key: HEADER_SOURCE_PARTITION, value: Some(partition.as_str()) })
                 .insert(Header { key: HEADER_SOURCE_OFFSET, value: Some(offset.as_str()) })
                 .insert(Header { key: HEADER_SOURCE_TIMESTAMP, value: Some(timestamp.as_str()) })
-                .insert(Header { key: HEADER_WORKER, value: Some(self.config.worker_id.as_str()) })
+                .insert(Header { key: HEADER_WORKER, value: Some(self.config.worker_id.as_str()) });
+            if cut {
+                h.insert(Header { key: HEADER_TRUNCATED, value: Some("true") })
+                    .insert(Header { key: HEADER_ORIGINAL_SIZE, value: Some(original.0.as_str()) })
+                    .insert(Header { key: HEADER_ORIGINAL_SHA256, value: Some(original.1.as_str()) })
+            } else {
+                h
+            }
         };
-        self.send_until_acked(&self.config.dead_letter_topic, source.key.as_deref(), &source.payload, headers).await;
+        self.write(&self.config.dead_letter_topic, source.key.as_deref(), &RawBytes(&source.payload), headers).await
     }
 
     /// Write an escalation record keyed by the message id; returns once acknowledged.
-    pub async fn escalate(&self, key: &str, payload: &[u8]) {
-        self.send_until_acked(&self.config.escalation_topic, Some(key.as_bytes()), payload, OwnedHeaders::new).await;
+    pub async fn escalate(&self, key: &str, record: &dyn Fit) -> Result<(), WriteError> {
+        self.write(&self.config.escalation_topic, Some(key.as_bytes()), record, |_| OwnedHeaders::new()).await
     }
 
-    async fn send_until_acked(&self, topic: &str, key: Option<&[u8]>, payload: &[u8], headers: impl Fn() -> OwnedHeaders) {
-        let mut attempt = 0u32;
-        loop {
-            let mut record = FutureRecord::<[u8], [u8]>::to(topic).payload(payload).headers(headers());
-            if let Some(k) = key {
-                record = record.key(k);
-            }
-            match self.producer.send(record, Timeout::After(Duration::from_secs(30))).await {
-                Ok(_) => return,
-                Err((error, _)) => {
-                    attempt += 1;
-                    let delay = self.config.backoff.delay(attempt);
-                    KafkaWriteRetried { topic, attempt, error: &error, delay }.emit(&self.counters);
-                    tokio::time::sleep(delay).await;
-                }
-            }
+    /// Send until acknowledged, cutting the record when it is too large, or a permanent error.
+    async fn write(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        record: &dyn Fit,
+        headers: impl Fn(bool) -> OwnedHeaders,
+    ) -> Result<(), WriteError> {
+        let permanent = |cause: String| WriteError { topic: topic.to_string(), cause };
+        let mut payload: Option<Vec<u8>> = None; // Some: a cut version
+        if record.bytes().len() > self.config.max_payload_bytes {
+            payload = Some(self.cut(topic, record, self.config.max_payload_bytes)?);
         }
+        let (mut attempt, mut unknown_since) = (0u32, None::<Instant>);
+        loop {
+            let bytes = payload.as_deref().unwrap_or(record.bytes());
+            let mut r = FutureRecord::<[u8], [u8]>::to(topic).payload(bytes).headers(headers(payload.is_some()));
+            if let Some(k) = key {
+                r = r.key(k);
+            }
+            let error = match self.producer.send(r, Timeout::After(Duration::from_secs(30))).await {
+                Ok(_) => return Ok(()),
+                Err((error, _)) => error,
+            };
+            match classify(&error) {
+                Verdict::Permanent => return Err(permanent(error.to_string())),
+                Verdict::TooLarge => {
+                    let now = payload.as_ref().map_or(record.bytes().len(), Vec::len);
+                    if now / 2 < SMALLEST_CUT_BYTES {
+                        return Err(permanent(format!("{error}, even cut to {now} bytes")));
+                    }
+                    payload = Some(self.cut(topic, record, now / 2)?);
+                    continue;
+                }
+                Verdict::UnknownTopic => {
+                    let since = *unknown_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= self.config.unknown_topic_grace {
+                        return Err(permanent(format!("{error} for {}s: the topic does not exist", since.elapsed().as_secs())));
+                    }
+                }
+                Verdict::Retry => unknown_since = None,
+            }
+            attempt += 1;
+            let delay = self.config.backoff.delay(attempt);
+            KafkaWriteRetried { topic, attempt, error: &error, delay }.emit(&self.counters);
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    fn cut(&self, topic: &str, record: &dyn Fit, limit: usize) -> Result<Vec<u8>, WriteError> {
+        let cut = record
+            .cut(limit)
+            .ok_or_else(|| WriteError { topic: topic.to_string(), cause: format!("the record cannot be cut to {limit} bytes") })?;
+        SideRecordCut { topic, original_bytes: record.bytes().len(), written_bytes: cut.len() }.emit(&self.counters);
+        Ok(cut)
+    }
+}
+
+/// The longest prefix of `text` of at most `max` bytes that ends on a character boundary.
+pub fn cut_at_char(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_sorted_by_what_retrying_can_do() {
+        let produce = |c| KafkaError::MessageProduction(c);
+        assert_eq!(classify(&produce(RDKafkaErrorCode::MessageSizeTooLarge)), Verdict::TooLarge);
+        assert_eq!(classify(&produce(RDKafkaErrorCode::MessageBatchTooLarge)), Verdict::TooLarge);
+        assert_eq!(classify(&produce(RDKafkaErrorCode::TopicAuthorizationFailed)), Verdict::Permanent);
+        assert_eq!(classify(&produce(RDKafkaErrorCode::InvalidRecord)), Verdict::Permanent);
+        assert_eq!(classify(&produce(RDKafkaErrorCode::UnknownTopicOrPartition)), Verdict::UnknownTopic);
+        assert_eq!(classify(&produce(RDKafkaErrorCode::UnknownTopic)), Verdict::UnknownTopic);
+        for transient in [
+            RDKafkaErrorCode::MessageTimedOut,
+            RDKafkaErrorCode::NotLeaderForPartition,
+            RDKafkaErrorCode::NotEnoughReplicas,
+            RDKafkaErrorCode::BrokerTransportFailure,
+            RDKafkaErrorCode::RequestTimedOut,
+        ] {
+            assert_eq!(classify(&produce(transient)), Verdict::Retry, "{transient:?}");
+        }
+    }
+
+    #[test]
+    fn cuts_end_on_character_boundaries() {
+        assert_eq!(cut_at_char("héllo", 2), "h");
+        assert_eq!(cut_at_char("héllo", 3), "hé");
+        assert_eq!(cut_at_char("abc", 10), "abc");
+        assert_eq!(RawBytes(b"abcdef").cut(4).unwrap(), b"abcd");
     }
 }

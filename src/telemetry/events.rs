@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::{
     CLICKHOUSE_RETRIES, CLICKHOUSE_ROWS, COMMITTED_OFFSET, END_TO_END_SECONDS, INSERT_SECONDS, KAFKA_WRITE_RETRIES, MESSAGES_CLASSIFIED,
-    MESSAGES_CONSUMED, MESSAGES_DEAD_LETTERED, MESSAGES_ESCALATED, PAUSED,
+    MESSAGES_CONSUMED, MESSAGES_DEAD_LETTERED, MESSAGES_ESCALATED, PAUSED, SIDE_RECORDS_CUT,
 };
 use crate::message::DecodeReason;
 
@@ -198,6 +198,25 @@ impl InternalEvent for KafkaWriteRetried<'_> {
         Counters::add(&counters.kafka_write_retries, 1);
         metrics::counter!(KAFKA_WRITE_RETRIES).increment(1);
         tracing::warn!(topic = self.topic, error = %self.error, attempt = self.attempt, retry_in_ms = self.delay.as_millis() as u64, "Kafka write failed; retrying");
+    }
+}
+
+/// A dead letter or escalation record too large for its topic was cut to fit.
+pub struct SideRecordCut<'a> {
+    pub topic: &'a str,
+    pub original_bytes: usize,
+    pub written_bytes: usize,
+}
+
+impl InternalEvent for SideRecordCut<'_> {
+    fn emit(self, _: &Counters) {
+        metrics::counter!(SIDE_RECORDS_CUT, "topic" => self.topic.to_string()).increment(1);
+        tracing::warn!(
+            topic = self.topic,
+            original_bytes = self.original_bytes,
+            written_bytes = self.written_bytes,
+            "record too large for its topic: written cut, marked as truncated"
+        );
     }
 }
 

@@ -37,6 +37,12 @@ pub const METRICS: &[(&str, &str, &str, &str)] = &[
     (CLICKHOUSE_RETRIES, "counter", "", "ClickHouse INSERT attempts that failed and were retried."),
     (KAFKA_WRITE_RETRIES, "counter", "", "Dead-letter / escalation writes that failed and were retried."),
     (
+        SIDE_RECORDS_CUT,
+        "counter",
+        "topic",
+        "Dead letters / escalation records too large for their topic, written cut (marked truncated, with the original's size and SHA-256).",
+    ),
+    (
         CONSUMER_LAG,
         "gauge",
         "topic, partition",
@@ -63,6 +69,7 @@ pub const END_TO_END_SECONDS: &str = "triage_end_to_end_seconds";
 pub const CLICKHOUSE_ROWS: &str = "triage_clickhouse_rows_total";
 pub const CLICKHOUSE_RETRIES: &str = "triage_clickhouse_retries_total";
 pub const KAFKA_WRITE_RETRIES: &str = "triage_kafka_write_retries_total";
+pub const SIDE_RECORDS_CUT: &str = "triage_side_records_cut_total";
 pub const CONSUMER_LAG: &str = "triage_consumer_lag";
 pub const COMMITTED_OFFSET: &str = "triage_committed_offset";
 pub const IN_FLIGHT: &str = "triage_in_flight_messages";

@@ -24,6 +24,7 @@ use super::settle::Settler;
 use super::WorkerError;
 use crate::engine::{Engine, Submitter};
 use crate::sink::clickhouse::SinkError;
+use crate::sink::kafka::WriteError;
 use crate::source::kafka::{commit_list, TrackingContext};
 use crate::source::offsets::{OffsetTracker, TopicPartition};
 use crate::source::{Consumed, SourceMessage};
@@ -60,6 +61,8 @@ impl State {
 pub(super) struct Downstream {
     pub sink: JoinHandle<Result<(), SinkError>>,
     pub results: JoinHandle<()>,
+    /// Side-topic writes that can never complete.
+    pub fatal: tokio::sync::mpsc::Receiver<WriteError>,
 }
 
 pub(super) struct Limits {
@@ -95,7 +98,7 @@ enum Committed {
 
 impl Consumer {
     pub async fn run(self, shutdown: impl Future<Output = ()>, mut state: State, downstream: Downstream) -> Stopped {
-        let Downstream { sink, results } = downstream;
+        let Downstream { sink, results, mut fatal } = downstream;
         let mut sink = Some(sink);
         let mut tick = tokio::time::interval(self.limits.commit_every.min(Duration::from_millis(500)));
         let mut last_commit = Instant::now();
@@ -120,6 +123,7 @@ impl Consumer {
                         Err(e) => break Some(WorkerError::TaskFailed { task: "ClickHouse sink", detail: e.to_string() }),
                     }
                 }
+                Some(error) = fatal.recv() => break Some(error.into()),
                 _ = tick.tick() => {
                     let in_flight = self.in_flight();
                     metrics::gauge!(IN_FLIGHT).set(in_flight as f64);

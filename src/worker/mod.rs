@@ -29,7 +29,7 @@ use crate::model::ModelError;
 use crate::retry::Backoff;
 use crate::sink::clickhouse::{self as ch, ClickHouseService, SinkError};
 use crate::sink::kafka::{SideTopics, SideTopicsConfig};
-use crate::source::kafka::{ClientRole, TrackingContext};
+use crate::source::kafka::{check_topics_exist, CheckTopicsError, ClientRole, TrackingContext};
 use crate::source::offsets::OffsetTracker;
 use crate::telemetry::events::Counters;
 use crate::telemetry::{self, Readiness};
@@ -51,6 +51,10 @@ pub enum WorkerError {
     TaskFailed { task: &'static str, detail: String },
     #[error("the ClickHouse sink stopped unexpectedly")]
     SinkStopped,
+    #[error(transparent)]
+    Topics(#[from] CheckTopicsError),
+    #[error("{0}; the worker stopped with offsets committed up to the message it could not settle (fix the topic, then restart)")]
+    SideTopic(#[from] crate::sink::kafka::WriteError),
 }
 
 /// What one run did.
@@ -87,14 +91,32 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
     readiness.clickhouse_reachable.store(true, Ordering::Relaxed);
     let pinger = tokio::spawn(ping_forever(clickhouse.clone(), readiness.clone()));
 
-    let producer: FutureProducer = config.kafka.client(ClientRole::Producer).create()?;
+    // The side topics must exist before anything is consumed: a missing one would stall the
+    // first message that needs it.
+    let mut side: Vec<String> = vec![config.kafka.dead_letter_topic.clone()];
+    if config.escalation.enabled {
+        side.push(config.kafka.escalation_topic.clone());
+    }
+    let kafka_config = config.kafka.clone();
+    tokio::task::spawn_blocking(move || {
+        let topics: Vec<&str> = side.iter().map(String::as_str).collect();
+        check_topics_exist(&kafka_config, &topics, Duration::from_secs(30))
+    })
+    .await
+    .map_err(|e| WorkerError::TaskFailed { task: "topic check", detail: e.to_string() })??;
+
+    let producer: FutureProducer = config.kafka.client(ClientRole::SideTopics { max_payload_bytes: config.max_message_bytes }).create()?;
     let side_topics = SideTopicsConfig {
         dead_letter_topic: config.kafka.dead_letter_topic.clone(),
         escalation_topic: config.kafka.escalation_topic.clone(),
         worker_id: config.worker_id(),
         backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(10)),
+        max_payload_bytes: config.max_message_bytes,
+        unknown_topic_grace: Duration::from_secs(60),
     };
-    let settle = Settler::new(Arc::new(SideTopics::new(producer, side_topics, counters.clone())), tracker.clone(), counters.clone());
+    let (fatal_tx, fatal_rx) = mpsc::channel(4);
+    let side_topics = Arc::new(SideTopics::new(producer, side_topics, counters.clone()));
+    let settle = Settler::new(side_topics, tracker.clone(), counters.clone(), fatal_tx);
 
     let started_routes = routes::start(&config).await?;
     readiness.model_loaded.store(true, Ordering::Relaxed);
@@ -137,7 +159,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
         },
     };
     let state = consumer::State::Consuming { submitters, engines, paused: false };
-    let stopped = consumer.run(shutdown, state, consumer::Downstream { sink, results }).await;
+    let stopped = consumer.run(shutdown, state, consumer::Downstream { sink, results, fatal: fatal_rx }).await;
 
     pinger.abort();
     if let Some(server) = server {

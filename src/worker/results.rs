@@ -14,6 +14,7 @@ use super::settle::Settler;
 use crate::engine::{Classified, ClassifyError, Outcome};
 use crate::model::HeadOutput;
 use crate::sink::clickhouse::{ResultRow, SinkItem};
+use crate::sink::kafka::{cut_at_char, Fit};
 use crate::source::Consumed;
 use crate::telemetry::events::{DeadLetterReason, EscalationReason, InternalEvent, MessageClassified};
 
@@ -99,7 +100,55 @@ fn build_row(tag: &MessageTag, c: &Classified, route: &Route, escalated: bool, w
     }
 }
 
-fn escalation_record(tag: &MessageTag, c: &Classified, route: &Route, reason: EscalationReason) -> Vec<u8> {
+/// An escalation record: JSON with everything the next tier needs. When it is too large for
+/// the topic, the original message becomes its text cut at a character boundary, and
+/// `"message_truncated": true` says so; the record stays valid JSON.
+pub(super) struct EscalationRecord {
+    value: Value,
+    bytes: Vec<u8>,
+}
+
+impl EscalationRecord {
+    fn new(value: Value) -> Self {
+        let bytes = serde_json::to_vec(&value).unwrap_or_default();
+        EscalationRecord { value, bytes }
+    }
+
+    #[cfg(test)]
+    fn value(&self) -> &Value {
+        &self.value
+    }
+}
+
+impl Fit for EscalationRecord {
+    fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    fn cut(&self, limit: usize) -> Option<Vec<u8>> {
+        let text = match &self.value["message"] {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        let mut value = self.value.clone();
+        value["message_truncated"] = Value::Bool(true);
+        value["message"] = Value::String(String::new());
+        let frame = serde_json::to_vec(&value).ok()?.len();
+        // Escaping can make the text longer in JSON than in memory: shrink until it fits.
+        let mut budget = limit.checked_sub(frame)?;
+        loop {
+            value["message"] = Value::String(cut_at_char(&text, budget).to_string());
+            let bytes = serde_json::to_vec(&value).ok()?;
+            if bytes.len() <= limit {
+                return Some(bytes);
+            }
+            let over = bytes.len() - limit;
+            budget = budget.checked_sub(over.max(budget / 8).max(1))?;
+        }
+    }
+}
+
+fn escalation_record(tag: &MessageTag, c: &Classified, route: &Route, reason: EscalationReason) -> EscalationRecord {
     let source = &tag.message.message;
     let original: Value =
         serde_json::from_slice(&source.payload).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&source.payload).into_owned()));
@@ -114,7 +163,7 @@ fn escalation_record(tag: &MessageTag, c: &Classified, route: &Route, reason: Es
             HeadOutput::Embedding(_) => None,
         })
         .collect();
-    serde_json::to_vec(&json!({
+    EscalationRecord::new(json!({
         "message_id": tag.message_id,
         "kind": route.config.kind,
         "source": {"topic": source.topic, "partition": source.partition, "offset": source.offset, "timestamp_ms": source.timestamp_ms},
@@ -137,7 +186,6 @@ fn escalation_record(tag: &MessageTag, c: &Classified, route: &Route, reason: Es
         },
         "message": original,
     }))
-    .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -226,7 +274,8 @@ mod tests {
     fn an_escalation_record_says_why_and_keeps_the_original_message() {
         let route = route(EscalationPolicy { head: None, threshold: 0.5, ood_threshold: Some(0.3) });
         let record = escalation_record(&tag(br#"{"body": "my card is gone"}"#), &classified(), &route, EscalationReason::LowConfidence);
-        let v: Value = serde_json::from_slice(&record).unwrap();
+        let v: Value = serde_json::from_slice(record.bytes()).unwrap();
+        assert_eq!(&v, record.value());
         assert_eq!(v["message_id"], "t-1");
         assert_eq!(v["reason"]["why"], "low_confidence");
         assert_eq!(v["reason"]["head"], "category");
@@ -236,9 +285,31 @@ mod tests {
         assert_eq!(v["message"]["body"], "my card is gone");
         assert_eq!(v["result"]["heads"]["tags"][0]["label"], "urgent");
         assert!(v["result"]["heads"].get("embedding").is_none(), "vectors stay out of escalations");
-        let bytes = escalation_record(&tag(b"\xff not json"), &classified(), &route, EscalationReason::OutOfDistribution);
-        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        let record = escalation_record(&tag(b"\xff not json"), &classified(), &route, EscalationReason::OutOfDistribution);
+        let v: Value = serde_json::from_slice(record.bytes()).unwrap();
         assert!(v["message"].is_string(), "a payload that is not JSON travels as text");
         assert_eq!(v["reason"]["why"], "out_of_distribution");
+    }
+
+    #[test]
+    fn a_record_too_large_is_cut_into_valid_json_that_says_so() {
+        let route = route(EscalationPolicy { head: None, threshold: 0.5, ood_threshold: None });
+        // Multi-byte characters and characters JSON must escape, so cuts land mid-character.
+        let body = "é\"\n\u{1}€".repeat(40_000);
+        let payload = serde_json::to_vec(&json!({ "body": body })).unwrap();
+        let record = escalation_record(&tag(&payload), &classified(), &route, EscalationReason::LowConfidence);
+        assert!(record.bytes().len() > 200_000);
+        for limit in [100_000, 4_096, 2_000] {
+            let cut = record.cut(limit).unwrap_or_else(|| panic!("no cut to {limit}"));
+            assert!(cut.len() <= limit, "{} > {limit}", cut.len());
+            let v: Value = serde_json::from_slice(&cut).unwrap();
+            assert_eq!(v["message_truncated"], true);
+            assert_eq!(v["message_id"], "t-1", "everything but the message text is kept");
+            assert_eq!(v["reason"]["why"], "low_confidence");
+            let text = v["message"].as_str().unwrap();
+            assert!(String::from_utf8_lossy(&payload).starts_with(text), "the text is a prefix of the original");
+            assert!(limit < 4_096 || text.len() > limit / 4, "the cut keeps a useful share: {} of {limit}", text.len());
+        }
+        assert!(record.cut(10).is_none(), "a limit smaller than the record's frame cannot be met");
     }
 }

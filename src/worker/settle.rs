@@ -8,12 +8,17 @@
 //!
 //! A message that needs more than one outcome (a row AND an escalation) asks the tracker for
 //! the extra acknowledgement BEFORE the extra write starts, so the row cannot finish it early.
+//!
+//! A write that can never complete (a side topic deleted or forbidden) is not acknowledged: it
+//! is reported on the fatal channel and the worker stops, committing only below it.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
+use tokio::sync::mpsc;
+
 use crate::sink::clickhouse::{ResultRow, Settle};
-use crate::sink::kafka::SideTopics;
+use crate::sink::kafka::{Fit, SideTopics, WriteError};
 use crate::source::offsets::{AckResult, Delivery, OffsetTracker};
 use crate::source::Consumed;
 use crate::telemetry::events::{Counters, DeadLetterReason, DeadLettered, Escalated, EscalationReason, InternalEvent, RowStored};
@@ -24,11 +29,18 @@ pub struct Settler {
     side_topics: Arc<SideTopics>,
     tracker: Arc<Mutex<OffsetTracker>>,
     counters: Arc<Counters>,
+    fatal: mpsc::Sender<WriteError>,
 }
 
 impl Settler {
-    pub fn new(side_topics: Arc<SideTopics>, tracker: Arc<Mutex<OffsetTracker>>, counters: Arc<Counters>) -> Self {
-        Settler { side_topics, tracker, counters }
+    /// `fatal` receives writes that can never complete; the worker stops on the first.
+    pub fn new(
+        side_topics: Arc<SideTopics>,
+        tracker: Arc<Mutex<OffsetTracker>>,
+        counters: Arc<Counters>,
+        fatal: mpsc::Sender<WriteError>,
+    ) -> Self {
+        Settler { side_topics, tracker, counters, fatal }
     }
 
     pub fn counters(&self) -> &Arc<Counters> {
@@ -49,7 +61,7 @@ impl Settler {
 
     /// Add an escalation to a message that will also be settled another way (its row). Returns
     /// false when the message's partition was revoked meanwhile: the next owner redoes it all.
-    pub fn escalate(&self, message: &Consumed, key: String, record: Vec<u8>, kind: String, reason: EscalationReason) -> bool {
+    pub fn escalate(&self, message: &Consumed, key: String, record: impl Fit + 'static, kind: String, reason: EscalationReason) -> bool {
         let added = self.tracker.lock().map(|mut t| t.add_acks(&message.delivery, 1)).unwrap_or(false);
         if added {
             let side_topics = self.side_topics.clone();
@@ -60,13 +72,27 @@ impl Settler {
         added
     }
 
-    /// Run `write` to completion (it retries until acknowledged), then acknowledge and emit.
-    fn after(&self, delivery: Delivery, write: impl Future<Output = ()> + Send + 'static, emit: impl FnOnce(&Counters) + Send + 'static) {
+    /// Run `write` to completion (it retries until acknowledged), then acknowledge and emit;
+    /// or, when it can never complete, leave the message unacknowledged and report it.
+    fn after(
+        &self,
+        delivery: Delivery,
+        write: impl Future<Output = Result<(), WriteError>> + Send + 'static,
+        emit: impl FnOnce(&Counters) + Send + 'static,
+    ) {
         let this = self.clone();
         tokio::spawn(async move {
-            write.await;
-            emit(&this.counters);
-            this.ack(&delivery);
+            match write.await {
+                Ok(()) => {
+                    emit(&this.counters);
+                    this.ack(&delivery);
+                }
+                Err(error) => {
+                    tracing::error!(%error, tp = %delivery.tp, offset = delivery.offset, "a side-topic write cannot complete: stopping");
+                    // One report is enough to stop; a full channel already holds one.
+                    let _ = this.fatal.try_send(error);
+                }
+            }
         });
     }
 

@@ -89,12 +89,18 @@ impl Env {
     }
 
     pub fn spawn_worker(&self, config: &Path, log_name: &str) -> Worker {
+        self.spawn_worker_env(config, log_name, &[])
+    }
+
+    /// `triage run` with extra environment variables (e.g. `TRIAGE_KAFKA__ESCALATION_TOPIC`).
+    pub fn spawn_worker_env(&self, config: &Path, log_name: &str, vars: &[(&str, &str)]) -> Worker {
         let log = self.dir.path().join(format!("{log_name}.log"));
         let file = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_triage"))
             .args(["run", "--config"])
             .arg(config)
             .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn,ort=warn")
+            .envs(vars.iter().copied())
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
             .stderr(file)
@@ -104,8 +110,13 @@ impl Env {
     }
 
     pub fn produce(&self, topic: &str, messages: &[(String, Vec<u8>)]) {
-        let producer: BaseProducer =
-            ClientConfig::new().set("bootstrap.servers", self.kafka.bootstrap_servers()).set("linger.ms", "5").create().unwrap();
+        // Large enough for the oversized messages the fault tests send.
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", self.kafka.bootstrap_servers())
+            .set("linger.ms", "5")
+            .set("message.max.bytes", "16000000")
+            .create()
+            .unwrap();
         for (key, payload) in messages {
             loop {
                 match producer.send(BaseRecord::to(topic).key(key.as_str()).payload(payload.as_slice())) {
@@ -164,6 +175,56 @@ impl Env {
     /// Distinct (topic, partition, offset) keys.
     pub fn distinct_keys(&self) -> u64 {
         self.query_u64("SELECT uniqExact(topic, partition, offset) FROM results")
+    }
+
+    /// Every record of a topic, read to the end offsets it has now (not "stop at N": a
+    /// duplicate or an extra record shows).
+    pub fn read_topic_to_end(&self, topic: &str) -> Vec<Record> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.kafka.bootstrap_servers())
+            .set("group.id", format!("reader-end-{topic}-{}", std::process::id()))
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+        let mut list = rdkafka::TopicPartitionList::new();
+        let mut remaining = 0i64;
+        for p in metadata.topics()[0].partitions() {
+            let (low, high) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10)).unwrap();
+            remaining += high - low;
+            list.add_partition_offset(topic, p.id(), rdkafka::Offset::Beginning).unwrap();
+        }
+        consumer.assign(&list).unwrap();
+        let mut out = Vec::new();
+        let start = Instant::now();
+        while (out.len() as i64) < remaining {
+            assert!(start.elapsed() < Duration::from_secs(60), "read {} of {remaining} records of {topic}", out.len());
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|x| (x.key.to_string(), x.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push((m.key().map(<[u8]>::to_vec), m.payload().unwrap_or_default().to_vec(), headers));
+            }
+        }
+        out
+    }
+
+    /// The group's committed offset of one partition (None: nothing committed).
+    pub fn committed(&self, topic: &str, partition: i32) -> Option<i64> {
+        let consumer: BaseConsumer = self.kafka_config().client(triage::config::ClientRole::Observer).create().unwrap();
+        let mut list = rdkafka::TopicPartitionList::new();
+        list.add_partition(topic, partition);
+        let committed = consumer.committed_offsets(list, Duration::from_secs(10)).unwrap();
+        let offset = committed.elements().first().map(|e| e.offset());
+        match offset {
+            Some(rdkafka::Offset::Offset(o)) => Some(o),
+            _ => None,
+        }
     }
 
     /// All records of a topic: (key, payload, headers).

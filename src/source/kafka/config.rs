@@ -15,8 +15,11 @@ use crate::config::Secret;
 pub enum ClientRole {
     /// The worker's group member: manual commits of what is done, cooperative rebalancing.
     Consumer,
-    /// Dead letters, escalations, `triage produce` and redrive's writes: idempotent, acks=all.
+    /// `triage produce` and redrive's writes: idempotent, acks=all.
     Producer,
+    /// The worker's dead-letter / escalation producer: a Producer whose `message.max.bytes`
+    /// admits any payload the worker accepts (`max_message_bytes`) plus its headers.
+    SideTopics { max_payload_bytes: usize },
     /// `triage redrive` reading the dead-letter topic in its own group (`<group_id>-redrive`).
     Redrive,
     /// Reads the group's committed offsets and the partitions' ends; joins nothing.
@@ -116,6 +119,12 @@ impl KafkaConfig {
             }
             ClientRole::Producer => {
                 c.set("enable.idempotence", "true").set("acks", "all").set("linger.ms", "5").set("compression.type", "zstd");
+            }
+            ClientRole::SideTopics { max_payload_bytes } => {
+                c.set("enable.idempotence", "true").set("acks", "all").set("linger.ms", "5").set("compression.type", "zstd");
+                // librdkafka's default (1,000,000) refuses a dead letter of a 1 MiB message.
+                let limit = max_payload_bytes.saturating_add(crate::sink::kafka::HEADER_ROOM_BYTES).max(1_000_000);
+                c.set("message.max.bytes", limit.to_string());
             }
             ClientRole::Redrive => {
                 c.set("group.id", format!("{}-redrive", self.group_id))
@@ -223,7 +232,13 @@ mod tests {
     #[test]
     fn every_role_gets_the_security_settings_and_the_properties() {
         let k = secured();
-        for role in [ClientRole::Consumer, ClientRole::Producer, ClientRole::Redrive, ClientRole::Observer] {
+        for role in [
+            ClientRole::Consumer,
+            ClientRole::Producer,
+            ClientRole::SideTopics { max_payload_bytes: 1 },
+            ClientRole::Redrive,
+            ClientRole::Observer,
+        ] {
             let c = k.client(role);
             assert_eq!(c.get("sasl.username"), Some("svc"), "{role:?}");
             assert_eq!(c.get("security.protocol"), Some("sasl_ssl"), "{role:?}");
@@ -233,5 +248,8 @@ mod tests {
         assert_eq!(k.client(ClientRole::Observer).get("group.id"), Some("triage"));
         assert_eq!(k.client(ClientRole::Producer).get("enable.idempotence"), Some("true"));
         assert_eq!(k.client(ClientRole::Producer).get("group.id"), None);
+        let side = k.client(ClientRole::SideTopics { max_payload_bytes: 2 << 20 });
+        assert_eq!(side.get("message.max.bytes"), Some((2 * 1024 * 1024 + 64 * 1024).to_string().as_str()), "any accepted payload fits");
+        assert_eq!(side.get("acks"), Some("all"));
     }
 }

@@ -104,3 +104,86 @@ pub fn commit_list(points: &[(TopicPartition, i64)]) -> TopicPartitionList {
     }
     list
 }
+
+/// Topics the worker writes to that the cluster does not have.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error(
+    "Kafka topic{} {} do{} not exist: triage writes {} there and does not create topics. Create {} first (e.g. `kafka-topics.sh --create --topic NAME --partitions 3 --replication-factor 3`, or a Strimzi KafkaTopic resource), or point kafka.dead_letter_topic / kafka.escalation_topic at existing ones",
+    if missing.len() > 1 { "s" } else { "" },
+    missing.iter().map(|t| format!("`{t}`")).collect::<Vec<_>>().join(" and "),
+    if missing.len() > 1 { "" } else { "es" },
+    if missing.len() > 1 { "dead letters and escalations" } else { "records" },
+    if missing.len() > 1 { "them" } else { "it" },
+)]
+pub struct MissingTopics {
+    pub missing: Vec<String>,
+}
+
+/// Which of `wanted` a metadata answer lacks: absent from it, or present with an error code
+/// meaning it does not exist. Other per-topic errors (a leader election) count as present:
+/// the topic exists and writes will be retried.
+pub fn missing_topics(wanted: &[&str], answer: &[(String, Option<rdkafka::types::RDKafkaRespErr>)]) -> Vec<String> {
+    use rdkafka::types::RDKafkaRespErr as E;
+    wanted
+        .iter()
+        .filter(|w| match answer.iter().find(|(name, _)| name == *w) {
+            None => true,
+            Some((_, Some(E::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART | E::RD_KAFKA_RESP_ERR__UNKNOWN_TOPIC))) => true,
+            Some(_) => false,
+        })
+        .map(|w| w.to_string())
+        .collect()
+}
+
+/// Ask the cluster whether `topics` exist, with a metadata request that does not create them.
+pub fn check_topics_exist(config: &KafkaConfig, topics: &[&str], timeout: std::time::Duration) -> Result<(), CheckTopicsError> {
+    let mut client = config.client(ClientRole::Observer);
+    client.set("allow.auto.create.topics", "false");
+    let consumer: BaseConsumer = client.create()?;
+    let mut answer = Vec::new();
+    for topic in topics {
+        let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+        answer.extend(metadata.topics().iter().map(|t| (t.name().to_string(), t.error())));
+    }
+    let missing = missing_topics(topics, &answer);
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(CheckTopicsError::Missing(MissingTopics { missing }))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckTopicsError {
+    #[error(transparent)]
+    Missing(#[from] MissingTopics),
+    #[error("asking Kafka which topics exist: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::types::RDKafkaRespErr as E;
+
+    use super::*;
+
+    #[test]
+    fn a_topic_is_missing_when_absent_or_unknown_but_not_when_merely_unavailable() {
+        let answer = vec![
+            ("dead".to_string(), None),
+            ("esc".to_string(), Some(E::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART)),
+            ("electing".to_string(), Some(E::RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE)),
+        ];
+        assert_eq!(missing_topics(&["dead", "electing"], &answer), Vec::<String>::new());
+        assert_eq!(missing_topics(&["dead", "esc", "gone"], &answer), vec!["esc".to_string(), "gone".to_string()]);
+    }
+
+    #[test]
+    fn the_error_names_each_missing_topic_and_how_to_create_it() {
+        let one = MissingTopics { missing: vec!["triage.escalations".into()] }.to_string();
+        assert!(one.starts_with("Kafka topic `triage.escalations` does not exist"), "{one}");
+        assert!(one.contains("kafka-topics.sh --create"), "{one}");
+        let two = MissingTopics { missing: vec!["a".into(), "b".into()] }.to_string();
+        assert!(two.starts_with("Kafka topics `a` and `b` do not exist"), "{two}");
+    }
+}

@@ -1,0 +1,113 @@
+//! Faults a production cluster produces, injected for real where the mock cluster can (oversized
+//! records, authorization failures, a missing topic), each asserting that no partition stalls
+//! and nothing is lost or double-counted. Decisions the mock cannot exercise are unit-tested
+//! beside the code (error classification in sink/kafka.rs, topic checks in source/kafka).
+
+mod common;
+
+use std::time::Duration;
+
+use common::worker::{messages, shared_clickhouse, wait_until, Env};
+use sha2::{Digest, Sha256};
+
+const MIN: Duration = Duration::from_secs(60);
+
+fn tiny() -> std::path::PathBuf {
+    common::test_model_dir("multihead-tiny")
+}
+
+fn env(name: &str) -> Env {
+    let env = Env::new(name, shared_clickhouse().url());
+    env.apply_schema();
+    env
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+#[test]
+fn a_two_mebibyte_message_is_dead_lettered_cut_and_its_partition_flows_on() {
+    let env = env("oversized");
+    env.kafka.create_topic("tickets", 1).unwrap();
+    let huge = format!("{{\"body\": \"{}\"}}", "refund ".repeat(300_000)).into_bytes(); // 2.1 MB > max_message_bytes
+    let large = format!("{{\"body\": \"{}\"}}", "parcel ".repeat(130_000)).into_bytes(); // 910 KB: under the limit
+    let mut batch = messages("before", 50);
+    batch.push(("huge".into(), huge.clone()));
+    batch.push(("large".into(), large));
+    batch.extend(messages("after", 50));
+    env.produce("tickets", &batch);
+    let config = env.write_config("o", &tiny(), &["tickets"], "");
+    let mut worker = env.spawn_worker_env(&config, "o", &[("TRIAGE_ESCALATION__ENABLED", "false")]);
+    env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
+    assert_eq!(worker.terminate(MIN), Some(0), "{}", worker.log_text());
+    assert_eq!(env.distinct_rows(), 101, "every message but the oversized one has its row");
+    let letters = env.read_topic_to_end("triage.dead-letter");
+    assert_eq!(letters.len(), 1, "one dead letter, written once");
+    let (key, payload, headers) = &letters[0];
+    assert_eq!(key.as_deref(), Some(&b"huge"[..]));
+    assert_eq!(header(headers, "triage.reason"), Some("too_large"));
+    assert_eq!(header(headers, "triage.truncated"), Some("true"));
+    assert_eq!(header(headers, "triage.original.size"), Some(huge.len().to_string().as_str()));
+    assert_eq!(header(headers, "triage.original.sha256"), Some(hex::encode(Sha256::digest(&huge)).as_str()));
+    assert!(payload.len() <= 1 << 20 && huge.starts_with(payload), "a prefix of at most max_message_bytes: {}", payload.len());
+}
+
+#[test]
+fn a_record_the_topic_refuses_as_too_large_is_cut_until_it_fits() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let env = env("topic_limit");
+    env.kafka.create_topic("tickets", 1).unwrap();
+    let not_json = vec![b'x'; 300_000];
+    let mut batch = messages("good", 20);
+    batch.push(("bad".into(), not_json.clone()));
+    env.produce("tickets", &batch);
+    // The broker refuses the first two writes as too large (a topic with a small max.message.bytes).
+    env.kafka.cluster().request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE; 2]);
+    let config = env.write_config("t", &tiny(), &["tickets"], "");
+    let mut worker = env.spawn_worker_env(&config, "t", &[("TRIAGE_ESCALATION__ENABLED", "false")]);
+    env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
+    assert_eq!(worker.terminate(MIN), Some(0), "{}", worker.log_text());
+    let letters = env.read_topic_to_end("triage.dead-letter");
+    assert_eq!(letters.len(), 1, "{} dead letters", letters.len());
+    let (_, payload, headers) = &letters[0];
+    assert_eq!(header(headers, "triage.reason"), Some("not_json"));
+    assert_eq!(header(headers, "triage.truncated"), Some("true"));
+    assert_eq!(header(headers, "triage.original.size"), Some("300000"));
+    assert!(payload.len() <= 75_000 && !payload.is_empty(), "halved per refusal: {} bytes", payload.len());
+    assert_eq!(env.distinct_rows(), 20);
+}
+
+#[test]
+fn a_missing_escalation_topic_stops_the_worker_at_start_naming_it() {
+    let env = env("missing_topic");
+    env.kafka.create_topic("tickets", 1).unwrap();
+    let config = env.write_config("m", &tiny(), &["tickets"], "");
+    let mut worker = env.spawn_worker_env(&config, "m", &[("TRIAGE_KAFKA__ESCALATION_TOPIC", "triage.nowhere")]);
+    wait_until(MIN, "the worker exits", || worker.exited().is_some());
+    assert_eq!(worker.exited(), Some(1));
+    let log = worker.log_text();
+    assert!(log.contains("Kafka topic `triage.nowhere` does not exist") && log.contains("--create"), "{log}");
+    assert!(env.read_topic_to_end("tickets").is_empty() && env.committed("tickets", 0).is_none(), "nothing consumed");
+}
+
+#[test]
+fn a_dead_letter_that_can_never_be_written_stops_the_worker_committing_only_below_it() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let env = env("forbidden");
+    env.kafka.create_topic("tickets", 1).unwrap();
+    let mut batch = messages("a", 20);
+    batch.push(("poison".into(), b"not json".to_vec())); // offset 20
+    batch.extend(messages("b", 20));
+    env.produce("tickets", &batch);
+    env.kafka.cluster().request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 100]);
+    let config = env.write_config("f", &tiny(), &["tickets"], "");
+    let mut worker = env.spawn_worker_env(&config, "f", &[("TRIAGE_ESCALATION__ENABLED", "false")]);
+    wait_until(2 * MIN, "the worker exits", || worker.exited().is_some());
+    assert_eq!(worker.exited(), Some(1));
+    let log = worker.log_text();
+    assert!(log.contains("cannot write to Kafka topic `triage.dead-letter`") && log.contains("uthorization"), "{log}");
+    let committed = env.committed("tickets", 0).unwrap_or(0);
+    assert!(committed <= 20, "committed {committed}: past the message whose dead letter was never written");
+    assert!(env.read_topic_to_end("triage.dead-letter").is_empty());
+}
