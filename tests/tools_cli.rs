@@ -32,6 +32,20 @@ fn config_check_validates_and_hides_secrets() {
     let out = triage().args(["config", "check"]).arg(&path).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field `unknown_key`"));
+
+    // A property that would break the delivery guarantee: refused by name, file or environment.
+    let route = format!("[[routes]]\ntopic = \"tickets\"\nkind = \"ticket\"\nmodel = \"{}\"\n", model.display());
+    std::fs::write(&path, format!("[kafka.properties]\n\"enable.auto.commit\" = \"true\"\n\n{route}")).unwrap();
+    let out = triage().args(["config", "check"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("`enable.auto.commit = true` would break"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(&path, format!("[kafka.properties]\n\"auto.offset.reset\" = \"latest\"\n\n{route}")).unwrap();
+    let out = triage().args(["config", "check"]).arg(&path).output().unwrap();
+    assert!(out.status.success(), "safe keys keep working: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]

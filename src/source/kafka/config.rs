@@ -98,6 +98,15 @@ impl Default for KafkaConfig {
     }
 }
 
+/// Settings triage makes for its delivery guarantee, which `[kafka.properties]` may not undo:
+/// (key, the only accepted values, why). `group.id` is refused outright (use `kafka.group_id`).
+pub const GUARANTEE_SETTINGS: &[(&str, &[&str], &str)] = &[
+    ("enable.auto.commit", &["false"], "offsets are committed only for messages that are done"),
+    ("enable.auto.offset.store", &["false"], "offsets are stored only for messages that are done"),
+    ("enable.idempotence", &["true"], "a retried dead letter or escalation must not be written twice"),
+    ("acks", &["all", "-1"], "an acknowledged dead letter or escalation must be on every in-sync replica"),
+];
+
 impl KafkaConfig {
     /// The librdkafka settings of one client role, `[kafka.properties]` applied last.
     pub fn client(&self, role: ClientRole) -> ClientConfig {
@@ -197,6 +206,20 @@ impl KafkaConfig {
         if !["earliest", "latest"].contains(&self.auto_offset_reset.as_str()) {
             return Err(format!("kafka.auto_offset_reset must be earliest or latest, not `{}`", self.auto_offset_reset));
         }
+        for (key, value) in &self.properties {
+            let key = key.trim().to_ascii_lowercase();
+            if key == "group.id" {
+                return Err("kafka.properties may not set `group.id`: set kafka.group_id (redrive derives its own group from it)".into());
+            }
+            if let Some((_, accepted, why)) = GUARANTEE_SETTINGS.iter().find(|(k, ..)| *k == key) {
+                if !accepted.iter().any(|a| a.eq_ignore_ascii_case(value.trim())) {
+                    return Err(format!(
+                        "kafka.properties `{key} = {value}` would break triage's delivery guarantee ({why}); remove it (triage sets {key} = {})",
+                        accepted[0]
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -227,6 +250,32 @@ mod tests {
         assert_eq!(c.get("partition.assignment.strategy"), Some("cooperative-sticky"));
         assert_eq!(c.get("fetch.max.bytes"), Some("1048576"));
         assert_eq!(c.get("auto.offset.reset"), Some("latest"), "pass-through properties are applied last");
+    }
+
+    #[test]
+    fn properties_that_would_break_the_guarantee_are_refused_by_name() {
+        let with = |k: &str, v: &str| KafkaConfig { properties: [(k.to_string(), v.to_string())].into(), ..KafkaConfig::default() };
+        for (key, value) in [
+            ("enable.auto.commit", "true"),
+            ("enable.auto.offset.store", "true"),
+            ("enable.idempotence", "false"),
+            ("acks", "1"),
+            ("ACKS", "0"),
+        ] {
+            let err = with(key, value).validate().unwrap_err();
+            assert!(err.contains(&format!("`{} = {value}`", key.to_ascii_lowercase())) && err.contains("guarantee"), "{err}");
+        }
+        assert!(with("group.id", "x").validate().unwrap_err().contains("kafka.group_id"));
+        for (key, value) in [
+            ("enable.auto.commit", "false"),
+            ("acks", "-1"),
+            ("auto.offset.reset", "latest"),
+            ("fetch.max.bytes", "1048576"),
+            ("ssl.endpoint.identification.algorithm", "none"),
+            ("sasl.oauthbearer.config", "x"),
+        ] {
+            assert_eq!(with(key, value).validate(), Ok(()), "{key} is safe to set");
+        }
     }
 
     #[test]
