@@ -111,6 +111,17 @@ impl LocalClickHouse {
         })
     }
 
+    /// Send a signal to the server's process group (SIGSTOP / SIGCONT to make it hang and
+    /// come back, in fault tests).
+    pub fn signal(&self, signal: i32) {
+        if let Some(child) = &self.child {
+            // SAFETY: signalling our own child's process group.
+            unsafe {
+                libc_kill(-(child.id() as i32), signal);
+            }
+        }
+    }
+
     /// Stop the server (SIGTERM, then SIGKILL after 10 s); the data directory stays.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -111,3 +111,84 @@ fn a_dead_letter_that_can_never_be_written_stops_the_worker_committing_only_belo
     assert!(committed <= 20, "committed {committed}: past the message whose dead letter was never written");
     assert!(env.read_topic_to_end("triage.dead-letter").is_empty());
 }
+
+fn alter(env: &Env, sql: &str) {
+    let client = clickhouse::Client::default().with_url(&env.clickhouse_url).with_database(&env.database).with_validation(false);
+    common::worker::runtime().block_on(client.query(sql).execute()).unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+#[test]
+fn when_every_row_is_rejected_and_the_table_is_unchanged_the_rows_are_dead_lettered_not_a_crash_loop() {
+    let env = env("all_rejected");
+    env.kafka.create_topic("tickets", 1).unwrap();
+    alter(&env, "ALTER TABLE results ADD COLUMN guard UInt8 DEFAULT throwIf(message_id LIKE 'x-%')");
+    env.produce("tickets", &messages("x", 60));
+    let config = env.write_config("r", &tiny(), &["tickets"], "");
+    let mut worker = env.spawn_worker_env(&config, "r", &[("TRIAGE_ESCALATION__ENABLED", "false")]);
+    env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
+    env.produce("tickets", &messages("y", 40));
+    env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
+    assert_eq!(worker.terminate(MIN), Some(0), "the worker kept running: {}", worker.log_text());
+    let letters = env.read_topic_to_end("triage.dead-letter");
+    let mut keys: Vec<String> =
+        letters.iter().map(|(k, ..)| String::from_utf8_lossy(k.as_deref().unwrap_or_default()).into_owned()).collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!((letters.len(), keys.len()), (60, 60), "each rejected message dead-lettered once");
+    assert!(keys.iter().all(|k| k.starts_with("x-")));
+    assert_eq!(env.distinct_rows(), 40, "the good messages after them landed");
+}
+
+#[test]
+fn a_column_changed_under_a_running_worker_stops_it_instead_of_dead_lettering_the_stream() {
+    let env = env("changed_column");
+    env.kafka.create_topic("tickets", 1).unwrap();
+    env.produce("tickets", &messages("a", 100));
+    let config = env.write_config("c", &tiny(), &["tickets"], "");
+    let mut worker = env.spawn_worker_env(&config, "c", &[("TRIAGE_ESCALATION__ENABLED", "false")]);
+    env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
+    alter(&env, "ALTER TABLE results MODIFY COLUMN text_chars UInt64");
+    env.produce("tickets", &messages("b", 100));
+    wait_until(2 * MIN, "the worker exits", || worker.exited().is_some());
+    assert_eq!(worker.exited(), Some(1));
+    let log = worker.log_text();
+    assert!(log.contains("text_chars is UInt64, expected UInt32"), "{log}");
+    assert!(env.read_topic_to_end("triage.dead-letter").is_empty(), "nothing dead-lettered for the table's fault");
+    assert_eq!(env.committed("tickets", 0), Some(100), "committed up to what was stored");
+}
+
+#[test]
+fn a_hung_clickhouse_times_out_and_retries_and_every_message_reads_once() {
+    // Its own server: this test freezes it.
+    let dir = tempfile::tempdir().unwrap();
+    let (http, tcp) = (triage::local::free_port().unwrap(), triage::local::free_port().unwrap());
+    let server = triage::local::LocalClickHouse::start_in(dir.path(), http, tcp).expect("clickhouse");
+    let env = Env::new("hung", server.url());
+    env.apply_schema();
+    env.kafka.create_topic("tickets", 2).unwrap();
+    // Event times spread over three years: FINAL must collapse replays across partitions.
+    let mut batch = messages("h", 3_000);
+    for (i, (_, payload)) in batch.iter_mut().enumerate() {
+        let mut v: serde_json::Value = serde_json::from_slice(payload).unwrap();
+        v["timestamp"] = serde_json::json!(1_640_000_000 + (i as u64 % 36) * 2_700_000);
+        *payload = v.to_string().into_bytes();
+    }
+    env.produce("tickets", &batch[..1_000]);
+    let config = env.write_config("h", &tiny(), &["tickets"], "");
+    let text = std::fs::read_to_string(&config).unwrap().replace("[[routes]]\n", "[[routes]]\nfields.timestamp = [\"timestamp\"]\n");
+    std::fs::write(&config, text.replacen("insert_interval_ms = 200\n", "insert_interval_ms = 200\ninsert_timeout_ms = 1500\n", 1))
+        .unwrap();
+    let mut worker = env.spawn_worker_env(&config, "h", &[("TRIAGE_ESCALATION__ENABLED", "false")]);
+    env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
+    server.signal(19); // SIGSTOP: connections open, nothing answers
+    env.produce("tickets", &batch[1_000..]);
+    let before = worker.log_text().len();
+    wait_until(MIN, "an insert times out", || worker.log_text()[before..].contains("ClickHouse insert failed; retrying"));
+    server.signal(18); // SIGCONT
+    env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
+    assert_eq!(worker.terminate(MIN), Some(0));
+    // A timed-out INSERT may still have landed: rows may repeat physically, never when read with FINAL.
+    assert_eq!(env.distinct_rows(), 3_000);
+    assert_eq!(env.distinct_keys(), 3_000);
+    assert!(env.query_u64("SELECT uniqExact(toYYYYMM(event_time)) FROM results") >= 30, "rows span many partitions");
+}

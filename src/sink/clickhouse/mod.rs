@@ -38,6 +38,47 @@ pub struct BlockPolicy {
     pub max_age: Duration,
 }
 
+/// UTC months per INSERT at most. The table is partitioned by `toYYYYMM(event_time)` in the
+/// SERVER's time zone, where one UTC month can touch two months: 50 UTC months stay within
+/// modern servers' default `max_partitions_per_insert_block` (100), so a backfill spanning years
+/// is inserted in slices instead of failing. A server set lower makes the sink split blocks.
+pub const MAX_MONTHS_PER_BLOCK: usize = 50;
+
+/// `YYYYMM` of a Unix time in UTC.
+pub fn utc_month(unix_seconds: u32) -> u32 {
+    // Howard Hinnant's days-to-civil algorithm.
+    let z = i64::from(unix_seconds / 86_400) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year * 100 + month) as u32
+}
+
+/// Take the next block from `buffer`: up to `max_rows` rows, oldest first, from at most
+/// `max_months` UTC months (rows of other months stay for a later block, in their order).
+pub fn take_block<T>(buffer: &mut Vec<SinkItem<T>>, max_rows: usize, max_months: usize) -> Vec<SinkItem<T>> {
+    let mut months: Vec<u32> = Vec::new();
+    let (mut block, mut rest) = (Vec::new(), Vec::new());
+    for item in buffer.drain(..) {
+        let month = utc_month(item.row.event_time);
+        let fits = block.len() < max_rows && (months.contains(&month) || months.len() < max_months);
+        if fits {
+            if !months.contains(&month) {
+                months.push(month);
+            }
+            block.push(item);
+        } else {
+            rest.push(item);
+        }
+    }
+    *buffer = rest;
+    block
+}
+
 type InsertResult<T> = (Vec<SinkItem<T>>, Result<Vec<(usize, String)>, SinkError>);
 
 /// Run until `rows` closes and everything is stored (or a fatal error).
@@ -55,8 +96,7 @@ pub async fn run<T: Send + 'static>(
         let flush_due =
             !buffer.is_empty() && (buffer.len() >= policy.max_rows || !open || oldest.is_some_and(|t| t.elapsed() >= policy.max_age));
         if running.is_none() && flush_due {
-            let take = buffer.len().min(policy.max_rows);
-            let mut block: Vec<SinkItem<T>> = buffer.drain(..take).collect();
+            let mut block = take_block(&mut buffer, policy.max_rows, MAX_MONTHS_PER_BLOCK);
             oldest = if buffer.is_empty() { None } else { Some(Instant::now()) };
             let now_ms = crate::time::now_ms();
             for item in &mut block {
@@ -118,6 +158,56 @@ mod tests {
         fn rejected(&self, ticket: u32, error: &str) {
             self.0.lock().unwrap().push((ticket, Some(error.to_string())));
         }
+    }
+
+    #[test]
+    fn utc_months_match_the_calendar() {
+        assert_eq!(utc_month(0), 197001);
+        assert_eq!(utc_month(951_782_400), 200002, "2000-02-29");
+        assert_eq!(utc_month(951_868_799), 200002, "2000-02-29 23:59:59");
+        assert_eq!(utc_month(951_868_800), 200003, "2000-03-01");
+        assert_eq!(utc_month(1_767_225_599), 202512, "2025-12-31 23:59:59");
+        assert_eq!(utc_month(1_767_225_600), 202601, "2026-01-01");
+        assert_eq!(utc_month(u32::MAX), 210602, "2106-02-07, DateTime's end");
+    }
+
+    #[test]
+    fn a_backfill_spanning_years_is_sliced_by_month_and_nothing_is_lost_or_reordered_within_a_month() {
+        // Ten years of rows, interleaved: every row a different month than its neighbour.
+        let month_seconds = 31 * 86_400;
+        let mut buffer: Vec<SinkItem<usize>> = (0..1_000)
+            .map(|i| SinkItem {
+                row: ResultRow { event_time: 1_500_000_000 + (i % 120) as u32 * month_seconds, ..Default::default() },
+                ticket: i,
+            })
+            .collect();
+        let mut seen = Vec::new();
+        let mut blocks = 0;
+        while !buffer.is_empty() {
+            let block = take_block(&mut buffer, 300, MAX_MONTHS_PER_BLOCK);
+            assert!(!block.is_empty(), "progress every call");
+            assert!(block.len() <= 300);
+            let months: std::collections::HashSet<u32> = block.iter().map(|i| utc_month(i.row.event_time)).collect();
+            assert!(months.len() <= MAX_MONTHS_PER_BLOCK, "{} months in one block", months.len());
+            seen.extend(block.iter().map(|i| i.ticket));
+            blocks += 1;
+        }
+        assert!(blocks >= 1_000 / 300 + 1, "ten years cannot go in blocks of 50 months: {blocks}");
+        let mut sorted = seen.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..1_000).collect::<Vec<_>>(), "every row exactly once");
+        let same_month: Vec<usize> = seen.iter().copied().filter(|t| t % 120 == 7).collect();
+        assert!(same_month.windows(2).all(|w| w[0] < w[1]), "within a month, oldest first");
+    }
+
+    #[test]
+    fn a_stream_of_one_month_fills_whole_blocks() {
+        let mut buffer: Vec<SinkItem<usize>> = (0..25)
+            .map(|i| SinkItem { row: ResultRow { event_time: 1_700_000_000 + i as u32, ..Default::default() }, ticket: i })
+            .collect();
+        assert_eq!(take_block(&mut buffer, 10, MAX_MONTHS_PER_BLOCK).len(), 10);
+        assert_eq!(buffer.len(), 15);
+        assert_eq!(buffer[0].ticket, 10);
     }
 
     #[test]

@@ -1,11 +1,18 @@
 //! Talking to ClickHouse: schema checks and INSERTs with retry and rejection isolation.
 //!
-//! Errors are sorted three ways. Transient (network, timeouts, overload codes): retried with
-//! backoff until they pass. Fatal (unknown table/database/column, authentication, a schema that
-//! does not match the row): the worker stops with the message, since every row would fail.
-//! Anything else is a rejection of the block's content: the block is split in halves until the
-//! rows ClickHouse rejects are isolated (they are dead-lettered by the caller); if every row of
-//! a multi-row block is rejected on its own, it is not the rows' fault: fatal.
+//! Errors are sorted by exception code and, where one code means two things, by text:
+//! - Content: an allow-list of codes that mean "this row's values" (parse, conversion, type,
+//!   range, `throwIf`'s 395, constraints). The block is split in halves until the rows at fault
+//!   are isolated; those are dead-lettered by the caller.
+//! - Too many partitions for one INSERT (252 with that text, modern servers): the block is split
+//!   (blocks are grouped by partition first, so only a server with a lower limit sees this).
+//! - Fatal (unknown table/database/column, authentication, read-only, unknown setting): every
+//!   row would fail, so the worker stops with the message, at start or at any later time.
+//! - Everything else, known or not (too many parts, disk full, Keeper/ZooKeeper, a replica away
+//!   such as 279, cancelled queries, timeouts, network, a proxy's error page): retried with
+//!   backoff until it passes, never dead-lettered.
+//! If every row of a block is rejected on its own, the table is checked again: a changed
+//! column stops the worker; otherwise the rows really are bad and are dead-lettered.
 
 use std::sync::Arc;
 
@@ -28,9 +35,10 @@ enum ErrorKind {
     Transient,
     Fatal,
     Content,
+    TooManyPartitions,
 }
 
-/// ClickHouse exception codes.
+/// ClickHouse exception codes after which nothing will ever be stored.
 const FATAL_CODES: &[u32] = &[
     8,   // THERE_IS_NO_COLUMN
     16,  // NO_SUCH_COLUMN_IN_TABLE
@@ -44,19 +52,33 @@ const FATAL_CODES: &[u32] = &[
     497, // ACCESS_DENIED
     516, // AUTHENTICATION_FAILED
 ];
-const TRANSIENT_CODES: &[u32] = &[
-    3,   // UNEXPECTED_END_OF_FILE (connection cut mid-body)
-    159, // TIMEOUT_EXCEEDED
-    202, // TOO_MANY_SIMULTANEOUS_QUERIES
-    203, // NO_FREE_CONNECTION
-    209, // SOCKET_TIMEOUT
-    210, // NETWORK_ERROR
-    241, // MEMORY_LIMIT_EXCEEDED
-    242, // TABLE_IS_READ_ONLY (replica lost ZooKeeper session)
-    252, // TOO_MANY_PARTS
-    319, // UNKNOWN_STATUS_OF_INSERT
-    425, // SYSTEM_ERROR
+
+/// Codes that blame the inserted values: the only errors that can dead-letter a row.
+const CONTENT_CODES: &[u32] = &[
+    6,   // CANNOT_PARSE_TEXT
+    26,  // CANNOT_PARSE_QUOTED_STRING
+    27,  // CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    32,  // ATTEMPT_TO_READ_AFTER_EOF (RowBinary out of step with the columns)
+    33,  // CANNOT_READ_ALL_DATA (likewise)
+    38,  // CANNOT_PARSE_DATE
+    41,  // CANNOT_PARSE_DATETIME
+    53,  // TYPE_MISMATCH
+    69,  // ARGUMENT_OUT_OF_BOUND
+    70,  // CANNOT_CONVERT_TYPE
+    72,  // CANNOT_PARSE_NUMBER
+    117, // INCORRECT_DATA
+    131, // TOO_LARGE_STRING_SIZE
+    190, // SIZES_OF_ARRAYS_DOESNT_MATCH
+    321, // VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
+    349, // CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN
+    395, // FUNCTION_THROW_IF_VALUE_IS_NON_ZERO
+    407, // DECIMAL_OVERFLOW
+    469, // VIOLATED_CONSTRAINT
 ];
+
+/// 252 is TOO_MANY_PARTS (wait: merges catch up) and, on modern servers, also "Too many
+/// partitions for single INSERT block" (split the block).
+const TOO_MANY_PARTS_OR_PARTITIONS: u32 = 252;
 
 fn exception_code(message: &str) -> Option<u32> {
     let rest = &message[message.find("Code: ")? + 6..];
@@ -68,14 +90,25 @@ fn classify(error: &clickhouse::error::Error) -> ErrorKind {
     match error {
         E::BadResponse(message) => match exception_code(message) {
             Some(code) if FATAL_CODES.contains(&code) => ErrorKind::Fatal,
-            Some(code) if TRANSIENT_CODES.contains(&code) => ErrorKind::Transient,
-            Some(_) => ErrorKind::Content,
-            // An error page without a ClickHouse code: a proxy or load balancer.
-            None => ErrorKind::Transient,
+            Some(code) if CONTENT_CODES.contains(&code) => ErrorKind::Content,
+            Some(TOO_MANY_PARTS_OR_PARTITIONS) if message.to_ascii_lowercase().contains("too many partitions") => {
+                ErrorKind::TooManyPartitions
+            }
+            // Server state (parts, disk, Keeper, replicas, memory, cancelled), unknown codes, and
+            // error pages without a code (a proxy): waiting can fix them, dead-lettering cannot.
+            _ => ErrorKind::Transient,
         },
         E::Network(_) | E::TimedOut => ErrorKind::Transient,
         _ => ErrorKind::Fatal,
     }
+}
+
+/// Why ClickHouse refused a block as it is.
+enum Rejection {
+    /// A row's values (isolated by splitting, then dead-lettered).
+    Content(String),
+    /// The block spans more partitions than the server takes in one INSERT (split it).
+    TooManyPartitions(String),
 }
 
 pub struct ClickHouseService {
@@ -217,8 +250,8 @@ impl ClickHouseService {
             let started = std::time::Instant::now();
             match self.insert_retrying(&rows[start..end]).await? {
                 None => BlockInserted { rows: end - start, elapsed: started.elapsed() }.emit(&self.counters),
-                Some(error) if end - start == 1 => rejected.push((start, error)),
-                Some(error) => {
+                Some(Rejection::Content(error)) if end - start == 1 => rejected.push((start, error)),
+                Some(Rejection::Content(error) | Rejection::TooManyPartitions(error)) => {
                     BlockSplit { rows: end - start, error: &error }.emit(&self.counters);
                     let mid = start + (end - start) / 2;
                     todo.push((mid, end));
@@ -227,15 +260,29 @@ impl ClickHouseService {
             }
         }
         if rows.len() > 1 && rejected.len() == rows.len() {
-            return Err(SinkError::Fatal(format!("all {} rows of a block were rejected one by one", rows.len())));
+            // Not one row could be stored: the table may have changed under us. If it did, stop
+            // (dead-lettering would empty the stream into the dead-letter topic); if it did not,
+            // the rows really are bad.
+            match self.check_schema().await {
+                Ok(()) => tracing::warn!(
+                    rows = rows.len(),
+                    "every row of a block was rejected, but the table is as expected: dead-lettering them"
+                ),
+                Err(Err(fatal)) => return Err(fatal),
+                Err(Ok(transient)) => {
+                    return Err(SinkError::Fatal(format!(
+                        "every row of a block was rejected and the table could not be checked ({transient})"
+                    )))
+                }
+            }
         }
         RowsRejected { rows: rejected.len() }.emit(&self.counters);
         rejected.sort_unstable_by_key(|(index, _)| *index);
         Ok(rejected)
     }
 
-    /// One block: Ok(None) stored, Ok(Some(e)) rejected for its content, Err fatal.
-    async fn insert_retrying(&self, rows: &[ResultRow]) -> Result<Option<String>, SinkError> {
+    /// One block: Ok(None) stored, Ok(Some(_)) refused as it is (split it), Err fatal.
+    async fn insert_retrying(&self, rows: &[ResultRow]) -> Result<Option<Rejection>, SinkError> {
         let mut attempt = 0;
         loop {
             let error = match self.insert_once(rows).await {
@@ -244,8 +291,10 @@ impl ClickHouseService {
             };
             match classify(&error) {
                 ErrorKind::Fatal => return Err(SinkError::Fatal(error.to_string())),
-                ErrorKind::Content => return Ok(Some(error.to_string())),
-                ErrorKind::Transient => {
+                ErrorKind::Content => return Ok(Some(Rejection::Content(error.to_string()))),
+                ErrorKind::TooManyPartitions if rows.len() > 1 => return Ok(Some(Rejection::TooManyPartitions(error.to_string()))),
+                // One row is one partition: this cannot be its fault, wait like for any state.
+                ErrorKind::Transient | ErrorKind::TooManyPartitions => {
                     attempt += 1;
                     let delay = self.backoff.delay(attempt);
                     InsertRetried { rows: rows.len(), attempt, error: &error, delay }.emit(&self.counters);
@@ -265,9 +314,39 @@ mod tests {
         let e = |m: &str| clickhouse::error::Error::BadResponse(m.to_string());
         assert_eq!(exception_code("Code: 60, e.displayText() = DB::Exception: Table triage.results doesn't exist"), Some(60));
         assert_eq!(classify(&e("Code: 60. DB::Exception: Table x doesn't exist. (UNKNOWN_TABLE)")), ErrorKind::Fatal);
-        assert_eq!(classify(&e("Code: 252, e.displayText() = DB::Exception: Too many parts")), ErrorKind::Transient);
+        assert_eq!(
+            classify(&e(
+                "Code: 252, e.displayText() = DB::Exception: Too many parts (300). Merges are processing significantly slower than inserts"
+            )),
+            ErrorKind::Transient
+        );
+        assert_eq!(
+            classify(&e("Code: 252. DB::Exception: Too many partitions for single INSERT block (more than 100). (TOO_MANY_PARTS)")),
+            ErrorKind::TooManyPartitions
+        );
         assert_eq!(classify(&e("Code: 395, e.displayText() = DB::Exception: poison row")), ErrorKind::Content);
+        assert_eq!(
+            classify(&e("Code: 27. DB::Exception: Cannot parse input: expected ',' (CANNOT_PARSE_INPUT_ASSERTION_FAILED)")),
+            ErrorKind::Content
+        );
         assert_eq!(classify(&e("<html>502 Bad Gateway</html>")), ErrorKind::Transient);
         assert_eq!(classify(&clickhouse::error::Error::TimedOut), ErrorKind::Transient);
+        // Server state is never the rows' fault: retried, never dead-lettered.
+        for state in [
+            "Code: 243. DB::Exception: Cannot reserve 1.00 MiB, not enough space. (NOT_ENOUGH_SPACE)",
+            "Code: 279. DB::Exception: All connection tries failed. (ALL_CONNECTION_TRIES_FAILED)",
+            "Code: 999. Coordination::Exception: Connection loss. (KEEPER_EXCEPTION)",
+            "Code: 225. DB::Exception: ZooKeeper session has been expired. (NO_ZOOKEEPER)",
+            "Code: 394. DB::Exception: Query was cancelled. (QUERY_WAS_CANCELLED)",
+            "Code: 241. DB::Exception: Memory limit (total) exceeded. (MEMORY_LIMIT_EXCEEDED)",
+            "Code: 1002. DB::Exception: some code nobody has seen yet",
+        ] {
+            assert_eq!(classify(&e(state)), ErrorKind::Transient, "{state}");
+        }
+        for fatal in
+            ["Code: 516. DB::Exception: default: Authentication failed", "Code: 16. DB::Exception: No such column ood_score in table"]
+        {
+            assert_eq!(classify(&e(fatal)), ErrorKind::Fatal, "{fatal}");
+        }
     }
 }
