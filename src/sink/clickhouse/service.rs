@@ -11,6 +11,7 @@
 //! - Everything else, known or not (too many parts, disk full, Keeper/ZooKeeper, a replica away
 //!   such as 279, cancelled queries, timeouts, network, a proxy's error page): retried with
 //!   backoff until it passes, never dead-lettered.
+//!
 //! If every row of a block is rejected on its own, the table is checked again: a changed
 //! column stops the worker; otherwise the rows really are bad and are dead-lettered.
 
