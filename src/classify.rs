@@ -257,6 +257,7 @@ fn error_record(tag: &LineTag, e: &ClassifyError) -> Value {
         ClassifyError::Input(d) => (d.reason.as_str(), d.detail.clone()),
         ClassifyError::Tokenize(d) => ("tokenize_failed", d.clone()),
         ClassifyError::Inference(d) => ("inference_failed", d.clone()),
+        ClassifyError::Backend(d) => ("backend_failed", d.clone()),
     };
     json!({"line": tag.line, "id": tag.id, "error": {"reason": reason, "detail": detail}})
 }

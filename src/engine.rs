@@ -88,8 +88,14 @@ pub enum ClassifyError {
     Input(#[from] crate::message::DecodeError),
     #[error("tokenizer failed: {0}")]
     Tokenize(String),
-    #[error("inference failed for the batch: {0}")]
+    /// This message fails alone (isolated by splitting its batch) while the model still
+    /// answers other input: the message is at fault.
+    #[error("inference failed on this message: {0}")]
     Inference(String),
+    /// The backend fails on input it answered before (device lost, out of memory): nothing can
+    /// be classified, and the message is not at fault.
+    #[error("the inference backend is failing on every input: {0}")]
+    Backend(String),
 }
 
 #[derive(Debug, Clone)]
@@ -261,6 +267,9 @@ impl<T: Send + 'static> Engine<T> {
             return Err(ModelError::invalid(name, "an engine needs at least one inference backend"));
         }
         let count = backends.len();
+        // What a failing backend is checked against: a text any model must take.
+        let probe =
+            encoder.encode(PROBE_TEXT).map_err(|e| ModelError::invalid(name, format!("the tokenizer fails on a plain text: {e}")))?;
         let stats = Arc::new(EngineStats::default());
         let (request_tx, request_rx) = flume::bounded::<Request<T>>(config.queue_capacity);
         let (token_tx, token_rx) = flume::bounded::<Tokenized<T>>(config.queue_capacity);
@@ -282,7 +291,8 @@ impl<T: Send + 'static> Engine<T> {
 
         for (i, backend) in backends.into_iter().enumerate() {
             let (rx, out, stats, name) = (batch_rx.clone(), outcomes.clone(), stats.clone(), name.to_string());
-            threads.push(spawn(format!("triage-infer-{i}"), move || inference_loop(backend, rx, out, &stats, &name)));
+            let probe = probe.clone();
+            threads.push(spawn(format!("triage-infer-{i}"), move || inference_loop(backend, probe, rx, out, &stats, &name)));
         }
         Ok(Engine { submitter: Some(Submitter { requests: request_tx, stats: stats.clone() }), threads, stats })
     }
@@ -400,8 +410,41 @@ fn batch_loop<T>(
     }
 }
 
+/// Checked against when messages fail, to tell a poison message from a failing backend.
+const PROBE_TEXT: &str = "where is my order";
+
+/// Run a batch; a panic in the backend counts as a failure of the batch.
+fn run_guarded(backend: &mut dyn Backend, batch: &[&Encoded]) -> Result<Vec<Prediction>, String> {
+    match std::panic::catch_unwind(AssertUnwindSafe(|| backend.run(batch))) {
+        Ok(Ok(predictions)) if predictions.len() == batch.len() => Ok(predictions),
+        Ok(Ok(predictions)) => Err(format!("the backend returned {} predictions for {} messages", predictions.len(), batch.len())),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(panic) => Err(format!(
+            "the backend panicked: {}",
+            panic.downcast_ref::<String>().map(String::as_str).or(panic.downcast_ref::<&str>().copied()).unwrap_or("(no message)")
+        )),
+    }
+}
+
+/// Run a batch; when it fails, split it in halves until every message that fails, fails alone.
+/// Returns one result per message, in batch order, and how many backend runs it took.
+pub fn run_isolating(backend: &mut dyn Backend, batch: &[&Encoded]) -> (Vec<Result<Prediction, String>>, usize) {
+    match run_guarded(backend, batch) {
+        Ok(predictions) => (predictions.into_iter().map(Ok).collect(), 1),
+        Err(e) if batch.len() <= 1 => (vec![Err(e)], 1),
+        Err(_) => {
+            let mid = batch.len() / 2;
+            let (mut left, a) = run_isolating(backend, &batch[..mid]);
+            let (right, b) = run_isolating(backend, &batch[mid..]);
+            left.extend(right);
+            (left, 1 + a + b)
+        }
+    }
+}
+
 fn inference_loop<T>(
     mut backend: Box<dyn Backend>,
+    mut probe: Encoded,
     batches: flume::Receiver<Batch<Tokenized<T>>>,
     outcomes: flume::Sender<Outcome<T>>,
     stats: &EngineStats,
@@ -411,38 +454,46 @@ fn inference_loop<T>(
     for batch in batches.iter() {
         let start = Instant::now();
         let encoded: Vec<&Encoded> = batch.items.iter().map(|t| &t.encoded).collect();
-        let result = backend.run(&encoded);
+        // When the batch fails, ask the backend about input it has answered before: if that
+        // fails too the backend is broken (no bisection, no blame); else isolate the culprits.
+        let (results, backend_broken) = match run_guarded(backend.as_mut(), &encoded) {
+            Ok(predictions) => (predictions.into_iter().map(Ok).collect::<Vec<_>>(), false),
+            Err(e) => match run_guarded(backend.as_mut(), &[&probe]) {
+                Err(_) => (vec![Err(e); encoded.len()], true),
+                Ok(_) if encoded.len() == 1 => (vec![Err(e)], false),
+                Ok(_) => (run_isolating(backend.as_mut(), &encoded).0, false),
+            },
+        };
         let inference = start.elapsed();
         inference_seconds.record(inference.as_secs_f64());
         stats.inference_nanos.fetch_add(inference.as_nanos() as u64, Ordering::Relaxed);
         let batch_size = batch.items.len();
-        match result {
-            Ok(predictions) => {
-                stats.classified.fetch_add(batch_size as u64, Ordering::Relaxed);
-                for (item, prediction) in batch.items.into_iter().zip(predictions) {
-                    let classified = Classified {
-                        prediction,
-                        tokens: item.encoded.len(),
-                        truncated: item.encoded.truncated,
-                        chars: item.encoded.chars,
-                        queued: start.saturating_duration_since(item.submitted),
-                        inference,
-                        batch_size,
-                    };
-                    if outcomes.send(Outcome { tag: item.tag, result: Ok(classified) }).is_err() {
-                        return;
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, batch_size, "inference failed");
-                stats.failed.fetch_add(batch_size as u64, Ordering::Relaxed);
-                for item in batch.items {
-                    let err = ClassifyError::Inference(e.to_string());
-                    if outcomes.send(Outcome { tag: item.tag, result: Err(err) }).is_err() {
-                        return;
-                    }
-                }
+        let failed = results.iter().filter(|r| r.is_err()).count();
+        if failed > 0 {
+            tracing::error!(batch_size, failed, backend_broken, "inference failed");
+            stats.failed.fetch_add(failed as u64, Ordering::Relaxed);
+        }
+        stats.classified.fetch_add((batch_size - failed) as u64, Ordering::Relaxed);
+        // The next check uses input this backend has just answered.
+        if let Some(answered) = batch.items.iter().zip(&results).find(|(_, r)| r.is_ok()) {
+            probe = answered.0.encoded.clone();
+        }
+        for (item, result) in batch.items.into_iter().zip(results) {
+            let result = match result {
+                Ok(prediction) => Ok(Classified {
+                    prediction,
+                    tokens: item.encoded.len(),
+                    truncated: item.encoded.truncated,
+                    chars: item.encoded.chars,
+                    queued: start.saturating_duration_since(item.submitted),
+                    inference,
+                    batch_size,
+                }),
+                Err(e) if backend_broken => Err(ClassifyError::Backend(e)),
+                Err(e) => Err(ClassifyError::Inference(e)),
+            };
+            if outcomes.send(Outcome { tag: item.tag, result }).is_err() {
+                return;
             }
         }
     }
@@ -504,6 +555,11 @@ mod tests {
     struct Fake {
         /// Fail any batch holding this token id.
         poison: Option<u32>,
+        /// Panic on any batch holding this token id.
+        panic_on: Option<u32>,
+        /// Fail everything once this many batches have run (a device lost mid-stream).
+        broken_after: Option<usize>,
+        runs: usize,
         /// Sleep per batch (backends of different speeds finish batches out of order).
         delay: Duration,
         gate: Option<Arc<Gate>>,
@@ -515,6 +571,13 @@ mod tests {
                 gate.wait();
             }
             std::thread::sleep(self.delay);
+            self.runs += 1;
+            if self.broken_after.is_some_and(|n| self.runs > n) {
+                return Err(ModelError::Inference("CUDA error: device lost".into()));
+            }
+            if let Some(p) = self.panic_on {
+                assert!(!batch.iter().any(|e| e.ids.contains(&p)), "a bug in a head on this input");
+            }
             if let Some(p) = self.poison {
                 if batch.iter().any(|e| e.ids.contains(&p)) {
                     return Err(ModelError::Inference("the fake backend fails on the poison token".into()));
@@ -524,8 +587,14 @@ mod tests {
         }
     }
 
+    impl Default for Fake {
+        fn default() -> Self {
+            Fake { poison: None, panic_on: None, broken_after: None, runs: 0, delay: Duration::ZERO, gate: None }
+        }
+    }
+
     fn fake(delay_ms: u64) -> Box<dyn Backend> {
-        Box::new(Fake { poison: None, delay: Duration::from_millis(delay_ms), gate: None })
+        Box::new(Fake { delay: Duration::from_millis(delay_ms), ..Fake::default() })
     }
 
     fn texts(n: usize) -> Vec<String> {
@@ -574,28 +643,83 @@ mod tests {
         assert!(rx.try_recv().is_err(), "nothing beyond one outcome per message");
     }
 
-    #[test]
-    fn a_failing_batch_fails_its_own_messages_only() {
-        let encoder = encoder();
-        let poison = encoder.encode("xylophone").unwrap().ids[1];
-        let backend = Box::new(Fake { poison: Some(poison), delay: Duration::ZERO, gate: None });
+    fn outcomes_of(backend: Fake, inputs: &[&str], batch_size: usize) -> Vec<Outcome<usize>> {
         let (tx, rx) = flume::unbounded();
-        let engine = Engine::with_backends("fake", encoder.clone(), vec![backend], &config(1, 8), tx).unwrap();
-        let inputs = ["card lost", "xylophone", "where is my parcel", "refund please"];
+        // One batch holds every input: a long max_wait, released by the flush at shutdown.
+        let config =
+            EngineConfig { policy: BatchPolicy { max_wait_ms: 60_000, ..config(batch_size, 64).policy }, ..config(batch_size, 64) };
+        let engine = Engine::with_backends("fake", encoder(), vec![Box::new(backend)], &config, tx).unwrap();
         for (i, text) in inputs.iter().enumerate() {
             engine.submit(i, rendered(text)).unwrap();
         }
         engine.shutdown();
         let mut outcomes: Vec<_> = rx.try_iter().collect();
         outcomes.sort_by_key(|o| o.tag);
-        assert_eq!(outcomes.len(), 4);
-        for o in &outcomes {
-            match (o.tag, &o.result) {
-                (1, Err(ClassifyError::Inference(e))) => assert!(e.contains("poison"), "{e}"),
-                (1, other) => panic!("the poisoned message must fail: {other:?}"),
-                (i, Ok(c)) => assert_eq!(c.prediction, predict(&encoder.encode(inputs[i]).unwrap())),
+        assert_eq!(outcomes.len(), inputs.len());
+        outcomes
+    }
+
+    const INPUTS: [&str; 8] =
+        ["card lost", "where is my parcel", "refund please", "xylophone", "charged twice", "login broken", "return label", "hello"];
+
+    #[test]
+    fn a_poison_message_is_isolated_from_its_batch_and_fails_alone() {
+        let encoder = encoder();
+        let poison = encoder.encode("xylophone").unwrap().ids[1];
+        for outcome in outcomes_of(Fake { poison: Some(poison), ..Fake::default() }, &INPUTS, 16) {
+            match (outcome.tag, &outcome.result) {
+                (3, Err(ClassifyError::Inference(e))) => assert!(e.contains("poison"), "{e}"),
+                (3, other) => panic!("the poisoned message must fail alone: {other:?}"),
+                (i, Ok(c)) => assert_eq!(c.prediction, predict(&encoder.encode(INPUTS[i]).unwrap())),
                 (i, Err(e)) => panic!("message {i} failed with the poisoned one's batch: {e}"),
             }
+        }
+    }
+
+    #[test]
+    fn bisection_finds_the_poison_in_logarithmic_runs() {
+        let encoder = encoder();
+        let poison = encoder.encode("xylophone").unwrap().ids[1];
+        let texts: Vec<String> = (0..32).map(|i| if i == 21 { "xylophone".into() } else { format!("parcel {i}") }).collect();
+        let encoded: Vec<Encoded> = texts.iter().map(|t| encoder.encode(t).unwrap()).collect();
+        let refs: Vec<&Encoded> = encoded.iter().collect();
+        let mut backend = Fake { poison: Some(poison), ..Fake::default() };
+        let (results, runs) = run_isolating(&mut backend, &refs);
+        assert_eq!(results.iter().filter(|r| r.is_err()).count(), 1);
+        assert!(results[21].is_err());
+        assert!(runs <= 2 * 5 + 1, "32 messages, one poison: {runs} runs");
+    }
+
+    #[test]
+    fn a_panicking_backend_costs_the_one_message_that_makes_it_panic() {
+        let encoder = encoder();
+        let marker = encoder.encode("xylophone").unwrap().ids[1];
+        for outcome in outcomes_of(Fake { panic_on: Some(marker), ..Fake::default() }, &INPUTS, 16) {
+            match (outcome.tag, &outcome.result) {
+                (3, Err(ClassifyError::Inference(e))) => assert!(e.contains("panicked") && e.contains("a bug in a head"), "{e}"),
+                (3, other) => panic!("{other:?}"),
+                (i, r) => assert!(r.is_ok(), "message {i}: {r:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_backend_that_fails_on_everything_is_reported_as_broken_not_as_poison() {
+        // The first batch (the probe's check included) passes; then the device is lost.
+        let backend = Fake { broken_after: Some(1), ..Fake::default() };
+        let (tx, rx) = flume::unbounded();
+        let engine = Engine::with_backends("fake", encoder(), vec![Box::new(backend)], &config(4, 64), tx).unwrap();
+        engine.submit(0, rendered("card lost")).unwrap();
+        let first = rx.recv().unwrap();
+        assert!(first.result.is_ok());
+        for i in 1..=8 {
+            engine.submit(i, rendered(INPUTS[i % INPUTS.len()])).unwrap();
+        }
+        engine.shutdown();
+        let rest: Vec<_> = rx.try_iter().collect();
+        assert_eq!(rest.len(), 8);
+        for o in rest {
+            assert!(matches!(&o.result, Err(ClassifyError::Backend(e)) if e.contains("device lost")), "message {}: {:?}", o.tag, o.result);
         }
     }
 
@@ -616,7 +740,7 @@ mod tests {
     #[test]
     fn submissions_wait_while_the_backend_is_stuck_then_all_complete() {
         let gate = Arc::new(Gate::default());
-        let backend = Box::new(Fake { poison: None, delay: Duration::ZERO, gate: Some(gate.clone()) });
+        let backend = Box::new(Fake { gate: Some(gate.clone()), ..Fake::default() });
         let (tx, rx) = flume::unbounded();
         let engine = Engine::with_backends("fake", encoder(), vec![backend], &config(1, 2), tx).unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));

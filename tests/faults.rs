@@ -192,3 +192,38 @@ fn a_hung_clickhouse_times_out_and_retries_and_every_message_reads_once() {
     assert_eq!(env.distinct_keys(), 3_000);
     assert!(env.query_u64("SELECT uniqExact(toYYYYMM(event_time)) FROM results") >= 30, "rows span many partitions");
 }
+
+#[test]
+fn a_message_the_model_fails_on_is_dead_lettered_alone_and_the_rest_land() {
+    let env = env("poison_model");
+    env.kafka.create_topic("tickets", 1).unwrap();
+    let mut batch = messages("p", 200);
+    // "thyroid" is token 29610: past the poison model's embedding table, so ONNX Runtime fails.
+    batch.insert(77, ("marked".into(), br#"{"subject": "thyroid", "body": "my thyroid results"}"#.to_vec()));
+    env.produce("tickets", &batch);
+    let config = env.write_config("p", &common::test_model_dir("poison-tiny"), &["tickets"], "");
+    let mut worker = env.spawn_worker_env(&config, "p", &[("TRIAGE_ESCALATION__ENABLED", "false")]);
+    env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
+    assert_eq!(worker.terminate(MIN), Some(0), "{}", worker.log_text());
+    assert_eq!(env.distinct_rows(), 200, "the marked message's batch-mates all landed");
+    let letters = env.read_topic_to_end("triage.dead-letter");
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].0.as_deref(), Some(&b"marked"[..]));
+    assert_eq!(header(&letters[0].2, "triage.reason"), Some("inference_failed"));
+    assert!(header(&letters[0].2, "triage.detail").is_some_and(|d| d.contains("Gather") || d.contains("out of")), "{:?}", letters[0].2);
+}
+
+#[test]
+fn a_model_that_fails_on_everything_stops_the_worker_without_dead_lettering_the_stream() {
+    let env = env("broken_model");
+    env.kafka.create_topic("tickets", 1).unwrap();
+    env.produce("tickets", &messages("b", 300));
+    let config = env.write_config("b", &common::test_model_dir("broken-tiny"), &["tickets"], "");
+    let mut worker = env.spawn_worker_env(&config, "b", &[("TRIAGE_ESCALATION__ENABLED", "false")]);
+    wait_until(2 * MIN, "the worker exits", || worker.exited().is_some());
+    assert_eq!(worker.exited(), Some(1));
+    let log = worker.log_text();
+    assert!(log.contains("the inference backend is failing on every input") && log.contains("broken-tiny"), "{log}");
+    assert!(env.read_topic_to_end("triage.dead-letter").is_empty(), "not one message blamed");
+    assert!(env.committed("tickets", 0).is_none(), "nothing committed");
+}

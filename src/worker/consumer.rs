@@ -24,7 +24,6 @@ use super::settle::Settler;
 use super::WorkerError;
 use crate::engine::{Engine, Submitter};
 use crate::sink::clickhouse::SinkError;
-use crate::sink::kafka::WriteError;
 use crate::source::kafka::{commit_list, TrackingContext};
 use crate::source::offsets::{OffsetTracker, TopicPartition};
 use crate::source::{Consumed, SourceMessage};
@@ -61,8 +60,9 @@ impl State {
 pub(super) struct Downstream {
     pub sink: JoinHandle<Result<(), SinkError>>,
     pub results: JoinHandle<()>,
-    /// Side-topic writes that can never complete.
-    pub fatal: tokio::sync::mpsc::Receiver<WriteError>,
+    /// What stops the worker from downstream (a side-topic write that can never complete, a
+    /// failing inference backend).
+    pub fatal: tokio::sync::mpsc::Receiver<WorkerError>,
 }
 
 pub(super) struct Limits {
@@ -123,7 +123,7 @@ impl Consumer {
                         Err(e) => break Some(WorkerError::TaskFailed { task: "ClickHouse sink", detail: e.to_string() }),
                     }
                 }
-                Some(error) = fatal.recv() => break Some(error.into()),
+                Some(error) = fatal.recv() => break Some(error),
                 _ = tick.tick() => {
                     let in_flight = self.in_flight();
                     metrics::gauge!(IN_FLIGHT).set(in_flight as f64);

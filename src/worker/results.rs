@@ -33,11 +33,16 @@ impl ResultsLoop {
             let tag = outcome.tag;
             let classified = match outcome.result {
                 Ok(c) => c,
+                Err(ClassifyError::Backend(detail)) => {
+                    let model = self.routes[tag.route].model.name.clone();
+                    self.settle.stop(super::WorkerError::Backend { model, detail });
+                    continue;
+                }
                 Err(e) => {
                     let reason = match &e {
                         ClassifyError::Input(d) => DeadLetterReason::Decode(d.reason),
                         ClassifyError::Tokenize(_) => DeadLetterReason::TokenizeFailed,
-                        ClassifyError::Inference(_) => DeadLetterReason::InferenceFailed,
+                        ClassifyError::Inference(_) | ClassifyError::Backend(_) => DeadLetterReason::InferenceFailed,
                     };
                     self.settle.dead_letter(tag.message, reason, e.to_string());
                     continue;

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
+use super::WorkerError;
 use crate::sink::clickhouse::{ResultRow, Settle};
 use crate::sink::kafka::{Fit, SideTopics, WriteError};
 use crate::source::offsets::{AckResult, Delivery, OffsetTracker};
@@ -29,7 +30,7 @@ pub struct Settler {
     side_topics: Arc<SideTopics>,
     tracker: Arc<Mutex<OffsetTracker>>,
     counters: Arc<Counters>,
-    fatal: mpsc::Sender<WriteError>,
+    fatal: mpsc::Sender<WorkerError>,
 }
 
 impl Settler {
@@ -38,7 +39,7 @@ impl Settler {
         side_topics: Arc<SideTopics>,
         tracker: Arc<Mutex<OffsetTracker>>,
         counters: Arc<Counters>,
-        fatal: mpsc::Sender<WriteError>,
+        fatal: mpsc::Sender<WorkerError>,
     ) -> Self {
         Settler { side_topics, tracker, counters, fatal }
     }
@@ -89,11 +90,17 @@ impl Settler {
                 }
                 Err(error) => {
                     tracing::error!(%error, tp = %delivery.tp, offset = delivery.offset, "a side-topic write cannot complete: stopping");
-                    // One report is enough to stop; a full channel already holds one.
-                    let _ = this.fatal.try_send(error);
+                    this.stop(error.into());
                 }
             }
         });
+    }
+
+    /// Stop the worker: something no message can get past. The messages concerned stay
+    /// unacknowledged, so nothing past them is committed.
+    pub fn stop(&self, error: WorkerError) {
+        // One report is enough; a full channel already holds one.
+        let _ = self.fatal.try_send(error);
     }
 
     fn ack(&self, delivery: &Delivery) {
