@@ -62,7 +62,13 @@ fn main() {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
-        Command::Run(args) => cli::runtime().and_then(|rt| rt.block_on(cli::run::run(args))),
+        Command::Run(args) => cli::runtime().and_then(|rt| {
+            let result = rt.block_on(cli::run::run(args));
+            // A start-up step still blocking (a model loading, a broker not answering) must not
+            // hold the exit after SIGTERM.
+            rt.shutdown_timeout(std::time::Duration::from_secs(2));
+            result
+        }),
         Command::Demo(args) => cli::runtime().and_then(|rt| rt.block_on(cli::demo::run(args))),
         Command::Classify(args) => cli::classify::run(args),
         Command::Config { action } => cli::config::run(action),

@@ -227,3 +227,62 @@ fn a_model_that_fails_on_everything_stops_the_worker_without_dead_lettering_the_
     assert!(env.read_topic_to_end("triage.dead-letter").is_empty(), "not one message blamed");
     assert!(env.committed("tickets", 0).is_none(), "nothing committed");
 }
+
+#[test]
+fn sigterm_while_waiting_for_clickhouse_at_start_exits_at_once() {
+    // Nothing listens on this port: the worker waits for ClickHouse, retrying.
+    let port = triage::local::free_port().unwrap();
+    let env = Env::new("startup_sigterm", format!("http://127.0.0.1:{port}"));
+    env.kafka.create_topic("tickets", 1).unwrap();
+    let config = env.write_config("s", &tiny(), &["tickets"], "");
+    let mut worker = env.spawn_worker(&config, "s");
+    wait_until(MIN, "the worker waits for ClickHouse", || worker.log_text().contains("ClickHouse not reachable yet"));
+    // terminate() sends SIGTERM and waits up to the timeout: an exit well inside it is the proof.
+    assert_eq!(worker.terminate(Duration::from_secs(20)), Some(0), "{}", worker.log_text());
+    assert!(worker.log_text().contains("shutdown requested during start-up"));
+}
+
+#[test]
+fn a_stalled_partition_fails_readiness_naming_it_until_it_moves_again() {
+    // Its own server: this test freezes it.
+    let dir = tempfile::tempdir().unwrap();
+    let (http, tcp) = (triage::local::free_port().unwrap(), triage::local::free_port().unwrap());
+    let server = triage::local::LocalClickHouse::start_in(dir.path(), http, tcp).expect("clickhouse");
+    let env = Env::new("stall", server.url());
+    env.apply_schema();
+    env.kafka.create_topic("tickets", 2).unwrap();
+    env.produce("tickets", &messages("s", 200));
+    let port = triage::local::free_port().unwrap();
+    let path = env.write_config("s", &tiny(), &["tickets"], "");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("address = \"\"", &format!("address = \"127.0.0.1:{port}\""))
+        .replace("commit_interval_ms = 200\n", "commit_interval_ms = 200\nmax_unfinished_age_ms = 3000\n")
+        .replacen("insert_interval_ms = 200\n", "insert_interval_ms = 200\ninsert_timeout_ms = 1000\n", 1);
+    std::fs::write(&path, text).unwrap();
+    let mut worker = env.spawn_worker_env(&path, "s", &[("TRIAGE_ESCALATION__ENABLED", "false")]);
+    env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
+    env.wait_for(&mut worker, "/readyz 200", MIN, || common::worker::http_get(port, "/readyz").0 == 200);
+    let idle = common::worker::http_get(port, "/metrics").1;
+    assert!(idle.contains("triage_oldest_unfinished_seconds{topic=\"tickets\",partition=\"0\"} 0"), "idle is not stalled:\n{idle}");
+    server.signal(19); // SIGSTOP
+    env.produce("tickets", &messages("t", 50));
+    let mut body = String::new();
+    env.wait_for(&mut worker, "/readyz 503 naming a stalled partition", MIN, || {
+        let (status, text) = common::worker::http_get(port, "/readyz");
+        body = text;
+        status == 503 && body.contains("stalled: oldest unfinished message older than 3s in tickets/")
+    });
+    let metrics = common::worker::http_get(port, "/metrics").1;
+    let age = metrics
+        .lines()
+        .filter(|l| l.starts_with("triage_oldest_unfinished_seconds{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(0.0, f64::max);
+    assert!(age > 3.0, "the gauge shows the stall: {age}");
+    server.signal(18); // SIGCONT
+    env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
+    env.wait_for(&mut worker, "/readyz 200 again", MIN, || common::worker::http_get(port, "/readyz").0 == 200);
+    assert_eq!(worker.terminate(MIN), Some(0));
+    assert_eq!(env.distinct_rows(), 250);
+}

@@ -40,6 +40,8 @@ struct PartitionState {
     epoch: u64,
     /// offset -> acknowledgements still missing (0 = done, waiting for the prefix).
     pending: BTreeMap<i64, u32>,
+    /// offset -> when it was begun (ms), for messages not yet done.
+    begun_ms: BTreeMap<i64, u64>,
     /// Next offset to commit: everything below it is done.
     watermark: Option<i64>,
     /// The watermark last committed (or the position at assignment).
@@ -59,6 +61,11 @@ impl PartitionState {
 pub struct OffsetTracker {
     partitions: HashMap<TopicPartition, PartitionState>,
     next_epoch: u64,
+    /// Unfinished messages of revoked assignments: (partition, epoch, offset) -> acks missing.
+    /// Their results are still in the pipeline (a row buffered for ClickHouse, a dead letter
+    /// being written): they hold memory until they finish, so they count as in flight, though
+    /// they can never move a watermark.
+    orphans: HashMap<(TopicPartition, u64), BTreeMap<i64, u32>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,7 +95,15 @@ impl OffsetTracker {
     /// its messages were unfinished (abandoned: the next owner replays them).
     pub fn revoke(&mut self, tp: &TopicPartition) -> (Option<i64>, usize) {
         match self.partitions.remove(tp) {
-            Some(state) => (state.uncommitted_point(), state.pending.values().filter(|&&n| n > 0).count()),
+            Some(state) => {
+                let point = state.uncommitted_point();
+                let unfinished: BTreeMap<i64, u32> = state.pending.into_iter().filter(|&(_, n)| n > 0).collect();
+                let count = unfinished.len();
+                if count > 0 {
+                    self.orphans.insert((tp.clone(), state.epoch), unfinished);
+                }
+                (point, count)
+            }
             None => (None, 0),
         }
     }
@@ -100,7 +115,13 @@ impl OffsetTracker {
     /// A message was consumed and will need `acks` acknowledgements (at least 1).
     /// Returns its delivery handle, or None if the partition is not assigned.
     pub fn begin(&mut self, tp: &TopicPartition, offset: i64, acks: u32) -> Option<Delivery> {
+        self.begin_at(tp, offset, acks, crate::time::now_ms())
+    }
+
+    /// [`begin`](Self::begin) at a given time (ms), which [`oldest_unfinished`](Self::oldest_unfinished) measures from.
+    pub fn begin_at(&mut self, tp: &TopicPartition, offset: i64, acks: u32, now_ms: u64) -> Option<Delivery> {
         let state = self.partitions.get_mut(tp)?;
+        state.begun_ms.insert(offset, now_ms);
         if state.watermark.is_none() {
             // We read from the committed position: committing it again would be a no-op.
             state.watermark = Some(offset);
@@ -127,10 +148,12 @@ impl OffsetTracker {
 
     /// One acknowledgement for a message.
     pub fn ack(&mut self, d: &Delivery) -> AckResult {
-        let Some(state) = self.partitions.get_mut(&d.tp) else { return AckResult::Stale };
-        if state.epoch != d.epoch {
+        let current = self.partitions.get(&d.tp).is_some_and(|s| s.epoch == d.epoch);
+        if !current {
+            self.ack_orphan(d);
             return AckResult::Stale;
         }
+        let Some(state) = self.partitions.get_mut(&d.tp) else { return AckResult::Stale };
         let Some(remaining) = state.pending.get_mut(&d.offset) else { return AckResult::Stale };
         if *remaining == 0 {
             return AckResult::Stale;
@@ -139,6 +162,7 @@ impl OffsetTracker {
         if *remaining > 0 {
             return AckResult::Counted;
         }
+        state.begun_ms.remove(&d.offset);
         // Advance over the done prefix.
         while let Some((&offset, &left)) = state.pending.first_key_value() {
             if left > 0 {
@@ -148,6 +172,37 @@ impl OffsetTracker {
             state.watermark = Some(offset + 1);
         }
         AckResult::Done
+    }
+
+    /// A late acknowledgement of a revoked assignment: it frees its place in the in-flight count.
+    fn ack_orphan(&mut self, d: &Delivery) {
+        let key = (d.tp.clone(), d.epoch);
+        if let Some(orphans) = self.orphans.get_mut(&key) {
+            if let Some(n) = orphans.get_mut(&d.offset) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    orphans.remove(&d.offset);
+                }
+            }
+            if orphans.is_empty() {
+                self.orphans.remove(&key);
+            }
+        }
+    }
+
+    /// For every assigned partition, how long its oldest unfinished message has waited (ms);
+    /// None for a partition with nothing unfinished (idle is not stalled).
+    pub fn oldest_unfinished(&self, now_ms: u64) -> Vec<(TopicPartition, Option<u64>)> {
+        let mut out: Vec<_> = self
+            .partitions
+            .iter()
+            .map(|(tp, s)| {
+                let oldest = s.pending.iter().find(|(_, &n)| n > 0).and_then(|(o, _)| s.begun_ms.get(o));
+                (tp.clone(), oldest.map(|&t| now_ms.saturating_sub(t)))
+            })
+            .collect();
+        out.sort();
+        out
     }
 
     /// Partitions whose watermark moved since the last commit: (partition, next offset).
@@ -166,9 +221,10 @@ impl OffsetTracker {
         }
     }
 
-    /// Messages consumed but not yet done, over all partitions.
+    /// Messages consumed but not yet done, over all partitions, revoked ones' included.
     pub fn in_flight(&self) -> usize {
-        self.partitions.values().map(|s| s.pending.values().filter(|&&n| n > 0).count()).sum()
+        let assigned: usize = self.partitions.values().map(|s| s.pending.values().filter(|&&n| n > 0).count()).sum();
+        assigned + self.orphans.values().map(BTreeMap::len).sum::<usize>()
     }
 
     pub fn assigned(&self) -> Vec<TopicPartition> {
@@ -186,6 +242,45 @@ mod tests {
 
     fn tp() -> TopicPartition {
         TopicPartition::new("tickets", 0)
+    }
+
+    #[test]
+    fn revoked_messages_still_in_the_pipeline_count_until_their_late_acks() {
+        let mut t = OffsetTracker::new();
+        t.assign(tp());
+        let d: Vec<_> = (0..5).map(|o| t.begin(&tp(), o, 1).unwrap()).collect();
+        assert_eq!(t.ack(&d[0]), AckResult::Done);
+        let (point, unfinished) = t.revoke(&tp());
+        assert_eq!((point, unfinished), (Some(1), 4));
+        assert_eq!(t.in_flight(), 4, "their rows are still buffered somewhere: memory");
+        // Reassigned (a new epoch) while the old results are still on their way.
+        t.assign(tp());
+        let fresh = t.begin(&tp(), 1, 1).unwrap();
+        assert_eq!(t.in_flight(), 5);
+        for old in &d[1..] {
+            assert_eq!(t.ack(old), AckResult::Stale, "late acks never move the new owner's watermark");
+        }
+        assert_eq!(t.in_flight(), 1, "only the new assignment's message is left");
+        assert_eq!(t.ack(&d[1]), AckResult::Stale, "a repeated late ack changes nothing");
+        assert_eq!(t.in_flight(), 1);
+        assert_eq!(t.ack(&fresh), AckResult::Done);
+        assert_eq!(t.in_flight(), 0);
+    }
+
+    #[test]
+    fn the_oldest_unfinished_message_is_timed_and_an_idle_partition_is_not_stalled() {
+        let mut t = OffsetTracker::new();
+        let other = TopicPartition::new("tickets", 1);
+        t.assign(tp());
+        t.assign(other.clone());
+        let a = t.begin_at(&tp(), 0, 1, 1_000).unwrap();
+        let _b = t.begin_at(&tp(), 1, 1, 5_000).unwrap();
+        assert_eq!(t.oldest_unfinished(11_000), vec![(tp(), Some(10_000)), (other.clone(), None)]);
+        t.ack(&a);
+        assert_eq!(t.oldest_unfinished(11_000)[0], (tp(), Some(6_000)), "the next unfinished one");
+        let c = t.begin_at(&other, 7, 2, 9_000).unwrap();
+        assert_eq!(t.ack(&c), AckResult::Counted);
+        assert_eq!(t.oldest_unfinished(11_000)[1], (other, Some(2_000)), "half-acknowledged is unfinished");
     }
 
     #[test]

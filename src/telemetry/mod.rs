@@ -50,6 +50,12 @@ pub const METRICS: &[(&str, &str, &str, &str)] = &[
     ),
     (COMMITTED_OFFSET, "gauge", "topic, partition", "Last committed offset."),
     (IN_FLIGHT, "gauge", "", "Messages consumed but not yet done (stored, dead-lettered or escalated)."),
+    (
+        OLDEST_UNFINISHED,
+        "gauge",
+        "topic, partition",
+        "Age of the partition's oldest unfinished message (0: nothing unfinished, or not assigned here).",
+    ),
     (PAUSED, "gauge", "", "1 while consumption is paused because downstream is behind."),
     (MODEL_INFO, "gauge", "model, version, provider", "1 for each loaded model."),
     (READY, "gauge", "", "1 when /readyz answers 200."),
@@ -73,6 +79,7 @@ pub const SIDE_RECORDS_CUT: &str = "triage_side_records_cut_total";
 pub const CONSUMER_LAG: &str = "triage_consumer_lag";
 pub const COMMITTED_OFFSET: &str = "triage_committed_offset";
 pub const IN_FLIGHT: &str = "triage_in_flight_messages";
+pub const OLDEST_UNFINISHED: &str = "triage_oldest_unfinished_seconds";
 pub const PAUSED: &str = "triage_consumer_paused";
 pub const MODEL_INFO: &str = "triage_model_info";
 pub const READY: &str = "triage_ready";
@@ -115,12 +122,14 @@ pub fn install() -> Result<PrometheusHandle, TelemetryError> {
         .map_err(TelemetryError::Recorder)
 }
 
-/// What /readyz checks: every flag must be up.
+/// What /readyz checks: every flag must be up and no partition stalled.
 #[derive(Debug, Default)]
 pub struct Readiness {
     pub model_loaded: AtomicBool,
     pub kafka_joined: AtomicBool,
     pub clickhouse_reachable: AtomicBool,
+    /// Why the worker is stalled, if it is (a partition's oldest unfinished message too old).
+    pub stalled: std::sync::Mutex<Option<String>>,
 }
 
 impl Readiness {
@@ -128,12 +137,20 @@ impl Readiness {
         self.model_loaded.load(Ordering::Relaxed)
             && self.kafka_joined.load(Ordering::Relaxed)
             && self.clickhouse_reachable.load(Ordering::Relaxed)
+            && self.stalled.lock().map(|s| s.is_none()).unwrap_or(false)
+    }
+
+    pub fn set_stalled(&self, reason: Option<String>) {
+        if let Ok(mut s) = self.stalled.lock() {
+            *s = reason;
+        }
     }
 
     fn report(&self) -> String {
         let flag = |b: &AtomicBool| if b.load(Ordering::Relaxed) { "ok" } else { "waiting" };
+        let stalled = self.stalled.lock().ok().and_then(|s| s.clone()).unwrap_or_else(|| "no".into());
         format!(
-            "model: {}\nkafka group: {}\nclickhouse: {}\n",
+            "model: {}\nkafka group: {}\nclickhouse: {}\nstalled: {stalled}\n",
             flag(&self.model_loaded),
             flag(&self.kafka_joined),
             flag(&self.clickhouse_reachable)
@@ -235,6 +252,11 @@ mod tests {
         r.clickhouse_reachable.store(true, Ordering::Relaxed);
         let (status, _, body) = respond("/readyz", &handle, &r);
         assert_eq!((status, body.contains("clickhouse: ok")), (200, true));
+        r.set_stalled(Some("tickets/3: oldest unfinished message 700s old (limit 600s)".into()));
+        let (status, _, body) = respond("/readyz", &handle, &r);
+        assert_eq!((status, body.contains("stalled: tickets/3")), (503, true), "{body}");
+        r.set_stalled(None);
+        assert_eq!(respond("/readyz", &handle, &r).0, 200);
         assert_eq!(respond("/nope", &handle, &r).0, 404);
         assert_eq!(respond("/metrics?x=1", &handle, &r).0, 200);
     }

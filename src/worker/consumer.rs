@@ -28,7 +28,7 @@ use crate::source::kafka::{commit_list, TrackingContext};
 use crate::source::offsets::{OffsetTracker, TopicPartition};
 use crate::source::{Consumed, SourceMessage};
 use crate::telemetry::events::{ConsumptionPaused, ConsumptionResumed, DeadLetterReason, InternalEvent, MessageConsumed, OffsetCommitted};
-use crate::telemetry::IN_FLIGHT;
+use crate::telemetry::{IN_FLIGHT, OLDEST_UNFINISHED};
 
 /// The consumer's state; intake exists only while consuming.
 pub(super) enum State {
@@ -69,6 +69,8 @@ pub(super) struct Limits {
     pub commit_every: Duration,
     pub max_in_flight: usize,
     pub drain_timeout: Duration,
+    /// Oldest unfinished message age past which a partition is stalled (None: never).
+    pub max_unfinished_age: Option<Duration>,
 }
 
 /// How the consumer ended.
@@ -87,6 +89,7 @@ pub(super) struct Consumer {
     pub route_of: HashMap<String, usize>,
     pub settle: Settler,
     pub limits: Limits,
+    pub readiness: Arc<crate::telemetry::Readiness>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +130,7 @@ impl Consumer {
                 _ = tick.tick() => {
                     let in_flight = self.in_flight();
                     metrics::gauge!(IN_FLIGHT).set(in_flight as f64);
+                    self.watch_for_stalls();
                     match &mut state {
                         State::Draining { deadline, engines } => {
                             // Partitions assigned during the drain must not start either.
@@ -186,6 +190,33 @@ impl Consumer {
             _ => Duration::ZERO,
         };
         Stopped { busy, unfinished, fatal }
+    }
+
+    /// Export each partition's oldest unfinished age; fail readiness while one is too old.
+    fn watch_for_stalls(&self) {
+        let ages = match self.tracker.lock() {
+            Ok(t) => t.oldest_unfinished(crate::time::now_ms()),
+            Err(_) => return,
+        };
+        let mut stalled = Vec::new();
+        for (tp, age_ms) in &ages {
+            let age = Duration::from_millis(age_ms.unwrap_or(0));
+            metrics::gauge!(OLDEST_UNFINISHED, "topic" => tp.topic.clone(), "partition" => tp.partition.to_string()).set(age.as_secs_f64());
+            if self.limits.max_unfinished_age.is_some_and(|limit| age > limit) {
+                stalled.push(format!("{tp} ({}s)", age.as_secs()));
+            }
+        }
+        let reason = (!stalled.is_empty()).then(|| {
+            format!(
+                "oldest unfinished message older than {}s in {}",
+                self.limits.max_unfinished_age.map_or(0, |l| l.as_secs()),
+                stalled.join(", ")
+            )
+        });
+        if reason.is_some() && self.readiness.stalled.lock().map(|s| s.is_none()).unwrap_or(false) {
+            tracing::warn!(reason = reason.as_deref().unwrap_or(""), "a partition is stalled: /readyz fails until it moves");
+        }
+        self.readiness.set_stalled(reason);
     }
 
     fn in_flight(&self) -> usize {

@@ -87,9 +87,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
         address => Some(telemetry::serve(address, telemetry::install()?, readiness.clone()).await?),
     };
 
+    // Start-up waits (for ClickHouse, for Kafka, for the models) give way to a SIGTERM.
+    let mut shutdown = std::pin::pin!(shutdown);
+    let stopped_early = || {
+        tracing::info!("shutdown requested during start-up: exiting");
+        if let Some(server) = &server {
+            server.abort();
+        }
+        Ok(RunReport { seconds: started.elapsed().as_secs_f64(), ..RunReport::default() })
+    };
+
     // ClickHouse first: a missing table is a configuration error, found before consuming.
     let clickhouse = Arc::new(ClickHouseService::with_counters(&config.clickhouse, counters.clone()));
-    clickhouse.wait_for_schema().await?;
+    let Some(schema) = unless_stopped(async { Ok(clickhouse.wait_for_schema().await?) }, &mut shutdown).await else {
+        return stopped_early();
+    };
+    schema?;
     readiness.clickhouse_reachable.store(true, Ordering::Relaxed);
     let pinger = tokio::spawn(ping_forever(clickhouse.clone(), readiness.clone()));
 
@@ -100,12 +113,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
         side.push(config.kafka.escalation_topic.clone());
     }
     let kafka_config = config.kafka.clone();
-    tokio::task::spawn_blocking(move || {
-        let topics: Vec<&str> = side.iter().map(String::as_str).collect();
-        check_topics_exist(&kafka_config, &topics, Duration::from_secs(30))
-    })
-    .await
-    .map_err(|e| WorkerError::TaskFailed { task: "topic check", detail: e.to_string() })??;
+    let topic_check = async {
+        tokio::task::spawn_blocking(move || {
+            let topics: Vec<&str> = side.iter().map(String::as_str).collect();
+            check_topics_exist(&kafka_config, &topics, Duration::from_secs(30))
+        })
+        .await
+        .map_err(|e| WorkerError::TaskFailed { task: "topic check", detail: e.to_string() })?
+        .map_err(WorkerError::from)
+    };
+    let Some(topics) = unless_stopped(topic_check, &mut shutdown).await else {
+        pinger.abort();
+        return stopped_early();
+    };
+    topics?;
 
     let producer: FutureProducer = config.kafka.client(ClientRole::SideTopics { max_payload_bytes: config.max_message_bytes }).create()?;
     let side_topics = SideTopicsConfig {
@@ -120,7 +141,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
     let side_topics = Arc::new(SideTopics::new(producer, side_topics, counters.clone()));
     let settle = Settler::new(side_topics, tracker.clone(), counters.clone(), fatal_tx);
 
-    let started_routes = routes::start(&config).await?;
+    let Some(started_routes) = unless_stopped(routes::start(&config), &mut shutdown).await else {
+        pinger.abort();
+        return stopped_early();
+    };
+    let started_routes = started_routes?;
     readiness.model_loaded.store(true, Ordering::Relaxed);
     let engine_stats = started_routes.engine_stats();
     let routes::Started { routes, submitters, engines, outcomes } = started_routes;
@@ -158,7 +183,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
             commit_every: Duration::from_millis(config.kafka.commit_interval_ms),
             max_in_flight: config.kafka.max_in_flight,
             drain_timeout: Duration::from_millis(config.shutdown.drain_timeout_ms),
+            max_unfinished_age: Some(Duration::from_millis(config.kafka.max_unfinished_age_ms)).filter(|d| !d.is_zero()),
         },
+        readiness: readiness.clone(),
     };
     let state = consumer::State::Consuming { submitters, engines, paused: false };
     let stopped = consumer.run(shutdown, state, consumer::Downstream { sink, results, fatal: fatal_rx }).await;
@@ -181,6 +208,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
         unfinished: stopped.unfinished,
         engine: routes::merged(&engine_stats),
     })
+}
+
+/// A start-up step, abandoned (None) when shutdown is requested first.
+async fn unless_stopped<T>(
+    step: impl Future<Output = Result<T, WorkerError>>,
+    shutdown: &mut (impl Future<Output = ()> + Unpin),
+) -> Option<Result<T, WorkerError>> {
+    tokio::select! {
+        result = step => Some(result),
+        _ = shutdown => None,
+    }
 }
 
 async fn ping_forever(clickhouse: Arc<ClickHouseService>, readiness: Arc<Readiness>) {

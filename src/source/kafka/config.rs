@@ -69,6 +69,10 @@ pub struct KafkaConfig {
     /// SIGTERM must finish: keep it to a few seconds of the model's throughput, well under
     /// shutdown.drain_timeout_ms (5,000 is ~10 s of the default model on 2 cores).
     pub max_in_flight: usize,
+    /// A partition whose oldest unfinished message is older than this is stalled: /readyz fails
+    /// naming it, and `triage_oldest_unfinished_seconds` shows it (0: never). An idle partition
+    /// is not stalled.
+    pub max_unfinished_age_ms: u64,
     /// Any librdkafka property, passed through (applied last).
     pub properties: BTreeMap<String, String>,
     pub dead_letter_topic: String,
@@ -91,6 +95,7 @@ impl Default for KafkaConfig {
             auto_offset_reset: "earliest".into(),
             commit_interval_ms: 1_000,
             max_in_flight: 5_000,
+            max_unfinished_age_ms: 600_000,
             properties: BTreeMap::new(),
             dead_letter_topic: "triage.dead-letter".into(),
             escalation_topic: "triage.escalations".into(),

@@ -51,6 +51,14 @@ impl ConsumerContext for TrackingContext {
         let Rebalance::Revoke(list) = rebalance else { return };
         let mut commits = TopicPartitionList::new();
         let mut abandoned = 0;
+        for tp in tps(list) {
+            // Another member owns these now: series left at their last value would be counted
+            // twice by `sum by (topic)` (the exporter cannot drop one series; 0 adds nothing).
+            let labels = [("topic", tp.topic.clone()), ("partition", tp.partition.to_string())];
+            for gauge in [crate::telemetry::CONSUMER_LAG, crate::telemetry::COMMITTED_OFFSET, crate::telemetry::OLDEST_UNFINISHED] {
+                metrics::gauge!(gauge, &labels).set(0.0);
+            }
+        }
         if let Ok(mut tracker) = self.tracker.lock() {
             for tp in tps(list) {
                 let (offset, unfinished) = tracker.revoke(&tp);
