@@ -118,17 +118,64 @@ pub async fn produce(
     Ok((sent, skipped))
 }
 
-/// Read the dead-letter topic from the group's position (its own consumer group) up to the
-/// end it had when redrive started, send each message whose reason matches back to its
-/// source topic with its original key, and commit. Returns (redriven, skipped).
+/// What one `triage redrive` run did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RedriveReport {
+    /// Sent back to their source topics.
+    pub redriven: u64,
+    /// Left: another reason than the one asked for (that reason's own position keeps them).
+    pub other_reason: u64,
+    /// Left: the payload was cut to fit the dead-letter topic; the original is not in Kafka.
+    pub truncated: u64,
+    /// Left: no `triage.source.topic` header (not written by triage).
+    pub no_source: u64,
+}
+
+impl std::fmt::Display for RedriveReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "redrove {} dead letters to their source topics; left {}: {} of other reasons, {} cut to fit the topic (their original bytes are gone: \
+             see triage.original.size / triage.original.sha256), {} without a source header",
+            self.redriven,
+            self.other_reason + self.truncated + self.no_source,
+            self.other_reason,
+            self.truncated,
+            self.no_source
+        )
+    }
+}
+
+/// The consumer group a redrive reads in: one position per reason, so `--reason X` never moves
+/// past letters of other reasons. (A letter redriven by both a filtered and an unfiltered run
+/// goes back twice; the worker keys it by its original source, so it still reads once.)
+pub fn redrive_group(group_id: &str, reason: Option<&str>) -> String {
+    match reason {
+        Some(r) => format!("{group_id}-redrive.{r}"),
+        None => format!("{group_id}-redrive"),
+    }
+}
+
+/// How often a redrive commits its position: an interrupted run resumes from here.
+const REDRIVE_COMMIT_EVERY: u64 = 100;
+
+/// Read the dead-letter topic from the group's position up to the end it had when redrive
+/// started (or until `max` were sent), send each letter whose reason matches back to its source topic
+/// with its original key and its `triage.source.*` headers (so the worker keys the result by
+/// the ORIGINAL message), committing as it goes.
 pub fn redrive(
     consumer: &BaseConsumer,
     producer: &FutureProducer,
     dead_letter_topic: &str,
     reason: Option<&str>,
+    max: Option<u64>,
     mut progress: impl FnMut(u64),
-) -> Result<(u64, u64), ToolError> {
+) -> Result<RedriveReport, ToolError> {
     use std::collections::HashMap;
+
+    use rdkafka::message::{Header, OwnedHeaders};
+
+    use crate::sink::kafka::{HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, HEADER_SOURCE_TIMESTAMP, HEADER_TRUNCATED};
     let metadata = consumer.fetch_metadata(Some(dead_letter_topic), Duration::from_secs(10))?;
     let mut ends: HashMap<i32, i64> = HashMap::new();
     for t in metadata.topics() {
@@ -139,15 +186,15 @@ pub fn redrive(
             }
         }
     }
-    let (mut redriven, mut skipped) = (0u64, 0u64);
+    let mut report = RedriveReport::default();
     if ends.is_empty() {
-        return Ok((0, 0));
+        return Ok(report);
     }
     consumer.subscribe(&[dead_letter_topic])?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let mut stored = false;
+    let mut uncommitted = 0u64;
     let started = Instant::now();
-    while !ends.is_empty() {
+    while !ends.is_empty() && max.is_none_or(|m| report.redriven < m) {
         match consumer.poll(Duration::from_millis(200)) {
             None => {
                 // Partitions already read to the end by an earlier redrive have nothing to give.
@@ -171,30 +218,44 @@ pub fn redrive(
                     })
                 };
                 let wanted = reason.is_none_or(|r| header(HEADER_REASON).as_deref() == Some(r));
-                match header(HEADER_SOURCE_TOPIC).filter(|_| wanted) {
+                let cut = header(HEADER_TRUNCATED).as_deref() == Some("true");
+                match header(HEADER_SOURCE_TOPIC) {
+                    _ if !wanted => report.other_reason += 1,
+                    _ if cut => report.truncated += 1,
+                    None => report.no_source += 1,
                     Some(topic) => {
-                        let mut record = FutureRecord::<[u8], [u8]>::to(&topic).payload(m.payload().unwrap_or_default());
+                        let mut headers = OwnedHeaders::new();
+                        for name in [HEADER_SOURCE_TOPIC, HEADER_SOURCE_PARTITION, HEADER_SOURCE_OFFSET, HEADER_SOURCE_TIMESTAMP] {
+                            if let Some(value) = header(name) {
+                                headers = headers.insert(Header { key: name, value: Some(value.as_str()) });
+                            }
+                        }
+                        let mut record = FutureRecord::<[u8], [u8]>::to(&topic).payload(m.payload().unwrap_or_default()).headers(headers);
                         if let Some(k) = m.key() {
                             record = record.key(k);
                         }
                         rt.block_on(producer.send(record, Timeout::After(Duration::from_secs(60)))).map_err(|(e, _)| e)?;
-                        redriven += 1;
+                        report.redriven += 1;
                         progress(1);
                     }
-                    None => skipped += 1,
                 }
+                // Only after the copy is acknowledged: an interrupted run never skips a letter.
                 consumer.store_offset_from_message(&m)?;
-                stored = true;
+                uncommitted += 1;
+                if uncommitted >= REDRIVE_COMMIT_EVERY {
+                    consumer.commit_consumer_state(CommitMode::Sync)?;
+                    uncommitted = 0;
+                }
                 if ends.get(&m.partition()).is_some_and(|&end| m.offset() + 1 >= end) {
                     ends.remove(&m.partition());
                 }
             }
         }
     }
-    if stored {
+    if uncommitted > 0 {
         consumer.commit_consumer_state(CommitMode::Sync)?;
     }
-    Ok((redriven, skipped))
+    Ok(report)
 }
 
 /// Whether the group's committed offsets reached the end of every partition of `topics`.

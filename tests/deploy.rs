@@ -200,6 +200,7 @@ fn schema_views_and_analytics_queries_run_on_clickhouse() {
         metadata_values: vec![],
         worker_id: "w".into(),
         ood_score: Some(0.25),
+        redriven: 0,
     };
     let mut rows: Vec<ResultRow> = (0..60)
         .map(|o| {

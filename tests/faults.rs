@@ -286,3 +286,63 @@ fn a_stalled_partition_fails_readiness_naming_it_until_it_moves_again() {
     assert_eq!(worker.terminate(MIN), Some(0));
     assert_eq!(env.distinct_rows(), 250);
 }
+
+fn redrive(env: &Env, config: &std::path::Path, args: &[&str]) -> String {
+    let out =
+        std::process::Command::new(env!("CARGO_BIN_EXE_triage")).args(["redrive", "--config"]).arg(config).args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "redrive {args:?}: {stderr}");
+    stderr
+}
+
+#[test]
+fn redrive_is_safe_to_interrupt_filter_and_repeat() {
+    let env = env("redrive_safe");
+    env.kafka.create_topic("tickets", 1).unwrap();
+    // ClickHouse refuses the r- messages until the cause is fixed.
+    alter(&env, "ALTER TABLE results ADD COLUMN guard UInt8 DEFAULT throwIf(message_id LIKE 'r-%')");
+    env.produce("tickets", &messages("g", 30));
+    // Their Kafka time is in 2020: a redriven copy must keep it (the row's key and partition).
+    env.produce_at("tickets", &messages("r", 30), Some(1_590_000_000_000));
+    let mut junk: Vec<(String, Vec<u8>)> = (0..5).map(|i| (format!("junk-{i}"), format!("junk {i}").into_bytes())).collect();
+    junk.push(("huge".into(), vec![b'x'; 2 << 20]));
+    env.produce("tickets", &junk);
+    let config = env.write_config("d", &tiny(), &["tickets"], "");
+    let vars = [("TRIAGE_ESCALATION__ENABLED", "false")];
+    let mut worker = env.spawn_worker_env(&config, "d1", &vars);
+    env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
+    assert_eq!(worker.terminate(MIN), Some(0));
+    assert_eq!((env.distinct_rows(), env.read_topic_to_end("triage.dead-letter").len()), (30, 36));
+    alter(&env, "ALTER TABLE results DROP COLUMN guard"); // the cause is fixed
+
+    // Interrupted after 10 letters: the next run goes on from there.
+    let first = redrive(&env, &config, &["--reason", "clickhouse_rejected", "--max", "10"]);
+    assert!(first.contains("redrove 10 dead letters"), "{first}");
+    let rest = redrive(&env, &config, &["--reason", "clickhouse_rejected"]);
+    assert!(rest.contains("redrove 20 dead letters"), "resumed where the first stopped: {rest}");
+    // An unfiltered run has its own position: it sends the 30 again, and the junk, but never
+    // the letter cut to fit the topic.
+    let all = redrive(&env, &config, &[]);
+    assert!(all.contains("redrove 35 dead letters") && all.contains("1 cut to fit"), "{all}");
+
+    let mut worker = env.spawn_worker_env(&config, "d2", &vars);
+    env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
+    assert_eq!(worker.terminate(MIN), Some(0));
+    // Every message reads once: the r- messages were stored twice, under their original keys.
+    assert_eq!(env.distinct_rows(), 60);
+    assert_eq!(env.query_u64("SELECT count() FROM results WHERE message_id LIKE 'r-%'"), 60, "two physical copies each");
+    assert_eq!(env.query_u64("SELECT count() FROM results FINAL WHERE message_id LIKE 'r-%' AND redriven = 1"), 30);
+    assert_eq!(env.query_u64("SELECT count() FROM results FINAL WHERE message_id LIKE 'r-%' AND toYear(event_time) = 2020"), 30);
+    assert_eq!(env.query_u64("SELECT max(offset) FROM results FINAL WHERE message_id LIKE 'r-%'"), 59, "keyed by original offsets");
+    // The junk failed again: its new dead letters name the ORIGINAL source, so they dedupe.
+    let letters = env.read_topic_to_end("triage.dead-letter");
+    let mut sources: Vec<String> = letters
+        .iter()
+        .filter(|(_, _, h)| header(h, "triage.reason") == Some("not_json"))
+        .map(|(_, _, h)| format!("{:?}/{:?}", header(h, "triage.source.partition"), header(h, "triage.source.offset")))
+        .collect();
+    assert_eq!(sources.len(), 10, "5 letters, each written twice");
+    sources.sort();
+    sources.dedup();
+    assert_eq!(sources.len(), 5, "one source key per message");
+}

@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS triage.results_local ON CLUSTER '{cluster}'
     `metadata_keys` Array(String),
     `metadata_values` Array(String),
     `worker_id` String,
-    `ood_score` Nullable(Float32)
+    `ood_score` Nullable(Float32),
+    `redriven` UInt8
 )
 ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/triage/results_local', '{replica}', processed_time_ms)
 PARTITION BY toYYYYMM(event_time)

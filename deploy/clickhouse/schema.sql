@@ -30,7 +30,8 @@ CREATE TABLE IF NOT EXISTS triage.results
     `metadata_keys` Array(String),
     `metadata_values` Array(String),
     `worker_id` String,
-    `ood_score` Nullable(Float32)
+    `ood_score` Nullable(Float32),
+    `redriven` UInt8
 )
 ENGINE = ReplacingMergeTree(processed_time_ms)
 PARTITION BY toYYYYMM(event_time)
@@ -57,3 +58,4 @@ GROUP BY day, model_name, model_version, category;
 
 -- Upgrading a table created by an earlier release (`triage schema apply` does this itself):
 -- ALTER TABLE triage.results ADD COLUMN `ood_score` Nullable(Float32);
+-- ALTER TABLE triage.results ADD COLUMN `redriven` UInt8;

@@ -139,16 +139,18 @@ impl SideTopics {
 
     /// Write a dead letter; returns once Kafka acknowledged it.
     pub async fn dead_letter(&self, source: &SourceMessage, reason: DeadLetterReason, detail: &str) -> Result<(), WriteError> {
-        let partition = source.partition.to_string();
-        let offset = source.offset.to_string();
-        let timestamp = source.timestamp_ms.map(|t| t.to_string()).unwrap_or_default();
+        // A redriven message that fails again keeps its first source: copies of one message
+        // share one key, however often they go round.
+        let (topic, partition, offset, timestamp) = source.key_source();
+        let (partition, offset) = (partition.to_string(), offset.to_string());
+        let timestamp = timestamp.map(|t| t.to_string()).unwrap_or_default();
         let detail = cut_at_char(detail, DETAIL_MAX_BYTES);
         let original = (source.payload.len().to_string(), hex::encode(Sha256::digest(&source.payload)));
         let headers = |cut: bool| {
             let h = OwnedHeaders::new()
                 .insert(Header { key: HEADER_REASON, value: Some(reason.as_str()) })
                 .insert(Header { key: HEADER_DETAIL, value: Some(detail) })
-                .insert(Header { key: HEADER_SOURCE_TOPIC, value: Some(source.topic.as_str()) })
+                .insert(Header { key: HEADER_SOURCE_TOPIC, value: Some(topic) })
                 .insert(Header { key: HEADER_SOURCE_PARTITION, value: Some(partition.as_str()) })
                 .insert(Header { key: HEADER_SOURCE_OFFSET, value: Some(offset.as_str()) })
                 .insert(Header { key: HEADER_SOURCE_TIMESTAMP, value: Some(timestamp.as_str()) })

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
 use tokio::task::JoinHandle;
 
 use super::routes::{MessageTag, Route};
@@ -26,7 +26,7 @@ use crate::engine::{Engine, Submitter};
 use crate::sink::clickhouse::SinkError;
 use crate::source::kafka::{commit_list, TrackingContext};
 use crate::source::offsets::{OffsetTracker, TopicPartition};
-use crate::source::{Consumed, SourceMessage};
+use crate::source::{Consumed, Origin, SourceMessage};
 use crate::telemetry::events::{ConsumptionPaused, ConsumptionResumed, DeadLetterReason, InternalEvent, MessageConsumed, OffsetCommitted};
 use crate::telemetry::{IN_FLIGHT, OLDEST_UNFINISHED};
 
@@ -247,6 +247,10 @@ impl Consumer {
             tracing::debug!(%tp, offset = m.offset(), "message of a partition no longer assigned: skipped (its owner reads it)");
             return;
         };
+        let header = |name: &str| m.headers().and_then(|h| h.iter().find(|x| x.key == name).and_then(|x| x.value));
+        // Redrive sends a dead letter back to the topic it came from: an origin naming another
+        // topic is not one of ours.
+        let origin = Origin::from_headers(header).filter(|o| o.topic == m.topic());
         let message = Arc::new(SourceMessage {
             topic: m.topic().to_string(),
             partition: m.partition(),
@@ -254,6 +258,7 @@ impl Consumer {
             timestamp_ms: m.timestamp().to_millis(),
             key: m.key().map(<[u8]>::to_vec),
             payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+            origin,
         });
         let consumed = Consumed { delivery, message };
         let Some(&route_index) = self.route_of.get(m.topic()) else {
@@ -263,11 +268,11 @@ impl Consumer {
         let route = &self.routes[route_index];
         match route.decoder.decode(&consumed.message.payload) {
             Ok(decoded) => {
-                let source = &consumed.message;
+                let (topic, partition, offset, timestamp_ms) = consumed.message.key_source();
                 let tag = MessageTag {
-                    message_id: decoded.id.clone().unwrap_or_else(|| format!("{}-{}-{}", source.topic, source.partition, source.offset)),
+                    message_id: decoded.id.clone().unwrap_or_else(|| format!("{topic}-{partition}-{offset}")),
                     metadata: decoded.metadata(&route.config.metadata),
-                    event_time_ms: decoded.event_time_ms.or(source.timestamp_ms).unwrap_or(0),
+                    event_time_ms: decoded.event_time_ms.or(timestamp_ms).unwrap_or(0),
                     consumed_ms: crate::time::now_ms(),
                     route: route_index,
                     message: consumed,

@@ -74,10 +74,11 @@ fn build_row(tag: &MessageTag, c: &Classified, route: &Route, escalated: bool, w
         }
     }
     let source = &tag.message.message;
+    let (topic, partition, offset, _) = source.key_source();
     ResultRow {
-        topic: source.topic.clone(),
-        partition: source.partition.max(0) as u32,
-        offset: source.offset.max(0) as u64,
+        topic: topic.to_string(),
+        partition: partition.max(0) as u32,
+        offset: offset.max(0) as u64,
         message_id: tag.message_id.clone(),
         kind: route.config.kind.clone(),
         event_time: (tag.event_time_ms.max(0) / 1000).min(u32::MAX as i64) as u32,
@@ -102,6 +103,7 @@ fn build_row(tag: &MessageTag, c: &Classified, route: &Route, escalated: bool, w
         metadata_values: tag.metadata.1.clone(),
         worker_id: worker_id.to_string(),
         ood_score: p.ood_score,
+        redriven: u8::from(source.origin.is_some()),
     }
 }
 
@@ -155,6 +157,7 @@ impl Fit for EscalationRecord {
 
 fn escalation_record(tag: &MessageTag, c: &Classified, route: &Route, reason: EscalationReason) -> EscalationRecord {
     let source = &tag.message.message;
+    let key = source.key_source();
     let original: Value =
         serde_json::from_slice(&source.payload).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&source.payload).into_owned()));
     let p = &c.prediction;
@@ -171,7 +174,7 @@ fn escalation_record(tag: &MessageTag, c: &Classified, route: &Route, reason: Es
     EscalationRecord::new(json!({
         "message_id": tag.message_id,
         "kind": route.config.kind,
-        "source": {"topic": source.topic, "partition": source.partition, "offset": source.offset, "timestamp_ms": source.timestamp_ms},
+        "source": {"topic": key.0, "partition": key.1, "offset": key.2, "timestamp_ms": key.3, "redriven": source.origin.is_some()},
         "reason": {
             "why": reason.as_str(),
             "head": policy.head.clone().unwrap_or_else(|| "category".into()),
@@ -226,6 +229,7 @@ mod tests {
             timestamp_ms: Some(1_700_000_000_000),
             key: None,
             payload: payload.to_vec(),
+            origin: None,
         });
         MessageTag {
             message: Consumed { delivery: Delivery { tp: TopicPartition::new("tickets", 2), offset: 41, epoch: 1 }, message },

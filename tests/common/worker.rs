@@ -110,6 +110,11 @@ impl Env {
     }
 
     pub fn produce(&self, topic: &str, messages: &[(String, Vec<u8>)]) {
+        self.produce_at(topic, messages, None)
+    }
+
+    /// Produce with a given Kafka timestamp (ms) on every message (None: now).
+    pub fn produce_at(&self, topic: &str, messages: &[(String, Vec<u8>)], timestamp_ms: Option<i64>) {
         // Large enough for the oversized messages the fault tests send.
         let producer: BaseProducer = ClientConfig::new()
             .set("bootstrap.servers", self.kafka.bootstrap_servers())
@@ -119,7 +124,11 @@ impl Env {
             .unwrap();
         for (key, payload) in messages {
             loop {
-                match producer.send(BaseRecord::to(topic).key(key.as_str()).payload(payload.as_slice())) {
+                let mut record = BaseRecord::to(topic).key(key.as_str()).payload(payload.as_slice());
+                if let Some(t) = timestamp_ms {
+                    record = record.timestamp(t);
+                }
+                match producer.send(record) {
                     Ok(()) => break,
                     Err((_, _)) => {
                         producer.poll(Duration::from_millis(10));

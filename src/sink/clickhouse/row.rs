@@ -39,6 +39,9 @@ pub struct ResultRow {
     /// Out-of-distribution score (models with a gate; NULL otherwise). Last, so tables
     /// created before it get it by `ALTER TABLE ... ADD COLUMN` (`triage schema apply`).
     pub ood_score: Option<f32>,
+    /// 1 when the message came back through `triage redrive`: the row is keyed by the ORIGINAL
+    /// message's (topic, partition, offset) and event time, so it replaces, never adds.
+    pub redriven: u8,
 }
 
 /// (column, ClickHouse type, low-cardinality candidate) in row order.
@@ -70,6 +73,7 @@ pub const COLUMNS: &[(&str, &str, bool)] = &[
     ("metadata_values", "Array(String)", false),
     ("worker_id", "String", true),
     ("ood_score", "Nullable(Float32)", false),
+    ("redriven", "UInt8", false),
 ];
 
 #[cfg(test)]
@@ -106,6 +110,7 @@ mod tests {
             metadata_values: vec![],
             worker_id: String::new(),
             ood_score: None,
+            redriven: 0,
         };
         let serde_json::Value::Object(fields) = serde_json::to_value(&row).unwrap() else { panic!() };
         let names: Vec<&str> = fields.keys().map(String::as_str).collect();

@@ -65,7 +65,7 @@ pub fn views(c: &ClickHouseConfig) -> Vec<(String, String)> {
 
 /// Columns added after the first release: `triage schema apply` adds those a table created
 /// earlier lacks. (18.16 has no `ADD COLUMN IF NOT EXISTS`, so apply checks system.columns.)
-pub const ADDED_COLUMNS: &[&str] = &["ood_score"];
+pub const ADDED_COLUMNS: &[&str] = &["ood_score", "redriven"];
 
 pub fn add_column(c: &ClickHouseConfig, name: &str) -> Option<String> {
     let (_, ty, _) = COLUMNS.iter().find(|(n, _, _)| *n == name)?;

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::Secret;
 
 /// The Kafka clients triage makes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientRole {
     /// The worker's group member: manual commits of what is done, cooperative rebalancing.
     Consumer,
@@ -20,8 +20,9 @@ pub enum ClientRole {
     /// The worker's dead-letter / escalation producer: a Producer whose `message.max.bytes`
     /// admits any payload the worker accepts (`max_message_bytes`) plus its headers.
     SideTopics { max_payload_bytes: usize },
-    /// `triage redrive` reading the dead-letter topic in its own group (`<group_id>-redrive`).
-    Redrive,
+    /// `triage redrive` reading the dead-letter topic in its own group: `<group_id>-redrive`,
+    /// or `<group_id>-redrive.<reason>` for one reason (each keeps its own position).
+    Redrive { reason: Option<String> },
     /// Reads the group's committed offsets and the partitions' ends; joins nothing.
     Observer,
 }
@@ -140,8 +141,8 @@ impl KafkaConfig {
                 let limit = max_payload_bytes.saturating_add(crate::sink::kafka::HEADER_ROOM_BYTES).max(1_000_000);
                 c.set("message.max.bytes", limit.to_string());
             }
-            ClientRole::Redrive => {
-                c.set("group.id", format!("{}-redrive", self.group_id))
+            ClientRole::Redrive { reason } => {
+                c.set("group.id", crate::kafka_tools::redrive_group(&self.group_id, reason.as_deref()))
                     .set("enable.auto.commit", "false")
                     .set("enable.auto.offset.store", "false")
                     .set("auto.offset.reset", "earliest");
@@ -290,15 +291,16 @@ mod tests {
             ClientRole::Consumer,
             ClientRole::Producer,
             ClientRole::SideTopics { max_payload_bytes: 1 },
-            ClientRole::Redrive,
+            ClientRole::Redrive { reason: None },
             ClientRole::Observer,
         ] {
-            let c = k.client(role);
+            let c = k.client(role.clone());
             assert_eq!(c.get("sasl.username"), Some("svc"), "{role:?}");
             assert_eq!(c.get("security.protocol"), Some("sasl_ssl"), "{role:?}");
             assert_eq!(c.get("fetch.max.bytes"), Some("1048576"), "{role:?}: [kafka.properties] reach every client");
         }
-        assert_eq!(k.client(ClientRole::Redrive).get("group.id"), Some("triage-redrive"));
+        assert_eq!(k.client(ClientRole::Redrive { reason: None }).get("group.id"), Some("triage-redrive"));
+        assert_eq!(k.client(ClientRole::Redrive { reason: Some("not_json".into()) }).get("group.id"), Some("triage-redrive.not_json"));
         assert_eq!(k.client(ClientRole::Observer).get("group.id"), Some("triage"));
         assert_eq!(k.client(ClientRole::Producer).get("enable.idempotence"), Some("true"));
         assert_eq!(k.client(ClientRole::Producer).get("group.id"), None);
