@@ -49,16 +49,38 @@ impl LocalClickHouse {
     pub fn start() -> Result<Self, LocalError> {
         let temp = tempfile::Builder::new().prefix("triage-clickhouse-").tempdir().map_err(LocalError::Spawn)?;
         let dir = temp.path().to_path_buf();
-        let mut server = Self::start_in(&dir, free_port().map_err(LocalError::Spawn)?, free_port().map_err(LocalError::Spawn)?)?;
+        let ports = (free_port().map_err(LocalError::Spawn)?, free_port().map_err(LocalError::Spawn)?);
+        let mut server = Self::launch(&dir, ports.0, ports.1, true)?;
         server._temp = Some(temp);
         Ok(server)
     }
 
     /// Start (or restart) a server on the given data directory and ports.
     pub fn start_in(dir: &Path, http_port: u16, tcp_port: u16) -> Result<Self, LocalError> {
+        Self::launch(dir, http_port, tcp_port, false)
+    }
+
+    /// The server runs under a small shell watchdog that ends it (and, for a temporary data
+    /// directory, removes that) when this process is gone, however it went: a value kept in a
+    /// static is never dropped, and a parent-death signal would fire when the spawning THREAD
+    /// ends (test threads end all the time), so neither can be relied on.
+    fn launch(dir: &Path, http_port: u16, tcp_port: u16, remove_dir_after: bool) -> Result<Self, LocalError> {
+        const WATCHDOG: &str = r#""$@" &
+server=$!
+trap 'kill -TERM $server 2>/dev/null; wait $server; exit 0' TERM INT
+while kill -0 "$TRIAGE_OWNER_PID" 2>/dev/null && kill -0 $server 2>/dev/null; do sleep 1; done
+kill -TERM $server 2>/dev/null
+for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 $server 2>/dev/null || break; sleep 1; done
+kill -KILL $server 2>/dev/null
+wait $server
+[ -n "$TRIAGE_REMOVE_DIR" ] && rm -rf "$TRIAGE_REMOVE_DIR"
+exit 0"#;
         let binary = find_server().ok_or(LocalError::NoClickHouse)?;
         let d = dir.display();
-        let mut cmd = Command::new(&binary);
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(WATCHDOG).arg("triage-clickhouse-watchdog").arg(&binary);
+        cmd.env("TRIAGE_OWNER_PID", std::process::id().to_string());
+        cmd.env("TRIAGE_REMOVE_DIR", if remove_dir_after { dir.display().to_string() } else { String::new() });
         if binary.ends_with("clickhouse") {
             cmd.arg("server");
         }

@@ -287,7 +287,7 @@ fn a_stalled_partition_fails_readiness_naming_it_until_it_moves_again() {
     assert_eq!(env.distinct_rows(), 250);
 }
 
-fn redrive(env: &Env, config: &std::path::Path, args: &[&str]) -> String {
+fn redrive(config: &std::path::Path, args: &[&str]) -> String {
     let out =
         std::process::Command::new(env!("CARGO_BIN_EXE_triage")).args(["redrive", "--config"]).arg(config).args(args).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -316,13 +316,13 @@ fn redrive_is_safe_to_interrupt_filter_and_repeat() {
     alter(&env, "ALTER TABLE results DROP COLUMN guard"); // the cause is fixed
 
     // Interrupted after 10 letters: the next run goes on from there.
-    let first = redrive(&env, &config, &["--reason", "clickhouse_rejected", "--max", "10"]);
+    let first = redrive(&config, &["--reason", "clickhouse_rejected", "--max", "10"]);
     assert!(first.contains("redrove 10 dead letters"), "{first}");
-    let rest = redrive(&env, &config, &["--reason", "clickhouse_rejected"]);
+    let rest = redrive(&config, &["--reason", "clickhouse_rejected"]);
     assert!(rest.contains("redrove 20 dead letters"), "resumed where the first stopped: {rest}");
     // An unfiltered run has its own position: it sends the 30 again, and the junk, but never
     // the letter cut to fit the topic.
-    let all = redrive(&env, &config, &[]);
+    let all = redrive(&config, &[]);
     assert!(all.contains("redrove 35 dead letters") && all.contains("1 cut to fit"), "{all}");
 
     let mut worker = env.spawn_worker_env(&config, "d2", &vars);
