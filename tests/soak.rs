@@ -87,7 +87,6 @@ fn faults_at_random_lose_nothing_and_stall_nothing() {
     let config = env.write_config("soak", &common::test_model_dir("multihead-tiny"), &["tickets"], "");
     let text = std::fs::read_to_string(&config)
         .unwrap()
-        .replace("[[routes]]\n", "[[routes]]\nfields.timestamp = [\"timestamp\"]\n")
         .replace("commit_interval_ms = 200\n", "commit_interval_ms = 200\nmax_in_flight = 2000\n")
         .replacen("insert_interval_ms = 200\n", "insert_interval_ms = 200\ninsert_timeout_ms = 2000\n", 1);
     std::fs::write(&config, text).unwrap();

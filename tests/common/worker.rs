@@ -81,7 +81,10 @@ impl Env {
             self.database
         );
         for t in topics {
-            text.push_str(&format!("[[routes]]\ntopic = \"{t}\"\nkind = \"ticket\"\nmodel = \"{}\"\n\n", model.display()));
+            text.push_str(&format!(
+                "[[routes]]\ntopic = \"{t}\"\nkind = \"ticket\"\nmodel = \"{}\"\nfields.timestamp = [\"timestamp\"]\n\n",
+                model.display()
+            ));
         }
         let path = self.dir.path().join(format!("{name}.toml"));
         std::fs::write(&path, text).unwrap();
@@ -360,7 +363,11 @@ pub fn messages(prefix: &str, n: usize) -> Vec<(String, Vec<u8>)> {
         .map(|i| {
             let body: Vec<&str> = (0..(3 + (i * 7) % 30)).map(|j| words[(i + j * 3) % words.len()]).collect();
             let id = format!("{prefix}-{i}");
-            (id.clone(), serde_json::json!({"id": id, "subject": format!("ticket {i}"), "body": body.join(" ")}).to_string().into_bytes())
+            // Event times over three years: rows land in ~36 monthly partitions, so reading once
+            // with FINAL is tested across partitions.
+            let timestamp = 1_600_000_000 + (i as u64 % 36) * 2_600_000;
+            let message = serde_json::json!({"id": id, "subject": format!("ticket {i}"), "body": body.join(" "), "timestamp": timestamp});
+            (id.clone(), message.to_string().into_bytes())
         })
         .collect()
 }
