@@ -354,3 +354,59 @@ fn redrive_is_safe_to_interrupt_filter_and_repeat() {
     sources.dedup();
     assert_eq!(sources.len(), 5, "one source key per message");
 }
+
+fn b_log_has_partitions(log: &std::path::Path) -> bool {
+    std::fs::read_to_string(log).unwrap_or_default().lines().any(|l| l.contains("partitions assigned") && !l.contains("partitions=0"))
+}
+
+/// Sum of a gauge's series in a /metrics text.
+fn gauge_sum(metrics: &str, name: &str) -> f64 {
+    metrics.lines().filter(|l| l.starts_with(&format!("{name}{{"))).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+}
+
+#[test]
+fn series_of_revoked_partitions_stop_counting_so_sums_across_workers_stay_right() {
+    let env = env("revoked_series");
+    env.kafka.create_topic("tickets", 4).unwrap();
+    env.produce("tickets", &messages("v", 400));
+    let ports = [triage::local::free_port().unwrap(), triage::local::free_port().unwrap()];
+    let configs: Vec<_> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, port)| {
+            let path = env.write_config(&format!("v{i}"), &tiny(), &["tickets"], "");
+            let text = std::fs::read_to_string(&path).unwrap().replace("address = \"\"", &format!("address = \"127.0.0.1:{port}\""));
+            std::fs::write(&path, text).unwrap();
+            path
+        })
+        .collect();
+    let vars = [("TRIAGE_ESCALATION__ENABLED", "false")];
+    let mut a = env.spawn_worker_env(&configs[0], "v0", &vars);
+    env.wait_caught_up(&mut a, &["tickets"], 3 * MIN);
+    let metrics = |port| common::worker::http_get(port, "/metrics").1;
+    // Alone, worker A committed all four partitions: 100 messages each.
+    env.wait_for(&mut a, "A's committed series", MIN, || gauge_sum(&metrics(ports[0]), "triage_committed_offset") == 400.0);
+    let mut b = env.spawn_worker_env(&configs[1], "v1", &vars);
+    env.wait_for(&mut b, "B gets partitions", MIN, || b_log_has_partitions(&env.dir.path().join("v1.log")));
+    env.produce("tickets", &messages("w", 400));
+    env.wait_caught_up(&mut b, &["tickets"], 3 * MIN);
+    // B took some partitions: A's series for them must not keep their old offsets, or the
+    // sum over both workers counts them twice.
+    let mut seen = String::new();
+    let start = std::time::Instant::now();
+    loop {
+        let (ma, mb) = (metrics(ports[0]), metrics(ports[1]));
+        let (sa, sb) = (gauge_sum(&ma, "triage_committed_offset"), gauge_sum(&mb, "triage_committed_offset"));
+        if sb > 0.0 && sa + sb == 800.0 {
+            break;
+        }
+        let series = |m: &str| m.lines().filter(|l| l.starts_with("triage_committed_offset{")).collect::<Vec<_>>().join("; ");
+        seen = format!("A {sa} [{}], B {sb} [{}]", series(&ma), series(&mb));
+        assert!(start.elapsed() < MIN, "the committed series of A and B must add up to the partitions' ends (800): {seen}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let _ = seen;
+    assert_eq!(b.terminate(MIN), Some(0));
+    assert_eq!(a.terminate(MIN), Some(0));
+    assert_eq!(env.distinct_rows(), 800);
+}
