@@ -41,6 +41,11 @@ enum Command {
         #[command(subcommand)]
         action: cli::schema::SchemaAction,
     },
+    /// The Kafka topics triage writes (dead letters, escalations).
+    Topics {
+        #[command(subcommand)]
+        action: cli::topics::TopicsAction,
+    },
     /// Run a mock Kafka cluster for development (librdkafka's; real protocol over TCP).
     Broker(cli::broker::BrokerArgs),
     /// Load JSON lines (or a CSV with a header row) into a topic.
@@ -73,6 +78,7 @@ fn main() {
         Command::Classify(args) => cli::classify::run(args),
         Command::Config { action } => cli::config::run(action),
         Command::Schema { action } => cli::runtime().and_then(|rt| rt.block_on(cli::schema::run(action))),
+        Command::Topics { action } => cli::runtime().and_then(|rt| rt.block_on(cli::topics::run(action))),
         Command::Broker(args) => cli::runtime().and_then(|rt| rt.block_on(cli::broker::run(args))),
         Command::Produce(args) => cli::runtime().and_then(|rt| rt.block_on(cli::produce::run(args))),
         Command::Redrive(args) => cli::redrive::run(args),

@@ -1,12 +1,10 @@
--- triage results on a ClickHouse cluster (23.x-25.x with ClickHouse Keeper / ZooKeeper).
--- Each shard holds a ReplicatedReplacingMergeTree; the Distributed table shards rows by the
--- dedup key (topic, partition, offset), so a replayed message lands on the same shard as its
--- first copy and FINAL (applied per shard) still reads it once. Insert into `results` with
--- synchronous distributed inserts, so an acknowledged INSERT means the row is stored on its
--- shard: in triage's config, [clickhouse.settings] insert_distributed_sync = "1"
--- (distributed_foreground_insert on 23.3+, which keeps the old name as an alias).
--- Replace {cluster} with your cluster's name, or keep the macro if it is defined.
-
+-- triage results schema. Read each message once: SELECT ... FROM <table> FINAL, or
+-- argMax(column, processed_time_ms) grouped by (topic, partition, offset).
+-- Cluster layout (`triage schema print --cluster '{cluster}'`): a ReplicatedReplacingMergeTree
+-- `results_local` on every replica, the Distributed `results` over them, sharded by the dedup key.
+-- Needs ZooKeeper / ClickHouse Keeper, the {shard} and {replica} macros, and `{cluster}` in
+-- remote_servers. triage inserts into `results` with insert_distributed_sync = 1 (set for you),
+-- so an acknowledged INSERT is stored on its shard.
 CREATE DATABASE IF NOT EXISTS triage ON CLUSTER '{cluster}';
 
 CREATE TABLE IF NOT EXISTS triage.results_local ON CLUSTER '{cluster}'
@@ -46,3 +44,28 @@ ORDER BY (toDate(event_time), topic, partition, offset);
 
 CREATE TABLE IF NOT EXISTS triage.results ON CLUSTER '{cluster}' AS triage.results_local
 ENGINE = Distributed('{cluster}', triage, results_local, cityHash64(topic, partition, offset));
+
+CREATE VIEW IF NOT EXISTS triage.results_hourly ON CLUSTER '{cluster}' AS
+SELECT toStartOfHour(event_time) AS hour, kind, category, priority,
+       count() AS messages, sum(escalated) AS escalations, avg(confidence) AS mean_confidence
+FROM triage.results FINAL
+GROUP BY hour, kind, category, priority;
+
+CREATE VIEW IF NOT EXISTS triage.results_escalation_rate ON CLUSTER '{cluster}' AS
+SELECT toDate(event_time) AS day, kind, model_name, model_version,
+       count() AS messages, sum(escalated) AS escalations, sum(escalated) / count() AS escalation_rate
+FROM triage.results FINAL
+GROUP BY day, kind, model_name, model_version;
+
+CREATE VIEW IF NOT EXISTS triage.results_confidence_by_model ON CLUSTER '{cluster}' AS
+SELECT toDate(event_time) AS day, model_name, model_version, category,
+       count() AS messages, avg(confidence) AS mean_confidence,
+       quantile(0.1)(confidence) AS p10_confidence, quantile(0.5)(confidence) AS median_confidence
+FROM triage.results FINAL
+GROUP BY day, model_name, model_version, category;
+
+-- Upgrading a table created by an earlier release (`triage schema apply` does this itself):
+-- ALTER TABLE triage.results_local ON CLUSTER '{cluster}' ADD COLUMN `ood_score` Nullable(Float32);
+-- ALTER TABLE triage.results ON CLUSTER '{cluster}' ADD COLUMN `ood_score` Nullable(Float32);
+-- ALTER TABLE triage.results_local ON CLUSTER '{cluster}' ADD COLUMN `redriven` UInt8;
+-- ALTER TABLE triage.results ON CLUSTER '{cluster}' ADD COLUMN `redriven` UInt8;

@@ -1,3 +1,5 @@
 -- Retention: drop results a while after their event time. Needs ClickHouse 19.6+ (not 18.16).
 -- Whole monthly partitions expire at once with ttl_only_drop_parts (20.x+), which is cheap.
+-- Single server (schema.sql). On a cluster (cluster.sql) use ttl-cluster.sql instead: a TTL
+-- belongs to the table that stores rows, never to the Distributed table.
 ALTER TABLE triage.results MODIFY TTL event_time + INTERVAL 400 DAY;

@@ -17,6 +17,7 @@ pub mod produce;
 pub mod redrive;
 pub mod run;
 pub mod schema;
+pub mod topics;
 pub mod train;
 
 use std::io::{BufRead, BufReader, IsTerminal, Write};

@@ -43,6 +43,18 @@ pub const HEADER_ORIGINAL_SHA256: &str = "triage.original.sha256";
 /// Room for headers and the record's framing on top of the payload in the producer's
 /// `message.max.bytes` (the detail header is capped well below this).
 pub const HEADER_ROOM_BYTES: usize = 64 * 1024;
+/// The producer's `message.max.bytes` for a worker accepting messages of up to
+/// `max_message_bytes`: any of them fits with its headers, and never below librdkafka's own
+/// default (a low `max_message_bytes` must not make dead letters of larger messages shrink).
+pub fn producer_message_limit(max_message_bytes: usize) -> usize {
+    max_message_bytes.saturating_add(HEADER_ROOM_BYTES).max(1_000_000)
+}
+
+/// The largest payload written as it is: what the producer takes, less room for headers.
+pub fn payload_limit(max_message_bytes: usize) -> usize {
+    producer_message_limit(max_message_bytes) - HEADER_ROOM_BYTES
+}
+
 /// The `triage.detail` header is cut to this many bytes.
 const DETAIL_MAX_BYTES: usize = 4 * 1024;
 /// Below this, cutting further would leave nothing worth keeping: the topic's limit is absurd.
@@ -55,7 +67,7 @@ pub struct SideTopicsConfig {
     pub escalation_topic: String,
     pub worker_id: String,
     pub backoff: Backoff,
-    /// Largest payload written as it is (the worker's `max_message_bytes`); larger ones are cut.
+    /// Largest payload written as it is ([`payload_limit`]); larger ones are cut.
     pub max_payload_bytes: usize,
     /// How long an unknown topic is retried before it counts as missing.
     pub unknown_topic_grace: Duration,
@@ -263,6 +275,14 @@ mod tests {
         ] {
             assert_eq!(classify(&produce(transient)), Verdict::Retry, "{transient:?}");
         }
+    }
+
+    #[test]
+    fn the_producer_takes_every_accepted_message_and_small_limits_do_not_shrink_it() {
+        assert_eq!(payload_limit(1 << 20), 1 << 20, "a 1 MiB message's dead letter is written whole");
+        assert_eq!(producer_message_limit(1 << 20), (1 << 20) + HEADER_ROOM_BYTES);
+        assert_eq!(producer_message_limit(2_000), 1_000_000, "never below librdkafka's default");
+        assert!(payload_limit(2_000) > 900_000, "a 5 kB message over a 2 kB limit is dead-lettered whole");
     }
 
     #[test]

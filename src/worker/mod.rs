@@ -134,7 +134,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
         escalation_topic: config.kafka.escalation_topic.clone(),
         worker_id: config.worker_id(),
         backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(10)),
-        max_payload_bytes: config.max_message_bytes,
+        max_payload_bytes: crate::sink::kafka::payload_limit(config.max_message_bytes),
         unknown_topic_grace: Duration::from_secs(60),
     };
     let (fatal_tx, fatal_rx) = mpsc::channel(4);

@@ -29,6 +29,10 @@ pub struct ClickHouseConfig {
     /// Use LowCardinality(String) for low-cardinality columns in the DDL (ClickHouse >= 19;
     /// 18.x needs allow_experimental_low_cardinality_type).
     pub low_cardinality: bool,
+    /// A cluster name from the servers' remote_servers: `schema apply` then creates replicated
+    /// local tables, a Distributed table named `table` over them and the views, all ON CLUSTER,
+    /// and INSERTs into `table` use insert_distributed_sync = 1.
+    pub cluster: Option<String>,
     /// Extra settings sent with every INSERT (e.g. async_insert = "0" on modern servers).
     pub settings: BTreeMap<String, String>,
 }
@@ -48,6 +52,7 @@ impl Default for ClickHouseConfig {
             retry_initial_ms: 200,
             retry_max_ms: 30_000,
             low_cardinality: false,
+            cluster: None,
             settings: BTreeMap::new(),
         }
     }
@@ -62,6 +67,11 @@ impl ClickHouseConfig {
         for (what, name) in [("database", &self.database), ("table", &self.table)] {
             if name.is_empty() || !name.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_') {
                 return Err(format!("clickhouse.{what} `{name}` must be letters, digits and _"));
+            }
+        }
+        if let Some(cluster) = &self.cluster {
+            if cluster.is_empty() || cluster.contains(['\'', '`', ';', ' ']) {
+                return Err(format!("clickhouse.cluster `{cluster}` must be a cluster name from remote_servers"));
             }
         }
         if self.insert_max_rows == 0 || self.retry_initial_ms == 0 || self.retry_max_ms < self.retry_initial_ms {

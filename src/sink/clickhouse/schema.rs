@@ -9,8 +9,21 @@
 use super::config::ClickHouseConfig;
 use super::row::COLUMNS;
 
+fn on_cluster(c: &ClickHouseConfig) -> String {
+    c.cluster.as_deref().map(|name| format!(" ON CLUSTER '{name}'")).unwrap_or_default()
+}
+
+/// The table that stores rows: the results table itself, or on a cluster each replica's
+/// `<table>_local` under the Distributed `<table>`.
+pub fn storage_table(c: &ClickHouseConfig) -> String {
+    match c.cluster {
+        Some(_) => format!("{}_local", c.table),
+        None => c.table.clone(),
+    }
+}
+
 pub fn create_database(c: &ClickHouseConfig) -> String {
-    format!("CREATE DATABASE IF NOT EXISTS {}", c.database)
+    format!("CREATE DATABASE IF NOT EXISTS {}{}", c.database, on_cluster(c))
 }
 
 pub fn create_table(c: &ClickHouseConfig) -> String {
@@ -21,24 +34,47 @@ pub fn create_table(c: &ClickHouseConfig) -> String {
             format!("    `{name}` {ty}")
         })
         .collect();
+    let local = storage_table(c);
+    let engine = match c.cluster {
+        // {shard} and {replica} are the servers' macros; the ZooKeeper path names the table.
+        Some(_) => format!(
+            "ReplicatedReplacingMergeTree('/clickhouse/tables/{{shard}}/{db}/{local}', '{{replica}}', processed_time_ms)",
+            db = c.database
+        ),
+        None => "ReplacingMergeTree(processed_time_ms)".to_string(),
+    };
     format!(
-        "CREATE TABLE IF NOT EXISTS {db}.{table}\n(\n{cols}\n)\nENGINE = ReplacingMergeTree(processed_time_ms)\n\
+        "CREATE TABLE IF NOT EXISTS {db}.{local}{on}\n(\n{cols}\n)\nENGINE = {engine}\n\
          PARTITION BY toYYYYMM(event_time)\nORDER BY (toDate(event_time), topic, partition, offset)",
         db = c.database,
-        table = c.table,
+        on = on_cluster(c),
         cols = columns.join(",\n"),
     )
+}
+
+/// On a cluster: the Distributed table over the replicas' local tables, sharded by the dedup
+/// key, so a replayed (or redriven) message lands on its first copy's shard and FINAL, applied
+/// per shard, still reads it once.
+pub fn create_distributed(c: &ClickHouseConfig) -> Option<String> {
+    let cluster = c.cluster.as_deref()?;
+    Some(format!(
+        "CREATE TABLE IF NOT EXISTS {db}.{t}{on} AS {db}.{local}\nENGINE = Distributed('{cluster}', {db}, {local}, cityHash64(topic, partition, offset))",
+        db = c.database,
+        t = c.table,
+        on = on_cluster(c),
+        local = storage_table(c),
+    ))
 }
 
 /// Analytics views. Plain views over `FINAL`, never materialized views: a materialized view
 /// sees inserted blocks, so it would count a replayed message twice.
 pub fn views(c: &ClickHouseConfig) -> Vec<(String, String)> {
-    let (db, t) = (&c.database, &c.table);
+    let (db, t, on) = (&c.database, &c.table, on_cluster(c));
     vec![
         (
             format!("{t}_hourly"),
             format!(
-                "CREATE VIEW IF NOT EXISTS {db}.{t}_hourly AS\nSELECT toStartOfHour(event_time) AS hour, kind, category, priority,\n       \
+                "CREATE VIEW IF NOT EXISTS {db}.{t}_hourly{on} AS\nSELECT toStartOfHour(event_time) AS hour, kind, category, priority,\n       \
                  count() AS messages, sum(escalated) AS escalations, avg(confidence) AS mean_confidence\n\
                  FROM {db}.{t} FINAL\nGROUP BY hour, kind, category, priority"
             ),
@@ -46,7 +82,7 @@ pub fn views(c: &ClickHouseConfig) -> Vec<(String, String)> {
         (
             format!("{t}_escalation_rate"),
             format!(
-                "CREATE VIEW IF NOT EXISTS {db}.{t}_escalation_rate AS\nSELECT toDate(event_time) AS day, kind, model_name, model_version,\n       \
+                "CREATE VIEW IF NOT EXISTS {db}.{t}_escalation_rate{on} AS\nSELECT toDate(event_time) AS day, kind, model_name, model_version,\n       \
                  count() AS messages, sum(escalated) AS escalations, sum(escalated) / count() AS escalation_rate\n\
                  FROM {db}.{t} FINAL\nGROUP BY day, kind, model_name, model_version"
             ),
@@ -54,7 +90,7 @@ pub fn views(c: &ClickHouseConfig) -> Vec<(String, String)> {
         (
             format!("{t}_confidence_by_model"),
             format!(
-                "CREATE VIEW IF NOT EXISTS {db}.{t}_confidence_by_model AS\nSELECT toDate(event_time) AS day, model_name, model_version, category,\n       \
+                "CREATE VIEW IF NOT EXISTS {db}.{t}_confidence_by_model{on} AS\nSELECT toDate(event_time) AS day, model_name, model_version, category,\n       \
                  count() AS messages, avg(confidence) AS mean_confidence,\n       \
                  quantile(0.1)(confidence) AS p10_confidence, quantile(0.5)(confidence) AS median_confidence\n\
                  FROM {db}.{t} FINAL\nGROUP BY day, model_name, model_version, category"
@@ -67,32 +103,56 @@ pub fn views(c: &ClickHouseConfig) -> Vec<(String, String)> {
 /// earlier lacks. (18.16 has no `ADD COLUMN IF NOT EXISTS`, so apply checks system.columns.)
 pub const ADDED_COLUMNS: &[&str] = &["ood_score", "redriven"];
 
-pub fn add_column(c: &ClickHouseConfig, name: &str) -> Option<String> {
-    let (_, ty, _) = COLUMNS.iter().find(|(n, _, _)| *n == name)?;
-    Some(format!("ALTER TABLE {}.{} ADD COLUMN `{name}` {ty}", c.database, c.table))
+/// `ALTER TABLE ... ADD COLUMN` for an added column: one statement on a single server; on a
+/// cluster one for the local tables and one for the Distributed table, both ON CLUSTER.
+pub fn add_column(c: &ClickHouseConfig, name: &str) -> Vec<String> {
+    let Some((_, ty, _)) = COLUMNS.iter().find(|(n, _, _)| *n == name) else { return Vec::new() };
+    let mut tables = vec![storage_table(c)];
+    if c.cluster.is_some() {
+        tables.push(c.table.clone());
+    }
+    tables.iter().map(|t| format!("ALTER TABLE {}.{t}{} ADD COLUMN `{name}` {ty}", c.database, on_cluster(c))).collect()
+}
+
+/// The statements that create storage (database, table, and on a cluster the Distributed
+/// table), in order; the views come after any added columns.
+pub fn table_statements(c: &ClickHouseConfig) -> Vec<String> {
+    let mut out = vec![create_database(c), create_table(c)];
+    out.extend(create_distributed(c));
+    out
 }
 
 /// Every statement, in the order `triage schema apply` runs them (plus any `add_column`
-/// between the table and the views).
+/// between the tables and the views).
 pub fn statements(c: &ClickHouseConfig) -> Vec<String> {
-    let mut out = vec![create_database(c), create_table(c)];
+    let mut out = table_statements(c);
     out.extend(views(c).into_iter().map(|(_, sql)| sql));
     out
 }
 
-/// The whole schema as one script (`triage schema print`).
 pub fn script(c: &ClickHouseConfig) -> String {
     let mut s = String::from(
         "-- triage results schema. Read each message once: SELECT ... FROM <table> FINAL, or\n\
          -- argMax(column, processed_time_ms) grouped by (topic, partition, offset).\n",
     );
+    if let Some(cluster) = &c.cluster {
+        s.push_str(&format!(
+            "-- Cluster layout (`triage schema print --cluster '{cluster}'`): a ReplicatedReplacingMergeTree\n\
+             -- `{local}` on every replica, the Distributed `{t}` over them, sharded by the dedup key.\n\
+             -- Needs ZooKeeper / ClickHouse Keeper, the {{shard}} and {{replica}} macros, and `{cluster}` in\n\
+             -- remote_servers. triage inserts into `{t}` with insert_distributed_sync = 1 (set for you),\n\
+             -- so an acknowledged INSERT is stored on its shard.\n",
+            local = storage_table(c),
+            t = c.table,
+        ));
+    }
     for stmt in statements(c) {
         s.push_str(&stmt);
         s.push_str(";\n\n");
     }
     s.push_str("-- Upgrading a table created by an earlier release (`triage schema apply` does this itself):\n");
     for name in ADDED_COLUMNS {
-        if let Some(sql) = add_column(c, name) {
+        for sql in add_column(c, name) {
             s.push_str(&format!("-- {sql};\n"));
         }
     }
@@ -125,5 +185,28 @@ mod tests {
         assert!(!plain.contains("LowCardinality"));
         let lc = create_table(&ClickHouseConfig { low_cardinality: true, ..ClickHouseConfig::default() });
         assert!(lc.contains("`category` LowCardinality(String)"));
+    }
+
+    #[test]
+    fn the_cluster_layout_replicates_shards_by_the_dedup_key_and_runs_everywhere() {
+        let c = ClickHouseConfig { cluster: Some("prod".into()), ..ClickHouseConfig::default() };
+        let all = statements(&c);
+        assert!(all.iter().all(|s| s.contains(" ON CLUSTER 'prod'")), "{all:#?}");
+        let table = create_table(&c);
+        assert!(table.contains("triage.results_local ON CLUSTER 'prod'"), "{table}");
+        assert!(table
+            .contains("ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/triage/results_local', '{replica}', processed_time_ms)"));
+        let distributed = create_distributed(&c).unwrap();
+        assert!(distributed.contains("AS triage.results_local") && distributed.contains("cityHash64(topic, partition, offset)"));
+        assert!(views(&c).iter().all(|(_, v)| v.contains("FROM triage.results FINAL")), "views read the Distributed table");
+        assert_eq!(
+            add_column(&c, "redriven"),
+            vec![
+                "ALTER TABLE triage.results_local ON CLUSTER 'prod' ADD COLUMN `redriven` UInt8".to_string(),
+                "ALTER TABLE triage.results ON CLUSTER 'prod' ADD COLUMN `redriven` UInt8".to_string()
+            ]
+        );
+        assert_eq!(add_column(&ClickHouseConfig::default(), "redriven").len(), 1);
+        assert!(create_distributed(&ClickHouseConfig::default()).is_none());
     }
 }

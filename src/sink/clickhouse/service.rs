@@ -135,6 +135,11 @@ impl ClickHouseService {
         if !config.password.expose().is_empty() {
             client = client.with_password(config.password.expose());
         }
+        // An INSERT into a Distributed table is acknowledged only once every shard stored its
+        // rows: triage commits offsets on that acknowledgement.
+        if config.cluster.is_some() && !config.settings.contains_key("insert_distributed_sync") {
+            client = client.with_setting("insert_distributed_sync", "1");
+        }
         for (k, v) in &config.settings {
             client = client.with_setting(k, v);
         }
@@ -147,11 +152,10 @@ impl ClickHouseService {
     /// (idempotent).
     pub async fn apply_schema(&self) -> Result<(), clickhouse::error::Error> {
         let admin = self.client.clone().with_database("default");
-        let statements = schema::statements(&self.config);
-        let (table, views) = statements.split_at(2);
-        for stmt in table {
-            admin.query(stmt).execute().await?;
+        for stmt in schema::table_statements(&self.config) {
+            admin.query(&stmt).execute().await?;
         }
+        // The Distributed table mirrors the local one's columns: whichever lacks one gets it.
         let existing: Vec<String> = admin
             .query("SELECT name FROM system.columns WHERE database = ? AND table = ?")
             .bind(&self.config.database)
@@ -159,15 +163,55 @@ impl ClickHouseService {
             .fetch_all()
             .await?;
         for name in schema::ADDED_COLUMNS.iter().filter(|n| !existing.iter().any(|e| e == *n)) {
-            if let Some(sql) = schema::add_column(&self.config, name) {
-                tracing::info!(column = name, "adding a column to an existing results table");
+            tracing::info!(column = name, "adding a column to an existing results table");
+            for sql in schema::add_column(&self.config, name) {
                 admin.query(&sql).execute().await?;
             }
         }
-        for stmt in views {
-            admin.query(stmt).execute().await?;
+        for (_, stmt) in schema::views(&self.config) {
+            admin.query(&stmt).execute().await?;
         }
         Ok(())
+    }
+
+    /// [`apply_schema`](Self::apply_schema), retrying while the server is not reachable yet
+    /// (a schema Job may start before ClickHouse), up to `wait`.
+    pub async fn apply_schema_waiting(&self, wait: std::time::Duration) -> Result<(), clickhouse::error::Error> {
+        let deadline = std::time::Instant::now() + wait;
+        let mut attempt = 0;
+        loop {
+            match self.apply_schema().await {
+                Err(e) if classify(&e) == ErrorKind::Transient && std::time::Instant::now() < deadline => {
+                    attempt += 1;
+                    let delay = self.backoff.delay(attempt);
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "ClickHouse not ready for the schema yet");
+                    tokio::time::sleep(delay).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Wait until the table exists with every column the row needs, whatever the reason it
+    /// does not yet (server down, schema Job still running), up to `wait`; then the last
+    /// reason. For an init container: the worker starts only once it can store rows.
+    pub async fn wait_until_ready(&self, wait: std::time::Duration) -> Result<(), String> {
+        let deadline = std::time::Instant::now() + wait;
+        let mut attempt = 0;
+        loop {
+            let reason = match self.check_schema().await {
+                Ok(()) => return Ok(()),
+                Err(Ok(transient)) => transient.to_string(),
+                Err(Err(missing)) => missing.to_string(),
+            };
+            if std::time::Instant::now() >= deadline {
+                return Err(reason);
+            }
+            attempt += 1;
+            let delay = self.backoff.delay(attempt).min(std::time::Duration::from_secs(10));
+            tracing::info!(reason = %reason, retry_in_ms = delay.as_millis() as u64, "waiting for the ClickHouse schema");
+            tokio::time::sleep(delay).await;
+        }
     }
 
     /// Wait (with backoff, logging each attempt) until the server answers and the table has

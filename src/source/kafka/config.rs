@@ -18,7 +18,7 @@ pub enum ClientRole {
     /// `triage produce` and redrive's writes: idempotent, acks=all.
     Producer,
     /// The worker's dead-letter / escalation producer: a Producer whose `message.max.bytes`
-    /// admits any payload the worker accepts (`max_message_bytes`) plus its headers.
+    /// admits any payload the worker accepts (its `max_message_bytes`) plus headers.
     SideTopics { max_payload_bytes: usize },
     /// `triage redrive` reading the dead-letter topic in its own group: `<group_id>-redrive`,
     /// or `<group_id>-redrive.<reason>` for one reason (each keeps its own position).
@@ -78,6 +78,9 @@ pub struct KafkaConfig {
     pub properties: BTreeMap<String, String>,
     pub dead_letter_topic: String,
     pub escalation_topic: String,
+    /// `triage topics apply`: partitions and replication factor of the side topics it creates.
+    pub side_topic_partitions: i32,
+    pub side_topic_replication: i32,
 }
 
 impl Default for KafkaConfig {
@@ -100,6 +103,8 @@ impl Default for KafkaConfig {
             properties: BTreeMap::new(),
             dead_letter_topic: "triage.dead-letter".into(),
             escalation_topic: "triage.escalations".into(),
+            side_topic_partitions: 3,
+            side_topic_replication: 3,
         }
     }
 }
@@ -138,8 +143,7 @@ impl KafkaConfig {
             ClientRole::SideTopics { max_payload_bytes } => {
                 c.set("enable.idempotence", "true").set("acks", "all").set("linger.ms", "5").set("compression.type", "zstd");
                 // librdkafka's default (1,000,000) refuses a dead letter of a 1 MiB message.
-                let limit = max_payload_bytes.saturating_add(crate::sink::kafka::HEADER_ROOM_BYTES).max(1_000_000);
-                c.set("message.max.bytes", limit.to_string());
+                c.set("message.max.bytes", crate::sink::kafka::producer_message_limit(max_payload_bytes).to_string());
             }
             ClientRole::Redrive { reason } => {
                 c.set("group.id", crate::kafka_tools::redrive_group(&self.group_id, reason.as_deref()))
@@ -211,6 +215,9 @@ impl KafkaConfig {
         }
         if !["earliest", "latest"].contains(&self.auto_offset_reset.as_str()) {
             return Err(format!("kafka.auto_offset_reset must be earliest or latest, not `{}`", self.auto_offset_reset));
+        }
+        if self.side_topic_partitions < 1 || self.side_topic_replication < 1 {
+            return Err("kafka.side_topic_partitions and kafka.side_topic_replication must be at least 1".into());
         }
         for (key, value) in &self.properties {
             let key = key.trim().to_ascii_lowercase();

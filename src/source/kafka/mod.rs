@@ -14,6 +14,7 @@ use rdkafka::error::KafkaResult;
 use rdkafka::{Offset, TopicPartitionList};
 
 pub mod config;
+pub mod topics;
 
 use super::offsets::{OffsetTracker, TopicPartition};
 

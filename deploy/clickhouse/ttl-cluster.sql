@@ -1,0 +1,4 @@
+-- Retention on the cluster layout (cluster.sql): the TTL goes on every replica's local
+-- ReplicatedReplacingMergeTree, ON CLUSTER; the Distributed table `results` stores nothing.
+-- Replace {cluster} with your cluster's name, or keep the macro if it is defined.
+ALTER TABLE triage.results_local ON CLUSTER '{cluster}' MODIFY TTL event_time + INTERVAL 400 DAY;
