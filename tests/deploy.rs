@@ -46,7 +46,7 @@ fn known_metrics() -> BTreeSet<String> {
 #[test]
 fn dashboard_and_alerts_use_only_metrics_the_code_exports() {
     let known = known_metrics();
-    for path in ["deploy/grafana/triage-dashboard.json", "deploy/k8s/prometheusrule.yaml", "deploy/prometheus/alerts.yml"] {
+    for path in ["deploy/grafana/triage-dashboard.json", "deploy/k8s/base/prometheusrule.yaml", "deploy/prometheus/alerts.yml"] {
         let used = metric_names_in(&read(path));
         assert!(!used.is_empty(), "{path} uses no triage metric");
         let unknown: Vec<_> = used.difference(&known).collect();
@@ -63,7 +63,7 @@ fn dashboard_and_alerts_use_only_metrics_the_code_exports() {
 
 #[test]
 fn plain_alert_rules_equal_the_prometheus_rule_resource() {
-    let docs = yaml_documents("deploy/k8s/prometheusrule.yaml");
+    let docs = yaml_documents("deploy/k8s/base/prometheusrule.yaml");
     let plain = yaml_documents("deploy/prometheus/alerts.yml");
     assert_eq!(docs[0]["spec"]["groups"], plain[0]["groups"]);
     let names: Vec<&str> = plain[0]["groups"][0]["rules"].as_sequence().unwrap().iter().filter_map(|r| r["alert"].as_str()).collect();
@@ -72,21 +72,38 @@ fn plain_alert_rules_equal_the_prometheus_rule_resource() {
     }
 }
 
+fn base_toml() -> String {
+    read("deploy/k8s/base/triage.toml")
+}
+
+/// A pod spec's container by name (containers, then init containers).
+fn container<'a>(pod: &'a Value, name: &str) -> &'a Value {
+    ["containers", "initContainers"]
+        .iter()
+        .filter_map(|k| pod[*k].as_sequence())
+        .flatten()
+        .find(|c| c["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+fn env_of<'a>(container: &'a Value, name: &str) -> &'a Value {
+    container["env"].as_sequence().unwrap().iter().find(|e| e["name"].as_str() == Some(name)).unwrap_or_else(|| panic!("no env {name}"))
+}
+
 #[test]
 fn probes_ports_and_grace_period_match_the_binary() {
-    let deployment = &yaml_documents("deploy/k8s/deployment.yaml")[0];
+    let deployment = &yaml_documents("deploy/k8s/base/deployment.yaml")[0];
     let pod = &deployment["spec"]["template"]["spec"];
-    let container = &pod["containers"][0];
-    assert_eq!(container["ports"][0]["containerPort"].as_u64(), Some(9464));
-    assert_eq!(container["livenessProbe"]["httpGet"]["path"].as_str(), Some("/healthz"));
-    assert_eq!(container["readinessProbe"]["httpGet"]["path"].as_str(), Some("/readyz"));
-    // The config the pod runs, from the ConfigMap, parses and validates, with the same port.
-    let configmap = &yaml_documents("deploy/k8s/configmap.yaml")[0];
-    let toml_text = configmap["data"]["triage.toml"].as_str().unwrap();
+    let worker = container(pod, "triage");
+    assert_eq!(worker["ports"][0]["containerPort"].as_u64(), Some(9464));
+    assert_eq!(worker["livenessProbe"]["httpGet"]["path"].as_str(), Some("/healthz"));
+    assert_eq!(worker["readinessProbe"]["httpGet"]["path"].as_str(), Some("/readyz"));
+    // The config the pod runs (generated into the ConfigMap) parses and validates, same port.
+    let toml_text = base_toml();
     let env = [("TRIAGE_KAFKA__SASL_PASSWORD".to_string(), "x".to_string()), ("TRIAGE_CLICKHOUSE__PASSWORD".to_string(), "y".to_string())];
     let text_without_files = toml_text.lines().filter(|l| !l.contains("password_file")).collect::<Vec<_>>().join("\n");
-    let config = triage::config::Config::from_toml(&text_without_files, "configmap", env, std::path::Path::new("/"))
-        .expect("ConfigMap config is valid");
+    let config = triage::config::Config::from_toml(&text_without_files, "triage.toml", env, std::path::Path::new("/"))
+        .expect("the deployed config is valid");
     assert!(config.metrics.address.ends_with(":9464"));
     let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
     assert!(
@@ -96,31 +113,96 @@ fn probes_ports_and_grace_period_match_the_binary() {
     );
     // The Deployment mounts what the config reads.
     assert!(toml_text.contains("/var/run/secrets/triage/kafka-password"));
-    assert_eq!(pod["volumes"][1]["secret"]["secretName"].as_str(), Some("triage-secrets"));
+    let volumes = pod["volumes"].as_sequence().unwrap();
+    assert!(volumes.iter().any(|v| v["secret"]["secretName"].as_str() == Some("triage-secrets")));
     // Service and ServiceMonitor scrape the same named port.
-    assert_eq!(yaml_documents("deploy/k8s/service.yaml")[0]["spec"]["ports"][0]["targetPort"].as_str(), Some("metrics"));
-    assert_eq!(yaml_documents("deploy/k8s/servicemonitor.yaml")[0]["spec"]["endpoints"][0]["path"].as_str(), Some("/metrics"));
-    // KEDA scales the Deployment by name, within 1 .. partitions.
-    let scaled = &yaml_documents("deploy/k8s/scaledobject.yaml")[0];
-    assert_eq!(scaled["spec"]["scaleTargetRef"]["name"], deployment["metadata"]["name"]);
-    assert!(scaled["spec"]["triggers"].as_sequence().unwrap().iter().all(|t| t["type"].as_str() == Some("kafka")));
+    assert_eq!(yaml_documents("deploy/k8s/base/service.yaml")[0]["spec"]["ports"][0]["targetPort"].as_str(), Some("metrics"));
+    assert_eq!(yaml_documents("deploy/k8s/base/servicemonitor.yaml")[0]["spec"]["endpoints"][0]["path"].as_str(), Some("/metrics"));
 }
 
 #[test]
-fn every_manifest_has_kind_and_metadata_and_kustomization_lists_them() {
-    let kustomization = &yaml_documents("deploy/k8s/kustomization.yaml")[0];
+fn the_deployment_sizes_sessions_from_its_cpu_request_and_lets_the_autoscaler_own_replicas() {
+    let deployment = &yaml_documents("deploy/k8s/base/deployment.yaml")[0];
+    assert!(deployment["spec"].get("replicas").is_none(), "a replicas field resets KEDA's/the HPA's count on every apply");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let worker = container(pod, "triage");
+    // Sessions = requested cores, single-threaded: never one per NODE core.
+    let sessions = env_of(worker, "TRIAGE_BATCHING__INFERENCE_THREADS");
+    assert_eq!(sessions["valueFrom"]["resourceFieldRef"]["resource"].as_str(), Some("requests.cpu"), "{sessions:?}");
+    assert_eq!(env_of(worker, "TRIAGE_INFERENCE__INTRA_THREADS")["value"].as_str(), Some("1"));
+    assert!(worker["resources"]["requests"]["cpu"].is_string() && worker["resources"]["limits"]["memory"].is_string());
+    // Hardening: no API token, a writable /tmp under a read-only root, spread over zones.
+    assert_eq!(pod["automountServiceAccountToken"].as_bool(), Some(false));
+    assert_eq!(worker["securityContext"]["readOnlyRootFilesystem"].as_bool(), Some(true));
+    let tmp_mount =
+        worker["volumeMounts"].as_sequence().unwrap().iter().find(|m| m["mountPath"].as_str() == Some("/tmp")).expect("/tmp mounted");
+    let tmp = pod["volumes"].as_sequence().unwrap().iter().find(|v| v["name"] == tmp_mount["name"]).unwrap();
+    assert!(tmp["emptyDir"].is_mapping(), "{tmp:?}");
+    let spread = pod["topologySpreadConstraints"].as_sequence().unwrap();
+    assert!(spread.iter().any(|c| c["topologyKey"].as_str() == Some("topology.kubernetes.io/zone")));
+    // A fresh cluster never crash-loops: the init container waits for the schema and topics.
+    let init = container(pod, "wait-for-schema-and-topics");
+    let script = init["args"][0].as_str().unwrap();
+    assert!(script.contains("schema wait") && script.contains("topics wait"), "{script}");
+    // The Jobs create them, idempotently, with the same config.
+    for (job, words) in [("schema", ["schema", "apply"]), ("topics", ["topics", "apply"])] {
+        let doc = &yaml_documents(&format!("deploy/k8s/base/{job}-job.yaml"))[0];
+        assert_eq!(doc["kind"].as_str(), Some("Job"));
+        let args: Vec<&str> =
+            doc["spec"]["template"]["spec"]["containers"][0]["args"].as_sequence().unwrap().iter().filter_map(Value::as_str).collect();
+        assert_eq!(&args[..2], &words, "{job}");
+        assert!(args.contains(&"/etc/triage/triage.toml"));
+    }
+    // Node drains are never blocked by pods that are unready because ClickHouse is down.
+    let pdb = &yaml_documents("deploy/k8s/base/pdb.yaml")[0];
+    assert_eq!(pdb["spec"]["unhealthyPodEvictionPolicy"].as_str(), Some("AlwaysAllow"));
+}
+
+#[test]
+fn keda_scales_on_every_consumed_topic_with_its_own_sasl_spelling() {
+    let deployment = &yaml_documents("deploy/k8s/base/deployment.yaml")[0];
+    let docs = yaml_documents("deploy/k8s/keda/scaledobject.yaml");
+    let scaled = docs.iter().find(|d| d["kind"].as_str() == Some("ScaledObject")).unwrap();
+    assert_eq!(scaled["spec"]["scaleTargetRef"]["name"], deployment["metadata"]["name"]);
+    let triggers = scaled["spec"]["triggers"].as_sequence().unwrap();
+    let topics: BTreeSet<&str> = triggers.iter().filter_map(|t| t["metadata"]["topic"].as_str()).collect();
+    let config: toml::Value = toml::from_str(&base_toml()).unwrap();
+    let routed: BTreeSet<&str> = config["routes"].as_array().unwrap().iter().filter_map(|r| r["topic"].as_str()).collect();
+    assert_eq!(topics, routed, "one lag trigger per consumed topic");
+    let group = config["kafka"]["group_id"].as_str().unwrap();
+    for t in triggers {
+        assert_eq!(t["metadata"]["consumerGroup"].as_str(), Some(group));
+        let sasl = t["metadata"]["sasl"].as_str().unwrap_or("none");
+        assert!(
+            ["none", "plaintext", "scram_sha256", "scram_sha512", "oauthbearer", "gssapi"].contains(&sasl),
+            "KEDA spells it scram_sha512: {sasl}"
+        );
+    }
+    // cooldownPeriod only matters when scaling to zero; the floor here is one worker.
+    assert!(scaled["spec"].get("cooldownPeriod").is_none() || scaled["spec"]["minReplicaCount"].as_u64() == Some(0));
+    // kube-prometheus-stack selects monitors and rules by release label.
+    for path in ["deploy/k8s/base/servicemonitor.yaml", "deploy/k8s/base/prometheusrule.yaml"] {
+        assert!(yaml_documents(path)[0]["metadata"]["labels"]["release"].is_string(), "{path}");
+    }
+}
+
+#[test]
+fn every_manifest_has_kind_and_metadata_and_the_base_lists_them() {
+    let kustomization = &yaml_documents("deploy/k8s/base/kustomization.yaml")[0];
     let listed: BTreeSet<String> =
         kustomization["resources"].as_sequence().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
-    for entry in std::fs::read_dir(common::root().join("deploy/k8s")).unwrap() {
+    for entry in std::fs::read_dir(common::root().join("deploy/k8s/base")).unwrap() {
         let name = entry.unwrap().file_name().into_string().unwrap();
-        if name == "kustomization.yaml" {
+        if name == "kustomization.yaml" || !name.ends_with(".yaml") {
             continue;
         }
-        assert!(listed.contains(&name), "{name} is not in kustomization.yaml");
-        for doc in yaml_documents(&format!("deploy/k8s/{name}")) {
+        assert!(listed.contains(&name), "{name} is not in the base kustomization.yaml");
+        for doc in yaml_documents(&format!("deploy/k8s/base/{name}")) {
             assert!(doc["apiVersion"].is_string() && doc["kind"].is_string() && doc["metadata"]["name"].is_string(), "{name}: {doc:?}");
         }
     }
+    // Edits to the config roll the pods: it is generated (hash-suffixed), not a plain ConfigMap.
+    assert_eq!(kustomization["configMapGenerator"][0]["name"].as_str(), Some("triage-config"));
 }
 
 #[test]
@@ -148,6 +230,128 @@ fn dockerfiles_run_as_non_root_and_ship_the_library_and_model() {
         assert!(text.contains("USER 10001"), "{path}: non-root");
         assert!(text.contains("models/customer-service") && text.contains("runtime/onnxruntime"), "{path}");
         assert!(text.contains("EXPOSE 9464"));
+        // The build stage installs what building needs, not the test tools.
+        assert!(text.contains("scripts/setup --runtime"), "{path}");
+    }
+    let setup = read("scripts/setup");
+    let runtime_gate = setup.find("if [ \"$RUNTIME_ONLY\" = 0 ]").expect("setup --runtime gate");
+    assert!(setup[runtime_gate..].contains("install_test_tools"), "--runtime skips the test tools");
+    // The build context leaves host artifacts out (a host venv breaks setup inside the build).
+    let ignore = read(".dockerignore");
+    for entry in [".venv", "runtime", "target", ".git"] {
+        assert!(ignore.lines().any(|l| l.trim() == entry), ".dockerignore lacks {entry}");
+    }
+    // GPU: the device plugin's libcuda path survives; CUDA 13 wheel layout; pinned wheels.
+    let gpu = read("deploy/Dockerfile.gpu");
+    assert!(gpu.contains("LD_LIBRARY_PATH=/opt/triage/runtime/onnxruntime:${LD_LIBRARY_PATH}"), "LD_LIBRARY_PATH must extend, not replace");
+    for old in ["cublas/lib", "cuda_runtime/lib", "cufft/lib", "curand/lib", "cuda_nvrtc/lib"] {
+        assert!(!gpu.contains(old), "{old} is the CUDA 12 wheels' layout; CUDA 13 wheels use nvidia/cu13/lib");
+    }
+    assert!(gpu.contains("nvidia/cu13/lib") && gpu.contains("-r deploy/gpu-requirements.txt"));
+    for line in read("deploy/gpu-requirements.txt").lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')) {
+        assert!(line.contains("=="), "unpinned GPU wheel: {line}");
+    }
+}
+
+#[test]
+fn retention_goes_on_the_table_that_stores_rows() {
+    let single = read("deploy/clickhouse/ttl.sql");
+    assert!(single.contains("ALTER TABLE triage.results MODIFY TTL"));
+    let cluster = read("deploy/clickhouse/ttl-cluster.sql");
+    assert!(cluster.contains("ALTER TABLE triage.results_local ON CLUSTER"), "{cluster}");
+    assert!(!cluster.contains("ALTER TABLE triage.results ON"), "a TTL on the Distributed table fails");
+}
+
+#[test]
+fn alert_rules_fire_on_synthetic_series_and_stay_silent_on_healthy_ones() {
+    let promtool = std::path::Path::new("promtool");
+    let check = run_tool(promtool, &["check", "rules", "deploy/prometheus/alerts.yml"]);
+    assert!(check.contains("SUCCESS"), "{check}");
+    let tests = run_tool(promtool, &["test", "rules", "deploy/prometheus/alerts_test.yml"]);
+    assert!(tests.contains("SUCCESS"), "{tests}");
+    // Every rule has its test.
+    let plain = yaml_documents("deploy/prometheus/alerts.yml");
+    let test_text = read("deploy/prometheus/alerts_test.yml");
+    for rule in plain[0]["groups"][0]["rules"].as_sequence().unwrap() {
+        let name = rule["alert"].as_str().unwrap();
+        assert!(test_text.contains(&format!("alertname: {name}")), "{name} has no promtool test");
+    }
+}
+
+/// Render an overlay with the machine's kubectl (Debian's 1.20 bundles kustomize v2; newer
+/// ones v5: the overlays are written for both).
+fn render(overlay: &str) -> Vec<Value> {
+    let out = run_tool(std::path::Path::new("kubectl"), &["kustomize", &format!("deploy/k8s/overlays/{overlay}")]);
+    let yaml: String = out.lines().filter(|l| !l.starts_with("# Warning:")).collect::<Vec<_>>().join("\n");
+    serde_yaml::Deserializer::from_str(&yaml).map(|d| Value::deserialize(d).unwrap()).filter(|v| !v.is_null()).collect()
+}
+
+fn of_kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    docs.iter().filter(|d| d["kind"].as_str() == Some(kind)).collect()
+}
+
+#[test]
+fn every_overlay_renders_and_validates() {
+    let dir = tempfile::tempdir().unwrap();
+    for overlay in ["cpu", "gpu", "no-keda", "custom-model"] {
+        let docs = render(overlay);
+        // Core resources against Kubernetes' schemas, custom resources against theirs.
+        let (custom, core): (Vec<&Value>, Vec<&Value>) = docs
+            .iter()
+            .partition(|d| ["keda.sh", "monitoring.coreos.com"].iter().any(|g| d["apiVersion"].as_str().unwrap().starts_with(g)));
+        let core_file = dir.path().join(format!("{overlay}-core.yaml"));
+        let custom_file = dir.path().join(format!("{overlay}-custom.yaml"));
+        let dump = |docs: &[&Value]| docs.iter().map(|d| serde_yaml::to_string(d).unwrap()).collect::<Vec<_>>().join("---\n");
+        std::fs::write(&core_file, dump(&core)).unwrap();
+        std::fs::write(&custom_file, dump(&custom)).unwrap();
+        let out = run_tool(&venv_bin("kubernetes-validate"), &["--strict", "--kubernetes-version", "1.31.0", core_file.to_str().unwrap()]);
+        assert_eq!(out.matches(" passed for resource ").count(), core.len(), "{overlay}: {out}");
+        let out = run_tool(std::path::Path::new("node"), &["tests/deploy/validate_crds.mjs", custom_file.to_str().unwrap()]);
+        assert_eq!(out.matches(" valid").count(), custom.len(), "{overlay}: {out}");
+
+        // The pods read the generated, hash-named ConfigMap; no env var is set twice.
+        let config_name = of_kind(&docs, "ConfigMap")[0]["metadata"]["name"].as_str().unwrap().to_string();
+        assert!(config_name.starts_with("triage-config-"), "{overlay}: {config_name}");
+        let deployment = of_kind(&docs, "Deployment")[0];
+        let pod = &deployment["spec"]["template"]["spec"];
+        assert!(pod["volumes"].as_sequence().unwrap().iter().any(|v| v["configMap"]["name"].as_str() == Some(&config_name)));
+        for c in pod["containers"].as_sequence().unwrap().iter().chain(pod["initContainers"].as_sequence().unwrap()) {
+            let names: Vec<&str> =
+                c["env"].as_sequence().map(|e| e.iter().filter_map(|v| v["name"].as_str()).collect()).unwrap_or_default();
+            let unique: BTreeSet<&str> = names.iter().copied().collect();
+            assert_eq!(unique.len(), names.len(), "{overlay}: {:?} sets an env var twice: {names:?}", c["name"]);
+            for e in c["env"].as_sequence().into_iter().flatten() {
+                assert!(!(e.get("value").is_some() && e.get("valueFrom").is_some()), "{overlay}: {e:?} has value and valueFrom");
+            }
+        }
+        let worker = container(pod, "triage");
+        let scaled = of_kind(&docs, "ScaledObject");
+        let hpa = of_kind(&docs, "HorizontalPodAutoscaler");
+        match overlay {
+            "no-keda" => {
+                assert!(scaled.is_empty(), "no KEDA resources");
+                assert_eq!(hpa[0]["spec"]["scaleTargetRef"]["name"], deployment["metadata"]["name"]);
+            }
+            _ => assert!(scaled.len() == 1 && hpa.is_empty(), "{overlay}: KEDA scales it"),
+        }
+        if overlay == "gpu" {
+            assert_eq!(worker["resources"]["limits"]["nvidia.com/gpu"].as_u64(), Some(1));
+            assert_eq!(pod["runtimeClassName"].as_str(), Some("nvidia"));
+            assert!(pod["tolerations"].as_sequence().unwrap().iter().any(|t| t["key"].as_str() == Some("nvidia.com/gpu")));
+            assert_eq!(env_of(worker, "TRIAGE_BATCHING__INFERENCE_THREADS")["value"].as_str(), Some("1"), "one session per GPU");
+            assert!(worker["image"].as_str().unwrap().ends_with("-gpu"));
+        }
+        if overlay == "custom-model" {
+            // The routes point into the volume the init container fills, mounted in the worker.
+            let config = of_kind(&docs, "ConfigMap")[0]["data"]["triage.toml"].as_str().unwrap();
+            let parsed: toml::Value = toml::from_str(config).unwrap();
+            let copy = container(pod, "copy-model");
+            let mount = copy["volumeMounts"][0]["mountPath"].as_str().unwrap();
+            assert!(worker["volumeMounts"].as_sequence().unwrap().iter().any(|m| m["mountPath"].as_str() == Some(mount)));
+            for route in parsed["routes"].as_array().unwrap() {
+                assert!(route["model"].as_str().unwrap().starts_with(mount), "{route:?} outside {mount}");
+            }
+        }
     }
 }
 
@@ -156,6 +360,11 @@ fn the_shipped_ddl_is_what_the_binary_prints_and_the_cluster_ddl_has_the_same_co
     let printed = triage::sink::clickhouse::schema::script(&triage::config::ClickHouseConfig::default());
     assert_eq!(read("deploy/clickhouse/schema.sql"), printed, "regenerate with: triage schema print > deploy/clickhouse/schema.sql");
     let cluster = read("deploy/clickhouse/cluster.sql");
+    let printed_cluster = triage::sink::clickhouse::schema::script(&triage::config::ClickHouseConfig {
+        cluster: Some("{cluster}".into()),
+        ..Default::default()
+    });
+    assert_eq!(cluster, printed_cluster, "regenerate with: triage schema print --cluster '{{cluster}}' > deploy/clickhouse/cluster.sql");
     for (name, ty, _) in COLUMNS {
         assert!(cluster.contains(&format!("`{name}` {ty}")), "cluster.sql lacks {name} {ty}");
     }
@@ -270,11 +479,13 @@ fn venv_bin(name: &str) -> std::path::PathBuf {
 
 #[test]
 fn core_manifests_validate_against_kubernetes_schemas() {
-    let files = ["namespace.yaml", "configmap.yaml", "deployment.yaml", "pdb.yaml", "service.yaml"].map(|f| format!("deploy/k8s/{f}"));
+    let files =
+        ["namespace.yaml", "deployment.yaml", "pdb.yaml", "service.yaml", "networkpolicy.yaml", "schema-job.yaml", "topics-job.yaml"]
+            .map(|f| format!("deploy/k8s/base/{f}"));
     let mut args = vec!["--strict", "--kubernetes-version", "1.31.0"];
     args.extend(files.iter().map(String::as_str));
     let out = run_tool(&venv_bin("kubernetes-validate"), &args);
-    assert_eq!(out.matches(" passed for resource ").count(), 5, "{out}");
+    assert_eq!(out.matches(" passed for resource ").count(), files.len(), "{out}");
 }
 
 #[test]
@@ -283,9 +494,9 @@ fn custom_resources_validate_against_their_schemas() {
         std::path::Path::new("node"),
         &[
             "tests/deploy/validate_crds.mjs",
-            "deploy/k8s/scaledobject.yaml",
-            "deploy/k8s/servicemonitor.yaml",
-            "deploy/k8s/prometheusrule.yaml",
+            "deploy/k8s/keda/scaledobject.yaml",
+            "deploy/k8s/base/servicemonitor.yaml",
+            "deploy/k8s/base/prometheusrule.yaml",
         ],
     );
     for kind in ["ScaledObject", "TriggerAuthentication", "ServiceMonitor", "PrometheusRule"] {
