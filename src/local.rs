@@ -19,6 +19,34 @@ pub enum LocalError {
     Kafka(#[from] rdkafka::error::KafkaError),
 }
 
+/// `program args...` under a small shell watchdog that ends it (and removes `remove_dir`, if
+/// given) when THIS process is gone, however it went: a value kept in a static is never
+/// dropped, and a parent-death signal fires when the spawning THREAD ends (test threads end all
+/// the time), so neither can be relied on. The child leads its own process group: signalling
+/// the group reaches the watchdog and the program alike.
+pub fn watched_command(program: &Path, args: &[String], remove_dir: Option<&Path>) -> Command {
+    const WATCHDOG: &str = r#""$@" &
+server=$!
+trap 'kill -TERM $server 2>/dev/null; wait $server; exit 0' TERM INT
+while kill -0 "$TRIAGE_OWNER_PID" 2>/dev/null && kill -0 $server 2>/dev/null; do sleep 1; done
+kill -TERM $server 2>/dev/null
+for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 $server 2>/dev/null || break; sleep 1; done
+kill -KILL $server 2>/dev/null
+wait $server
+[ -n "$TRIAGE_REMOVE_DIR" ] && rm -rf "$TRIAGE_REMOVE_DIR"
+exit 0"#;
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(WATCHDOG).arg("triage-watchdog").arg(program).args(args);
+    cmd.env("TRIAGE_OWNER_PID", std::process::id().to_string());
+    cmd.env("TRIAGE_REMOVE_DIR", remove_dir.map(|d| d.display().to_string()).unwrap_or_default());
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+    }
+    cmd
+}
+
 /// A ClickHouse server owned by this process.
 pub struct LocalClickHouse {
     child: Option<Child>,
@@ -60,53 +88,48 @@ impl LocalClickHouse {
         Self::launch(dir, http_port, tcp_port, false)
     }
 
-    /// The server runs under a small shell watchdog that ends it (and, for a temporary data
-    /// directory, removes that) when this process is gone, however it went: a value kept in a
-    /// static is never dropped, and a parent-death signal would fire when the spawning THREAD
-    /// ends (test threads end all the time), so neither can be relied on.
+    /// Start a server from a complete config file of its own (ports, paths, cluster, macros
+    /// inside it), e.g. one node of a test cluster. `dir` holds its data and logs.
+    pub fn start_with_config(dir: &Path, config_file: &Path, http_port: u16, tcp_port: u16) -> Result<Self, LocalError> {
+        let binary = find_server().ok_or(LocalError::NoClickHouse)?;
+        let mut args = Vec::new();
+        if binary.ends_with("clickhouse") {
+            args.push("server".into());
+        }
+        args.push(format!("--config-file={}", config_file.display()));
+        let mut cmd = watched_command(&binary, &args, None);
+        cmd.current_dir(dir).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        let child = cmd.spawn().map_err(LocalError::Spawn)?;
+        let server = LocalClickHouse { child: Some(child), http_port, tcp_port, dir: dir.to_path_buf(), _temp: None };
+        server.wait_ready(Duration::from_secs(60))?;
+        Ok(server)
+    }
+
     fn launch(dir: &Path, http_port: u16, tcp_port: u16, remove_dir_after: bool) -> Result<Self, LocalError> {
-        const WATCHDOG: &str = r#""$@" &
-server=$!
-trap 'kill -TERM $server 2>/dev/null; wait $server; exit 0' TERM INT
-while kill -0 "$TRIAGE_OWNER_PID" 2>/dev/null && kill -0 $server 2>/dev/null; do sleep 1; done
-kill -TERM $server 2>/dev/null
-for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 $server 2>/dev/null || break; sleep 1; done
-kill -KILL $server 2>/dev/null
-wait $server
-[ -n "$TRIAGE_REMOVE_DIR" ] && rm -rf "$TRIAGE_REMOVE_DIR"
-exit 0"#;
         let binary = find_server().ok_or(LocalError::NoClickHouse)?;
         let d = dir.display();
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c").arg(WATCHDOG).arg("triage-clickhouse-watchdog").arg(&binary);
-        cmd.env("TRIAGE_OWNER_PID", std::process::id().to_string());
-        cmd.env("TRIAGE_REMOVE_DIR", if remove_dir_after { dir.display().to_string() } else { String::new() });
+        let mut args: Vec<String> = Vec::new();
         if binary.ends_with("clickhouse") {
-            cmd.arg("server");
+            args.push("server".into());
         }
         let interserver = free_port().map_err(LocalError::Spawn)?;
-        cmd.arg("--config-file=/etc/clickhouse-server/config.xml")
-            .arg("--")
-            .arg(format!("--path={d}/"))
-            .arg(format!("--tmp_path={d}/tmp/"))
-            .arg(format!("--user_files_path={d}/user_files/"))
-            .arg(format!("--format_schema_path={d}/format_schemas/"))
-            .arg(format!("--http_port={http_port}"))
-            .arg(format!("--tcp_port={tcp_port}"))
-            .arg(format!("--interserver_http_port={interserver}"))
-            .arg("--listen_host=127.0.0.1")
-            .arg(format!("--logger.log={d}/server.log"))
-            .arg(format!("--logger.errorlog={d}/server.err.log"))
-            .arg("--logger.level=warning")
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        #[cfg(unix)]
-        {
-            use std::os::unix::process::CommandExt;
-            cmd.process_group(0);
-        }
+        args.extend([
+            "--config-file=/etc/clickhouse-server/config.xml".to_string(),
+            "--".into(),
+            format!("--path={d}/"),
+            format!("--tmp_path={d}/tmp/"),
+            format!("--user_files_path={d}/user_files/"),
+            format!("--format_schema_path={d}/format_schemas/"),
+            format!("--http_port={http_port}"),
+            format!("--tcp_port={tcp_port}"),
+            format!("--interserver_http_port={interserver}"),
+            "--listen_host=127.0.0.1".into(),
+            format!("--logger.log={d}/server.log"),
+            format!("--logger.errorlog={d}/server.err.log"),
+            "--logger.level=warning".into(),
+        ]);
+        let mut cmd = watched_command(&binary, &args, remove_dir_after.then_some(dir));
+        cmd.current_dir(dir).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
         let child = cmd.spawn().map_err(LocalError::Spawn)?;
         let server = LocalClickHouse { child: Some(child), http_port, tcp_port, dir: dir.to_path_buf(), _temp: None };
         server.wait_ready(Duration::from_secs(60))?;

@@ -321,3 +321,44 @@ fn metrics_health_and_readiness_are_served_on_one_port() {
     assert_eq!(common::worker::http_get(port, "/nope").0, 404);
     assert_eq!(worker.terminate(MIN), Some(0));
 }
+
+/// Peak RSS of `triage run` alone (not the bench process with its own stages) by inference
+/// sessions and text length, with the default model: the figures deploy/k8s/base/deployment.yaml
+/// sizes memory from. Run: cargo test --release --test worker worker_memory -- --ignored --nocapture
+#[test]
+#[ignore = "a measurement (a few minutes), not a check"]
+fn worker_memory_by_sessions_and_text_length() {
+    let model = common::default_model_dir();
+    let mut table = vec!["| sessions | texts | messages | peak RSS (MB) |".to_string(), "| --- | --- | --- | --- |".to_string()];
+    for sessions in [1, 2, 4] {
+        for (label, words) in [("short (~12 words)", 12usize), ("e-mail length (~250 words)", 250)] {
+            let env = env(&format!("rss_{sessions}_{words}"));
+            env.kafka.create_topic("tickets", 2).unwrap();
+            let batch: Vec<(String, Vec<u8>)> = messages("m", 3_000)
+                .into_iter()
+                .enumerate()
+                .map(|(i, (k, _))| {
+                    let body: Vec<String> = (0..words).map(|j| format!("word{}", (i * 7 + j * 13) % 997)).collect();
+                    (k, serde_json::json!({"subject": "ticket", "body": body.join(" ")}).to_string().into_bytes())
+                })
+                .collect();
+            env.produce("tickets", &batch);
+            let config = env.write_config("r", &model, &["tickets"], "");
+            let mut worker = env.spawn_worker_env(
+                &config,
+                "r",
+                &[("TRIAGE_BATCHING__INFERENCE_THREADS", &sessions.to_string()), ("TRIAGE_INFERENCE__INTRA_THREADS", "1")],
+            );
+            let started = std::time::Instant::now();
+            while !env.caught_up(&["tickets"]) {
+                assert!(worker.exited().is_none() && started.elapsed() < 20 * MIN, "{}", worker.log_text());
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            // VmHWM: the process's high-water mark, however brief the peak.
+            let peak = worker.peak_rss_kb().unwrap_or(0);
+            assert_eq!(worker.terminate(MIN), Some(0));
+            table.push(format!("| {sessions} | {label} | 3000 | {} |", peak / 1024));
+        }
+    }
+    eprintln!("{}", table.join("\n"));
+}

@@ -1,0 +1,271 @@
+//! A real ClickHouse cluster on loopback: ZooKeeper and four `clickhouse-server` processes
+//! (2 shards x 2 replicas, generated configs with remote_servers and macros), the schema applied
+//! ON CLUSTER by `triage schema apply` with `[clickhouse] cluster` set, two workers writing
+//! through the Distributed table (to different shards' nodes), and one replica SIGKILLed and
+//! restarted mid-stream. Then: every message read once with FINAL on the Distributed table
+//! (after SYSTEM SYNC REPLICA), nothing missing, the replicas of each shard equal, and the
+//! analyst queries run on the cluster.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::worker::{messages, runtime, Env};
+use triage::local::{free_port, watched_command, LocalClickHouse};
+
+const CLUSTER: &str = "triage_cluster";
+const MIN: Duration = Duration::from_secs(60);
+
+struct ZooKeeper {
+    child: Child,
+    port: u16,
+}
+
+impl ZooKeeper {
+    fn start(dir: &Path) -> ZooKeeper {
+        let port = free_port().unwrap();
+        let data = dir.join("zk");
+        std::fs::create_dir_all(&data).unwrap();
+        let cfg = dir.join("zoo.cfg");
+        // The admin server would take port 8080; the four-letter words tell when it is up.
+        std::fs::write(
+            &cfg,
+            format!(
+                "tickTime=2000\ndataDir={}\nclientPort={port}\nadmin.enableServer=false\n4lw.commands.whitelist=ruok\n",
+                data.display()
+            ),
+        )
+        .unwrap();
+        let mut cmd = watched_command(
+            Path::new("/usr/share/zookeeper/bin/zkServer.sh"),
+            &["start-foreground".into(), cfg.display().to_string()],
+            None,
+        );
+        cmd.env("ZOO_LOG_DIR", dir).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        let child = cmd.spawn().expect("ZooKeeper (scripts/setup installs Debian's zookeeper)");
+        let zk = ZooKeeper { child, port };
+        let started = Instant::now();
+        while !zk.ruok() {
+            assert!(started.elapsed() < MIN, "ZooKeeper did not answer on {port}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        zk
+    }
+
+    fn ruok(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else { return false };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut answer = String::new();
+        s.write_all(b"ruok").is_ok() && s.read_to_string(&mut answer).is_ok() && answer == "imok"
+    }
+}
+
+impl Drop for ZooKeeper {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child's process group.
+        unsafe { kill(-(self.child.id() as i32), 15) };
+        let _ = self.child.wait();
+    }
+}
+
+extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
+}
+
+struct Node {
+    dir: PathBuf,
+    config: PathBuf,
+    http: u16,
+    tcp: u16,
+    server: Option<LocalClickHouse>,
+}
+
+impl Node {
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http)
+    }
+
+    fn start(&mut self) {
+        self.server = Some(LocalClickHouse::start_with_config(&self.dir, &self.config, self.http, self.tcp).expect("cluster node"));
+    }
+
+    fn client(&self) -> clickhouse::Client {
+        clickhouse::Client::default().with_url(self.url()).with_validation(false)
+    }
+
+    fn count(&self, sql: &str) -> u64 {
+        runtime().block_on(self.client().query(sql).fetch_one::<u64>()).unwrap_or_else(|e| panic!("{sql} on {}: {e}", self.url()))
+    }
+}
+
+/// Four nodes: shard 1 = nodes 0 and 1, shard 2 = nodes 2 and 3.
+fn cluster(root: &Path, zk_port: u16) -> Vec<Node> {
+    let mut nodes: Vec<Node> = (0..4)
+        .map(|i| {
+            let dir = root.join(format!("node{i}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            Node { config: dir.join("config.xml"), dir, http: free_port().unwrap(), tcp: free_port().unwrap(), server: None }
+        })
+        .collect();
+    let replica = |n: &Node| format!("<replica><host>127.0.0.1</host><port>{}</port></replica>", n.tcp);
+    let remote = format!(
+        "<remote_servers><{CLUSTER}><shard><internal_replication>true</internal_replication>{}{}</shard>\
+         <shard><internal_replication>true</internal_replication>{}{}</shard></{CLUSTER}></remote_servers>",
+        replica(&nodes[0]),
+        replica(&nodes[1]),
+        replica(&nodes[2]),
+        replica(&nodes[3])
+    );
+    for (i, node) in nodes.iter_mut().enumerate() {
+        let d = node.dir.display();
+        let config = format!(
+            r#"<?xml version="1.0"?>
+<yandex>
+    <logger><level>warning</level><log>{d}/server.log</log><errorlog>{d}/server.err.log</errorlog><size>100M</size><count>2</count></logger>
+    <http_port>{http}</http_port>
+    <tcp_port>{tcp}</tcp_port>
+    <interserver_http_port>{inter}</interserver_http_port>
+    <interserver_http_host>127.0.0.1</interserver_http_host>
+    <listen_host>127.0.0.1</listen_host>
+    <max_connections>256</max_connections>
+    <keep_alive_timeout>3</keep_alive_timeout>
+    <max_concurrent_queries>100</max_concurrent_queries>
+    <uncompressed_cache_size>1073741824</uncompressed_cache_size>
+    <mark_cache_size>268435456</mark_cache_size>
+    <path>{d}/</path>
+    <tmp_path>{d}/tmp/</tmp_path>
+    <user_files_path>{d}/user_files/</user_files_path>
+    <format_schema_path>{d}/format_schemas/</format_schema_path>
+    <users_config>/etc/clickhouse-server/users.xml</users_config>
+    <default_profile>default</default_profile>
+    <default_database>default</default_database>
+    {remote}
+    <zookeeper><node><host>127.0.0.1</host><port>{zk_port}</port></node></zookeeper>
+    <macros><shard>0{shard}</shard><replica>r{replica}</replica></macros>
+    <distributed_ddl><path>/clickhouse/task_queue/ddl</path></distributed_ddl>
+</yandex>
+"#,
+            http = node.http,
+            tcp = node.tcp,
+            inter = free_port().unwrap(),
+            shard = i / 2 + 1,
+            replica = i % 2 + 1,
+        );
+        std::fs::write(&node.config, config).unwrap();
+    }
+    for node in &mut nodes {
+        node.start();
+    }
+    nodes
+}
+
+fn timestamped(prefix: &str, n: usize, recent: bool) -> Vec<(String, Vec<u8>)> {
+    let now = triage::time::now_ms() / 1000;
+    messages(prefix, n)
+        .into_iter()
+        .enumerate()
+        .map(|(i, (k, p))| {
+            let mut v: serde_json::Value = serde_json::from_slice(&p).unwrap();
+            if recent {
+                v["timestamp"] = serde_json::json!(now - (i as u64 % 72) * 3600);
+            }
+            (k, v.to_string().into_bytes())
+        })
+        .collect()
+}
+
+#[test]
+fn two_workers_through_a_replicated_sharded_cluster_with_a_replica_killed_mid_stream() {
+    let root = tempfile::tempdir().unwrap();
+    let zk = ZooKeeper::start(root.path());
+    let mut nodes = cluster(root.path(), zk.port);
+
+    let env = Env::new("cluster", nodes[0].url());
+    let clickhouse = triage::config::ClickHouseConfig {
+        url: nodes[0].url(),
+        database: "triage".into(),
+        cluster: Some(CLUSTER.into()),
+        ..Default::default()
+    };
+    let service = triage::sink::clickhouse::ClickHouseService::new(&clickhouse);
+    runtime().block_on(service.apply_schema()).expect("schema apply ON CLUSTER");
+    runtime().block_on(service.apply_schema()).expect("schema apply is idempotent on a cluster");
+    for node in &nodes {
+        assert_eq!(
+            node.count("SELECT count() FROM system.tables WHERE database = 'triage' AND name = 'results_local'"),
+            1,
+            "{}",
+            node.url()
+        );
+        assert_eq!(node.count("SELECT count() FROM system.tables WHERE database = 'triage' AND name = 'results'"), 1);
+    }
+
+    env.kafka.create_topic("tickets", 4).unwrap();
+    let configs: Vec<PathBuf> = [0usize, 2]
+        .iter()
+        .map(|&n| {
+            let path = env.write_config(&format!("c{n}"), &common::test_model_dir("multihead-tiny"), &["tickets"], "");
+            let text = std::fs::read_to_string(&path).unwrap().replace(
+                &format!("url = \"{}\"\ndatabase = \"{}\"\n", nodes[0].url(), env.database),
+                &format!("url = \"{}\"\ndatabase = \"triage\"\ncluster = \"{CLUSTER}\"\ninsert_timeout_ms = 5000\n", nodes[n].url()),
+            );
+            assert!(text.contains("cluster = "), "{text}");
+            std::fs::write(&path, text).unwrap();
+            path
+        })
+        .collect();
+    let vars = [("TRIAGE_ESCALATION__ENABLED", "false")];
+    let mut a = env.spawn_worker_env(&configs[0], "a", &vars);
+    let mut b = env.spawn_worker_env(&configs[1], "b", &vars);
+    env.produce("tickets", &timestamped("old", 2_000, false));
+    env.produce("tickets", &timestamped("new", 500, true));
+    // Mid-stream: a replica of shard 1 dies, and comes back after a while.
+    std::thread::sleep(Duration::from_secs(3));
+    if let Some(server) = &nodes[1].server {
+        server.signal(9);
+    }
+    drop(nodes[1].server.take());
+    env.produce("tickets", &timestamped("more", 1_500, false));
+    std::thread::sleep(Duration::from_secs(5));
+    nodes[1].start();
+    env.wait_caught_up(&mut a, &["tickets"], 5 * MIN);
+    assert_eq!(b.terminate(MIN), Some(0), "{}", b.log_text());
+    assert_eq!(a.terminate(MIN), Some(0), "{}", a.log_text());
+
+    for node in &nodes {
+        runtime().block_on(node.client().query("SYSTEM SYNC REPLICA triage.results_local").execute()).expect("sync replica");
+    }
+    // Read once through the Distributed table, nothing missing.
+    assert_eq!(nodes[0].count("SELECT count() FROM triage.results FINAL"), 4_000);
+    assert_eq!(nodes[3].count("SELECT uniqExact(message_id) FROM triage.results"), 4_000);
+    // Each shard's replicas hold the same rows; the shards together hold everything once.
+    let per_shard: Vec<u64> = [(0, 1), (2, 3)]
+        .iter()
+        .map(|&(x, y)| {
+            let (cx, cy) = (
+                nodes[x].count("SELECT count() FROM triage.results_local FINAL"),
+                nodes[y].count("SELECT count() FROM triage.results_local FINAL"),
+            );
+            assert_eq!(cx, cy, "replicas {x} and {y} differ");
+            cx
+        })
+        .collect();
+    assert_eq!(per_shard.iter().sum::<u64>(), 4_000, "{per_shard:?}");
+    assert!(per_shard.iter().all(|&n| n > 0), "both shards hold rows: {per_shard:?}");
+
+    // The analyst queries run on the cluster, each reading once.
+    let mut queries: Vec<_> =
+        std::fs::read_dir(common::root().join("deploy/clickhouse/queries")).unwrap().map(|e| e.unwrap().path()).collect();
+    queries.sort();
+    for path in queries {
+        let sql = std::fs::read_to_string(&path).unwrap();
+        let body: String = sql.lines().filter(|l| !l.trim_start().starts_with("--")).collect::<Vec<_>>().join("\n");
+        let body = body.trim().trim_end_matches(';');
+        assert!(nodes[2].count(&format!("SELECT count() FROM ({body})")) > 0, "{} returned nothing on the cluster", path.display());
+    }
+    // The views were created everywhere too.
+    assert_eq!(nodes[1].count("SELECT toUInt64(sum(messages)) FROM triage.results_hourly"), 4_000);
+}
