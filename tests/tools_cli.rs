@@ -246,3 +246,42 @@ fn cost_script_computes_core_hours_and_llm_cost_per_million_messages() {
     let bad = std::process::Command::new(common::root().join("scripts/cost")).arg("--config").arg(&config).output().unwrap();
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("price_per_core_hour"));
 }
+
+#[test]
+fn topics_and_schema_commands_create_idempotently_and_wait_for_what_is_missing() {
+    let env = Env::new("topics_cmd", shared_clickhouse().url());
+    env.kafka.create_topic("tickets", 1).unwrap();
+    let model = common::test_model_dir("multihead-tiny");
+    let config = env.write_config("t", &model, &["tickets"], "");
+    let run = |args: &[&str], vars: &[(&str, &str)]| {
+        let out = triage().args(args).arg("--config").arg(&config).envs(vars.iter().copied()).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    };
+    // Both side topics exist (the test cluster has them): apply changes nothing, wait returns.
+    let (code, text) = run(&["topics", "apply"], &[]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("triage.dead-letter: exists") && text.contains("triage.escalations: exists"), "{text}");
+    assert_eq!(run(&["topics", "wait", "--timeout-seconds", "5"], &[]).0, Some(0));
+    let (_, plan) = run(&["topics", "print"], &[]);
+    assert!(plan.contains("triage.dead-letter\tpartitions=3\treplication=3"), "{plan}");
+    // A missing one: wait gives up naming it.
+    let missing = [("TRIAGE_KAFKA__ESCALATION_TOPIC", "triage.not-yet")];
+    let (code, text) = run(&["topics", "wait", "--timeout-seconds", "2"], &missing);
+    assert_eq!(code, Some(1));
+    assert!(text.contains("`triage.not-yet` does not exist"), "{text}");
+
+    // The schema: wait gives up while the table is missing, apply creates it, wait returns.
+    let (code, text) = run(&["schema", "wait", "--timeout-seconds", "2"], &[]);
+    assert_eq!(code, Some(1));
+    assert!(text.contains("not ready after 2s") && text.contains("schema apply"), "{text}");
+    assert_eq!(run(&["schema", "apply", "--wait-seconds", "10"], &[]).0, Some(0));
+    let (code, text) = run(&["schema", "wait", "--timeout-seconds", "10"], &[]);
+    assert_eq!(code, Some(0), "{text}");
+    // On a cluster layout, print shows it (no server needed).
+    let out = triage().args(["schema", "print", "--cluster", "prod"]).output().unwrap();
+    let ddl = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        ddl.contains("CREATE TABLE IF NOT EXISTS triage.results_local ON CLUSTER 'prod'") && ddl.contains("ENGINE = Distributed('prod'"),
+        "{ddl}"
+    );
+}

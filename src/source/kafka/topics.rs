@@ -63,8 +63,11 @@ pub async fn apply(kafka: &KafkaConfig, topics: &[SideTopic], wait: Duration) ->
             continue;
         }
         let new = NewTopic::new(&topic.name, topic.partitions, TopicReplication::Fixed(topic.replication));
-        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-        let results = admin.create_topics([&new], &options).await?;
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))).request_timeout(Some(Duration::from_secs(30)));
+        let results = admin.create_topics([&new], &options).await.map_err(|e| TopicsError::Create {
+            topic: topic.name.clone(),
+            cause: format!("{e} (may this user create topics? else create it by hand: kafka-topics.sh --create --topic {} --partitions {} --replication-factor {})", topic.name, topic.partitions, topic.replication),
+        })?;
         match results.into_iter().next() {
             Some(Ok(_)) => out.push((topic.name.clone(), Applied::Created)),
             Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => out.push((topic.name.clone(), Applied::Existed)),
