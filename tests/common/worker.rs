@@ -212,15 +212,7 @@ impl Env {
         while (out.len() as i64) < remaining {
             assert!(start.elapsed() < Duration::from_secs(60), "read {} of {remaining} records of {topic}", out.len());
             if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-                let headers = m
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|x| (x.key.to_string(), x.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default()))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                out.push((m.key().map(<[u8]>::to_vec), m.payload().unwrap_or_default().to_vec(), headers));
+                out.push(record_of(&m));
             }
         }
         out
@@ -258,15 +250,7 @@ impl Env {
         let start = Instant::now();
         while out.len() < expected && start.elapsed() < timeout {
             if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-                let headers = m
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|x| (x.key.to_string(), x.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default()))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                out.push((m.key().map(<[u8]>::to_vec), m.payload().unwrap_or_default().to_vec(), headers));
+                out.push(record_of(&m));
             }
         }
         out
@@ -275,6 +259,16 @@ impl Env {
 
 /// A record read back from a topic: (key, payload, headers).
 pub type Record = (Option<Vec<u8>>, Vec<u8>, Vec<(String, String)>);
+
+fn record_of(m: &rdkafka::message::BorrowedMessage<'_>) -> Record {
+    let headers = m
+        .headers()
+        .map(|h| {
+            h.iter().map(|x| (x.key.to_string(), x.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default())).collect()
+        })
+        .unwrap_or_default();
+    (m.key().map(<[u8]>::to_vec), m.payload().unwrap_or_default().to_vec(), headers)
+}
 
 pub struct Worker {
     pub child: Option<Child>,
