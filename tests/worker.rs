@@ -300,6 +300,8 @@ fn metrics_health_and_readiness_are_served_on_one_port() {
     env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
     // librdkafka statistics (group state, lag) arrive every 5 s.
     env.wait_for(&mut worker, "/readyz 200", MIN, || common::worker::http_get(port, "/readyz").0 == 200);
+    // Lag comes from librdkafka's statistics (every 5 s), valid once a commit is known to them.
+    env.wait_for(&mut worker, "lag series", MIN, || common::worker::http_get(port, "/metrics").1.contains("triage_consumer_lag{"));
     let (status, metrics) = common::worker::http_get(port, "/metrics");
     assert_eq!(status, 200);
     for needle in [
