@@ -1,6 +1,6 @@
 //! A real ClickHouse cluster on loopback: ZooKeeper and four `clickhouse-server` processes
-//! (2 shards x 2 replicas, generated configs with remote_servers and macros), the schema applied
-//! ON CLUSTER by `triage schema apply` with `[clickhouse] cluster` set, two workers writing
+//! (2 shards x 2 replicas, generated configs with remote_servers and macros), a first release's
+//! schema upgraded ON CLUSTER by `triage schema apply` with `[clickhouse] cluster` set, two workers writing
 //! through the Distributed table (to different shards' nodes), and one replica SIGKILLed and
 //! restarted mid-stream. Then: every message read once with FINAL on the Distributed table
 //! (after SYSTEM SYNC REPLICA), nothing missing, the replicas of each shard equal, and the
@@ -190,18 +190,38 @@ fn two_workers_through_a_replicated_sharded_cluster_with_a_replica_killed_mid_st
         cluster: Some(CLUSTER.into()),
         ..Default::default()
     };
+    // The tables as a first release made them (without the columns added since), so apply must
+    // UPGRADE them on every node and on the Distributed table (18.16: no ADD COLUMN IF NOT EXISTS).
+    use triage::sink::clickhouse::schema;
+    let without_added = |ddl: String| {
+        ddl.lines()
+            .filter(|l| !schema::ADDED_COLUMNS.iter().any(|c| l.contains(&format!("`{c}`"))))
+            .collect::<Vec<_>>()
+            .join("\n")
+            .replace("`worker_id` String,", "`worker_id` String")
+    };
+    let admin = nodes[0].client();
+    for ddl in [
+        schema::create_database(&clickhouse),
+        without_added(schema::create_table(&clickhouse)),
+        schema::create_distributed(&clickhouse).unwrap(),
+    ] {
+        runtime().block_on(admin.query(&ddl).execute()).unwrap_or_else(|e| panic!("{ddl}\n{e}"));
+    }
     let service = triage::sink::clickhouse::ClickHouseService::new(&clickhouse);
+    assert!(runtime().block_on(service.check_schema()).is_err(), "the old tables lack columns");
     runtime().block_on(service.apply_schema()).expect("schema apply ON CLUSTER");
     runtime().block_on(service.apply_schema()).expect("schema apply is idempotent on a cluster");
     for node in &nodes {
-        assert_eq!(
-            node.count("SELECT count() FROM system.tables WHERE database = 'triage' AND name = 'results_local'"),
-            1,
-            "{}",
-            node.url()
-        );
-        assert_eq!(node.count("SELECT count() FROM system.tables WHERE database = 'triage' AND name = 'results'"), 1);
+        for table in ["results_local", "results"] {
+            for column in schema::ADDED_COLUMNS {
+                let sql =
+                    format!("SELECT count() FROM system.columns WHERE database = 'triage' AND table = '{table}' AND name = '{column}'");
+                assert_eq!(node.count(&sql), 1, "{table}.{column} on {}", node.url());
+            }
+        }
     }
+    assert!(runtime().block_on(service.check_schema()).is_ok());
 
     env.kafka.create_topic("tickets", 4).unwrap();
     let configs: Vec<PathBuf> = [0usize, 2]

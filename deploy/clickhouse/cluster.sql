@@ -66,6 +66,7 @@ GROUP BY day, model_name, model_version, category;
 
 -- Upgrading a table created by an earlier release (`triage schema apply` does this itself):
 -- ALTER TABLE triage.results_local ON CLUSTER '{cluster}' ADD COLUMN `ood_score` Nullable(Float32);
--- ALTER TABLE triage.results ON CLUSTER '{cluster}' ADD COLUMN `ood_score` Nullable(Float32);
 -- ALTER TABLE triage.results_local ON CLUSTER '{cluster}' ADD COLUMN `redriven` UInt8;
--- ALTER TABLE triage.results ON CLUSTER '{cluster}' ADD COLUMN `redriven` UInt8;
+-- then the Distributed table, made again over the new columns (18.16 cannot ALTER it ON CLUSTER):
+-- DROP TABLE IF EXISTS triage.results ON CLUSTER '{cluster}';
+-- CREATE TABLE IF NOT EXISTS triage.results ON CLUSTER '{cluster}' AS triage.results_local ENGINE = Distributed('{cluster}', triage, results_local, cityHash64(topic, partition, offset));

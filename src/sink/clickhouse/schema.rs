@@ -103,15 +103,21 @@ pub fn views(c: &ClickHouseConfig) -> Vec<(String, String)> {
 /// earlier lacks. (18.16 has no `ADD COLUMN IF NOT EXISTS`, so apply checks system.columns.)
 pub const ADDED_COLUMNS: &[&str] = &["ood_score", "redriven"];
 
-/// `ALTER TABLE ... ADD COLUMN` for an added column: one statement on a single server; on a
-/// cluster one for the local tables and one for the Distributed table, both ON CLUSTER.
-pub fn add_column(c: &ClickHouseConfig, name: &str) -> Vec<String> {
-    let Some((_, ty, _)) = COLUMNS.iter().find(|(n, _, _)| *n == name) else { return Vec::new() };
-    let mut tables = vec![storage_table(c)];
-    if c.cluster.is_some() {
-        tables.push(c.table.clone());
-    }
-    tables.iter().map(|t| format!("ALTER TABLE {}.{t}{} ADD COLUMN `{name}` {ty}", c.database, on_cluster(c))).collect()
+/// `ALTER TABLE ... ADD COLUMN` for an added column, on the table that stores rows (ON
+/// CLUSTER for a cluster's replicated local tables).
+pub fn add_column(c: &ClickHouseConfig, name: &str) -> Option<String> {
+    let (_, ty, _) = COLUMNS.iter().find(|(n, _, _)| *n == name)?;
+    Some(format!("ALTER TABLE {}.{}{} ADD COLUMN `{name}` {ty}", c.database, storage_table(c), on_cluster(c)))
+}
+
+/// On a cluster, the Distributed table takes new columns by being made again: 18.16 refuses
+/// `ALTER ... ON CLUSTER` on a table that is not replicated when the shards use
+/// internal_replication (code 371). It holds no rows (triage inserts synchronously), so
+/// dropping it loses nothing; an INSERT in the instant between fails, and is retried by the
+/// worker's restart.
+pub fn recreate_distributed(c: &ClickHouseConfig) -> Vec<String> {
+    let Some(create) = create_distributed(c) else { return Vec::new() };
+    vec![format!("DROP TABLE IF EXISTS {}.{}{}", c.database, c.table, on_cluster(c)), create]
 }
 
 /// The statements that create storage (database, table, and on a cluster the Distributed
@@ -152,8 +158,15 @@ pub fn script(c: &ClickHouseConfig) -> String {
     }
     s.push_str("-- Upgrading a table created by an earlier release (`triage schema apply` does this itself):\n");
     for name in ADDED_COLUMNS {
-        for sql in add_column(c, name) {
+        if let Some(sql) = add_column(c, name) {
             s.push_str(&format!("-- {sql};\n"));
+        }
+    }
+    let recreate = recreate_distributed(c);
+    if !recreate.is_empty() {
+        s.push_str("-- then the Distributed table, made again over the new columns (18.16 cannot ALTER it ON CLUSTER):\n");
+        for sql in recreate {
+            s.push_str(&format!("-- {};\n", sql.replace('\n', " ")));
         }
     }
     s
@@ -199,14 +212,12 @@ mod tests {
         let distributed = create_distributed(&c).unwrap();
         assert!(distributed.contains("AS triage.results_local") && distributed.contains("cityHash64(topic, partition, offset)"));
         assert!(views(&c).iter().all(|(_, v)| v.contains("FROM triage.results FINAL")), "views read the Distributed table");
-        assert_eq!(
-            add_column(&c, "redriven"),
-            vec![
-                "ALTER TABLE triage.results_local ON CLUSTER 'prod' ADD COLUMN `redriven` UInt8".to_string(),
-                "ALTER TABLE triage.results ON CLUSTER 'prod' ADD COLUMN `redriven` UInt8".to_string()
-            ]
-        );
-        assert_eq!(add_column(&ClickHouseConfig::default(), "redriven").len(), 1);
+        assert_eq!(add_column(&c, "redriven").unwrap(), "ALTER TABLE triage.results_local ON CLUSTER 'prod' ADD COLUMN `redriven` UInt8");
+        let recreate = recreate_distributed(&c);
+        assert_eq!(recreate[0], "DROP TABLE IF EXISTS triage.results ON CLUSTER 'prod'");
+        assert!(recreate[1].starts_with("CREATE TABLE IF NOT EXISTS triage.results ON CLUSTER 'prod' AS triage.results_local"));
+        assert_eq!(add_column(&ClickHouseConfig::default(), "redriven").unwrap(), "ALTER TABLE triage.results ADD COLUMN `redriven` UInt8");
+        assert!(recreate_distributed(&ClickHouseConfig::default()).is_empty());
         assert!(create_distributed(&ClickHouseConfig::default()).is_none());
     }
 }

@@ -155,17 +155,32 @@ impl ClickHouseService {
         for stmt in schema::table_statements(&self.config) {
             admin.query(&stmt).execute().await?;
         }
-        // The Distributed table mirrors the local one's columns: whichever lacks one gets it.
-        let existing: Vec<String> = admin
-            .query("SELECT name FROM system.columns WHERE database = ? AND table = ?")
-            .bind(&self.config.database)
-            .bind(&self.config.table)
-            .fetch_all()
-            .await?;
-        for name in schema::ADDED_COLUMNS.iter().filter(|n| !existing.iter().any(|e| e == *n)) {
+        let columns_of = |table: String| {
+            let admin = admin.clone();
+            let database = self.config.database.clone();
+            async move {
+                admin
+                    .query("SELECT name FROM system.columns WHERE database = ? AND table = ?")
+                    .bind(database)
+                    .bind(table)
+                    .fetch_all::<String>()
+                    .await
+            }
+        };
+        let stored = columns_of(schema::storage_table(&self.config)).await?;
+        for name in schema::ADDED_COLUMNS.iter().filter(|n| !stored.iter().any(|e| e == *n)) {
             tracing::info!(column = name, "adding a column to an existing results table");
-            for sql in schema::add_column(&self.config, name) {
+            if let Some(sql) = schema::add_column(&self.config, name) {
                 admin.query(&sql).execute().await?;
+            }
+        }
+        if self.config.cluster.is_some() {
+            let distributed = columns_of(self.config.table.clone()).await?;
+            if schema::ADDED_COLUMNS.iter().any(|n| !distributed.iter().any(|e| e == *n)) {
+                tracing::info!(table = %self.config.table, "making the Distributed table again over the new columns");
+                for sql in schema::recreate_distributed(&self.config) {
+                    admin.query(&sql).execute().await?;
+                }
             }
         }
         for (_, stmt) in schema::views(&self.config) {
