@@ -141,14 +141,6 @@ impl SideTopics {
         SideTopics { producer, config, counters }
     }
 
-    pub fn dead_letter_topic(&self) -> &str {
-        &self.config.dead_letter_topic
-    }
-
-    pub fn escalation_topic(&self) -> &str {
-        &self.config.escalation_topic
-    }
-
     /// Write a dead letter; returns once Kafka acknowledged it.
     pub async fn dead_letter(&self, source: &SourceMessage, reason: DeadLetterReason, detail: &str) -> Result<(), WriteError> {
         // A redriven message that fails again keeps its first source: copies of one message
@@ -157,7 +149,6 @@ impl SideTopics {
         let (partition, offset) = (partition.to_string(), offset.to_string());
         let timestamp = timestamp.map(|t| t.to_string()).unwrap_or_default();
         let detail = cut_at_char(detail, DETAIL_MAX_BYTES);
-        let original = (source.payload.len().to_string(), hex::encode(Sha256::digest(&source.payload)));
         let headers = |cut: bool| {
             let h = OwnedHeaders::new()
                 .insert(Header { key: HEADER_REASON, value: Some(reason.as_str()) })
@@ -168,9 +159,11 @@ impl SideTopics {
                 .insert(Header { key: HEADER_SOURCE_TIMESTAMP, value: Some(timestamp.as_str()) })
                 .insert(Header { key: HEADER_WORKER, value: Some(self.config.worker_id.as_str()) });
             if cut {
+                // Only a cut letter needs the original's size and digest (rare: not per letter).
+                let (size, digest) = (source.payload.len().to_string(), hex::encode(Sha256::digest(&source.payload)));
                 h.insert(Header { key: HEADER_TRUNCATED, value: Some("true") })
-                    .insert(Header { key: HEADER_ORIGINAL_SIZE, value: Some(original.0.as_str()) })
-                    .insert(Header { key: HEADER_ORIGINAL_SHA256, value: Some(original.1.as_str()) })
+                    .insert(Header { key: HEADER_ORIGINAL_SIZE, value: Some(size.as_str()) })
+                    .insert(Header { key: HEADER_ORIGINAL_SHA256, value: Some(digest.as_str()) })
             } else {
                 h
             }

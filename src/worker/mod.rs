@@ -79,6 +79,8 @@ pub struct RunReport {
 /// Run the worker until `shutdown` resolves (then drain) or a fatal error.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<RunReport, WorkerError> {
     let started = Instant::now();
+    // Read once: it may come from the environment or /etc/hostname.
+    let worker_id = config.worker_id();
     let counters = Arc::new(Counters::default());
     let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
     let readiness = Arc::new(Readiness::default());
@@ -128,11 +130,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
     };
     topics?;
 
-    let producer: FutureProducer = config.kafka.client(ClientRole::SideTopics { max_payload_bytes: config.max_message_bytes }).create()?;
+    let producer: FutureProducer = config.kafka.client(ClientRole::SideTopics { max_message_bytes: config.max_message_bytes }).create()?;
     let side_topics = SideTopicsConfig {
         dead_letter_topic: config.kafka.dead_letter_topic.clone(),
         escalation_topic: config.kafka.escalation_topic.clone(),
-        worker_id: config.worker_id(),
+        worker_id: worker_id.clone(),
         backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(10)),
         max_payload_bytes: crate::sink::kafka::payload_limit(config.max_message_bytes),
         unknown_topic_grace: Duration::from_secs(60),
@@ -160,7 +162,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
         routes: routes.clone(),
         rows: row_tx,
         settle: settle.clone(),
-        worker_id: config.worker_id(),
+        worker_id: worker_id.clone(),
         escalation_enabled: config.escalation.enabled,
     };
     let results = tokio::spawn(results.run(outcomes));
@@ -171,7 +173,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
         .create_with_context(TrackingContext { tracker: tracker.clone(), readiness: readiness.clone() })?;
     let topics: Vec<&str> = config.routes.iter().map(|r| r.topic.as_str()).collect();
     rdkafka::consumer::Consumer::subscribe(&kafka, &topics)?;
-    tracing::info!(worker = %config.worker_id(), group = %config.kafka.group_id, topics = ?topics, "consuming");
+    tracing::info!(worker = %worker_id, group = %config.kafka.group_id, topics = ?topics, "consuming");
 
     let consumer = consumer::Consumer {
         kafka,

@@ -19,7 +19,7 @@ pub enum ClientRole {
     Producer,
     /// The worker's dead-letter / escalation producer: a Producer whose `message.max.bytes`
     /// admits any payload the worker accepts (its `max_message_bytes`) plus headers.
-    SideTopics { max_payload_bytes: usize },
+    SideTopics { max_message_bytes: usize },
     /// `triage redrive` reading the dead-letter topic in its own group: `<group_id>-redrive`,
     /// or `<group_id>-redrive.<reason>` for one reason (each keeps its own position).
     Redrive { reason: Option<String> },
@@ -140,10 +140,10 @@ impl KafkaConfig {
             ClientRole::Producer => {
                 c.set("enable.idempotence", "true").set("acks", "all").set("linger.ms", "5").set("compression.type", "zstd");
             }
-            ClientRole::SideTopics { max_payload_bytes } => {
+            ClientRole::SideTopics { max_message_bytes } => {
                 c.set("enable.idempotence", "true").set("acks", "all").set("linger.ms", "5").set("compression.type", "zstd");
                 // librdkafka's default (1,000,000) refuses a dead letter of a 1 MiB message.
-                c.set("message.max.bytes", crate::sink::kafka::producer_message_limit(max_payload_bytes).to_string());
+                c.set("message.max.bytes", crate::sink::kafka::producer_message_limit(max_message_bytes).to_string());
             }
             ClientRole::Redrive { reason } => {
                 c.set("group.id", crate::kafka_tools::redrive_group(&self.group_id, reason.as_deref()))
@@ -297,7 +297,7 @@ mod tests {
         for role in [
             ClientRole::Consumer,
             ClientRole::Producer,
-            ClientRole::SideTopics { max_payload_bytes: 1 },
+            ClientRole::SideTopics { max_message_bytes: 1 },
             ClientRole::Redrive { reason: None },
             ClientRole::Observer,
         ] {
@@ -311,7 +311,7 @@ mod tests {
         assert_eq!(k.client(ClientRole::Observer).get("group.id"), Some("triage"));
         assert_eq!(k.client(ClientRole::Producer).get("enable.idempotence"), Some("true"));
         assert_eq!(k.client(ClientRole::Producer).get("group.id"), None);
-        let side = k.client(ClientRole::SideTopics { max_payload_bytes: 2 << 20 });
+        let side = k.client(ClientRole::SideTopics { max_message_bytes: 2 << 20 });
         assert_eq!(side.get("message.max.bytes"), Some((2 * 1024 * 1024 + 64 * 1024).to_string().as_str()), "any accepted payload fits");
         assert_eq!(side.get("acks"), Some("all"));
     }
