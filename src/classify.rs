@@ -34,13 +34,14 @@ pub enum ClassifyRunError {
     Write(std::io::Error),
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ClassifySummary {
     pub lines: u64,
     pub classified: u64,
     pub errors: u64,
     pub seconds: f64,
     pub engine: StatsSnapshot,
+    pub batch_sizes: Vec<crate::batcher::tuner::BucketChoice>,
 }
 
 impl ClassifySummary {
@@ -66,7 +67,11 @@ impl std::fmt::Display for ClassifySummary {
             self.engine.batches,
             self.engine.mean_batch_size(),
             self.engine.padding_ratio()
-        )
+        )?;
+        if !self.batch_sizes.is_empty() {
+            write!(f, "\nbatch sizes tuned per text length: {}", crate::batcher::tuner::describe(&self.batch_sizes))?;
+        }
+        Ok(())
     }
 }
 
@@ -156,6 +161,7 @@ where
         errors: stats.errors,
         seconds: start.elapsed().as_secs_f64(),
         engine: stats_handle.snapshot(),
+        batch_sizes: stats_handle.batch_sizes(),
     })
 }
 

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::batcher::tuner::{BatchSizeTuner, BucketChoice, SizeCaps, TunerSettings};
 use crate::batcher::{Assembler, Batch, BatchPolicy};
 use crate::model::{Encoded, InferenceSession, Model, ModelError, Prediction, Rendered, TextEncoder};
 use crate::telemetry;
@@ -134,6 +135,9 @@ pub struct EngineStats {
     pub padded_tokens: AtomicU64,
     pub tokenize_nanos: AtomicU64,
     pub inference_nanos: AtomicU64,
+    /// The batch size tuner, when the policy tunes (the batcher reads its caps, the inference
+    /// threads report to it).
+    tuner: std::sync::Mutex<Option<BatchSizeTuner>>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
@@ -182,6 +186,23 @@ impl StatsSnapshot {
 }
 
 impl EngineStats {
+    /// The batch sizes in use per text length, and what was measured (empty when not tuning).
+    pub fn batch_sizes(&self) -> Vec<BucketChoice> {
+        self.tuner.lock().map(|t| t.as_ref().map(BatchSizeTuner::choices).unwrap_or_default()).unwrap_or_default()
+    }
+
+    fn caps(&self) -> Option<SizeCaps> {
+        self.tuner.lock().ok()?.as_ref().map(BatchSizeTuner::caps)
+    }
+
+    fn record_batch(&self, longest: usize, cap: usize, rows: usize, tokens: usize, seconds: f64) {
+        if let Ok(mut tuner) = self.tuner.lock() {
+            if let Some(t) = tuner.as_mut() {
+                t.record(longest, cap, rows, tokens, seconds);
+            }
+        }
+    }
+
     pub fn snapshot(&self) -> StatsSnapshot {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         StatsSnapshot {
@@ -271,6 +292,11 @@ impl<T: Send + 'static> Engine<T> {
         let probe =
             encoder.encode(PROBE_TEXT).map_err(|e| ModelError::invalid(name, format!("the tokenizer fails on a plain text: {e}")))?;
         let stats = Arc::new(EngineStats::default());
+        if config.policy.tune_batch_size && config.policy.max_batch_size > 1 {
+            if let Ok(mut tuner) = stats.tuner.lock() {
+                *tuner = Some(BatchSizeTuner::new(config.policy.max_batch_size, TunerSettings::default()));
+            }
+        }
         let (request_tx, request_rx) = flume::bounded::<Request<T>>(config.queue_capacity);
         let (token_tx, token_rx) = flume::bounded::<Tokenized<T>>(config.queue_capacity);
         // One batch in hand per inference thread: the batcher keeps sorting while they compute.
@@ -380,6 +406,9 @@ fn batch_loop<T>(
             let len = t.encoded.len();
             assembler.push(t, len, Instant::now());
         }
+        if let Some(caps) = stats.caps() {
+            assembler.set_caps(caps);
+        }
         if let Some(batch) = assembler.pop_due(Instant::now(), !input_open) {
             stats.batches.fetch_add(1, Ordering::Relaxed);
             stats.real_tokens.fetch_add(batch.real_tokens() as u64, Ordering::Relaxed);
@@ -466,6 +495,10 @@ fn inference_loop<T>(
         };
         let inference = start.elapsed();
         inference_seconds.record(inference.as_secs_f64());
+        if results.iter().all(Result::is_ok) {
+            let longest = batch.lengths.iter().copied().max().unwrap_or(1);
+            stats.record_batch(longest, batch.cap, batch.len(), batch.real_tokens(), inference.as_secs_f64());
+        }
         stats.inference_nanos.fetch_add(inference.as_nanos() as u64, Ordering::Relaxed);
         let batch_size = batch.items.len();
         let failed = results.iter().filter(|r| r.is_err()).count();

@@ -134,7 +134,8 @@ fn train_eval_and_serve_a_model_from_a_labelled_csv() {
     let (data, foreign, model) = (dir.path().join("tickets.csv"), dir.path().join("foreign.jsonl"), dir.path().join("support-model"));
     labelled_csv(&data, 40, 7);
     foreign_jsonl(&foreign);
-    let out = triage(&[
+    let encoder = encoder();
+    let train_args: Vec<&str> = vec![
         "train",
         "--data",
         s(&data),
@@ -147,16 +148,17 @@ fn train_eval_and_serve_a_model_from_a_labelled_csv() {
         "--multi-label",
         "tags=tag_1,tag_2",
         "--encoder",
-        s(&encoder()),
-        "--out",
-        s(&model),
+        s(&encoder),
         "--target-accuracy",
         "0.9",
         "--foreign",
         s(&foreign),
         "--foreign-text",
         "body",
-    ]);
+    ];
+    let mut args = train_args.clone();
+    args.extend(["--out", s(&model)]);
+    let out = triage(&args);
     assert!(out.status.success(), "{}", text(&out));
     let log = text(&out);
     assert!(log.contains("embedding") && log.contains("model written to"), "progress and result are shown: {log}");
@@ -179,14 +181,24 @@ fn train_eval_and_serve_a_model_from_a_labelled_csv() {
     assert!(descriptor.escalation.as_ref().is_some_and(|e| e.target_accuracy == Some(0.9)));
     assert!(descriptor.ood.as_ref().is_some_and(|o| o.threshold > 0.0 && o.auroc.is_some()));
     let card = std::fs::read_to_string(model.join("MODEL_CARD.md")).unwrap();
-    assert!(card.contains("TF-IDF + logistic regression baseline") && card.contains("## Out-of-distribution gate"), "{card}");
+    assert!(card.contains("logistic regression baseline") && card.contains("## Out-of-distribution gate"), "{card}");
+    // Refitted on every row by default: figures and thresholds come from out-of-fold predictions.
+    assert_eq!(metrics["refit_full"], true);
+    let refit = &queue["refit"];
+    assert_eq!(refit["examples"].as_u64(), Some(160));
+    assert!(refit["accuracy"].as_f64().unwrap() > 0.85, "out-of-fold accuracy over every row: {refit}");
+    assert!(metrics["calibrated_on"].as_str().unwrap().contains("out-of-fold"), "{}", metrics["calibrated_on"]);
+    assert!(card.contains("Refitted on all 160 rows"), "{card}");
+    let record = descriptor.training.as_ref().unwrap();
+    assert!(record.refit_full && record.fitted.len() == 3, "settings recorded for eval: {:?}", record.fitted);
 
-    // Reloaded from disk and run through the worker's inference path, the model scores the
-    // validation split exactly as training measured it in memory.
+    // The shipped heads saw the validation split: eval refits the recorded recipe on the training
+    // part and scores the split exactly as training measured it in memory.
     let out = triage(&["eval", "--model", s(&model), "--data", s(&data), "--json"]);
     assert!(out.status.success(), "{}", text(&out));
     let eval: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(eval["evaluated"].as_u64(), Some(32));
+    assert!(eval["split"].as_str().unwrap().contains("refitted on the training part"), "{}", eval["split"]);
     for (i, head) in ["queue", "priority"].iter().enumerate() {
         assert_eq!(eval["heads"][i]["name"], *head);
         assert_eq!(eval["heads"][i]["report"]["accuracy"], metrics["single"][i]["validation"]["accuracy"], "{head}");
@@ -197,6 +209,21 @@ fn train_eval_and_serve_a_model_from_a_labelled_csv() {
     let human = triage(&["eval", "--model", s(&model), "--data", s(&data)]);
     let human = String::from_utf8_lossy(&human.stdout);
     assert!(human.contains("TF-IDF + logistic regression (same split)") && human.contains("precision"), "{human}");
+
+    // Without the refit, the shipped heads are the training part's and eval scores them as they are.
+    let partial = dir.path().join("model-train-part");
+    let mut args: Vec<&str> = train_args.clone();
+    args.extend(["--out", s(&partial), "--refit-full", "false", "--lexical-features", "word-pieces"]);
+    let out = triage(&args);
+    assert!(out.status.success(), "{}", text(&out));
+    let partial_metrics: Value = serde_json::from_str(&std::fs::read_to_string(partial.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(partial_metrics["refit_full"], false);
+    assert_eq!(partial_metrics["single"][0]["lexical_features"], "word_pieces");
+    assert!(partial_metrics["single"][0]["refit"].is_null());
+    let out = triage(&["eval", "--model", s(&partial), "--data", s(&data), "--json"]);
+    let partial_eval: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(!partial_eval["split"].as_str().unwrap().contains("refitted"), "{}", partial_eval["split"]);
+    assert_eq!(partial_eval["heads"][0]["report"]["accuracy"], partial_metrics["single"][0]["validation"]["accuracy"]);
 
     // The worker serves the directory as it is: rows land with its labels and an OOD score;
     // foreign messages are escalated as out of distribution.

@@ -71,14 +71,34 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def lexical_features(ids: list[int], keys: np.ndarray, idf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Word-piece unigrams (the id) and bigrams ((first + 1) << 32 | second), sublinear TF x IDF, L2."""
+CHAR_FLAG = 1 << 63
+
+
+def char_gram(gram: str) -> int:
+    """FNV-1a 64 of the UTF-8 bytes, top bit set (so it never meets a word-piece key)."""
+    h = 0xCBF29CE484222325
+    for b in gram.encode("utf-8"):
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return CHAR_FLAG | (h & (CHAR_FLAG - 1))
+
+
+def lexical_features(ids: list[int], text: str, keys: np.ndarray, idf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Word-piece unigrams (the id) and bigrams ((first + 1) << 32 | second), and, when the
+    vocabulary has them (keys with the top bit), character 3-5 grams of each lower-cased word
+    padded with one space; sublinear TF x IDF, L2."""
     counts: dict[int, int] = {}
     for i in ids:
         counts[i] = counts.get(i, 0) + 1
     for a, b in zip(ids, ids[1:]):
         k = ((a + 1) << 32) | b
         counts[k] = counts.get(k, 0) + 1
+    if len(keys) and int(keys[-1]) & CHAR_FLAG:
+        for word in text.lower().split():
+            padded = f" {word} "
+            for n in range(3, 6):
+                for i in range(len(padded) - n + 1):
+                    k = char_gram(padded[i:i + n])
+                    counts[k] = counts.get(k, 0) + 1
     cols, vals = [], []
     for k, tf in counts.items():
         j = int(np.searchsorted(keys, np.uint64(k)))
@@ -109,7 +129,7 @@ def main() -> None:
         e = emb[0].astype(np.float64)
         probs = softmax(w[f"{head['name']}.weight"].astype(np.float64) @ e + w[f"{head['name']}.bias"])
         if share > 0:
-            cols, vals = lexical_features(enc.ids, w["lexical.features"], w["lexical.idf"].astype(np.float64))
+            cols, vals = lexical_features(enc.ids, render(m), w["lexical.features"], w["lexical.idf"].astype(np.float64))
             lex = w[f"{head['name']}.lexical.weight"].astype(np.float64)
             z = w[f"{head['name']}.lexical.bias"].astype(np.float64) + (vals[:, None] * lex[cols]).sum(axis=0)
             probs = (1 - share) * probs + share * softmax(z)

@@ -66,6 +66,8 @@ pub struct StageResult {
     pub peak_rss_mb: f64,
     /// Estimated floating-point operations done (ceiling runs of models with an architecture).
     pub flops: f64,
+    /// Worker runs: the batch sizes the tuner chose per text length.
+    pub batch_sizes: String,
 }
 
 impl StageResult {
@@ -335,6 +337,7 @@ async fn worker_stage(
         p99_ms: latency.p99,
         peak_rss_mb: peak_rss_mb(),
         flops: 0.0,
+        batch_sizes: report.batch_sizes.iter().map(|c| crate::batcher::tuner::describe(c)).collect::<Vec<_>>().join(" | "),
     })
 }
 
@@ -398,6 +401,9 @@ pub fn render(results: &[WorkloadResult]) -> String {
                 lat(s.p99_ms),
                 s.peak_rss_mb
             ));
+        }
+        if !r.worker.batch_sizes.is_empty() {
+            out.push_str(&format!("  b's batch sizes, tuned per length: {}\n", r.worker.batch_sizes));
         }
     }
     out

@@ -106,6 +106,10 @@ pub struct BatchArgs {
     /// Fixed cost of one batch in tokens (higher: fuller batches, more padding).
     #[arg(long, env = "TRIAGE_BATCHING__BATCH_COST_TOKENS", default_value_t = BatchPolicy::default().batch_cost_tokens)]
     batch_cost_tokens: usize,
+    /// Measure batch sizes up to --max-batch-size per text length on live traffic and use the fastest
+    /// (false: always fill batches up to --max-batch-size).
+    #[arg(long, env = "TRIAGE_BATCHING__TUNE_BATCH_SIZE", default_value_t = BatchPolicy::default().tune_batch_size, action = clap::ArgAction::Set)]
+    tune_batch_size: bool,
     #[arg(long, env = "TRIAGE_BATCHING__TOKENIZER_THREADS", default_value_t = EngineConfig::default().tokenizer_threads)]
     tokenizer_threads: usize,
     /// Inference sessions, each on its own thread (0: one per core on CPU, one on GPU).
@@ -122,6 +126,7 @@ impl BatchArgs {
                 max_wait_ms: self.max_wait_ms,
                 bucket_window: self.bucket_window,
                 batch_cost_tokens: self.batch_cost_tokens,
+                tune_batch_size: self.tune_batch_size,
             },
             tokenizer_threads: self.tokenizer_threads,
             inference_threads: self.inference_threads,

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
+use triage::model::linear::LexicalFeatures;
 use triage::train::{Columns, LexicalMode, TrainOptions};
 
 use super::{model_dir, BatchArgs, RuntimeArgs, StageProgress};
@@ -51,6 +52,15 @@ pub struct TrainArgs {
     /// Lexical (TF-IDF) layer averaged with the embedding layer: auto (if it helps in cross-validation), on, off.
     #[arg(long, default_value = "auto")]
     lexical: LexicalMode,
+    /// The lexical layer's features: auto (chosen by cross-validation), word-pieces (1-2 grams), or
+    /// characters (word-piece 1-2 grams and character 3-5 grams within words).
+    #[arg(long, value_enum, default_value_t = LexicalFeaturesArg::Auto)]
+    lexical_features: LexicalFeaturesArg,
+    /// After cross-validation chose the settings, refit the shipped heads on every usable row; figures and
+    /// thresholds then come from out-of-fold predictions over every row. `--refit-full false` ships the heads
+    /// fitted on the training part.
+    #[arg(long, default_value_t = defaults().refit_full, action = clap::ArgAction::Set)]
+    refit_full: bool,
     /// A TOML file with a [priority] table (from_head, default, map) for model.toml (default: a head named
     /// `priority`, if one is trained, gives the priority).
     #[arg(long)]
@@ -81,6 +91,13 @@ pub struct TrainArgs {
     batch: BatchArgs,
 }
 
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LexicalFeaturesArg {
+    Auto,
+    WordPieces,
+    Characters,
+}
+
 impl TrainArgs {
     fn options(self) -> Result<TrainOptions> {
         let columns = Columns::parse(&self.text, &self.labels, &self.multi_label)?;
@@ -93,6 +110,12 @@ impl TrainArgs {
             options.foreign_text = Some(Columns::parse_text(&self.foreign_text)?);
         }
         options.lexical = self.lexical;
+        options.lexical_features = match self.lexical_features {
+            LexicalFeaturesArg::Auto => None,
+            LexicalFeaturesArg::WordPieces => Some(LexicalFeatures::WordPieces),
+            LexicalFeaturesArg::Characters => Some(LexicalFeatures::WordPiecesAndCharacters),
+        };
+        options.refit_full = self.refit_full;
         options.priority = self.priority;
         options.seed = self.seed;
         options.validation_fraction = self.validation_fraction;

@@ -255,6 +255,26 @@ pub struct TrainingRecord {
     pub data: String,
     pub data_rows: usize,
     pub trained_at: String,
+    /// The heads were refitted on every usable row after cross-validation chose their
+    /// settings: `triage eval` then refits them on the training part to score the
+    /// validation split honestly.
+    #[serde(default)]
+    pub refit_full: bool,
+    /// What cross-validation chose for each head, so the same heads can be fitted again.
+    #[serde(default)]
+    pub fitted: Vec<FittedHead>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FittedHead {
+    pub head: String,
+    /// Regularisation of the embedding layer (larger: weaker penalty).
+    pub c: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lexical_c: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lexical_features: Option<super::linear::LexicalFeatures>,
 }
 
 /// The fields of an HF `config.json` that matter here.
@@ -531,6 +551,13 @@ mod tests {
                 data: "tickets.csv".into(),
                 data_rows: 1000,
                 trained_at: "2026-12-01T00:00:00Z".into(),
+                refit_full: true,
+                fitted: vec![FittedHead {
+                    head: "queue".into(),
+                    c: 64.0,
+                    lexical_c: Some(30.0),
+                    lexical_features: Some(crate::model::linear::LexicalFeatures::WordPiecesAndCharacters),
+                }],
             }),
         }
     }

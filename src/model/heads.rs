@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use super::descriptor::{Activation, HeadKind, HeadSpec, OodSpec, PrioritySpec};
-use super::linear::{HeadWeights, SparseRow};
+use super::linear::{HeadWeights, LexicalInput, SparseRow};
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LabelScore {
@@ -141,13 +141,13 @@ impl HeadSet {
         }
     }
 
-    /// One message: `rows[i]` is its row of `outputs()[i]`; `ids` its token ids.
-    pub fn predict(&self, rows: &[&[f32]], ids: &[u32]) -> Prediction {
+    /// One message: `rows[i]` is its row of `outputs()[i]`; `lexical` its word pieces and text.
+    pub fn predict(&self, rows: &[&[f32]], lexical: LexicalInput<'_>) -> Prediction {
         debug_assert_eq!(rows.len(), self.outputs.len());
         let mut heads = Vec::with_capacity(self.heads.len());
         let mut tags = Vec::new();
         // The vocabulary is loaded only when some head has a lexical layer.
-        let lexical_row = self.weights.vocabulary.as_ref().map(|v| v.transform(ids));
+        let lexical_row = self.weights.vocabulary.as_ref().map(|v| v.transform(lexical));
         for (index, spec) in self.heads.iter().enumerate() {
             let row = rows[self.head_output[index]];
             let output = match spec.kind {
@@ -254,9 +254,11 @@ mod tests {
         )
     }
 
+    const NO_TEXT: LexicalInput<'static> = LexicalInput { ids: &[], text: "" };
+
     #[test]
     fn multi_head_rows_become_one_prediction() {
-        let p = set().predict(&[&[0.2, 0.8], &[3.0, -1.0], &[2.0, -2.0, 1.5], &[0.6, 0.8]], &[]);
+        let p = set().predict(&[&[0.2, 0.8], &[3.0, -1.0], &[2.0, -2.0, 1.5], &[0.6, 0.8]], NO_TEXT);
         assert_eq!(p.ood_score, None);
         assert_eq!(p.category, Some(LabelScore { label: "billing".into(), score: 0.8 }));
         assert_eq!(p.priority.as_deref(), Some("low"));
@@ -277,8 +279,8 @@ mod tests {
             map: [("returns".to_string(), "urgent".to_string())].into(),
             default: Some("normal".into()),
         });
-        assert_eq!(s.predict(&[&[0.9, 0.1], &[0.0, 0.0], &[0.0; 3], &[]], &[]).priority.as_deref(), Some("urgent"));
-        assert_eq!(s.predict(&[&[0.1, 0.9], &[0.0, 0.0], &[0.0; 3], &[]], &[]).priority.as_deref(), Some("normal"));
+        assert_eq!(s.predict(&[&[0.9, 0.1], &[0.0, 0.0], &[0.0; 3], &[]], NO_TEXT).priority.as_deref(), Some("urgent"));
+        assert_eq!(s.predict(&[&[0.1, 0.9], &[0.0, 0.0], &[0.0; 3], &[]], NO_TEXT).priority.as_deref(), Some("normal"));
     }
 
     #[test]
@@ -304,15 +306,15 @@ mod tests {
         assert_eq!(set.outputs(), ["sentence_embedding"]);
         assert_eq!(set.expected_width(0), Some(2));
         let dense_only = softmax(&[1.0, 0.0]);
-        let without_token = set.predict(&[&[1.0, 0.0]], &[3]);
+        let without_token = set.predict(&[&[1.0, 0.0]], LexicalInput { ids: &[3], text: "" });
         let Some(c) = &without_token.category else { panic!("no category") };
         // Unknown token: the lexical layer is its bias alone (0.5 / 0.5).
         assert_eq!(c.label, "billing");
         assert!((c.score - (0.5 * dense_only[0] + 0.25)).abs() < 1e-6);
-        let with_token = set.predict(&[&[1.0, 0.0]], &[7]);
+        let with_token = set.predict(&[&[1.0, 0.0]], LexicalInput { ids: &[7], text: "" });
         assert_eq!(with_token.category.as_ref().map(|c| c.label.as_str()), Some("returns"));
         assert!(without_token.ood_score.is_some_and(|s| s.abs() < 1e-6));
-        let far = set.predict(&[&[0.0, 1.0]], &[]);
+        let far = set.predict(&[&[0.0, 1.0]], NO_TEXT);
         assert!(far.ood_score.is_some_and(|s| (s - 1.0).abs() < 1e-6));
     }
 

@@ -1,7 +1,8 @@
 //! Heads computed in Rust over a graph output (the pooled sentence embedding), as written by
-//! `triage train`: a dense linear layer, optionally averaged with a sparse lexical (TF-IDF over
-//! word-piece unigrams and bigrams) linear layer, plus the class centroids that give each
-//! message an out-of-distribution score.
+//! `triage train`: a dense linear layer, optionally averaged with a sparse lexical linear layer
+//! (TF-IDF over word-piece unigrams and bigrams and, when training chose them, character 3-5
+//! grams within words), plus the class centroids that give each message an
+//! out-of-distribution score.
 //!
 //! Weights live in one `heads.safetensors` beside `model.toml`, so a trained model directory is
 //! the encoder graph (shared by every head) plus a few hundred kilobytes to a few megabytes.
@@ -19,8 +20,15 @@ pub const LEXICAL_IDF: &str = "lexical.idf";
 pub const OOD_CENTROIDS: &str = "ood.centroids";
 
 /// A feature key: a unigram is its token id, a bigram packs both ids (first + 1 in the high
-/// half, so no bigram collides with a unigram).
+/// half, so no bigram collides with a unigram), a character n-gram is a 63-bit FNV-1a hash of
+/// its UTF-8 bytes with the top bit set (word-piece keys never reach it).
 pub type FeatureKey = u64;
+
+const CHAR_GRAM_FLAG: u64 = 1 << 63;
+
+/// Character n-gram lengths, counted within each word padded by one space on both sides
+/// (scikit-learn's `char_wb`): " card " gives " ca", "car", "ard", "rd ", " car", ...
+pub const CHAR_GRAM_LENGTHS: std::ops::RangeInclusive<usize> = 3..=5;
 
 pub fn unigram(id: u32) -> FeatureKey {
     u64::from(id)
@@ -30,14 +38,62 @@ pub fn bigram(first: u32, second: u32) -> FeatureKey {
     ((u64::from(first) + 1) << 32) | u64::from(second)
 }
 
-/// Counts of every unigram and bigram of a token sequence.
-pub fn feature_counts(ids: &[u32]) -> HashMap<FeatureKey, u32> {
-    let mut counts = HashMap::with_capacity(ids.len() * 2);
-    for &id in ids {
+pub fn char_gram(gram: &[char]) -> FeatureKey {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut buffer = [0u8; 4];
+    for c in gram {
+        for byte in c.encode_utf8(&mut buffer).bytes() {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    CHAR_GRAM_FLAG | (hash & !CHAR_GRAM_FLAG)
+}
+
+pub fn is_char_gram(key: FeatureKey) -> bool {
+    key & CHAR_GRAM_FLAG != 0
+}
+
+/// What the lexical layer reads of one message: the word pieces the encoder saw and the text
+/// they came from (the same characters, lower-cased here for the character n-grams).
+#[derive(Debug, Clone, Copy)]
+pub struct LexicalInput<'a> {
+    pub ids: &'a [u32],
+    pub text: &'a str,
+}
+
+/// Which features a lexical vocabulary is built from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LexicalFeatures {
+    /// Word-piece unigrams and bigrams.
+    WordPieces,
+    /// Those and character 3-5 grams within words.
+    WordPiecesAndCharacters,
+}
+
+/// Counts of every feature of `input` the family names.
+pub fn feature_counts(input: LexicalInput<'_>, features: LexicalFeatures) -> HashMap<FeatureKey, u32> {
+    let mut counts = HashMap::with_capacity(input.ids.len() * 2);
+    for &id in input.ids {
         *counts.entry(unigram(id)).or_insert(0) += 1;
     }
-    for pair in ids.windows(2) {
+    for pair in input.ids.windows(2) {
         *counts.entry(bigram(pair[0], pair[1])).or_insert(0) += 1;
+    }
+    if features == LexicalFeatures::WordPiecesAndCharacters {
+        let lower = input.text.to_lowercase();
+        let mut padded: Vec<char> = Vec::with_capacity(32);
+        for word in lower.split_whitespace() {
+            padded.clear();
+            padded.push(' ');
+            padded.extend(word.chars());
+            padded.push(' ');
+            for n in CHAR_GRAM_LENGTHS {
+                for gram in padded.windows(n) {
+                    *counts.entry(char_gram(gram)).or_insert(0) += 1;
+                }
+            }
+        }
     }
     counts
 }
@@ -70,9 +126,17 @@ impl LexicalVocabulary {
         self.keys.is_empty()
     }
 
+    /// The family this vocabulary was built from (character n-grams sort last: top bit set).
+    pub fn features(&self) -> LexicalFeatures {
+        match self.keys.last() {
+            Some(&key) if is_char_gram(key) => LexicalFeatures::WordPiecesAndCharacters,
+            _ => LexicalFeatures::WordPieces,
+        }
+    }
+
     /// Sublinear TF (1 + ln tf) times IDF, L2-normalised; unknown features are dropped.
-    pub fn transform(&self, ids: &[u32]) -> SparseRow {
-        let mut row: SparseRow = feature_counts(ids)
+    pub fn transform(&self, input: LexicalInput<'_>) -> SparseRow {
+        let mut row: SparseRow = feature_counts(input, self.features())
             .into_iter()
             .filter_map(|(key, tf)| {
                 let column = self.keys.binary_search(&key).ok()?;
@@ -346,16 +410,36 @@ mod tests {
     fn bigrams_never_collide_with_unigrams_and_keep_order() {
         assert_ne!(bigram(0, 5), unigram(5));
         assert_ne!(bigram(1, 2), bigram(2, 1));
-        let counts = feature_counts(&[7, 8, 7, 8]);
+        let counts = feature_counts(LexicalInput { ids: &[7, 8, 7, 8], text: "Card card" }, LexicalFeatures::WordPieces);
         assert_eq!(counts[&unigram(7)], 2);
         assert_eq!(counts[&bigram(7, 8)], 2);
         assert_eq!(counts[&bigram(8, 7)], 1);
+        assert_eq!(counts.len(), 4, "no character n-grams unless asked");
+    }
+
+    #[test]
+    fn character_grams_stay_within_words_and_ignore_case() {
+        let grams = |text: &str| feature_counts(LexicalInput { ids: &[], text }, LexicalFeatures::WordPiecesAndCharacters);
+        let chars = |s: &str| s.chars().collect::<Vec<_>>();
+        let counts = grams("Card  CARD\tpin");
+        // " card " has 4 trigrams, 3 four-grams, 2 five-grams; it occurs twice.
+        assert_eq!(counts[&char_gram(&chars(" ca"))], 2);
+        assert_eq!(counts[&char_gram(&chars("card "))], 2);
+        assert_eq!(counts[&char_gram(&chars(" pin "))], 1);
+        assert!(!counts.contains_key(&char_gram(&chars("d p"))), "no gram spans two words");
+        assert_eq!(counts.len(), 9 + 6, "card: 9 distinct grams, pin: 3 + 2 + 1");
+        assert!(counts.keys().all(|&k| is_char_gram(k)));
+        assert!(!is_char_gram(bigram(u32::MAX, u32::MAX)), "word-piece keys never carry the flag");
+        // Reference values shared with models/scripts/make_golden.py (FNV-1a 64 of the UTF-8).
+        assert_eq!(char_gram(&chars(" ca")), 0x8000_0000_0000_0000 | (0xc2cd_a117_cdf2_264f & !(1u64 << 63)));
+        assert_ne!(char_gram(&chars("é")), char_gram(&chars("e")));
     }
 
     #[test]
     fn transform_is_unit_length_and_drops_unknown_features() {
         let vocab = LexicalVocabulary::from_document_frequencies(vec![(unigram(3), 1), (unigram(1), 10), (bigram(1, 3), 2)], 10);
-        let row = vocab.transform(&[1, 3, 99]);
+        let words = |ids| LexicalInput { ids, text: "" };
+        let row = vocab.transform(words(&[1, 3, 99]));
         assert_eq!(row.len(), 3);
         assert!(row.windows(2).all(|w| w[0].0 < w[1].0));
         let norm: f32 = row.iter().map(|(_, v)| v * v).sum();
@@ -363,7 +447,8 @@ mod tests {
         // The rarer feature weighs more.
         let weight_of = |key| row.iter().find(|(c, _)| vocab.keys()[*c as usize] == key).map(|(_, v)| *v).unwrap();
         assert!(weight_of(unigram(3)) > weight_of(unigram(1)));
-        assert!(vocab.transform(&[42]).is_empty());
+        assert!(vocab.transform(words(&[42])).is_empty());
+        assert_eq!(vocab.features(), LexicalFeatures::WordPieces);
     }
 
     #[test]

@@ -20,7 +20,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use descriptor::{
-    Activation, Architecture, Descriptor, DescriptorFile, EscalationSpec, HeadKind, HeadSpec, OodSpec, PrioritySpec, TrainingRecord,
+    Activation, Architecture, Descriptor, DescriptorFile, EscalationSpec, FittedHead, HeadKind, HeadSpec, OodSpec, PrioritySpec,
+    TrainingRecord,
 };
 pub use heads::{HeadOutput, HeadResult, HeadSet, LabelScore, Prediction};
 pub use runtime::{Runtime, RuntimeError};

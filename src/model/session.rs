@@ -236,7 +236,7 @@ impl InferenceSession {
         for (r, encoded) in batch.iter().enumerate() {
             row_slices.clear();
             row_slices.extend(per_output.iter().map(|(data, width)| &data[r * width..(r + 1) * width]));
-            predictions.push(self.heads.predict(&row_slices, &encoded.ids));
+            predictions.push(self.heads.predict(&row_slices, encoded.lexical_input()));
         }
         Ok(predictions)
     }

@@ -117,9 +117,15 @@ pub struct Encoded {
     pub truncated: bool,
     /// Characters of text that reached the tokenizer.
     pub chars: usize,
+    /// That text: a lexical layer with character n-grams reads it.
+    pub text: String,
 }
 
 impl Encoded {
+    pub fn lexical_input(&self) -> super::linear::LexicalInput<'_> {
+        super::linear::LexicalInput { ids: &self.ids, text: &self.text }
+    }
+
     pub fn len(&self) -> usize {
         self.ids.len()
     }
@@ -173,7 +179,13 @@ impl TextEncoder {
     fn encode_prepared(&self, text: &str, chars: usize, cut: bool) -> Result<Encoded, String> {
         let encoding = self.tokenizer.encode_fast(text, true).map_err(|e| e.to_string())?;
         let truncated = cut || !encoding.get_overflowing().is_empty();
-        Ok(Encoded { ids: encoding.get_ids().to_vec(), type_ids: encoding.get_type_ids().to_vec(), truncated, chars })
+        Ok(Encoded {
+            ids: encoding.get_ids().to_vec(),
+            type_ids: encoding.get_type_ids().to_vec(),
+            truncated,
+            chars,
+            text: text.to_string(),
+        })
     }
 }
 

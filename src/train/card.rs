@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 
 use super::fitting::{MultiHeadFit, SingleHeadFit};
 use super::{TrainError, TrainOptions, TrainReport};
-use crate::model::linear::{self, DenseMatrix, LexicalVocabulary};
+use crate::model::linear::{self, DenseMatrix, LexicalFeatures, LexicalVocabulary};
 use crate::model::{Model, MODEL_FILE, TOKENIZER_FILE};
 
 pub(super) struct Output<'a> {
@@ -95,12 +95,12 @@ fn weights_bytes(o: &Output<'_>) -> Result<Vec<u8>, String> {
         let (d, l) = head.dense.weight.dim();
         f32s.push((linear::weight_name(name), vec![l, d], head.dense.weight_label_major()));
         f32s.push((linear::bias_name(name), vec![l], head.dense.bias.clone()));
-        if head.report.lexical_share > 0.0 {
+        if let Some(lexical) = head.lexical.as_ref().filter(|_| head.settings.lexical_share > 0.0) {
             any_lexical = true;
             let prefix = linear::lexical_prefix(name);
-            let (f, l) = head.lexical.weight.dim();
-            f32s.push((linear::weight_name(&prefix), vec![f, l], head.lexical.weight.iter().copied().collect()));
-            f32s.push((linear::bias_name(&prefix), vec![l], head.lexical.bias.clone()));
+            let (f, l) = lexical.weight.dim();
+            f32s.push((linear::weight_name(&prefix), vec![f, l], lexical.weight.iter().copied().collect()));
+            f32s.push((linear::bias_name(&prefix), vec![l], lexical.bias.clone()));
         }
     }
     for head in o.multi {
@@ -183,6 +183,23 @@ fn descriptor(o: &Output<'_>, version: &str) -> Result<String, TrainError> {
         data: o.options.data.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         data_rows: o.data_rows,
         trained_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        refit_full: o.options.refit_full,
+        fitted: o
+            .single
+            .iter()
+            .map(|h| crate::model::FittedHead {
+                head: h.report.name.clone(),
+                c: h.settings.c,
+                lexical_c: (h.settings.lexical_share > 0.0).then_some(h.settings.lexical_c),
+                lexical_features: (h.settings.lexical_share > 0.0).then_some(h.settings.lexical_features),
+            })
+            .chain(o.multi.iter().map(|h| crate::model::FittedHead {
+                head: h.report.name.clone(),
+                c: h.report.c,
+                lexical_c: None,
+                lexical_features: None,
+            }))
+            .collect(),
     };
     let file = DescriptorFile {
         name: Some(o.name.to_string()),
@@ -221,9 +238,27 @@ pub fn model_card(r: &TrainReport, o: &TrainOptions, version: &str, notes: Optio
         s,
         "Trained by `triage train` on `{}` ({} rows read, {} usable): a frozen sentence encoder ({}, \
          {} dimensions) with linear heads fitted on CPU. Split: {} train / {} validation, stratified, seed {}. \
-         Every figure below is on the validation split, which no choice was made on (regularisation and \
-         the lexical share were chosen by {}-fold cross-validation on the training part).\n",
-        r.data, r.rows_read, r.examples, r.encoder, r.embedding_dim, r.train_examples, r.validation_examples, r.seed, o.folds
+         Regularisation, the lexical features and the lexical share were chosen by {}-fold cross-validation on \
+         the training part; the validation figures below come from heads fitted on the training part alone.{}\n",
+        r.data,
+        r.rows_read,
+        r.examples,
+        r.encoder,
+        r.embedding_dim,
+        r.train_examples,
+        r.validation_examples,
+        r.seed,
+        o.folds,
+        if r.refit_full {
+            format!(
+                " The shipped heads were then refitted on every usable row with those settings; their figure is the \
+                 recipe's out-of-fold accuracy over every row ({} folds, each with its own vocabulary and centroids), and \
+                 the escalation threshold and OOD gate were calibrated on those out-of-fold predictions.",
+                o.folds
+            )
+        } else {
+            " The shipped heads are the ones fitted on the training part; thresholds were calibrated on the validation split.".into()
+        }
     );
     let _ = writeln!(s, "Embedding took {:.0} s, fitting {:.0} s.\n", r.embed_seconds, r.fit_seconds);
     if let Some(notes) = notes {
@@ -231,28 +266,57 @@ pub fn model_card(r: &TrainReport, o: &TrainOptions, version: &str, notes: Optio
     }
     for h in &r.single {
         let _ = writeln!(s, "## Head `{}` (column `{}`, {} labels)\n", h.name, h.column, h.labels.len());
-        let _ = writeln!(s, "| | accuracy | macro-F1 |\n|---|---|---|");
+        let lexical_name = match h.lexical_features {
+            LexicalFeatures::WordPieces => "word-piece 1-2 grams",
+            LexicalFeatures::WordPiecesAndCharacters => "word-piece 1-2 grams + character 3-5 grams",
+        };
         let _ = writeln!(
             s,
-            "| this model (embedding{}) | {:.3} | {:.3} |",
-            if h.lexical_share > 0.0 { format!(" + {:.0}% lexical", h.lexical_share * 100.0) } else { " alone".into() },
-            h.validation.accuracy,
-            h.validation.macro_f1
+            "| validation split ({} rows), fitted on the training part | accuracy | macro-F1 |\n|---|---|---|",
+            r.validation_examples
         );
+        let row = |s: &mut String, name: &str, q: &super::metrics::Report| {
+            let _ = writeln!(s, "| {name} | {:.3} | {:.3} |", q.accuracy, q.macro_f1);
+        };
+        row(&mut s, "TF-IDF (word-piece 1-2 grams) + logistic regression baseline", &h.validation_tfidf_baseline);
+        row(&mut s, "embedding layer alone", &h.validation_embedding_only);
+        row(&mut s, &format!("lexical layer alone ({lexical_name})"), &h.validation_lexical_only);
+        let averaged = if h.lexical_share > 0.0 {
+            format!("embedding + {:.0}% lexical (as shipped)", h.lexical_share * 100.0)
+        } else {
+            "embedding alone (as shipped)".into()
+        };
+        row(&mut s, &averaged, &h.validation);
+        if let Some(refit) = &h.refit {
+            let _ = writeln!(
+                s,
+                "\nRefitted on all {} rows. Out-of-fold over every row ({} folds): accuracy **{:.4}** (± {:.4} across folds), \
+                 macro-F1 {:.4}; the embedding layer alone, same folds: {:.4}.",
+                refit.examples, refit.folds, refit.accuracy, refit.fold_accuracy_std, refit.macro_f1, refit.accuracy_embedding_only
+            );
+        }
+        let cv_lexical: Vec<String> = h
+            .cv_accuracy_lexical
+            .iter()
+            .map(|(f, a)| {
+                format!(
+                    "{a:.3} {}",
+                    match f {
+                        LexicalFeatures::WordPieces => "word pieces",
+                        LexicalFeatures::WordPiecesAndCharacters => "with character n-grams",
+                    }
+                )
+            })
+            .collect();
         let _ = writeln!(
             s,
-            "| embedding layer alone | {:.3} | {:.3} |",
-            h.validation_embedding_only.accuracy, h.validation_embedding_only.macro_f1
-        );
-        let _ = writeln!(
-            s,
-            "| TF-IDF + logistic regression baseline | {:.3} | {:.3} |\n",
-            h.validation_tfidf_baseline.accuracy, h.validation_tfidf_baseline.macro_f1
-        );
-        let _ = writeln!(
-            s,
-            "C = {} (embedding), {} (lexical). Cross-validated accuracy: {:.3} embedding alone, {:.3} as written.\n",
-            h.c, h.lexical_c, h.cv_accuracy_embedding, h.cv_accuracy_combined
+            "\nC = {} (embedding), {} (lexical). Cross-validated accuracy on the training part: {:.3} embedding alone, \
+             lexical alone {}, {:.3} as chosen.\n",
+            h.c,
+            h.lexical_c,
+            h.cv_accuracy_embedding,
+            cv_lexical.join(" / "),
+            h.cv_accuracy_combined
         );
         if h.validation_tfidf_baseline.accuracy >= h.validation_embedding_only.accuracy {
             let _ = writeln!(
@@ -297,6 +361,7 @@ pub fn model_card(r: &TrainReport, o: &TrainOptions, version: &str, notes: Optio
     }
     if let Some(e) = &r.escalation {
         let _ = writeln!(s, "## Escalation: accuracy on what is kept vs share escalated (head `{}`)\n", e.head);
+        let _ = writeln!(s, "Measured on {}.\n", r.calibrated_on);
         let _ = writeln!(s, "| confidence threshold | escalated | accuracy on the rest |\n|---|---|---|");
         let mut shown: Vec<f32> = vec![0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9];
         if let Some(p) = e.recommended {

@@ -11,7 +11,8 @@ use super::logreg::Design;
 use super::metrics::{self, Report};
 use super::{data, embed, lexical_rows, lexical_vocabulary, prepare, Columns, Progress, TrainError};
 use crate::engine::EngineConfig;
-use crate::model::{HeadKind, HeadOutput, InferenceOptions, Model};
+use crate::model::linear::LexicalFeatures;
+use crate::model::{HeadKind, HeadOutput, HeadResult, InferenceOptions, LabelScore, Model, Prediction, TrainingRecord};
 
 #[derive(Debug, Clone)]
 pub struct EvalOptions {
@@ -89,17 +90,27 @@ pub fn evaluate(options: &EvalOptions, progress: &dyn Progress) -> Result<EvalRe
         _ => (Vec::new(), (0..n).collect(), "every row".to_string()),
     };
     let texts_all = prepared.render(model.template(), model.encoder().max_chars());
-    let texts: Vec<_> = eval_rows.iter().map(|&r| texts_all[r].clone()).collect();
-    let (predictions, seconds) = embed::predict_all(model.clone(), &texts, &options.engine, progress, "classifying")?;
+    // A model refitted on every row has seen its validation split: score the split with the
+    // same recipe fitted on the training part alone (what `triage train` reported).
+    let refitted = record.as_ref().is_some_and(|r| r.refit_full) && !train_rows.is_empty();
+    let (predictions, seconds, split) = if refitted {
+        let (p, s) = rederive(&model, record.as_ref(), &prepared, &texts_all, &train_rows, &eval_rows, options, progress)?;
+        (p, s, format!("{split}, heads refitted on the training part with the model's recorded settings (the shipped heads saw every row)"))
+    } else {
+        let texts: Vec<_> = eval_rows.iter().map(|&r| texts_all[r].clone()).collect();
+        let (p, s) = embed::predict_all(model.clone(), &texts, &options.engine, progress, "classifying")?;
+        (p, s, split)
+    };
 
     // The baseline sees the same word pieces the model does.
     let ids = texts_all
         .iter()
         .map(|t| model.encoder().encode_rendered(t).map(|e| e.ids).map_err(TrainError::Invalid))
         .collect::<Result<Vec<_>, _>>()?;
+    let docs = super::lexical_inputs(&ids, &texts_all);
     let lexical = (!train_rows.is_empty()).then(|| {
-        let vocabulary = lexical_vocabulary(&ids, &train_rows, 2);
-        lexical_rows(&vocabulary, &ids)
+        let vocabulary = lexical_vocabulary(&docs, &train_rows, super::refit::MIN_DOCUMENT_FREQUENCY, LexicalFeatures::WordPieces);
+        lexical_rows(&vocabulary, &docs)
     });
 
     let mut heads = Vec::new();
@@ -188,6 +199,96 @@ pub fn evaluate(options: &EvalOptions, progress: &dyn Progress) -> Result<EvalRe
         ood,
         messages_per_second: eval_rows.len() as f64 / seconds.max(1e-9),
     })
+}
+
+/// Predictions for `eval_rows` from heads fitted on `train_rows` alone with the settings the
+/// model recorded, over the model's own embeddings (the encoder is the same frozen one).
+#[allow(clippy::too_many_arguments)]
+fn rederive(
+    model: &Arc<Model>,
+    record: Option<&TrainingRecord>,
+    prepared: &super::Prepared,
+    texts_all: &[crate::model::Rendered],
+    train_rows: &[usize],
+    eval_rows: &[usize],
+    options: &EvalOptions,
+    progress: &dyn Progress,
+) -> Result<(Vec<Prediction>, f64), TrainError> {
+    let fitted = record.map(|r| r.fitted.as_slice()).unwrap_or_default();
+    let settings_of = |head: &str| {
+        fitted.iter().find(|f| f.head == head).ok_or_else(|| {
+            TrainError::Invalid(format!(
+                "{} says its heads were refitted on every row but records no settings for head `{head}`: retrain it with this version",
+                options.model.display()
+            ))
+        })
+    };
+    let run = embed(model.clone(), texts_all, &options.engine, progress, "embedding (to refit the heads on the training part)")?;
+    let seconds = run.seconds * eval_rows.len() as f64 / texts_all.len().max(1) as f64;
+    let docs = super::lexical_inputs(&run.ids, texts_all);
+    let mut heads: Vec<Vec<HeadResult>> = vec![Vec::new(); eval_rows.len()];
+    let eval_embeddings = run.embeddings.select(ndarray::Axis(0), eval_rows);
+    for head in &prepared.single {
+        let f = settings_of(&head.name)?;
+        let settings = super::HeadSettings {
+            c: f.c,
+            lexical_c: f.lexical_c.unwrap_or(1.0),
+            lexical_share: model.heads().heads().iter().find(|h| h.name == head.name).and_then(|h| h.lexical_share).unwrap_or(0.0),
+            lexical_features: f.lexical_features.unwrap_or(LexicalFeatures::WordPieces),
+        };
+        let rows: Vec<usize> = train_rows.iter().copied().filter(|&r| head.y[r].is_some()).collect();
+        let y: Vec<usize> = rows.iter().filter_map(|&r| head.y[r]).collect();
+        let vocabulary = lexical_vocabulary(&docs, &rows, super::refit::MIN_DOCUMENT_FREQUENCY, settings.lexical_features);
+        let lexical = lexical_rows(&vocabulary, &docs);
+        let (dense, lexical_fit) = super::fitting::fit_layers(
+            &run.embeddings.select(ndarray::Axis(0), &rows),
+            &lexical.subset(&rows),
+            &y,
+            head.labels.len(),
+            &settings,
+        );
+        let p = super::fitting::layer_probabilities(
+            &dense,
+            lexical_fit.as_ref(),
+            settings.lexical_share,
+            &eval_embeddings,
+            &lexical.subset(eval_rows),
+        );
+        for (k, row) in p.outer_iter().enumerate() {
+            let best = super::fitting::argmax(row);
+            let output = HeadOutput::Label(LabelScore { label: head.labels[best].clone(), score: row[best] });
+            heads[k].push(HeadResult { head: head.name.clone(), output });
+        }
+    }
+    for head in &prepared.multi {
+        let f = settings_of(&head.name)?;
+        let threshold = model.heads().heads().iter().find(|h| h.name == head.name).and_then(|h| h.threshold).unwrap_or(0.5);
+        let y: Vec<Vec<usize>> = train_rows.iter().map(|&r| head.y[r].clone()).collect();
+        let fit = super::refit::refit_multi(&run.embeddings.select(ndarray::Axis(0), train_rows), &y, head.labels.len(), f.c);
+        let p = fit.probabilities(&eval_embeddings, true);
+        for (k, row) in p.outer_iter().enumerate() {
+            let tags = row
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| **v >= threshold)
+                .map(|(l, v)| LabelScore { label: head.labels[l].clone(), score: *v })
+                .collect();
+            heads[k].push(HeadResult { head: head.name.clone(), output: HeadOutput::Tags(tags) });
+        }
+    }
+    let centroids = prepared.single.first().map(|h| super::class_centroids(&run.embeddings, train_rows, &h.y, h.labels.len()));
+    let predictions = heads
+        .into_iter()
+        .zip(eval_embeddings.outer_iter())
+        .map(|(heads, e)| Prediction {
+            category: None,
+            priority: None,
+            tags: Vec::new(),
+            heads,
+            ood_score: centroids.as_ref().map(|c| c.distance_to_nearest(e.as_slice().unwrap_or(&[]))),
+        })
+        .collect();
+    Ok((predictions, seconds))
 }
 
 /// The report as text for a terminal.

@@ -15,6 +15,7 @@ pub mod eval;
 mod fitting;
 pub mod logreg;
 pub mod metrics;
+mod refit;
 pub mod split;
 
 use std::collections::BTreeMap;
@@ -25,11 +26,11 @@ use ndarray::Array2;
 use serde::Serialize;
 
 use crate::engine::EngineConfig;
-use crate::model::linear::{self, LexicalVocabulary};
+use crate::model::linear::{self, LexicalFeatures, LexicalInput, LexicalVocabulary};
 use crate::model::{InferenceOptions, Model, ModelError, Template};
 pub use data::{Columns, DataError, Dataset};
 pub use embed::{embed, EmbedRun};
-pub use fitting::{LexicalMode, SingleHeadFit};
+pub use fitting::{HeadSettings, LexicalMode, SingleHeadFit};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -79,6 +80,11 @@ pub struct TrainOptions {
     /// Labels with fewer examples are left out (with a warning).
     pub min_examples: usize,
     pub lexical: LexicalMode,
+    /// The lexical layer's features; None: chosen by cross-validation.
+    pub lexical_features: Option<LexicalFeatures>,
+    /// After cross-validation chose the settings, fit the shipped heads on every usable row
+    /// (figures and thresholds then come from out-of-fold predictions over every row).
+    pub refit_full: bool,
     /// Write the confidence threshold reaching this accuracy on what is not escalated.
     pub target_accuracy: Option<f64>,
     /// Texts unlike the training data, to measure the OOD gate (its AUROC).
@@ -112,6 +118,8 @@ impl TrainOptions {
             validation_fraction: 0.2,
             min_examples: 5,
             lexical: LexicalMode::Auto,
+            lexical_features: None,
+            refit_full: true,
             target_accuracy: None,
             foreign: None,
             foreign_text: None,
@@ -275,20 +283,25 @@ pub fn template_for(columns: &Columns, given: Option<&str>) -> Result<(String, T
     Ok((text, template))
 }
 
-/// Lexical TF-IDF rows of `ids` over a vocabulary built from the rows in `fit_rows` (features
-/// in at least `min_df` of them).
-pub fn lexical_vocabulary(ids: &[Vec<u32>], fit_rows: &[usize], min_df: u32) -> LexicalVocabulary {
+/// The lexical layer's input for every example: its word pieces and the text they came from.
+pub fn lexical_inputs<'a>(ids: &'a [Vec<u32>], texts: &'a [crate::model::Rendered]) -> Vec<LexicalInput<'a>> {
+    ids.iter().zip(texts).map(|(ids, t)| LexicalInput { ids, text: &t.text }).collect()
+}
+
+/// A lexical vocabulary built from the rows in `fit_rows` (features in at least `min_df` of
+/// them).
+pub fn lexical_vocabulary(docs: &[LexicalInput<'_>], fit_rows: &[usize], min_df: u32, features: LexicalFeatures) -> LexicalVocabulary {
     let mut df: std::collections::HashMap<linear::FeatureKey, u32> = std::collections::HashMap::new();
     for &r in fit_rows {
-        for key in linear::feature_counts(&ids[r]).into_keys() {
+        for key in linear::feature_counts(docs[r], features).into_keys() {
             *df.entry(key).or_default() += 1;
         }
     }
     LexicalVocabulary::from_document_frequencies(df.into_iter().filter(|(_, d)| *d >= min_df).collect(), fit_rows.len())
 }
 
-pub fn lexical_rows(vocabulary: &LexicalVocabulary, ids: &[Vec<u32>]) -> logreg::SparseRows {
-    logreg::SparseRows::from_rows(vocabulary.len(), ids.iter().map(|i| vocabulary.transform(i)))
+pub fn lexical_rows(vocabulary: &LexicalVocabulary, docs: &[LexicalInput<'_>]) -> logreg::SparseRows {
+    logreg::SparseRows::from_rows(vocabulary.len(), docs.iter().map(|d| vocabulary.transform(*d)))
 }
 
 /// Everything a training run measured; written as metrics.json and rendered in the card.
@@ -308,6 +321,10 @@ pub struct TrainReport {
     pub embedding_dim: usize,
     pub embed_seconds: f64,
     pub fit_seconds: f64,
+    /// The shipped heads were refitted on every usable row (figures: out-of-fold).
+    pub refit_full: bool,
+    /// Where the escalation threshold and the OOD gate were calibrated.
+    pub calibrated_on: String,
     pub single: Vec<fitting::SingleReport>,
     pub multi: Vec<fitting::MultiReport>,
     pub escalation: Option<EscalationReport>,
@@ -378,33 +395,109 @@ pub fn train(options: &TrainOptions, progress: &dyn Progress) -> Result<TrainRep
     progress.note(&format!("embedded {} texts in {:.1}s ({:.0}/s)", texts.len(), run.seconds, texts.len() as f64 / run.seconds.max(1e-9)));
 
     let fit_start = std::time::Instant::now();
-    let vocabulary = lexical_vocabulary(&run.ids, &train_rows, 2);
-    let lexical = lexical_rows(&vocabulary, &run.ids);
+    let docs = lexical_inputs(&run.ids, &texts);
+    let families: Vec<LexicalFeatures> = match options.lexical_features {
+        Some(f) => vec![f],
+        None => vec![LexicalFeatures::WordPieces, LexicalFeatures::WordPiecesAndCharacters],
+    };
+    let mut candidates: Vec<fitting::LexicalCandidate> = families
+        .iter()
+        .map(|&features| {
+            let vocabulary = lexical_vocabulary(&docs, &train_rows, refit::MIN_DOCUMENT_FREQUENCY, features);
+            fitting::LexicalCandidate { features, rows: lexical_rows(&vocabulary, &docs) }
+        })
+        .collect();
+    if options.lexical_features.is_some_and(|f| f != LexicalFeatures::WordPieces) {
+        // The baseline is always word pieces.
+        let vocabulary = lexical_vocabulary(&docs, &train_rows, refit::MIN_DOCUMENT_FREQUENCY, LexicalFeatures::WordPieces);
+        candidates.insert(0, fitting::LexicalCandidate { features: LexicalFeatures::WordPieces, rows: lexical_rows(&vocabulary, &docs) });
+    }
+    let fit_head = |head: &SingleLabels, candidates: &[fitting::LexicalCandidate]| {
+        let ctx = fitting::Context {
+            embeddings: &run.embeddings,
+            lexical: candidates,
+            train_rows: &train_rows,
+            validation_rows: &validation_rows,
+            options,
+            progress,
+        };
+        fitting::fit_single(&ctx, head)
+    };
+    // One vocabulary serves every head: the first head chooses its features.
+    let mut single: Vec<SingleHeadFit> = Vec::new();
+    for head in &prepared.single {
+        let fit = match single.first() {
+            None => fit_head(head, &candidates),
+            Some(first) => {
+                let features = first.settings.lexical_features;
+                let chosen: Vec<fitting::LexicalCandidate> = candidates
+                    .iter()
+                    .filter(|c| c.features == features)
+                    .map(|c| fitting::LexicalCandidate { features: c.features, rows: c.rows.clone() })
+                    .collect();
+                fit_head(head, &chosen)
+            }
+        };
+        single.push(fit);
+    }
+    let features = single.first().map_or(LexicalFeatures::WordPieces, |s| s.settings.lexical_features);
     let ctx = fitting::Context {
         embeddings: &run.embeddings,
-        lexical: &lexical,
+        lexical: &candidates,
         train_rows: &train_rows,
         validation_rows: &validation_rows,
         options,
         progress,
     };
-    let single: Vec<SingleHeadFit> = prepared.single.iter().map(|h| fitting::fit_single(&ctx, h)).collect();
-    let multi: Vec<fitting::MultiHeadFit> = prepared.multi.iter().map(|h| fitting::fit_multi(&ctx, h)).collect();
+    let mut multi: Vec<fitting::MultiHeadFit> = prepared.multi.iter().map(|h| fitting::fit_multi(&ctx, h)).collect();
+
+    // The vocabulary written: from the training part, or from every row when refitting.
+    let all_rows: Vec<usize> = (0..docs.len()).collect();
+    let vocabulary_rows: &[usize] = if options.refit_full { &all_rows } else { &train_rows };
+    let vocabulary = lexical_vocabulary(&docs, vocabulary_rows, refit::MIN_DOCUMENT_FREQUENCY, features);
+    let lexical = lexical_rows(&vocabulary, &docs);
+    let mut oof_ood: Option<Vec<f32>> = None;
+    if options.refit_full {
+        let examples = refit::Examples { embeddings: &run.embeddings, docs: &docs, final_lexical: &lexical };
+        for (index, (fit, head)) in single.iter_mut().zip(&prepared.single).enumerate() {
+            let refitted = refit::refit_single(&examples, head, &fit.settings, (options.folds, options.seed), progress);
+            fit.dense = refitted.dense;
+            fit.lexical = refitted.lexical;
+            fit.calibration_confidence = refitted.oof_confidence;
+            fit.calibration_correct = refitted.oof_correct;
+            fit.report.refit = Some(refitted.report);
+            if index == 0 {
+                oof_ood = Some(refitted.oof_ood);
+            }
+        }
+        for (fit, head) in multi.iter_mut().zip(&prepared.multi) {
+            fit.fit = refit::refit_multi(&run.embeddings, &head.y, head.labels.len(), fit.report.c);
+        }
+    }
     let fit_seconds = fit_start.elapsed().as_secs_f64();
+    let calibrated_on = match &single.first().and_then(|s| s.report.refit.as_ref()) {
+        Some(r) => format!("out-of-fold predictions over all {} rows ({} folds)", r.examples, r.folds),
+        None => format!("the validation split ({} rows)", validation_rows.len()),
+    };
 
     let escalation = single.first().map(|head| {
-        let curve = metrics::escalation_curve(&head.validation_confidence, &head.validation_correct);
+        let curve = metrics::escalation_curve(&head.calibration_confidence, &head.calibration_correct);
         let recommended = options.target_accuracy.and_then(|t| metrics::threshold_for_accuracy(&curve, t));
         if let (Some(t), None) = (options.target_accuracy, recommended) {
-            progress.note(&format!("warning: no confidence threshold reaches {:.1}% accuracy on the validation split", t * 100.0));
+            progress.note(&format!("warning: no confidence threshold reaches {:.1}% accuracy on {calibrated_on}", t * 100.0));
         }
         EscalationReport { head: head.report.name.clone(), curve, target_accuracy: options.target_accuracy, recommended }
     });
 
     let ood = single.first().map(|head| {
-        let centroids = class_centroids(&run.embeddings, &train_rows, &prepared.single[0].y, head.report.labels.len());
-        let in_domain: Vec<f32> =
-            validation_rows.iter().map(|&r| centroids.distance_to_nearest(run.embeddings.row(r).as_slice().unwrap_or(&[]))).collect();
+        let centroid_rows: &[usize] = if options.refit_full { &all_rows } else { &train_rows };
+        let centroids = class_centroids(&run.embeddings, centroid_rows, &prepared.single[0].y, head.report.labels.len());
+        let in_domain: Vec<f32> = match oof_ood.take() {
+            Some(scores) => scores,
+            None => {
+                validation_rows.iter().map(|&r| centroids.distance_to_nearest(run.embeddings.row(r).as_slice().unwrap_or(&[]))).collect()
+            }
+        };
         let threshold = metrics::quantile(&in_domain, 0.99);
         (centroids, in_domain, threshold)
     });
@@ -452,6 +545,8 @@ pub fn train(options: &TrainOptions, progress: &dyn Progress) -> Result<TrainRep
         embedding_dim: run.embeddings.ncols(),
         embed_seconds: run.seconds,
         fit_seconds,
+        refit_full: options.refit_full,
+        calibrated_on,
         single: single.iter().map(|s| s.report.clone()).collect(),
         multi: multi.iter().map(|m| m.report.clone()).collect(),
         escalation,
@@ -520,17 +615,17 @@ fn measure_foreign(
     let texts: Vec<_> = foreign.examples.iter().map(|e| e.render(template, encoder.encoder().max_chars())).collect();
     let run = embed(encoder.clone(), &texts, &options.engine, progress, "embedding the foreign set")?;
     let scores: Vec<f32> = run.embeddings.outer_iter().map(|e| centroids.distance_to_nearest(e.as_slice().unwrap_or(&[]))).collect();
-    let foreign_confidence = category.confidence_on(&run.embeddings, &lexical_rows(vocabulary, &run.ids));
+    let foreign_confidence = category.confidence_on(&run.embeddings, &lexical_rows(vocabulary, &lexical_inputs(&run.ids, &texts)));
     let to_doubt = |c: &[f32]| c.iter().map(|v| 1.0 - v).collect::<Vec<f32>>();
     let mean = |v: &[f32]| v.iter().map(|x| f64::from(*x)).sum::<f64>() / v.len().max(1) as f64;
     Ok(ForeignReport {
         data: path.display().to_string(),
         examples: texts.len(),
         auroc: metrics::auroc(&scores, in_domain),
-        confidence_auroc: metrics::auroc(&to_doubt(&foreign_confidence), &to_doubt(&category.validation_confidence)),
+        confidence_auroc: metrics::auroc(&to_doubt(&foreign_confidence), &to_doubt(&category.calibration_confidence)),
         caught: scores.iter().filter(|s| **s > threshold).count() as f64 / scores.len().max(1) as f64,
         foreign_mean_confidence: mean(&foreign_confidence),
-        in_domain_mean_confidence: mean(&category.validation_confidence),
+        in_domain_mean_confidence: mean(&category.calibration_confidence),
     })
 }
 

@@ -60,7 +60,7 @@ pub enum WorkerError {
 }
 
 /// What one run did.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct RunReport {
     pub consumed: u64,
     pub rows_inserted: u64,
@@ -74,6 +74,8 @@ pub struct RunReport {
     pub unfinished: usize,
     /// Batching and inference counters, summed over the models.
     pub engine: crate::engine::StatsSnapshot,
+    /// Per model (engine), the batch sizes the tuner chose per text length.
+    pub batch_sizes: Vec<Vec<crate::batcher::tuner::BucketChoice>>,
 }
 
 /// Run the worker until `shutdown` resolves (then drain) or a fatal error.
@@ -200,6 +202,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
         return Err(fatal);
     }
     let counted = counters.snapshot();
+    let batch_sizes: Vec<_> = engine_stats.iter().map(|s| s.batch_sizes()).collect();
+    for choices in batch_sizes.iter().filter(|c| !c.is_empty()) {
+        tracing::info!(batch_sizes = %crate::batcher::tuner::describe(choices), "batch sizes chosen per text length");
+    }
     Ok(RunReport {
         consumed: counted.consumed,
         rows_inserted: counted.rows_inserted,
@@ -209,6 +215,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
         busy_seconds: stopped.busy.as_secs_f64(),
         unfinished: stopped.unfinished,
         engine: routes::merged(&engine_stats),
+        batch_sizes,
     })
 }
 

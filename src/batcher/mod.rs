@@ -7,7 +7,12 @@
 //! split into batches of similar lengths at the least cost (padding plus a fixed cost per
 //! batch), and the batch holding the OLDEST pending message runs next (so nobody starves).
 //!
+//! Each length bucket may run under a smaller batch size than `max_batch_size`: the caps
+//! [`tuner::BatchSizeTuner`] measured best on this machine, for texts of that length.
+//!
 //! Pure and clock-free: callers pass `now`, so tests drive time by hand.
+
+pub mod tuner;
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -28,6 +33,9 @@ pub struct BatchPolicy {
     /// Fixed cost of running one batch, in tokens. Higher favours fewer, fuller batches over
     /// less padding (GPUs: high; CPUs, where compute is proportional to padded tokens: low).
     pub batch_cost_tokens: usize,
+    /// Measure batch sizes up to `max_batch_size` per text length on live traffic and use the
+    /// fastest (false: always fill up to `max_batch_size`).
+    pub tune_batch_size: bool,
 }
 
 impl Default for BatchPolicy {
@@ -35,7 +43,14 @@ impl Default for BatchPolicy {
         // Measured on 2 AVX-512 cores (`triage bench --sweep`, BENCHMARKS.md): batches of 8-32
         // sequences beat 64-128 by 15-25% (short texts) and ~25% (e-mail-length ones); GPUs
         // want far larger budgets (README: GPU).
-        BatchPolicy { max_batch_size: 32, max_batch_tokens: 1024, max_wait_ms: 20, bucket_window: 4, batch_cost_tokens: 64 }
+        BatchPolicy {
+            max_batch_size: 32,
+            max_batch_tokens: 1024,
+            max_wait_ms: 20,
+            bucket_window: 4,
+            batch_cost_tokens: 64,
+            tune_batch_size: true,
+        }
     }
 }
 
@@ -69,6 +84,8 @@ pub struct Batch<T> {
     pub lengths: Vec<usize>,
     /// When the oldest member arrived.
     pub oldest: Instant,
+    /// The batch size cap it was assembled under (what the tuner credits its speed to).
+    pub cap: usize,
 }
 
 impl<T> Batch<T> {
@@ -99,11 +116,22 @@ pub struct Assembler<T> {
     policy: BatchPolicy,
     pending: VecDeque<Pending<T>>,
     pending_tokens: usize,
+    caps: tuner::SizeCaps,
 }
 
 impl<T> Assembler<T> {
     pub fn new(policy: BatchPolicy) -> Self {
-        Assembler { policy, pending: VecDeque::new(), pending_tokens: 0 }
+        let caps = [policy.max_batch_size; tuner::BUCKET_LIMITS.len()];
+        Assembler { policy, pending: VecDeque::new(), pending_tokens: 0, caps }
+    }
+
+    /// Batch size caps per length bucket from now on (each at most `max_batch_size`).
+    pub fn set_caps(&mut self, caps: tuner::SizeCaps) {
+        self.caps = caps.map(|c| c.clamp(1, self.policy.max_batch_size));
+    }
+
+    fn cap_for(&self, longest: usize) -> usize {
+        self.caps[tuner::bucket_of(longest)]
     }
 
     pub fn policy(&self) -> &BatchPolicy {
@@ -154,7 +182,7 @@ impl<T> Assembler<T> {
     }
 
     fn fits(&self, rows: usize, longest: usize) -> bool {
-        rows <= self.policy.max_batch_size && rows * longest <= self.policy.max_batch_tokens
+        rows <= self.cap_for(longest) && rows * longest <= self.policy.max_batch_tokens
     }
 
     fn first_fifo_batch_len(&self) -> usize {
@@ -193,7 +221,8 @@ impl<T> Assembler<T> {
             }
         }
         self.pending = kept;
-        Batch { items, lengths, oldest }
+        let cap = self.cap_for(lengths.iter().copied().max().unwrap_or(1));
+        Batch { items, lengths, oldest, cap }
     }
 
     /// Indices (into `pending`) of the batch holding the oldest message, from the cheapest
@@ -238,7 +267,14 @@ mod tests {
     use super::*;
 
     fn policy(size: usize, tokens: usize, wait_ms: u64, window: usize) -> BatchPolicy {
-        BatchPolicy { max_batch_size: size, max_batch_tokens: tokens, max_wait_ms: wait_ms, bucket_window: window, batch_cost_tokens: 64 }
+        BatchPolicy {
+            max_batch_size: size,
+            max_batch_tokens: tokens,
+            max_wait_ms: wait_ms,
+            bucket_window: window,
+            batch_cost_tokens: 64,
+            tune_batch_size: false,
+        }
     }
 
     #[test]

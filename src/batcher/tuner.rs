@@ -1,0 +1,324 @@
+//! The batch size that tunes itself: the best batch size depends on the CPU (AVX-512 VNNI
+//! machines win with batches of 8-32; on an AVX2 machine batch size 1 beat them on e-mail-length
+//! text) and on the text length, so no fixed default is right everywhere. Per length bucket
+//! (the batch's longest row, in powers of two), the tuner has each candidate size measured on
+//! live batches (messages per second of inference time), then uses the best; now and then it
+//! measures the neighbours of the best again, so a change of load or machine is followed.
+//!
+//! Pure and clock-free: the engine reports each batch's rows and inference seconds; tests
+//! drive it with a synthetic cost model.
+
+use serde::Serialize;
+
+/// Length buckets: the batch's longest row up to 8, 16, ..., 512 tokens, then anything longer.
+pub const BUCKET_LIMITS: [usize; 8] = [8, 16, 32, 64, 128, 256, 512, usize::MAX];
+
+pub fn bucket_of(longest: usize) -> usize {
+    BUCKET_LIMITS.iter().position(|&limit| longest <= limit).unwrap_or(BUCKET_LIMITS.len() - 1)
+}
+
+/// The batch size caps in force, one per length bucket: what the assembler reads (a copy, so
+/// it never waits on the tuner's lock while it splits a window).
+pub type SizeCaps = [usize; BUCKET_LIMITS.len()];
+
+#[derive(Debug, Clone, Copy)]
+pub struct TunerSettings {
+    /// A candidate is measured once it ran this many batches...
+    pub min_batches: u32,
+    /// ... and this many messages (or `min_batches` x 8 batches when traffic is too thin).
+    pub min_rows: u64,
+    /// After this many batches of a bucket at its best size, its neighbours are measured again.
+    pub recheck_every: u32,
+}
+
+impl Default for TunerSettings {
+    fn default() -> Self {
+        TunerSettings { min_batches: 5, min_rows: 48, recheck_every: 400 }
+    }
+}
+
+/// Smaller sizes are not measured once one measures below this share of the best so far.
+const GIVE_UP_BELOW: f64 = 0.85;
+
+/// Per-batch rates kept per candidate: the median of the latest ones is its figure, so a
+/// batch slowed by something else (the first run of a new shape growing ONNX Runtime's arena,
+/// the other session hogging the memory bus, a preempted thread) does not decide.
+const SAMPLES_KEPT: usize = 15;
+
+#[derive(Debug, Clone, Default)]
+struct Measure {
+    batches: u32,
+    rows: u64,
+    /// Real (unpadded) tokens per second of each recent batch: within a bucket, lengths still
+    /// vary by up to 2x, and the size changes which lengths run together.
+    rates: std::collections::VecDeque<f64>,
+}
+
+impl Measure {
+    fn add(&mut self, rows: usize, tokens: usize, seconds: f64) {
+        self.batches += 1;
+        self.rows += rows as u64;
+        if self.rates.len() == SAMPLES_KEPT {
+            self.rates.pop_front();
+        }
+        self.rates.push_back(tokens as f64 / seconds);
+    }
+
+    fn per_second(&self) -> f64 {
+        let mut rates: Vec<f64> = self.rates.iter().copied().collect();
+        if rates.is_empty() {
+            return 0.0;
+        }
+        rates.sort_by(f64::total_cmp);
+        rates[rates.len() / 2]
+    }
+
+    fn enough(&self, s: &TunerSettings) -> bool {
+        self.batches >= s.min_batches && (self.rows >= s.min_rows || self.batches >= s.min_batches * 8)
+    }
+
+    /// Keep the latest half, so the figure follows the machine's present.
+    fn age(&mut self) {
+        let keep = self.rates.len() / 2;
+        while self.rates.len() > keep {
+            self.rates.pop_front();
+        }
+        self.batches = self.rates.len() as u32;
+        self.rows /= 2;
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Bucket {
+    measures: Vec<Measure>,
+    /// Candidates (indices) still to measure in this round; empty: exploiting `best`.
+    to_measure: Vec<usize>,
+    best: usize,
+    since_check: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct BatchSizeTuner {
+    candidates: Vec<usize>,
+    buckets: Vec<Bucket>,
+    settings: TunerSettings,
+}
+
+/// What one bucket uses and what it measured (for `triage bench` and the log).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BucketChoice {
+    /// Batches whose longest row is at most this many tokens (None: longer than every limit).
+    pub max_tokens: Option<usize>,
+    pub batch_size: usize,
+    pub settled: bool,
+    /// (candidate size, real tokens per second of inference time) for the measured ones.
+    pub measured: Vec<(usize, f64)>,
+}
+
+impl BatchSizeTuner {
+    /// Candidates: powers of two up to `max_batch_size`, and that size itself.
+    pub fn new(max_batch_size: usize, settings: TunerSettings) -> Self {
+        let max = max_batch_size.max(1);
+        let mut candidates: Vec<usize> = std::iter::successors(Some(1usize), |c| Some(c * 2)).take_while(|&c| c < max).collect();
+        candidates.push(max);
+        // Measured from the largest down: the first batches of a fresh worker run as before.
+        let order: Vec<usize> = (0..candidates.len()).rev().collect();
+        let bucket =
+            Bucket { measures: vec![Measure::default(); candidates.len()], to_measure: order, best: candidates.len() - 1, since_check: 0 };
+        BatchSizeTuner { buckets: vec![bucket; BUCKET_LIMITS.len()], candidates, settings }
+    }
+
+    /// The cap each bucket runs at now.
+    pub fn caps(&self) -> SizeCaps {
+        let mut caps = [0; BUCKET_LIMITS.len()];
+        for (cap, bucket) in caps.iter_mut().zip(&self.buckets) {
+            let index = bucket.to_measure.first().copied().unwrap_or(bucket.best);
+            *cap = self.candidates[index];
+        }
+        caps
+    }
+
+    /// One batch ran: its longest row, the cap it was assembled under, its rows, their real
+    /// tokens and the inference seconds it took.
+    pub fn record(&mut self, longest: usize, cap: usize, rows: usize, tokens: usize, seconds: f64) {
+        let Some(index) = self.candidates.iter().position(|&c| c == cap) else { return };
+        if rows == 0 || !seconds.is_finite() || seconds <= 0.0 {
+            return;
+        }
+        let settings = self.settings;
+        let bucket = &mut self.buckets[bucket_of(longest)];
+        bucket.measures[index].add(rows, tokens.max(rows), seconds);
+        match bucket.to_measure.first().copied() {
+            Some(current) => {
+                // Batches assembled before the tuner moved on still count for their own cap.
+                bucket.to_measure.retain(|&c| !bucket.measures[c].enough(&settings));
+                // Throughput rises then falls with the batch size: once a size measures well
+                // below the best so far, the smaller ones (measured after it) are not worth
+                // their exploration.
+                if bucket.measures[index].enough(&settings) {
+                    let best_rate = bucket.measures.iter().filter(|m| m.enough(&settings)).map(Measure::per_second).fold(0.0, f64::max);
+                    if bucket.measures[index].per_second() < GIVE_UP_BELOW * best_rate {
+                        bucket.to_measure.retain(|&c| c > index);
+                    }
+                }
+                if bucket.to_measure.is_empty() || !bucket.to_measure.contains(&current) {
+                    bucket.best = best_measured(&bucket.measures, bucket.best);
+                }
+            }
+            None => {
+                bucket.since_check += 1;
+                if bucket.since_check >= settings.recheck_every {
+                    bucket.since_check = 0;
+                    let best = bucket.best;
+                    // The best keeps its latest figures; its neighbours start afresh.
+                    bucket.measures[best].age();
+                    let neighbours = [best.checked_sub(1), Some(best + 1).filter(|&n| n < self.candidates.len())];
+                    for n in neighbours.into_iter().flatten() {
+                        bucket.measures[n] = Measure::default();
+                        bucket.to_measure.push(n);
+                    }
+                    if !bucket.measures[best].enough(&settings) {
+                        bucket.to_measure.push(best);
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn choices(&self) -> Vec<BucketChoice> {
+        self.buckets
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.measures.iter().any(|m| m.batches > 0))
+            .map(|(i, b)| BucketChoice {
+                max_tokens: (BUCKET_LIMITS[i] != usize::MAX).then_some(BUCKET_LIMITS[i]),
+                batch_size: self.candidates[b.to_measure.first().copied().unwrap_or(b.best)],
+                settled: b.to_measure.is_empty(),
+                measured: self
+                    .candidates
+                    .iter()
+                    .zip(&b.measures)
+                    .filter(|(_, m)| m.batches > 0)
+                    .map(|(&c, m)| (c, m.per_second()))
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+/// The measured candidate with the highest throughput (ties: the smaller, for latency).
+fn best_measured(measures: &[Measure], fallback: usize) -> usize {
+    let mut best: Option<(usize, f64)> = None;
+    for (i, m) in measures.iter().enumerate() {
+        if m.batches == 0 {
+            continue;
+        }
+        if best.is_none_or(|(_, rate)| m.per_second() > rate) {
+            best = Some((i, m.per_second()));
+        }
+    }
+    best.map_or(fallback, |(i, _)| i)
+}
+
+/// One line per bucket for the log and `triage bench`.
+pub fn describe(choices: &[BucketChoice]) -> String {
+    choices
+        .iter()
+        .map(|c| {
+            let span = c.max_tokens.map_or("longer".to_string(), |t| format!("<= {t} tokens"));
+            let settled = if c.settled { "" } else { " (measuring)" };
+            let measured: Vec<String> = c.measured.iter().map(|(size, rate)| format!("{size}: {rate:.0} tokens/s")).collect();
+            format!("{span}: batch size {}{settled} [{}]", c.batch_size, measured.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Seconds to run a batch on a synthetic machine: a fixed cost per batch plus a cost per
+    /// padded token that grows with the batch beyond `sweet` rows (cache spills), as measured
+    /// on an AVX2 machine with long texts.
+    fn machine(rows: usize, longest: usize, fixed: f64, per_token: f64, sweet: usize) -> f64 {
+        let spill = if rows > sweet { 1.0 + 0.15 * (rows - sweet) as f64 / sweet as f64 } else { 1.0 };
+        fixed + per_token * (rows * longest) as f64 * spill
+    }
+
+    fn drive(tuner: &mut BatchSizeTuner, longest: usize, batches: usize, cost: impl Fn(usize) -> f64) {
+        for _ in 0..batches {
+            let cap = tuner.caps()[bucket_of(longest)];
+            tuner.record(longest, cap, cap, cap * longest, cost(cap));
+        }
+    }
+
+    #[test]
+    fn candidates_are_powers_of_two_up_to_the_maximum() {
+        let t = BatchSizeTuner::new(24, TunerSettings::default());
+        assert_eq!(t.candidates, vec![1, 2, 4, 8, 16, 24]);
+        assert_eq!(BatchSizeTuner::new(1, TunerSettings::default()).candidates, vec![1]);
+        assert_eq!(t.caps(), [24; 8], "a fresh tuner starts at the configured size");
+        assert_eq!(bucket_of(1), 0);
+        assert_eq!(bucket_of(9), 1);
+        assert_eq!(bucket_of(128), 4);
+        assert_eq!(bucket_of(10_000), 7);
+    }
+
+    #[test]
+    fn each_length_settles_on_its_own_fastest_size() {
+        let mut t = BatchSizeTuner::new(32, TunerSettings::default());
+        // Short texts: a large fixed cost per batch, so big batches win.
+        drive(&mut t, 20, 200, |rows| machine(rows, 20, 2e-3, 1e-5, 64));
+        // Long texts: little fixed cost and spills beyond 2 rows: tiny batches win.
+        drive(&mut t, 120, 200, |rows| machine(rows, 120, 1e-4, 1e-5, 2));
+        let choices = t.choices();
+        let short = choices.iter().find(|c| c.max_tokens == Some(32)).unwrap();
+        let long = choices.iter().find(|c| c.max_tokens == Some(128)).unwrap();
+        assert!(short.settled && long.settled, "{}", describe(&choices));
+        assert_eq!(short.batch_size, 32, "{}", describe(&choices));
+        assert!(long.batch_size <= 2, "{}", describe(&choices));
+        assert_eq!(t.caps()[bucket_of(120)], long.batch_size);
+        assert_eq!(t.caps()[bucket_of(5)], 32, "untouched buckets keep the configured size");
+    }
+
+    #[test]
+    fn exploration_is_bounded_and_rechecks_follow_a_changed_machine() {
+        let settings = TunerSettings { min_batches: 3, min_rows: 16, recheck_every: 50 };
+        let mut t = BatchSizeTuner::new(8, settings);
+        let first = |rows| machine(rows, 60, 5e-3, 1e-6, 64);
+        drive(&mut t, 60, 300, first);
+        while !t.choices()[0].settled {
+            drive(&mut t, 60, 1, first); // a recheck may be under way: let it finish
+        }
+        assert_eq!(t.caps()[bucket_of(60)], 8);
+        // The machine changes (say, the pod moved to a node where big batches spill): the
+        // rechecks walk the choice down one neighbour at a time.
+        drive(&mut t, 60, 2_000, |rows| machine(rows, 60, 1e-5, 1e-5, 1) * if rows > 1 { 3.0 } else { 1.0 });
+        assert!(t.caps()[bucket_of(60)] <= 2, "{}", describe(&t.choices()));
+    }
+
+    #[test]
+    fn sizes_far_below_the_best_end_the_exploration() {
+        let mut t = BatchSizeTuner::new(32, TunerSettings::default());
+        // A GPU-like cost: almost all fixed per batch. 16 is half as fast as 32: stop there.
+        drive(&mut t, 20, 100, |_| 1e-2);
+        let choice = &t.choices()[0];
+        assert!(choice.settled && choice.batch_size == 32, "{}", describe(&t.choices()));
+        assert_eq!(choice.measured.iter().map(|(size, _)| *size).collect::<Vec<_>>(), vec![16, 32], "1 to 8 never measured");
+    }
+
+    #[test]
+    fn batches_made_under_an_older_cap_count_for_that_cap() {
+        let mut t = BatchSizeTuner::new(4, TunerSettings { min_batches: 1, min_rows: 1, recheck_every: 1_000 });
+        assert_eq!(t.caps()[0], 4);
+        t.record(8, 1, 1, 8, 0.001); // measured out of turn: cap 1 is done
+        t.record(8, 4, 4, 32, 0.001);
+        t.record(8, 2, 2, 16, 0.01);
+        assert!(t.choices()[0].settled, "{:?}", t.choices());
+        assert_eq!(t.caps()[0], 4, "4 rows in 1 ms beat 1 row in 1 ms");
+        t.record(8, 3, 3, 24, 0.001); // not a candidate: ignored
+        t.record(8, 4, 0, 0, 0.001); // empty: ignored
+        assert_eq!(t.choices()[0].measured.len(), 3);
+    }
+}
