@@ -58,6 +58,7 @@ pub async fn run(options: DemoOptions, progress: impl Fn(&str)) -> Result<DemoRu
             escalation_threshold: None,
             escalation_head: None,
             ood_threshold: None,
+            cascade: Vec::new(),
         })
         .collect();
     let config = local_worker_config(

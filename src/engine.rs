@@ -31,18 +31,21 @@ pub struct EngineConfig {
     pub inference_threads: usize,
     /// Capacity of each queue between stages (messages).
     pub queue_capacity: usize,
+    /// Cores this engine may use (None: all): set when several models share the machine.
+    #[serde(skip)]
+    pub cores: Option<usize>,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { policy: BatchPolicy::default(), tokenizer_threads: 1, inference_threads: 0, queue_capacity: 1024 }
+        EngineConfig { policy: BatchPolicy::default(), tokenizer_threads: 1, inference_threads: 0, queue_capacity: 1024, cores: None }
     }
 }
 
 impl EngineConfig {
     /// (sessions, intra-op threads per session; None: the model's own setting).
     pub fn sessions_for(&self, model: &Model) -> (usize, Option<usize>) {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cores = self.cores.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
         let on_cpu = model.info().provider == crate::model::Provider::Cpu;
         let sessions = match self.inference_threads {
             0 if on_cpu => cores,
@@ -641,6 +644,7 @@ mod tests {
             tokenizer_threads: 3,
             inference_threads: 0,
             queue_capacity,
+            cores: None,
         }
     }
 

@@ -410,6 +410,10 @@ fn schema_views_and_analytics_queries_run_on_clickhouse() {
         worker_id: "w".into(),
         ood_score: Some(0.25),
         redriven: 0,
+        tier: 0,
+        first_model_name: "customer-service".into(),
+        first_category: category.into(),
+        first_confidence: 0.3 + (offset % 7) as f32 / 10.0,
     };
     let mut rows: Vec<ResultRow> = (0..60)
         .map(|o| {

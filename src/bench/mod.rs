@@ -316,6 +316,7 @@ async fn worker_stage(
         escalation_threshold: None,
         escalation_head: None,
         ood_threshold: None,
+        cascade: Vec::new(),
     };
     let mut config = local_worker_config("bench", kafka_config.clone(), ch.clone(), vec![route], options.inference.clone());
     // Only the pipeline is timed: no escalation writes.

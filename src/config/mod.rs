@@ -41,8 +41,15 @@ pub struct RouteConfig {
     pub topic: String,
     /// Message kind recorded with each row (ticket, return, email, ...).
     pub kind: String,
-    /// Model directory.
+    /// Model directory (with `cascade`: its first tier, which may be left out).
+    #[serde(default)]
     pub model: PathBuf,
+    /// Models tried in order, e.g. `["models/fast", "models/accurate"]`: a message goes to the
+    /// next when the previous one doubts it (below its calibrated escalation threshold, or
+    /// above its OOD threshold); only what the last doubts is escalated. The route's own
+    /// thresholds apply to the last tier.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cascade: Vec<PathBuf>,
     /// Where the text, id and event time are in the JSON.
     #[serde(default)]
     pub fields: FieldMap,
@@ -56,6 +63,23 @@ pub struct RouteConfig {
     /// Escalate when the out-of-distribution score is above this (default: the model's
     /// calibrated `[ood] threshold`; models without a gate never escalate on it).
     pub ood_threshold: Option<f32>,
+}
+
+/// A model on a loop of "feeds" edges, if any.
+fn cascade_cycle<'a>(edges: &[(&'a PathBuf, &'a PathBuf)]) -> Option<&'a PathBuf> {
+    // Repeatedly remove models nothing feeds; what remains lies on (or behind) a loop.
+    let mut remaining: Vec<(&PathBuf, &PathBuf)> = edges.to_vec();
+    loop {
+        let fed: std::collections::BTreeSet<&PathBuf> = remaining.iter().map(|(_, to)| *to).collect();
+        let before = remaining.len();
+        remaining.retain(|(from, _)| fed.contains(from));
+        if remaining.is_empty() {
+            return None;
+        }
+        if remaining.len() == before {
+            return remaining.first().map(|(from, _)| *from);
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -159,11 +183,20 @@ impl Config {
     }
 
     fn resolve_paths(&mut self, base: &Path) {
-        for route in &mut self.routes {
-            if route.model.is_relative() && !route.model.exists() {
-                let candidate = base.join(&route.model);
+        let resolve = |path: &mut PathBuf| {
+            if !path.as_os_str().is_empty() && path.is_relative() && !path.exists() {
+                let candidate = base.join(&*path);
                 if candidate.exists() {
-                    route.model = candidate;
+                    *path = candidate;
+                }
+            }
+        };
+        for route in &mut self.routes {
+            resolve(&mut route.model);
+            route.cascade.iter_mut().for_each(resolve);
+            if route.model.as_os_str().is_empty() {
+                if let Some(first) = route.cascade.first() {
+                    route.model = first.clone();
                 }
             }
         }
@@ -211,6 +244,35 @@ impl Config {
                     return bad(format!("route `{}`: ood_threshold {t} must be a number >= 0", r.topic));
                 }
             }
+            if r.model.as_os_str().is_empty() {
+                return bad(format!("route `{}` names no model: set `model` or `cascade`", r.topic));
+            }
+            if let Some(first) = r.cascade.first() {
+                if *first != r.model {
+                    return bad(format!(
+                        "route `{}`: model `{}` is not the first tier of its cascade (`{}`): leave `model` out",
+                        r.topic,
+                        r.model.display(),
+                        first.display()
+                    ));
+                }
+                let distinct: std::collections::BTreeSet<&PathBuf> = r.cascade.iter().collect();
+                if distinct.len() != r.cascade.len() {
+                    return bad(format!("route `{}`: a model appears twice in its cascade", r.topic));
+                }
+            }
+        }
+        // Each tier feeds the next through bounded queues: a model that feeds one which (in
+        // another route) feeds it back could wait on itself.
+        let mut edges: Vec<(&PathBuf, &PathBuf)> = Vec::new();
+        for r in &self.routes {
+            edges.extend(r.cascade.windows(2).map(|w| (&w[0], &w[1])));
+        }
+        if let Some(model) = cascade_cycle(&edges) {
+            return bad(format!(
+                "the routes' cascades form a loop through `{}` (one route sends it work, another takes work from it): give one route its own copy of the model",
+                model.display()
+            ));
         }
         if !(0.0..=1.0).contains(&self.escalation.default_threshold) {
             return bad(format!("escalation.default_threshold {} is outside 0..1", self.escalation.default_threshold));
@@ -219,6 +281,15 @@ impl Config {
         self.clickhouse.validate().map_err(ConfigError::Invalid)?;
         self.batching.validate(8).map_err(|m| ConfigError::Invalid(format!("batching: {m}")))?;
         Ok(())
+    }
+
+    /// A route's models, first tier first.
+    pub fn tiers(route: &RouteConfig) -> Vec<PathBuf> {
+        if route.cascade.is_empty() {
+            vec![route.model.clone()]
+        } else {
+            route.cascade.clone()
+        }
     }
 
     pub fn worker_id(&self) -> String {
@@ -322,5 +393,16 @@ mod tests {
         assert!(check("[escalation]\ndefault_threshold = 1.5").contains("outside"));
         assert!(check("[[routes]]\ntopic = \"tickets\"\nkind = \"x\"\nmodel = \"m\"").contains("routed twice"));
         assert!(parse("routes = []", &[]).unwrap_err().to_string().contains("no [[routes]]"));
+        let cascade = |routes: &str| parse(routes, &[]).map(|c| c.routes.iter().map(Config::tiers).collect::<Vec<_>>());
+        let tiers = cascade("[[routes]]\ntopic = \"t\"\nkind = \"x\"\ncascade = [\"fast\", \"accurate\"]").unwrap();
+        assert_eq!(tiers, vec![vec![PathBuf::from("fast"), PathBuf::from("accurate")]], "model defaults to the first tier");
+        let err = |routes: &str| cascade(routes).unwrap_err().to_string();
+        assert!(err("[[routes]]\ntopic = \"t\"\nkind = \"x\"").contains("names no model"));
+        assert!(err("[[routes]]\ntopic = \"t\"\nkind = \"x\"\nmodel = \"b\"\ncascade = [\"a\", \"b\"]").contains("not the first tier"));
+        assert!(err("[[routes]]\ntopic = \"t\"\nkind = \"x\"\ncascade = [\"a\", \"a\"]").contains("twice"));
+        let looped = "[[routes]]\ntopic = \"t\"\nkind = \"x\"\ncascade = [\"a\", \"b\"]\n[[routes]]\ntopic = \"u\"\nkind = \"x\"\ncascade = [\"b\", \"a\"]";
+        assert!(err(looped).contains("loop"), "{}", err(looped));
+        let shared = "[[routes]]\ntopic = \"t\"\nkind = \"x\"\ncascade = [\"a\", \"b\"]\n[[routes]]\ntopic = \"u\"\nkind = \"x\"\ncascade = [\"b\", \"c\"]";
+        assert_eq!(cascade(shared).unwrap().len(), 2, "a chain through a shared model is no loop");
     }
 }

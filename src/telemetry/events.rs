@@ -9,8 +9,8 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::{
-    CLICKHOUSE_RETRIES, CLICKHOUSE_ROWS, COMMITTED_OFFSET, END_TO_END_SECONDS, INSERT_SECONDS, KAFKA_WRITE_RETRIES, MESSAGES_CLASSIFIED,
-    MESSAGES_CONSUMED, MESSAGES_DEAD_LETTERED, MESSAGES_ESCALATED, PAUSED, SIDE_RECORDS_CUT,
+    CASCADE_FORWARDED, CLICKHOUSE_RETRIES, CLICKHOUSE_ROWS, COMMITTED_OFFSET, END_TO_END_SECONDS, INSERT_SECONDS, KAFKA_WRITE_RETRIES,
+    MESSAGES_CLASSIFIED, MESSAGES_CONSUMED, MESSAGES_DEAD_LETTERED, MESSAGES_ESCALATED, PAUSED, SIDE_RECORDS_CUT,
 };
 use crate::message::DecodeReason;
 
@@ -87,6 +87,7 @@ pub struct Counters {
     escalated: AtomicU64,
     insert_retries: AtomicU64,
     kafka_write_retries: AtomicU64,
+    forwarded: AtomicU64,
 }
 
 /// The counters at one moment.
@@ -100,6 +101,8 @@ pub struct CountersSnapshot {
     pub escalated: u64,
     pub insert_retries: u64,
     pub kafka_write_retries: u64,
+    /// Messages a cascade tier passed on to the next.
+    pub forwarded: u64,
 }
 
 impl Counters {
@@ -114,6 +117,7 @@ impl Counters {
             escalated: get(&self.escalated),
             insert_retries: get(&self.insert_retries),
             kafka_write_retries: get(&self.kafka_write_retries),
+            forwarded: get(&self.forwarded),
         }
     }
 
@@ -147,6 +151,21 @@ impl InternalEvent for MessageClassified<'_> {
     fn emit(self, counters: &Counters) {
         Counters::add(&counters.classified, 1);
         metrics::counter!(MESSAGES_CLASSIFIED, "kind" => self.kind.to_string(), "model" => self.model.to_string()).increment(1);
+    }
+}
+
+/// A cascade tier doubted a message and passed it to the next model.
+pub struct CascadeForwarded<'a> {
+    pub kind: &'a str,
+    pub from: &'a str,
+    pub to: &'a str,
+}
+
+impl InternalEvent for CascadeForwarded<'_> {
+    fn emit(self, counters: &Counters) {
+        Counters::add(&counters.forwarded, 1);
+        metrics::counter!(CASCADE_FORWARDED, "kind" => self.kind.to_string(), "from" => self.from.to_string(), "to" => self.to.to_string())
+            .increment(1);
     }
 }
 

@@ -18,7 +18,13 @@ use tokio::net::TcpListener;
 /// (name, type, labels, meaning): the README's metric table is this list.
 pub const METRICS: &[(&str, &str, &str, &str)] = &[
     (MESSAGES_CONSUMED, "counter", "topic", "Messages received from Kafka."),
-    (MESSAGES_CLASSIFIED, "counter", "kind, model", "Messages the model classified."),
+    (MESSAGES_CLASSIFIED, "counter", "kind, model", "Messages whose row a model's answer became (with a cascade: the tier that had the last word)."),
+    (
+        CASCADE_FORWARDED,
+        "counter",
+        "kind, from, to",
+        "Messages a cascade tier doubted and passed on to the next model (from / to: model names).",
+    ),
     (MESSAGES_DEAD_LETTERED, "counter", "reason", "Messages written to the dead-letter topic (acknowledged by Kafka)."),
     (
         MESSAGES_ESCALATED,
@@ -63,6 +69,7 @@ pub const METRICS: &[(&str, &str, &str, &str)] = &[
 
 pub const MESSAGES_CONSUMED: &str = "triage_messages_consumed_total";
 pub const MESSAGES_CLASSIFIED: &str = "triage_messages_classified_total";
+pub const CASCADE_FORWARDED: &str = "triage_cascade_forwarded_total";
 pub const MESSAGES_DEAD_LETTERED: &str = "triage_messages_dead_lettered_total";
 pub const MESSAGES_ESCALATED: &str = "triage_messages_escalated_total";
 pub const BATCH_SIZE: &str = "triage_batch_size";

@@ -266,7 +266,7 @@ impl Consumer {
             return;
         };
         let route = &self.routes[route_index];
-        match route.decoder.decode(&consumed.message.payload) {
+        match route.first().decoder.decode(&consumed.message.payload) {
             Ok(decoded) => {
                 let (topic, partition, offset, timestamp_ms) = consumed.message.key_source();
                 let tag = MessageTag {
@@ -276,6 +276,8 @@ impl Consumer {
                     consumed_ms: crate::time::now_ms(),
                     route: route_index,
                     message: consumed,
+                    tier: 0,
+                    earlier: Vec::new(),
                 };
                 if let Err(closed) = submitters[route_index].submit_async(tag, decoded.text).await {
                     tracing::error!(offset = closed.0.message.message.offset, "engine stopped; the message will be replayed");

@@ -152,7 +152,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
     let started_routes = started_routes?;
     readiness.model_loaded.store(true, Ordering::Relaxed);
     let engine_stats = started_routes.engine_stats();
-    let routes::Started { routes, submitters, engines, outcomes } = started_routes;
+    let routes::Started { routes, submitters, engines, outcomes, next_tiers } = started_routes;
 
     let (row_tx, row_rx) = mpsc::channel(4096);
     let block_policy = ch::BlockPolicy {
@@ -160,14 +160,32 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
         max_age: Duration::from_millis(config.clickhouse.insert_interval_ms),
     };
     let sink = tokio::spawn(ch::run(clickhouse.clone(), row_rx, block_policy, Arc::new(settle.clone())));
-    let results = results::ResultsLoop {
-        routes: routes.clone(),
-        rows: row_tx,
-        settle: settle.clone(),
-        worker_id: worker_id.clone(),
-        escalation_enabled: config.escalation.enabled,
-    };
-    let results = tokio::spawn(results.run(outcomes));
+    // One results task per engine (see ResultsLoop::run); they end when their engines do.
+    let result_tasks: Vec<_> = outcomes
+        .into_iter()
+        .zip(next_tiers)
+        .map(|(outcomes, next_tiers)| {
+            let results = results::ResultsLoop {
+                routes: routes.clone(),
+                rows: row_tx.clone(),
+                settle: settle.clone(),
+                worker_id: worker_id.clone(),
+                escalation_enabled: config.escalation.enabled,
+                next_tiers,
+            };
+            tokio::spawn(results.run(outcomes))
+        })
+        .collect();
+    drop(row_tx);
+    let results = tokio::spawn(async move {
+        for task in result_tasks {
+            if let Err(e) = task.await {
+                if e.is_panic() {
+                    std::panic::resume_unwind(e.into_panic());
+                }
+            }
+        }
+    });
 
     let kafka = config
         .kafka

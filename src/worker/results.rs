@@ -9,14 +9,14 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::policy::{decide, EscalationPolicy};
-use super::routes::{MessageTag, Route};
+use super::routes::{MessageTag, Route, Tier};
 use super::settle::Settler;
-use crate::engine::{Classified, ClassifyError, Outcome};
+use crate::engine::{Classified, ClassifyError, Outcome, Submitter};
 use crate::model::HeadOutput;
 use crate::sink::clickhouse::{ResultRow, SinkItem};
 use crate::sink::kafka::{cut_at_char, Fit};
 use crate::source::Consumed;
-use crate::telemetry::events::{DeadLetterReason, EscalationReason, InternalEvent, MessageClassified};
+use crate::telemetry::events::{CascadeForwarded, DeadLetterReason, EscalationReason, InternalEvent, MessageClassified};
 
 pub(super) struct ResultsLoop {
     pub routes: Arc<Vec<Route>>,
@@ -24,18 +24,35 @@ pub(super) struct ResultsLoop {
     pub settle: Settler,
     pub worker_id: String,
     pub escalation_enabled: bool,
+    /// The engines this one's doubtful results go on to (cascades), by engine index.
+    pub next_tiers: Vec<(usize, Submitter<MessageTag>)>,
 }
 
 impl ResultsLoop {
-    /// Until the engines close their outcome channel, or the sink stops (fatal).
+    /// Until the engine closes its outcome channel, or the sink stops (fatal). One loop runs
+    /// per engine: a loop waiting for room in the next tier's queue holds up only its own
+    /// engine, while the next tier's loop keeps draining (tiers only feed forward).
     pub async fn run(self, outcomes: flume::Receiver<Outcome<MessageTag>>) {
         while let Ok(outcome) = outcomes.recv_async().await {
-            let tag = outcome.tag;
+            let mut tag = outcome.tag;
+            let route = &self.routes[tag.route];
             let classified = match outcome.result {
                 Ok(c) => c,
                 Err(ClassifyError::Backend(detail)) => {
-                    let model = self.routes[tag.route].model.name.clone();
+                    let model = route.tiers[tag.tier].model.name.clone();
                     self.settle.stop(super::WorkerError::Backend { model, detail });
+                    continue;
+                }
+                // A later tier failed on a message an earlier one classified: keep that answer
+                // (which was doubted, so it is escalated) rather than lose the message.
+                Err(e) if !tag.earlier.is_empty() => {
+                    let failed = &route.tiers[tag.tier].model.name;
+                    tracing::warn!(model = %failed, tier = tag.tier, error = %e, "a cascade tier failed on a message: the previous tier's answer is kept");
+                    tag.tier -= 1;
+                    let Some(previous) = tag.earlier.pop() else { continue };
+                    if self.store(tag, previous, true).await.is_err() {
+                        return;
+                    }
                     continue;
                 }
                 Err(e) => {
@@ -48,23 +65,73 @@ impl ResultsLoop {
                     continue;
                 }
             };
-            let route = &self.routes[tag.route];
-            let doubt = decide(&classified.prediction, &route.policy).filter(|_| self.escalation_enabled);
-            if let Some(reason) = doubt {
-                let record = escalation_record(&tag, &classified, route, reason);
-                self.settle.escalate(&tag.message, tag.message_id.clone(), record, route.config.kind.clone(), reason);
-            }
-            MessageClassified { kind: &route.config.kind, model: &route.model.name }.emit(self.settle.counters());
-            let row = build_row(&tag, &classified, route, doubt.is_some(), &self.worker_id);
-            if self.rows.send(SinkItem { row, ticket: tag.message }).await.is_err() {
-                return; // the sink stopped (fatal): nothing more can be stored
+            let tier = &route.tiers[tag.tier];
+            let doubt = decide(&classified.prediction, &tier.policy);
+            let (tag, classified) = match (doubt, route.tiers.get(tag.tier + 1)) {
+                (Some(_), Some(next)) => match self.forward(tag, classified, next).await {
+                    Ok(()) | Err(None) => continue,
+                    Err(Some(kept)) => kept,
+                },
+                _ => (tag, classified),
+            };
+            if self.store(tag, classified, false).await.is_err() {
+                return;
             }
         }
     }
+
+    /// Send a doubted message on to the next tier. Err(Some): it cannot go (its payload does
+    /// not decode for that model), store this tier's answer; Err(None): the next engine has
+    /// stopped (shutdown), the message stays unfinished and is replayed.
+    async fn forward(&self, mut tag: MessageTag, classified: Classified, next: &Tier) -> Result<(), Option<(MessageTag, Classified)>> {
+        let text = match next.decoder.decode(&tag.message.message.payload) {
+            Ok(decoded) => decoded.text,
+            Err(e) => {
+                tracing::warn!(model = %next.model.name, error = %e.detail, "the next cascade tier cannot read this message: this tier's answer is kept");
+                return Err(Some((tag, classified)));
+            }
+        };
+        let Some((_, submitter)) = self.next_tiers.iter().find(|(engine, _)| *engine == next.engine) else {
+            return Err(Some((tag, classified)));
+        };
+        let route = &self.routes[tag.route];
+        let from = &route.tiers[tag.tier].model.name;
+        CascadeForwarded { kind: &route.config.kind, from, to: &next.model.name }.emit(self.settle.counters());
+        tag.earlier.push(classified);
+        tag.tier += 1;
+        match submitter.submit_async(tag, text).await {
+            Ok(()) => Ok(()),
+            Err(closed) => {
+                tracing::warn!(offset = closed.0.message.message.offset, "the next cascade tier stopped; the message will be replayed");
+                Err(None)
+            }
+        }
+    }
+
+    /// The answer of the tier that has the last word: escalated if its policy (or a failed
+    /// later tier) doubts it, and written as the message's row.
+    async fn store(&self, tag: MessageTag, classified: Classified, later_tier_failed: bool) -> Result<(), SinkStopped> {
+        let route = &self.routes[tag.route];
+        let tier = &route.tiers[tag.tier];
+        let doubt = decide(&classified.prediction, &tier.policy)
+            .or(later_tier_failed.then_some(EscalationReason::LowConfidence))
+            .filter(|_| self.escalation_enabled);
+        if let Some(reason) = doubt {
+            let record = escalation_record(&tag, &classified, route, reason);
+            self.settle.escalate(&tag.message, tag.message_id.clone(), record, route.config.kind.clone(), reason);
+        }
+        MessageClassified { kind: &route.config.kind, model: &tier.model.name }.emit(self.settle.counters());
+        let row = build_row(&tag, &classified, route, doubt.is_some(), &self.worker_id);
+        // The sink stopped (fatal): nothing more can be stored.
+        self.rows.send(SinkItem { row, ticket: tag.message }).await.map_err(|_| SinkStopped)
+    }
 }
+
+struct SinkStopped;
 
 fn build_row(tag: &MessageTag, c: &Classified, route: &Route, escalated: bool, worker_id: &str) -> ResultRow {
     let p = &c.prediction;
+    let tier = &route.tiers[tag.tier];
     let (mut head_names, mut head_labels, mut head_scores) = (Vec::new(), Vec::new(), Vec::new());
     for h in &p.heads {
         if let HeadOutput::Label(l) = &h.output {
@@ -75,6 +142,7 @@ fn build_row(tag: &MessageTag, c: &Classified, route: &Route, escalated: bool, w
     }
     let source = &tag.message.message;
     let (topic, partition, offset, _) = source.key_source();
+    let first = tag.earlier.first().map_or(p, |c| &c.prediction);
     ResultRow {
         topic: topic.to_string(),
         partition: partition.max(0) as u32,
@@ -85,8 +153,8 @@ fn build_row(tag: &MessageTag, c: &Classified, route: &Route, escalated: bool, w
         event_time_ms: tag.event_time_ms.max(0) as u64,
         consumed_time_ms: tag.consumed_ms,
         processed_time_ms: 0,
-        model_name: route.model.name.clone(),
-        model_version: route.model.version.clone(),
+        model_name: tier.model.name.clone(),
+        model_version: tier.model.version.clone(),
         category: p.category.as_ref().map(|c| c.label.clone()).unwrap_or_default(),
         confidence: p.category.as_ref().map(|c| c.score).unwrap_or(0.0),
         priority: p.priority.clone().unwrap_or_default(),
@@ -104,6 +172,10 @@ fn build_row(tag: &MessageTag, c: &Classified, route: &Route, escalated: bool, w
         worker_id: worker_id.to_string(),
         ood_score: p.ood_score,
         redriven: u8::from(source.origin.is_some()),
+        tier: tag.tier.min(u8::MAX as usize) as u8,
+        first_model_name: route.first().model.name.clone(),
+        first_category: first.category.as_ref().map(|c| c.label.clone()).unwrap_or_default(),
+        first_confidence: first.category.as_ref().map(|c| c.score).unwrap_or(0.0),
     }
 }
 
@@ -161,7 +233,8 @@ fn escalation_record(tag: &MessageTag, c: &Classified, route: &Route, reason: Es
     let original: Value =
         serde_json::from_slice(&source.payload).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&source.payload).into_owned()));
     let p = &c.prediction;
-    let policy: &EscalationPolicy = &route.policy;
+    let tier = &route.tiers[tag.tier];
+    let policy: &EscalationPolicy = &tier.policy;
     let heads: serde_json::Map<String, Value> = p
         .heads
         .iter()
@@ -189,9 +262,15 @@ fn escalation_record(tag: &MessageTag, c: &Classified, route: &Route, reason: Es
             "priority": p.priority,
             "tags": p.tags.iter().map(|t| &t.label).collect::<Vec<_>>(),
             "heads": heads,
-            "model": route.model.name,
-            "model_version": route.model.version,
+            "model": tier.model.name,
+            "model_version": tier.model.version,
+            "tier": tag.tier,
         },
+        "earlier_tiers": tag.earlier.iter().enumerate().map(|(i, e)| json!({
+            "model": route.tiers[i].model.name,
+            "category": e.prediction.category.as_ref().map(|c| &c.label),
+            "confidence": e.prediction.category.as_ref().map(|c| c.score),
+        })).collect::<Vec<_>>(),
         "message": original,
     }))
 }
@@ -205,19 +284,26 @@ mod tests {
     use crate::model::{HeadResult, LabelScore, ModelInfo, Prediction, Provider, Template};
     use crate::source::{Delivery, SourceMessage, TopicPartition};
 
-    fn route(policy: EscalationPolicy) -> Route {
-        Route {
-            config: toml::from_str("topic = \"tickets\"\nkind = \"ticket\"\nmodel = \"m\"").unwrap(),
+    fn tier(name: &str, version: &str, engine: usize, policy: EscalationPolicy) -> Tier {
+        Tier {
+            engine,
             decoder: Decoder::new(FieldMap::default(), Template::parse("{body}").unwrap(), 1 << 20, 2048),
             model: ModelInfo {
-                name: "support".into(),
-                version: "v7".into(),
+                name: name.into(),
+                version: version.into(),
                 fingerprint: "abc".into(),
-                dir: "m".into(),
+                dir: name.into(),
                 max_length: 128,
                 provider: Provider::Cpu,
             },
             policy,
+        }
+    }
+
+    fn route(policy: EscalationPolicy) -> Route {
+        Route {
+            config: toml::from_str("topic = \"tickets\"\nkind = \"ticket\"\nmodel = \"m\"").unwrap(),
+            tiers: vec![tier("support", "v7", 0, policy)],
         }
     }
 
@@ -238,6 +324,8 @@ mod tests {
             event_time_ms: 1_700_000_123_456,
             consumed_ms: 1_700_000_200_000,
             metadata: (vec!["customer".into()], vec!["acme".into()]),
+            tier: 0,
+            earlier: Vec::new(),
         }
     }
 
@@ -277,6 +365,33 @@ mod tests {
         assert_eq!((row.tokens, row.truncated, row.text_chars), (17, 1, 64));
         assert_eq!(row.metadata_values, vec!["acme"]);
         assert_eq!(row.ood_score, Some(0.12));
+    }
+
+    #[test]
+    fn a_later_tier_row_names_its_own_model_and_keeps_the_first_answer() {
+        let policy = EscalationPolicy { head: None, threshold: 0.5, ood_threshold: None };
+        let mut route = route(policy.clone());
+        route.tiers.push(tier("accurate", "v2", 1, policy));
+        let only = build_row(&tag(b"{}"), &classified(), &route, false, "pod-3");
+        assert_eq!((only.tier, only.first_category.as_str(), only.first_model_name.as_str()), (0, "card_lost", "support"));
+        assert!((only.first_confidence - 0.42).abs() < 1e-6, "one tier: its answer is the first answer");
+        let mut second = classified();
+        second.prediction.category = Some(LabelScore { label: "card_stolen".into(), score: 0.91 });
+        let mut tag = tag(b"{}");
+        tag.tier = 1;
+        tag.earlier.push(classified());
+        let row = build_row(&tag, &second, &route, false, "pod-3");
+        assert_eq!((row.tier, row.model_name.as_str(), row.model_version.as_str()), (1, "accurate", "v2"));
+        assert_eq!(
+            (row.category.as_str(), row.first_category.as_str(), row.first_model_name.as_str()),
+            ("card_stolen", "card_lost", "support")
+        );
+        assert!((row.first_confidence - 0.42).abs() < 1e-6);
+        let record = escalation_record(&tag, &second, &route, EscalationReason::LowConfidence);
+        let v: Value = serde_json::from_slice(record.bytes()).unwrap();
+        assert_eq!((v["result"]["model"].as_str(), v["result"]["tier"].as_u64()), (Some("accurate"), Some(1)));
+        assert_eq!(v["earlier_tiers"][0]["model"], "support");
+        assert_eq!(v["earlier_tiers"][0]["category"], "card_lost");
     }
 
     #[test]

@@ -1,14 +1,13 @@
 //! From `[[routes]]` to running engines: one engine per model directory (shared by the routes
 //! that name it), each route with its decoder and its resolved escalation policy.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::policy::EscalationPolicy;
 use super::WorkerError;
 use crate::config::{Config, RouteConfig};
-use crate::engine::{Engine, Outcome, StatsSnapshot, Submitter};
+use crate::engine::{Classified, Engine, EngineConfig, Outcome, StatsSnapshot, Submitter};
 use crate::message::Decoder;
 use crate::model::{Model, ModelInfo};
 use crate::source::Consumed;
@@ -22,23 +21,47 @@ pub(super) struct MessageTag {
     pub event_time_ms: i64,
     pub consumed_ms: u64,
     pub metadata: (Vec<String>, Vec<String>),
+    /// The cascade tier now classifying it (0: the route's first model).
+    pub tier: usize,
+    /// What the earlier tiers answered, first tier first.
+    pub earlier: Vec<Classified>,
 }
 
-/// What the consumer and the results side need to know about a route.
-pub(super) struct Route {
-    pub config: RouteConfig,
+/// One model of a route's cascade.
+pub(super) struct Tier {
+    /// Index into the started engines (one per model directory, shared by routes).
+    pub engine: usize,
     pub decoder: Decoder,
     pub model: ModelInfo,
     pub policy: EscalationPolicy,
 }
 
+/// What the consumer and the results side need to know about a route.
+pub(super) struct Route {
+    pub config: RouteConfig,
+    /// First tier first; one tier without a cascade.
+    pub tiers: Vec<Tier>,
+}
+
+impl Route {
+    pub fn first(&self) -> &Tier {
+        &self.tiers[0]
+    }
+}
+
 /// The started engines and the routes over them. Submitters are kept apart from the routes:
-/// only the consumer holds them, so dropping them at shutdown is what closes the engines.
+/// only the consumer holds the first tiers' (and each results task the next tiers' it feeds),
+/// so dropping them at shutdown is what closes the engines, upstream tiers first.
 pub(super) struct Started {
     pub routes: Arc<Vec<Route>>,
+    /// Per route, its first tier's engine.
     pub submitters: Vec<Submitter<MessageTag>>,
     pub engines: Vec<Engine<MessageTag>>,
-    pub outcomes: flume::Receiver<Outcome<MessageTag>>,
+    /// Per engine, its outcomes (each engine its own channel: a tier's results task that
+    /// waits on the next tier's queue never blocks the next tier's outcomes).
+    pub outcomes: Vec<flume::Receiver<Outcome<MessageTag>>>,
+    /// Per engine, the submitters of the engines its results may go on to.
+    pub next_tiers: Vec<Vec<(usize, Submitter<MessageTag>)>>,
 }
 
 impl Started {
@@ -52,50 +75,93 @@ pub(super) fn merged(stats: &[Arc<crate::engine::EngineStats>]) -> StatsSnapshot
     stats.iter().map(|s| s.snapshot()).fold(StatsSnapshot::default(), |a, b| a.merge(&b))
 }
 
+/// The cores each engine may use: all of them for one model; shared out when several models
+/// run (cascade tiers, routes with their own models), so N models do not start N sessions per
+/// core. An explicit `inference_threads` is taken as given.
+fn engine_config(config: &Config, engines: usize) -> EngineConfig {
+    let mut engine = config.batching.clone();
+    if engines > 1 && engine.inference_threads == 0 {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        engine.cores = Some((cores / engines).max(1));
+    }
+    engine
+}
+
 pub(super) async fn start(config: &Config) -> Result<Started, WorkerError> {
-    let (outcome_tx, outcomes) = flume::bounded::<Outcome<MessageTag>>(config.batching.queue_capacity);
-    let mut engine_of: HashMap<PathBuf, usize> = HashMap::new();
-    let mut engines: Vec<Engine<MessageTag>> = Vec::new();
-    let mut models: Vec<Arc<Model>> = Vec::new();
-    let (mut routes, mut submitters) = (Vec::new(), Vec::new());
+    let mut dirs: Vec<PathBuf> = Vec::new();
     for route in &config.routes {
-        let index = match engine_of.get(&route.model) {
-            Some(&i) => i,
-            None => {
-                let (dir, options) = (route.model.clone(), config.inference.clone());
-                let model = tokio::task::spawn_blocking(move || Model::load(&dir, &options))
-                    .await
-                    .map_err(|e| WorkerError::TaskFailed { task: "model loading", detail: e.to_string() })??;
-                let model = Arc::new(model);
-                engines.push(Engine::start(model.clone(), &config.batching, outcome_tx.clone())?);
-                models.push(model);
-                engine_of.insert(route.model.clone(), engines.len() - 1);
-                engines.len() - 1
-            }
-        };
-        let model = &models[index];
-        let info = model.info();
-        metrics::gauge!(telemetry::MODEL_INFO, "model" => info.name.clone(), "version" => info.version.clone(), "provider" => info.provider.to_string()).set(1.0);
-        if let Some(head) = &route.escalation_head {
-            if !model.heads().heads().iter().any(|h| &h.name == head) {
-                return Err(WorkerError::Route {
-                    topic: route.topic.clone(),
-                    reason: format!("escalation_head `{head}` is not a head of {}", info.name),
-                });
+        for dir in Config::tiers(route) {
+            if !dirs.contains(&dir) {
+                dirs.push(dir);
             }
         }
-        submitters.push(engines[index].submitter());
-        routes.push(Route {
-            config: route.clone(),
-            decoder: Decoder::new(route.fields.clone(), model.template().clone(), config.max_message_bytes, model.encoder().max_chars()),
-            model: info.clone(),
-            policy: EscalationPolicy::resolve(
-                route,
-                model.descriptor(),
-                model.heads().ood().is_some(),
-                config.escalation.default_threshold,
-            ),
-        });
     }
-    Ok(Started { routes: Arc::new(routes), submitters, engines, outcomes })
+    let engine_config = engine_config(config, dirs.len());
+    let mut engines: Vec<Engine<MessageTag>> = Vec::new();
+    let mut models: Vec<Arc<Model>> = Vec::new();
+    let mut outcomes = Vec::new();
+    for dir in &dirs {
+        let (dir, options) = (dir.clone(), config.inference.clone());
+        let model = tokio::task::spawn_blocking(move || Model::load(&dir, &options))
+            .await
+            .map_err(|e| WorkerError::TaskFailed { task: "model loading", detail: e.to_string() })??;
+        let model = Arc::new(model);
+        let (outcome_tx, outcome_rx) = flume::bounded::<Outcome<MessageTag>>(config.batching.queue_capacity);
+        engines.push(Engine::start(model.clone(), &engine_config, outcome_tx)?);
+        outcomes.push(outcome_rx);
+        let info = model.info();
+        metrics::gauge!(telemetry::MODEL_INFO, "model" => info.name.clone(), "version" => info.version.clone(), "provider" => info.provider.to_string()).set(1.0);
+        models.push(model);
+    }
+    let mut next_tiers: Vec<Vec<(usize, Submitter<MessageTag>)>> = (0..engines.len()).map(|_| Vec::new()).collect();
+    let (mut routes, mut submitters) = (Vec::new(), Vec::new());
+    for route in &config.routes {
+        let tier_dirs = Config::tiers(route);
+        let mut tiers = Vec::new();
+        for (position, dir) in tier_dirs.iter().enumerate() {
+            let engine = dirs.iter().position(|d| d == dir).unwrap_or_default();
+            let model = &models[engine];
+            let last = position + 1 == tier_dirs.len();
+            if let Some(head) = route.escalation_head.as_ref().filter(|_| last) {
+                if !model.heads().heads().iter().any(|h| &h.name == head) {
+                    return Err(WorkerError::Route {
+                        topic: route.topic.clone(),
+                        reason: format!("escalation_head `{head}` is not a head of {}", model.info().name),
+                    });
+                }
+            }
+            // The route's own thresholds decide what leaves the last tier; earlier tiers pass
+            // on what their own calibration doubts.
+            let policy_route = if last {
+                route.clone()
+            } else {
+                RouteConfig { escalation_threshold: None, escalation_head: None, ood_threshold: None, ..route.clone() }
+            };
+            if position > 0 {
+                let from = tiers.last().map_or(0, |t: &Tier| t.engine);
+                if !next_tiers[from].iter().any(|(e, _)| *e == engine) {
+                    next_tiers[from].push((engine, engines[engine].submitter()));
+                }
+            }
+            tiers.push(Tier {
+                engine,
+                decoder: Decoder::new(
+                    route.fields.clone(),
+                    model.template().clone(),
+                    config.max_message_bytes,
+                    model.encoder().max_chars(),
+                ),
+                model: model.info().clone(),
+                policy: EscalationPolicy::resolve(
+                    &policy_route,
+                    model.descriptor(),
+                    model.heads().ood().is_some(),
+                    config.escalation.default_threshold,
+                ),
+            });
+        }
+        submitters.push(engines[tiers[0].engine].submitter());
+        routes.push(Route { config: route.clone(), tiers });
+    }
+    Ok(Started { routes: Arc::new(routes), submitters, engines, outcomes, next_tiers })
 }

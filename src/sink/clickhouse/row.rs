@@ -42,6 +42,13 @@ pub struct ResultRow {
     /// 1 when the message came back through `triage redrive`: the row is keyed by the ORIGINAL
     /// message's (topic, partition, offset) and event time, so it replaces, never adds.
     pub redriven: u8,
+    /// Which tier of the route's cascade answered (0: the first, or the only, model); its model
+    /// is `model_name` / `model_version`. The first tier's answer is kept beside it, so
+    /// analysts see what the cheap model said and how often the next one changed it.
+    pub tier: u8,
+    pub first_model_name: String,
+    pub first_category: String,
+    pub first_confidence: f32,
 }
 
 /// (column, ClickHouse type, low-cardinality candidate) in row order.
@@ -74,6 +81,10 @@ pub const COLUMNS: &[(&str, &str, bool)] = &[
     ("worker_id", "String", true),
     ("ood_score", "Nullable(Float32)", false),
     ("redriven", "UInt8", false),
+    ("tier", "UInt8", false),
+    ("first_model_name", "String", true),
+    ("first_category", "String", true),
+    ("first_confidence", "Float32", false),
 ];
 
 #[cfg(test)]
@@ -111,6 +122,10 @@ mod tests {
             worker_id: String::new(),
             ood_score: None,
             redriven: 0,
+            tier: 0,
+            first_model_name: String::new(),
+            first_category: String::new(),
+            first_confidence: 0.0,
         };
         let serde_json::Value::Object(fields) = serde_json::to_value(&row).unwrap() else { panic!() };
         let names: Vec<&str> = fields.keys().map(String::as_str).collect();

@@ -101,7 +101,7 @@ pub fn views(c: &ClickHouseConfig) -> Vec<(String, String)> {
 
 /// Columns added after the first release: `triage schema apply` adds those a table created
 /// earlier lacks. (18.16 has no `ADD COLUMN IF NOT EXISTS`, so apply checks system.columns.)
-pub const ADDED_COLUMNS: &[&str] = &["ood_score", "redriven"];
+pub const ADDED_COLUMNS: &[&str] = &["ood_score", "redriven", "tier", "first_model_name", "first_category", "first_confidence"];
 
 /// `ALTER TABLE ... ADD COLUMN` for an added column, on the table that stores rows (ON
 /// CLUSTER for a cluster's replicated local tables).
