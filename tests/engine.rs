@@ -33,6 +33,7 @@ fn results_map_back_to_their_messages_under_concurrency() {
         tokenizer_threads: 3,
         inference_threads: 2,
         queue_capacity: 8,
+        cores: None,
     };
     let (tx, rx) = flume::bounded(8);
     let engine = Engine::start(model.clone(), &config, tx).unwrap();
