@@ -225,6 +225,31 @@ fn train_eval_and_serve_a_model_from_a_labelled_csv() {
     assert!(!partial_eval["split"].as_str().unwrap().contains("refitted"), "{}", partial_eval["split"]);
     assert_eq!(partial_eval["heads"][0]["report"]["accuracy"], partial_metrics["single"][0]["validation"]["accuracy"]);
 
+    // The two as a cascade (same data and split): every message answered by one tier, figures
+    // side by side; a model with another split is refused with what differs.
+    let pair = format!("{},{}", s(&partial), s(&model));
+    let out = triage(&["eval", "--cascade", &pair, "--data", s(&data), "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let cascade: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(cascade["evaluated"].as_u64(), Some(32));
+    let tiers = cascade["tiers"].as_array().unwrap();
+    assert_eq!(tiers.len(), 2);
+    let answered: f64 = tiers.iter().map(|t| t["answered_in_cascade"].as_f64().unwrap()).sum();
+    assert!((answered - 1.0).abs() < 1e-9, "every message is answered by exactly one tier: {cascade}");
+    assert_eq!(tiers[0]["answered_in_cascade"].as_f64().unwrap(), 1.0 - tiers[0]["doubted"].as_f64().unwrap());
+    assert_eq!(tiers[1]["refitted"], true);
+    assert!(tiers.iter().all(|t| t["messages_per_second"].as_f64().unwrap() > 0.0));
+    assert!(cascade["accuracy"].as_f64().unwrap() > 0.85 && cascade["messages_per_second"].as_f64().unwrap() > 0.0);
+    let human = triage(&["eval", "--cascade", &pair, "--data", s(&data)]);
+    assert!(String::from_utf8_lossy(&human.stdout).contains("cascade vs support-model alone"), "{}", text(&human));
+    let other_split = dir.path().join("model-other-split");
+    let mut args: Vec<&str> = train_args.clone();
+    args.extend(["--out", s(&other_split), "--seed", "7", "--refit-full", "false"]);
+    assert!(triage(&args).status.success());
+    let out = triage(&["eval", "--cascade", &format!("{},{}", s(&other_split), s(&model)), "--data", s(&data)]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("not trained on the same data and split") && text(&out).contains("seed 42 vs 7"), "{}", text(&out));
+
     // The worker serves the directory as it is: rows land with its labels and an OOD score;
     // foreign messages are escalated as out of distribution.
     let ch = common::worker::shared_clickhouse();
@@ -372,12 +397,18 @@ fn the_default_model_was_built_by_triage_train_and_carries_its_gates() {
     assert_eq!(record.labels, ["intent=category"]);
     assert!(d.escalation.is_some() && d.ood.is_some());
     assert!(d.heads[0].weights.is_some(), "computed head");
-    // With Banking77 at hand, eval re-derives the split and must reproduce the recorded accuracy.
+    // With Banking77 at hand, eval re-derives the split (and refits the heads on its training
+    // part) and must reproduce the recorded accuracy: to a few messages, because the int8
+    // encoder's per-batch activation scale lets an embedding move with its batch neighbours.
     let Some(data) = common::shared_data("banking77/train.csv") else { return };
     let metrics: Value = serde_json::from_str(&std::fs::read_to_string(common::default_model_dir().join("metrics.json")).unwrap()).unwrap();
     let out = triage(&["eval", "--model", s(&common::default_model_dir()), "--data", s(&data), "--json"]);
     assert!(out.status.success(), "{}", text(&out));
     let eval: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(eval["heads"][0]["report"]["accuracy"], metrics["single"][0]["validation"]["accuracy"]);
-    assert!(eval["heads"][0]["report"]["accuracy"].as_f64().unwrap() > 0.9);
+    let (derived, recorded) =
+        (eval["heads"][0]["report"]["accuracy"].as_f64().unwrap(), metrics["single"][0]["validation"]["accuracy"].as_f64().unwrap());
+    let evaluated = eval["evaluated"].as_f64().unwrap();
+    assert!((derived - recorded).abs() * evaluated <= 3.0, "eval {derived} vs recorded {recorded} on {evaluated} messages");
+    assert!(eval["split"].as_str().unwrap().contains("refitted"), "{}", eval["split"]);
+    assert!(derived > 0.9);
 }

@@ -65,7 +65,8 @@ pub fn predict_all(
     Ok((predictions, start.elapsed().as_secs_f64()))
 }
 
-/// Embed every text with the model's embedding head (and keep its token ids).
+/// Embed every text with the model's embedding head (and keep its token ids), one text per
+/// batch so the embeddings do not depend on batching.
 pub fn embed(
     model: Arc<Model>,
     texts: &[Rendered],
@@ -84,7 +85,14 @@ pub fn embed(
         .enumerate()
         .map(|(i, t)| model.encoder().encode_rendered(t).map(|e| e.ids).map_err(|e| TrainError::Invalid(format!("text {}: {e}", i + 1))))
         .collect::<Result<Vec<_>, _>>()?;
-    let (predictions, seconds) = predict_all(model, texts, engine, progress, stage)?;
+    // One text per batch: an int8 encoder with dynamic quantization scales each layer's input
+    // over the whole batch, so batched embeddings would depend on which texts happened to run
+    // together, and a retrain would not reproduce its heads. Alone, every run (and the Python
+    // reference) agrees; on CPU it costs little (batching gains 1.0-1.4x here).
+    let mut one_by_one = engine.clone();
+    one_by_one.policy.max_batch_size = 1;
+    one_by_one.policy.tune_batch_size = false;
+    let (predictions, seconds) = predict_all(model, texts, &one_by_one, progress, stage)?;
     let dim = predictions.first().and_then(|p| match p.head(&head.name) {
         Some(HeadOutput::Embedding(v)) => Some(v.len()),
         _ => None,

@@ -90,16 +90,12 @@ pub fn evaluate(options: &EvalOptions, progress: &dyn Progress) -> Result<EvalRe
         _ => (Vec::new(), (0..n).collect(), "every row".to_string()),
     };
     let texts_all = prepared.render(model.template(), model.encoder().max_chars());
-    // A model refitted on every row has seen its validation split: score the split with the
-    // same recipe fitted on the training part alone (what `triage train` reported).
-    let refitted = record.as_ref().is_some_and(|r| r.refit_full) && !train_rows.is_empty();
-    let (predictions, seconds, split) = if refitted {
-        let (p, s) = rederive(&model, record.as_ref(), &prepared, &texts_all, &train_rows, &eval_rows, options, progress)?;
-        (p, s, format!("{split}, heads refitted on the training part with the model's recorded settings (the shipped heads saw every row)"))
+    let Scored { predictions, seconds, refitted } =
+        score(&model, record.as_ref(), &prepared, &texts_all, &train_rows, &eval_rows, options, progress)?;
+    let split = if refitted {
+        format!("{split}, heads refitted on the training part with the model's recorded settings (the shipped heads saw every row)")
     } else {
-        let texts: Vec<_> = eval_rows.iter().map(|&r| texts_all[r].clone()).collect();
-        let (p, s) = embed::predict_all(model.clone(), &texts, &options.engine, progress, "classifying")?;
-        (p, s, split)
+        split
     };
 
     // The baseline sees the same word pieces the model does.
@@ -201,6 +197,37 @@ pub fn evaluate(options: &EvalOptions, progress: &dyn Progress) -> Result<EvalRe
     })
 }
 
+/// A model's predictions for `eval_rows`, honest about what it was trained on.
+pub(super) struct Scored {
+    pub predictions: Vec<Prediction>,
+    /// Inference time, prorated to the evaluated rows.
+    pub seconds: f64,
+    /// The predictions come from heads refitted on the training part (the shipped heads saw
+    /// every row, the validation split included).
+    pub refitted: bool,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn score(
+    model: &Arc<Model>,
+    record: Option<&TrainingRecord>,
+    prepared: &super::Prepared,
+    texts_all: &[crate::model::Rendered],
+    train_rows: &[usize],
+    eval_rows: &[usize],
+    options: &EvalOptions,
+    progress: &dyn Progress,
+) -> Result<Scored, TrainError> {
+    let refitted = record.is_some_and(|r| r.refit_full) && !train_rows.is_empty();
+    let (predictions, seconds) = if refitted {
+        rederive(model, record, prepared, texts_all, train_rows, eval_rows, options, progress)?
+    } else {
+        let texts: Vec<_> = eval_rows.iter().map(|&r| texts_all[r].clone()).collect();
+        embed::predict_all(model.clone(), &texts, &options.engine, progress, "classifying")?
+    };
+    Ok(Scored { predictions, seconds, refitted })
+}
+
 /// Predictions for `eval_rows` from heads fitted on `train_rows` alone with the settings the
 /// model recorded, over the model's own embeddings (the encoder is the same frozen one).
 #[allow(clippy::too_many_arguments)]
@@ -277,11 +304,15 @@ fn rederive(
         }
     }
     let centroids = prepared.single.first().map(|h| super::class_centroids(&run.embeddings, train_rows, &h.y, h.labels.len()));
+    let category_head = model.descriptor().category_head.map(|i| model.heads().heads()[i].name.clone());
     let predictions = heads
         .into_iter()
         .zip(eval_embeddings.outer_iter())
         .map(|(heads, e)| Prediction {
-            category: None,
+            category: heads.iter().find(|h| Some(&h.head) == category_head.as_ref()).and_then(|h| match &h.output {
+                HeadOutput::Label(l) => Some(l.clone()),
+                _ => None,
+            }),
             priority: None,
             tags: Vec::new(),
             heads,

@@ -9,6 +9,7 @@
 //! calibrated for a target accuracy, and the out-of-distribution gate's threshold.
 
 pub mod card;
+pub mod cascade;
 pub mod data;
 mod embed;
 pub mod eval;

@@ -33,6 +33,16 @@ impl EscalationPolicy {
         }
     }
 
+    /// A model's own rule, as an intermediate cascade tier uses it: its calibrated threshold
+    /// (else `default_threshold`) on the category head, and its OOD gate.
+    pub fn of_model(model: &Descriptor, model_has_ood: bool, default_threshold: f32) -> Self {
+        EscalationPolicy {
+            head: None,
+            threshold: model.escalation.as_ref().map_or(default_threshold, |e| e.threshold),
+            ood_threshold: model.ood.as_ref().map(|o| o.threshold).filter(|_| model_has_ood),
+        }
+    }
+
     /// The deciding head's confidence for this prediction.
     pub fn confidence(&self, prediction: &Prediction) -> Option<f32> {
         prediction.confidence(self.head.as_deref())
