@@ -36,7 +36,11 @@ CREATE TABLE IF NOT EXISTS triage.results_local ON CLUSTER '{cluster}'
     `metadata_values` Array(String),
     `worker_id` String,
     `ood_score` Nullable(Float32),
-    `redriven` UInt8
+    `redriven` UInt8,
+    `tier` UInt8,
+    `first_model_name` String,
+    `first_category` String,
+    `first_confidence` Float32
 )
 ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/triage/results_local', '{replica}', processed_time_ms)
 PARTITION BY toYYYYMM(event_time)
@@ -67,6 +71,10 @@ GROUP BY day, model_name, model_version, category;
 -- Upgrading a table created by an earlier release (`triage schema apply` does this itself):
 -- ALTER TABLE triage.results_local ON CLUSTER '{cluster}' ADD COLUMN `ood_score` Nullable(Float32);
 -- ALTER TABLE triage.results_local ON CLUSTER '{cluster}' ADD COLUMN `redriven` UInt8;
+-- ALTER TABLE triage.results_local ON CLUSTER '{cluster}' ADD COLUMN `tier` UInt8;
+-- ALTER TABLE triage.results_local ON CLUSTER '{cluster}' ADD COLUMN `first_model_name` String;
+-- ALTER TABLE triage.results_local ON CLUSTER '{cluster}' ADD COLUMN `first_category` String;
+-- ALTER TABLE triage.results_local ON CLUSTER '{cluster}' ADD COLUMN `first_confidence` Float32;
 -- then the Distributed table, made again over the new columns (18.16 cannot ALTER it ON CLUSTER):
 -- DROP TABLE IF EXISTS triage.results ON CLUSTER '{cluster}';
 -- CREATE TABLE IF NOT EXISTS triage.results ON CLUSTER '{cluster}' AS triage.results_local ENGINE = Distributed('{cluster}', triage, results_local, cityHash64(topic, partition, offset));

@@ -31,7 +31,11 @@ CREATE TABLE IF NOT EXISTS triage.results
     `metadata_values` Array(String),
     `worker_id` String,
     `ood_score` Nullable(Float32),
-    `redriven` UInt8
+    `redriven` UInt8,
+    `tier` UInt8,
+    `first_model_name` String,
+    `first_category` String,
+    `first_confidence` Float32
 )
 ENGINE = ReplacingMergeTree(processed_time_ms)
 PARTITION BY toYYYYMM(event_time)
@@ -59,3 +63,7 @@ GROUP BY day, model_name, model_version, category;
 -- Upgrading a table created by an earlier release (`triage schema apply` does this itself):
 -- ALTER TABLE triage.results ADD COLUMN `ood_score` Nullable(Float32);
 -- ALTER TABLE triage.results ADD COLUMN `redriven` UInt8;
+-- ALTER TABLE triage.results ADD COLUMN `tier` UInt8;
+-- ALTER TABLE triage.results ADD COLUMN `first_model_name` String;
+-- ALTER TABLE triage.results ADD COLUMN `first_category` String;
+-- ALTER TABLE triage.results ADD COLUMN `first_confidence` Float32;

@@ -36,7 +36,8 @@ def main():
             rows.append(
                 f"('tickets', 0, {o}, 'm{o}', '{kind}', now() - {o}, toUInt64(toUnixTimestamp(now()) - {o}) * 1000, "
                 f"toUInt64(toUnixTimestamp(now())) * 1000 - 50, toUInt64(toUnixTimestamp(now())) * 1000, 'customer-service', '1.0.0', "
-                f"'{category}', {0.3 + (o % 7) / 10}, 'low', [], [], ['intent'], ['{category}'], [0.9], {int(o % 4 == 0)}, 40, 12, 0, [], [], 'w', {0.1 * (o % 5)}, 0)"
+                f"'{category}', {0.3 + (o % 7) / 10}, 'low', [], [], ['intent'], ['{category}'], [0.9], {int(o % 4 == 0)}, 40, 12, 0, [], [], 'w', {0.1 * (o % 5)}, 0, "
+                f"0, 'customer-service', '{category}', {0.3 + (o % 7) / 10})"
             )
         s.query("INSERT INTO triage.results VALUES " + ", ".join(rows))
         final = int(s.query("SELECT count() FROM triage.results FINAL", "CSV").bytes().decode().strip())
