@@ -15,6 +15,7 @@ pub mod config;
 pub mod demo;
 pub mod engine;
 pub mod kafka_tools;
+pub mod llm;
 pub mod local;
 pub mod message;
 pub mod model;

@@ -1,0 +1,326 @@
+//! The LLM tier's contract with a large model (issue 14 groundwork, not yet wired to a
+//! command): the label space of a small model's heads, the chat-completions request that asks
+//! for exactly those labels, and the checks on the reply.
+//!
+//! Servers take the constraint in different dialects: OpenAI and vLLM `response_format`
+//! `{"type": "json_schema", "json_schema": {...}}`; llama-cpp-python's server
+//! `{"type": "json_object", "schema": {...}}`; others nothing, in which case the reply is only
+//! parsed and checked. Whatever the dialect, a reply is accepted only when every head has a
+//! label the model knows: a server that ignored the constraint is caught here.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use crate::model::{Descriptor, HeadKind};
+
+/// How the server is told to answer with the schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StructuredOutput {
+    /// `response_format: {"type": "json_schema", ...}` (OpenAI, Azure OpenAI, vLLM).
+    #[default]
+    JsonSchema,
+    /// `response_format: {"type": "json_object", "schema": ...}` (llama-cpp-python's server).
+    JsonObject,
+    /// No constraint: the prompt asks for JSON; the reply is parsed and checked.
+    None,
+}
+
+/// The labels description file a model directory may hold: `[head]` tables of
+/// `label = "what it means"`.
+pub const DESCRIPTIONS_FILE: &str = "labels.toml";
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadLabels {
+    pub name: String,
+    /// A multi-label head: any number of labels, up to `max_items`.
+    pub multi: bool,
+    /// (label, description) in the model's order.
+    pub labels: Vec<(String, Option<String>)>,
+    pub max_items: usize,
+}
+
+/// What the large model may answer: every labelling head of the small one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabelSpace {
+    pub heads: Vec<HeadLabels>,
+}
+
+/// The large model's answer, checked: head -> labels (one for a single-label head).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Answer {
+    pub labels: BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ReplyError {
+    #[error("the reply is not a JSON object: {0}")]
+    NotJson(String),
+    #[error("the reply has no `{0}`")]
+    MissingHead(String),
+    #[error("`{head}`: `{label}` is not one of its labels")]
+    UnknownLabel { head: String, label: String },
+    #[error("`{head}`: expected {expected}")]
+    WrongShape { head: String, expected: &'static str },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabelsError {
+    #[error("{}: {detail}", path.display())]
+    Descriptions { path: std::path::PathBuf, detail: String },
+    #[error("the model has no label heads to ask a large model about")]
+    NoHeads,
+}
+
+impl LabelSpace {
+    /// The descriptor's single- and multi-label heads (embeddings are not labels), with the
+    /// descriptions of `labels.toml` in `dir` when there is one.
+    pub fn of_model(descriptor: &Descriptor, dir: &Path) -> Result<Self, LabelsError> {
+        let descriptions = read_descriptions(&dir.join(DESCRIPTIONS_FILE))?;
+        let heads: Vec<HeadLabels> = descriptor
+            .heads
+            .iter()
+            .filter(|h| matches!(h.kind, HeadKind::SingleLabel | HeadKind::MultiLabel))
+            .map(|h| {
+                let described = descriptions.get(&h.name);
+                HeadLabels {
+                    name: h.name.clone(),
+                    multi: h.kind == HeadKind::MultiLabel,
+                    labels: h.labels.iter().map(|l| (l.clone(), described.and_then(|d| d.get(l)).cloned())).collect(),
+                    // More tags than this is a reply that lost the thread, not an answer.
+                    max_items: h.labels.len().min(8),
+                }
+            })
+            .collect();
+        if heads.is_empty() {
+            return Err(LabelsError::NoHeads);
+        }
+        Ok(LabelSpace { heads })
+    }
+
+    /// A JSON schema allowing exactly the known labels: one string per single-label head, a
+    /// bounded array of distinct ones per multi-label head, nothing else.
+    pub fn schema(&self) -> Value {
+        let mut properties = Map::new();
+        for head in &self.heads {
+            let names: Vec<&str> = head.labels.iter().map(|(l, _)| l.as_str()).collect();
+            let property = if head.multi {
+                json!({"type": "array", "items": {"type": "string", "enum": names}, "maxItems": head.max_items, "uniqueItems": true})
+            } else {
+                json!({"type": "string", "enum": names})
+            };
+            properties.insert(head.name.clone(), property);
+        }
+        let required: Vec<&str> = self.heads.iter().map(|h| h.name.as_str()).collect();
+        json!({"type": "object", "properties": properties, "required": required, "additionalProperties": false})
+    }
+
+    /// The system message: the task, every head with its labels (and what they mean), and the
+    /// answer's form.
+    pub fn system_prompt(&self) -> String {
+        let mut s = String::from(
+            "You classify customer messages. Answer with one JSON object and nothing else. \
+             Use only the labels listed below, spelled exactly as listed.\n",
+        );
+        for head in &self.heads {
+            if head.multi {
+                s.push_str(&format!("\n\"{}\": a list of up to {} of these labels (may be empty):\n", head.name, head.max_items));
+            } else {
+                s.push_str(&format!("\n\"{}\": exactly one of these labels:\n", head.name));
+            }
+            for (label, description) in &head.labels {
+                match description {
+                    Some(d) => s.push_str(&format!("- {label}: {d}\n")),
+                    None => s.push_str(&format!("- {label}\n")),
+                }
+            }
+        }
+        let example: Vec<String> = self
+            .heads
+            .iter()
+            .map(|h| {
+                let first = h.labels.first().map_or("", |(l, _)| l.as_str());
+                if h.multi {
+                    format!("\"{}\": [\"{first}\"]", h.name)
+                } else {
+                    format!("\"{}\": \"{first}\"", h.name)
+                }
+            })
+            .collect();
+        s.push_str(&format!("\nForm of the answer: {{{}}}\n", example.join(", ")));
+        s
+    }
+
+    /// A chat-completions request body for one message in the given dialect.
+    pub fn request(&self, model: &str, text: &str, dialect: StructuredOutput, max_tokens: u32) -> Value {
+        let mut body = json!({
+            "model": model,
+            "messages": [
+                {"role": "system", "content": self.system_prompt()},
+                {"role": "user", "content": text},
+            ],
+            "temperature": 0,
+            "max_tokens": max_tokens,
+        });
+        let format = match dialect {
+            StructuredOutput::JsonSchema => {
+                Some(json!({"type": "json_schema", "json_schema": {"name": "triage_labels", "strict": true, "schema": self.schema()}}))
+            }
+            StructuredOutput::JsonObject => Some(json!({"type": "json_object", "schema": self.schema()})),
+            StructuredOutput::None => None,
+        };
+        if let Some(format) = format {
+            body["response_format"] = format;
+        }
+        body
+    }
+
+    /// Check a reply's content: a JSON object (a fenced block or text around it is tolerated:
+    /// servers without a constraint add them) with a known label for every head.
+    pub fn parse(&self, content: &str) -> Result<Answer, ReplyError> {
+        let object = json_object_in(content).ok_or_else(|| ReplyError::NotJson(preview(content)))?;
+        let mut labels = BTreeMap::new();
+        for head in &self.heads {
+            let value = object.get(&head.name).ok_or_else(|| ReplyError::MissingHead(head.name.clone()))?;
+            let known = |label: &str| head.labels.iter().any(|(l, _)| l == label);
+            let unknown = |label: &str| ReplyError::UnknownLabel { head: head.name.clone(), label: label.to_string() };
+            let chosen: Vec<String> = if head.multi {
+                let items = value.as_array().ok_or(ReplyError::WrongShape { head: head.name.clone(), expected: "a list of labels" })?;
+                let mut chosen: Vec<String> = Vec::new();
+                for item in items {
+                    let label = item.as_str().ok_or(ReplyError::WrongShape { head: head.name.clone(), expected: "a list of labels" })?;
+                    if !known(label) {
+                        return Err(unknown(label));
+                    }
+                    if !chosen.iter().any(|c| c == label) {
+                        chosen.push(label.to_string());
+                    }
+                }
+                if chosen.len() > head.max_items {
+                    return Err(ReplyError::WrongShape { head: head.name.clone(), expected: "at most the allowed number of labels" });
+                }
+                chosen
+            } else {
+                let label = value.as_str().ok_or(ReplyError::WrongShape { head: head.name.clone(), expected: "one label" })?;
+                if !known(label) {
+                    return Err(unknown(label));
+                }
+                vec![label.to_string()]
+            };
+            labels.insert(head.name.clone(), chosen);
+        }
+        Ok(Answer { labels })
+    }
+}
+
+fn read_descriptions(path: &Path) -> Result<BTreeMap<String, BTreeMap<String, String>>, LabelsError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(e) => return Err(LabelsError::Descriptions { path: path.to_path_buf(), detail: e.to_string() }),
+    };
+    toml::from_str(&text).map_err(|e| LabelsError::Descriptions {
+        path: path.to_path_buf(),
+        detail: format!("{e} (expected [head] tables of label = \"description\")"),
+    })
+}
+
+/// The outermost JSON object in `content`, if any.
+fn json_object_in(content: &str) -> Option<Map<String, Value>> {
+    if let Ok(Value::Object(o)) = serde_json::from_str::<Value>(content.trim()) {
+        return Some(o);
+    }
+    let (start, end) = (content.find('{')?, content.rfind('}')?);
+    match serde_json::from_str::<Value>(content.get(start..=end)?) {
+        Ok(Value::Object(o)) => Some(o),
+        _ => None,
+    }
+}
+
+/// The start of a reply, for an error message (never the message text: only the reply's).
+fn preview(content: &str) -> String {
+    let cut: String = content.chars().take(120).collect();
+    if cut.len() < content.len() {
+        format!("{cut}…")
+    } else {
+        cut
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn space() -> LabelSpace {
+        LabelSpace {
+            heads: vec![
+                HeadLabels {
+                    name: "intent".into(),
+                    multi: false,
+                    labels: vec![("card_arrival".into(), Some("When will my card arrive".into())), ("lost_or_stolen_card".into(), None)],
+                    max_items: 2,
+                },
+                HeadLabels { name: "tags".into(), multi: true, labels: vec![("angry".into(), None), ("vip".into(), None)], max_items: 2 },
+            ],
+        }
+    }
+
+    #[test]
+    fn each_dialect_carries_the_same_schema_where_its_server_reads_it() {
+        let s = space();
+        let schema = s.schema();
+        assert_eq!(schema["properties"]["intent"]["enum"], json!(["card_arrival", "lost_or_stolen_card"]));
+        assert_eq!(schema["properties"]["tags"]["maxItems"], 2);
+        assert_eq!(schema["additionalProperties"], false);
+        assert_eq!(schema["required"], json!(["intent", "tags"]));
+        let openai = s.request("gpt", "where is my card", StructuredOutput::JsonSchema, 64);
+        assert_eq!(openai["response_format"]["type"], "json_schema");
+        assert_eq!(openai["response_format"]["json_schema"]["schema"], schema);
+        let llama = s.request("local", "where is my card", StructuredOutput::JsonObject, 64);
+        assert_eq!((llama["response_format"]["type"].as_str(), &llama["response_format"]["schema"]), (Some("json_object"), &schema));
+        let plain = s.request("other", "where is my card", StructuredOutput::None, 64);
+        assert!(plain.get("response_format").is_none());
+        assert_eq!(plain["messages"][1]["content"], "where is my card");
+        let system = plain["messages"][0]["content"].as_str().unwrap();
+        assert!(system.contains("- card_arrival: When will my card arrive") && system.contains("- lost_or_stolen_card\n"));
+        assert!(system.contains("up to 2"), "{system}");
+    }
+
+    #[test]
+    fn replies_are_checked_against_the_labels() {
+        let s = space();
+        let ok = s.parse(r#"{"intent": "card_arrival", "tags": ["vip", "vip"]}"#).unwrap();
+        assert_eq!(ok.labels["intent"], vec!["card_arrival"]);
+        assert_eq!(ok.labels["tags"], vec!["vip"], "duplicates collapse");
+        let fenced = s.parse("Sure!\n```json\n{\"intent\": \"lost_or_stolen_card\", \"tags\": []}\n```").unwrap();
+        assert_eq!(fenced.labels["intent"], vec!["lost_or_stolen_card"]);
+        assert_eq!(
+            s.parse(r#"{"intent": "card_lost", "tags": []}"#),
+            Err(ReplyError::UnknownLabel { head: "intent".into(), label: "card_lost".into() })
+        );
+        assert_eq!(s.parse(r#"{"intent": "card_arrival"}"#), Err(ReplyError::MissingHead("tags".into())));
+        assert!(matches!(s.parse(r#"{"intent": ["card_arrival"], "tags": []}"#), Err(ReplyError::WrongShape { .. })));
+        assert!(matches!(s.parse(r#"{"intent": "card_arrival", "tags": "vip"}"#), Err(ReplyError::WrongShape { .. })));
+        assert!(matches!(s.parse("I cannot help with that."), Err(ReplyError::NotJson(_))));
+        assert!(matches!(s.parse(&"x".repeat(500)), Err(ReplyError::NotJson(p)) if p.chars().count() == 121));
+    }
+
+    #[test]
+    fn the_default_model_gives_a_label_space_and_bad_descriptions_are_explained() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/customer-service");
+        let descriptor = Descriptor::load(&dir).unwrap();
+        let space = LabelSpace::of_model(&descriptor, &dir).unwrap();
+        assert_eq!(space.heads.len(), 1, "the embedding is not a label head");
+        assert_eq!(space.heads[0].labels.len(), 77);
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join(DESCRIPTIONS_FILE), "[intent]\ncard_arrival = \"When will my card arrive\"\n").unwrap();
+        let described = LabelSpace::of_model(&descriptor, tmp.path()).unwrap();
+        assert!(described.system_prompt().contains("- card_arrival: When will my card arrive"));
+        std::fs::write(tmp.path().join(DESCRIPTIONS_FILE), "intent = 3").unwrap();
+        let err = LabelSpace::of_model(&descriptor, tmp.path()).unwrap_err().to_string();
+        assert!(err.contains("labels.toml") && err.contains("[head] tables"), "{err}");
+    }
+}
