@@ -1,4 +1,5 @@
 //! The LLM tier (issue 14, in progress, not yet a command): what `triage escalate` will use to
 //! ask a large model about what the small models doubt. So far: the prompt and reply contract.
 
+pub mod client;
 pub mod prompt;

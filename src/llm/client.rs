@@ -1,0 +1,326 @@
+//! One OpenAI-compatible chat-completions call (what vLLM, llama.cpp's server, Ollama, TGI,
+//! OpenAI and Azure OpenAI serve), with the retries a team paying per token expects: 429 and
+//! 5xx and timeouts are retried with backoff, honouring `Retry-After`; other 4xx are not (a
+//! bad key or a refused request stays refused); every call has a deadline. The message text is
+//! never logged: errors carry the server's reply, cut short.
+//! (Issue 14 groundwork: `triage escalate` will drive it.)
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use hyper::{Method, Request, StatusCode, Uri};
+use hyper_tls::HttpsConnector;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+use crate::config::Secret;
+use crate::retry::Backoff;
+
+/// Longest wait a `Retry-After` can ask for before a retry (longer ones are capped).
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ChatError {
+    /// A status that retrying cannot change (400, 401, 403, 404, 422, ...), or a retryable one
+    /// still failing after every retry.
+    #[error("the LLM endpoint answered {status}: {body}")]
+    Status { status: u16, body: String },
+    #[error("the LLM endpoint did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the LLM endpoint cannot be reached: {0}")]
+    Transport(String),
+    /// 200, but not a chat completion (no choices[0].message.content).
+    #[error("the LLM endpoint's reply is not a chat completion: {0}")]
+    Envelope(String),
+}
+
+impl ChatError {
+    /// Worth another attempt later (rate limits, server errors, timeouts, connection trouble).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ChatError::Status { status, .. } => *status == 429 || *status >= 500,
+            ChatError::Timeout(_) | ChatError::Transport(_) => true,
+            ChatError::Envelope(_) => false,
+        }
+    }
+
+    /// A label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ChatError::Status { status: 429, .. } => "rate_limited",
+            ChatError::Status { status, .. } if *status >= 500 => "server_error",
+            ChatError::Status { .. } => "refused",
+            ChatError::Timeout(_) => "timeout",
+            ChatError::Transport(_) => "transport",
+            ChatError::Envelope(_) => "bad_envelope",
+        }
+    }
+}
+
+/// A completed call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub content: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// Of the successful attempt.
+    pub latency: Duration,
+    /// Attempts it took (1: no retry).
+    pub attempts: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct ChatSettings {
+    /// The server's base URL (`http://host:8000/v1`) or the full `.../chat/completions` URL.
+    pub url: String,
+    pub api_key: Option<Secret>,
+    pub timeout: Duration,
+    /// Retries after the first attempt.
+    pub retries: u32,
+    pub backoff: Backoff,
+}
+
+pub struct ChatClient {
+    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    uri: Uri,
+    settings: ChatSettings,
+}
+
+impl ChatClient {
+    pub fn new(settings: ChatSettings) -> Result<Self, ChatError> {
+        let url = settings.url.trim_end_matches('/');
+        let full = if url.ends_with("/chat/completions") { url.to_string() } else { format!("{url}/chat/completions") };
+        let uri: Uri = full.parse().map_err(|e| ChatError::Transport(format!("`{full}` is not a URL: {e}")))?;
+        let http = Client::builder(TokioExecutor::new()).build(HttpsConnector::new());
+        Ok(ChatClient { http, uri, settings })
+    }
+
+    /// POST `body` (a chat-completions request), retrying what may succeed later.
+    pub async fn complete(&self, body: &Value) -> Result<Completion, ChatError> {
+        let bytes = Bytes::from(serde_json::to_vec(body).map_err(|e| ChatError::Envelope(e.to_string()))?);
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let start = Instant::now();
+            let result = tokio::time::timeout(self.settings.timeout, self.once(bytes.clone())).await;
+            let (error, retry_after) = match result {
+                Ok(Ok(reply)) => {
+                    let mut completion = completion_of(&reply)?;
+                    completion.latency = start.elapsed();
+                    completion.attempts = attempt;
+                    return Ok(completion);
+                }
+                Ok(Err((error, retry_after))) => (error, retry_after),
+                Err(_) => (ChatError::Timeout(self.settings.timeout), None),
+            };
+            if !error.is_retryable() || attempt > self.settings.retries {
+                return Err(error);
+            }
+            let wait = retry_after.map_or_else(|| self.settings.backoff.delay(attempt - 1), |d| d.min(MAX_RETRY_AFTER));
+            tracing::warn!(attempt, kind = error.kind(), wait_ms = wait.as_millis() as u64, "LLM call failed; retrying");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    async fn once(&self, body: Bytes) -> Result<Value, (ChatError, Option<Duration>)> {
+        let mut request = Request::builder().method(Method::POST).uri(self.uri.clone()).header(CONTENT_TYPE, "application/json");
+        if let Some(key) = &self.settings.api_key {
+            request = request.header(AUTHORIZATION, format!("Bearer {}", key.expose()));
+        }
+        let request = request.body(Full::new(body)).map_err(|e| (ChatError::Transport(e.to_string()), None))?;
+        let response = self.http.request(request).await.map_err(|e| (ChatError::Transport(e.to_string()), None))?;
+        let status = response.status();
+        let retry_after = response.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
+        let body = response.into_body().collect().await.map_err(|e| (ChatError::Transport(e.to_string()), None))?.to_bytes();
+        if status != StatusCode::OK {
+            let text = String::from_utf8_lossy(&body);
+            return Err((ChatError::Status { status: status.as_u16(), body: cut(&text, 300) }, retry_after));
+        }
+        serde_json::from_slice(&body)
+            .map_err(|e| (ChatError::Envelope(format!("{e}: {}", cut(&String::from_utf8_lossy(&body), 200))), None))
+    }
+}
+
+/// `Retry-After` in seconds (the HTTP-date form is rare from LLM servers: treated as absent).
+fn parse_retry_after(value: &str) -> Option<Duration> {
+    value.trim().parse::<f64>().ok().filter(|s| s.is_finite() && *s >= 0.0).map(Duration::from_secs_f64)
+}
+
+fn completion_of(reply: &Value) -> Result<Completion, ChatError> {
+    let content = reply["choices"][0]["message"]["content"]
+        .as_str()
+        .ok_or_else(|| ChatError::Envelope(format!("no choices[0].message.content in {}", cut(&reply.to_string(), 200))))?;
+    let usage = &reply["usage"];
+    Ok(Completion {
+        content: content.to_string(),
+        prompt_tokens: usage["prompt_tokens"].as_u64().unwrap_or(0),
+        completion_tokens: usage["completion_tokens"].as_u64().unwrap_or(0),
+        latency: Duration::ZERO,
+        attempts: 1,
+    })
+}
+
+fn cut(text: &str, chars: usize) -> String {
+    let mut out: String = text.chars().take(chars).collect();
+    if out.len() < text.len() {
+        out.push('…');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against a scripted HTTP server on loopback.
+
+    use std::sync::{Arc, Mutex};
+
+    use serde_json::json;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// (delay before answering, raw HTTP response) per request, in order; the requests seen.
+    async fn stub(script: Vec<(Duration, String)>) -> (String, Arc<Mutex<Vec<String>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/v1", listener.local_addr().unwrap());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            // Each connection is answered on its own task: a slow answer does not hold up the
+            // retry that follows it.
+            for (delay, response) in script {
+                let Ok((mut socket, _)) = listener.accept().await else { return };
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    // Headers, then Content-Length bytes of body.
+                    loop {
+                        let n = socket.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 {
+                            break;
+                        }
+                        request.extend_from_slice(&buf[..n]);
+                        let text = String::from_utf8_lossy(&request).to_string();
+                        if let Some(end) = text.find("\r\n\r\n") {
+                            let length = text
+                                .lines()
+                                .find_map(|l| {
+                                    l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                                })
+                                .unwrap_or(0);
+                            if request.len() >= end + 4 + length {
+                                break;
+                            }
+                        }
+                    }
+                    log.lock().unwrap().push(String::from_utf8_lossy(&request).to_string());
+                    tokio::time::sleep(delay).await;
+                    let _ = socket.write_all(response.as_bytes()).await;
+                    let _ = socket.shutdown().await;
+                });
+            }
+        });
+        (url, seen)
+    }
+
+    fn http(status: &str, headers: &str, body: &str) -> String {
+        format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n{headers}\r\n{body}",
+            body.len()
+        )
+    }
+
+    fn ok(content: &str) -> String {
+        let body = json!({"choices": [{"message": {"role": "assistant", "content": content}}], "usage": {"prompt_tokens": 120, "completion_tokens": 9}});
+        http("200 OK", "", &body.to_string())
+    }
+
+    fn client(url: String, retries: u32, timeout_ms: u64) -> ChatClient {
+        ChatClient::new(ChatSettings {
+            url,
+            api_key: Some(Secret::new("sk-test")),
+            timeout: Duration::from_millis(timeout_ms),
+            retries,
+            backoff: Backoff::new(Duration::from_millis(10), Duration::from_millis(50)),
+        })
+        .unwrap()
+    }
+
+    fn request() -> Value {
+        json!({"model": "m", "messages": [{"role": "user", "content": "my card is gone"}]})
+    }
+
+    #[tokio::test]
+    async fn rate_limits_and_server_errors_are_retried_honouring_retry_after() {
+        let script = vec![
+            (Duration::ZERO, http("429 Too Many Requests", "retry-after: 0.3\r\n", "{\"error\": \"slow down\"}")),
+            (Duration::ZERO, http("503 Service Unavailable", "", "busy")),
+            (Duration::ZERO, ok("{\"intent\": \"card_arrival\"}")),
+        ];
+        let (url, seen) = stub(script).await;
+        let start = Instant::now();
+        let done = client(url, 3, 2_000).complete(&request()).await.unwrap();
+        assert!(start.elapsed() >= Duration::from_millis(300), "waited as Retry-After asked: {:?}", start.elapsed());
+        assert_eq!(done.content, "{\"intent\": \"card_arrival\"}");
+        assert_eq!((done.prompt_tokens, done.completion_tokens, done.attempts), (120, 9, 3));
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 3);
+        assert!(seen[0].starts_with("POST /v1/chat/completions ") && seen[0].contains("authorization: Bearer sk-test"), "{}", seen[0]);
+        assert!(seen[0].contains("my card is gone"), "the body is sent");
+    }
+
+    #[tokio::test]
+    async fn refusals_are_not_retried_and_retries_end() {
+        let (url, seen) = stub(vec![(Duration::ZERO, http("401 Unauthorized", "", "{\"error\": \"bad key\"}"))]).await;
+        let err = client(url, 3, 2_000).complete(&request()).await.unwrap_err();
+        assert_eq!(err, ChatError::Status { status: 401, body: "{\"error\": \"bad key\"}".into() });
+        assert_eq!((err.is_retryable(), err.kind()), (false, "refused"));
+        assert_eq!(seen.lock().unwrap().len(), 1, "a bad key is not tried again");
+
+        let script = (0..3).map(|_| (Duration::ZERO, http("500 Internal Server Error", "", "oops"))).collect();
+        let (url, seen) = stub(script).await;
+        let err = client(url, 2, 2_000).complete(&request()).await.unwrap_err();
+        assert_eq!((err.kind(), seen.lock().unwrap().len()), ("server_error", 3), "1 attempt + 2 retries");
+    }
+
+    #[tokio::test]
+    async fn a_slow_server_times_out_and_a_malformed_reply_is_an_error() {
+        let (url, _) = stub(vec![(Duration::from_millis(800), ok("late")), (Duration::ZERO, ok("{}"))]).await;
+        let done = client(url, 1, 200).complete(&request()).await.unwrap();
+        assert_eq!((done.content.as_str(), done.attempts), ("{}", 2), "the timed-out attempt was retried");
+
+        let (url, _) = stub(vec![(Duration::from_millis(800), ok("late"))]).await;
+        assert_eq!(client(url, 0, 200).complete(&request()).await.unwrap_err(), ChatError::Timeout(Duration::from_millis(200)));
+
+        let (url, _) = stub(vec![(Duration::ZERO, http("200 OK", "", "{\"choices\": []}"))]).await;
+        let err = client(url, 2, 2_000).complete(&request()).await.unwrap_err();
+        assert!(matches!(err, ChatError::Envelope(_)) && !err.is_retryable(), "{err}");
+        let (url, _) = stub(vec![(Duration::ZERO, http("200 OK", "", "not json"))]).await;
+        assert!(matches!(client(url, 0, 2_000).complete(&request()).await.unwrap_err(), ChatError::Envelope(_)));
+    }
+
+    #[test]
+    fn retry_after_in_seconds_and_urls_in_both_forms() {
+        assert_eq!(parse_retry_after("2"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_retry_after(" 0.5 "), Some(Duration::from_millis(500)));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2026 07:28:00 GMT"), None);
+        assert_eq!(parse_retry_after("-1"), None);
+        let settings = |url: &str| ChatSettings {
+            url: url.into(),
+            api_key: None,
+            timeout: Duration::from_secs(1),
+            retries: 0,
+            backoff: Backoff::new(Duration::from_millis(1), Duration::from_millis(1)),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _guard = rt.enter();
+        assert_eq!(ChatClient::new(settings("http://llm:8000/v1/")).unwrap().uri.path(), "/v1/chat/completions");
+        assert_eq!(ChatClient::new(settings("http://llm:8000/v1/chat/completions")).unwrap().uri.path(), "/v1/chat/completions");
+        assert!(ChatClient::new(settings("not a url")).is_err());
+    }
+}
