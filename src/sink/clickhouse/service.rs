@@ -319,20 +319,21 @@ impl ClickHouseService {
                 }
             }
         }
-        if rows.len() > 1 && rejected.len() == rows.len() {
-            // Not one row could be stored: the table may have changed under us. If it did, stop
-            // (dead-lettering would empty the stream into the dead-letter topic); if it did not,
-            // the rows really are bad.
+        if !rejected.is_empty() {
+            // Before anything is dead-lettered: has the table changed under us? A changed column
+            // type makes rows unreadable, but not always all of them (a misaligned RowBinary row
+            // can still parse), so any rejection is checked against the table, once per block.
+            // If it changed, stop (dead-lettering would empty the stream into the dead-letter
+            // topic); if not, the rows really are bad.
             match self.check_schema().await {
                 Ok(()) => tracing::warn!(
+                    rejected = rejected.len(),
                     rows = rows.len(),
-                    "every row of a block was rejected, but the table is as expected: dead-lettering them"
+                    "ClickHouse rejected rows, and the table is as expected: dead-lettering them"
                 ),
                 Err(Err(fatal)) => return Err(fatal),
                 Err(Ok(transient)) => {
-                    return Err(SinkError::Fatal(format!(
-                        "every row of a block was rejected and the table could not be checked ({transient})"
-                    )))
+                    return Err(SinkError::Fatal(format!("ClickHouse rejected rows and the table could not be checked ({transient})")))
                 }
             }
         }
