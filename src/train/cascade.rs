@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::eval::{score, EvalOptions, Scored};
+use super::eval::{score, EvalOptions, Scored, Split};
 use super::{data, embed, prepare, Columns, Progress, TrainError};
 use crate::model::{Model, TrainingRecord};
 use crate::worker::policy::{decide, EscalationPolicy};
@@ -106,8 +106,10 @@ pub fn evaluate_cascade(
     for (model, dir) in loaded.iter().zip(models) {
         let options = EvalOptions { model: dir.clone(), ..base.clone() };
         let texts_all = prepared.render(model.template(), model.encoder().max_chars());
-        let Scored { predictions, refitted: r, .. } =
-            score(model, model.descriptor().training.as_ref(), &prepared, &texts_all, &train_rows, &rows, &options, progress)?;
+        let Scored { predictions, refitted: r, .. } = {
+            let split = Split { prepared: &prepared, texts_all: &texts_all, train_rows: &train_rows, eval_rows: &rows };
+            score(model, model.descriptor().training.as_ref(), &split, &options, progress)?
+        };
         let policy = EscalationPolicy::of_model(model.descriptor(), model.heads().ood().is_some(), 0.5);
         correct.push(
             predictions

@@ -90,8 +90,13 @@ pub fn evaluate(options: &EvalOptions, progress: &dyn Progress) -> Result<EvalRe
         _ => (Vec::new(), (0..n).collect(), "every row".to_string()),
     };
     let texts_all = prepared.render(model.template(), model.encoder().max_chars());
-    let Scored { predictions, seconds, refitted } =
-        score(&model, record.as_ref(), &prepared, &texts_all, &train_rows, &eval_rows, options, progress)?;
+    let Scored { predictions, seconds, refitted } = score(
+        &model,
+        record.as_ref(),
+        &Split { prepared: &prepared, texts_all: &texts_all, train_rows: &train_rows, eval_rows: &eval_rows },
+        options,
+        progress,
+    )?;
     let split = if refitted {
         format!("{split}, heads refitted on the training part with the model's recorded settings (the shipped heads saw every row)")
     } else {
@@ -207,20 +212,25 @@ pub(super) struct Scored {
     pub refitted: bool,
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The examples a model is scored on: every row rendered with its template, and the split.
+pub(super) struct Split<'a> {
+    pub prepared: &'a super::Prepared,
+    pub texts_all: &'a [crate::model::Rendered],
+    pub train_rows: &'a [usize],
+    pub eval_rows: &'a [usize],
+}
+
 pub(super) fn score(
     model: &Arc<Model>,
     record: Option<&TrainingRecord>,
-    prepared: &super::Prepared,
-    texts_all: &[crate::model::Rendered],
-    train_rows: &[usize],
-    eval_rows: &[usize],
+    split: &Split<'_>,
     options: &EvalOptions,
     progress: &dyn Progress,
 ) -> Result<Scored, TrainError> {
+    let Split { texts_all, train_rows, eval_rows, .. } = *split;
     let refitted = record.is_some_and(|r| r.refit_full) && !train_rows.is_empty();
     let (predictions, seconds) = if refitted {
-        rederive(model, record, prepared, texts_all, train_rows, eval_rows, options, progress)?
+        rederive(model, record, split, options, progress)?
     } else {
         let texts: Vec<_> = eval_rows.iter().map(|&r| texts_all[r].clone()).collect();
         embed::predict_all(model.clone(), &texts, &options.engine, progress, "classifying")?
@@ -230,17 +240,14 @@ pub(super) fn score(
 
 /// Predictions for `eval_rows` from heads fitted on `train_rows` alone with the settings the
 /// model recorded, over the model's own embeddings (the encoder is the same frozen one).
-#[allow(clippy::too_many_arguments)]
 fn rederive(
     model: &Arc<Model>,
     record: Option<&TrainingRecord>,
-    prepared: &super::Prepared,
-    texts_all: &[crate::model::Rendered],
-    train_rows: &[usize],
-    eval_rows: &[usize],
+    split: &Split<'_>,
     options: &EvalOptions,
     progress: &dyn Progress,
 ) -> Result<(Vec<Prediction>, f64), TrainError> {
+    let Split { prepared, texts_all, train_rows, eval_rows } = *split;
     let fitted = record.map(|r| r.fitted.as_slice()).unwrap_or_default();
     let settings_of = |head: &str| {
         fitted.iter().find(|f| f.head == head).ok_or_else(|| {

@@ -50,7 +50,9 @@ impl ResultsLoop {
                     tracing::warn!(model = %failed, tier = tag.tier, error = %e, "a cascade tier failed on a message: the previous tier's answer is kept");
                     tag.tier -= 1;
                     let Some(previous) = tag.earlier.pop() else { continue };
-                    if self.store(tag, previous, true).await.is_err() {
+                    // It was passed on because that tier doubted it: escalate it for the reason given.
+                    let doubt = decide(&previous.prediction, &route.tiers[tag.tier].policy).or(Some(EscalationReason::LowConfidence));
+                    if self.store(tag, previous, doubt).await.is_err() {
                         return;
                     }
                     continue;
@@ -74,7 +76,7 @@ impl ResultsLoop {
                 },
                 _ => (tag, classified),
             };
-            if self.store(tag, classified, false).await.is_err() {
+            if self.store(tag, classified, doubt).await.is_err() {
                 return;
             }
         }
@@ -108,14 +110,12 @@ impl ResultsLoop {
         }
     }
 
-    /// The answer of the tier that has the last word: escalated if its policy (or a failed
-    /// later tier) doubts it, and written as the message's row.
-    async fn store(&self, tag: MessageTag, classified: Classified, later_tier_failed: bool) -> Result<(), SinkStopped> {
+    /// The answer of the tier that has the last word: escalated when `doubt` (its tier's
+    /// verdict, decided by the caller) says so, and written as the message's row.
+    async fn store(&self, tag: MessageTag, classified: Classified, doubt: Option<EscalationReason>) -> Result<(), SinkStopped> {
         let route = &self.routes[tag.route];
         let tier = &route.tiers[tag.tier];
-        let doubt = decide(&classified.prediction, &tier.policy)
-            .or(later_tier_failed.then_some(EscalationReason::LowConfidence))
-            .filter(|_| self.escalation_enabled);
+        let doubt = doubt.filter(|_| self.escalation_enabled);
         if let Some(reason) = doubt {
             let record = escalation_record(&tag, &classified, route, reason);
             self.settle.escalate(&tag.message, tag.message_id.clone(), record, route.config.kind.clone(), reason);
