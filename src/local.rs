@@ -286,6 +286,7 @@ pub fn local_worker_config(
         max_message_bytes: crate::message::DEFAULT_MAX_MESSAGE_BYTES,
         shutdown: Default::default(),
         metrics: crate::config::MetricsConfig { address: String::new() },
+        llm: Default::default(),
     }
 }
 

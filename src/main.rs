@@ -56,6 +56,9 @@ enum Command {
     Bench(cli::bench::BenchArgs),
     /// Train heads on your labelled CSV / JSON lines over a frozen encoder; writes a model directory.
     Train(cli::train::TrainArgs),
+    /// The LLM tier: answer the escalation topic with a large model (OpenAI-compatible API) and
+    /// write each answer as the message's row; or export the answers as training data.
+    Escalate(cli::escalate::EscalateArgs),
     /// Score a model directory on labelled data, next to a TF-IDF baseline on the same split.
     Eval(cli::eval::EvalArgs),
 }
@@ -85,6 +88,11 @@ fn main() {
         Command::Bench(args) => cli::runtime().and_then(|rt| rt.block_on(cli::bench::run(args))),
         Command::Train(args) => cli::train::run(args),
         Command::Eval(args) => cli::eval::run(args),
+        Command::Escalate(args) => cli::runtime().and_then(|rt| {
+            let result = rt.block_on(cli::escalate::run(args));
+            rt.shutdown_timeout(std::time::Duration::from_secs(2));
+            result
+        }),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

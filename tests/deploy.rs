@@ -414,6 +414,8 @@ fn schema_views_and_analytics_queries_run_on_clickhouse() {
         first_model_name: "customer-service".into(),
         first_category: category.into(),
         first_confidence: 0.3 + (offset % 7) as f32 / 10.0,
+        answered_by: "model:customer-service".into(),
+        ..ResultRow::default()
     };
     let mut rows: Vec<ResultRow> = (0..60)
         .map(|o| {

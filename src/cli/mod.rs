@@ -12,6 +12,7 @@ pub mod broker;
 pub mod classify;
 pub mod config;
 pub mod demo;
+pub mod escalate;
 pub mod eval;
 pub mod produce;
 pub mod redrive;

@@ -28,6 +28,13 @@ pub enum SchemaAction {
         #[arg(long, default_value_t = 0)]
         wait_seconds: u64,
     },
+    /// Move a results table made by an earlier release onto the `row_version` version column
+    /// (needed by `triage escalate`: an LLM's answer must outrank replays). One server; run it
+    /// with the workers stopped or not (rows written meanwhile are copied again).
+    Migrate {
+        #[arg(long, env = "TRIAGE_CONFIG")]
+        config: PathBuf,
+    },
     /// Wait until the table exists with every column the worker needs (an init container's job).
     Wait {
         #[arg(long, env = "TRIAGE_CONFIG")]
@@ -58,6 +65,20 @@ pub async fn run(action: SchemaAction) -> Result<()> {
                 .with_context(|| format!("applying the schema at {}", config.clickhouse.url))?;
             let on = config.clickhouse.cluster.as_deref().map(|c| format!(" on cluster {c}")).unwrap_or_default();
             eprintln!("schema applied{on}: {}.{} and its views", config.clickhouse.database, config.clickhouse.table);
+        }
+        SchemaAction::Migrate { config } => {
+            let config = Config::load(&config)?;
+            let service = ClickHouseService::new(&config.clickhouse);
+            let target = format!("{}.{}", config.clickhouse.database, config.clickhouse.table);
+            let moved = service
+                .migrate_version(|step| eprintln!("[migrate] {step}"))
+                .await
+                .with_context(|| format!("migrating {target} at {}", config.clickhouse.url))?;
+            if moved {
+                eprintln!("{target} now keeps the highest-ranked answer per message (row_version)");
+            } else {
+                eprintln!("{target} already uses row_version: nothing to do");
+            }
         }
         SchemaAction::Wait { config, timeout_seconds } => {
             let config = Config::load(&config)?;

@@ -145,6 +145,9 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// The LLM tier (`triage escalate` only).
+    #[serde(default)]
+    pub llm: crate::llm::config::LlmConfig,
 }
 
 fn default_max_message_bytes() -> usize {
@@ -213,6 +216,9 @@ impl Config {
         }
         if let Some(path) = &self.clickhouse.password_file {
             self.clickhouse.password = read(path)?;
+        }
+        if let Some(path) = &self.llm.api_key_file {
+            self.llm.api_key = read(path)?;
         }
         Ok(())
     }

@@ -10,7 +10,8 @@ use serde::Serialize;
 
 use super::{
     CASCADE_FORWARDED, CLICKHOUSE_RETRIES, CLICKHOUSE_ROWS, COMMITTED_OFFSET, END_TO_END_SECONDS, INSERT_SECONDS, KAFKA_WRITE_RETRIES,
-    MESSAGES_CLASSIFIED, MESSAGES_CONSUMED, MESSAGES_DEAD_LETTERED, MESSAGES_ESCALATED, PAUSED, SIDE_RECORDS_CUT,
+    LLM_ANSWERS, LLM_BUDGET_WAITS, LLM_ERRORS, LLM_REQUESTS, LLM_REQUEST_SECONDS, LLM_SKIPPED, LLM_SPEND, LLM_TOKENS, MESSAGES_CLASSIFIED,
+    MESSAGES_CONSUMED, MESSAGES_DEAD_LETTERED, MESSAGES_ESCALATED, PAUSED, SIDE_RECORDS_CUT,
 };
 use crate::message::DecodeReason;
 
@@ -26,6 +27,14 @@ pub enum DeadLetterReason {
     InferenceFailed,
     /// ClickHouse refused the row for its content (isolated by block bisection).
     ClickhouseRejected,
+    /// `triage escalate`: the escalation record is not one it can answer (not JSON, no row).
+    EscalationInvalid,
+    /// `triage escalate`: the LLM endpoint refused this message (400, 413, 422: too long, a
+    /// content filter), which retrying cannot change.
+    LlmRefused,
+    /// `triage escalate`: the LLM's reply was not a valid answer twice (not JSON, an unknown
+    /// label); the last reply is in `triage.detail`.
+    LlmReplyInvalid,
 }
 
 impl DeadLetterReason {
@@ -36,12 +45,28 @@ impl DeadLetterReason {
             DeadLetterReason::TokenizeFailed => "tokenize_failed",
             DeadLetterReason::InferenceFailed => "inference_failed",
             DeadLetterReason::ClickhouseRejected => "clickhouse_rejected",
+            DeadLetterReason::EscalationInvalid => "escalation_invalid",
+            DeadLetterReason::LlmRefused => "llm_refused",
+            DeadLetterReason::LlmReplyInvalid => "llm_reply_invalid",
         }
+    }
+
+    /// An LLM's reply or refusal may quote the message: it goes to the dead letter's header,
+    /// never to the log.
+    fn detail_may_quote_text(self) -> bool {
+        matches!(self, DeadLetterReason::LlmRefused | DeadLetterReason::LlmReplyInvalid)
     }
 
     /// Faults of the pipeline rather than of the producer's bytes deserve an operator's eye.
     fn is_pipeline_fault(self) -> bool {
-        matches!(self, DeadLetterReason::InferenceFailed | DeadLetterReason::TokenizeFailed | DeadLetterReason::ClickhouseRejected)
+        matches!(
+            self,
+            DeadLetterReason::InferenceFailed
+                | DeadLetterReason::TokenizeFailed
+                | DeadLetterReason::ClickhouseRejected
+                | DeadLetterReason::LlmRefused
+                | DeadLetterReason::LlmReplyInvalid
+        )
     }
 }
 
@@ -88,6 +113,11 @@ pub struct Counters {
     insert_retries: AtomicU64,
     kafka_write_retries: AtomicU64,
     forwarded: AtomicU64,
+    llm_answered: AtomicU64,
+    llm_skipped: AtomicU64,
+    llm_prompt_tokens: AtomicU64,
+    llm_completion_tokens: AtomicU64,
+    llm_spend_micros: AtomicU64,
 }
 
 /// The counters at one moment.
@@ -103,6 +133,13 @@ pub struct CountersSnapshot {
     pub kafka_write_retries: u64,
     /// Messages a cascade tier passed on to the next.
     pub forwarded: u64,
+    /// `triage escalate`: answers stored, records skipped (already answered), tokens, spend
+    /// in millionths of the price unit.
+    pub llm_answered: u64,
+    pub llm_skipped: u64,
+    pub llm_prompt_tokens: u64,
+    pub llm_completion_tokens: u64,
+    pub llm_spend_micros: u64,
 }
 
 impl Counters {
@@ -118,6 +155,11 @@ impl Counters {
             insert_retries: get(&self.insert_retries),
             kafka_write_retries: get(&self.kafka_write_retries),
             forwarded: get(&self.forwarded),
+            llm_answered: get(&self.llm_answered),
+            llm_skipped: get(&self.llm_skipped),
+            llm_prompt_tokens: get(&self.llm_prompt_tokens),
+            llm_completion_tokens: get(&self.llm_completion_tokens),
+            llm_spend_micros: get(&self.llm_spend_micros),
         }
     }
 
@@ -182,7 +224,8 @@ impl InternalEvent for DeadLettered<'_> {
     fn emit(self, counters: &Counters) {
         Counters::add(&counters.dead_lettered, 1);
         metrics::counter!(MESSAGES_DEAD_LETTERED, "reason" => self.reason.as_str()).increment(1);
-        let (topic, partition, offset, reason, detail) = (self.topic, self.partition, self.offset, self.reason.as_str(), self.detail);
+        let detail = if self.reason.detail_may_quote_text() { "(in the dead letter's triage.detail header)" } else { self.detail };
+        let (topic, partition, offset, reason) = (self.topic, self.partition, self.offset, self.reason.as_str());
         if self.reason.is_pipeline_fault() {
             tracing::warn!(topic, partition, offset, reason, detail, "message dead-lettered");
         } else {
@@ -372,5 +415,88 @@ mod tests {
         assert!(text.contains("triage_messages_dead_lettered_total{reason=\"not_json\"} 3"), "{text}");
         assert!(text.contains("triage_clickhouse_retries_total 1"), "{text}");
         assert!(text.contains("triage_clickhouse_rows_total{result=\"inserted\"} 7"), "{text}");
+    }
+}
+
+/// One chat-completions call finished with a reply (valid or not).
+pub struct LlmCalled<'a> {
+    pub model: &'a str,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub latency: Duration,
+    /// In millionths of the configured price unit.
+    pub cost_micros: u64,
+}
+
+impl InternalEvent for LlmCalled<'_> {
+    fn emit(self, counters: &Counters) {
+        Counters::add(&counters.llm_prompt_tokens, self.prompt_tokens);
+        Counters::add(&counters.llm_completion_tokens, self.completion_tokens);
+        Counters::add(&counters.llm_spend_micros, self.cost_micros);
+        let model = self.model.to_string();
+        metrics::counter!(LLM_REQUESTS, "model" => model.clone(), "result" => "reply").increment(1);
+        metrics::counter!(LLM_TOKENS, "model" => model.clone(), "type" => "prompt").increment(self.prompt_tokens);
+        metrics::counter!(LLM_TOKENS, "model" => model.clone(), "type" => "completion").increment(self.completion_tokens);
+        metrics::counter!(LLM_SPEND, "model" => model.clone()).increment(self.cost_micros);
+        metrics::histogram!(LLM_REQUEST_SECONDS, "model" => model).record(self.latency.as_secs_f64());
+    }
+}
+
+/// A call (after the client's own retries) or a reply failed; `kind`: rate_limited,
+/// server_error, refused, timeout, transport, bad_envelope, invalid_reply.
+pub struct LlmCallFailed<'a> {
+    pub model: &'a str,
+    pub kind: &'static str,
+}
+
+impl InternalEvent for LlmCallFailed<'_> {
+    fn emit(self, _: &Counters) {
+        metrics::counter!(LLM_ERRORS, "model" => self.model.to_string(), "kind" => self.kind).increment(1);
+        if self.kind != "invalid_reply" {
+            metrics::counter!(LLM_REQUESTS, "model" => self.model.to_string(), "result" => "error").increment(1);
+        }
+    }
+}
+
+/// An LLM answer was stored as the message's row.
+pub struct LlmAnswered<'a> {
+    pub kind: &'a str,
+    /// Whether the LLM chose the small model's category.
+    pub agreed: bool,
+}
+
+impl InternalEvent for LlmAnswered<'_> {
+    fn emit(self, counters: &Counters) {
+        Counters::add(&counters.llm_answered, 1);
+        metrics::counter!(LLM_ANSWERS, "kind" => self.kind.to_string(), "agreed" => if self.agreed { "true" } else { "false" })
+            .increment(1);
+    }
+}
+
+/// An escalation record needed no call: its message is already answered (stored, or in
+/// flight here under an earlier record).
+pub struct LlmSkipped {
+    pub reason: &'static str,
+}
+
+impl InternalEvent for LlmSkipped {
+    fn emit(self, counters: &Counters) {
+        Counters::add(&counters.llm_skipped, 1);
+        metrics::counter!(LLM_SKIPPED, "reason" => self.reason).increment(1);
+    }
+}
+
+/// A call waited for a limit: `limit` is requests, tokens or spend.
+pub struct LlmBudgetWaited {
+    pub limit: &'static str,
+    pub wait: Duration,
+}
+
+impl InternalEvent for LlmBudgetWaited {
+    fn emit(self, _: &Counters) {
+        metrics::counter!(LLM_BUDGET_WAITS, "limit" => self.limit).increment(1);
+        if self.limit == "spend" {
+            tracing::warn!(wait_s = self.wait.as_secs(), "the hourly LLM spend cap is reached: calls wait (nothing is dropped)");
+        }
     }
 }

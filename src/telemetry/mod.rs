@@ -64,6 +64,24 @@ pub const METRICS: &[(&str, &str, &str, &str)] = &[
     ),
     (PAUSED, "gauge", "", "1 while consumption is paused because downstream is behind."),
     (MODEL_INFO, "gauge", "model, version, provider", "1 for each loaded model."),
+    (LLM_REQUESTS, "counter", "model, result", "`triage escalate`: chat-completions calls that got a reply (result=reply) or failed after retries (result=error)."),
+    (LLM_TOKENS, "counter", "model, type", "`triage escalate`: tokens the LLM counted (type=prompt or completion)."),
+    (LLM_REQUEST_SECONDS, "histogram", "model", "`triage escalate`: time of one call that got a reply, retries included."),
+    (
+        LLM_ERRORS,
+        "counter",
+        "model, kind",
+        "`triage escalate`: failures by kind (rate_limited, server_error, refused, timeout, transport, bad_envelope, invalid_reply).",
+    ),
+    (
+        LLM_SPEND,
+        "counter",
+        "model",
+        "`triage escalate`: spend from the configured prices, in millionths of the price unit (per answer: the cost per million messages).",
+    ),
+    (LLM_ANSWERS, "counter", "kind, agreed", "`triage escalate`: LLM answers stored; agreed=true when it chose the small model's category."),
+    (LLM_SKIPPED, "counter", "reason", "`triage escalate`: records answered without a call (reason=already_answered: stored or in flight)."),
+    (LLM_BUDGET_WAITS, "counter", "limit", "`triage escalate`: calls that waited for a limit (requests, tokens, spend)."),
     (READY, "gauge", "", "1 when /readyz answers 200."),
 ];
 
@@ -90,6 +108,14 @@ pub const OLDEST_UNFINISHED: &str = "triage_oldest_unfinished_seconds";
 pub const PAUSED: &str = "triage_consumer_paused";
 pub const MODEL_INFO: &str = "triage_model_info";
 pub const READY: &str = "triage_ready";
+pub const LLM_REQUESTS: &str = "triage_llm_requests_total";
+pub const LLM_TOKENS: &str = "triage_llm_tokens_total";
+pub const LLM_REQUEST_SECONDS: &str = "triage_llm_request_seconds";
+pub const LLM_ERRORS: &str = "triage_llm_errors_total";
+pub const LLM_SPEND: &str = "triage_llm_spend_micros_total";
+pub const LLM_ANSWERS: &str = "triage_llm_answers_total";
+pub const LLM_SKIPPED: &str = "triage_llm_skipped_total";
+pub const LLM_BUDGET_WAITS: &str = "triage_llm_budget_waits_total";
 
 const SECONDS_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 const SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 48.0, 64.0, 96.0, 128.0, 256.0];

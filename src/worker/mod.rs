@@ -55,6 +55,8 @@ pub enum WorkerError {
     Topics(#[from] CheckTopicsError),
     #[error("model `{model}`: the inference backend is failing on every input, even input it answered before ({detail}). The worker stopped without dead-lettering (the messages are not at fault); check the device, memory and model, then restart")]
     Backend { model: String, detail: String },
+    #[error("LLM tier: {0}")]
+    Llm(String),
     #[error("{0}; the worker stopped with offsets committed up to the message it could not settle (fix the topic, then restart)")]
     SideTopic(#[from] crate::sink::kafka::WriteError),
 }

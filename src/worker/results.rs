@@ -116,12 +116,12 @@ impl ResultsLoop {
         let route = &self.routes[tag.route];
         let tier = &route.tiers[tag.tier];
         let doubt = doubt.filter(|_| self.escalation_enabled);
+        let row = build_row(&tag, &classified, route, doubt.is_some(), &self.worker_id);
         if let Some(reason) = doubt {
-            let record = escalation_record(&tag, &classified, route, reason);
+            let record = escalation_record(&tag, &classified, route, reason, &row);
             self.settle.escalate(&tag.message, tag.message_id.clone(), record, route.config.kind.clone(), reason);
         }
         MessageClassified { kind: &route.config.kind, model: &tier.model.name }.emit(self.settle.counters());
-        let row = build_row(&tag, &classified, route, doubt.is_some(), &self.worker_id);
         // The sink stopped (fatal): nothing more can be stored.
         self.rows.send(SinkItem { row, ticket: tag.message }).await.map_err(|_| SinkStopped)
     }
@@ -176,10 +176,12 @@ fn build_row(tag: &MessageTag, c: &Classified, route: &Route, escalated: bool, w
         first_model_name: route.first().model.name.clone(),
         first_category: first.category.as_ref().map(|c| c.label.clone()).unwrap_or_default(),
         first_confidence: first.category.as_ref().map(|c| c.score).unwrap_or(0.0),
+        answered_by: format!("model:{}", tier.model.name),
+        ..ResultRow::default()
     }
 }
 
-/// An escalation record: JSON with everything the next tier needs. When it is too large for
+/// An escalation record: JSON with everything the next tier needs (the row included). When it is too large for
 /// the topic, the original message becomes its text cut at a character boundary, and
 /// `"message_truncated": true` says so; the record stays valid JSON.
 pub(super) struct EscalationRecord {
@@ -227,7 +229,9 @@ impl Fit for EscalationRecord {
     }
 }
 
-fn escalation_record(tag: &MessageTag, c: &Classified, route: &Route, reason: EscalationReason) -> EscalationRecord {
+/// `row`: the message's row as stored, which `triage escalate` writes again with the LLM's
+/// answer (same key, same event time, a higher-ranked version).
+fn escalation_record(tag: &MessageTag, c: &Classified, route: &Route, reason: EscalationReason, row: &ResultRow) -> EscalationRecord {
     let source = &tag.message.message;
     let key = source.key_source();
     let original: Value =
@@ -271,6 +275,7 @@ fn escalation_record(tag: &MessageTag, c: &Classified, route: &Route, reason: Es
             "category": e.prediction.category.as_ref().map(|c| &c.label),
             "confidence": e.prediction.category.as_ref().map(|c| c.score),
         })).collect::<Vec<_>>(),
+        "row": row,
         "message": original,
     }))
 }
@@ -387,9 +392,12 @@ mod tests {
             ("card_stolen", "card_lost", "support")
         );
         assert!((row.first_confidence - 0.42).abs() < 1e-6);
-        let record = escalation_record(&tag, &second, &route, EscalationReason::LowConfidence);
+        let record = escalation_record(&tag, &second, &route, EscalationReason::LowConfidence, &row);
         let v: Value = serde_json::from_slice(record.bytes()).unwrap();
         assert_eq!((v["result"]["model"].as_str(), v["result"]["tier"].as_u64()), (Some("accurate"), Some(1)));
+        let carried: ResultRow = serde_json::from_value(v["row"].clone()).unwrap();
+        assert_eq!(carried, row, "the record carries the whole row, for the LLM tier to write again");
+        assert_eq!(carried.answered_by, "model:accurate");
         assert_eq!(v["earlier_tiers"][0]["model"], "support");
         assert_eq!(v["earlier_tiers"][0]["category"], "card_lost");
     }
@@ -397,7 +405,13 @@ mod tests {
     #[test]
     fn an_escalation_record_says_why_and_keeps_the_original_message() {
         let route = route(EscalationPolicy { head: None, threshold: 0.5, ood_threshold: Some(0.3) });
-        let record = escalation_record(&tag(br#"{"body": "my card is gone"}"#), &classified(), &route, EscalationReason::LowConfidence);
+        let record = escalation_record(
+            &tag(br#"{"body": "my card is gone"}"#),
+            &classified(),
+            &route,
+            EscalationReason::LowConfidence,
+            &ResultRow::default(),
+        );
         let v: Value = serde_json::from_slice(record.bytes()).unwrap();
         assert_eq!(v["message_id"], record.value()["message_id"], "the bytes are the value");
         assert_eq!(v["message_id"], "t-1");
@@ -409,7 +423,8 @@ mod tests {
         assert_eq!(v["message"]["body"], "my card is gone");
         assert_eq!(v["result"]["heads"]["tags"][0]["label"], "urgent");
         assert!(v["result"]["heads"].get("embedding").is_none(), "vectors stay out of escalations");
-        let record = escalation_record(&tag(b"\xff not json"), &classified(), &route, EscalationReason::OutOfDistribution);
+        let record =
+            escalation_record(&tag(b"\xff not json"), &classified(), &route, EscalationReason::OutOfDistribution, &ResultRow::default());
         let v: Value = serde_json::from_slice(record.bytes()).unwrap();
         assert!(v["message"].is_string(), "a payload that is not JSON travels as text");
         assert_eq!(v["reason"]["why"], "out_of_distribution");
@@ -421,7 +436,7 @@ mod tests {
         // Multi-byte characters and characters JSON must escape, so cuts land mid-character.
         let body = "é\"\n\u{1}€".repeat(40_000);
         let payload = serde_json::to_vec(&json!({ "body": body })).unwrap();
-        let record = escalation_record(&tag(&payload), &classified(), &route, EscalationReason::LowConfidence);
+        let record = escalation_record(&tag(&payload), &classified(), &route, EscalationReason::LowConfidence, &ResultRow::default());
         assert!(record.bytes().len() > 200_000);
         for limit in [100_000, 4_096, 2_000] {
             let cut = record.cut(limit).unwrap_or_else(|| panic!("no cut to {limit}"));

@@ -103,6 +103,11 @@ impl Settler {
         let _ = self.fatal.try_send(error);
     }
 
+    /// Settle a message that needed no write (`triage escalate`: already answered).
+    pub fn done(&self, delivery: &Delivery) {
+        self.ack(delivery);
+    }
+
     fn ack(&self, delivery: &Delivery) {
         if let Ok(mut tracker) = self.tracker.lock() {
             if tracker.ack(delivery) == AckResult::Stale {

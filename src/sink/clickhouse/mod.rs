@@ -100,7 +100,7 @@ pub async fn run<T: Send + 'static>(
             oldest = if buffer.is_empty() { None } else { Some(Instant::now()) };
             let now_ms = crate::time::now_ms();
             for item in &mut block {
-                item.row.processed_time_ms = now_ms;
+                item.row.stamp(now_ms);
             }
             let service = service.clone();
             running = Some(tokio::spawn(async move {

@@ -49,6 +49,45 @@ pub struct ResultRow {
     pub first_model_name: String,
     pub first_category: String,
     pub first_confidence: f32,
+    /// Who gave this version's answer: `model:<name>` (the worker's tier), `llm:<model>`
+    /// (`triage escalate`). Its rank leads `row_version`.
+    pub answered_by: String,
+    /// The ReplacingMergeTree version: answer rank (0 small model, 1 LLM, 2 person) in the
+    /// high bits, `processed_time_ms` below, so `FINAL` keeps an LLM's answer over any later
+    /// replay of the small model's row. Set by the sink ([`ResultRow::stamp`]).
+    pub row_version: u64,
+    /// On a row answered by an LLM: what the small model (its last tier) had said.
+    pub slm_category: String,
+    pub slm_confidence: f32,
+    pub slm_priority: String,
+    pub slm_tags: Vec<String>,
+    /// On a row answered by an LLM: its call's tokens and latency (retries included).
+    pub llm_prompt_tokens: u32,
+    pub llm_completion_tokens: u32,
+    pub llm_latency_ms: u32,
+}
+
+/// Bits of `row_version` below the answer rank: milliseconds until the year 10889.
+pub const RANK_SHIFT: u32 = 48;
+
+/// How an answer ranks against others for the same message: a later replay of a lower rank
+/// never replaces a higher one.
+pub fn answer_rank(answered_by: &str) -> u64 {
+    if answered_by.starts_with("person:") {
+        2
+    } else if answered_by.starts_with("llm:") {
+        1
+    } else {
+        0
+    }
+}
+
+impl ResultRow {
+    /// Mark the row as handed to ClickHouse now: its processing time and its version.
+    pub fn stamp(&mut self, now_ms: u64) {
+        self.processed_time_ms = now_ms;
+        self.row_version = (answer_rank(&self.answered_by) << RANK_SHIFT) | (now_ms & ((1 << RANK_SHIFT) - 1));
+    }
 }
 
 /// (column, ClickHouse type, low-cardinality candidate) in row order.
@@ -85,6 +124,15 @@ pub const COLUMNS: &[(&str, &str, bool)] = &[
     ("first_model_name", "String", true),
     ("first_category", "String", true),
     ("first_confidence", "Float32", false),
+    ("answered_by", "String", true),
+    ("row_version", "UInt64", false),
+    ("slm_category", "String", true),
+    ("slm_confidence", "Float32", false),
+    ("slm_priority", "String", true),
+    ("slm_tags", "Array(String)", false),
+    ("llm_prompt_tokens", "UInt32", false),
+    ("llm_completion_tokens", "UInt32", false),
+    ("llm_latency_ms", "UInt32", false),
 ];
 
 #[cfg(test)]
@@ -93,43 +141,26 @@ mod tests {
 
     #[test]
     fn row_fields_and_columns_are_in_the_same_order() {
-        let row = ResultRow {
-            topic: String::new(),
-            partition: 0,
-            offset: 0,
-            message_id: String::new(),
-            kind: String::new(),
-            event_time: 0,
-            event_time_ms: 0,
-            consumed_time_ms: 0,
-            processed_time_ms: 0,
-            model_name: String::new(),
-            model_version: String::new(),
-            category: String::new(),
-            confidence: 0.0,
-            priority: String::new(),
-            tags: vec![],
-            tag_scores: vec![],
-            head_names: vec![],
-            head_labels: vec![],
-            head_scores: vec![],
-            escalated: 0,
-            text_chars: 0,
-            tokens: 0,
-            truncated: 0,
-            metadata_keys: vec![],
-            metadata_values: vec![],
-            worker_id: String::new(),
-            ood_score: None,
-            redriven: 0,
-            tier: 0,
-            first_model_name: String::new(),
-            first_category: String::new(),
-            first_confidence: 0.0,
-        };
+        let row = ResultRow::default();
         let serde_json::Value::Object(fields) = serde_json::to_value(&row).unwrap() else { panic!() };
         let names: Vec<&str> = fields.keys().map(String::as_str).collect();
         let columns: Vec<&str> = COLUMNS.iter().map(|c| c.0).collect();
         assert_eq!(names, columns);
+    }
+
+    #[test]
+    fn an_llm_answer_outranks_any_later_small_model_row() {
+        let mut llm = ResultRow { answered_by: "llm:qwen".into(), ..ResultRow::default() };
+        llm.stamp(1_700_000_000_000);
+        let mut replay = ResultRow { answered_by: "model:customer-service".into(), ..ResultRow::default() };
+        replay.stamp(4_000_000_000_000); // a replay decades later
+        assert!(llm.row_version > replay.row_version);
+        let mut person = ResultRow { answered_by: "person:ana".into(), ..ResultRow::default() };
+        person.stamp(1);
+        assert!(person.row_version > llm.row_version);
+        let mut later_llm = llm.clone();
+        later_llm.stamp(1_700_000_000_001);
+        assert!(later_llm.row_version > llm.row_version, "within a rank, the later answer wins");
+        assert_eq!(replay.row_version, 4_000_000_000_000, "rank 0 keeps the plain time");
     }
 }

@@ -5,6 +5,12 @@
 //! (topic, partition, offset) and whose PARTITION BY uses the Kafka message timestamp (the
 //! same on every replay), so a replayed message's rows collapse into one. Until merges run,
 //! duplicates may be visible: read with FINAL (as every view here does) or with argMax.
+//!
+//! The version is `row_version`: the answer's rank (small model, LLM, person) before its time,
+//! so an LLM's answer written by `triage escalate` stays the row `FINAL` returns even when the
+//! small model's row is replayed later. Tables made before it used `processed_time_ms`: a
+//! ReplacingMergeTree's version cannot be altered, so [`migration`] copies such a table into
+//! one made anew (`triage schema migrate`).
 
 use super::config::ClickHouseConfig;
 use super::row::COLUMNS;
@@ -26,7 +32,14 @@ pub fn create_database(c: &ClickHouseConfig) -> String {
     format!("CREATE DATABASE IF NOT EXISTS {}{}", c.database, on_cluster(c))
 }
 
+/// The ReplacingMergeTree version column of tables made by this release.
+pub const VERSION_COLUMN: &str = "row_version";
+
 pub fn create_table(c: &ClickHouseConfig) -> String {
+    create_table_named(c, &storage_table(c))
+}
+
+fn create_table_named(c: &ClickHouseConfig, local: &str) -> String {
     let columns: Vec<String> = COLUMNS
         .iter()
         .map(|(name, ty, low)| {
@@ -34,14 +47,13 @@ pub fn create_table(c: &ClickHouseConfig) -> String {
             format!("    `{name}` {ty}")
         })
         .collect();
-    let local = storage_table(c);
     let engine = match c.cluster {
         // {shard} and {replica} are the servers' macros; the ZooKeeper path names the table.
         Some(_) => format!(
-            "ReplicatedReplacingMergeTree('/clickhouse/tables/{{shard}}/{db}/{local}', '{{replica}}', processed_time_ms)",
+            "ReplicatedReplacingMergeTree('/clickhouse/tables/{{shard}}/{db}/{local}', '{{replica}}', {VERSION_COLUMN})",
             db = c.database
         ),
-        None => "ReplacingMergeTree(processed_time_ms)".to_string(),
+        None => format!("ReplacingMergeTree({VERSION_COLUMN})"),
     };
     format!(
         "CREATE TABLE IF NOT EXISTS {db}.{local}{on}\n(\n{cols}\n)\nENGINE = {engine}\n\
@@ -101,7 +113,79 @@ pub fn views(c: &ClickHouseConfig) -> Vec<(String, String)> {
 
 /// Columns added after the first release: `triage schema apply` adds those a table created
 /// earlier lacks. (18.16 has no `ADD COLUMN IF NOT EXISTS`, so apply checks system.columns.)
-pub const ADDED_COLUMNS: &[&str] = &["ood_score", "redriven", "tier", "first_model_name", "first_category", "first_confidence"];
+pub const ADDED_COLUMNS: &[&str] = &[
+    "ood_score",
+    "redriven",
+    "tier",
+    "first_model_name",
+    "first_category",
+    "first_confidence",
+    "answered_by",
+    "row_version",
+    "slm_category",
+    "slm_confidence",
+    "slm_priority",
+    "slm_tags",
+    "llm_prompt_tokens",
+    "llm_completion_tokens",
+    "llm_latency_ms",
+];
+
+/// The version column of a ReplacingMergeTree, read from its `SHOW CREATE TABLE` (the same
+/// text on 18.16 and modern servers): the engine's last argument.
+pub fn version_column_of(create_statement: &str) -> Option<String> {
+    let start = create_statement.find("ReplacingMergeTree(")? + "ReplacingMergeTree(".len();
+    let args = &create_statement[start..start + create_statement[start..].find(')')?];
+    let last = args.rsplit(',').next()?.trim().trim_matches('`');
+    (!last.is_empty() && !last.starts_with('\'')).then(|| last.to_string())
+}
+
+/// Where a table being migrated is built, and where the old one is kept afterwards.
+pub fn migration_tables(c: &ClickHouseConfig) -> (String, String) {
+    (format!("{}__migrating", c.table), format!("{}_before_row_version", c.table))
+}
+
+/// Copy rows of `from` into `to` (both in the results database), every column named, the
+/// version computed for rows the old table never versioned. `since_ms`: only rows processed
+/// from then on (the second pass, for rows written while the first ran).
+pub fn copy_rows(c: &ClickHouseConfig, from: &str, to: &str, since_ms: Option<u64>) -> String {
+    let names: Vec<String> = COLUMNS.iter().map(|(n, _, _)| format!("`{n}`")).collect();
+    let select: Vec<String> = COLUMNS
+        .iter()
+        .map(|(n, _, _)| match *n {
+            // By position, not by alias: an alias named like the column it reads is a cycle.
+            VERSION_COLUMN => format!("if(`{VERSION_COLUMN}` = 0, processed_time_ms, `{VERSION_COLUMN}`)"),
+            other => format!("`{other}`"),
+        })
+        .collect();
+    let filter = since_ms.map(|ms| format!(" WHERE processed_time_ms >= {ms}")).unwrap_or_default();
+    format!(
+        "INSERT INTO {db}.{to} ({names}) SELECT {select} FROM {db}.{from}{filter}",
+        db = c.database,
+        names = names.join(", "),
+        select = select.join(", ")
+    )
+}
+
+/// The statements of a migration to `row_version` on one server, in order: a new table, every
+/// row copied, the two swapped by one RENAME (views read by name, so they follow), then the
+/// rows written during the copy copied again (duplicates collapse: same key, same version).
+/// The old table is kept under [`migration_tables`]' second name, to drop once checked.
+pub fn migration(c: &ClickHouseConfig, since_ms: u64) -> Result<Vec<String>, String> {
+    if c.cluster.is_some() {
+        return Err("a cluster's replicated tables are migrated by hand (see deploy/clickhouse/README.md): \
+                    `triage schema migrate` handles one server"
+            .into());
+    }
+    let (building, kept) = migration_tables(c);
+    Ok(vec![
+        format!("DROP TABLE IF EXISTS {}.{building}", c.database),
+        create_table_named(c, &building),
+        copy_rows(c, &c.table, &building, None),
+        format!("RENAME TABLE {db}.{t} TO {db}.{kept}, {db}.{building} TO {db}.{t}", db = c.database, t = c.table),
+        copy_rows(c, &kept, &c.table, Some(since_ms)),
+    ])
+}
 
 /// `ALTER TABLE ... ADD COLUMN` for an added column, on the table that stores rows (ON
 /// CLUSTER for a cluster's replicated local tables).
@@ -139,7 +223,7 @@ pub fn statements(c: &ClickHouseConfig) -> Vec<String> {
 pub fn script(c: &ClickHouseConfig) -> String {
     let mut s = String::from(
         "-- triage results schema. Read each message once: SELECT ... FROM <table> FINAL, or\n\
-         -- argMax(column, processed_time_ms) grouped by (topic, partition, offset).\n",
+         -- argMax(column, row_version) grouped by (topic, partition, offset).\n",
     );
     if let Some(cluster) = &c.cluster {
         s.push_str(&format!(
@@ -179,7 +263,8 @@ mod tests {
     #[test]
     fn dedup_key_ends_the_order_by_and_partitioning_is_replay_stable() {
         let sql = create_table(&ClickHouseConfig::default());
-        assert!(sql.contains("ReplacingMergeTree(processed_time_ms)"));
+        assert!(sql.contains("ReplacingMergeTree(row_version)"));
+        assert_eq!(version_column_of(&sql).as_deref(), Some("row_version"));
         assert!(sql.contains("ORDER BY (toDate(event_time), topic, partition, offset)"));
         assert!(sql.contains("PARTITION BY toYYYYMM(event_time)"), "event time, never processing time");
     }
@@ -207,8 +292,8 @@ mod tests {
         assert!(all.iter().all(|s| s.contains(" ON CLUSTER 'prod'")), "{all:#?}");
         let table = create_table(&c);
         assert!(table.contains("triage.results_local ON CLUSTER 'prod'"), "{table}");
-        assert!(table
-            .contains("ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/triage/results_local', '{replica}', processed_time_ms)"));
+        assert!(table.contains("ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/triage/results_local', '{replica}', row_version)"));
+        assert_eq!(version_column_of(&table).as_deref(), Some("row_version"));
         let distributed = create_distributed(&c).unwrap();
         assert!(distributed.contains("AS triage.results_local") && distributed.contains("cityHash64(topic, partition, offset)"));
         assert!(views(&c).iter().all(|(_, v)| v.contains("FROM triage.results FINAL")), "views read the Distributed table");
@@ -219,5 +304,32 @@ mod tests {
         assert_eq!(add_column(&ClickHouseConfig::default(), "redriven").unwrap(), "ALTER TABLE triage.results ADD COLUMN `redriven` UInt8");
         assert!(recreate_distributed(&ClickHouseConfig::default()).is_empty());
         assert!(create_distributed(&ClickHouseConfig::default()).is_none());
+    }
+
+    #[test]
+    fn the_version_column_is_read_from_either_servers_create_statement() {
+        let old_1816 = "CREATE TABLE triage.results ( `topic` String) ENGINE = ReplacingMergeTree(processed_time_ms) PARTITION BY toYYYYMM(event_time) ORDER BY (toDate(event_time), topic, partition, offset) SETTINGS index_granularity = 8192";
+        assert_eq!(version_column_of(old_1816).as_deref(), Some("processed_time_ms"));
+        let replicated =
+            "ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/triage/results_local', '{replica}', row_version)";
+        assert_eq!(version_column_of(replicated).as_deref(), Some("row_version"));
+        assert_eq!(version_column_of("ENGINE = ReplacingMergeTree"), None, "no version: the last part wins, not ours");
+        assert_eq!(version_column_of("ENGINE = ReplacingMergeTree()"), None);
+        assert_eq!(version_column_of("ENGINE = MergeTree()"), None);
+    }
+
+    #[test]
+    fn a_migration_copies_everything_swaps_in_one_rename_and_catches_up() {
+        let c = ClickHouseConfig::default();
+        let steps = migration(&c, 1_700_000_000_000).unwrap();
+        assert!(steps[1].contains("triage.results__migrating") && steps[1].contains("ReplacingMergeTree(row_version)"));
+        assert!(steps[2].starts_with("INSERT INTO triage.results__migrating (`topic`,"));
+        assert!(steps[2].contains(", if(`row_version` = 0, processed_time_ms, `row_version`), "));
+        assert_eq!(
+            steps[3],
+            "RENAME TABLE triage.results TO triage.results_before_row_version, triage.results__migrating TO triage.results"
+        );
+        assert!(steps[4].ends_with("FROM triage.results_before_row_version WHERE processed_time_ms >= 1700000000000"));
+        assert!(migration(&ClickHouseConfig { cluster: Some("c".into()), ..c }, 0).is_err());
     }
 }

@@ -112,6 +112,18 @@ enum Rejection {
     TooManyPartitions(String),
 }
 
+/// An LLM's answer as stored: the message's key and its labels.
+#[derive(Debug, Clone, PartialEq, clickhouse::Row, serde::Deserialize)]
+pub struct LlmAnswer {
+    pub topic: String,
+    pub partition: u32,
+    pub offset: u64,
+    pub head_names: Vec<String>,
+    pub head_labels: Vec<String>,
+    pub tags: Vec<String>,
+    pub answered_by: String,
+}
+
 pub struct ClickHouseService {
     client: Client,
     config: ClickHouseConfig,
@@ -187,6 +199,65 @@ impl ClickHouseService {
             admin.query(&stmt).execute().await?;
         }
         Ok(())
+    }
+
+    /// The version column of the table that stores rows (`row_version` for tables made by
+    /// this release; `processed_time_ms` for older ones until `triage schema migrate`).
+    pub async fn version_column(&self) -> Result<Option<String>, clickhouse::error::Error> {
+        let sql = format!("SHOW CREATE TABLE {}.{}", self.config.database, schema::storage_table(&self.config));
+        let statement = self.client.query(&sql).fetch_one::<String>().await?;
+        Ok(schema::version_column_of(&statement))
+    }
+
+    /// Whether the table holds an LLM's answer for this row's message (asked through the
+    /// primary key: day, topic, partition, offset; no FINAL needed to know one exists).
+    pub async fn has_llm_answer(&self, row: &ResultRow) -> Result<bool, clickhouse::error::Error> {
+        let sql = format!(
+            "SELECT toUInt64(count()) FROM {}.{} WHERE toDate(event_time) = toDate(toDateTime(?)) AND topic = ? AND partition = ? AND offset = ? AND answered_by LIKE 'llm:%'",
+            self.config.database, self.config.table
+        );
+        let n =
+            self.client.query(&sql).bind(row.event_time).bind(&row.topic).bind(row.partition).bind(row.offset).fetch_one::<u64>().await?;
+        Ok(n > 0)
+    }
+
+    /// Every message's current answer where an LLM gave it (`triage escalate --export-labels`).
+    pub async fn llm_answers(&self) -> Result<Vec<LlmAnswer>, clickhouse::error::Error> {
+        let sql = format!(
+            "SELECT topic, partition, offset, head_names, head_labels, tags, answered_by FROM {}.{} FINAL WHERE answered_by LIKE 'llm:%'",
+            self.config.database, self.config.table
+        );
+        self.client.query(&sql).fetch_all::<LlmAnswer>().await
+    }
+
+    /// Move a table made before `row_version` onto it ([`schema::migration`]), reporting each
+    /// step. Ok(false): nothing to do.
+    pub async fn migrate_version(&self, progress: impl Fn(&str)) -> Result<bool, SinkError> {
+        let fatal = |e: clickhouse::error::Error| SinkError::Fatal(e.to_string());
+        self.apply_schema().await.map_err(fatal)?;
+        if self.version_column().await.map_err(fatal)?.as_deref() == Some(schema::VERSION_COLUMN) {
+            return Ok(false);
+        }
+        // Rows a worker hands over while the copy runs are copied again after the swap; a
+        // minute's margin covers clocks that disagree between hosts (extra copies collapse).
+        let since_ms = crate::time::now_ms().saturating_sub(60_000);
+        let steps = schema::migration(&self.config, since_ms).map_err(SinkError::Fatal)?;
+        let admin = self.client.clone().with_database("default");
+        let count = |table: String| {
+            let admin = admin.clone();
+            let sql = format!("SELECT toUInt64(count()) FROM {}.{table}", self.config.database);
+            async move { admin.query(&sql).fetch_one::<u64>().await }
+        };
+        let before = count(self.config.table.clone()).await.map_err(fatal)?;
+        for (i, sql) in steps.iter().enumerate() {
+            let first_line = sql.lines().next().unwrap_or_default();
+            progress(&format!("step {}/{}: {}", i + 1, steps.len(), crate::sink::kafka::cut_at_char(first_line, 110)));
+            admin.query(sql).execute().await.map_err(fatal)?;
+        }
+        let (_, kept) = schema::migration_tables(&self.config);
+        let after = count(self.config.table.clone()).await.map_err(fatal)?;
+        progress(&format!("{before} rows before, {after} now (before merging duplicates); the old table is kept as {kept}"));
+        Ok(true)
     }
 
     /// [`apply_schema`](Self::apply_schema), retrying while the server is not reachable yet

@@ -1,0 +1,142 @@
+//! `[llm]`: where `triage escalate` asks, and what it may spend. Only `triage escalate` needs
+//! it; `triage run` ignores it. Every field reads the environment too (`TRIAGE_LLM__URL`, ...).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::budget::Limits;
+use super::client::ChatSettings;
+use super::prompt::StructuredOutput;
+use crate::config::Secret;
+use crate::retry::Backoff;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LlmConfig {
+    /// The OpenAI-compatible server: its base URL (`http://vllm:8000/v1`) or the full
+    /// `.../chat/completions` URL.
+    pub url: String,
+    /// The model name the server knows (`gpt-4o-mini`, `Qwen/Qwen2.5-7B-Instruct`, ...).
+    pub model: String,
+    /// The API key (prefer `api_key_file`); sent as `Authorization: Bearer`.
+    pub api_key: Secret,
+    /// A file holding the API key (a mounted Kubernetes Secret).
+    pub api_key_file: Option<PathBuf>,
+    /// How the server is told to answer only with known labels: `json_schema` (OpenAI, Azure
+    /// OpenAI, vLLM), `json_object` (llama-cpp-python's server), `none` (reply parsed and checked).
+    pub structured_output: StructuredOutput,
+    /// Deadline of one HTTP call (milliseconds).
+    pub timeout_ms: u64,
+    /// Retries of one call on 429 / 5xx / timeouts (honouring Retry-After), after the first try.
+    pub retries: u32,
+    pub max_concurrent_requests: usize,
+    /// Longest reply (tokens).
+    pub max_tokens: u32,
+    /// The message text sent is cut to this many characters (the model's context, less the
+    /// prompt; a cut text is still answered).
+    pub max_text_chars: usize,
+    /// Escalation records consumed but not yet answered before consumption pauses.
+    pub max_in_flight: usize,
+    /// The consumer group of `triage escalate` (apart from the workers').
+    pub group_id: String,
+    pub requests_per_minute: Option<u32>,
+    /// Prompt + completion tokens per minute.
+    pub tokens_per_minute: Option<u64>,
+    /// The provider's prices per million tokens (0 for a self-hosted server).
+    pub prompt_price_per_million: f64,
+    pub completion_price_per_million: f64,
+    /// Hard cap: no call starts while the last hour's spend is at or above it (consumption
+    /// waits; nothing is dropped).
+    pub max_spend_per_hour: Option<f64>,
+}
+
+impl Default for LlmConfig {
+    fn default() -> Self {
+        LlmConfig {
+            url: String::new(),
+            model: String::new(),
+            api_key: Secret::default(),
+            api_key_file: None,
+            structured_output: StructuredOutput::JsonSchema,
+            timeout_ms: 60_000,
+            retries: 3,
+            max_concurrent_requests: 4,
+            max_tokens: 256,
+            max_text_chars: 16_000,
+            max_in_flight: 64,
+            group_id: "triage-escalate".into(),
+            requests_per_minute: None,
+            tokens_per_minute: None,
+            prompt_price_per_million: 0.0,
+            completion_price_per_million: 0.0,
+            max_spend_per_hour: None,
+        }
+    }
+}
+
+impl LlmConfig {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            requests_per_minute: self.requests_per_minute,
+            tokens_per_minute: self.tokens_per_minute,
+            prompt_price_per_million: self.prompt_price_per_million,
+            completion_price_per_million: self.completion_price_per_million,
+            max_spend_per_hour: self.max_spend_per_hour,
+        }
+    }
+
+    pub fn chat_settings(&self) -> ChatSettings {
+        ChatSettings {
+            url: self.url.clone(),
+            api_key: Some(self.api_key.clone()).filter(|k| !k.expose().is_empty()),
+            timeout: Duration::from_millis(self.timeout_ms),
+            retries: self.retries,
+            backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
+        }
+    }
+
+    /// What `triage escalate` needs (checked when it starts, not by `triage run`).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.url.trim().is_empty() {
+            return Err("llm.url is empty: name the OpenAI-compatible server (e.g. http://vllm:8000/v1)".into());
+        }
+        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+            return Err(format!("llm.url `{}` must start with http:// or https://", self.url));
+        }
+        if self.model.trim().is_empty() {
+            return Err("llm.model is empty: name the model the server serves".into());
+        }
+        if self.timeout_ms == 0
+            || self.max_concurrent_requests == 0
+            || self.max_tokens == 0
+            || self.max_in_flight == 0
+            || self.max_text_chars == 0
+        {
+            return Err("llm: timeout_ms, max_concurrent_requests, max_tokens, max_text_chars and max_in_flight must be at least 1".into());
+        }
+        if self.group_id.trim().is_empty() {
+            return Err("llm.group_id is empty".into());
+        }
+        self.limits().validate()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_escalate_cannot_work_without_is_named() {
+        let ok = LlmConfig { url: "http://127.0.0.1:8080/v1".into(), model: "tiny".into(), ..LlmConfig::default() };
+        assert!(ok.validate().is_ok());
+        assert!(LlmConfig::default().validate().unwrap_err().contains("llm.url"));
+        assert!(LlmConfig { model: String::new(), ..ok.clone() }.validate().unwrap_err().contains("llm.model"));
+        assert!(LlmConfig { url: "vllm:8000".into(), ..ok.clone() }.validate().unwrap_err().contains("http://"));
+        assert!(LlmConfig { max_concurrent_requests: 0, ..ok.clone() }.validate().is_err());
+        let capped = LlmConfig { max_spend_per_hour: Some(5.0), ..ok.clone() };
+        assert!(capped.validate().unwrap_err().contains("price"), "a cap needs prices");
+        assert!(ok.chat_settings().api_key.is_none(), "no key: no Authorization header");
+    }
+}

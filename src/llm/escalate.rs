@@ -1,0 +1,606 @@
+//! `triage escalate`: a consumer group on the escalation topic. Each record is answered by a
+//! large model through the OpenAI-compatible chat-completions API, and the answer is written
+//! as the message's next row version in ClickHouse (same key and event time, a version that
+//! outranks the small model's). Commits follow the worker's rule, through the same settle
+//! path: an offset is committed only once its record's row is stored or its dead letter
+//! acknowledged.
+//!
+//! ```text
+//! escalation topic ─> record ─> already answered? ─yes─> done
+//!                          │          no
+//!                          │          └─> budget (rpm, tpm, spend/hour) ─> LLM ─> reply checked ─> row ─> ClickHouse ─> done
+//!                          └─> unusable record / refused / invalid reply twice ─> dead letter ─> done
+//! ```
+//!
+//! What a team paying per token needs: nothing already answered is sent again (the table is
+//! asked, and records of a message already in flight here wait on nothing and are done at
+//! once); a hard hourly spend cap (calls wait; nothing is dropped); an endpoint that is down
+//! stalls the consumer (retried, never dead-lettered: it is not the message's fault); an
+//! endpoint that refuses every call (bad key, unknown model, unsupported dialect) stops the
+//! command. No message text is logged.
+//!
+//! Limits: the "already answered" check reads the table, so two `triage escalate` replicas
+//! that receive copies of one message at the same moment (a worker replay landing on another
+//! partition cannot happen: records are keyed by message id) could both call; the row versions
+//! still collapse to one answer.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::producer::FutureProducer;
+use serde_json::Value;
+use tokio::sync::{mpsc, Semaphore};
+
+use super::answer::{answered_row, Escalation, Roles};
+use super::budget::{Budget, Wait};
+use super::client::{ChatClient, ChatError, Completion};
+use super::config::LlmConfig;
+use super::prompt::{Answer, LabelSpace};
+use crate::config::Config;
+use crate::message::{Decoder, DEFAULT_MAX_MESSAGE_BYTES};
+use crate::model::{Descriptor, Template};
+use crate::retry::Backoff;
+use crate::sink::clickhouse::{self as ch, ClickHouseService, ResultRow, Settle, SinkItem};
+use crate::sink::kafka::{cut_at_char, SideTopics, SideTopicsConfig};
+use crate::source::kafka::{check_topics_exist, commit_list, ClientRole, TrackingContext};
+use crate::source::offsets::{OffsetTracker, TopicPartition};
+use crate::source::{Consumed, SourceMessage};
+use crate::telemetry::events::{
+    Counters, DeadLetterReason, InternalEvent, LlmAnswered, LlmBudgetWaited, LlmCallFailed, LlmCalled, LlmSkipped, MessageConsumed,
+    OffsetCommitted,
+};
+use crate::telemetry::{self, Readiness};
+use crate::worker::settle::Settler;
+use crate::worker::WorkerError;
+
+/// What one run did.
+#[derive(Debug, Default, Clone)]
+pub struct EscalateReport {
+    pub consumed: u64,
+    pub answered: u64,
+    pub skipped: u64,
+    pub dead_lettered: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// From the configured prices.
+    pub spend: f64,
+    pub seconds: f64,
+    /// Records unfinished at exit (read again by the group's next owner).
+    pub unfinished: usize,
+}
+
+/// Messages remembered as answered (or in flight) here, beyond what the table is asked.
+const RECENT_KEYS: usize = 100_000;
+
+/// What answers one route's messages: its last tier's labels and how its text is made.
+pub(crate) struct RouteLabels {
+    pub(crate) space: LabelSpace,
+    pub(crate) roles: Roles,
+    pub(crate) decoder: Decoder,
+}
+
+type Key = (String, u32, u64);
+
+/// Keys answered or in flight here, oldest forgotten first.
+#[derive(Default)]
+struct RecentKeys {
+    set: HashSet<Key>,
+    order: VecDeque<Key>,
+}
+
+impl RecentKeys {
+    /// False when the key is already there.
+    fn insert(&mut self, key: Key) -> bool {
+        if !self.set.insert(key.clone()) {
+            return false;
+        }
+        self.order.push_back(key);
+        while self.order.len() > RECENT_KEYS {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        true
+    }
+
+    fn forget(&mut self, key: &Key) {
+        self.set.remove(key);
+    }
+}
+
+struct Shared {
+    routes: HashMap<String, RouteLabels>,
+    client: ChatClient,
+    llm: LlmConfig,
+    budget: Mutex<Budget>,
+    calls: Semaphore,
+    recent: Arc<Mutex<RecentKeys>>,
+    clickhouse: Arc<ClickHouseService>,
+    rows: mpsc::Sender<SinkItem<Consumed>>,
+    settle: Settler,
+    worker_id: String,
+}
+
+/// How the sink's verdict on an answer's row is settled: stored rows count as answered; a
+/// rejected row is dead-lettered and its key forgotten (a later record may try again).
+struct AnswerSettle {
+    settle: Settler,
+    recent: Arc<Mutex<RecentKeys>>,
+}
+
+impl Settle<Consumed> for AnswerSettle {
+    fn stored(&self, ticket: Consumed, row: &ResultRow) {
+        LlmAnswered { kind: &row.kind, agreed: row.category == row.slm_category }.emit(self.settle.counters());
+        self.settle.stored(ticket, row);
+    }
+
+    fn rejected(&self, ticket: Consumed, error: &str) {
+        if let Ok(record) = Escalation::parse(&ticket.message.payload) {
+            if let Ok(mut recent) = self.recent.lock() {
+                recent.forget(&record.key());
+            }
+        }
+        self.settle.rejected(ticket, error);
+    }
+}
+
+/// Load each route's label space (its last tier: the model whose doubt was escalated).
+pub(crate) fn route_labels(config: &Config) -> Result<HashMap<String, RouteLabels>, WorkerError> {
+    let mut routes = HashMap::new();
+    for route in &config.routes {
+        let dir = Config::tiers(route).pop().unwrap_or_else(|| route.model.clone());
+        let failed = |reason: String| WorkerError::Route { topic: route.topic.clone(), reason };
+        let descriptor = Descriptor::load(&dir).map_err(|e| failed(format!("model {}: {e}", dir.display())))?;
+        let space = LabelSpace::of_model(&descriptor, &dir).map_err(|e| failed(format!("model {}: {e}", dir.display())))?;
+        let template_text = config.inference.template.clone().unwrap_or_else(|| descriptor.template.clone());
+        let template = Template::parse(&template_text).map_err(|e| failed(format!("template: {e}")))?;
+        let decoder = Decoder::new(
+            route.fields.clone(),
+            template,
+            config.max_message_bytes.max(DEFAULT_MAX_MESSAGE_BYTES),
+            config.llm.max_text_chars,
+        );
+        routes.insert(route.topic.clone(), RouteLabels { space, roles: Roles::of(&descriptor), decoder });
+    }
+    Ok(routes)
+}
+
+/// Run until `shutdown` resolves (then drain) or a fatal error.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<EscalateReport, WorkerError> {
+    let started = Instant::now();
+    config.llm.validate().map_err(|reason| WorkerError::Llm(format!("configuration: {reason}")))?;
+    let worker_id = config.worker_id();
+    let counters = Arc::new(Counters::default());
+    let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
+    let readiness = Arc::new(Readiness::default());
+    readiness.model_loaded.store(true, std::sync::atomic::Ordering::Relaxed);
+    let server = match config.metrics.address.as_str() {
+        "" => None,
+        address => Some(telemetry::serve(address, telemetry::install()?, readiness.clone()).await?),
+    };
+    let routes = route_labels(&config)?;
+
+    // The table must keep an LLM's answer over replays of the small model's rows.
+    let clickhouse = Arc::new(ClickHouseService::with_counters(&config.clickhouse, counters.clone()));
+    let mut shutdown = std::pin::pin!(shutdown);
+    tokio::select! {
+        ready = clickhouse.wait_for_schema() => ready?,
+        _ = &mut shutdown => return Ok(EscalateReport::default()),
+    }
+    let version = clickhouse.version_column().await.map_err(|e| WorkerError::Sink(ch::SinkError::Fatal(e.to_string())))?;
+    if version.as_deref() != Some(ch::schema::VERSION_COLUMN) {
+        return Err(WorkerError::Llm(format!(
+            "table {}.{} is versioned by `{}`, so a replayed small-model row would replace an LLM answer: run `triage schema migrate` first",
+            config.clickhouse.database,
+            config.clickhouse.table,
+            version.unwrap_or_else(|| "nothing".into())
+        )));
+    }
+    readiness.clickhouse_reachable.store(true, std::sync::atomic::Ordering::Relaxed);
+
+    let kafka_config = config.kafka.clone();
+    let topics = vec![config.kafka.escalation_topic.clone(), config.kafka.dead_letter_topic.clone()];
+    tokio::task::spawn_blocking(move || {
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        check_topics_exist(&kafka_config, &names, Duration::from_secs(30))
+    })
+    .await
+    .map_err(|e| WorkerError::TaskFailed { task: "topic check", detail: e.to_string() })??;
+
+    let producer: FutureProducer = config.kafka.client(ClientRole::SideTopics { max_message_bytes: config.max_message_bytes }).create()?;
+    let side_topics = SideTopicsConfig {
+        dead_letter_topic: config.kafka.dead_letter_topic.clone(),
+        escalation_topic: config.kafka.escalation_topic.clone(),
+        worker_id: worker_id.clone(),
+        backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(10)),
+        max_payload_bytes: crate::sink::kafka::payload_limit(config.max_message_bytes),
+        unknown_topic_grace: Duration::from_secs(60),
+    };
+    let (fatal_tx, mut fatal_rx) = mpsc::channel(4);
+    let settle =
+        Settler::new(Arc::new(SideTopics::new(producer, side_topics, counters.clone())), tracker.clone(), counters.clone(), fatal_tx);
+    let recent = Arc::new(Mutex::new(RecentKeys::default()));
+
+    let (row_tx, row_rx) = mpsc::channel(1024);
+    let block_policy = ch::BlockPolicy {
+        max_rows: config.clickhouse.insert_max_rows,
+        max_age: Duration::from_millis(config.clickhouse.insert_interval_ms),
+    };
+    let sink_settle = Arc::new(AnswerSettle { settle: settle.clone(), recent: recent.clone() });
+    let mut sink = tokio::spawn(ch::run(clickhouse.clone(), row_rx, block_policy, sink_settle));
+
+    let shared = Arc::new(Shared {
+        routes,
+        client: ChatClient::new(config.llm.chat_settings()).map_err(|e| WorkerError::Llm(e.to_string()))?,
+        llm: config.llm.clone(),
+        budget: Mutex::new(Budget::new(config.llm.limits())),
+        calls: Semaphore::new(config.llm.max_concurrent_requests),
+        recent,
+        clickhouse,
+        rows: row_tx,
+        settle: settle.clone(),
+        worker_id: worker_id.clone(),
+    });
+
+    let mut kafka_config = config.kafka.clone();
+    kafka_config.group_id = config.llm.group_id.clone();
+    let kafka: StreamConsumer<TrackingContext> = kafka_config
+        .client(ClientRole::Consumer)
+        .create_with_context(TrackingContext { tracker: tracker.clone(), readiness: readiness.clone() })?;
+    kafka.subscribe(&[config.kafka.escalation_topic.as_str()])?;
+    tracing::info!(worker = %worker_id, group = %config.llm.group_id, topic = %config.kafka.escalation_topic, model = %config.llm.model, "answering escalations");
+
+    let in_flight = |tracker: &Mutex<OffsetTracker>| tracker.lock().map(|t| t.in_flight()).unwrap_or(0);
+    let commit_every = Duration::from_millis(config.kafka.commit_interval_ms);
+    let mut tick = tokio::time::interval(commit_every.min(Duration::from_millis(500)));
+    let (mut paused, mut last_commit) = (false, Instant::now());
+    let mut draining: Option<tokio::time::Instant> = None;
+    let fatal = loop {
+        tokio::select! {
+            biased;
+            _ = &mut shutdown, if draining.is_none() => {
+                tracing::info!("shutdown requested: finishing the calls in flight");
+                draining = Some(tokio::time::Instant::now() + Duration::from_millis(config.shutdown.drain_timeout_ms));
+                set_paused(&kafka, true);
+            }
+            Some(error) = fatal_rx.recv() => break Some(error),
+            // The tasks hold the sink's input open, so it never ends on its own while running.
+            ended = &mut sink => {
+                match ended {
+                    Ok(Ok(())) => break Some(WorkerError::SinkStopped),
+                    Ok(Err(e)) => break Some(e.into()),
+                    Err(e) => break Some(WorkerError::TaskFailed { task: "ClickHouse sink", detail: e.to_string() }),
+                }
+            }
+            _ = tick.tick() => {
+                let open = in_flight(&tracker);
+                metrics::gauge!(telemetry::IN_FLIGHT).set(open as f64);
+                if let Some(deadline) = draining {
+                    set_paused(&kafka, true);
+                    if open == 0 || tokio::time::Instant::now() >= deadline {
+                        break None;
+                    }
+                } else if !paused && open >= config.llm.max_in_flight {
+                    set_paused(&kafka, true);
+                    paused = true;
+                } else if paused && open <= config.llm.max_in_flight / 2 {
+                    set_paused(&kafka, false);
+                    paused = false;
+                } else if paused {
+                    set_paused(&kafka, true);
+                }
+                if draining.is_some() || last_commit.elapsed() >= commit_every {
+                    commit(&kafka, &tracker, &counters);
+                    last_commit = Instant::now();
+                }
+            }
+            message = kafka.recv() => match message {
+                Ok(m) if draining.is_none() => {
+                    MessageConsumed { topic: m.topic() }.emit(&counters);
+                    if let Some(consumed) = begin(&m, &tracker) {
+                        tokio::spawn(answer(shared.clone(), consumed));
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "Kafka consumer error"),
+            },
+        }
+    };
+    // Commit what is done (a rebalance in progress may reject it for a moment).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !commit(&kafka, &tracker, &counters) && Instant::now() < deadline {
+        let _ = tokio::time::timeout(Duration::from_millis(200), kafka.recv()).await;
+    }
+    let unfinished = in_flight(&tracker);
+    kafka.unsubscribe();
+    if let Some(server) = server {
+        server.abort();
+    }
+    if let Some(fatal) = fatal {
+        return Err(fatal);
+    }
+    let c = counters.snapshot();
+    Ok(EscalateReport {
+        consumed: c.consumed,
+        answered: c.llm_answered,
+        skipped: c.llm_skipped,
+        dead_lettered: c.dead_lettered,
+        prompt_tokens: c.llm_prompt_tokens,
+        completion_tokens: c.llm_completion_tokens,
+        spend: c.llm_spend_micros as f64 / 1e6,
+        seconds: started.elapsed().as_secs_f64(),
+        unfinished,
+    })
+}
+
+fn set_paused(kafka: &StreamConsumer<TrackingContext>, pause: bool) {
+    let Ok(assignment) = kafka.assignment() else { return };
+    if assignment.count() == 0 {
+        return;
+    }
+    let result = if pause { kafka.pause(&assignment) } else { kafka.resume(&assignment) };
+    if let Err(e) = result {
+        tracing::warn!(error = %e, pause, "pause/resume failed");
+    }
+}
+
+/// Commit every watermark that moved; false when a commit failed (retry).
+fn commit(kafka: &StreamConsumer<TrackingContext>, tracker: &Mutex<OffsetTracker>, counters: &Counters) -> bool {
+    let points = match tracker.lock() {
+        Ok(t) => t.committable(),
+        Err(_) => return false,
+    };
+    if points.is_empty() {
+        return true;
+    }
+    match tokio::task::block_in_place(|| kafka.commit(&commit_list(&points), CommitMode::Sync)) {
+        Ok(()) => {
+            if let Ok(mut t) = tracker.lock() {
+                for (tp, offset) in &points {
+                    t.committed(tp, *offset);
+                    OffsetCommitted { topic: &tp.topic, partition: tp.partition, offset: *offset }.emit(counters);
+                }
+            }
+            true
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "offset commit failed; retried");
+            false
+        }
+    }
+}
+
+fn begin(m: &BorrowedMessage<'_>, tracker: &Mutex<OffsetTracker>) -> Option<Consumed> {
+    let tp = TopicPartition::new(m.topic(), m.partition());
+    let delivery = tracker.lock().ok().and_then(|mut t| t.begin(&tp, m.offset(), 1))?;
+    let message = Arc::new(SourceMessage {
+        topic: m.topic().to_string(),
+        partition: m.partition(),
+        offset: m.offset(),
+        timestamp_ms: m.timestamp().to_millis(),
+        key: m.key().map(<[u8]>::to_vec),
+        payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+        origin: None,
+    });
+    Some(Consumed { delivery, message })
+}
+
+/// The text the LLM reads: the route's template over the original message, or the message as
+/// it travelled when the worker had to cut it (or it was not JSON).
+pub(crate) fn text_of(route: &RouteLabels, record: &Escalation) -> Result<String, String> {
+    match &record.message {
+        Value::Object(_) if !record.truncated => {
+            let bytes = serde_json::to_vec(&record.message).map_err(|e| e.to_string())?;
+            route.decoder.decode(&bytes).map(|d| d.text.text).map_err(|e| e.detail)
+        }
+        Value::String(text) => Ok(text.clone()),
+        Value::Null => Err("the record has no message".into()),
+        other => Ok(other.to_string()),
+    }
+}
+
+/// How one record ends.
+enum Fate {
+    Answer(ResultRow),
+    DeadLetter(DeadLetterReason, String),
+    Done,
+}
+
+async fn answer(shared: Arc<Shared>, consumed: Consumed) {
+    let key = Escalation::parse(&consumed.message.payload).ok().map(|r| r.key());
+    match decide(&shared, &consumed).await {
+        Fate::Answer(row) => {
+            // The sink stopped (fatal): the record stays unfinished and is read again.
+            let _ = shared.rows.send(SinkItem { row, ticket: consumed }).await;
+        }
+        Fate::DeadLetter(reason, detail) => {
+            if let (Some(key), Ok(mut recent)) = (key, shared.recent.lock()) {
+                recent.forget(&key);
+            }
+            shared.settle.dead_letter(consumed, reason, detail);
+        }
+        Fate::Done => shared.settle.done(&consumed.delivery),
+    }
+}
+
+async fn decide(shared: &Shared, consumed: &Consumed) -> Fate {
+    let record = match Escalation::parse(&consumed.message.payload) {
+        Ok(r) => r,
+        Err(e) => return Fate::DeadLetter(DeadLetterReason::EscalationInvalid, e.to_string()),
+    };
+    let Some(route) = shared.routes.get(&record.row.topic) else {
+        return Fate::DeadLetter(
+            DeadLetterReason::Unrouted,
+            format!("no route for the message's topic `{}` in this configuration (its labels are unknown)", record.row.topic),
+        );
+    };
+    let key = record.key();
+    let fresh = shared.recent.lock().map(|mut r| r.insert(key.clone())).unwrap_or(true);
+    if !fresh || shared.already_answered(&record.row).await {
+        LlmSkipped { reason: "already_answered" }.emit(shared.settle.counters());
+        return Fate::Done;
+    }
+    let text = match text_of(route, &record) {
+        Ok(t) => t,
+        Err(detail) => return Fate::DeadLetter(DeadLetterReason::EscalationInvalid, format!("the message's text: {detail}")),
+    };
+    let request = route.space.request(&shared.llm.model, &text, shared.llm.structured_output, shared.llm.max_tokens);
+    // About four characters a token, plus the longest reply: what the tokens-per-minute
+    // limit counts until the server says what the call really used.
+    let estimate = (request.to_string().len() / 4) as u64 + u64::from(shared.llm.max_tokens);
+    let Ok(_permit) = shared.calls.acquire().await else { return Fate::Done };
+    let mut last_reply = String::new();
+    let mut outage = 0u32;
+    let mut invalid = 0u32;
+    loop {
+        let started = shared.wait_for_budget(estimate).await;
+        let call = shared.client.complete(&request).await;
+        let model = shared.llm.model.as_str();
+        let counters = shared.settle.counters();
+        let reply: Result<Completion, ChatError> = match call {
+            Ok(c) => {
+                let cost =
+                    shared.budget.lock().map(|mut b| b.finish(started, estimate, c.prompt_tokens, c.completion_tokens)).unwrap_or(0.0);
+                LlmCalled {
+                    model,
+                    prompt_tokens: c.prompt_tokens,
+                    completion_tokens: c.completion_tokens,
+                    latency: c.latency,
+                    cost_micros: (cost * 1e6).round() as u64,
+                }
+                .emit(counters);
+                Ok(c)
+            }
+            Err(e) => {
+                if let Ok(mut b) = shared.budget.lock() {
+                    b.finish(started, estimate, 0, 0);
+                }
+                LlmCallFailed { model, kind: e.kind() }.emit(counters);
+                Err(e)
+            }
+        };
+        let invalid_reply = match reply {
+            Ok(call) => match route.space.parse(&call.content) {
+                Ok(answer) => return Fate::Answer(shared.row(&record.row, &answer, route, &call)),
+                Err(e) => {
+                    last_reply = cut_at_char(&call.content, 2_000).to_string();
+                    e.to_string()
+                }
+            },
+            Err(e @ ChatError::Envelope(_)) => e.to_string(),
+            Err(e) if refuses_every_call(&e) => {
+                shared.settle.stop(WorkerError::Llm(format!(
+                    "{e}: the endpoint refuses every call (check llm.url, llm.model, the API key and llm.structured_output)"
+                )));
+                return Fate::Done;
+            }
+            Err(e) if e.is_retryable() => {
+                // The endpoint is away: the message is not at fault. Wait and try again for
+                // as long as it lasts (the consumer pauses when too much is waiting).
+                outage += 1;
+                let delay = Backoff::new(Duration::from_secs(1), Duration::from_secs(60)).delay(outage);
+                tracing::warn!(kind = e.kind(), retry_in_s = delay.as_secs(), "the LLM endpoint keeps failing; the record waits");
+                tokio::time::sleep(delay).await;
+                continue;
+            }
+            Err(e) => return Fate::DeadLetter(DeadLetterReason::LlmRefused, e.to_string()),
+        };
+        invalid += 1;
+        LlmCallFailed { model, kind: "invalid_reply" }.emit(counters);
+        if invalid >= 2 {
+            return Fate::DeadLetter(DeadLetterReason::LlmReplyInvalid, format!("{invalid_reply}; reply: {last_reply}"));
+        }
+    }
+}
+
+/// Statuses that no message can get past: the key, the URL, the model name or the dialect.
+fn refuses_every_call(e: &ChatError) -> bool {
+    match e {
+        ChatError::Status { status, body } => {
+            matches!(status, 401 | 403 | 404 | 405) || (*status >= 400 && body.contains("response_format"))
+        }
+        _ => false,
+    }
+}
+
+impl Shared {
+    /// Whether the table already holds an LLM's answer for this message (asked through the
+    /// primary key: day, topic, partition, offset). Retried while ClickHouse is away: the
+    /// call it would save costs money.
+    async fn already_answered(&self, row: &ResultRow) -> bool {
+        let mut attempt = 0;
+        loop {
+            match self.clickhouse.has_llm_answer(row).await {
+                Ok(answered) => return answered,
+                Err(e) => {
+                    attempt += 1;
+                    let delay = Backoff::new(Duration::from_millis(200), Duration::from_secs(10)).delay(attempt);
+                    tracing::warn!(error = %e, "cannot ask ClickHouse whether a message is answered; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// Wait until the limits let a call of about `tokens` start; returns when it started.
+    async fn wait_for_budget(&self, tokens: u64) -> Instant {
+        loop {
+            let now = Instant::now();
+            let verdict = match self.budget.lock() {
+                Ok(mut b) => b.try_start(now, tokens),
+                Err(_) => Ok(()),
+            };
+            let wait = match verdict {
+                Ok(()) => return now,
+                Err(wait) => wait,
+            };
+            let limit = match wait {
+                Wait::Requests(_) => "requests",
+                Wait::Tokens(_) => "tokens",
+                Wait::Spend(_) => "spend",
+            };
+            LlmBudgetWaited { limit, wait: wait.duration() }.emit(self.settle.counters());
+            // Waits are re-checked at least every few seconds (other calls finish meanwhile).
+            tokio::time::sleep(wait.duration().clamp(Duration::from_millis(50), Duration::from_secs(5))).await;
+        }
+    }
+
+    fn row(&self, small: &ResultRow, answer: &Answer, route: &RouteLabels, call: &Completion) -> ResultRow {
+        answered_row(small, answer, &route.roles, &self.llm.model, call, &self.worker_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_keys_refuse_a_second_copy_and_forget_the_oldest() {
+        let mut recent = RecentKeys::default();
+        let key = |o: u64| ("tickets".to_string(), 0u32, o);
+        assert!(recent.insert(key(1)));
+        assert!(!recent.insert(key(1)), "a second record of one message is not sent again");
+        recent.forget(&key(1));
+        assert!(recent.insert(key(1)), "a dead-lettered answer may be tried again");
+        for o in 2..(RECENT_KEYS as u64 + 3) {
+            recent.insert(key(o));
+        }
+        assert!(recent.set.len() <= RECENT_KEYS);
+        assert!(recent.insert(key(1)), "the oldest is forgotten (the table still remembers it)");
+    }
+
+    #[test]
+    fn only_statuses_no_message_can_pass_stop_the_command() {
+        let status = |status: u16, body: &str| ChatError::Status { status, body: body.into() };
+        assert!(refuses_every_call(&status(401, "invalid api key")));
+        assert!(refuses_every_call(&status(404, "model not found")));
+        assert!(refuses_every_call(&status(500, "Input should be 'text' or 'json_object' at response_format.type")));
+        assert!(!refuses_every_call(&status(400, "maximum context length exceeded")), "one message too long");
+        assert!(!refuses_every_call(&status(429, "slow down")));
+        assert!(!refuses_every_call(&ChatError::Timeout(Duration::from_secs(1))));
+    }
+}
