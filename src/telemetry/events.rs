@@ -495,7 +495,11 @@ pub struct LlmBudgetWaited {
 impl InternalEvent for LlmBudgetWaited {
     fn emit(self, _: &Counters) {
         metrics::counter!(LLM_BUDGET_WAITS, "limit" => self.limit).increment(1);
-        if self.limit == "spend" {
+        // Once a minute at most: every waiting call re-checks every few seconds.
+        static LAST_WARNED_S: AtomicU64 = AtomicU64::new(0);
+        let now_s = crate::time::now_ms() / 1000;
+        if self.limit == "spend" && now_s >= LAST_WARNED_S.load(Ordering::Relaxed) + 60 {
+            LAST_WARNED_S.store(now_s, Ordering::Relaxed);
             tracing::warn!(wait_s = self.wait.as_secs(), "the hourly LLM spend cap is reached: calls wait (nothing is dropped)");
         }
     }

@@ -97,10 +97,15 @@ impl Env {
 
     /// `triage run` with extra environment variables (e.g. `TRIAGE_KAFKA__ESCALATION_TOPIC`).
     pub fn spawn_worker_env(&self, config: &Path, log_name: &str, vars: &[(&str, &str)]) -> Worker {
+        self.spawn_command("run", config, log_name, vars)
+    }
+
+    /// `triage <command> --config <config>` as a child process logging to `<log_name>.log`.
+    pub fn spawn_command(&self, command: &str, config: &Path, log_name: &str, vars: &[(&str, &str)]) -> Worker {
         let log = self.dir.path().join(format!("{log_name}.log"));
         let file = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_triage"))
-            .args(["run", "--config"])
+            .args([command, "--config"])
             .arg(config)
             .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn,ort=warn")
             .envs(vars.iter().copied())
@@ -108,7 +113,7 @@ impl Env {
             .stdout(file.try_clone().unwrap())
             .stderr(file)
             .spawn()
-            .expect("spawn triage run");
+            .unwrap_or_else(|e| panic!("spawn triage {command}: {e}"));
         Worker { child: Some(child), log }
     }
 

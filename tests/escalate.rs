@@ -1,0 +1,475 @@
+//! `triage escalate` against real ClickHouse and the mock Kafka cluster: LLM answers become the
+//! message's row version and outrank replays of the small model's row; bad replies are retried
+//! once, then dead-lettered with the reply; refusals and unusable records are dead-lettered;
+//! nothing answered is sent again; the hourly spend cap holds calls without losing them; an
+//! endpoint that refuses every call stops the command; a table versioned the old way is refused
+//! until `triage schema migrate`; `--export-labels` writes training data. The LLM is a scripted
+//! OpenAI-compatible server in this file, and (last test) llama.cpp's real server.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::worker::{runtime, shared_clickhouse, Env, Worker};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use triage::sink::clickhouse::{ClickHouseService, ResultRow};
+
+/// What the scripted LLM saw: (user message text, HTTP status answered).
+type Seen = Arc<Mutex<Vec<(String, u16)>>>;
+
+/// A chat-completions server answering by the user message's content: `GARBAGE` -> prose,
+/// `UNKNOWNLABEL` -> a label the model lacks, `REFUSE` -> 400; the very first other request
+/// -> 429 with Retry-After; everything else -> `{"intent": "card_arrival"}`. `always` overrides
+/// every answer with one status (401: a bad key).
+fn scripted_llm(always: Option<u16>) -> (String, Seen) {
+    let listener = runtime().block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let seen: Seen = Arc::default();
+    let log = seen.clone();
+    runtime().spawn(async move {
+        let limited_once = Arc::new(Mutex::new(false));
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else { return };
+            let (log, limited_once) = (log.clone(), limited_once.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                let body = loop {
+                    let Ok(n) = socket.read(&mut chunk).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let length = text[..end]
+                            .lines()
+                            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
+                            .unwrap_or(0);
+                        if buf.len() >= end + 4 + length {
+                            break buf[end + 4..end + 4 + length].to_vec();
+                        }
+                    }
+                };
+                let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let text = request["messages"][1]["content"].as_str().unwrap_or_default().to_string();
+                let reply = |content: &str| {
+                    json!({
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+                        "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110}
+                    })
+                    .to_string()
+                };
+                let (status, extra, payload) = if let Some(status) = always {
+                    (status, "", json!({"error": {"message": "invalid api key"}}).to_string())
+                } else if text.contains("GARBAGE") {
+                    (200, "", reply("It is probably about a card."))
+                } else if text.contains("UNKNOWNLABEL") {
+                    (200, "", reply(r#"{"intent": "no_such_label"}"#))
+                } else if text.contains("REFUSE") {
+                    (400, "", json!({"error": {"message": "maximum context length exceeded"}}).to_string())
+                } else if !std::mem::replace(&mut *limited_once.lock().unwrap(), true) {
+                    (429, "Retry-After: 1\r\n", json!({"error": {"message": "rate limited"}}).to_string())
+                } else {
+                    (200, "", reply(r#"{"intent": "card_arrival"}"#))
+                };
+                log.lock().unwrap().push((text, status));
+                let response = format!(
+                    "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{payload}",
+                    payload.len()
+                );
+                let _ = socket.write_all(response.as_bytes()).await;
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    (url, seen)
+}
+
+/// The worker's config plus `[llm]`: every route escalates everything (threshold 1).
+fn escalate_config(env: &Env, name: &str, llm: &str) -> PathBuf {
+    let path = env.write_config(name, &common::default_model_dir(), &["tickets"], "");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text = text.replace("fields.timestamp = [\"timestamp\"]", "fields.timestamp = [\"timestamp\"]\nescalation_threshold = 1.0");
+    let text = text.replace("drain_timeout_ms = 20000", "drain_timeout_ms = 3000");
+    std::fs::write(&path, format!("{text}\n[llm]\ngroup_id = \"{}-llm\"\n{llm}\n", env.group)).unwrap();
+    path
+}
+
+fn escalate_caught_up(env: &Env) -> bool {
+    let kafka = triage::config::KafkaConfig { group_id: format!("{}-llm", env.group), ..env.kafka_config() };
+    triage::kafka_tools::group_caught_up(&kafka, &["triage.escalations".to_string()]).unwrap_or(false)
+}
+
+fn message(id: &str, body: &str) -> (String, Vec<u8>) {
+    (id.to_string(), json!({"id": id, "body": body, "timestamp": 1_700_000_000}).to_string().into_bytes())
+}
+
+/// An escalation record as the worker writes it, for a message of `tickets` at `offset`.
+fn record(offset: u64, body: &str) -> (String, Vec<u8>) {
+    let row = ResultRow {
+        topic: "tickets".into(),
+        offset,
+        message_id: format!("r-{offset}"),
+        kind: "ticket".into(),
+        event_time: 1_700_000_000,
+        event_time_ms: 1_700_000_000_000,
+        model_name: "customer-service".into(),
+        category: "card_linking".into(),
+        confidence: 0.3,
+        escalated: 1,
+        answered_by: "model:customer-service".into(),
+        ..ResultRow::default()
+    };
+    (format!("r-{offset}"), serde_json::to_vec(&json!({"message_id": row.message_id, "row": row, "message": {"body": body}})).unwrap())
+}
+
+fn reasons(env: &Env) -> Vec<String> {
+    let mut out: Vec<String> = env
+        .read_topic_to_end("triage.dead-letter")
+        .iter()
+        .map(|(_, _, headers)| headers.iter().find(|(k, _)| k == "triage.reason").map(|(_, v)| v.clone()).unwrap_or_default())
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn llm_answers_become_the_rows_version_and_nothing_is_lost_or_sent_twice() {
+    let ch = shared_clickhouse();
+    let env = Env::new("escalate", ch.url());
+    env.apply_schema();
+    env.kafka.create_topic("tickets", 1).unwrap();
+    let normal = [
+        "where is my new card",
+        "my card has not arrived yet",
+        "how long does card delivery take",
+        "card still not here",
+        "when will the card come",
+    ];
+    let mut messages: Vec<_> = normal.iter().enumerate().map(|(i, b)| message(&format!("n-{i}"), b)).collect();
+    messages.push(message("g", "GARBAGE my card"));
+    messages.push(message("u", "UNKNOWNLABEL my card"));
+    messages.push(message("x", "REFUSE my card"));
+    env.produce("tickets", &messages);
+
+    // The small model's pass: everything escalated (threshold 1).
+    let (url, seen) = scripted_llm(None);
+    let config = escalate_config(&env, "escalate", &format!("url = \"{url}\"\nmodel = \"stub-llm\"\nmax_concurrent_requests = 2"));
+    let mut worker = env.spawn_worker(&config, "worker");
+    env.wait_caught_up(&mut worker, &["tickets"], Duration::from_secs(180));
+    assert_eq!(worker.terminate(Duration::from_secs(60)), Some(0), "{}", worker.log_text());
+    let escalations = env.read_topic_to_end("triage.escalations");
+    assert_eq!(escalations.len(), 8);
+    // A second record of one message (a replay of the worker) and a record nobody can use.
+    let first = escalations[0].clone();
+    env.produce("triage.escalations", &[(String::from_utf8(first.0.unwrap()).unwrap(), first.1), ("junk".into(), b"not json".to_vec())]);
+
+    let mut escalate = env.spawn_command("escalate", &config, "escalate", &[]);
+    env.wait_for(&mut escalate, "escalations committed", Duration::from_secs(120), || escalate_caught_up(&env));
+    assert_eq!(escalate.terminate(Duration::from_secs(30)), Some(0), "{}", escalate.log_text());
+
+    let q = |sql: &str| env.query_u64(sql);
+    assert_eq!(env.distinct_rows(), 8, "answers are versions of the messages' rows, not new rows");
+    assert_eq!(
+        q("SELECT count() FROM results FINAL WHERE answered_by = 'llm:stub-llm' AND category = 'card_arrival' AND slm_category != '' \
+           AND llm_prompt_tokens = 100 AND llm_completion_tokens = 10 AND model_name = 'customer-service' AND event_time = toDateTime(1700000000)"),
+        5,
+        "the five answerable messages carry the LLM's answer, the small model's, tokens, and their own event time"
+    );
+    assert_eq!(q("SELECT count() FROM results FINAL WHERE answered_by LIKE 'model:%'"), 3, "the others keep the small model's row");
+    assert_eq!(reasons(&env), vec!["escalation_invalid", "llm_refused", "llm_reply_invalid", "llm_reply_invalid"]);
+    let letters = env.read_topic_to_end("triage.dead-letter");
+    let garbage = letters.iter().find(|(k, _, _)| k.as_deref() == Some(b"g".as_slice())).expect("the garbage reply's letter");
+    let detail = garbage.2.iter().find(|(k, _)| k == "triage.detail").map(|(_, v)| v.as_str()).unwrap_or_default();
+    assert!(detail.contains("It is probably about a card."), "the reply travels with the letter: {detail}");
+
+    let seen = seen.lock().unwrap().clone();
+    let calls = |needle: &str, status: u16| seen.iter().filter(|(t, s)| t.contains(needle) && *s == status).count();
+    for body in normal {
+        assert_eq!(calls(body, 200), 1, "`{body}` answered exactly once (the duplicate record was not sent)");
+    }
+    assert_eq!(seen.iter().filter(|(_, s)| *s == 429).count(), 1, "the 429 was retried");
+    assert_eq!(
+        (calls("GARBAGE", 200), calls("UNKNOWNLABEL", 200), calls("REFUSE", 400)),
+        (2, 2, 1),
+        "bad replies retried once, refusals not"
+    );
+    let log = escalate.log_text();
+    for body in normal.iter().chain(&["GARBAGE my card", "It is probably"]) {
+        assert!(!log.contains(body), "no message or reply text in the log: found `{body}`");
+    }
+
+    // A replay of the small model's row, much later, does not replace the LLM's answer.
+    let key_row = |sql: &str| {
+        let client = clickhouse::Client::default().with_url(ch.url()).with_database(&env.database).with_validation(false);
+        runtime().block_on(client.query(sql).fetch_one::<ResultRow>()).unwrap()
+    };
+    let mut replay = key_row("SELECT * FROM results FINAL WHERE answered_by LIKE 'llm:%' LIMIT 1");
+    let offset = replay.offset;
+    replay.answered_by = "model:customer-service".into();
+    replay.category = "card_linking".into();
+    replay.stamp(triage::time::now_ms() + 86_400_000);
+    let service = ClickHouseService::new(&env.clickhouse());
+    assert!(runtime().block_on(service.insert(&[replay])).unwrap().is_empty());
+    runtime()
+        .block_on(
+            clickhouse::Client::default().with_url(ch.url()).query(&format!("OPTIMIZE TABLE {}.results FINAL", env.database)).execute(),
+        )
+        .unwrap();
+    let now = key_row(&format!("SELECT * FROM results FINAL WHERE offset = {offset}"));
+    assert_eq!((now.answered_by.as_str(), now.category.as_str()), ("llm:stub-llm", "card_arrival"), "the LLM's answer outranks the replay");
+
+    // A second group reading the whole topic again (a new deployment, a reset) sends nothing
+    // already answered: the table is asked first.
+    let before = seen.len();
+    let again = escalate_config(&env, "escalate-again", &format!("url = \"{url}\"\nmodel = \"stub-llm\"")).to_string_lossy().to_string();
+    let text = std::fs::read_to_string(&again)
+        .unwrap()
+        .replace(&format!("group_id = \"{}-llm\"", env.group), &format!("group_id = \"{}-llm2\"", env.group));
+    std::fs::write(&again, text).unwrap();
+    let mut second = env.spawn_command("escalate", Path::new(&again), "escalate-again", &[]);
+    let kafka = triage::config::KafkaConfig { group_id: format!("{}-llm2", env.group), ..env.kafka_config() };
+    env.wait_for(&mut second, "the second group caught up", Duration::from_secs(120), || {
+        triage::kafka_tools::group_caught_up(&kafka, &["triage.escalations".to_string()]).unwrap_or(false)
+    });
+    assert_eq!(second.terminate(Duration::from_secs(30)), Some(0));
+    let repeated: Vec<_> = seen_after(&seen, before);
+    assert!(
+        repeated.iter().all(|(t, _)| t.contains("GARBAGE") || t.contains("UNKNOWNLABEL") || t.contains("REFUSE")),
+        "only the never-answered messages are asked again: {repeated:?}"
+    );
+
+    // The answered messages as training data.
+    let out = env.dir.path().join("labels.jsonl");
+    let export = std::process::Command::new(env!("CARGO_BIN_EXE_triage"))
+        .args(["escalate", "--config"])
+        .arg(&config)
+        .arg("--export-labels")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&export.stderr);
+    assert!(export.status.success(), "{stderr}");
+    let lines: Vec<Value> = std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 5, "one example per answered message, the duplicate record once: {stderr}");
+    let texts: Vec<&str> = lines.iter().map(|l| l["text"].as_str().unwrap()).collect();
+    for body in normal {
+        assert!(texts.contains(&body), "{body} exported: {texts:?}");
+    }
+    assert!(lines.iter().all(|l| l["intent"] == "card_arrival" && l["answered_by"] == "llm:stub-llm"));
+    assert!(stderr.contains("5 examples written") && stderr.contains("1 duplicates"), "{stderr}");
+}
+
+fn seen_after(seen: &[(String, u16)], before: usize) -> Vec<(String, u16)> {
+    seen[before.min(seen.len())..].to_vec()
+}
+
+#[test]
+fn the_hourly_spend_cap_holds_calls_and_commits_only_what_was_answered() {
+    let ch = shared_clickhouse();
+    let env = Env::new("escalate_cap", ch.url());
+    env.apply_schema();
+    env.kafka.create_topic("tickets", 1).unwrap();
+    env.produce("triage.escalations", &(1..=4).map(|o| record(o, &format!("card question {o}"))).collect::<Vec<_>>());
+    let (url, seen) = scripted_llm(None);
+    // 110 tokens at 1 per token: the first answered call spends over the cap of 50 an hour.
+    let llm = format!(
+        "url = \"{url}\"\nmodel = \"stub-llm\"\nmax_concurrent_requests = 1\nprompt_price_per_million = 1000000.0\ncompletion_price_per_million = 1000000.0\nmax_spend_per_hour = 50.0"
+    );
+    let config = escalate_config(&env, "cap", &llm);
+    let mut escalate = env.spawn_command("escalate", &config, "escalate-cap", &[]);
+    env.wait_for(&mut escalate, "the first answer stored", Duration::from_secs(60), || {
+        env.query_u64("SELECT count() FROM results WHERE answered_by = 'llm:stub-llm'") == 1
+    });
+    std::thread::sleep(Duration::from_secs(4));
+    let answered: Vec<_> = seen.lock().unwrap().iter().filter(|(_, s)| *s == 200).cloned().collect();
+    assert_eq!(answered.len(), 1, "the cap holds every further call: {answered:?}");
+    assert_eq!(env.query_u64("SELECT count() FROM results WHERE answered_by = 'llm:stub-llm'"), 1);
+    assert_eq!(escalate.terminate(Duration::from_secs(30)), Some(0), "a held call does not block shutdown: {}", escalate.log_text());
+    let kafka = triage::config::KafkaConfig { group_id: format!("{}-llm", env.group), ..env.kafka_config() };
+    let committed = committed_offset(&kafka, "triage.escalations");
+    assert!(committed.is_some_and(|c| c <= 1), "only the answered record is committed; the held ones are read again: {committed:?}");
+    assert!(escalate.log_text().contains("spend cap is reached"), "{}", escalate.log_text());
+    assert!(reasons(&env).is_empty(), "nothing held is dead-lettered");
+}
+
+fn committed_offset(kafka: &triage::config::KafkaConfig, topic: &str) -> Option<i64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = kafka.client(triage::config::ClientRole::Observer).create().unwrap();
+    let mut list = rdkafka::TopicPartitionList::new();
+    list.add_partition(topic, 0);
+    let committed = consumer.committed_offsets(list, Duration::from_secs(10)).unwrap();
+    committed.elements().first().and_then(|e| e.offset().to_raw()).filter(|o| *o >= 0).or(Some(0))
+}
+
+#[test]
+fn an_endpoint_refusing_every_call_stops_escalate_without_losing_anything() {
+    let ch = shared_clickhouse();
+    let env = Env::new("escalate_401", ch.url());
+    env.apply_schema();
+    env.kafka.create_topic("tickets", 1).unwrap();
+    env.produce("triage.escalations", &[record(1, "where is my card"), record(2, "card please")]);
+    let (url, seen) = scripted_llm(Some(401));
+    let config = escalate_config(&env, "refused", &format!("url = \"{url}\"\nmodel = \"stub-llm\""));
+    let mut escalate = env.spawn_command("escalate", &config, "escalate-401", &[]);
+    common::worker::wait_until(Duration::from_secs(60), "escalate to stop", || escalate.exited().is_some());
+    assert_ne!(escalate.exited(), Some(0));
+    let log = escalate.log_text();
+    assert!(log.contains("refuses every call") && log.contains("401"), "{log}");
+    assert!(!seen.lock().unwrap().is_empty());
+    assert!(reasons(&env).is_empty(), "a bad key is not the messages' fault: nothing dead-lettered");
+    let kafka = triage::config::KafkaConfig { group_id: format!("{}-llm", env.group), ..env.kafka_config() };
+    assert_eq!(committed_offset(&kafka, "triage.escalations"), Some(0), "nothing committed");
+}
+
+#[test]
+fn a_table_versioned_the_old_way_is_refused_until_migrated_and_keeps_its_rows() {
+    let ch = shared_clickhouse();
+    let env = Env::new("escalate_migrate", ch.url());
+    let clickhouse = env.clickhouse();
+    let admin = clickhouse::Client::default().with_url(ch.url());
+    // The table as the previous release made it: versioned by processed_time_ms, fewer columns.
+    let old = triage::sink::clickhouse::schema::create_table(&clickhouse)
+        .replace("ReplacingMergeTree(row_version)", "ReplacingMergeTree(processed_time_ms)");
+    let old: String = old
+        .lines()
+        .filter(|l| !["answered_by", "row_version", "slm_", "llm_"].iter().any(|c| l.contains(&format!("`{c}"))))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let old = old.replace("`first_confidence` Float32,", "`first_confidence` Float32");
+    runtime().block_on(admin.query(&format!("CREATE DATABASE IF NOT EXISTS {}", env.database)).execute()).unwrap();
+    runtime().block_on(admin.query(&old).execute()).unwrap_or_else(|e| panic!("{old}\n{e}"));
+    runtime()
+        .block_on(
+            admin
+                .query(&format!(
+                    "INSERT INTO {}.results (topic, partition, offset, event_time, processed_time_ms, category) VALUES ('tickets', 0, 1, 1700000000, 5, 'a'), ('tickets', 0, 2, 1700000000, 6, 'b'), ('tickets', 0, 2, 1700000000, 7, 'c')",
+                    env.database
+                ))
+                .execute(),
+        )
+        .unwrap();
+    env.kafka.create_topic("tickets", 1).unwrap();
+    let (url, _) = scripted_llm(None);
+    let config = escalate_config(&env, "migrate", &format!("url = \"{url}\"\nmodel = \"stub-llm\""));
+    let triage = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_triage")).args(args).arg(&config).output().unwrap();
+    // The worker's own schema step adds the columns, but cannot change the version.
+    let apply = triage(&["schema", "apply", "--config"]);
+    assert!(apply.status.success(), "{}", String::from_utf8_lossy(&apply.stderr));
+    let refused = triage(&["escalate", "--config"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && stderr.contains("triage schema migrate"), "{stderr}");
+
+    let migrate = triage(&["schema", "migrate", "--config"]);
+    let stderr = String::from_utf8_lossy(&migrate.stderr);
+    assert!(migrate.status.success(), "{stderr}");
+    assert!(stderr.contains("step 5/5") && stderr.contains("results_before_row_version"), "progress shown: {stderr}");
+    let service = ClickHouseService::new(&clickhouse);
+    assert_eq!(runtime().block_on(service.version_column()).unwrap().as_deref(), Some("row_version"));
+    assert_eq!(env.query_u64("SELECT count() FROM results FINAL"), 2, "every message kept");
+    assert_eq!(env.query_u64("SELECT count() FROM results FINAL WHERE offset = 2 AND category = 'c'"), 1, "the newest version still wins");
+    assert_eq!(env.query_u64("SELECT min(row_version) FROM results"), 5, "old rows are versioned by their time");
+    let again = triage(&["schema", "migrate", "--config"]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("nothing to do"));
+}
+
+/// The OpenAI-compatible server of llama.cpp (llama-cpp-python, built by scripts/setup) with
+/// a tiny random-weight model: its JSON-schema grammar makes any model answer with a label.
+struct LlamaServer {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for LlamaServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn llama_server(log: &Path) -> LlamaServer {
+    let python = common::root().join(".venv/bin/python");
+    let model = common::root().join("runtime/llm/tiny-llm.gguf");
+    assert!(model.exists(), "{} is missing: run scripts/setup", model.display());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let file = std::fs::File::create(log).unwrap();
+    let child = std::process::Command::new(python)
+        .args(["-m", "llama_cpp.server", "--model"])
+        .arg(&model)
+        .args(["--model_alias", "tiny", "--host", "127.0.0.1", "--port", &port.to_string(), "--n_ctx", "4096"])
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .expect("start llama_cpp.server (scripts/setup installs it)");
+    let server = LlamaServer { child, url: format!("http://127.0.0.1:{port}/v1") };
+    common::worker::wait_until(Duration::from_secs(120), "llama.cpp's server to answer", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() && common::worker::http_get(port, "/v1/models").0 == 200
+    });
+    server
+}
+
+#[test]
+fn the_demo_escalations_are_answered_by_llama_cpp_and_land_as_row_versions() {
+    let ch = shared_clickhouse();
+    let env = Env::new("escalate_llama", ch.url());
+    env.apply_schema();
+    env.kafka.create_topic("tickets", 1).unwrap();
+    let demo = std::fs::read_to_string(common::root().join("deploy/demo/tickets.jsonl")).unwrap();
+    let messages: Vec<(String, Vec<u8>)> =
+        demo.lines().filter(|l| !l.trim().is_empty()).enumerate().map(|(i, l)| (format!("d-{i}"), l.as_bytes().to_vec())).collect();
+    env.produce("tickets", &messages);
+    let server = llama_server(&env.dir.path().join("llama.log"));
+    let config = escalate_config(
+        &env,
+        "llama",
+        &format!("url = \"{}\"\nmodel = \"tiny\"\nstructured_output = \"json_object\"\nmax_concurrent_requests = 2", server.url),
+    );
+    // The demo's messages: subject + body, their own ids and times.
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "fields.timestamp = [\"timestamp\"]",
+        "fields.timestamp = [\"created_at\"]\nfields.id = [\"id\"]\nfields.text = { subject = [\"subject\"], body = [\"body\"] }",
+    );
+    std::fs::write(&config, text).unwrap();
+
+    let mut worker: Worker = env.spawn_worker(&config, "worker");
+    env.wait_caught_up(&mut worker, &["tickets"], Duration::from_secs(180));
+    assert_eq!(worker.terminate(Duration::from_secs(60)), Some(0), "{}", worker.log_text());
+    let escalated = env.read_topic_to_end("triage.escalations").len() as u64;
+    assert_eq!(escalated, messages.len() as u64, "threshold 1: every demo message is escalated");
+
+    let mut escalate = env.spawn_command("escalate", &config, "escalate", &[]);
+    env.wait_for(&mut escalate, "escalations committed", Duration::from_secs(300), || escalate_caught_up(&env));
+    assert_eq!(escalate.terminate(Duration::from_secs(30)), Some(0), "{}", escalate.log_text());
+
+    let labels: std::collections::BTreeSet<String> = {
+        let descriptor = triage::model::Descriptor::load(&common::default_model_dir()).unwrap();
+        descriptor.heads.iter().flat_map(|h| h.labels.clone()).collect()
+    };
+    let client = clickhouse::Client::default().with_url(ch.url()).with_database(&env.database).with_validation(false);
+    let rows: Vec<ResultRow> = runtime().block_on(client.query("SELECT * FROM results FINAL").fetch_all::<ResultRow>()).unwrap();
+    assert_eq!(rows.len(), messages.len(), "one row per message");
+    let dead = reasons(&env);
+    let by_llm: Vec<&ResultRow> = rows.iter().filter(|r| r.answered_by == "llm:tiny").collect();
+    eprintln!("llama.cpp answered {} of {} escalations; dead letters: {dead:?}", by_llm.len(), messages.len());
+    assert_eq!(by_llm.len() + dead.len(), messages.len(), "every escalation answered or dead-lettered with a reason: {dead:?}");
+    assert!(
+        by_llm.len() * 2 >= messages.len(),
+        "the grammar-constrained tiny model answers most: {} of {} ({dead:?})",
+        by_llm.len(),
+        messages.len()
+    );
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for r in &by_llm {
+        assert!(labels.contains(&r.category), "`{}` is one of the model's labels", r.category);
+        assert!(r.row_version >> triage::sink::clickhouse::row::RANK_SHIFT == 1, "an LLM-ranked version");
+        assert!(r.llm_prompt_tokens > 0 && r.llm_completion_tokens > 0, "the server's token counts are kept");
+        assert!(!r.slm_category.is_empty());
+        *counts.entry(r.message_id.as_str()).or_default() += 1;
+    }
+    assert!(counts.values().all(|n| *n == 1));
+}
