@@ -199,6 +199,7 @@ fn two_workers_through_a_replicated_sharded_cluster_with_a_replica_killed_mid_st
             .collect::<Vec<_>>()
             .join("\n")
             .replace("`worker_id` String,", "`worker_id` String")
+            .replace("row_version)", "processed_time_ms)")
     };
     let admin = nodes[0].client();
     for ddl in [
@@ -275,6 +276,26 @@ fn two_workers_through_a_replicated_sharded_cluster_with_a_replica_killed_mid_st
         .collect();
     assert_eq!(per_shard.iter().sum::<u64>(), 4_000, "{per_shard:?}");
     assert!(per_shard.iter().all(|&n| n > 0), "both shards hold rows: {per_shard:?}");
+
+    // A few messages answered again by an LLM (`triage escalate`), for the agreement query.
+    let client = nodes[2].client().with_database("triage").with_validation(false);
+    let answered: Vec<triage::sink::clickhouse::ResultRow> =
+        runtime().block_on(client.query("SELECT * FROM triage.results FINAL ORDER BY offset LIMIT 5").fetch_all()).expect("read rows back");
+    let answered: Vec<_> = answered
+        .into_iter()
+        .map(|mut row| {
+            row.slm_category = row.category.clone();
+            row.answered_by = "llm:big".into();
+            row.stamp(triage::time::now_ms());
+            row
+        })
+        .collect();
+    assert!(runtime().block_on(service.insert(&answered)).expect("insert LLM answers").is_empty());
+    for node in &nodes {
+        runtime().block_on(node.client().query("SYSTEM SYNC REPLICA triage.results_local").execute()).expect("sync replica");
+    }
+    assert_eq!(nodes[0].count("SELECT count() FROM triage.results FINAL WHERE answered_by = 'llm:big'"), 5);
+    assert_eq!(nodes[0].count("SELECT count() FROM triage.results FINAL"), 4_000, "answers are versions, not rows");
 
     // The analyst queries run on the cluster, each reading once.
     let mut queries: Vec<_> =

@@ -56,7 +56,14 @@ fn dashboard_and_alerts_use_only_metrics_the_code_exports() {
     assert!(dashboard["panels"].as_array().is_some_and(|p| p.len() >= 10));
     // The core signals are on the dashboard.
     let used = metric_names_in(&read("deploy/grafana/triage-dashboard.json"));
-    for m in ["triage_consumer_lag", "triage_end_to_end_seconds", "triage_messages_dead_lettered_total", "triage_batch_padding_ratio"] {
+    for m in [
+        "triage_consumer_lag",
+        "triage_end_to_end_seconds",
+        "triage_messages_dead_lettered_total",
+        "triage_batch_padding_ratio",
+        "triage_llm_spend_micros_total",
+        "triage_llm_requests_total",
+    ] {
         assert!(used.contains(m), "dashboard lacks {m}");
     }
 }
@@ -438,6 +445,19 @@ fn schema_views_and_analytics_queries_run_on_clickhouse() {
             "1.0.0",
         )
     }));
+    // Ten messages answered again by an LLM, later replayed by the small model: FINAL keeps
+    // the LLM's (higher-ranked) answer, and query 06 compares the two.
+    for o in (0..20).step_by(2) {
+        let mut small = rows[o as usize].clone();
+        let mut llm = small.clone();
+        llm.answered_by = "llm:big".into();
+        llm.slm_category = small.category.clone();
+        llm.category = if o % 4 == 0 { small.category.clone() } else { "card_linking".into() };
+        llm.stamp(now_ms);
+        small.stamp(now_ms + 60_000);
+        rows.push(llm);
+        rows.push(small);
+    }
     assert!(rt.block_on(service.insert(&rows)).unwrap().is_empty());
     let client = clickhouse::Client::default().with_url(ch.url()).with_validation(false);
     let count = |sql: &str| {
@@ -445,6 +465,7 @@ fn schema_views_and_analytics_queries_run_on_clickhouse() {
             .unwrap_or_else(|e| panic!("{sql}\n{e}"))
     };
     assert_eq!(count("SELECT * FROM triage.results FINAL"), 60);
+    assert_eq!(count("SELECT * FROM triage.results FINAL WHERE answered_by = 'llm:big'"), 10, "LLM answers outrank later replays");
     assert_eq!(
         rt.block_on(client.query("SELECT toUInt64(sum(messages)) FROM triage.results_hourly").fetch_one::<u64>()).unwrap(),
         60,
@@ -452,18 +473,20 @@ fn schema_views_and_analytics_queries_run_on_clickhouse() {
     );
     let mut dir: Vec<_> = std::fs::read_dir(common::root().join("deploy/clickhouse/queries")).unwrap().map(|e| e.unwrap().path()).collect();
     dir.sort();
-    assert_eq!(dir.len(), 5);
+    assert_eq!(dir.len(), 6);
     for path in dir {
         let sql = std::fs::read_to_string(&path).unwrap();
         let body: String = sql.lines().filter(|l| !l.trim_start().starts_with("--")).collect::<Vec<_>>().join("\n");
         assert!(body.contains("FINAL"), "{} must read each message once", path.display());
         assert!(count(&body) > 0, "{} returned no rows", path.display());
     }
-    // Top categories: three categories of at most 20 messages each (replays not counted).
+    // Top categories: each message once, with the LLM's answer where it gave one (five
+    // messages moved to card_linking), replays not counted.
     let top = rt
         .block_on(client.query(&read("deploy/clickhouse/queries/02_top_categories_this_week.sql")).fetch_all::<(String, u64, f64)>())
         .unwrap();
-    assert!(!top.is_empty() && top.len() <= 3 && top.iter().all(|(_, n, _)| *n <= 20), "{top:?}");
+    assert_eq!(top.iter().map(|(_, n, _)| n).sum::<u64>(), 60, "{top:?}");
+    assert!(top.iter().any(|(c, n, _)| c == "card_linking" && *n == 5), "{top:?}");
 }
 
 /// Run a validator installed by scripts/setup; its absence is a setup failure, not a skip.
@@ -531,7 +554,7 @@ fn dockerfiles_pass_hadolint() {
 #[test]
 fn the_sql_also_runs_on_a_modern_clickhouse_engine() {
     let out = run_tool(&venv_bin("python"), &["tests/deploy/check_sql_chdb.py"]);
-    assert!(out.contains("schema, TTL, views and 5 queries ok"), "{out}");
+    assert!(out.contains("schema, TTL, views and 6 queries ok"), "{out}");
 }
 
 #[test]
@@ -547,7 +570,8 @@ fn schema_apply_adds_new_columns_to_a_table_from_an_earlier_release() {
         .filter(|l| !schema::ADDED_COLUMNS.iter().any(|c| l.contains(&format!("`{c}`"))))
         .collect::<Vec<_>>()
         .join("\n")
-        .replace("`worker_id` String,", "`worker_id` String");
+        .replace("`worker_id` String,", "`worker_id` String")
+        .replace("ReplacingMergeTree(row_version)", "ReplacingMergeTree(processed_time_ms)");
     rt.block_on(client.query("DROP DATABASE IF EXISTS triage_upgrade").execute()).unwrap();
     rt.block_on(client.query(&schema::create_database(&config)).execute()).unwrap();
     rt.block_on(client.query(&old_ddl).execute()).unwrap_or_else(|e| panic!("{old_ddl}\n{e}"));
@@ -556,4 +580,9 @@ fn schema_apply_adds_new_columns_to_a_table_from_an_earlier_release() {
     rt.block_on(service.apply_schema()).unwrap();
     rt.block_on(service.apply_schema()).unwrap();
     assert!(rt.block_on(service.check_schema()).is_ok(), "after apply the table has every column");
+    assert_eq!(
+        rt.block_on(service.version_column()).unwrap().as_deref(),
+        Some("processed_time_ms"),
+        "apply cannot change a table's version: `triage schema migrate` does (tests/escalate.rs)"
+    );
 }

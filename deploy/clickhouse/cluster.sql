@@ -1,5 +1,5 @@
 -- triage results schema. Read each message once: SELECT ... FROM <table> FINAL, or
--- argMax(column, processed_time_ms) grouped by (topic, partition, offset).
+-- argMax(column, row_version) grouped by (topic, partition, offset).
 -- Cluster layout (`triage schema print --cluster '{cluster}'`): a ReplicatedReplacingMergeTree
 -- `results_local` on every replica, the Distributed `results` over them, sharded by the dedup key.
 -- Needs ZooKeeper / ClickHouse Keeper, the {shard} and {replica} macros, and `{cluster}` in
@@ -40,9 +40,18 @@ CREATE TABLE IF NOT EXISTS triage.results_local ON CLUSTER '{cluster}'
     `tier` UInt8,
     `first_model_name` String,
     `first_category` String,
-    `first_confidence` Float32
+    `first_confidence` Float32,
+    `answered_by` String,
+    `row_version` UInt64,
+    `slm_category` String,
+    `slm_confidence` Float32,
+    `slm_priority` String,
+    `slm_tags` Array(String),
+    `llm_prompt_tokens` UInt32,
+    `llm_completion_tokens` UInt32,
+    `llm_latency_ms` UInt32
 )
-ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/triage/results_local', '{replica}', processed_time_ms)
+ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/triage/results_local', '{replica}', row_version)
 PARTITION BY toYYYYMM(event_time)
 ORDER BY (toDate(event_time), topic, partition, offset);
 
@@ -75,6 +84,15 @@ GROUP BY day, model_name, model_version, category;
 -- ALTER TABLE triage.results_local ON CLUSTER '{cluster}' ADD COLUMN `first_model_name` String;
 -- ALTER TABLE triage.results_local ON CLUSTER '{cluster}' ADD COLUMN `first_category` String;
 -- ALTER TABLE triage.results_local ON CLUSTER '{cluster}' ADD COLUMN `first_confidence` Float32;
+-- ALTER TABLE triage.results_local ON CLUSTER '{cluster}' ADD COLUMN `answered_by` String;
+-- ALTER TABLE triage.results_local ON CLUSTER '{cluster}' ADD COLUMN `row_version` UInt64;
+-- ALTER TABLE triage.results_local ON CLUSTER '{cluster}' ADD COLUMN `slm_category` String;
+-- ALTER TABLE triage.results_local ON CLUSTER '{cluster}' ADD COLUMN `slm_confidence` Float32;
+-- ALTER TABLE triage.results_local ON CLUSTER '{cluster}' ADD COLUMN `slm_priority` String;
+-- ALTER TABLE triage.results_local ON CLUSTER '{cluster}' ADD COLUMN `slm_tags` Array(String);
+-- ALTER TABLE triage.results_local ON CLUSTER '{cluster}' ADD COLUMN `llm_prompt_tokens` UInt32;
+-- ALTER TABLE triage.results_local ON CLUSTER '{cluster}' ADD COLUMN `llm_completion_tokens` UInt32;
+-- ALTER TABLE triage.results_local ON CLUSTER '{cluster}' ADD COLUMN `llm_latency_ms` UInt32;
 -- then the Distributed table, made again over the new columns (18.16 cannot ALTER it ON CLUSTER):
 -- DROP TABLE IF EXISTS triage.results ON CLUSTER '{cluster}';
 -- CREATE TABLE IF NOT EXISTS triage.results ON CLUSTER '{cluster}' AS triage.results_local ENGINE = Distributed('{cluster}', triage, results_local, cityHash64(topic, partition, offset));

@@ -1,5 +1,5 @@
 -- triage results schema. Read each message once: SELECT ... FROM <table> FINAL, or
--- argMax(column, processed_time_ms) grouped by (topic, partition, offset).
+-- argMax(column, row_version) grouped by (topic, partition, offset).
 CREATE DATABASE IF NOT EXISTS triage;
 
 CREATE TABLE IF NOT EXISTS triage.results
@@ -35,9 +35,18 @@ CREATE TABLE IF NOT EXISTS triage.results
     `tier` UInt8,
     `first_model_name` String,
     `first_category` String,
-    `first_confidence` Float32
+    `first_confidence` Float32,
+    `answered_by` String,
+    `row_version` UInt64,
+    `slm_category` String,
+    `slm_confidence` Float32,
+    `slm_priority` String,
+    `slm_tags` Array(String),
+    `llm_prompt_tokens` UInt32,
+    `llm_completion_tokens` UInt32,
+    `llm_latency_ms` UInt32
 )
-ENGINE = ReplacingMergeTree(processed_time_ms)
+ENGINE = ReplacingMergeTree(row_version)
 PARTITION BY toYYYYMM(event_time)
 ORDER BY (toDate(event_time), topic, partition, offset);
 
@@ -67,3 +76,12 @@ GROUP BY day, model_name, model_version, category;
 -- ALTER TABLE triage.results ADD COLUMN `first_model_name` String;
 -- ALTER TABLE triage.results ADD COLUMN `first_category` String;
 -- ALTER TABLE triage.results ADD COLUMN `first_confidence` Float32;
+-- ALTER TABLE triage.results ADD COLUMN `answered_by` String;
+-- ALTER TABLE triage.results ADD COLUMN `row_version` UInt64;
+-- ALTER TABLE triage.results ADD COLUMN `slm_category` String;
+-- ALTER TABLE triage.results ADD COLUMN `slm_confidence` Float32;
+-- ALTER TABLE triage.results ADD COLUMN `slm_priority` String;
+-- ALTER TABLE triage.results ADD COLUMN `slm_tags` Array(String);
+-- ALTER TABLE triage.results ADD COLUMN `llm_prompt_tokens` UInt32;
+-- ALTER TABLE triage.results ADD COLUMN `llm_completion_tokens` UInt32;
+-- ALTER TABLE triage.results ADD COLUMN `llm_latency_ms` UInt32;

@@ -37,11 +37,26 @@ def main():
                 f"('tickets', 0, {o}, 'm{o}', '{kind}', now() - {o}, toUInt64(toUnixTimestamp(now()) - {o}) * 1000, "
                 f"toUInt64(toUnixTimestamp(now())) * 1000 - 50, toUInt64(toUnixTimestamp(now())) * 1000, 'customer-service', '1.0.0', "
                 f"'{category}', {0.3 + (o % 7) / 10}, 'low', [], [], ['intent'], ['{category}'], [0.9], {int(o % 4 == 0)}, 40, 12, 0, [], [], 'w', {0.1 * (o % 5)}, 0, "
-                f"0, 'customer-service', '{category}', {0.3 + (o % 7) / 10})"
+                f"0, 'customer-service', '{category}', {0.3 + (o % 7) / 10}, "
+                f"'model:customer-service', toUInt64(toUnixTimestamp(now())) * 1000, '', 0, '', [], 0, 0, 0)"
+            )
+        # Ten messages answered again by an LLM (a higher-ranked version): FINAL keeps its answer.
+        for o in range(0, 20, 2):
+            kind = ["ticket", "return", "email"][o % 3]
+            category = ["card_arrival", "refund", "pin"][o % 3]
+            answer = category if o % 4 == 0 else "card_linking"
+            rows.append(
+                f"('tickets', 0, {o}, 'm{o}', '{kind}', now() - {o}, toUInt64(toUnixTimestamp(now()) - {o}) * 1000, "
+                f"toUInt64(toUnixTimestamp(now())) * 1000 - 50, toUInt64(toUnixTimestamp(now())) * 1000, 'customer-service', '1.0.0', "
+                f"'{answer}', 1, 'low', [], [], ['intent'], ['{answer}'], [1], 1, 40, 12, 0, [], [], 'e', NULL, 0, "
+                f"0, 'customer-service', '{category}', 0.3, "
+                f"'llm:big', bitShiftLeft(toUInt64(1), 48) + toUInt64(toUnixTimestamp(now())) * 1000, '{category}', 0.3, 'low', [], 120, 8, 900)"
             )
         s.query("INSERT INTO triage.results VALUES " + ", ".join(rows))
         final = int(s.query("SELECT count() FROM triage.results FINAL", "CSV").bytes().decode().strip())
         assert final == 60, f"FINAL read {final} rows, expected 60"
+        llm = int(s.query("SELECT count() FROM triage.results FINAL WHERE answered_by = 'llm:big'", "CSV").bytes().decode().strip())
+        assert llm == 10, f"FINAL kept {llm} LLM answers, expected 10"
         hourly = int(s.query("SELECT sum(messages) FROM triage.results_hourly", "CSV").bytes().decode().strip())
         assert hourly == 60, f"results_hourly counted {hourly}, expected 60"
         for view in ["results_escalation_rate", "results_confidence_by_model"]:
