@@ -203,7 +203,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<E
     readiness.clickhouse_reachable.store(true, std::sync::atomic::Ordering::Relaxed);
 
     let kafka_config = config.kafka.clone();
-    let topics = vec![config.kafka.escalation_topic.clone(), config.kafka.dead_letter_topic.clone()];
+    let topics = [config.kafka.escalation_topic.clone(), config.kafka.dead_letter_topic.clone()];
     tokio::task::spawn_blocking(move || {
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         check_topics_exist(&kafka_config, &names, Duration::from_secs(30))
@@ -405,7 +405,7 @@ pub(crate) fn text_of(route: &RouteLabels, record: &Escalation) -> Result<String
 
 /// How one record ends.
 enum Fate {
-    Answer(ResultRow),
+    Answer(Box<ResultRow>),
     DeadLetter(DeadLetterReason, String),
     Done,
 }
@@ -415,7 +415,7 @@ async fn answer(shared: Arc<Shared>, consumed: Consumed) {
     match decide(&shared, &consumed).await {
         Fate::Answer(row) => {
             // The sink stopped (fatal): the record stays unfinished and is read again.
-            let _ = shared.rows.send(SinkItem { row, ticket: consumed }).await;
+            let _ = shared.rows.send(SinkItem { row: *row, ticket: consumed }).await;
         }
         Fate::DeadLetter(reason, detail) => {
             if let (Some(key), Ok(mut recent)) = (key, shared.recent.lock()) {
@@ -485,7 +485,7 @@ async fn decide(shared: &Shared, consumed: &Consumed) -> Fate {
         };
         let invalid_reply = match reply {
             Ok(call) => match route.space.parse(&call.content) {
-                Ok(answer) => return Fate::Answer(shared.row(&record.row, &answer, route, &call)),
+                Ok(answer) => return Fate::Answer(Box::new(shared.row(&record.row, &answer, route, &call))),
                 Err(e) => {
                     last_reply = cut_at_char(&call.content, 2_000).to_string();
                     e.to_string()

@@ -382,42 +382,6 @@ impl InternalEvent for OffsetCommitted<'_> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reasons_keep_the_label_texts_dashboards_and_alerts_use() {
-        assert_eq!(DeadLetterReason::Decode(DecodeReason::NotJson).as_str(), "not_json");
-        assert_eq!(DeadLetterReason::ClickhouseRejected.as_str(), "clickhouse_rejected");
-        assert_eq!(DeadLetterReason::InferenceFailed.as_str(), "inference_failed");
-        assert_eq!(DeadLetterReason::Unrouted.as_str(), "unrouted");
-        assert_eq!(EscalationReason::OutOfDistribution.as_str(), "out_of_distribution");
-        assert_eq!(serde_json::to_string(&EscalationReason::LowConfidence).unwrap(), "\"low_confidence\"");
-    }
-
-    #[test]
-    fn one_emit_counts_in_the_report_and_the_metric() {
-        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
-        let handle = recorder.handle();
-        let counters = Counters::default();
-        metrics::with_local_recorder(&recorder, || {
-            for _ in 0..3 {
-                DeadLettered { reason: DeadLetterReason::Decode(DecodeReason::NotJson), topic: "t", partition: 0, offset: 1, detail: "x" }
-                    .emit(&counters);
-            }
-            InsertRetried { rows: 10, attempt: 1, error: &"boom", delay: Duration::from_millis(5) }.emit(&counters);
-            BlockInserted { rows: 7, elapsed: Duration::from_millis(3) }.emit(&counters);
-        });
-        let s = counters.snapshot();
-        assert_eq!((s.dead_lettered, s.insert_retries, s.rows_inserted), (3, 1, 7));
-        let text = handle.render();
-        assert!(text.contains("triage_messages_dead_lettered_total{reason=\"not_json\"} 3"), "{text}");
-        assert!(text.contains("triage_clickhouse_retries_total 1"), "{text}");
-        assert!(text.contains("triage_clickhouse_rows_total{result=\"inserted\"} 7"), "{text}");
-    }
-}
-
 /// One chat-completions call finished with a reply (valid or not).
 pub struct LlmCalled<'a> {
     pub model: &'a str,
@@ -502,5 +466,41 @@ impl InternalEvent for LlmBudgetWaited {
             LAST_WARNED_S.store(now_s, Ordering::Relaxed);
             tracing::warn!(wait_s = self.wait.as_secs(), "the hourly LLM spend cap is reached: calls wait (nothing is dropped)");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_keep_the_label_texts_dashboards_and_alerts_use() {
+        assert_eq!(DeadLetterReason::Decode(DecodeReason::NotJson).as_str(), "not_json");
+        assert_eq!(DeadLetterReason::ClickhouseRejected.as_str(), "clickhouse_rejected");
+        assert_eq!(DeadLetterReason::InferenceFailed.as_str(), "inference_failed");
+        assert_eq!(DeadLetterReason::Unrouted.as_str(), "unrouted");
+        assert_eq!(EscalationReason::OutOfDistribution.as_str(), "out_of_distribution");
+        assert_eq!(serde_json::to_string(&EscalationReason::LowConfidence).unwrap(), "\"low_confidence\"");
+    }
+
+    #[test]
+    fn one_emit_counts_in_the_report_and_the_metric() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let counters = Counters::default();
+        metrics::with_local_recorder(&recorder, || {
+            for _ in 0..3 {
+                DeadLettered { reason: DeadLetterReason::Decode(DecodeReason::NotJson), topic: "t", partition: 0, offset: 1, detail: "x" }
+                    .emit(&counters);
+            }
+            InsertRetried { rows: 10, attempt: 1, error: &"boom", delay: Duration::from_millis(5) }.emit(&counters);
+            BlockInserted { rows: 7, elapsed: Duration::from_millis(3) }.emit(&counters);
+        });
+        let s = counters.snapshot();
+        assert_eq!((s.dead_lettered, s.insert_retries, s.rows_inserted), (3, 1, 7));
+        let text = handle.render();
+        assert!(text.contains("triage_messages_dead_lettered_total{reason=\"not_json\"} 3"), "{text}");
+        assert!(text.contains("triage_clickhouse_retries_total 1"), "{text}");
+        assert!(text.contains("triage_clickhouse_rows_total{result=\"inserted\"} 7"), "{text}");
     }
 }
