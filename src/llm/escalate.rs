@@ -407,7 +407,11 @@ pub(crate) fn text_of(route: &RouteLabels, record: &Escalation) -> Result<String
 enum Fate {
     Answer(Box<ResultRow>),
     DeadLetter(DeadLetterReason, String),
+    /// Settled without a write (already answered).
     Done,
+    /// Left unsettled: the command is stopping for a reason no record can get past, so its
+    /// offset must not be committed (the next start reads it again).
+    Abandoned,
 }
 
 async fn answer(shared: Arc<Shared>, consumed: Consumed) {
@@ -424,6 +428,7 @@ async fn answer(shared: Arc<Shared>, consumed: Consumed) {
             shared.settle.dead_letter(consumed, reason, detail);
         }
         Fate::Done => shared.settle.done(&consumed.delivery),
+        Fate::Abandoned => {}
     }
 }
 
@@ -452,7 +457,7 @@ async fn decide(shared: &Shared, consumed: &Consumed) -> Fate {
     // About four characters a token, plus the longest reply: what the tokens-per-minute
     // limit counts until the server says what the call really used.
     let estimate = (request.to_string().len() / 4) as u64 + u64::from(shared.llm.max_tokens);
-    let Ok(_permit) = shared.calls.acquire().await else { return Fate::Done };
+    let Ok(_permit) = shared.calls.acquire().await else { return Fate::Abandoned };
     let mut last_reply = String::new();
     let mut outage = 0u32;
     let mut invalid = 0u32;
@@ -496,7 +501,7 @@ async fn decide(shared: &Shared, consumed: &Consumed) -> Fate {
                 shared.settle.stop(WorkerError::Llm(format!(
                     "{e}: the endpoint refuses every call (check llm.url, llm.model, the API key and llm.structured_output)"
                 )));
-                return Fate::Done;
+                return Fate::Abandoned;
             }
             Err(e) if e.is_retryable() => {
                 // The endpoint is away: the message is not at fault. Wait and try again for
