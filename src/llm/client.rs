@@ -22,6 +22,10 @@ use crate::retry::Backoff;
 /// Longest wait a `Retry-After` can ask for before a retry (longer ones are capped).
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
+/// Largest reply body read: a chat completion of a few hundred tokens is a few kB; a body past
+/// this is a misbehaving endpoint, refused rather than held in memory.
+pub const MAX_REPLY_BYTES: usize = 4 << 20;
+
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ChatError {
     /// A status that retrying cannot change (400, 401, 403, 404, 422, ...), or a retryable one
@@ -134,7 +138,13 @@ impl ChatClient {
         let response = self.http.request(request).await.map_err(|e| (ChatError::Transport(e.to_string()), None))?;
         let status = response.status();
         let retry_after = response.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
-        let body = response.into_body().collect().await.map_err(|e| (ChatError::Transport(e.to_string()), None))?.to_bytes();
+        let body = match http_body_util::Limited::new(response.into_body(), MAX_REPLY_BYTES).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err((ChatError::Envelope(format!("the reply is larger than {MAX_REPLY_BYTES} bytes")), None))
+            }
+            Err(e) => return Err((ChatError::Transport(e.to_string()), None)),
+        };
         if status != StatusCode::OK {
             let text = String::from_utf8_lossy(&body);
             return Err((ChatError::Status { status: status.as_u16(), body: cut(&text, 300) }, retry_after));
@@ -302,6 +312,12 @@ mod tests {
         assert!(matches!(err, ChatError::Envelope(_)) && !err.is_retryable(), "{err}");
         let (url, _) = stub(vec![(Duration::ZERO, http("200 OK", "", "not json"))]).await;
         assert!(matches!(client(url, 0, 2_000).complete(&request()).await.unwrap_err(), ChatError::Envelope(_)));
+        // A reply too large to be an answer is refused, not read whole (and not retried).
+        let huge = format!("{{\"choices\": [{{\"message\": {{\"content\": \"{}\"}}}}]}}", "x".repeat(MAX_REPLY_BYTES + 1));
+        let (url, seen) = stub(vec![(Duration::ZERO, http("200 OK", "", &huge))]).await;
+        let err = client(url, 2, 5_000).complete(&request()).await.unwrap_err();
+        assert!(matches!(&err, ChatError::Envelope(m) if m.contains("larger than")), "{err}");
+        assert_eq!(seen.lock().unwrap().len(), 1);
     }
 
     #[test]
