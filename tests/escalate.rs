@@ -328,6 +328,29 @@ fn an_endpoint_refusing_every_call_stops_escalate_without_losing_anything() {
 }
 
 #[test]
+fn an_endpoint_that_stays_down_fails_readiness_and_loses_nothing() {
+    let ch = shared_clickhouse();
+    let env = Env::new("escalate_down", ch.url());
+    env.apply_schema();
+    env.kafka.create_topic("tickets", 1).unwrap();
+    env.produce("triage.escalations", &[record(1, "where is my card")]);
+    let (url, seen) = scripted_llm(Some(503));
+    let config = escalate_config(&env, "down", &format!("url = \"{url}\"\nmodel = \"stub-llm\"\nretries = 0"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let address = format!("127.0.0.1:{port}");
+    let mut escalate = env.spawn_command("escalate", &config, "escalate-down", &[("TRIAGE_METRICS__ADDRESS", address.as_str())]);
+    env.wait_for(&mut escalate, "/readyz to name the failing endpoint", Duration::from_secs(60), || {
+        let (status, body) = common::worker::http_get(port, "/readyz");
+        status == 503 && body.contains("LLM endpoint keeps failing (server_error)")
+    });
+    assert!(seen.lock().unwrap().len() >= 3, "still trying");
+    assert_eq!(escalate.terminate(Duration::from_secs(30)), Some(0), "{}", escalate.log_text());
+    assert!(reasons(&env).is_empty(), "an outage is not the message's fault: nothing dead-lettered");
+    let kafka = triage::config::KafkaConfig { group_id: format!("{}-llm", env.group), ..env.kafka_config() };
+    assert_eq!(committed_offset(&kafka, "triage.escalations"), Some(0), "the unanswered record is read again");
+}
+
+#[test]
 fn a_table_versioned_the_old_way_is_refused_until_migrated_and_keeps_its_rows() {
     let ch = shared_clickhouse();
     let env = Env::new("escalate_migrate", ch.url());

@@ -123,6 +123,8 @@ struct Shared {
     rows: mpsc::Sender<SinkItem<Consumed>>,
     settle: Settler,
     worker_id: String,
+    /// /readyz fails while the endpoint keeps failing (an outage or a wrong URL shows).
+    readiness: Arc<Readiness>,
 }
 
 /// How the sink's verdict on an answer's row is settled: stored rows count as answered; a
@@ -244,6 +246,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<E
         rows: row_tx,
         settle: settle.clone(),
         worker_id: worker_id.clone(),
+        readiness: readiness.clone(),
     });
 
     let mut kafka_config = config.kafka.clone();
@@ -488,6 +491,9 @@ async fn decide(shared: &Shared, consumed: &Consumed) -> Fate {
                 Err(e)
             }
         };
+        if reply.is_ok() {
+            shared.readiness.set_stalled(None);
+        }
         let invalid_reply = match reply {
             Ok(call) => match route.space.parse(&call.content) {
                 Ok(answer) => return Fate::Answer(Box::new(shared.row(&record.row, &answer, route, &call))),
@@ -507,6 +513,9 @@ async fn decide(shared: &Shared, consumed: &Consumed) -> Fate {
                 // The endpoint is away: the message is not at fault. Wait and try again for
                 // as long as it lasts (the consumer pauses when too much is waiting).
                 outage += 1;
+                if outage >= 3 {
+                    shared.readiness.set_stalled(Some(format!("the LLM endpoint keeps failing ({})", e.kind())));
+                }
                 let delay = Backoff::new(Duration::from_secs(1), Duration::from_secs(60)).delay(outage);
                 tracing::warn!(kind = e.kind(), retry_in_s = delay.as_secs(), "the LLM endpoint keeps failing; the record waits");
                 tokio::time::sleep(delay).await;
