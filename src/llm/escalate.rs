@@ -320,6 +320,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<E
     }
     let unfinished = in_flight(&tracker);
     kafka.unsubscribe();
+    crate::source::kafka::close_within(kafka, Duration::from_secs(10));
     if let Some(server) = server {
         server.abort();
     }

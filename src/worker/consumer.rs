@@ -185,6 +185,7 @@ impl Consumer {
         }
         let unfinished = self.in_flight();
         self.kafka.unsubscribe();
+        crate::source::kafka::close_within(self.kafka, Duration::from_secs(10));
         let busy = match (first_consumed, last_progress) {
             (Some(first), Some(last)) if last > first => last - first,
             _ => Duration::ZERO,

@@ -105,6 +105,25 @@ impl ConsumerContext for TrackingContext {
     }
 }
 
+/// Leave the group and close the consumer, but give up waiting after `timeout`: librdkafka's
+/// close waits for the group coordinator (LeaveGroup, the last revoke), and a coordinator that
+/// does not answer would otherwise hold the process past its grace period. Everything done is
+/// committed before this is called; an unfinished close only means the group notices the member
+/// gone after `session.timeout.ms` instead of at once.
+pub fn close_within<C: Send + 'static>(consumer: C, timeout: std::time::Duration) {
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let spawned = std::thread::Builder::new().name("kafka-close".into()).spawn(move || {
+        drop(consumer);
+        let _ = done_tx.send(());
+    });
+    if spawned.is_ok() && done_rx.recv_timeout(timeout).is_err() {
+        tracing::warn!(
+            timeout_s = timeout.as_secs(),
+            "the Kafka consumer did not close in time; exiting anyway (the group rebalances after session.timeout.ms)"
+        );
+    }
+}
+
 /// Build a commit list from (partition, next offset) pairs.
 pub fn commit_list(points: &[(TopicPartition, i64)]) -> TopicPartitionList {
     let mut list = TopicPartitionList::new();
