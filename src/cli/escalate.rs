@@ -39,19 +39,12 @@ pub async fn run(args: EscalateArgs) -> Result<()> {
         eprintln!("train on them: triage train --data {path} --text text --label <head> ... (see README, \"The LLM tier\")");
         return Ok(());
     }
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let signals = tokio::spawn(async move {
-        super::termination().await;
-        let _ = stop_tx.send(());
-    });
-    tokio::task::yield_now().await;
-    let config = Config::load(&args.config)?;
-    let report = triage::llm::escalate::run(config, async move {
-        let _ = stop_rx.await;
+    let report = super::until_terminated(&args.config, |config, stop| {
+        triage::llm::escalate::run(config, async move {
+            let _ = stop.await;
+        })
     })
-    .await;
-    signals.abort();
-    let report = report?;
+    .await??;
     tracing::info!(
         consumed = report.consumed,
         answered = report.answered,

@@ -285,6 +285,30 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
 }
 
+/// Catch SIGTERM/SIGINT from the very start (one arriving while a model loads still drains),
+/// load the config, and run `job` until it stops or a signal asks it to.
+pub async fn until_terminated<R, F>(
+    config: &std::path::Path,
+    job: impl FnOnce(triage::config::Config, tokio::sync::oneshot::Receiver<()>) -> F,
+) -> Result<R>
+where
+    F: std::future::Future<Output = R>,
+{
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let signals = tokio::spawn(async move {
+        termination().await;
+        let _ = stop_tx.send(());
+    });
+    tokio::task::yield_now().await;
+    let config = triage::config::Config::load(config);
+    let result = match config {
+        Ok(config) => Ok(job(config, stop_rx).await),
+        Err(e) => Err(e.into()),
+    };
+    signals.abort();
+    result
+}
+
 /// Resolves on SIGTERM or SIGINT.
 pub async fn termination() {
     use tokio::signal::unix::{signal, SignalKind};

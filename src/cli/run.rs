@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use triage::config::Config;
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -13,20 +12,12 @@ pub struct RunArgs {
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
-    // Catch SIGTERM from the very start: one arriving while the model loads still drains.
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let signals = tokio::spawn(async move {
-        super::termination().await;
-        let _ = stop_tx.send(());
-    });
-    tokio::task::yield_now().await;
-    let config = Config::load(&args.config)?;
-    let report = triage::worker::run(config, async move {
-        let _ = stop_rx.await;
+    let report = super::until_terminated(&args.config, |config, stop| {
+        triage::worker::run(config, async move {
+            let _ = stop.await;
+        })
     })
-    .await;
-    signals.abort();
-    let report = report?;
+    .await??;
     tracing::info!(
         consumed = report.consumed,
         rows = report.rows_inserted,

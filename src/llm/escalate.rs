@@ -29,7 +29,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::FutureProducer;
 use serde_json::Value;
@@ -46,12 +46,11 @@ use crate::model::{Descriptor, Template};
 use crate::retry::Backoff;
 use crate::sink::clickhouse::{self as ch, ClickHouseService, ResultRow, Settle, SinkItem};
 use crate::sink::kafka::{cut_at_char, SideTopics, SideTopicsConfig};
-use crate::source::kafka::{check_topics_exist, commit_list, ClientRole, TrackingContext};
+use crate::source::kafka::{self, check_topics_exist, ClientRole, TrackingContext};
 use crate::source::offsets::{OffsetTracker, TopicPartition};
-use crate::source::{Consumed, SourceMessage};
+use crate::source::Consumed;
 use crate::telemetry::events::{
     Counters, DeadLetterReason, InternalEvent, LlmAnswered, LlmBudgetWaited, LlmCallFailed, LlmCalled, LlmSkipped, MessageConsumed,
-    OffsetCommitted,
 };
 use crate::telemetry::{self, Readiness};
 use crate::worker::settle::Settler;
@@ -214,14 +213,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<E
     .map_err(|e| WorkerError::TaskFailed { task: "topic check", detail: e.to_string() })??;
 
     let producer: FutureProducer = config.kafka.client(ClientRole::SideTopics { max_message_bytes: config.max_message_bytes }).create()?;
-    let side_topics = SideTopicsConfig {
-        dead_letter_topic: config.kafka.dead_letter_topic.clone(),
-        escalation_topic: config.kafka.escalation_topic.clone(),
-        worker_id: worker_id.clone(),
-        backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(10)),
-        max_payload_bytes: crate::sink::kafka::payload_limit(config.max_message_bytes),
-        unknown_topic_grace: Duration::from_secs(60),
-    };
+    let side_topics = SideTopicsConfig::of(&config, &worker_id);
     let (fatal_tx, mut fatal_rx) = mpsc::channel(4);
     let settle =
         Settler::new(Arc::new(SideTopics::new(producer, side_topics, counters.clone())), tracker.clone(), counters.clone(), fatal_tx);
@@ -268,7 +260,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<E
             _ = &mut shutdown, if draining.is_none() => {
                 tracing::info!("shutdown requested: finishing the calls in flight");
                 draining = Some(tokio::time::Instant::now() + Duration::from_millis(config.shutdown.drain_timeout_ms));
-                set_paused(&kafka, true);
+                kafka::set_paused(&kafka, true);
             }
             Some(error) = fatal_rx.recv() => break Some(error),
             // The tasks hold the sink's input open, so it never ends on its own while running.
@@ -283,21 +275,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<E
                 let open = in_flight(&tracker);
                 metrics::gauge!(telemetry::IN_FLIGHT).set(open as f64);
                 if let Some(deadline) = draining {
-                    set_paused(&kafka, true);
+                    kafka::set_paused(&kafka, true);
                     if open == 0 || tokio::time::Instant::now() >= deadline {
                         break None;
                     }
                 } else if !paused && open >= config.llm.max_in_flight {
-                    set_paused(&kafka, true);
+                    kafka::set_paused(&kafka, true);
                     paused = true;
                 } else if paused && open <= config.llm.max_in_flight / 2 {
-                    set_paused(&kafka, false);
+                    kafka::set_paused(&kafka, false);
                     paused = false;
                 } else if paused {
-                    set_paused(&kafka, true);
+                    kafka::set_paused(&kafka, true);
                 }
                 if draining.is_some() || last_commit.elapsed() >= commit_every {
-                    commit(&kafka, &tracker, &counters);
+                    kafka::commit_done(&kafka, &tracker, &counters);
                     last_commit = Instant::now();
                 }
             }
@@ -315,7 +307,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<E
     };
     // Commit what is done (a rebalance in progress may reject it for a moment).
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !commit(&kafka, &tracker, &counters) && Instant::now() < deadline {
+    while kafka::commit_done(&kafka, &tracker, &counters) == kafka::Committed::Failed && Instant::now() < deadline {
         let _ = tokio::time::timeout(Duration::from_millis(200), kafka.recv()).await;
     }
     let unfinished = in_flight(&tracker);
@@ -341,56 +333,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<E
     })
 }
 
-fn set_paused(kafka: &StreamConsumer<TrackingContext>, pause: bool) {
-    let Ok(assignment) = kafka.assignment() else { return };
-    if assignment.count() == 0 {
-        return;
-    }
-    let result = if pause { kafka.pause(&assignment) } else { kafka.resume(&assignment) };
-    if let Err(e) = result {
-        tracing::warn!(error = %e, pause, "pause/resume failed");
-    }
-}
-
-/// Commit every watermark that moved; false when a commit failed (retry).
-fn commit(kafka: &StreamConsumer<TrackingContext>, tracker: &Mutex<OffsetTracker>, counters: &Counters) -> bool {
-    let points = match tracker.lock() {
-        Ok(t) => t.committable(),
-        Err(_) => return false,
-    };
-    if points.is_empty() {
-        return true;
-    }
-    match tokio::task::block_in_place(|| kafka.commit(&commit_list(&points), CommitMode::Sync)) {
-        Ok(()) => {
-            if let Ok(mut t) = tracker.lock() {
-                for (tp, offset) in &points {
-                    t.committed(tp, *offset);
-                    OffsetCommitted { topic: &tp.topic, partition: tp.partition, offset: *offset }.emit(counters);
-                }
-            }
-            true
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "offset commit failed; retried");
-            false
-        }
-    }
-}
-
 fn begin(m: &BorrowedMessage<'_>, tracker: &Mutex<OffsetTracker>) -> Option<Consumed> {
     let tp = TopicPartition::new(m.topic(), m.partition());
     let delivery = tracker.lock().ok().and_then(|mut t| t.begin(&tp, m.offset(), 1))?;
-    let message = Arc::new(SourceMessage {
-        topic: m.topic().to_string(),
-        partition: m.partition(),
-        offset: m.offset(),
-        timestamp_ms: m.timestamp().to_millis(),
-        key: m.key().map(<[u8]>::to_vec),
-        payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-        origin: None,
-    });
-    Some(Consumed { delivery, message })
+    // Escalation records are keyed by their own place: no origin.
+    Some(Consumed { delivery, message: Arc::new(kafka::source_message(m, None)) })
 }
 
 /// The text the LLM reads: the route's template over the original message, or the message as

@@ -73,6 +73,20 @@ pub struct SideTopicsConfig {
     pub unknown_topic_grace: Duration,
 }
 
+impl SideTopicsConfig {
+    /// The side topics of `config`, written by `worker_id`, with the writer's usual patience.
+    pub fn of(config: &crate::config::Config, worker_id: &str) -> Self {
+        SideTopicsConfig {
+            dead_letter_topic: config.kafka.dead_letter_topic.clone(),
+            escalation_topic: config.kafka.escalation_topic.clone(),
+            worker_id: worker_id.to_string(),
+            backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(10)),
+            max_payload_bytes: payload_limit(config.max_message_bytes),
+            unknown_topic_grace: Duration::from_secs(60),
+        }
+    }
+}
+
 /// A side-topic write that retrying cannot complete.
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
 #[error("cannot write to Kafka topic `{topic}`: {cause}")]

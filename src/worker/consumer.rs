@@ -15,7 +15,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use tokio::task::JoinHandle;
 
@@ -24,10 +24,10 @@ use super::settle::Settler;
 use super::WorkerError;
 use crate::engine::{Engine, Submitter};
 use crate::sink::clickhouse::SinkError;
-use crate::source::kafka::{commit_list, TrackingContext};
+use crate::source::kafka::{Committed, TrackingContext};
 use crate::source::offsets::{OffsetTracker, TopicPartition};
-use crate::source::{Consumed, Origin, SourceMessage};
-use crate::telemetry::events::{ConsumptionPaused, ConsumptionResumed, DeadLetterReason, InternalEvent, MessageConsumed, OffsetCommitted};
+use crate::source::{Consumed, Origin};
+use crate::telemetry::events::{ConsumptionPaused, ConsumptionResumed, DeadLetterReason, InternalEvent, MessageConsumed};
 use crate::telemetry::{IN_FLIGHT, OLDEST_UNFINISHED};
 
 /// The consumer's state; intake exists only while consuming.
@@ -90,13 +90,6 @@ pub(super) struct Consumer {
     pub settle: Settler,
     pub limits: Limits,
     pub readiness: Arc<crate::telemetry::Readiness>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Committed {
-    Nothing,
-    Moved,
-    Failed,
 }
 
 impl Consumer {
@@ -252,15 +245,7 @@ impl Consumer {
         // Redrive sends a dead letter back to the topic it came from: an origin naming another
         // topic is not one of ours.
         let origin = Origin::from_headers(header).filter(|o| o.topic == m.topic());
-        let message = Arc::new(SourceMessage {
-            topic: m.topic().to_string(),
-            partition: m.partition(),
-            offset: m.offset(),
-            timestamp_ms: m.timestamp().to_millis(),
-            key: m.key().map(<[u8]>::to_vec),
-            payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-            origin,
-        });
+        let message = Arc::new(crate::source::kafka::source_message(m, origin));
         let consumed = Consumed { delivery, message };
         let Some(&route_index) = self.route_of.get(m.topic()) else {
             self.settle.dead_letter(consumed, DeadLetterReason::Unrouted, "no route for this topic".into());
@@ -289,41 +274,10 @@ impl Consumer {
     }
 
     fn set_paused(&self, pause: bool) {
-        let Ok(assignment) = self.kafka.assignment() else { return };
-        if assignment.count() == 0 {
-            return;
-        }
-        let result = if pause { self.kafka.pause(&assignment) } else { self.kafka.resume(&assignment) };
-        if let Err(e) = result {
-            tracing::warn!(error = %e, pause, "pause/resume failed");
-        }
+        crate::source::kafka::set_paused(&self.kafka, pause);
     }
 
-    /// Commit every partition's done watermark that moved. Synchronous, so the tracker knows
-    /// exactly what is committed; one broker round trip per interval (block_in_place keeps the
-    /// runtime's other tasks running).
     fn commit(&self) -> Committed {
-        let points = match self.tracker.lock() {
-            Ok(t) => t.committable(),
-            Err(_) => return Committed::Failed,
-        };
-        if points.is_empty() {
-            return Committed::Nothing;
-        }
-        match tokio::task::block_in_place(|| self.kafka.commit(&commit_list(&points), CommitMode::Sync)) {
-            Ok(()) => {
-                if let Ok(mut t) = self.tracker.lock() {
-                    for (tp, offset) in &points {
-                        t.committed(tp, *offset);
-                        OffsetCommitted { topic: &tp.topic, partition: tp.partition, offset: *offset }.emit(self.settle.counters());
-                    }
-                }
-                Committed::Moved
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "offset commit failed; retried");
-                Committed::Failed
-            }
-        }
+        crate::source::kafka::commit_done(&self.kafka, &self.tracker, self.settle.counters())
     }
 }

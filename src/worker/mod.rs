@@ -26,7 +26,6 @@ use tokio::sync::mpsc;
 
 use crate::config::Config;
 use crate::model::ModelError;
-use crate::retry::Backoff;
 use crate::sink::clickhouse::{self as ch, ClickHouseService, SinkError};
 use crate::sink::kafka::{SideTopics, SideTopicsConfig};
 use crate::source::kafka::{check_topics_exist, CheckTopicsError, ClientRole, TrackingContext};
@@ -135,14 +134,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
     topics?;
 
     let producer: FutureProducer = config.kafka.client(ClientRole::SideTopics { max_message_bytes: config.max_message_bytes }).create()?;
-    let side_topics = SideTopicsConfig {
-        dead_letter_topic: config.kafka.dead_letter_topic.clone(),
-        escalation_topic: config.kafka.escalation_topic.clone(),
-        worker_id: worker_id.clone(),
-        backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(10)),
-        max_payload_bytes: crate::sink::kafka::payload_limit(config.max_message_bytes),
-        unknown_topic_grace: Duration::from_secs(60),
-    };
+    let side_topics = SideTopicsConfig::of(&config, &worker_id);
     let (fatal_tx, fatal_rx) = mpsc::channel(4);
     let side_topics = Arc::new(SideTopics::new(producer, side_topics, counters.clone()));
     let settle = Settler::new(side_topics, tracker.clone(), counters.clone(), fatal_tx);

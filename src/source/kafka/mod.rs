@@ -105,6 +105,74 @@ impl ConsumerContext for TrackingContext {
     }
 }
 
+/// A consumed Kafka message as the pipeline keeps it (owned bytes; `origin` for a redriven one).
+pub fn source_message(m: &rdkafka::message::BorrowedMessage<'_>, origin: Option<super::Origin>) -> super::SourceMessage {
+    use rdkafka::message::Message;
+    super::SourceMessage {
+        topic: m.topic().to_string(),
+        partition: m.partition(),
+        offset: m.offset(),
+        timestamp_ms: m.timestamp().to_millis(),
+        key: m.key().map(<[u8]>::to_vec),
+        payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+        origin,
+    }
+}
+
+/// Pause (or resume) every partition assigned to `consumer`; partitions assigned while paused
+/// need the call again (callers repeat it on their tick).
+pub fn set_paused<C: ConsumerContext>(consumer: &rdkafka::consumer::StreamConsumer<C>, pause: bool) {
+    let Ok(assignment) = consumer.assignment() else { return };
+    if assignment.count() == 0 {
+        return;
+    }
+    let result = if pause { consumer.pause(&assignment) } else { consumer.resume(&assignment) };
+    if let Err(e) = result {
+        tracing::warn!(error = %e, pause, "pause/resume failed");
+    }
+}
+
+/// What a commit did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    Nothing,
+    Moved,
+    Failed,
+}
+
+/// Commit every partition's done watermark that moved. Synchronous, so the tracker knows
+/// exactly what is committed; one broker round trip per call (block_in_place keeps the
+/// runtime's other tasks running).
+pub fn commit_done<C: ConsumerContext>(
+    consumer: &rdkafka::consumer::StreamConsumer<C>,
+    tracker: &Mutex<OffsetTracker>,
+    counters: &crate::telemetry::events::Counters,
+) -> Committed {
+    use crate::telemetry::events::{InternalEvent, OffsetCommitted};
+    let points = match tracker.lock() {
+        Ok(t) => t.committable(),
+        Err(_) => return Committed::Failed,
+    };
+    if points.is_empty() {
+        return Committed::Nothing;
+    }
+    match tokio::task::block_in_place(|| consumer.commit(&commit_list(&points), CommitMode::Sync)) {
+        Ok(()) => {
+            if let Ok(mut t) = tracker.lock() {
+                for (tp, offset) in &points {
+                    t.committed(tp, *offset);
+                    OffsetCommitted { topic: &tp.topic, partition: tp.partition, offset: *offset }.emit(counters);
+                }
+            }
+            Committed::Moved
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "offset commit failed; retried");
+            Committed::Failed
+        }
+    }
+}
+
 /// Leave the group and close the consumer, but give up waiting after `timeout`: librdkafka's
 /// close waits for the group coordinator (LeaveGroup, the last revoke), and a coordinator that
 /// does not answer would otherwise hold the process past its grace period. Everything done is
