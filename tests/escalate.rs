@@ -172,7 +172,18 @@ fn llm_answers_become_the_rows_version_and_nothing_is_lost_or_sent_twice() {
         .find(|(_, payload, _)| serde_json::from_slice::<Value>(payload).is_ok_and(|v| normal.iter().any(|b| v["message"]["body"] == *b)))
         .expect("an answerable message's record")
         .clone();
-    env.produce("triage.escalations", &[(String::from_utf8(first.0.unwrap()).unwrap(), first.1), ("junk".into(), b"not json".to_vec())]);
+    // A record of a topic this configuration has no route (so no labels) for.
+    let (_, elsewhere) = record(7, "a message from another route");
+    let elsewhere = String::from_utf8(elsewhere).unwrap().replace("\"topic\":\"tickets\"", "\"topic\":\"returns\"");
+    assert!(elsewhere.contains("\"topic\":\"returns\""));
+    env.produce(
+        "triage.escalations",
+        &[
+            (String::from_utf8(first.0.unwrap()).unwrap(), first.1),
+            ("junk".into(), b"not json".to_vec()),
+            ("elsewhere".into(), elsewhere.into_bytes()),
+        ],
+    );
 
     let mut escalate = env.spawn_command("escalate", &config, "escalate", &[]);
     env.wait_for(&mut escalate, "escalations committed", Duration::from_secs(120), || escalate_caught_up(&env));
@@ -187,7 +198,7 @@ fn llm_answers_become_the_rows_version_and_nothing_is_lost_or_sent_twice() {
         "the five answerable messages carry the LLM's answer, the small model's, tokens, and their own event time"
     );
     assert_eq!(q("SELECT count() FROM results FINAL WHERE answered_by LIKE 'model:%'"), 3, "the others keep the small model's row");
-    assert_eq!(reasons(&env), vec!["escalation_invalid", "llm_refused", "llm_reply_invalid", "llm_reply_invalid"]);
+    assert_eq!(reasons(&env), vec!["escalation_invalid", "llm_refused", "llm_reply_invalid", "llm_reply_invalid", "unrouted"]);
     let letters = env.read_topic_to_end("triage.dead-letter");
     let garbage = letters.iter().find(|(k, _, _)| k.as_deref() == Some(b"g".as_slice())).expect("the garbage reply's letter");
     let detail = garbage.2.iter().find(|(k, _)| k == "triage.detail").map(|(_, v)| v.as_str()).unwrap_or_default();
@@ -267,7 +278,7 @@ fn llm_answers_become_the_rows_version_and_nothing_is_lost_or_sent_twice() {
         assert!(texts.contains(&body), "{body} exported: {texts:?}");
     }
     assert!(lines.iter().all(|l| l["intent"] == "card_arrival" && l["answered_by"] == "llm:stub-llm"));
-    assert!(stderr.contains("5 examples written") && stderr.contains("1 duplicates"), "{stderr}");
+    assert!(stderr.contains("5 examples written") && stderr.contains("1 duplicates") && stderr.contains("2 unreadable"), "{stderr}");
 }
 
 fn seen_after(seen: &[(String, u16)], before: usize) -> Vec<(String, u16)> {
