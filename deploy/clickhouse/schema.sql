@@ -70,18 +70,5 @@ FROM triage.results FINAL
 GROUP BY day, model_name, model_version, category;
 
 -- Upgrading a table created by an earlier release (`triage schema apply` does this itself):
--- ALTER TABLE triage.results ADD COLUMN `ood_score` Nullable(Float32);
--- ALTER TABLE triage.results ADD COLUMN `redriven` UInt8;
--- ALTER TABLE triage.results ADD COLUMN `tier` UInt8;
--- ALTER TABLE triage.results ADD COLUMN `first_model_name` String;
--- ALTER TABLE triage.results ADD COLUMN `first_category` String;
--- ALTER TABLE triage.results ADD COLUMN `first_confidence` Float32;
--- ALTER TABLE triage.results ADD COLUMN `answered_by` String;
--- ALTER TABLE triage.results ADD COLUMN `row_version` UInt64;
--- ALTER TABLE triage.results ADD COLUMN `slm_category` String;
--- ALTER TABLE triage.results ADD COLUMN `slm_confidence` Float32;
--- ALTER TABLE triage.results ADD COLUMN `slm_priority` String;
--- ALTER TABLE triage.results ADD COLUMN `slm_tags` Array(String);
--- ALTER TABLE triage.results ADD COLUMN `llm_prompt_tokens` UInt32;
--- ALTER TABLE triage.results ADD COLUMN `llm_completion_tokens` UInt32;
--- ALTER TABLE triage.results ADD COLUMN `llm_latency_ms` UInt32;
+-- (the columns it lacks, from the first it lacks on, in this order)
+-- ALTER TABLE triage.results ADD COLUMN `ood_score` Nullable(Float32), ADD COLUMN `redriven` UInt8, ADD COLUMN `tier` UInt8, ADD COLUMN `first_model_name` String, ADD COLUMN `first_category` String, ADD COLUMN `first_confidence` Float32, ADD COLUMN `answered_by` String, ADD COLUMN `row_version` UInt64, ADD COLUMN `slm_category` String, ADD COLUMN `slm_confidence` Float32, ADD COLUMN `slm_priority` String, ADD COLUMN `slm_tags` Array(String), ADD COLUMN `llm_prompt_tokens` UInt32, ADD COLUMN `llm_completion_tokens` UInt32, ADD COLUMN `llm_latency_ms` UInt32;

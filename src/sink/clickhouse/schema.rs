@@ -187,11 +187,19 @@ pub fn migration(c: &ClickHouseConfig, since_ms: u64) -> Result<Vec<String>, Str
     ])
 }
 
-/// `ALTER TABLE ... ADD COLUMN` for an added column, on the table that stores rows (ON
-/// CLUSTER for a cluster's replicated local tables).
-pub fn add_column(c: &ClickHouseConfig, name: &str) -> Option<String> {
-    let (_, ty, _) = COLUMNS.iter().find(|(n, _, _)| *n == name)?;
-    Some(format!("ALTER TABLE {}.{}{} ADD COLUMN `{name}` {ty}", c.database, storage_table(c), on_cluster(c)))
+/// One `ALTER TABLE ... ADD COLUMN a T, ADD COLUMN b U, ...` for the added columns `names`
+/// (in row order: each lands at the end, where the row has it), on the table that stores rows
+/// (ON CLUSTER for a cluster's replicated local tables). One statement, so a cluster runs one
+/// distributed DDL task, not one per column. None when `names` is empty or unknown.
+pub fn add_columns(c: &ClickHouseConfig, names: &[&str]) -> Option<String> {
+    let actions: Vec<String> = names
+        .iter()
+        .map(|name| COLUMNS.iter().find(|(n, _, _)| n == name).map(|(_, ty, _)| format!("ADD COLUMN `{name}` {ty}")))
+        .collect::<Option<_>>()?;
+    if actions.is_empty() {
+        return None;
+    }
+    Some(format!("ALTER TABLE {}.{}{} {}", c.database, storage_table(c), on_cluster(c), actions.join(", ")))
 }
 
 /// On a cluster, the Distributed table takes new columns by being made again: 18.16 refuses
@@ -212,7 +220,7 @@ pub fn table_statements(c: &ClickHouseConfig) -> Vec<String> {
     out
 }
 
-/// Every statement, in the order `triage schema apply` runs them (plus any `add_column`
+/// Every statement, in the order `triage schema apply` runs them (plus any `add_columns`
 /// between the tables and the views).
 pub fn statements(c: &ClickHouseConfig) -> Vec<String> {
     let mut out = table_statements(c);
@@ -241,10 +249,9 @@ pub fn script(c: &ClickHouseConfig) -> String {
         s.push_str(";\n\n");
     }
     s.push_str("-- Upgrading a table created by an earlier release (`triage schema apply` does this itself):\n");
-    for name in ADDED_COLUMNS {
-        if let Some(sql) = add_column(c, name) {
-            s.push_str(&format!("-- {sql};\n"));
-        }
+    s.push_str("-- (the columns it lacks, from the first it lacks on, in this order)\n");
+    if let Some(sql) = add_columns(c, ADDED_COLUMNS) {
+        s.push_str(&format!("-- {sql};\n"));
     }
     let recreate = recreate_distributed(c);
     if !recreate.is_empty() {
@@ -297,11 +304,18 @@ mod tests {
         let distributed = create_distributed(&c).unwrap();
         assert!(distributed.contains("AS triage.results_local") && distributed.contains("cityHash64(topic, partition, offset)"));
         assert!(views(&c).iter().all(|(_, v)| v.contains("FROM triage.results FINAL")), "views read the Distributed table");
-        assert_eq!(add_column(&c, "redriven").unwrap(), "ALTER TABLE triage.results_local ON CLUSTER 'prod' ADD COLUMN `redriven` UInt8");
+        assert_eq!(
+            add_columns(&c, &["redriven", "tier"]).unwrap(),
+            "ALTER TABLE triage.results_local ON CLUSTER 'prod' ADD COLUMN `redriven` UInt8, ADD COLUMN `tier` UInt8"
+        );
+        assert!(add_columns(&c, &[]).is_none() && add_columns(&c, &["no_such_column"]).is_none());
         let recreate = recreate_distributed(&c);
         assert_eq!(recreate[0], "DROP TABLE IF EXISTS triage.results ON CLUSTER 'prod'");
         assert!(recreate[1].starts_with("CREATE TABLE IF NOT EXISTS triage.results ON CLUSTER 'prod' AS triage.results_local"));
-        assert_eq!(add_column(&ClickHouseConfig::default(), "redriven").unwrap(), "ALTER TABLE triage.results ADD COLUMN `redriven` UInt8");
+        assert_eq!(
+            add_columns(&ClickHouseConfig::default(), &["redriven"]).unwrap(),
+            "ALTER TABLE triage.results ADD COLUMN `redriven` UInt8"
+        );
         assert!(recreate_distributed(&ClickHouseConfig::default()).is_empty());
         assert!(create_distributed(&ClickHouseConfig::default()).is_none());
     }

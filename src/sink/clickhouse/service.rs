@@ -180,11 +180,10 @@ impl ClickHouseService {
             }
         };
         let stored = columns_of(schema::storage_table(&self.config)).await?;
-        for name in schema::ADDED_COLUMNS.iter().filter(|n| !stored.iter().any(|e| e == *n)) {
-            tracing::info!(column = name, "adding a column to an existing results table");
-            if let Some(sql) = schema::add_column(&self.config, name) {
-                admin.query(&sql).execute().await?;
-            }
+        let missing: Vec<&str> = schema::ADDED_COLUMNS.iter().copied().filter(|n| !stored.iter().any(|e| e == n)).collect();
+        if let Some(sql) = schema::add_columns(&self.config, &missing) {
+            tracing::info!(columns = ?missing, "adding columns to an existing results table");
+            admin.query(&sql).execute().await?;
         }
         if self.config.cluster.is_some() {
             let distributed = columns_of(self.config.table.clone()).await?;
