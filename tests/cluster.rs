@@ -211,7 +211,10 @@ fn two_workers_through_a_replicated_sharded_cluster_with_a_replica_killed_mid_st
     }
     let service = triage::sink::clickhouse::ClickHouseService::new(&clickhouse);
     assert!(runtime().block_on(service.check_schema()).is_err(), "the old tables lack columns");
-    runtime().block_on(service.apply_schema()).expect("schema apply ON CLUSTER");
+    // As the schema Job runs it (`--wait-seconds`): 18.16 answers a distributed DDL task slower
+    // than distributed_ddl_task_timeout with code 159 while the task goes on in the background;
+    // apply is idempotent, so it waits and applies again.
+    runtime().block_on(service.apply_schema_waiting(Duration::from_secs(420))).expect("schema apply ON CLUSTER");
     runtime().block_on(service.apply_schema()).expect("schema apply is idempotent on a cluster");
     for node in &nodes {
         for table in ["results_local", "results"] {
