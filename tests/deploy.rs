@@ -319,10 +319,40 @@ fn every_overlay_renders_and_validates() {
         // The pods read the generated, hash-named ConfigMap; no env var is set twice.
         let config_name = of_kind(&docs, "ConfigMap")[0]["metadata"]["name"].as_str().unwrap().to_string();
         assert!(config_name.starts_with("triage-config-"), "{overlay}: {config_name}");
-        let deployment = of_kind(&docs, "Deployment")[0];
+        // Two Deployments (the workers, `triage escalate`), in whatever order this kustomize
+        // renders them: the checks below name the one they mean.
+        let deployments = of_kind(&docs, "Deployment");
+        let names: BTreeSet<&str> = deployments.iter().filter_map(|d| d["metadata"]["name"].as_str()).collect();
+        assert_eq!(names, BTreeSet::from(["triage", "triage-escalate"]), "{overlay}");
+        let deployment = *deployments.iter().find(|d| d["metadata"]["name"] == "triage").expect("the worker Deployment");
         let pod = &deployment["spec"]["template"]["spec"];
-        assert!(pod["volumes"].as_sequence().unwrap().iter().any(|v| v["configMap"]["name"].as_str() == Some(&config_name)));
-        for c in pod["containers"].as_sequence().unwrap().iter().chain(pod["initContainers"].as_sequence().unwrap()) {
+        for d in &deployments {
+            let pod = &d["spec"]["template"]["spec"];
+            assert!(pod["volumes"].as_sequence().unwrap().iter().any(|v| v["configMap"]["name"].as_str() == Some(&config_name)));
+            assert_eq!(pod["automountServiceAccountToken"].as_bool(), Some(false), "{overlay}: {:?}", d["metadata"]["name"]);
+        }
+        let escalate = deployments.iter().find(|d| d["metadata"]["name"] == "triage-escalate").expect("the escalate Deployment");
+        let escalate_pod = &escalate["spec"]["template"]["spec"];
+        assert_eq!(container(escalate_pod, "escalate")["args"][0].as_str(), Some("escalate"));
+        // It reads the routes' models for their labels: wherever the workers get a model from,
+        // so does it.
+        let mounts = |pod: &Value, name: &str| -> BTreeSet<String> {
+            container(pod, name)["volumeMounts"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .filter_map(|m| m["mountPath"].as_str().map(String::from))
+                .collect()
+        };
+        assert!(
+            mounts(pod, "triage").iter().filter(|m| m.contains("models")).all(|m| mounts(escalate_pod, "escalate").contains(m)),
+            "{overlay}"
+        );
+        let all_containers = deployments.iter().flat_map(|d| {
+            let pod = &d["spec"]["template"]["spec"];
+            pod["containers"].as_sequence().into_iter().flatten().chain(pod["initContainers"].as_sequence().into_iter().flatten())
+        });
+        for c in all_containers {
             let names: Vec<&str> =
                 c["env"].as_sequence().map(|e| e.iter().filter_map(|v| v["name"].as_str()).collect()).unwrap_or_default();
             let unique: BTreeSet<&str> = names.iter().copied().collect();
