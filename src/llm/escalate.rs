@@ -119,11 +119,17 @@ struct Shared {
     calls: Semaphore,
     recent: Arc<Mutex<RecentKeys>>,
     clickhouse: Arc<ClickHouseService>,
-    rows: mpsc::Sender<SinkItem<Consumed>>,
+    rows: mpsc::Sender<SinkItem<Answered>>,
     settle: Settler,
     worker_id: String,
     /// /readyz fails while the endpoint keeps failing (an outage or a wrong URL shows).
     readiness: Arc<Readiness>,
+}
+
+/// The sink's ticket for an answer's row: the record, and its message's key.
+struct Answered {
+    record: Consumed,
+    key: Key,
 }
 
 /// How the sink's verdict on an answer's row is settled: stored rows count as answered; a
@@ -133,19 +139,17 @@ struct AnswerSettle {
     recent: Arc<Mutex<RecentKeys>>,
 }
 
-impl Settle<Consumed> for AnswerSettle {
-    fn stored(&self, ticket: Consumed, row: &ResultRow) {
+impl Settle<Answered> for AnswerSettle {
+    fn stored(&self, ticket: Answered, row: &ResultRow) {
         LlmAnswered { kind: &row.kind, agreed: row.category == row.slm_category }.emit(self.settle.counters());
-        self.settle.stored(ticket, row);
+        self.settle.stored(ticket.record, row);
     }
 
-    fn rejected(&self, ticket: Consumed, error: &str) {
-        if let Ok(record) = Escalation::parse(&ticket.message.payload) {
-            if let Ok(mut recent) = self.recent.lock() {
-                recent.forget(&record.key());
-            }
+    fn rejected(&self, ticket: Answered, error: &str) {
+        if let Ok(mut recent) = self.recent.lock() {
+            recent.forget(&ticket.key);
         }
-        self.settle.rejected(ticket, error);
+        self.settle.rejected(ticket.record, error);
     }
 }
 
@@ -279,14 +283,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<E
                     if open == 0 || tokio::time::Instant::now() >= deadline {
                         break None;
                     }
-                } else if !paused && open >= config.llm.max_in_flight {
-                    kafka::set_paused(&kafka, true);
-                    paused = true;
-                } else if paused && open <= config.llm.max_in_flight / 2 {
-                    kafka::set_paused(&kafka, false);
-                    paused = false;
-                } else if paused {
-                    kafka::set_paused(&kafka, true);
+                } else {
+                    kafka::apply_backpressure(&kafka, &mut paused, open, config.llm.max_in_flight, &counters);
                 }
                 if draining.is_some() || last_commit.elapsed() >= commit_every {
                     kafka::commit_done(&kafka, &tracker, &counters);
@@ -366,14 +364,18 @@ enum Fate {
 }
 
 async fn answer(shared: Arc<Shared>, consumed: Consumed) {
-    let key = Escalation::parse(&consumed.message.payload).ok().map(|r| r.key());
-    match decide(&shared, &consumed).await {
+    let record = match Escalation::parse(&consumed.message.payload) {
+        Ok(r) => r,
+        Err(e) => return shared.settle.dead_letter(consumed, DeadLetterReason::EscalationInvalid, e.to_string()),
+    };
+    let key = record.key();
+    match decide(&shared, &record, &key).await {
         Fate::Answer(row) => {
             // The sink stopped (fatal): the record stays unfinished and is read again.
-            let _ = shared.rows.send(SinkItem { row: *row, ticket: consumed }).await;
+            let _ = shared.rows.send(SinkItem { row: *row, ticket: Answered { record: consumed, key } }).await;
         }
         Fate::DeadLetter(reason, detail) => {
-            if let (Some(key), Ok(mut recent)) = (key, shared.recent.lock()) {
+            if let Ok(mut recent) = shared.recent.lock() {
                 recent.forget(&key);
             }
             shared.settle.dead_letter(consumed, reason, detail);
@@ -383,24 +385,19 @@ async fn answer(shared: Arc<Shared>, consumed: Consumed) {
     }
 }
 
-async fn decide(shared: &Shared, consumed: &Consumed) -> Fate {
-    let record = match Escalation::parse(&consumed.message.payload) {
-        Ok(r) => r,
-        Err(e) => return Fate::DeadLetter(DeadLetterReason::EscalationInvalid, e.to_string()),
-    };
+async fn decide(shared: &Shared, record: &Escalation, key: &Key) -> Fate {
     let Some(route) = shared.routes.get(&record.row.topic) else {
         return Fate::DeadLetter(
             DeadLetterReason::Unrouted,
             format!("no route for the message's topic `{}` in this configuration (its labels are unknown)", record.row.topic),
         );
     };
-    let key = record.key();
     let fresh = shared.recent.lock().map(|mut r| r.insert(key.clone())).unwrap_or(true);
     if !fresh || shared.already_answered(&record.row).await {
         LlmSkipped { reason: "already_answered" }.emit(shared.settle.counters());
         return Fate::Done;
     }
-    let text = match text_of(route, &record) {
+    let text = match text_of(route, record) {
         Ok(t) => t,
         Err(detail) => return Fate::DeadLetter(DeadLetterReason::EscalationInvalid, format!("the message's text: {detail}")),
     };

@@ -27,7 +27,7 @@ use crate::sink::clickhouse::SinkError;
 use crate::source::kafka::{Committed, TrackingContext};
 use crate::source::offsets::{OffsetTracker, TopicPartition};
 use crate::source::{Consumed, Origin};
-use crate::telemetry::events::{ConsumptionPaused, ConsumptionResumed, DeadLetterReason, InternalEvent, MessageConsumed};
+use crate::telemetry::events::{DeadLetterReason, InternalEvent, MessageConsumed};
 use crate::telemetry::{IN_FLIGHT, OLDEST_UNFINISHED};
 
 /// The consumer's state; intake exists only while consuming.
@@ -218,19 +218,7 @@ impl Consumer {
     }
 
     fn apply_backpressure(&self, paused: &mut bool, in_flight: usize) {
-        let max = self.limits.max_in_flight;
-        if !*paused && in_flight >= max {
-            ConsumptionPaused { in_flight }.emit(self.settle.counters());
-            self.set_paused(true);
-            *paused = true;
-        } else if *paused && in_flight <= max / 2 {
-            ConsumptionResumed { in_flight }.emit(self.settle.counters());
-            self.set_paused(false);
-            *paused = false;
-        } else if *paused {
-            // Partitions assigned while paused must not run ahead.
-            self.set_paused(true);
-        }
+        crate::source::kafka::apply_backpressure(&self.kafka, paused, in_flight, self.limits.max_in_flight, self.settle.counters());
     }
 
     /// Begin a message in the tracker, then hand it to its route's engine, or settle it as a
