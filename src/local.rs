@@ -213,25 +213,78 @@ fn ping(port: u16) -> bool {
 }
 
 /// A mock Kafka cluster owned by this process, with topics created up front.
+///
+/// The cluster lives inside an idle client (`test.mock.num.brokers`): the rdkafka crate wraps
+/// only cluster-wide error injection, and through the client's handle the fault tests also
+/// reach librdkafka's per-broker error stacks (errors aimed at one broker's clients).
 pub struct LocalKafka {
-    cluster: rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    client: rdkafka::producer::BaseProducer,
 }
+
+type MockCluster<'a> = rdkafka::mocking::MockCluster<'a, rdkafka::producer::DefaultProducerContext>;
 
 impl LocalKafka {
     pub fn start(brokers: i32) -> Result<Self, LocalError> {
-        Ok(LocalKafka { cluster: rdkafka::mocking::MockCluster::new(brokers)? })
+        let client: rdkafka::producer::BaseProducer =
+            rdkafka::ClientConfig::new().set("test.mock.num.brokers", brokers.to_string()).create()?;
+        let this = LocalKafka { client };
+        this.raw_cluster()?;
+        Ok(this)
+    }
+
+    fn raw_cluster(&self) -> Result<*mut rdkafka::bindings::rd_kafka_mock_cluster_t, LocalError> {
+        // SAFETY: the handle is alive as long as `self.client`; librdkafka returns NULL for a
+        // client without a mock cluster.
+        let raw =
+            unsafe { rdkafka::bindings::rd_kafka_handle_mock_cluster(rdkafka::producer::Producer::client(&self.client).native_ptr()) };
+        if raw.is_null() {
+            return Err(LocalError::Kafka(rdkafka::error::KafkaError::MockCluster(rdkafka::types::RDKafkaErrorCode::Fail)));
+        }
+        Ok(raw)
     }
 
     pub fn bootstrap_servers(&self) -> String {
-        self.cluster.bootstrap_servers()
+        self.cluster().bootstrap_servers()
     }
 
     pub fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), LocalError> {
-        Ok(self.cluster.create_topic(topic, partitions, 1)?)
+        Ok(self.cluster().create_topic(topic, partitions, 1)?)
     }
 
-    pub fn cluster(&self) -> &rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
-        &self.cluster
+    pub fn cluster(&self) -> MockCluster<'_> {
+        rdkafka::producer::Producer::client(&self.client).mock_cluster().expect("the client was made with a mock cluster")
+    }
+
+    /// Make `broker` answer its next requests of `api` with `errors`, one per request, whoever
+    /// sends them (cluster-wide injection hits the first client to ask, often the test's own).
+    pub fn broker_request_errors(
+        &self,
+        broker: i32,
+        api: rdkafka::types::RDKafkaApiKey,
+        errors: &[rdkafka::types::RDKafkaRespErr],
+    ) -> Result<(), LocalError> {
+        let raw = self.raw_cluster()?;
+        for &error in errors {
+            // SAFETY: a live mock cluster; one (error, round-trip ms) pair per call, as C ints.
+            let code =
+                unsafe { rdkafka::bindings::rd_kafka_mock_broker_push_request_error_rtts(raw, broker, api as i16, 1, error as i32, 0i32) };
+            if code != rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR {
+                return Err(LocalError::Kafka(rdkafka::error::KafkaError::MockCluster(code.into())));
+            }
+        }
+        Ok(())
+    }
+
+    /// Errors injected on `broker` for `api` that no request has taken yet.
+    pub fn broker_errors_left(&self, broker: i32, api: rdkafka::types::RDKafkaApiKey) -> Result<usize, LocalError> {
+        let raw = self.raw_cluster()?;
+        let mut left = 0usize;
+        // SAFETY: a live mock cluster and a valid out pointer.
+        let code = unsafe { rdkafka::bindings::rd_kafka_mock_broker_error_stack_cnt(raw, broker, api as i16, &mut left) };
+        if code != rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR {
+            return Err(LocalError::Kafka(rdkafka::error::KafkaError::MockCluster(code.into())));
+        }
+        Ok(left)
     }
 }
 

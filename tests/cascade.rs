@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::worker::{shared_clickhouse, Env};
+use common::worker::{shared_clickhouse, Env, Exit};
 use serde_json::{json, Value};
 
 /// The default model under another name, doubting everything below 0.97: a stand-in for a
@@ -67,17 +67,14 @@ fn doubted_messages_go_to_the_next_tier_and_rows_say_which_answered() {
     env.produce("tickets", &tickets);
     env.produce("returns", &returns);
 
-    let config = env.write_config("cascade", fast.path(), &["tickets", "returns"], "");
-    let text = std::fs::read_to_string(&config).unwrap();
-    let model_line = format!("model = \"{}\"", fast.path().display());
-    let mut routes = text.split(&model_line);
-    let (head, first, second) = (routes.next().unwrap(), routes.next().unwrap(), routes.next().unwrap());
-    let cascade = |next: &Path| format!("cascade = [\"{}\", \"{}\"]", fast.path().display(), next.display());
-    std::fs::write(&config, format!("{head}{}{first}{}{second}", cascade(&accurate), cascade(&poison))).unwrap();
+    let config = env.write_config("cascade", fast.path(), &["tickets", "returns"], |c| {
+        c.routes[0].cascade = vec![fast.path().to_path_buf(), accurate.clone()];
+        c.routes[1].cascade = vec![fast.path().to_path_buf(), poison.clone()];
+    });
 
     let mut worker = env.spawn_worker(&config, "cascade");
     env.wait_caught_up(&mut worker, &["tickets", "returns"], Duration::from_secs(180));
-    assert_eq!(worker.terminate(Duration::from_secs(60)), Some(0), "{}", worker.log_text());
+    assert_eq!(worker.terminate(Duration::from_secs(60)), Some(Exit::OK), "{}", worker.log_text());
     let log = worker.log_text();
     assert_eq!(log.matches("model loaded").count(), 3, "one engine per distinct model, shared by the routes: {log}");
 

@@ -1,8 +1,9 @@
 //! A real ClickHouse cluster on loopback: ZooKeeper and four `clickhouse-server` processes
 //! (2 shards x 2 replicas, generated configs with remote_servers and macros), a first release's
 //! schema upgraded ON CLUSTER by `triage schema apply` with `[clickhouse] cluster` set, two workers writing
-//! through the Distributed table (to different shards' nodes), and one replica SIGKILLed and
-//! restarted mid-stream. Then: every message read once with FINAL on the Distributed table
+//! through the Distributed table (to different shards' nodes), and the replica one of them
+//! writes through SIGKILLed mid-stream (rows stored, more to come) and restarted once that
+//! worker's INSERTs failed. Then: every message read once with FINAL on the Distributed table
 //! (after SYSTEM SYNC REPLICA), nothing missing, the replicas of each shard equal, and the
 //! analyst queries run on the cluster.
 
@@ -12,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::worker::{messages, runtime, Env};
+use common::worker::{messages, runtime, Env, Exit};
 use triage::local::{free_port, watched_command, LocalClickHouse};
 
 const CLUSTER: &str = "triage_cluster";
@@ -98,6 +99,10 @@ impl Node {
 
     fn count(&self, sql: &str) -> u64 {
         runtime().block_on(self.client().query(sql).fetch_one::<u64>()).unwrap_or_else(|e| panic!("{sql} on {}: {e}", self.url()))
+    }
+
+    fn text(&self, sql: &str) -> String {
+        runtime().block_on(self.client().query(sql).fetch_one::<String>()).unwrap_or_else(|e| panic!("{sql} on {}: {e}", self.url()))
     }
 }
 
@@ -193,18 +198,10 @@ fn two_workers_through_a_replicated_sharded_cluster_with_a_replica_killed_mid_st
     // The tables as a first release made them (without the columns added since), so apply must
     // UPGRADE them on every node and on the Distributed table (18.16: no ADD COLUMN IF NOT EXISTS).
     use triage::sink::clickhouse::schema;
-    let without_added = |ddl: String| {
-        ddl.lines()
-            .filter(|l| !schema::ADDED_COLUMNS.iter().any(|c| l.contains(&format!("`{c}`"))))
-            .collect::<Vec<_>>()
-            .join("\n")
-            .replace("`worker_id` String,", "`worker_id` String")
-            .replace("row_version)", "processed_time_ms)")
-    };
     let admin = nodes[0].client();
     for ddl in [
         schema::create_database(&clickhouse),
-        without_added(schema::create_table(&clickhouse)),
+        common::first_release_table(&schema::create_table(&clickhouse)),
         schema::create_distributed(&clickhouse).unwrap(),
     ] {
         runtime().block_on(admin.query(&ddl).execute()).unwrap_or_else(|e| panic!("{ddl}\n{e}"));
@@ -231,14 +228,12 @@ fn two_workers_through_a_replicated_sharded_cluster_with_a_replica_killed_mid_st
     let configs: Vec<PathBuf> = [0usize, 2]
         .iter()
         .map(|&n| {
-            let path = env.write_config(&format!("c{n}"), &common::test_model_dir("multihead-tiny"), &["tickets"], "");
-            let text = std::fs::read_to_string(&path).unwrap().replace(
-                &format!("url = \"{}\"\ndatabase = \"{}\"\n", nodes[0].url(), env.database),
-                &format!("url = \"{}\"\ndatabase = \"triage\"\ncluster = \"{CLUSTER}\"\ninsert_timeout_ms = 5000\n", nodes[n].url()),
-            );
-            assert!(text.contains("cluster = "), "{text}");
-            std::fs::write(&path, text).unwrap();
-            path
+            env.write_config(&format!("c{n}"), &common::test_model_dir("multihead-tiny"), &["tickets"], |c| {
+                c.clickhouse.url = nodes[n].url();
+                c.clickhouse.database = "triage".into();
+                c.clickhouse.cluster = Some(CLUSTER.into());
+                c.clickhouse.insert_timeout_ms = 5000;
+            })
         })
         .collect();
     let vars = [("TRIAGE_ESCALATION__ENABLED", "false")];
@@ -246,18 +241,25 @@ fn two_workers_through_a_replicated_sharded_cluster_with_a_replica_killed_mid_st
     let mut b = env.spawn_worker_env(&configs[1], "b", &vars);
     env.produce("tickets", &timestamped("old", 2_000, false));
     env.produce("tickets", &timestamped("new", 500, true));
-    // Mid-stream: a replica of shard 1 dies, and comes back after a while.
-    std::thread::sleep(Duration::from_secs(3));
-    if let Some(server) = &nodes[1].server {
+    // Mid-stream (rows stored, more to come): the replica worker a writes through dies.
+    let stored = |node: &Node| node.count("SELECT count() FROM triage.results");
+    env.wait_for(&mut a, "the first rows stored", 3 * MIN, || stored(&nodes[3]) > 0);
+    let a_log = a.mark();
+    if let Some(server) = &nodes[0].server {
         server.signal(9);
     }
-    drop(nodes[1].server.take());
+    drop(nodes[0].server.take());
+    let at_kill = stored(&nodes[3]);
+    assert!(at_kill > 0 && at_kill < 4_000, "killed mid-stream: {at_kill} of 4000 rows stored");
     env.produce("tickets", &timestamped("more", 1_500, false));
-    std::thread::sleep(Duration::from_secs(5));
-    nodes[1].start();
+    // Worker a felt it (its INSERTs fail and are retried) before the replica comes back.
+    env.wait_for(&mut a, "worker a's INSERT through the killed replica fails", 3 * MIN, || {
+        a_log.text().contains("ClickHouse insert failed; retrying")
+    });
+    nodes[0].start();
     env.wait_caught_up(&mut a, &["tickets"], 5 * MIN);
-    assert_eq!(b.terminate(MIN), Some(0), "{}", b.log_text());
-    assert_eq!(a.terminate(MIN), Some(0), "{}", a.log_text());
+    assert_eq!(b.terminate(MIN), Some(Exit::OK), "{}", b.log_text());
+    assert_eq!(a.terminate(MIN), Some(Exit::OK), "{}", a.log_text());
 
     for node in &nodes {
         runtime().block_on(node.client().query("SYSTEM SYNC REPLICA triage.results_local").execute()).expect("sync replica");
@@ -265,16 +267,17 @@ fn two_workers_through_a_replicated_sharded_cluster_with_a_replica_killed_mid_st
     // Read once through the Distributed table, nothing missing.
     assert_eq!(nodes[0].count("SELECT count() FROM triage.results FINAL"), 4_000);
     assert_eq!(nodes[3].count("SELECT uniqExact(message_id) FROM triage.results"), 4_000);
-    // Each shard's replicas hold the same rows; the shards together hold everything once.
+    // Each shard's replicas hold the same rows (by key and version, not only as many); the
+    // shards together hold everything once.
     let per_shard: Vec<u64> = [(0, 1), (2, 3)]
         .iter()
         .map(|&(x, y)| {
-            let (cx, cy) = (
-                nodes[x].count("SELECT count() FROM triage.results_local FINAL"),
-                nodes[y].count("SELECT count() FROM triage.results_local FINAL"),
+            let digest = |n: usize| nodes[n].text(
+                "SELECT concat(toString(count()), ' rows, hash ', toString(sum(cityHash64(topic, partition, offset, row_version)))) FROM triage.results_local FINAL",
             );
-            assert_eq!(cx, cy, "replicas {x} and {y} differ");
-            cx
+            let (dx, dy) = (digest(x), digest(y));
+            assert_eq!(dx, dy, "replicas {x} and {y} differ");
+            nodes[x].count("SELECT count() FROM triage.results_local FINAL")
         })
         .collect();
     assert_eq!(per_shard.iter().sum::<u64>(), 4_000, "{per_shard:?}");

@@ -595,13 +595,7 @@ fn schema_apply_adds_new_columns_to_a_table_from_an_earlier_release() {
     let rt = common::worker::runtime();
     let client = clickhouse::Client::default().with_url(ch.url());
     // The table as the first release created it: every column but the added ones.
-    let old_ddl = schema::create_table(&config)
-        .lines()
-        .filter(|l| !schema::ADDED_COLUMNS.iter().any(|c| l.contains(&format!("`{c}`"))))
-        .collect::<Vec<_>>()
-        .join("\n")
-        .replace("`worker_id` String,", "`worker_id` String")
-        .replace("ReplacingMergeTree(row_version)", "ReplacingMergeTree(processed_time_ms)");
+    let old_ddl = common::first_release_table(&schema::create_table(&config));
     rt.block_on(client.query("DROP DATABASE IF EXISTS triage_upgrade").execute()).unwrap();
     rt.block_on(client.query(&schema::create_database(&config)).execute()).unwrap();
     rt.block_on(client.query(&old_ddl).execute()).unwrap_or_else(|e| panic!("{old_ddl}\n{e}"));

@@ -13,9 +13,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::worker::{runtime, shared_clickhouse, Env, Worker};
+use common::worker::{runtime, shared_clickhouse, Env, Exit, Worker};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use triage::config::Config;
+use triage::llm::prompt::StructuredOutput;
 use triage::sink::clickhouse::{ClickHouseService, ResultRow};
 
 /// What the scripted LLM saw: (user message text, HTTP status answered).
@@ -90,14 +92,17 @@ fn scripted_llm(always: Option<u16>) -> (String, Seen) {
     (url, seen)
 }
 
-/// The worker's config plus `[llm]`: every route escalates everything (threshold 1).
-fn escalate_config(env: &Env, name: &str, llm: &str) -> PathBuf {
-    let path = env.write_config(name, &common::default_model_dir(), &["tickets"], "");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let text = text.replace("fields.timestamp = [\"timestamp\"]", "fields.timestamp = [\"timestamp\"]\nescalation_threshold = 1.0");
-    let text = text.replace("drain_timeout_ms = 20000", "drain_timeout_ms = 3000");
-    std::fs::write(&path, format!("{text}\n[llm]\ngroup_id = \"{}-llm\"\n{llm}\n", env.group)).unwrap();
-    path
+/// The worker's config plus `[llm]` (url and model of the server, then `edit`): every route
+/// escalates everything (threshold 1).
+fn escalate_config(env: &Env, name: &str, url: &str, model: &str, edit: impl FnOnce(&mut Config)) -> PathBuf {
+    env.write_config(name, &common::default_model_dir(), &["tickets"], |c| {
+        c.routes[0].escalation_threshold = Some(1.0);
+        c.shutdown.drain_timeout_ms = 3000;
+        c.llm.group_id = format!("{}-llm", env.group);
+        c.llm.url = url.into();
+        c.llm.model = model.into();
+        edit(c)
+    })
 }
 
 fn escalate_caught_up(env: &Env) -> bool {
@@ -159,10 +164,10 @@ fn llm_answers_become_the_rows_version_and_nothing_is_lost_or_sent_twice() {
 
     // The small model's pass: everything escalated (threshold 1).
     let (url, seen) = scripted_llm(None);
-    let config = escalate_config(&env, "escalate", &format!("url = \"{url}\"\nmodel = \"stub-llm\"\nmax_concurrent_requests = 2"));
+    let config = escalate_config(&env, "escalate", &url, "stub-llm", |c| c.llm.max_concurrent_requests = 2);
     let mut worker = env.spawn_worker(&config, "worker");
     env.wait_caught_up(&mut worker, &["tickets"], Duration::from_secs(180));
-    assert_eq!(worker.terminate(Duration::from_secs(60)), Some(0), "{}", worker.log_text());
+    assert_eq!(worker.terminate(Duration::from_secs(60)), Some(Exit::OK), "{}", worker.log_text());
     let escalations = env.read_topic_to_end("triage.escalations");
     assert_eq!(escalations.len(), 8);
     // A second record of one message (a replay of the worker) and a record nobody can use.
@@ -174,7 +179,7 @@ fn llm_answers_become_the_rows_version_and_nothing_is_lost_or_sent_twice() {
         .clone();
     // A record of a topic this configuration has no route (so no labels) for.
     let (_, elsewhere) = record(7, "a message from another route");
-    let elsewhere = String::from_utf8(elsewhere).unwrap().replace("\"topic\":\"tickets\"", "\"topic\":\"returns\"");
+    let elsewhere = common::replaced(&String::from_utf8(elsewhere).unwrap(), "\"topic\":\"tickets\"", "\"topic\":\"returns\"");
     assert!(elsewhere.contains("\"topic\":\"returns\""));
     env.produce(
         "triage.escalations",
@@ -187,7 +192,7 @@ fn llm_answers_become_the_rows_version_and_nothing_is_lost_or_sent_twice() {
 
     let mut escalate = env.spawn_command("escalate", &config, "escalate", &[]);
     env.wait_for(&mut escalate, "escalations committed", Duration::from_secs(120), || escalate_caught_up(&env));
-    assert_eq!(escalate.terminate(Duration::from_secs(30)), Some(0), "{}", escalate.log_text());
+    assert_eq!(escalate.terminate(Duration::from_secs(30)), Some(Exit::OK), "{}", escalate.log_text());
 
     let q = |sql: &str| env.query_u64(sql);
     assert_eq!(env.distinct_rows(), 8, "answers are versions of the messages' rows, not new rows");
@@ -243,17 +248,13 @@ fn llm_answers_become_the_rows_version_and_nothing_is_lost_or_sent_twice() {
     // A second group reading the whole topic again (a new deployment, a reset) sends nothing
     // already answered: the table is asked first.
     let before = seen.len();
-    let again = escalate_config(&env, "escalate-again", &format!("url = \"{url}\"\nmodel = \"stub-llm\"")).to_string_lossy().to_string();
-    let text = std::fs::read_to_string(&again)
-        .unwrap()
-        .replace(&format!("group_id = \"{}-llm\"", env.group), &format!("group_id = \"{}-llm2\"", env.group));
-    std::fs::write(&again, text).unwrap();
+    let again = escalate_config(&env, "escalate-again", &url, "stub-llm", |c| c.llm.group_id = format!("{}-llm2", env.group));
     let mut second = env.spawn_command("escalate", Path::new(&again), "escalate-again", &[]);
     let kafka = triage::config::KafkaConfig { group_id: format!("{}-llm2", env.group), ..env.kafka_config() };
     env.wait_for(&mut second, "the second group caught up", Duration::from_secs(120), || {
         triage::kafka_tools::group_caught_up(&kafka, &["triage.escalations".to_string()]).unwrap_or(false)
     });
-    assert_eq!(second.terminate(Duration::from_secs(30)), Some(0));
+    assert_eq!(second.terminate(Duration::from_secs(30)), Some(Exit::OK));
     let repeated: Vec<_> = seen_after(&seen, before);
     assert!(
         repeated.iter().all(|(t, _)| t.contains("GARBAGE") || t.contains("UNKNOWNLABEL") || t.contains("REFUSE")),
@@ -294,10 +295,12 @@ fn the_hourly_spend_cap_holds_calls_and_commits_only_what_was_answered() {
     env.produce("triage.escalations", &(1..=4).map(|o| record(o, &format!("card question {o}"))).collect::<Vec<_>>());
     let (url, seen) = scripted_llm(None);
     // 110 tokens at 1 per token: the first answered call spends over the cap of 50 an hour.
-    let llm = format!(
-        "url = \"{url}\"\nmodel = \"stub-llm\"\nmax_concurrent_requests = 1\nprompt_price_per_million = 1000000.0\ncompletion_price_per_million = 1000000.0\nmax_spend_per_hour = 50.0"
-    );
-    let config = escalate_config(&env, "cap", &llm);
+    let config = escalate_config(&env, "cap", &url, "stub-llm", |c| {
+        c.llm.max_concurrent_requests = 1;
+        c.llm.prompt_price_per_million = 1_000_000.0;
+        c.llm.completion_price_per_million = 1_000_000.0;
+        c.llm.max_spend_per_hour = Some(50.0);
+    });
     let mut escalate = env.spawn_command("escalate", &config, "escalate-cap", &[]);
     env.wait_for(&mut escalate, "the first answer stored", Duration::from_secs(60), || {
         env.query_u64("SELECT count() FROM results WHERE answered_by = 'llm:stub-llm'") == 1
@@ -306,7 +309,7 @@ fn the_hourly_spend_cap_holds_calls_and_commits_only_what_was_answered() {
     let answered: Vec<_> = seen.lock().unwrap().iter().filter(|(_, s)| *s == 200).cloned().collect();
     assert_eq!(answered.len(), 1, "the cap holds every further call: {answered:?}");
     assert_eq!(env.query_u64("SELECT count() FROM results WHERE answered_by = 'llm:stub-llm'"), 1);
-    assert_eq!(escalate.terminate(Duration::from_secs(30)), Some(0), "a held call does not block shutdown: {}", escalate.log_text());
+    assert_eq!(escalate.terminate(Duration::from_secs(30)), Some(Exit::OK), "a held call does not block shutdown: {}", escalate.log_text());
     let kafka = triage::config::KafkaConfig { group_id: format!("{}-llm", env.group), ..env.kafka_config() };
     let committed = committed_offset(&kafka, "triage.escalations");
     assert!(committed.is_some_and(|c| c <= 1), "only the answered record is committed; the held ones are read again: {committed:?}");
@@ -331,10 +334,10 @@ fn an_endpoint_refusing_every_call_stops_escalate_without_losing_anything() {
     env.kafka.create_topic("tickets", 1).unwrap();
     env.produce("triage.escalations", &[record(1, "where is my card"), record(2, "card please")]);
     let (url, seen) = scripted_llm(Some(401));
-    let config = escalate_config(&env, "refused", &format!("url = \"{url}\"\nmodel = \"stub-llm\""));
+    let config = escalate_config(&env, "refused", &url, "stub-llm", |_| {});
     let mut escalate = env.spawn_command("escalate", &config, "escalate-401", &[]);
     common::worker::wait_until(Duration::from_secs(60), "escalate to stop", || escalate.exited().is_some());
-    assert_ne!(escalate.exited(), Some(0));
+    assert!(matches!(escalate.exited(), Some(Exit::Code(c)) if c != 0), "{:?}", escalate.exited());
     let log = escalate.log_text();
     assert!(log.contains("refuses every call") && log.contains("401"), "{log}");
     assert!(!seen.lock().unwrap().is_empty());
@@ -351,7 +354,7 @@ fn an_endpoint_that_stays_down_fails_readiness_and_loses_nothing() {
     env.kafka.create_topic("tickets", 1).unwrap();
     env.produce("triage.escalations", &[record(1, "where is my card")]);
     let (url, seen) = scripted_llm(Some(503));
-    let config = escalate_config(&env, "down", &format!("url = \"{url}\"\nmodel = \"stub-llm\"\nretries = 0"));
+    let config = escalate_config(&env, "down", &url, "stub-llm", |c| c.llm.retries = 0);
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let address = format!("127.0.0.1:{port}");
     let mut escalate = env.spawn_command("escalate", &config, "escalate-down", &[("TRIAGE_METRICS__ADDRESS", address.as_str())]);
@@ -360,7 +363,7 @@ fn an_endpoint_that_stays_down_fails_readiness_and_loses_nothing() {
         status == 503 && body.contains("LLM endpoint keeps failing (server_error)")
     });
     assert!(seen.lock().unwrap().len() >= 3, "still trying");
-    assert_eq!(escalate.terminate(Duration::from_secs(30)), Some(0), "{}", escalate.log_text());
+    assert_eq!(escalate.terminate(Duration::from_secs(30)), Some(Exit::OK), "{}", escalate.log_text());
     assert!(reasons(&env).is_empty(), "an outage is not the message's fault: nothing dead-lettered");
     let kafka = triage::config::KafkaConfig { group_id: format!("{}-llm", env.group), ..env.kafka_config() };
     assert_eq!(committed_offset(&kafka, "triage.escalations"), Some(0), "the unanswered record is read again");
@@ -373,14 +376,17 @@ fn a_table_versioned_the_old_way_is_refused_until_migrated_and_keeps_its_rows() 
     let clickhouse = env.clickhouse();
     let admin = clickhouse::Client::default().with_url(ch.url());
     // The table as the previous release made it: versioned by processed_time_ms, fewer columns.
-    let old = triage::sink::clickhouse::schema::create_table(&clickhouse)
-        .replace("ReplacingMergeTree(row_version)", "ReplacingMergeTree(processed_time_ms)");
+    let old = common::replaced(
+        &triage::sink::clickhouse::schema::create_table(&clickhouse),
+        "ReplacingMergeTree(row_version)",
+        "ReplacingMergeTree(processed_time_ms)",
+    );
     let old: String = old
         .lines()
         .filter(|l| !["answered_by", "row_version", "slm_", "llm_"].iter().any(|c| l.contains(&format!("`{c}"))))
         .collect::<Vec<_>>()
         .join("\n");
-    let old = old.replace("`first_confidence` Float32,", "`first_confidence` Float32");
+    let old = common::replaced(&old, "`first_confidence` Float32,", "`first_confidence` Float32");
     runtime().block_on(admin.query(&format!("CREATE DATABASE IF NOT EXISTS {}", env.database)).execute()).unwrap();
     runtime().block_on(admin.query(&old).execute()).unwrap_or_else(|e| panic!("{old}\n{e}"));
     runtime()
@@ -395,7 +401,7 @@ fn a_table_versioned_the_old_way_is_refused_until_migrated_and_keeps_its_rows() 
         .unwrap();
     env.kafka.create_topic("tickets", 1).unwrap();
     let (url, _) = scripted_llm(None);
-    let config = escalate_config(&env, "migrate", &format!("url = \"{url}\"\nmodel = \"stub-llm\""));
+    let config = escalate_config(&env, "migrate", &url, "stub-llm", |_| {});
     let triage = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_triage")).args(args).arg(&config).output().unwrap();
     // The worker's own schema step adds the columns, but cannot change the version.
     let apply = triage(&["schema", "apply", "--config"]);
@@ -463,27 +469,25 @@ fn the_demo_escalations_are_answered_by_llama_cpp_and_land_as_row_versions() {
         demo.lines().filter(|l| !l.trim().is_empty()).enumerate().map(|(i, l)| (format!("d-{i}"), l.as_bytes().to_vec())).collect();
     env.produce("tickets", &messages);
     let server = llama_server(&env.dir.path().join("llama.log"));
-    let config = escalate_config(
-        &env,
-        "llama",
-        &format!("url = \"{}\"\nmodel = \"tiny\"\nstructured_output = \"json_object\"\nmax_concurrent_requests = 2", server.url),
-    );
     // The demo's messages: subject + body, their own ids and times.
-    let text = std::fs::read_to_string(&config).unwrap().replace(
-        "fields.timestamp = [\"timestamp\"]",
-        "fields.timestamp = [\"created_at\"]\nfields.id = [\"id\"]\nfields.text = { subject = [\"subject\"], body = [\"body\"] }",
-    );
-    std::fs::write(&config, text).unwrap();
+    let config = escalate_config(&env, "llama", &server.url, "tiny", |c| {
+        c.llm.structured_output = StructuredOutput::JsonObject;
+        c.llm.max_concurrent_requests = 2;
+        let fields = &mut c.routes[0].fields;
+        fields.timestamp = vec!["created_at".into()];
+        fields.id = vec!["id".into()];
+        fields.text = [("subject", "subject"), ("body", "body")].map(|(k, v)| (k.to_string(), vec![v.to_string()])).into();
+    });
 
     let mut worker: Worker = env.spawn_worker(&config, "worker");
     env.wait_caught_up(&mut worker, &["tickets"], Duration::from_secs(180));
-    assert_eq!(worker.terminate(Duration::from_secs(60)), Some(0), "{}", worker.log_text());
+    assert_eq!(worker.terminate(Duration::from_secs(60)), Some(Exit::OK), "{}", worker.log_text());
     let escalated = env.read_topic_to_end("triage.escalations").len() as u64;
     assert_eq!(escalated, messages.len() as u64, "threshold 1: every demo message is escalated");
 
     let mut escalate = env.spawn_command("escalate", &config, "escalate", &[]);
     env.wait_for(&mut escalate, "escalations committed", Duration::from_secs(300), || escalate_caught_up(&env));
-    assert_eq!(escalate.terminate(Duration::from_secs(30)), Some(0), "{}", escalate.log_text());
+    assert_eq!(escalate.terminate(Duration::from_secs(30)), Some(Exit::OK), "{}", escalate.log_text());
 
     let labels: std::collections::BTreeSet<String> = {
         let descriptor = triage::model::Descriptor::load(&common::default_model_dir()).unwrap();

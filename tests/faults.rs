@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::worker::{messages, shared_clickhouse, wait_until, Env};
+use common::worker::{messages, shared_clickhouse, wait_until, Env, Exit, PrivateClickHouse};
 use sha2::{Digest, Sha256};
 
 const MIN: Duration = Duration::from_secs(60);
@@ -37,10 +37,10 @@ fn a_two_mebibyte_message_is_dead_lettered_cut_and_its_partition_flows_on() {
     batch.push(("large".into(), large));
     batch.extend(messages("after", 50));
     env.produce("tickets", &batch);
-    let config = env.write_config("o", &tiny(), &["tickets"], "");
+    let config = env.write_config("o", &tiny(), &["tickets"], |_| {});
     let mut worker = env.spawn_worker_env(&config, "o", &[("TRIAGE_ESCALATION__ENABLED", "false")]);
     env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
-    assert_eq!(worker.terminate(MIN), Some(0), "{}", worker.log_text());
+    assert_eq!(worker.terminate(MIN), Some(Exit::OK), "{}", worker.log_text());
     assert_eq!(env.distinct_rows(), 101, "every message but the oversized one has its row");
     let letters = env.read_topic_to_end("triage.dead-letter");
     assert_eq!(letters.len(), 1, "one dead letter, written once");
@@ -64,10 +64,10 @@ fn a_record_the_topic_refuses_as_too_large_is_cut_until_it_fits() {
     env.produce("tickets", &batch);
     // The broker refuses the first two writes as too large (a topic with a small max.message.bytes).
     env.kafka.cluster().request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE; 2]);
-    let config = env.write_config("t", &tiny(), &["tickets"], "");
+    let config = env.write_config("t", &tiny(), &["tickets"], |_| {});
     let mut worker = env.spawn_worker_env(&config, "t", &[("TRIAGE_ESCALATION__ENABLED", "false")]);
     env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
-    assert_eq!(worker.terminate(MIN), Some(0), "{}", worker.log_text());
+    assert_eq!(worker.terminate(MIN), Some(Exit::OK), "{}", worker.log_text());
     let letters = env.read_topic_to_end("triage.dead-letter");
     assert_eq!(letters.len(), 1, "{} dead letters", letters.len());
     let (_, payload, headers) = &letters[0];
@@ -82,13 +82,16 @@ fn a_record_the_topic_refuses_as_too_large_is_cut_until_it_fits() {
 fn a_missing_escalation_topic_stops_the_worker_at_start_naming_it() {
     let env = env("missing_topic");
     env.kafka.create_topic("tickets", 1).unwrap();
-    let config = env.write_config("m", &tiny(), &["tickets"], "");
+    env.produce("tickets", &messages("m", 20));
+    let config = env.write_config("m", &tiny(), &["tickets"], |_| {});
     let mut worker = env.spawn_worker_env(&config, "m", &[("TRIAGE_KAFKA__ESCALATION_TOPIC", "triage.nowhere")]);
     wait_until(MIN, "the worker exits", || worker.exited().is_some());
-    assert_eq!(worker.exited(), Some(1));
+    assert_eq!(worker.exited(), Some(Exit::Code(1)));
     let log = worker.log_text();
     assert!(log.contains("Kafka topic `triage.nowhere` does not exist") && log.contains("--create"), "{log}");
-    assert!(env.read_topic_to_end("tickets").is_empty() && env.committed("tickets", 0).is_none(), "nothing consumed");
+    assert_eq!(env.committed("tickets", 0), None, "nothing committed");
+    assert_eq!(env.raw_rows(), 0, "nothing classified and stored");
+    assert!(env.read_topic_to_end("triage.dead-letter").is_empty(), "nothing dead-lettered");
 }
 
 #[test]
@@ -101,10 +104,10 @@ fn a_dead_letter_that_can_never_be_written_stops_the_worker_committing_only_belo
     batch.extend(messages("b", 20));
     env.produce("tickets", &batch);
     env.kafka.cluster().request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 100]);
-    let config = env.write_config("f", &tiny(), &["tickets"], "");
+    let config = env.write_config("f", &tiny(), &["tickets"], |_| {});
     let mut worker = env.spawn_worker_env(&config, "f", &[("TRIAGE_ESCALATION__ENABLED", "false")]);
     wait_until(2 * MIN, "the worker exits", || worker.exited().is_some());
-    assert_eq!(worker.exited(), Some(1));
+    assert_eq!(worker.exited(), Some(Exit::Code(1)));
     let log = worker.log_text();
     assert!(log.contains("cannot write to Kafka topic `triage.dead-letter`") && log.contains("uthorization"), "{log}");
     let committed = env.committed("tickets", 0).unwrap_or(0);
@@ -123,12 +126,12 @@ fn when_every_row_is_rejected_and_the_table_is_unchanged_the_rows_are_dead_lette
     env.kafka.create_topic("tickets", 1).unwrap();
     alter(&env, "ALTER TABLE results ADD COLUMN guard UInt8 DEFAULT throwIf(message_id LIKE 'x-%')");
     env.produce("tickets", &messages("x", 60));
-    let config = env.write_config("r", &tiny(), &["tickets"], "");
+    let config = env.write_config("r", &tiny(), &["tickets"], |_| {});
     let mut worker = env.spawn_worker_env(&config, "r", &[("TRIAGE_ESCALATION__ENABLED", "false")]);
     env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
     env.produce("tickets", &messages("y", 40));
     env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
-    assert_eq!(worker.terminate(MIN), Some(0), "the worker kept running: {}", worker.log_text());
+    assert_eq!(worker.terminate(MIN), Some(Exit::OK), "the worker kept running: {}", worker.log_text());
     let letters = env.read_topic_to_end("triage.dead-letter");
     let mut keys: Vec<String> =
         letters.iter().map(|(k, ..)| String::from_utf8_lossy(k.as_deref().unwrap_or_default()).into_owned()).collect();
@@ -144,13 +147,13 @@ fn a_column_changed_under_a_running_worker_stops_it_instead_of_dead_lettering_th
     let env = env("changed_column");
     env.kafka.create_topic("tickets", 1).unwrap();
     env.produce("tickets", &messages("a", 100));
-    let config = env.write_config("c", &tiny(), &["tickets"], "");
+    let config = env.write_config("c", &tiny(), &["tickets"], |_| {});
     let mut worker = env.spawn_worker_env(&config, "c", &[("TRIAGE_ESCALATION__ENABLED", "false")]);
     env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
     alter(&env, "ALTER TABLE results MODIFY COLUMN text_chars UInt64");
     env.produce("tickets", &messages("b", 100));
     wait_until(2 * MIN, "the worker exits", || worker.exited().is_some());
-    assert_eq!(worker.exited(), Some(1));
+    assert_eq!(worker.exited(), Some(Exit::Code(1)));
     let log = worker.log_text();
     assert!(log.contains("text_chars is UInt64, expected UInt32"), "{log}");
     assert!(env.read_topic_to_end("triage.dead-letter").is_empty(), "nothing dead-lettered for the table's fault");
@@ -160,9 +163,7 @@ fn a_column_changed_under_a_running_worker_stops_it_instead_of_dead_lettering_th
 #[test]
 fn a_hung_clickhouse_times_out_and_retries_and_every_message_reads_once() {
     // Its own server: this test freezes it.
-    let dir = tempfile::tempdir().unwrap();
-    let (http, tcp) = (triage::local::free_port().unwrap(), triage::local::free_port().unwrap());
-    let server = triage::local::LocalClickHouse::start_in(dir.path(), http, tcp).expect("clickhouse");
+    let server = PrivateClickHouse::start();
     let env = Env::new("hung", server.url());
     env.apply_schema();
     env.kafka.create_topic("tickets", 2).unwrap();
@@ -174,19 +175,16 @@ fn a_hung_clickhouse_times_out_and_retries_and_every_message_reads_once() {
         *payload = v.to_string().into_bytes();
     }
     env.produce("tickets", &batch[..1_000]);
-    let config = env.write_config("h", &tiny(), &["tickets"], "");
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, text.replacen("insert_interval_ms = 200\n", "insert_interval_ms = 200\ninsert_timeout_ms = 1500\n", 1))
-        .unwrap();
+    let config = env.write_config("h", &tiny(), &["tickets"], |c| c.clickhouse.insert_timeout_ms = 1500);
     let mut worker = env.spawn_worker_env(&config, "h", &[("TRIAGE_ESCALATION__ENABLED", "false")]);
     env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
-    server.signal(19); // SIGSTOP: connections open, nothing answers
+    server.freeze();
+    let frozen = worker.mark();
     env.produce("tickets", &batch[1_000..]);
-    let before = worker.log_text().len();
-    wait_until(MIN, "an insert times out", || worker.log_text()[before..].contains("ClickHouse insert failed; retrying"));
-    server.signal(18); // SIGCONT
+    env.wait_for(&mut worker, "an insert times out", MIN, || frozen.text().contains("ClickHouse insert failed; retrying"));
+    server.thaw();
     env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
-    assert_eq!(worker.terminate(MIN), Some(0));
+    assert_eq!(worker.terminate(MIN), Some(Exit::OK));
     // A timed-out INSERT may still have landed: rows may repeat physically, never when read with FINAL.
     assert_eq!(env.distinct_rows(), 3_000);
     assert_eq!(env.distinct_keys(), 3_000);
@@ -201,10 +199,10 @@ fn a_message_the_model_fails_on_is_dead_lettered_alone_and_the_rest_land() {
     // "thyroid" is token 29610: past the poison model's embedding table, so ONNX Runtime fails.
     batch.insert(77, ("marked".into(), br#"{"subject": "thyroid", "body": "my thyroid results"}"#.to_vec()));
     env.produce("tickets", &batch);
-    let config = env.write_config("p", &common::test_model_dir("poison-tiny"), &["tickets"], "");
+    let config = env.write_config("p", &common::test_model_dir("poison-tiny"), &["tickets"], |_| {});
     let mut worker = env.spawn_worker_env(&config, "p", &[("TRIAGE_ESCALATION__ENABLED", "false")]);
     env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
-    assert_eq!(worker.terminate(MIN), Some(0), "{}", worker.log_text());
+    assert_eq!(worker.terminate(MIN), Some(Exit::OK), "{}", worker.log_text());
     assert_eq!(env.distinct_rows(), 200, "the marked message's batch-mates all landed");
     let letters = env.read_topic_to_end("triage.dead-letter");
     assert_eq!(letters.len(), 1);
@@ -218,10 +216,10 @@ fn a_model_that_fails_on_everything_stops_the_worker_without_dead_lettering_the_
     let env = env("broken_model");
     env.kafka.create_topic("tickets", 1).unwrap();
     env.produce("tickets", &messages("b", 300));
-    let config = env.write_config("b", &common::test_model_dir("broken-tiny"), &["tickets"], "");
+    let config = env.write_config("b", &common::test_model_dir("broken-tiny"), &["tickets"], |_| {});
     let mut worker = env.spawn_worker_env(&config, "b", &[("TRIAGE_ESCALATION__ENABLED", "false")]);
     wait_until(2 * MIN, "the worker exits", || worker.exited().is_some());
-    assert_eq!(worker.exited(), Some(1));
+    assert_eq!(worker.exited(), Some(Exit::Code(1)));
     let log = worker.log_text();
     assert!(log.contains("the inference backend is failing on every input") && log.contains("broken-tiny"), "{log}");
     assert!(env.read_topic_to_end("triage.dead-letter").is_empty(), "not one message blamed");
@@ -234,38 +232,34 @@ fn sigterm_while_waiting_for_clickhouse_at_start_exits_at_once() {
     let port = triage::local::free_port().unwrap();
     let env = Env::new("startup_sigterm", format!("http://127.0.0.1:{port}"));
     env.kafka.create_topic("tickets", 1).unwrap();
-    let config = env.write_config("s", &tiny(), &["tickets"], "");
+    let config = env.write_config("s", &tiny(), &["tickets"], |_| {});
     let mut worker = env.spawn_worker(&config, "s");
     wait_until(MIN, "the worker waits for ClickHouse", || worker.log_text().contains("ClickHouse not reachable yet"));
     // terminate() sends SIGTERM and waits up to the timeout: an exit well inside it is the proof.
-    assert_eq!(worker.terminate(Duration::from_secs(20)), Some(0), "{}", worker.log_text());
+    assert_eq!(worker.terminate(Duration::from_secs(20)), Some(Exit::OK), "{}", worker.log_text());
     assert!(worker.log_text().contains("shutdown requested during start-up"));
 }
 
 #[test]
 fn a_stalled_partition_fails_readiness_naming_it_until_it_moves_again() {
     // Its own server: this test freezes it.
-    let dir = tempfile::tempdir().unwrap();
-    let (http, tcp) = (triage::local::free_port().unwrap(), triage::local::free_port().unwrap());
-    let server = triage::local::LocalClickHouse::start_in(dir.path(), http, tcp).expect("clickhouse");
+    let server = PrivateClickHouse::start();
     let env = Env::new("stall", server.url());
     env.apply_schema();
     env.kafka.create_topic("tickets", 2).unwrap();
     env.produce("tickets", &messages("s", 200));
     let port = triage::local::free_port().unwrap();
-    let path = env.write_config("s", &tiny(), &["tickets"], "");
-    let text = std::fs::read_to_string(&path)
-        .unwrap()
-        .replace("address = \"\"", &format!("address = \"127.0.0.1:{port}\""))
-        .replace("commit_interval_ms = 200\n", "commit_interval_ms = 200\nmax_unfinished_age_ms = 3000\n")
-        .replacen("insert_interval_ms = 200\n", "insert_interval_ms = 200\ninsert_timeout_ms = 1000\n", 1);
-    std::fs::write(&path, text).unwrap();
+    let path = env.write_config("s", &tiny(), &["tickets"], |c| {
+        c.metrics.address = format!("127.0.0.1:{port}");
+        c.kafka.max_unfinished_age_ms = 3000;
+        c.clickhouse.insert_timeout_ms = 1000;
+    });
     let mut worker = env.spawn_worker_env(&path, "s", &[("TRIAGE_ESCALATION__ENABLED", "false")]);
     env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
     env.wait_for(&mut worker, "/readyz 200", MIN, || common::worker::http_get(port, "/readyz").0 == 200);
     let idle = common::worker::http_get(port, "/metrics").1;
     assert!(idle.contains("triage_oldest_unfinished_seconds{topic=\"tickets\",partition=\"0\"} 0"), "idle is not stalled:\n{idle}");
-    server.signal(19); // SIGSTOP
+    server.freeze();
     env.produce("tickets", &messages("t", 50));
     let mut body = String::new();
     env.wait_for(&mut worker, "/readyz 503 naming a stalled partition", MIN, || {
@@ -280,10 +274,10 @@ fn a_stalled_partition_fails_readiness_naming_it_until_it_moves_again() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .fold(0.0, f64::max);
     assert!(age > 3.0, "the gauge shows the stall: {age}");
-    server.signal(18); // SIGCONT
+    server.thaw();
     env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
     env.wait_for(&mut worker, "/readyz 200 again", MIN, || common::worker::http_get(port, "/readyz").0 == 200);
-    assert_eq!(worker.terminate(MIN), Some(0));
+    assert_eq!(worker.terminate(MIN), Some(Exit::OK));
     assert_eq!(env.distinct_rows(), 250);
 }
 
@@ -315,11 +309,11 @@ fn redrive_is_safe_to_interrupt_filter_and_repeat() {
     let mut junk: Vec<(String, Vec<u8>)> = (0..5).map(|i| (format!("junk-{i}"), format!("junk {i}").into_bytes())).collect();
     junk.push(("huge".into(), vec![b'x'; 2 << 20]));
     env.produce("tickets", &junk);
-    let config = env.write_config("d", &tiny(), &["tickets"], "");
+    let config = env.write_config("d", &tiny(), &["tickets"], |_| {});
     let vars = [("TRIAGE_ESCALATION__ENABLED", "false")];
     let mut worker = env.spawn_worker_env(&config, "d1", &vars);
     env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
-    assert_eq!(worker.terminate(MIN), Some(0));
+    assert_eq!(worker.terminate(MIN), Some(Exit::OK));
     assert_eq!((env.distinct_rows(), env.read_topic_to_end("triage.dead-letter").len()), (30, 36));
     alter(&env, "ALTER TABLE results DROP COLUMN guard"); // the cause is fixed
 
@@ -335,7 +329,7 @@ fn redrive_is_safe_to_interrupt_filter_and_repeat() {
 
     let mut worker = env.spawn_worker_env(&config, "d2", &vars);
     env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
-    assert_eq!(worker.terminate(MIN), Some(0));
+    assert_eq!(worker.terminate(MIN), Some(Exit::OK));
     // Every message reads once: the r- messages were stored twice, under their original keys.
     assert_eq!(env.distinct_rows(), 60);
     assert_eq!(env.query_u64("SELECT count() FROM results WHERE message_id LIKE 'r-%'"), 60, "two physical copies each");
@@ -373,12 +367,7 @@ fn series_of_revoked_partitions_stop_counting_so_sums_across_workers_stay_right(
     let configs: Vec<_> = ports
         .iter()
         .enumerate()
-        .map(|(i, port)| {
-            let path = env.write_config(&format!("v{i}"), &tiny(), &["tickets"], "");
-            let text = std::fs::read_to_string(&path).unwrap().replace("address = \"\"", &format!("address = \"127.0.0.1:{port}\""));
-            std::fs::write(&path, text).unwrap();
-            path
-        })
+        .map(|(i, port)| env.write_config(&format!("v{i}"), &tiny(), &["tickets"], |c| c.metrics.address = format!("127.0.0.1:{port}")))
         .collect();
     let vars = [("TRIAGE_ESCALATION__ENABLED", "false")];
     let mut a = env.spawn_worker_env(&configs[0], "v0", &vars);
@@ -406,7 +395,7 @@ fn series_of_revoked_partitions_stop_counting_so_sums_across_workers_stay_right(
         std::thread::sleep(Duration::from_millis(300));
     }
     let _ = seen;
-    assert_eq!(b.terminate(MIN), Some(0));
-    assert_eq!(a.terminate(MIN), Some(0));
+    assert_eq!(b.terminate(MIN), Some(Exit::OK));
+    assert_eq!(a.terminate(MIN), Some(Exit::OK));
     assert_eq!(env.distinct_rows(), 800);
 }

@@ -106,7 +106,8 @@ fn missing_graph_is_named() {
 fn an_output_the_descriptor_names_but_the_graph_lacks_is_named() {
     let dir = common::copy_model(&common::test_model_dir("multihead-tiny"));
     let toml = std::fs::read_to_string(dir.path().join("model.toml")).unwrap();
-    std::fs::write(dir.path().join("model.toml"), toml.replace("output = \"priority_probs\"", "output = \"urgency_probs\"")).unwrap();
+    std::fs::write(dir.path().join("model.toml"), common::replaced(&toml, "output = \"priority_probs\"", "output = \"urgency_probs\""))
+        .unwrap();
     let err = Model::load(dir.path(), &InferenceOptions::default()).unwrap_err();
     let text = err.to_string();
     assert!(matches!(err, ModelError::MissingOutput { .. }), "{err:?}");
@@ -117,7 +118,8 @@ fn an_output_the_descriptor_names_but_the_graph_lacks_is_named() {
 fn label_count_mismatch_with_the_graph_is_named() {
     let dir = common::copy_model(&common::test_model_dir("multihead-tiny"));
     let toml = std::fs::read_to_string(dir.path().join("model.toml")).unwrap();
-    std::fs::write(dir.path().join("model.toml"), toml.replace(r#"["low", "normal", "high", "urgent"]"#, r#"["low", "high"]"#)).unwrap();
+    std::fs::write(dir.path().join("model.toml"), common::replaced(&toml, r#"["low", "normal", "high", "urgent"]"#, r#"["low", "high"]"#))
+        .unwrap();
     let err = Model::load(dir.path(), &InferenceOptions::default()).unwrap_err();
     assert!(err.to_string().contains("priority"), "{err}");
 }

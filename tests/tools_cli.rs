@@ -6,7 +6,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::worker::{messages, shared_clickhouse, Env};
+use common::worker::{messages, shared_clickhouse, Env, Exit};
 
 fn triage() -> Command {
     Command::new(env!("CARGO_BIN_EXE_triage"))
@@ -115,19 +115,19 @@ fn redrive_sends_dead_letters_back_once_the_cause_is_fixed() {
     env.produce("tickets", &batch);
     let model = common::test_model_dir("multihead-tiny");
     // First the limit is too low for the big message: it is dead-lettered.
-    let strict = env.write_config("strict", &model, &["tickets"], "max_message_bytes = 2000\n");
+    let strict = env.write_config("strict", &model, &["tickets"], |c| c.max_message_bytes = 2000);
     let mut w = env.spawn_worker(&strict, "strict");
     env.wait_caught_up(&mut w, &["tickets"], Duration::from_secs(120));
-    assert_eq!(w.terminate(Duration::from_secs(60)), Some(0));
+    assert_eq!(w.terminate(Duration::from_secs(60)), Some(Exit::OK));
     assert_eq!(env.distinct_rows(), 50);
     // The cause is fixed (a higher limit); redrive, and the worker takes it this time.
-    let relaxed = env.write_config("relaxed", &model, &["tickets"], "");
+    let relaxed = env.write_config("relaxed", &model, &["tickets"], |_| {});
     let out = triage().args(["redrive", "--config"]).arg(&relaxed).args(["--reason", "too_large"]).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && stderr.contains("redrove 1 dead letters"), "{stderr}");
     let mut w = env.spawn_worker(&relaxed, "relaxed");
     env.wait_caught_up(&mut w, &["tickets"], Duration::from_secs(120));
-    assert_eq!(w.terminate(Duration::from_secs(60)), Some(0));
+    assert_eq!(w.terminate(Duration::from_secs(60)), Some(Exit::OK));
     assert_eq!(env.distinct_rows(), 51);
     assert_eq!(env.query_u64("SELECT count() FROM results FINAL WHERE message_id = 'big-1' AND truncated = 1"), 1);
 }
@@ -252,7 +252,7 @@ fn topics_and_schema_commands_create_idempotently_and_wait_for_what_is_missing()
     let env = Env::new("topics_cmd", shared_clickhouse().url());
     env.kafka.create_topic("tickets", 1).unwrap();
     let model = common::test_model_dir("multihead-tiny");
-    let config = env.write_config("t", &model, &["tickets"], "");
+    let config = env.write_config("t", &model, &["tickets"], |_| {});
     let run = |args: &[&str], vars: &[(&str, &str)]| {
         let out = triage().args(args).arg("--config").arg(&config).envs(vars.iter().copied()).output().unwrap();
         (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))

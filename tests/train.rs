@@ -272,10 +272,10 @@ fn train_eval_and_serve_a_model_from_a_labelled_csv() {
         serde_json::json!({"id": "f-1", "body": "Whisk the eggs and fold in the melted chocolate, then bake"}).to_string().into_bytes(),
     ));
     env.produce("tickets", &messages);
-    let config = env.write_config("trained", &model, &["tickets"], "");
+    let config = env.write_config("trained", &model, &["tickets"], |_| {});
     let mut worker = env.spawn_worker(&config, "trained");
     env.wait_caught_up(&mut worker, &["tickets"], Duration::from_secs(180));
-    assert_eq!(worker.terminate(Duration::from_secs(60)), Some(0), "{}", worker.log_text());
+    assert_eq!(worker.terminate(Duration::from_secs(60)), Some(common::worker::Exit::OK), "{}", worker.log_text());
     assert_eq!(env.distinct_rows(), 13);
     assert_eq!(env.query_u64("SELECT count() FROM results FINAL WHERE category IN ('billing', 'shipping', 'account', 'returns')"), 13);
     assert_eq!(env.query_u64("SELECT count() FROM results FINAL WHERE priority IN ('high', 'normal')"), 13, "priority head");
@@ -400,7 +400,7 @@ fn the_default_model_was_built_by_triage_train_and_carries_its_gates() {
     // With Banking77 at hand, eval re-derives the split (and refits the heads on its training
     // part) and must reproduce the recorded accuracy: to a few messages, because the int8
     // encoder's per-batch activation scale lets an embedding move with its batch neighbours.
-    let Some(data) = common::shared_data("banking77/train.csv") else { return };
+    let data = common::shared_data("banking77/train.csv");
     let metrics: Value = serde_json::from_str(&std::fs::read_to_string(common::default_model_dir().join("metrics.json")).unwrap()).unwrap();
     let out = triage(&["eval", "--model", s(&common::default_model_dir()), "--data", s(&data), "--json"]);
     assert!(out.status.success(), "{}", text(&out));

@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::worker::{messages, shared_clickhouse, wait_until, Env};
+use common::worker::{messages, shared_clickhouse, wait_until, Env, Exit, PrivateClickHouse};
 
 const MIN: Duration = Duration::from_secs(60);
 
@@ -31,10 +31,10 @@ fn ten_thousand_messages_over_four_partitions_land_exactly_once() {
     let env = env("exactly_once");
     env.kafka.create_topic("tickets", 4).unwrap();
     env.produce("tickets", &messages("m", 10_000));
-    let config = env.write_config("w1", &tiny(), &["tickets"], "");
+    let config = env.write_config("w1", &tiny(), &["tickets"], |_| {});
     let mut worker = env.spawn_worker(&config, "w1");
     env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
-    assert_eq!(worker.terminate(MIN), Some(0), "{}", worker.log_text());
+    assert_eq!(worker.terminate(MIN), Some(Exit::OK), "{}", worker.log_text());
     assert_eq!(env.distinct_rows(), 10_000);
     assert_eq!(env.distinct_keys(), 10_000);
     assert_eq!(env.query_u64("SELECT uniqExact(partition) FROM results"), 4);
@@ -42,26 +42,39 @@ fn ten_thousand_messages_over_four_partitions_land_exactly_once() {
 }
 
 #[test]
-fn sigkill_mid_stream_loses_nothing_and_replays_are_bounded() {
+fn sigkill_mid_stream_loses_nothing_and_replays_only_what_was_uncommitted() {
     let env = env("sigkill");
     env.kafka.create_topic("tickets", 4).unwrap();
     env.produce("tickets", &messages("k", 10_000));
-    let config = env.write_config("k", &tiny(), &["tickets"], "");
+    let max_in_flight = 1_000;
+    let config = env.write_config("k", &tiny(), &["tickets"], |c| c.kafka.max_in_flight = max_in_flight);
+    let mut uncommitted = Vec::new();
     for (round, kill_after) in [2_000u64, 5_000, 8_000].into_iter().enumerate() {
         let mut worker = env.spawn_worker(&config, &format!("k{round}"));
         env.wait_for(&mut worker, "progress before the kill", 3 * MIN, || env.distinct_keys() >= kill_after || env.caught_up(&["tickets"]));
         worker.kill9();
+        // An INSERT the worker had sent whole may still land after its death: wait until the
+        // rows stop changing, then count what the next owner replays (rows stored past the
+        // group's committed offsets).
+        env.wait_until_rows_settle();
+        uncommitted.push(env.stored_past_commits("tickets", 4));
     }
     let mut last = env.spawn_worker(&config, "k-final");
     env.wait_caught_up(&mut last, &["tickets"], 3 * MIN);
-    assert_eq!(last.terminate(MIN), Some(0), "{}", last.log_text());
+    assert_eq!(last.terminate(MIN), Some(Exit::OK), "{}", last.log_text());
     assert_eq!(env.distinct_keys(), 10_000, "nothing missing");
     assert_eq!(env.distinct_rows(), 10_000, "nothing double-counted when read with FINAL");
     let replayed = env.raw_rows() - 10_000;
-    eprintln!("replayed rows after 3 SIGKILLs: {replayed}");
-    // Each kill replays at most what was consumed but not yet committed: bounded by the
-    // in-flight limit (5,000 by default) but in practice a commit interval's worth.
-    assert!(replayed <= 3 * 5_000, "replays {replayed} exceed what three kills can leave uncommitted");
+    eprintln!("replayed rows after 3 SIGKILLs: {replayed}; stored but uncommitted at each kill: {uncommitted:?}");
+    // Intake pauses the moment max_in_flight messages are consumed and not yet committed, so a
+    // kill leaves at most that many to replay. A worker that committed late, or not at all
+    // while busy, leaves more.
+    for (kill, n) in uncommitted.iter().enumerate() {
+        assert!(*n <= max_in_flight as u64, "kill {kill} left {n} stored rows uncommitted (max_in_flight {max_in_flight})");
+    }
+    // Each replay re-stores one of those rows (a row stored twice before its commit would be a
+    // replay nobody left uncommitted).
+    assert!(replayed <= uncommitted.iter().sum::<u64>(), "{replayed} replays but only {uncommitted:?} were uncommitted at the kills");
 }
 
 #[test]
@@ -69,15 +82,15 @@ fn sigterm_drains_and_commits_so_a_restart_replays_nothing() {
     let env = env("sigterm");
     env.kafka.create_topic("tickets", 2).unwrap();
     env.produce("tickets", &messages("s", 6_000));
-    let config = env.write_config("s", &tiny(), &["tickets"], "");
+    let config = env.write_config("s", &tiny(), &["tickets"], |_| {});
     let mut first = env.spawn_worker(&config, "s1");
     wait_until(3 * MIN, "progress", || env.distinct_keys() >= 1_500);
-    assert_eq!(first.terminate(MIN), Some(0), "SIGTERM exits 0: {}", first.log_text());
+    assert_eq!(first.terminate(MIN), Some(Exit::OK), "SIGTERM exits 0: {}", first.log_text());
     assert!(first.log_text().contains("shutdown requested: draining"));
     let after_first = env.raw_rows();
     let mut second = env.spawn_worker(&config, "s2");
     env.wait_caught_up(&mut second, &["tickets"], 3 * MIN);
-    assert_eq!(second.terminate(MIN), Some(0));
+    assert_eq!(second.terminate(MIN), Some(Exit::OK));
     assert_eq!(env.distinct_keys(), 6_000);
     assert_eq!(env.raw_rows(), 6_000, "the first worker committed all it stored ({after_first} rows): nothing replayed");
 }
@@ -98,10 +111,10 @@ fn malformed_messages_go_to_the_dead_letter_topic_with_their_reason() {
         batch.insert(i * 97 + 13, (k.clone(), p.clone()));
     }
     env.produce("tickets", &batch);
-    let config = env.write_config("m", &tiny(), &["tickets"], "max_message_bytes = 4096\n");
+    let config = env.write_config("m", &tiny(), &["tickets"], |c| c.max_message_bytes = 4096);
     let mut worker = env.spawn_worker(&config, "m");
     env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
-    assert_eq!(worker.terminate(MIN), Some(0));
+    assert_eq!(worker.terminate(MIN), Some(Exit::OK));
     assert_eq!(env.distinct_rows(), 500, "every good message is in ClickHouse");
     let letters = env.read_topic_to_end("triage.dead-letter");
     assert_eq!(letters.len(), bad.len(), "each bad message dead-lettered exactly once");
@@ -122,15 +135,15 @@ fn two_workers_one_joining_and_one_leaving_lose_nothing() {
     let env = env("rebalance");
     env.kafka.create_topic("tickets", 4).unwrap();
     env.produce("tickets", &messages("r", 10_000));
-    let config_a = env.write_config("a", &tiny(), &["tickets"], "");
-    let config_b = env.write_config("b", &tiny(), &["tickets"], "");
+    let config_a = env.write_config("a", &tiny(), &["tickets"], |_| {});
+    let config_b = env.write_config("b", &tiny(), &["tickets"], |_| {});
     let mut a = env.spawn_worker(&config_a, "a");
     wait_until(3 * MIN, "a made progress", || env.distinct_keys() >= 2_000);
     let mut b = env.spawn_worker(&config_b, "b");
     wait_until(3 * MIN, "progress with two workers", || env.distinct_keys() >= 5_000 || env.caught_up(&["tickets"]));
-    assert_eq!(a.terminate(MIN), Some(0), "a leaves cleanly: {}", a.log_text());
+    assert_eq!(a.terminate(MIN), Some(Exit::OK), "a leaves cleanly: {}", a.log_text());
     env.wait_caught_up(&mut b, &["tickets"], 3 * MIN);
-    assert_eq!(b.terminate(MIN), Some(0));
+    assert_eq!(b.terminate(MIN), Some(Exit::OK));
     assert_eq!(env.distinct_keys(), 10_000);
     assert_eq!(env.distinct_rows(), 10_000);
     let replayed = env.raw_rows() - 10_000;
@@ -168,10 +181,10 @@ fn broker_errors_are_retried_and_nothing_is_lost() {
     cluster.request_errors(RDKafkaApiKey::Fetch, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 4]);
     cluster.request_errors(RDKafkaApiKey::OffsetCommit, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT; 4]);
     cluster.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 4]);
-    let config = env.write_config("e", &tiny(), &["tickets"], "");
+    let config = env.write_config("e", &tiny(), &["tickets"], |_| {});
     let mut worker = env.spawn_worker(&config, "e");
     env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
-    assert_eq!(worker.terminate(MIN), Some(0));
+    assert_eq!(worker.terminate(MIN), Some(Exit::OK));
     assert_eq!(env.distinct_rows(), 2_000);
     // Retried writes are idempotent: each junk message once, by its source key.
     let letters = env.read_topic_to_end("triage.dead-letter");
@@ -188,10 +201,10 @@ fn escalations_carry_message_and_result_and_are_marked_in_clickhouse() {
     env.kafka.create_topic("tickets", 1).unwrap();
     env.produce("tickets", &messages("x", 300));
     // A threshold above any softmax top score of 5 labels escalates everything below 0.99.
-    let config = env.write_config("x", &tiny(), &["tickets"], "[escalation]\ndefault_threshold = 0.99\n");
+    let config = env.write_config("x", &tiny(), &["tickets"], |c| c.escalation.default_threshold = 0.99);
     let mut worker = env.spawn_worker(&config, "x");
     env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
-    assert_eq!(worker.terminate(MIN), Some(0));
+    assert_eq!(worker.terminate(MIN), Some(Exit::OK));
     let escalated = env.query_u64("SELECT sum(escalated) FROM results FINAL");
     assert!(escalated > 0);
     let records = env.read_topic_to_end("triage.escalations");
@@ -213,9 +226,9 @@ fn a_row_clickhouse_rejects_is_dead_lettered_and_the_rest_land() {
         .block_on(client.query("ALTER TABLE results ADD COLUMN guard UInt8 DEFAULT throwIf(message_id = 'p-137')").execute())
         .unwrap();
     env.produce("tickets", &messages("p", 400));
-    let mut worker = env.spawn_worker(&env.write_config("p", &tiny(), &["tickets"], ""), "p");
+    let mut worker = env.spawn_worker(&env.write_config("p", &tiny(), &["tickets"], |_| {}), "p");
     env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
-    assert_eq!(worker.terminate(MIN), Some(0), "{}", worker.log_text());
+    assert_eq!(worker.terminate(MIN), Some(Exit::OK), "{}", worker.log_text());
     assert_eq!(env.distinct_rows(), 399, "all but the rejected row");
     let letters = env.read_topic_to_end("triage.dead-letter");
     assert_eq!(letters.len(), 1);
@@ -228,49 +241,50 @@ fn a_missing_table_stops_the_worker_with_a_clear_message() {
     let ch = shared_clickhouse();
     let env = Env::new("missing_table", ch.url());
     env.kafka.create_topic("tickets", 1).unwrap();
-    let config = env.write_config("n", &tiny(), &["tickets"], "");
+    let config = env.write_config("n", &tiny(), &["tickets"], |_| {});
     let mut worker = env.spawn_worker(&config, "n");
     wait_until(MIN, "the worker exits", || worker.exited().is_some());
-    assert_eq!(worker.exited(), Some(1));
+    assert_eq!(worker.exited(), Some(Exit::Code(1)));
     let log = worker.log_text();
     assert!(log.contains("t_missing_table doesn't exist") && log.contains("triage schema apply"), "{log}");
 }
 
 #[test]
-fn clickhouse_outage_pauses_consumption_and_recovers_without_loss() {
+fn clickhouse_outage_pauses_consumption_commits_nothing_and_recovers_without_loss() {
     // Its own server: this test stops and restarts it.
-    let dir = tempfile::tempdir().unwrap();
-    let (http, tcp) = (triage::local::free_port().unwrap(), triage::local::free_port().unwrap());
-    let mut server = triage::local::LocalClickHouse::start_in(dir.path(), http, tcp).expect("clickhouse");
-    let env = Env::new("outage", server.url());
+    let mut clickhouse = PrivateClickHouse::start();
+    let env = Env::new("outage", clickhouse.url());
     env.apply_schema();
     env.kafka.create_topic("tickets", 2).unwrap();
     let all = messages("o", 10_000);
     env.produce("tickets", &all[..2_000]);
-    let config_path = env.write_config("o", &tiny(), &["tickets"], "");
-    let text = std::fs::read_to_string(&config_path)
-        .unwrap()
-        .replace("commit_interval_ms = 200\n", "commit_interval_ms = 200\nmax_in_flight = 1000\n")
-        .replace("insert_interval_ms = 200\n", "insert_interval_ms = 200\ninsert_timeout_ms = 3000\n");
-    std::fs::write(&config_path, text).unwrap();
-    let mut worker = env.spawn_worker(&config_path, "o");
+    let max_in_flight = 1_000;
+    let config = env.write_config("o", &tiny(), &["tickets"], |c| {
+        c.kafka.max_in_flight = max_in_flight;
+        c.clickhouse.insert_timeout_ms = 3000;
+    });
+    let mut worker = env.spawn_worker(&config, "o");
     env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
-    server.stop();
-    let before = worker.log_text().len();
+    let committed = env.committed_all("tickets", 2);
+    assert_eq!(committed.iter().flatten().sum::<i64>(), 2_000, "{committed:?}");
+    clickhouse.stop();
+    let during = worker.mark();
     // 8,000 more arrive while ClickHouse is down.
     env.produce("tickets", &all[2_000..]);
-    std::thread::sleep(Duration::from_secs(20));
-    let during = worker.log_text()[before..].to_string();
-    assert!(during.contains("pausing consumption"), "the consumer paused while ClickHouse was down: {during}");
-    assert!(during.contains("ClickHouse insert failed; retrying"), "inserts were retried: {during}");
-    assert!(!during.contains("resuming consumption"), "no resume while ClickHouse is down: {during}");
+    // The pause is the worker's own signal that max_in_flight messages wait unstored; one more
+    // failed insert after it shows the worker went on trying (and committing) while paused.
+    env.wait_for(&mut worker, "consumption paused", 2 * MIN, || during.text().contains("pausing consumption"));
+    let paused = worker.mark();
+    env.wait_for(&mut worker, "an insert retried while paused", MIN, || paused.text().contains("ClickHouse insert failed; retrying"));
+    let text = during.text();
+    assert!(!text.contains("resuming consumption"), "no resume while ClickHouse is down: {text}");
+    assert_eq!(env.committed_all("tickets", 2), committed, "nothing was stored while down, so no commit may move");
     let rss = worker.peak_rss_kb().unwrap_or(0);
     assert!(rss < 600_000, "peak RSS {rss} kB: memory stayed bounded while 8,000 messages waited");
-    assert!(!env.caught_up(&["tickets"]), "nothing stored while down, so nothing new may be committed");
-    let _server = triage::local::LocalClickHouse::start_in(dir.path(), http, tcp).expect("restart clickhouse");
+    clickhouse.restart();
     env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
-    assert!(worker.log_text()[before..].contains("resuming consumption"));
-    assert_eq!(worker.terminate(MIN), Some(0));
+    assert!(during.text().contains("resuming consumption"));
+    assert_eq!(worker.terminate(MIN), Some(Exit::OK), "{}", worker.log_text());
     assert_eq!(env.distinct_keys(), 10_000);
     assert_eq!(env.distinct_rows(), 10_000);
 }
@@ -292,9 +306,7 @@ fn metrics_health_and_readiness_are_served_on_one_port() {
     batch.push(("junk".into(), b"not json".to_vec()));
     env.produce("tickets", &batch);
     let port = triage::local::free_port().unwrap();
-    let path = env.write_config("q", &tiny(), &["tickets"], "");
-    let text = std::fs::read_to_string(&path).unwrap().replace("address = \"\"", &format!("address = \"127.0.0.1:{port}\""));
-    std::fs::write(&path, text).unwrap();
+    let path = env.write_config("q", &tiny(), &["tickets"], |c| c.metrics.address = format!("127.0.0.1:{port}"));
     let mut worker = env.spawn_worker(&path, "q");
     env.wait_for(&mut worker, "/healthz", MIN, || common::worker::http_get(port, "/healthz").0 == 200);
     env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
@@ -321,7 +333,7 @@ fn metrics_health_and_readiness_are_served_on_one_port() {
         assert!(metrics.contains(needle), "missing {needle} in:\n{metrics}");
     }
     assert_eq!(common::worker::http_get(port, "/nope").0, 404);
-    assert_eq!(worker.terminate(MIN), Some(0));
+    assert_eq!(worker.terminate(MIN), Some(Exit::OK));
 }
 
 /// Peak RSS of `triage run` alone (not the bench process with its own stages) by inference
@@ -347,7 +359,7 @@ fn worker_memory_by_sessions_and_text_length() {
                 })
                 .collect();
             env.produce("tickets", &batch);
-            let config = env.write_config("r", &model, &["tickets"], "");
+            let config = env.write_config("r", &model, &["tickets"], |_| {});
             let mut worker = env.spawn_worker_env(
                 &config,
                 "r",
@@ -360,7 +372,7 @@ fn worker_memory_by_sessions_and_text_length() {
             }
             // VmHWM: the process's high-water mark, however brief the peak.
             let peak = worker.peak_rss_kb().unwrap_or(0);
-            assert_eq!(worker.terminate(MIN), Some(0));
+            assert_eq!(worker.terminate(MIN), Some(Exit::OK));
             table.push(format!("| {sessions} | {label} | 2000 | {} |", peak / 1024));
         }
     }

@@ -65,6 +65,23 @@ pub struct RouteConfig {
     pub ood_threshold: Option<f32>,
 }
 
+impl RouteConfig {
+    /// A route of `topic` to `model` with every other setting at its default.
+    pub fn new(topic: impl Into<String>, kind: impl Into<String>, model: impl Into<PathBuf>) -> Self {
+        RouteConfig {
+            topic: topic.into(),
+            kind: kind.into(),
+            model: model.into(),
+            cascade: Vec::new(),
+            fields: FieldMap::default(),
+            metadata: BTreeMap::new(),
+            escalation_threshold: None,
+            escalation_head: None,
+            ood_threshold: None,
+        }
+    }
+}
+
 /// A model on a loop of "feeds" edges, if any.
 fn cascade_cycle<'a>(edges: &[(&'a PathBuf, &'a PathBuf)]) -> Option<&'a PathBuf> {
     // Repeatedly remove models nothing feeds; what remains lies on (or behind) a loop.

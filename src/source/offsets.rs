@@ -42,6 +42,9 @@ struct PartitionState {
     pending: BTreeMap<i64, u32>,
     /// offset -> when it was begun (ms), for messages not yet done.
     begun_ms: BTreeMap<i64, u64>,
+    /// Done offsets below the watermark, not yet covered by a commit (ascending): with
+    /// `pending`, what a crash now would replay.
+    settled: std::collections::VecDeque<i64>,
     /// Next offset to commit: everything below it is done.
     watermark: Option<i64>,
     /// The watermark last committed (or the position at assignment).
@@ -169,6 +172,7 @@ impl OffsetTracker {
                 break;
             }
             state.pending.pop_first();
+            state.settled.push_back(offset);
             state.watermark = Some(offset + 1);
         }
         AckResult::Done
@@ -218,7 +222,18 @@ impl OffsetTracker {
             if s.committed.is_none_or(|c| offset > c) {
                 s.committed = Some(offset);
             }
+            while s.settled.front().is_some_and(|&o| o < offset) {
+                s.settled.pop_front();
+            }
         }
+    }
+
+    /// Messages consumed and not yet committed, over the assigned partitions (done or not: a
+    /// crash now replays them all), plus revoked ones still in the pipeline (memory). What
+    /// backpressure bounds, so `max_in_flight` bounds what a SIGKILL replays.
+    pub fn uncommitted(&self) -> usize {
+        let assigned: usize = self.partitions.values().map(|s| s.pending.len() + s.settled.len()).sum();
+        assigned + self.orphans.values().map(BTreeMap::len).sum::<usize>()
     }
 
     /// Messages consumed but not yet done, over all partitions, revoked ones' included.
@@ -303,6 +318,31 @@ mod tests {
     }
 
     #[test]
+    fn uncommitted_counts_every_consumed_message_until_a_commit_covers_it() {
+        let mut t = OffsetTracker::new();
+        t.assign(tp());
+        let d: Vec<_> = (0..6).map(|o| t.begin(&tp(), o, 1).unwrap()).collect();
+        assert_eq!((t.in_flight(), t.uncommitted()), (6, 6));
+        t.ack(&d[0]);
+        t.ack(&d[1]);
+        t.ack(&d[3]);
+        assert_eq!((t.in_flight(), t.uncommitted()), (3, 6), "done is not committed: a crash replays them too");
+        assert_eq!(t.committable(), vec![(tp(), 2)]);
+        t.committed(&tp(), 2);
+        assert_eq!(t.uncommitted(), 4, "2..6: the commit covers 0 and 1 only");
+        t.ack(&d[2]);
+        t.committed(&tp(), 4);
+        assert_eq!((t.in_flight(), t.uncommitted()), (2, 2));
+        t.committed(&tp(), 3);
+        assert_eq!(t.uncommitted(), 2, "an older commit confirmed late changes nothing");
+        let (_, abandoned) = t.revoke(&tp());
+        assert_eq!((abandoned, t.uncommitted()), (2, 2), "revoked but still in the pipeline: memory");
+        t.ack(&d[4]);
+        t.ack(&d[5]);
+        assert_eq!(t.uncommitted(), 0);
+    }
+
+    #[test]
     fn a_message_with_two_acks_is_done_after_both() {
         let mut t = OffsetTracker::new();
         t.assign(tp());
@@ -363,6 +403,7 @@ mod tests {
             let ds: Vec<_> = (0..60).map(|o| t.begin(&tp(), o, acks[o as usize]).unwrap()).collect();
             let mut done = [false; 60];
             let mut remaining = acks.clone();
+            let mut committed = 0;
             for &o in order.iter().chain(order.iter()) {
                 if remaining[o as usize] == 0 { continue; }
                 t.ack(&ds[o as usize]);
@@ -371,7 +412,10 @@ mod tests {
                 for (_, w) in t.committable() {
                     prop_assert!((0..w).all(|i| done[i as usize]), "committable {} passes an unfinished message", w);
                     t.committed(&tp(), w);
+                    committed = w;
                 }
+                prop_assert_eq!(t.uncommitted(), (60 - committed) as usize, "everything from the commit on is replayable");
+                prop_assert_eq!(t.in_flight(), done.iter().filter(|d| !**d).count());
             }
             prop_assert_eq!(t.in_flight(), 0);
         }

@@ -347,25 +347,26 @@ impl InternalEvent for RowStored<'_> {
     }
 }
 
+/// `held`: the messages consumed and not yet settled (the worker: not yet committed).
 pub struct ConsumptionPaused {
-    pub in_flight: usize,
+    pub held: usize,
 }
 
 impl InternalEvent for ConsumptionPaused {
     fn emit(self, _: &Counters) {
         metrics::gauge!(PAUSED).set(1.0);
-        tracing::warn!(in_flight = self.in_flight, "downstream is behind: pausing consumption");
+        tracing::warn!(held = self.held, "downstream is behind: pausing consumption");
     }
 }
 
 pub struct ConsumptionResumed {
-    pub in_flight: usize,
+    pub held: usize,
 }
 
 impl InternalEvent for ConsumptionResumed {
     fn emit(self, _: &Counters) {
         metrics::gauge!(PAUSED).set(0.0);
-        tracing::info!(in_flight = self.in_flight, "caught up: resuming consumption");
+        tracing::info!(held = self.held, "caught up: resuming consumption");
     }
 }
 

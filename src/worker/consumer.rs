@@ -1,7 +1,8 @@
 //! The consumer's lifecycle, as two states:
-//! - `Consuming`: receive, decode, submit to the route's engine; pause fetching while more than
-//!   `max_in_flight` messages are unsettled, resume at half; commit done watermarks every
-//!   `commit_interval_ms`.
+//! - `Consuming`: receive, decode, submit to the route's engine; pause fetching as soon as
+//!   `max_in_flight` messages are consumed and not yet committed (so a crash replays at most
+//!   that many), resume at half; commit done watermarks every `commit_interval_ms`, and at
+//!   every tick while paused (a pause for want of a commit ends at the next one).
 //! - `Draining` (after SIGTERM, with a deadline): intake is closed (submitters dropped, engines
 //!   finishing what they hold, partitions paused) but the consumer keeps polling, so a rebalance
 //!   in progress completes and commits go through; it ends when everything downstream finished
@@ -141,9 +142,10 @@ impl Consumer {
                                 break None;
                             }
                         }
-                        State::Consuming { paused, .. } => self.apply_backpressure(paused, in_flight),
+                        State::Consuming { paused, .. } => self.apply_backpressure(paused),
                     }
-                    if state.deadline().is_some() || last_commit.elapsed() >= self.limits.commit_every {
+                    let paused = matches!(state, State::Consuming { paused: true, .. });
+                    if state.deadline().is_some() || paused || last_commit.elapsed() >= self.limits.commit_every {
                         if self.commit() == Committed::Moved {
                             last_progress = Some(Instant::now());
                         }
@@ -153,10 +155,14 @@ impl Consumer {
                 message = self.kafka.recv() => match message {
                     // While draining, a message fetched before the pause took effect is skipped:
                     // not begun, so not committed; the next owner reads it.
-                    Ok(m) => if let State::Consuming { submitters, .. } = &state {
+                    Ok(m) => if let State::Consuming { submitters, paused, .. } = &mut state {
                         first_consumed.get_or_insert_with(Instant::now);
                         MessageConsumed { topic: m.topic() }.emit(self.settle.counters());
                         self.intake(&m, submitters).await;
+                        // At once, not at the next tick: intake between ticks would overshoot.
+                        if !*paused {
+                            self.apply_backpressure(paused);
+                        }
                     },
                     Err(e) => tracing::warn!(error = %e, "Kafka consumer error"),
                 },
@@ -217,8 +223,9 @@ impl Consumer {
         self.tracker.lock().map(|t| t.in_flight()).unwrap_or(0)
     }
 
-    fn apply_backpressure(&self, paused: &mut bool, in_flight: usize) {
-        crate::source::kafka::apply_backpressure(&self.kafka, paused, in_flight, self.limits.max_in_flight, self.settle.counters());
+    fn apply_backpressure(&self, paused: &mut bool) {
+        let uncommitted = self.tracker.lock().map(|t| t.uncommitted()).unwrap_or(0);
+        crate::source::kafka::apply_backpressure(&self.kafka, paused, uncommitted, self.limits.max_in_flight, self.settle.counters());
     }
 
     /// Begin a message in the tracker, then hand it to its route's engine, or settle it as a

@@ -20,15 +20,12 @@ pub fn test_model_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// The shared data folder beside the checkout, if this machine has it.
-pub fn shared_data(relative: &str) -> Option<PathBuf> {
+/// A dataset of the shared data folder beside the checkout (every developer machine and CI
+/// have it). A test that needs one fails without it: it never passes having checked nothing.
+pub fn shared_data(relative: &str) -> PathBuf {
     let path = root().join("../shared/data").join(relative);
-    if path.exists() {
-        Some(path)
-    } else {
-        eprintln!("skipping: {} is absent on this machine", path.display());
-        None
-    }
+    assert!(path.exists(), "{} is absent: this test needs the shared datasets beside the checkout (../shared/data)", path.display());
+    path
 }
 
 pub fn load(dir: &std::path::Path) -> Arc<Model> {
@@ -49,6 +46,22 @@ pub fn copy_model(src: &std::path::Path) -> tempfile::TempDir {
         std::fs::copy(entry.path(), dir.path().join(entry.file_name())).expect("copy");
     }
     dir
+}
+
+/// `text` with `from` replaced by `to`; fails when `from` is absent (an edit that silently
+/// does nothing would run the test on something else than it says).
+pub fn replaced(text: &str, from: &str, to: &str) -> String {
+    assert!(text.contains(from), "`{from}` is not in the text this test edits:\n{text}");
+    text.replace(from, to)
+}
+
+/// A table's DDL as the first release made it: without the columns added since, versioned by
+/// `processed_time_ms` (what `triage schema apply` must upgrade).
+pub fn first_release_table(ddl: &str) -> String {
+    use triage::sink::clickhouse::schema::ADDED_COLUMNS;
+    let kept: Vec<&str> = ddl.lines().filter(|l| !ADDED_COLUMNS.iter().any(|c| l.contains(&format!("`{c}`")))).collect();
+    let ddl = replaced(&kept.join("\n"), "`worker_id` String,", "`worker_id` String");
+    replaced(&ddl, "row_version)", "processed_time_ms)")
 }
 
 pub mod worker;

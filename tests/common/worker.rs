@@ -11,7 +11,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use triage::config::{ClickHouseConfig, KafkaConfig};
+use triage::config::{ClickHouseConfig, Config, KafkaConfig, RouteConfig};
 use triage::local::{LocalClickHouse, LocalKafka};
 use triage::sink::clickhouse::ClickHouseService;
 
@@ -26,6 +26,66 @@ pub fn shared_clickhouse() -> Arc<LocalClickHouse> {
     CH.get_or_init(|| Arc::new(LocalClickHouse::start().expect("start clickhouse-server (scripts/setup installs it)"))).clone()
 }
 
+/// A ClickHouse server of the test's own, for tests that stop, freeze or kill it: its data
+/// directory and ports stay the same across restarts.
+pub struct PrivateClickHouse {
+    dir: tempfile::TempDir,
+    http: u16,
+    tcp: u16,
+    server: Option<LocalClickHouse>,
+}
+
+impl PrivateClickHouse {
+    pub fn start() -> PrivateClickHouse {
+        let dir = tempfile::Builder::new().prefix("triage-private-ch-").tempdir().expect("tempdir");
+        let (http, tcp) = (triage::local::free_port().expect("port"), triage::local::free_port().expect("port"));
+        let mut this = PrivateClickHouse { dir, http, tcp, server: None };
+        this.restart();
+        this
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http)
+    }
+
+    /// Start it again on the same data and ports (it must not be running).
+    pub fn restart(&mut self) {
+        assert!(self.server.is_none(), "restart of a running ClickHouse");
+        let server = LocalClickHouse::start_in(self.dir.path(), self.http, self.tcp)
+            .unwrap_or_else(|e| panic!("starting the test's own clickhouse-server (scripts/setup installs it): {e}"));
+        self.server = Some(server);
+    }
+
+    /// A clean stop (SIGTERM, waited for).
+    pub fn stop(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            server.stop();
+        }
+    }
+
+    /// SIGKILL: no shutdown, whatever it was writing is cut.
+    pub fn kill(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            server.signal(9);
+            server.stop();
+        }
+    }
+
+    /// SIGSTOP: connections stay open, nothing answers.
+    pub fn freeze(&self) {
+        self.server.as_ref().expect("running").signal(19);
+    }
+
+    /// SIGCONT after [`freeze`](Self::freeze).
+    pub fn thaw(&self) {
+        self.server.as_ref().expect("running").signal(18);
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.server.is_some()
+    }
+}
+
 pub struct Env {
     pub kafka: LocalKafka,
     pub clickhouse_url: String,
@@ -36,7 +96,12 @@ pub struct Env {
 
 impl Env {
     pub fn new(name: &str, clickhouse_url: String) -> Env {
-        let kafka = LocalKafka::start(1).expect("mock cluster");
+        Env::with_brokers(name, clickhouse_url, 1)
+    }
+
+    /// An environment whose mock cluster has `brokers` brokers (ids 1..=brokers).
+    pub fn with_brokers(name: &str, clickhouse_url: String, brokers: i32) -> Env {
+        let kafka = LocalKafka::start(brokers).expect("mock cluster");
         let env = Env {
             kafka,
             clickhouse_url,
@@ -68,27 +133,46 @@ impl Env {
         KafkaConfig { bootstrap_servers: self.kafka.bootstrap_servers(), group_id: self.group.clone(), ..Default::default() }
     }
 
-    /// A config file for `triage run`; `extra` is TOML placed before the [kafka] section
-    /// (top-level keys first, then any tables of its own).
-    pub fn write_config(&self, name: &str, model: &Path, topics: &[&str], extra: &str) -> PathBuf {
-        let mut text = format!(
-            "worker_id = \"{name}\"\n{extra}\n[kafka]\nbootstrap_servers = \"{}\"\ngroup_id = \"{}\"\nsession_timeout_ms = 6000\ncommit_interval_ms = 200\n\n\
-             [clickhouse]\nurl = \"{}\"\ndatabase = \"{}\"\ninsert_interval_ms = 200\nretry_initial_ms = 100\nretry_max_ms = 2000\n\n\
-             [batching]\nmax_wait_ms = 5\n\n[shutdown]\ndrain_timeout_ms = 20000\n\n[metrics]\naddress = \"\"\n\n",
-            self.kafka.bootstrap_servers(),
-            self.group,
-            self.clickhouse_url,
-            self.database
+    /// The configuration `triage run` gets in these tests, as the typed [`Config`]: a test
+    /// changes fields (`config.kafka.max_in_flight = 1000`), so a misspelt setting is a compile
+    /// error, never a silent default.
+    pub fn config(&self, name: &str, model: &Path, topics: &[&str]) -> Config {
+        let mut config = triage::local::local_worker_config(
+            name,
+            KafkaConfig { session_timeout_ms: 6000, commit_interval_ms: 200, ..self.kafka_config() },
+            self.clickhouse(),
+            topics
+                .iter()
+                .map(|t| {
+                    let mut route = RouteConfig::new(*t, "ticket", model);
+                    route.fields.timestamp = vec!["timestamp".into()];
+                    route
+                })
+                .collect(),
+            Default::default(),
         );
-        for t in topics {
-            text.push_str(&format!(
-                "[[routes]]\ntopic = \"{t}\"\nkind = \"ticket\"\nmodel = \"{}\"\nfields.timestamp = [\"timestamp\"]\n\n",
-                model.display()
-            ));
-        }
+        config.batching.policy.max_wait_ms = 5;
+        config.shutdown.drain_timeout_ms = 20_000;
+        config
+    }
+
+    /// Write `config` as `<name>.toml` (read back and compared: what the worker reads is what
+    /// the test set).
+    pub fn write(&self, name: &str, config: &Config) -> PathBuf {
+        let text = toml::to_string(config).unwrap_or_else(|e| panic!("serialising the test config: {e}"));
         let path = self.dir.path().join(format!("{name}.toml"));
-        std::fs::write(&path, text).unwrap();
+        std::fs::write(&path, &text).unwrap();
+        let read = Config::from_toml(&text, &path.display().to_string(), std::iter::empty(), self.dir.path())
+            .unwrap_or_else(|e| panic!("the test config does not load: {e}\n{text}"));
+        assert_eq!(toml::to_string(&read).unwrap(), text, "the config read back differs (a secret redacted?)");
         path
+    }
+
+    /// [`config`](Self::config), changed by `edit`, written: a config file for `triage run`.
+    pub fn write_config(&self, name: &str, model: &Path, topics: &[&str], edit: impl FnOnce(&mut Config)) -> PathBuf {
+        let mut config = self.config(name, model, topics);
+        edit(&mut config);
+        self.write(name, &config)
     }
 
     pub fn spawn_worker(&self, config: &Path, log_name: &str) -> Worker {
@@ -157,8 +241,8 @@ impl Env {
     pub fn wait_for(&self, worker: &mut Worker, what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
         let start = Instant::now();
         while !cond() {
-            if let Some(code) = worker.exited() {
-                panic!("the worker exited ({code}) while waiting for {what}; its log:\n{}", worker.log_text());
+            if let Some(exit) = worker.exited() {
+                panic!("the worker exited ({exit}) while waiting for {what}; its log:\n{}", worker.log_text());
             }
             if start.elapsed() > timeout {
                 let log = worker.log_text();
@@ -187,6 +271,29 @@ impl Env {
     /// Physical rows before dedup: replays show up here.
     pub fn raw_rows(&self) -> u64 {
         self.query_u64("SELECT count() FROM results")
+    }
+
+    /// Wait until the physical row count reads the same twice, 300 ms apart (ClickHouse has
+    /// finished whatever INSERT a killed worker had sent).
+    pub fn wait_until_rows_settle(&self) {
+        let mut last = self.raw_rows();
+        wait_until(Duration::from_secs(30), "rows to stop changing", || {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = self.raw_rows();
+            std::mem::replace(&mut last, now) == now
+        });
+    }
+
+    /// Messages of `topic` stored at or past the group's committed offsets: what the next owner
+    /// of their partitions replays.
+    pub fn stored_past_commits(&self, topic: &str, partitions: i32) -> u64 {
+        let past: Vec<String> = self
+            .committed_all(topic, partitions)
+            .iter()
+            .enumerate()
+            .map(|(p, c)| format!("(partition = {p} AND offset >= {})", c.unwrap_or(0)))
+            .collect();
+        self.query_u64(&format!("SELECT uniqExact(partition, offset) FROM results WHERE topic = '{topic}' AND ({})", past.join(" OR ")))
     }
 
     /// Distinct (topic, partition, offset) keys.
@@ -221,6 +328,11 @@ impl Env {
             }
         }
         out
+    }
+
+    /// The group's committed offsets of partitions 0..`partitions` (None: nothing committed).
+    pub fn committed_all(&self, topic: &str, partitions: i32) -> Vec<Option<i64>> {
+        (0..partitions).map(|p| self.committed(topic, p)).collect()
     }
 
     /// The group's committed offset of one partition (None: nothing committed).
@@ -275,6 +387,53 @@ fn record_of(m: &rdkafka::message::BorrowedMessage<'_>) -> Record {
     (m.key().map(<[u8]>::to_vec), m.payload().unwrap_or_default().to_vec(), headers)
 }
 
+/// A worker's log from a point on.
+#[derive(Clone)]
+pub struct LogMark {
+    path: PathBuf,
+    from: usize,
+}
+
+impl LogMark {
+    pub fn text(&self) -> String {
+        let text = std::fs::read_to_string(&self.path).unwrap_or_default();
+        text.get(self.from..).unwrap_or_default().to_string()
+    }
+
+    pub fn count(&self, needle: &str) -> usize {
+        self.text().matches(needle).count()
+    }
+}
+
+/// How a child process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(i32),
+}
+
+impl Exit {
+    pub const OK: Exit = Exit::Code(0);
+
+    fn of(status: std::process::ExitStatus) -> Exit {
+        use std::os::unix::process::ExitStatusExt;
+        match (status.code(), status.signal()) {
+            (Some(code), _) => Exit::Code(code),
+            (None, Some(signal)) => Exit::Signal(signal),
+            (None, None) => Exit::Code(-1),
+        }
+    }
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exit::Code(code) => write!(f, "exit code {code}"),
+            Exit::Signal(signal) => write!(f, "killed by signal {signal}"),
+        }
+    }
+}
+
 pub struct Worker {
     pub child: Option<Child>,
     pub log: PathBuf,
@@ -302,14 +461,14 @@ impl Worker {
         }
     }
 
-    /// SIGTERM and wait; returns the exit code.
-    pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
+    /// SIGTERM and wait; how it exited (None: not within `timeout`, then SIGKILLed).
+    pub fn terminate(&mut self, timeout: Duration) -> Option<Exit> {
         self.signal(15);
         let mut child = self.child.take()?;
         let start = Instant::now();
         loop {
             if let Ok(Some(status)) = child.try_wait() {
-                return status.code();
+                return Some(Exit::of(status));
             }
             if start.elapsed() > timeout {
                 let _ = child.kill();
@@ -320,12 +479,18 @@ impl Worker {
         }
     }
 
-    pub fn exited(&mut self) -> Option<i32> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()).and_then(|s| s.code())
+    /// How the worker exited, if it did: by its own exit code or by a signal.
+    pub fn exited(&mut self) -> Option<Exit> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()).map(Exit::of)
     }
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The log from here on, readable while the worker is borrowed (in `wait_for` conditions).
+    pub fn mark(&self) -> LogMark {
+        LogMark { path: self.log.clone(), from: self.log_text().len() }
     }
 
     /// Peak resident memory (kB) so far.

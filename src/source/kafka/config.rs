@@ -66,9 +66,12 @@ pub struct KafkaConfig {
     pub auto_offset_reset: String,
     /// How often done offsets are committed.
     pub commit_interval_ms: u64,
-    /// Consumed-but-not-done messages above which fetching pauses. Bounds memory and what a
-    /// SIGTERM must finish: keep it to a few seconds of the model's throughput, well under
-    /// shutdown.drain_timeout_ms (5,000 is ~10 s of the default model on 2 cores).
+    /// Consumed-but-not-committed messages at which fetching pauses (until a commit covers
+    /// half). Bounds memory, what a SIGTERM must finish, and what a crash (SIGKILL, OOM kill)
+    /// replays: at most this many per worker. Keep it to a few seconds of the model's
+    /// throughput, well under shutdown.drain_timeout_ms (5,000 is ~5 s of the default model on
+    /// 2 cores); throughput is capped near max_in_flight per commit round trip (commits run at
+    /// every 200-500 ms tick while paused), far above what a CPU model reaches.
     pub max_in_flight: usize,
     /// A partition whose oldest unfinished message is older than this is stalled: /readyz fails
     /// naming it, and `triage_oldest_unfinished_seconds` shows it (0: never). An idle partition

@@ -132,23 +132,23 @@ pub fn set_paused<C: ConsumerContext>(consumer: &rdkafka::consumer::StreamConsum
     }
 }
 
-/// Pause consumption when `in_flight` reaches `max`, resume at half of it (hysteresis, so a
-/// consumer near the limit does not flap), and keep partitions assigned while paused paused.
-/// `paused` is the caller's state.
+/// Pause consumption when `held` (messages the caller holds: unfinished, or not yet committed)
+/// reaches `max`, resume at half of it (hysteresis, so a consumer near the limit does not
+/// flap), and keep partitions assigned while paused paused. `paused` is the caller's state.
 pub fn apply_backpressure<C: ConsumerContext>(
     consumer: &rdkafka::consumer::StreamConsumer<C>,
     paused: &mut bool,
-    in_flight: usize,
+    held: usize,
     max: usize,
     counters: &crate::telemetry::events::Counters,
 ) {
     use crate::telemetry::events::{ConsumptionPaused, ConsumptionResumed, InternalEvent};
-    if !*paused && in_flight >= max {
-        ConsumptionPaused { in_flight }.emit(counters);
+    if !*paused && held >= max {
+        ConsumptionPaused { held }.emit(counters);
         set_paused(consumer, true);
         *paused = true;
-    } else if *paused && in_flight <= max / 2 {
-        ConsumptionResumed { in_flight }.emit(counters);
+    } else if *paused && held <= max / 2 {
+        ConsumptionResumed { held }.emit(counters);
         set_paused(consumer, false);
         *paused = false;
     } else if *paused {
