@@ -39,13 +39,15 @@ const PARTITIONS: i32 = 4;
 const SOURCE_BROKER: i32 = 1;
 const SIDE_BROKER: i32 = 2;
 const MIN: Duration = Duration::from_secs(60);
+/// Small, so each fault's share of replays is small beside the stream.
+const MAX_IN_FLIGHT: usize = 400;
 
 #[derive(Debug, Clone, Copy)]
 enum Fault {
     KillWorker { worker: usize },
     KillWorkerWhileClickHouseFrozen { worker: usize, after_ms: u64 },
-    KillWorkerWhileClickHouseStopped { worker: usize },
-    KillWorkerAfterFailedInsert { worker: usize },
+    KillWorkerWhileClickHouseStopped { worker: usize, after_ms: u64 },
+    KillWorkerAfterFailedInsert,
     FreezeClickHouse { ms: u64 },
     RestartClickHouse { ms: u64 },
     KillClickHouse { ms: u64 },
@@ -77,7 +79,7 @@ impl Fault {
             Fault::KillWorker { .. } => "worker SIGKILL",
             Fault::KillWorkerWhileClickHouseFrozen { .. } => "worker SIGKILL while ClickHouse frozen",
             Fault::KillWorkerWhileClickHouseStopped { .. } => "worker SIGKILL while ClickHouse stopped",
-            Fault::KillWorkerAfterFailedInsert { .. } => "worker SIGKILL right after a failed INSERT",
+            Fault::KillWorkerAfterFailedInsert => "worker SIGKILL right after a failed INSERT",
             Fault::FreezeClickHouse { .. } => "ClickHouse SIGSTOP/SIGCONT",
             Fault::RestartClickHouse { .. } => "ClickHouse clean restart",
             Fault::KillClickHouse { .. } => "ClickHouse SIGKILL + restart",
@@ -94,8 +96,8 @@ impl Fault {
         vec![
             Fault::KillWorker { worker: rng.random_range(0..2usize) },
             Fault::KillWorkerWhileClickHouseFrozen { worker: rng.random_range(0..2usize), after_ms: rng.random_range(500..2_500) },
-            Fault::KillWorkerWhileClickHouseStopped { worker: rng.random_range(0..2usize) },
-            Fault::KillWorkerAfterFailedInsert { worker: rng.random_range(0..2usize) },
+            Fault::KillWorkerWhileClickHouseStopped { worker: rng.random_range(0..2usize), after_ms: rng.random_range(0..2_000) },
+            Fault::KillWorkerAfterFailedInsert,
             Fault::FreezeClickHouse { ms: rng.random_range(1_000..4_000) },
             Fault::RestartClickHouse { ms: rng.random_range(300..2_000) },
             Fault::KillClickHouse { ms: rng.random_range(300..2_000) },
@@ -128,8 +130,9 @@ struct Soak {
     workers: Vec<Worker>,
     spawned: usize,
     peak_rss_kb: u64,
-    /// Rows stored past the group's commits, counted after each worker kill.
-    uncommitted_at_kills: Vec<u64>,
+    /// Rows stored past the group's commits, counted after each worker kill, and how many
+    /// workers' rows that count may hold (max_in_flight each: the killed one's and the live ones').
+    uncommitted_at_kills: Vec<(u64, usize)>,
 }
 
 impl Soak {
@@ -171,7 +174,8 @@ impl Soak {
 
     fn count_uncommitted(&mut self) {
         self.env.wait_until_rows_settle();
-        self.uncommitted_at_kills.push(self.env.stored_past_commits("tickets", PARTITIONS));
+        let workers = 1 + self.workers.iter_mut().filter_map(|w| w.child.is_some().then(|| w.exited())).filter(Option::is_none).count();
+        self.uncommitted_at_kills.push((self.env.stored_past_commits("tickets", PARTITIONS), workers));
     }
 
     fn restart_worker(&mut self, i: usize) {
@@ -179,8 +183,21 @@ impl Soak {
         self.workers[i] = w;
     }
 
-    fn wait_for_failed_insert(&mut self, i: usize, mark: &common::worker::LogMark) {
-        self.env.wait_for(&mut self.workers[i], "a failed INSERT", MIN, || mark.text().contains("ClickHouse insert failed; retrying"));
+    /// Wait until some worker's INSERT failed (ClickHouse is down and rows wait); which one.
+    fn wait_for_failed_insert(&mut self, marks: &[common::worker::LogMark]) -> usize {
+        let started = Instant::now();
+        loop {
+            if let Some(i) = marks.iter().position(|m| m.text().contains("ClickHouse insert failed; retrying")) {
+                return i;
+            }
+            self.check_alive();
+            assert!(started.elapsed() < 2 * MIN, "no worker's INSERT failed while ClickHouse was down");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn marks(&self) -> Vec<common::worker::LogMark> {
+        self.workers.iter().map(Worker::mark).collect()
     }
 
     /// What a fault sets up before the round's batch is produced.
@@ -191,7 +208,21 @@ impl Soak {
         }
     }
 
-    fn run(&mut self, fault: Fault) {
+    /// Run one round: produce `batch` (for faults that need rows waiting on a down ClickHouse,
+    /// after taking it down) and inject `fault`.
+    fn run(&mut self, fault: Fault, batch: &[(String, Vec<u8>)]) {
+        let down_first = matches!(
+            fault,
+            Fault::KillWorkerWhileClickHouseFrozen { .. }
+                | Fault::KillWorkerWhileClickHouseStopped { .. }
+                | Fault::KillWorkerAfterFailedInsert
+        );
+        if !down_first {
+            self.inject(fault);
+            self.env.produce("tickets", batch);
+            self.sample_rss();
+            self.check_alive();
+        }
         match fault {
             Fault::KillWorker { worker } => {
                 self.kill_worker(worker);
@@ -200,6 +231,9 @@ impl Soak {
             }
             Fault::KillWorkerWhileClickHouseFrozen { worker, after_ms } => {
                 self.clickhouse.freeze();
+                let marks = self.marks();
+                self.env.produce("tickets", batch);
+                self.wait_for_failed_insert(&marks);
                 std::thread::sleep(Duration::from_millis(after_ms));
                 self.kill_worker(worker);
                 // Restarted while ClickHouse is still frozen: it must wait for it at start.
@@ -207,21 +241,24 @@ impl Soak {
                 self.clickhouse.thaw();
                 self.count_uncommitted();
             }
-            Fault::KillWorkerWhileClickHouseStopped { worker } => {
+            Fault::KillWorkerWhileClickHouseStopped { worker, after_ms } => {
                 self.clickhouse.stop();
-                let mark = self.workers[worker].mark();
-                self.wait_for_failed_insert(worker, &mark);
+                let marks = self.marks();
+                self.env.produce("tickets", batch);
+                self.wait_for_failed_insert(&marks);
+                std::thread::sleep(Duration::from_millis(after_ms));
                 self.kill_worker(worker);
                 self.restart_worker(worker);
                 self.restart_clickhouse();
                 self.count_uncommitted();
             }
-            Fault::KillWorkerAfterFailedInsert { worker } => {
-                // A SIGKILLed server cuts INSERTs mid-stream; the worker dies right after its
-                // first failure, before any retry.
-                let mark = self.workers[worker].mark();
+            Fault::KillWorkerAfterFailedInsert => {
+                // A SIGKILLed server cuts INSERTs mid-stream; the first worker whose INSERT
+                // fails dies at once, before its retry.
                 self.clickhouse.kill();
-                self.wait_for_failed_insert(worker, &mark);
+                let marks = self.marks();
+                self.env.produce("tickets", batch);
+                let worker = self.wait_for_failed_insert(&marks);
                 self.kill_worker(worker);
                 self.restart_clickhouse();
                 self.count_uncommitted();
@@ -299,7 +336,8 @@ fn explained_by_logs(dir: &std::path::Path) -> (u64, u64) {
             for line in std::fs::read_to_string(&path).unwrap_or_default().lines() {
                 if line.contains("partitions revoked") {
                     abandoned += field(line, "abandoned");
-                } else if line.contains("ClickHouse insert failed; retrying") {
+                } else if line.contains("ClickHouse insert failed; retrying") && !line.contains("client error (Connect)") {
+                    // A refused connection stores nothing; a timeout or a cut connection may have.
                     failed_insert_rows += field(line, "rows");
                 }
             }
@@ -335,7 +373,7 @@ fn a_seeded_schedule_of_faults_loses_nothing_stalls_nothing_and_replays_only_wha
     // Small limits, so each fault's share of replays is small beside the stream: a lagging
     // commit shows as replays nobody explains.
     let config = env.write_config("soak", &common::test_model_dir("multihead-tiny"), &["tickets"], |c| {
-        c.kafka.max_in_flight = 400;
+        c.kafka.max_in_flight = MAX_IN_FLIGHT;
         c.clickhouse.insert_timeout_ms = 2000;
         c.clickhouse.insert_max_rows = 500;
     });
@@ -345,18 +383,21 @@ fn a_seeded_schedule_of_faults_loses_nothing_stalls_nothing_and_replays_only_wha
         let w = soak.spawn();
         soak.workers.push(w);
     }
+    // Round 0 starts once both consume (a fault at start-up is not the schedule's).
+    for i in 0..2 {
+        let log = soak.workers[i].whole_log();
+        soak.env.wait_for(&mut soak.workers[i], "partitions", 2 * MIN, || {
+            log.text().lines().any(|l| l.contains("partitions assigned") && !l.contains("partitions=0"))
+        });
+    }
 
     let mut produced: Vec<String> = Vec::new();
     let mut faults: BTreeMap<&str, u32> = BTreeMap::new();
     let started = Instant::now();
     for (round, &fault) in schedule.iter().enumerate() {
-        soak.inject(fault);
         let b = batch(&mut rng, round, 300);
         produced.extend(b.iter().map(|(k, _)| k.clone()));
-        soak.env.produce("tickets", &b);
-        soak.sample_rss();
-        soak.check_alive();
-        soak.run(fault);
+        soak.run(fault, &b);
         *faults.entry(fault.name()).or_default() += 1;
     }
     let fault_seconds = started.elapsed().as_secs();
@@ -410,9 +451,16 @@ fn a_seeded_schedule_of_faults_loses_nothing_stalls_nothing_and_replays_only_wha
 
     // Replays: physical rows beyond one per message, each explained by a fault.
     let replays = env.raw_rows() - rows.len() as u64;
-    let at_kills: u64 = soak.uncommitted_at_kills.iter().sum();
+    let at_kills: u64 = soak.uncommitted_at_kills.iter().map(|(n, _)| n).sum();
     let (abandoned, failed_insert_rows) = explained_by_logs(env.dir.path());
     let explained = at_kills + abandoned + failed_insert_rows;
+    // A kill leaves at most max_in_flight uncommitted per worker (every running worker's rows
+    // past their commits are counted, not only the killed one's).
+    for (kill, &(n, workers)) in soak.uncommitted_at_kills.iter().enumerate() {
+        let bound = (workers * MAX_IN_FLIGHT) as u64;
+        assert!(n <= bound, "kill {kill} left {n} rows stored past the commits: more than {workers} workers' max_in_flight ({bound})");
+    }
+    eprintln!("stored past the commits at each kill: {:?}", soak.uncommitted_at_kills);
     let table = format!(
         "| seed | rounds | fault seconds | produced | rows (FINAL) | dead letters (unique / written) | raw replays (explained: at kills + abandoned + failed INSERTs) | peak worker RSS | faults injected |\n\
          | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n\

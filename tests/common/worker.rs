@@ -86,6 +86,22 @@ impl PrivateClickHouse {
     }
 }
 
+/// A failing test keeps its workers' logs and configs (the temporary directory goes).
+impl Drop for Env {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let kept = std::env::temp_dir().join("triage-failed-tests").join(&self.database);
+            let _ = std::fs::create_dir_all(&kept);
+            if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
+                for entry in entries.flatten() {
+                    let _ = std::fs::copy(entry.path(), kept.join(entry.file_name()));
+                }
+            }
+            eprintln!("the failed test's logs and configs are kept in {}", kept.display());
+        }
+    }
+}
+
 pub struct Env {
     pub kafka: LocalKafka,
     pub clickhouse_url: String,
@@ -491,6 +507,11 @@ impl Worker {
     /// The log from here on, readable while the worker is borrowed (in `wait_for` conditions).
     pub fn mark(&self) -> LogMark {
         LogMark { path: self.log.clone(), from: self.log_text().len() }
+    }
+
+    /// The whole log, readable while the worker is borrowed.
+    pub fn whole_log(&self) -> LogMark {
+        LogMark { path: self.log.clone(), from: 0 }
     }
 
     /// Peak resident memory (kB) so far.

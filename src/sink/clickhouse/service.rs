@@ -320,7 +320,17 @@ impl ClickHouseService {
 
     /// Whether the server answers at all.
     pub async fn ping(&self) -> Result<(), clickhouse::error::Error> {
-        self.client.query("SELECT 1").fetch_one::<u8>().await.map(|_| ())
+        self.within_timeout(self.client.query("SELECT 1").fetch_one::<u8>()).await.map(|_| ())
+    }
+
+    /// A query bounded by `insert_timeout_ms`: a server that accepts connections but never
+    /// answers (frozen, a stuck proxy) is an error to wait out and log, not a silent hang.
+    async fn within_timeout<T>(
+        &self,
+        query: impl std::future::Future<Output = Result<T, clickhouse::error::Error>>,
+    ) -> Result<T, clickhouse::error::Error> {
+        let timeout = std::time::Duration::from_millis(self.config.insert_timeout_ms);
+        tokio::time::timeout(timeout, query).await.unwrap_or(Err(clickhouse::error::Error::TimedOut))
     }
 
     /// Check that the table has every column of the row with its type. Transient errors are
@@ -331,14 +341,19 @@ impl ClickHouseService {
             names: Vec<String>,
             types: Vec<String>,
         }
-        let Columns { names, types } = self
+        let query = self
             .client
             .query("SELECT groupArray(name) AS names, groupArray(type) AS types FROM system.columns WHERE database = ? AND table = ?")
             .bind(&self.config.database)
             .bind(&self.config.table)
-            .fetch_one()
-            .await
-            .map_err(|e| if classify(&e) == ErrorKind::Transient { Ok(e) } else { Err(SinkError::Fatal(e.to_string())) })?;
+            .fetch_one();
+        let Columns { names, types } = self.within_timeout(query).await.map_err(|e| {
+            if classify(&e) == ErrorKind::Transient {
+                Ok(e)
+            } else {
+                Err(SinkError::Fatal(e.to_string()))
+            }
+        })?;
         let target = format!("{}.{}", self.config.database, self.config.table);
         if names.is_empty() {
             return Err(Err(SinkError::Fatal(format!("table {target} does not exist"))));
