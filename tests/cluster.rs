@@ -268,15 +268,23 @@ fn two_workers_through_a_replicated_sharded_cluster_with_a_replica_killed_mid_st
     assert_eq!(nodes[0].count("SELECT count() FROM triage.results FINAL"), 4_000);
     assert_eq!(nodes[3].count("SELECT uniqExact(message_id) FROM triage.results"), 4_000);
     // Each shard's replicas hold the same rows (by key and version, not only as many); the
-    // shards together hold everything once.
+    // shards together hold everything once. A replica back from a SIGKILL catches up on its own
+    // (18.16's SYNC REPLICA can return before it has read the log it missed): wait for that.
+    let digest = |node: &Node| {
+        node.text(
+            "SELECT concat(toString(count()), ' rows, hash ', toString(sum(cityHash64(topic, partition, offset, row_version)))) FROM triage.results_local FINAL",
+        )
+    };
     let per_shard: Vec<u64> = [(0, 1), (2, 3)]
         .iter()
         .map(|&(x, y)| {
-            let digest = |n: usize| nodes[n].text(
-                "SELECT concat(toString(count()), ' rows, hash ', toString(sum(cityHash64(topic, partition, offset, row_version)))) FROM triage.results_local FINAL",
-            );
-            let (dx, dy) = (digest(x), digest(y));
-            assert_eq!(dx, dy, "replicas {x} and {y} differ");
+            let started = Instant::now();
+            while digest(&nodes[x]) != digest(&nodes[y]) {
+                assert!(started.elapsed() < 3 * MIN, "replicas {x} and {y} differ: {} vs {}", digest(&nodes[x]), digest(&nodes[y]));
+                runtime().block_on(nodes[x].client().query("SYSTEM SYNC REPLICA triage.results_local").execute()).expect("sync");
+                runtime().block_on(nodes[y].client().query("SYSTEM SYNC REPLICA triage.results_local").execute()).expect("sync");
+                std::thread::sleep(Duration::from_millis(500));
+            }
             nodes[x].count("SELECT count() FROM triage.results_local FINAL")
         })
         .collect();
@@ -285,8 +293,19 @@ fn two_workers_through_a_replicated_sharded_cluster_with_a_replica_killed_mid_st
 
     // A few messages answered again by an LLM (`triage escalate`), for the agreement query.
     let client = nodes[2].client().with_database("triage").with_validation(false);
-    let answered: Vec<triage::sink::clickhouse::ResultRow> =
-        runtime().block_on(client.query("SELECT * FROM triage.results FINAL ORDER BY offset LIMIT 5").fetch_all()).expect("read rows back");
+    // 18.16 has answered this read over a replica just back from SIGKILL with a memory-limit
+    // error (code 241) in some runs, and answered it later: retried like the sink retries 241.
+    let started = Instant::now();
+    let answered: Vec<triage::sink::clickhouse::ResultRow> = loop {
+        match runtime().block_on(client.query("SELECT * FROM triage.results FINAL ORDER BY offset LIMIT 5").fetch_all()) {
+            Ok(rows) => break rows,
+            Err(e) if e.to_string().contains("Code: 241") && started.elapsed() < 2 * MIN => {
+                eprintln!("reading rows back: {e}; retrying");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            Err(e) => panic!("read rows back: {e}"),
+        }
+    };
     let answered: Vec<_> = answered
         .into_iter()
         .map(|mut row| {

@@ -1,0 +1,196 @@
+//! The ClickHouse sink against a real server, without Kafka: its one promise, seconds per check.
+//! A row is reported stored only after ClickHouse confirmed its INSERT, whatever the server is
+//! doing meanwhile (frozen, stopped, SIGKILLed); a row ClickHouse refuses for its content is
+//! reported rejected alone; a table that can never take rows ends the sink with nothing reported.
+//! (The worker tests check the same promise end to end, with Kafka offsets and SIGKILLs.)
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::worker::{runtime, shared_clickhouse, wait_until, PrivateClickHouse};
+use tokio::sync::mpsc;
+use triage::config::ClickHouseConfig;
+use triage::sink::clickhouse::{self as ch, ClickHouseService, ResultRow, Settle, SinkError, SinkItem};
+use triage::telemetry::events::Counters;
+
+/// What the sink reported, in order: (ticket, None) stored, (ticket, Some(error)) rejected.
+#[derive(Default)]
+struct Reports(Mutex<Vec<(u32, Option<String>)>>);
+
+impl Settle<u32> for Reports {
+    fn stored(&self, ticket: u32, row: &ResultRow) {
+        assert!(row.processed_time_ms > 0 && row.row_version > 0, "a stored row was stamped");
+        self.0.lock().unwrap().push((ticket, None));
+    }
+    fn rejected(&self, ticket: u32, error: &str) {
+        self.0.lock().unwrap().push((ticket, Some(error.to_string())));
+    }
+}
+
+impl Reports {
+    fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+    fn stored(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.0.lock().unwrap().iter().filter(|(_, e)| e.is_none()).map(|(t, _)| *t).collect();
+        v.sort_unstable();
+        v
+    }
+    fn rejected(&self) -> Vec<(u32, String)> {
+        self.0.lock().unwrap().iter().filter_map(|(t, e)| e.clone().map(|e| (*t, e))).collect()
+    }
+}
+
+struct Sink {
+    config: ClickHouseConfig,
+    rows: Option<mpsc::Sender<SinkItem<u32>>>,
+    reports: Arc<Reports>,
+    counters: Arc<Counters>,
+    task: tokio::task::JoinHandle<Result<(), SinkError>>,
+}
+
+impl Sink {
+    /// A sink on `database` (schema applied) of the server at `url`.
+    fn start(url: &str, database: &str, edit: impl FnOnce(&mut ClickHouseConfig)) -> Sink {
+        let mut config = ClickHouseConfig {
+            url: url.into(),
+            database: database.into(),
+            insert_timeout_ms: 800,
+            retry_initial_ms: 50,
+            retry_max_ms: 400,
+            ..Default::default()
+        };
+        edit(&mut config);
+        runtime().block_on(ClickHouseService::new(&config).apply_schema()).expect("apply schema");
+        let counters = Arc::new(Counters::default());
+        let service = Arc::new(ClickHouseService::with_counters(&config, counters.clone()));
+        let (tx, rx) = mpsc::channel(1024);
+        let reports = Arc::new(Reports::default());
+        let policy = ch::BlockPolicy { max_rows: config.insert_max_rows, max_age: Duration::from_millis(50) };
+        let settle: Arc<dyn Settle<u32>> = reports.clone();
+        let task = runtime().spawn(ch::run(service, rx, policy, settle));
+        Sink { config, rows: Some(tx), reports, counters, task }
+    }
+
+    fn send(&self, from: u32, n: u32) {
+        let tx = self.rows.as_ref().expect("open");
+        for i in from..from + n {
+            let row = ResultRow {
+                topic: "tickets".into(),
+                offset: i as u64,
+                message_id: format!("m-{i}"),
+                event_time: 1_700_000_000 + i * 86_400,
+                answered_by: "model:tiny".into(),
+                ..Default::default()
+            };
+            runtime().block_on(tx.send(SinkItem { row, ticket: i })).expect("sink running");
+        }
+    }
+
+    /// Close the input; the sink's result once it flushed.
+    fn finish(mut self) -> (Arc<Reports>, Result<(), SinkError>) {
+        self.rows = None;
+        let result = runtime().block_on(self.task).expect("sink task");
+        (self.reports, result)
+    }
+
+    fn count(&self, sql: &str) -> u64 {
+        let client = clickhouse::Client::default().with_url(&self.config.url).with_database(&self.config.database).with_validation(false);
+        runtime().block_on(client.query(sql).fetch_one::<u64>()).unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    fn retries(&self) -> u64 {
+        self.counters.snapshot().insert_retries
+    }
+}
+
+/// While the server cannot take rows (`down`), nothing is reported; once it can (`up`), every
+/// row is reported stored exactly once and is in the table.
+fn nothing_reported_until_confirmed(name: &str, down: impl FnOnce(&mut PrivateClickHouse), up: impl FnOnce(&mut PrivateClickHouse)) {
+    let mut server = PrivateClickHouse::start();
+    let sink = Sink::start(&server.url(), name, |_| {});
+    sink.send(0, 20);
+    wait_until(Duration::from_secs(30), "the first rows stored", || sink.reports.len() == 20);
+    down(&mut server);
+    sink.send(20, 30);
+    // Two failed attempts: the rows reached the sink and it has been trying.
+    wait_until(Duration::from_secs(60), "two failed INSERTs", || sink.retries() >= 2);
+    assert_eq!(sink.reports.len(), 20, "a row was reported before ClickHouse confirmed it");
+    up(&mut server);
+    wait_until(Duration::from_secs(60), "every row reported", || sink.reports.len() >= 50);
+    assert_eq!(sink.count("SELECT count() FROM results FINAL"), 50);
+    let (reports, result) = sink.finish();
+    assert!(result.is_ok(), "{result:?}");
+    assert_eq!(reports.stored(), (0..50).collect::<Vec<_>>(), "each row reported stored once");
+    assert!(reports.rejected().is_empty());
+}
+
+#[test]
+fn a_frozen_server_gets_nothing_reported_until_it_answers() {
+    nothing_reported_until_confirmed("sink_frozen", |s| s.freeze(), |s| s.thaw());
+}
+
+#[test]
+fn a_stopped_server_gets_nothing_reported_until_it_is_back() {
+    nothing_reported_until_confirmed("sink_stopped", |s| s.stop(), |s| s.restart());
+}
+
+#[test]
+fn a_killed_server_gets_nothing_reported_until_it_is_back() {
+    nothing_reported_until_confirmed("sink_killed", |s| s.kill(), |s| s.restart());
+}
+
+#[test]
+fn a_row_clickhouse_refuses_is_reported_rejected_alone_and_the_rest_stored() {
+    let ch = shared_clickhouse();
+    let sink = Sink::start(&ch.url(), "sink_rejects", |c| c.insert_max_rows = 16);
+    let client = clickhouse::Client::default().with_url(ch.url()).with_database("sink_rejects").with_validation(false);
+    runtime()
+        .block_on(client.query("ALTER TABLE results ADD COLUMN guard UInt8 DEFAULT throwIf(message_id IN ('m-7', 'm-30'))").execute())
+        .expect("guard column");
+    sink.send(0, 40);
+    wait_until(Duration::from_secs(60), "every row reported", || sink.reports.len() >= 40);
+    assert_eq!(sink.count("SELECT count() FROM results"), 38, "exactly the others stored, once");
+    let (reports, result) = sink.finish();
+    assert!(result.is_ok(), "{result:?}");
+    let rejected = reports.rejected();
+    assert_eq!(rejected.iter().map(|(t, _)| *t).collect::<Vec<_>>(), vec![7, 30]);
+    assert!(rejected.iter().all(|(_, e)| e.contains("395") || e.contains("throwIf")), "ClickHouse's reason: {rejected:?}");
+    assert_eq!(reports.stored(), (0..40).filter(|t| *t != 7 && *t != 30).collect::<Vec<_>>());
+}
+
+#[test]
+fn blocks_are_cut_by_size_and_a_closed_input_is_flushed() {
+    let ch = shared_clickhouse();
+    let sink = Sink::start(&ch.url(), "sink_blocks", |c| c.insert_max_rows = 10);
+    sink.send(0, 35);
+    let (reports, result) = sink.finish();
+    assert!(result.is_ok(), "{result:?}");
+    assert_eq!(reports.stored(), (0..35).collect::<Vec<_>>(), "the last partial block flushed at close");
+    let client = clickhouse::Client::default().with_url(ch.url()).with_database("sink_blocks").with_validation(false);
+    let parts: u64 = runtime()
+        .block_on(
+            client
+                .query("SELECT toUInt64(count()) FROM system.parts WHERE database = 'sink_blocks' AND table = 'results' AND active")
+                .fetch_one(),
+        )
+        .expect("parts");
+    let rows: u64 = runtime().block_on(client.query("SELECT count() FROM results").fetch_one()).expect("rows");
+    assert_eq!(rows, 35);
+    assert!(parts >= 4, "35 rows in blocks of at most 10: at least 4 INSERTs, {parts} parts");
+}
+
+#[test]
+fn a_table_that_lost_a_column_ends_the_sink_and_nothing_is_reported() {
+    let ch = shared_clickhouse();
+    let sink = Sink::start(&ch.url(), "sink_fatal", |_| {});
+    let client = clickhouse::Client::default().with_url(ch.url()).with_database("sink_fatal").with_validation(false);
+    runtime().block_on(client.query("ALTER TABLE results DROP COLUMN worker_id").execute()).expect("drop column");
+    sink.send(0, 10);
+    let (reports, result) = sink.finish();
+    let error = result.expect_err("a table without the row's columns is fatal");
+    assert!(error.to_string().contains("ClickHouse cannot store any result"), "{error}");
+    assert_eq!(reports.len(), 0, "nothing reported stored or rejected: {:?}", reports.0.lock().unwrap());
+}
