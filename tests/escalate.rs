@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::worker::{runtime, shared_clickhouse, Env, Exit, Worker};
+use common::worker::{runtime, shared_clickhouse, Env, Exit, PrivateClickHouse, Worker};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use triage::config::Config;
@@ -23,7 +23,8 @@ use triage::sink::clickhouse::{ClickHouseService, ResultRow};
 /// What the scripted LLM saw: (user message text, HTTP status answered).
 type Seen = Arc<Mutex<Vec<(String, u16)>>>;
 
-/// A chat-completions server answering by the user message's content: `GARBAGE` -> prose,
+/// A chat-completions server answering by the user message's content: `SLOW` -> after 3 s
+/// (never rate-limited), `GARBAGE` -> prose,
 /// `UNKNOWNLABEL` -> a label the model lacks, `REFUSE` -> 400; the very first other request
 /// -> 429 with Retry-After; everything else -> `{"intent": "card_arrival"}`. `always` overrides
 /// every answer with one status (401: a bad key).
@@ -74,12 +75,16 @@ fn scripted_llm(always: Option<u16>) -> (String, Seen) {
                     (200, "", reply(r#"{"intent": "no_such_label"}"#))
                 } else if text.contains("REFUSE") {
                     (400, "", json!({"error": {"message": "maximum context length exceeded"}}).to_string())
-                } else if !std::mem::replace(&mut *limited_once.lock().unwrap(), true) {
+                } else if !text.contains("SLOW") && !std::mem::replace(&mut *limited_once.lock().unwrap(), true) {
                     (429, "Retry-After: 1\r\n", json!({"error": {"message": "rate limited"}}).to_string())
                 } else {
                     (200, "", reply(r#"{"intent": "card_arrival"}"#))
                 };
-                log.lock().unwrap().push((text, status));
+                log.lock().unwrap().push((text.clone(), status));
+                if text.contains("SLOW") {
+                    // A call that takes a while: the test changes the world meanwhile.
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                }
                 let response = format!(
                     "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{payload}",
                     payload.len()
@@ -324,6 +329,55 @@ fn committed_offset(kafka: &triage::config::KafkaConfig, topic: &str) -> Option<
     list.add_partition(topic, 0);
     let committed = consumer.committed_offsets(list, Duration::from_secs(10)).unwrap();
     committed.elements().first().and_then(|e| e.offset().to_raw()).filter(|o| *o >= 0).or(Some(0))
+}
+
+/// The LLM answers while the answers' ClickHouse is down: nothing is stored, so nothing may be
+/// committed. Then escalate is SIGKILLed (`kill`) or ClickHouse comes back, and every record
+/// ends answered in the table.
+fn answers_while_clickhouse_is_down(name: &str, kill: bool) {
+    let mut clickhouse = PrivateClickHouse::start();
+    let env = Env::new(name, clickhouse.url());
+    env.apply_schema();
+    env.kafka.create_topic("tickets", 1).unwrap();
+    let (url, seen) = scripted_llm(None);
+    let config = escalate_config(&env, name, &url, "stub-llm", |c| c.clickhouse.insert_timeout_ms = 1000);
+    let mut escalate = env.spawn_command("escalate", &config, "e1", &[]);
+    let log = escalate.whole_log();
+    env.wait_for(&mut escalate, "escalate consuming", Duration::from_secs(60), || log.text().contains("answering escalations"));
+    env.produce("triage.escalations", &(1..=4).map(|o| record(o, &format!("SLOW card question {o}"))).collect::<Vec<_>>());
+    // Every call under way (asked after the table said "not answered yet"), then ClickHouse goes.
+    env.wait_for(&mut escalate, "four calls in flight", Duration::from_secs(60), || {
+        seen.lock().unwrap().iter().filter(|(_, status)| *status == 200).count() >= 4
+    });
+    // SIGKILL: gone at once (a clean stop keeps answering while it shuts down).
+    clickhouse.kill();
+    let down = escalate.mark();
+    env.wait_for(&mut escalate, "answers whose INSERT fails", Duration::from_secs(60), || {
+        down.text().contains("ClickHouse insert failed; retrying")
+    });
+    let kafka = triage::config::KafkaConfig { group_id: format!("{}-llm", env.group), ..env.kafka_config() };
+    assert_eq!(committed_offset(&kafka, "triage.escalations"), Some(0), "answered but not stored: nothing committed");
+    if kill {
+        escalate.kill9();
+        clickhouse.restart();
+        escalate = env.spawn_command("escalate", &config, "e2", &[]);
+    } else {
+        clickhouse.restart();
+    }
+    env.wait_for(&mut escalate, "escalate caught up", Duration::from_secs(120), || escalate_caught_up(&env));
+    assert_eq!(escalate.terminate(Duration::from_secs(30)), Some(Exit::OK), "{}", escalate.log_text());
+    assert_eq!(env.query_u64("SELECT count() FROM results FINAL WHERE answered_by = 'llm:stub-llm'"), 4, "every record answered, stored");
+    assert_eq!(committed_offset(&kafka, "triage.escalations"), Some(4));
+}
+
+#[test]
+fn an_answer_is_committed_only_once_clickhouse_stored_it() {
+    answers_while_clickhouse_is_down("escalate_ch_down", false);
+}
+
+#[test]
+fn sigkill_while_answers_cannot_be_stored_loses_no_answer() {
+    answers_while_clickhouse_is_down("escalate_ch_kill", true);
 }
 
 #[test]

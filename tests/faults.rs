@@ -115,6 +115,101 @@ fn a_dead_letter_that_can_never_be_written_stops_the_worker_committing_only_belo
     assert!(env.read_topic_to_end("triage.dead-letter").is_empty());
 }
 
+#[test]
+fn sigkill_while_side_topic_writes_fail_loses_no_dead_letter_and_no_escalation() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    // Side topics on broker 2, the source on broker 1: errors aimed at broker 2's produce
+    // requests hit only the worker's dead letters and escalations.
+    let env = Env::with_brokers("side_kill", shared_clickhouse().url(), 2);
+    env.apply_schema();
+    env.kafka.create_topic("tickets", 2).unwrap();
+    let cluster = env.kafka.cluster();
+    for p in 0..2 {
+        cluster.partition_leader("tickets", p, Some(1)).unwrap();
+    }
+    for topic in ["triage.dead-letter", "triage.escalations"] {
+        cluster.partition_leader(topic, 0, Some(2)).unwrap();
+    }
+    drop(cluster);
+    let mut batch = messages("k", 300);
+    for i in 0..30 {
+        batch.insert(i * 10, (format!("junk-{i}"), format!("junk {i}").into_bytes()));
+    }
+    env.produce("tickets", &batch);
+    let failures = 12;
+    env.kafka
+        .broker_request_errors(2, RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 12])
+        .expect("inject");
+    // Everything below 0.99 is escalated: most rows need an escalation record too.
+    let config = env.write_config("k", &tiny(), &["tickets"], |c| c.escalation.default_threshold = 0.99);
+    let mut worker = env.spawn_worker(&config, "k1");
+    // Killed while its side-topic writes are being refused and retried.
+    env.wait_for(&mut worker, "side-topic writes failing", 2 * MIN, || {
+        env.kafka.broker_errors_left(2, RDKafkaApiKey::Produce).unwrap() < failures
+    });
+    assert!(env.kafka.broker_errors_left(2, RDKafkaApiKey::Produce).unwrap() > 0, "still failing at the kill");
+    worker.kill9();
+    let mut next = env.spawn_worker(&config, "k2");
+    env.wait_caught_up(&mut next, &["tickets"], 3 * MIN);
+    assert_eq!(next.terminate(MIN), Some(Exit::OK), "{}", next.log_text());
+    assert_eq!(env.distinct_rows(), 300);
+    // Every junk message has its dead letter, every escalated row its record.
+    let letters = env.read_topic_to_end("triage.dead-letter");
+    let mut junk: Vec<String> =
+        letters.iter().map(|(k, ..)| String::from_utf8_lossy(k.as_deref().unwrap_or_default()).into_owned()).collect();
+    junk.sort();
+    junk.dedup();
+    assert_eq!(junk.len(), 30, "a dead letter for each junk message: {junk:?}");
+    let escalated = env.query_u64("SELECT sum(escalated) FROM results FINAL");
+    assert!(escalated > 100, "{escalated} escalated");
+    let records = env.read_topic_to_end("triage.escalations");
+    let mut ids: Vec<String> = records
+        .iter()
+        .map(|(_, payload, _)| serde_json::from_slice::<serde_json::Value>(payload).unwrap()["message_id"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len() as u64, escalated, "an escalation record for every escalated row");
+}
+
+#[test]
+fn an_escalation_that_can_never_be_written_stops_the_worker_committing_only_below_it() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    // The escalation topic alone on broker 2, which refuses every write: a message's row is
+    // stored, its escalation never is, so the message is not done.
+    let env = Env::with_brokers("escalation_forbidden", shared_clickhouse().url(), 2);
+    env.apply_schema();
+    env.kafka.create_topic("tickets", 1).unwrap();
+    let cluster = env.kafka.cluster();
+    cluster.partition_leader("tickets", 0, Some(1)).unwrap();
+    cluster.partition_leader("triage.dead-letter", 0, Some(1)).unwrap();
+    cluster.partition_leader("triage.escalations", 0, Some(2)).unwrap();
+    drop(cluster);
+    env.produce("tickets", &messages("e", 20));
+    // Refused for a while (rows are stored meanwhile), then for good.
+    let (retried, refused) =
+        ([RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 8], [RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 100]);
+    env.kafka.broker_request_errors(2, RDKafkaApiKey::Produce, &retried).expect("inject");
+    env.kafka.broker_request_errors(2, RDKafkaApiKey::Produce, &refused).expect("inject");
+    let config = env.write_config("e", &tiny(), &["tickets"], |c| c.escalation.default_threshold = 0.99);
+    let mut worker = env.spawn_worker(&config, "e");
+    wait_until(2 * MIN, "the worker exits", || worker.exited().is_some());
+    assert_eq!(worker.exited(), Some(Exit::Code(1)));
+    let log = worker.log_text();
+    assert!(log.contains("cannot write to Kafka topic `triage.escalations`"), "{log}");
+    // The first message below 0.99 is the first escalated one: nothing at or past it committed.
+    // The messages whose escalation could not be written, as the worker reported them.
+    let unwritten: Vec<i64> = log
+        .lines()
+        .filter(|l| l.contains("a side-topic write cannot complete"))
+        .filter_map(|l| l.split(" offset=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .collect();
+    let first = *unwritten.iter().min().unwrap_or_else(|| panic!("no unwritten escalation reported: {log}"));
+    assert!(env.query_u64("SELECT count() FROM results") > 0, "rows were stored before the refusals: the test needs them");
+    let committed = env.committed("tickets", 0).unwrap_or(0);
+    assert!(committed <= first, "committed {committed}: past message {first}, whose escalation was never written");
+}
+
 fn alter(env: &Env, sql: &str) {
     let client = clickhouse::Client::default().with_url(&env.clickhouse_url).with_database(&env.database).with_validation(false);
     common::worker::runtime().block_on(client.query(sql).execute()).unwrap_or_else(|e| panic!("{sql}: {e}"));

@@ -290,6 +290,35 @@ fn clickhouse_outage_pauses_consumption_commits_nothing_and_recovers_without_los
 }
 
 #[test]
+fn sigkill_while_clickhouse_is_down_loses_nothing() {
+    // While ClickHouse is down nothing is stored, so nothing may be committed: a worker killed
+    // then must leave every one of those messages to its successor.
+    let mut clickhouse = PrivateClickHouse::start();
+    let env = Env::new("down_kill", clickhouse.url());
+    env.apply_schema();
+    env.kafka.create_topic("tickets", 2).unwrap();
+    let all = messages("d", 3_000);
+    env.produce("tickets", &all[..1_000]);
+    let config = env.write_config("d", &tiny(), &["tickets"], |c| c.kafka.max_in_flight = 1_000);
+    let mut worker = env.spawn_worker(&config, "d1");
+    env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
+    clickhouse.stop();
+    let down = worker.mark();
+    env.produce("tickets", &all[1_000..]);
+    // Failed INSERTs and a commit tick later (the pause: max_in_flight consumed, none stored).
+    env.wait_for(&mut worker, "failed INSERTs and the pause", 2 * MIN, || {
+        let text = down.text();
+        text.contains("ClickHouse insert failed; retrying") && text.contains("pausing consumption")
+    });
+    worker.kill9();
+    clickhouse.restart();
+    let mut next = env.spawn_worker(&config, "d2");
+    env.wait_caught_up(&mut next, &["tickets"], 3 * MIN);
+    assert_eq!(next.terminate(MIN), Some(Exit::OK), "{}", next.log_text());
+    assert_eq!(env.distinct_keys(), 3_000, "every message stored, none skipped by a commit made while ClickHouse was down");
+}
+
+#[test]
 fn demo_runs_the_default_model_end_to_end() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_triage")).arg("demo").output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
