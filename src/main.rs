@@ -68,7 +68,9 @@ fn main() {
     // sectioned names the flags read.
     triage::config::env::export_aliases();
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // The demo tells its own story: the worker's log lines only when something is wrong.
+    let default_level = if matches!(cli.command, Command::Demo(_)) { "warn" } else { "info,ort=warn" };
+    init_logging(cli.log_format, default_level);
     let result = match cli.command {
         Command::Run(args) => cli::runtime().and_then(|rt| {
             let result = rt.block_on(cli::run::run(args));
@@ -100,9 +102,9 @@ fn main() {
     }
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, default_level: &str) {
     let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),

@@ -348,12 +348,32 @@ fn sigkill_while_clickhouse_is_down_loses_nothing() {
 }
 
 #[test]
-fn demo_runs_the_default_model_end_to_end() {
+fn demo_runs_the_default_model_end_to_end_and_explains_what_landed() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_triage")).arg("demo").output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("40 produced, 40 consumed, 39 rows, 1 dead letters"), "{stdout}");
-    assert!(stdout.contains("ticket 18, return 11, email 10"), "{stdout}");
+    assert!(stdout.contains("39 of 40 messages classified: 18 tickets, 11 returns, 10 e-mails."), "{stdout}");
+    assert!(stdout.contains("1 message was dead-lettered") && stdout.contains("1 not_json"), "{stdout}");
+    assert!(stdout.contains("Escalated ") && stdout.contains("out-of-distribution score above"), "escalations and why: {stdout}");
+    // Messages beside their answers: a sure one, and the out-of-domain ones escalated with why.
+    let after = |id: &str| stdout.split(id).nth(1).and_then(|rest| rest.lines().nth(1)).unwrap_or_default().to_string();
+    assert!(stdout.contains("\"PIN locked: I typed my PIN wrong") && after("T-1003").contains("-> pin_blocked"), "{stdout}");
+    for out_of_domain in ["E-3008", "R-2010"] {
+        assert!(after(out_of_domain).contains("-> escalated: out of distribution"), "{out_of_domain}: {stdout}");
+    }
+    assert!(stdout.contains("the slowest stage is") && stdout.contains("scripts/demo --messages 10000"), "{stdout}");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains(" INFO "), "the demo keeps the worker's log to warnings");
+}
+
+#[test]
+fn demo_makes_n_messages_from_the_samples() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_triage")).args(["demo", "--messages", "400"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    // 180 tickets, 120 returns (10 copies of the malformed line), 100 e-mails.
+    assert!(stdout.contains("390 of 400 messages classified: 180 tickets, 110 returns, 100 e-mails."), "{stdout}");
+    assert!(stdout.contains("10 messages were dead-lettered"), "{stdout}");
+    assert!(stdout.contains("Throughput: 400 messages in"), "{stdout}");
 }
 
 #[test]

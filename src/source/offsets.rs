@@ -111,10 +111,6 @@ impl OffsetTracker {
         }
     }
 
-    pub fn epoch(&self, tp: &TopicPartition) -> Option<u64> {
-        self.partitions.get(tp).map(|s| s.epoch)
-    }
-
     /// A message was consumed and will need `acks` acknowledgements (at least 1).
     /// Returns its delivery handle, or None if the partition is not assigned.
     pub fn begin(&mut self, tp: &TopicPartition, offset: i64, acks: u32) -> Option<Delivery> {
@@ -201,7 +197,8 @@ impl OffsetTracker {
             .partitions
             .iter()
             .map(|(tp, s)| {
-                let oldest = s.pending.iter().find(|(_, &n)| n > 0).and_then(|(o, _)| s.begun_ms.get(o));
+                // The first pending message is unfinished: a done prefix is popped at once.
+                let oldest = s.pending.keys().next().and_then(|o| s.begun_ms.get(o));
                 (tp.clone(), oldest.map(|&t| now_ms.saturating_sub(t)))
             })
             .collect();
@@ -219,9 +216,7 @@ impl OffsetTracker {
     /// Record a successful commit.
     pub fn committed(&mut self, tp: &TopicPartition, offset: i64) {
         if let Some(s) = self.partitions.get_mut(tp) {
-            if s.committed.is_none_or(|c| offset > c) {
-                s.committed = Some(offset);
-            }
+            s.committed = s.committed.max(Some(offset));
             while s.settled.front().is_some_and(|&o| o < offset) {
                 s.settled.pop_front();
             }
@@ -340,6 +335,60 @@ mod tests {
         t.ack(&d[4]);
         t.ack(&d[5]);
         assert_eq!(t.uncommitted(), 0);
+    }
+
+    #[test]
+    fn a_commit_inside_the_done_prefix_leaves_the_rest_of_it_uncommitted() {
+        let mut t = OffsetTracker::new();
+        t.assign(tp());
+        let d: Vec<_> = (0..4).map(|o| t.begin(&tp(), o, 1).unwrap()).collect();
+        d.iter().for_each(|d| assert_eq!(t.ack(d), AckResult::Done));
+        assert_eq!((t.in_flight(), t.uncommitted()), (0, 4));
+        t.committed(&tp(), 2);
+        assert_eq!(t.uncommitted(), 2, "2 and 3 are done, not committed: a crash replays them");
+        assert_eq!(t.committable(), vec![(tp(), 4)]);
+    }
+
+    #[test]
+    fn revoking_abandons_only_unfinished_messages_and_remembers_nothing_when_all_are_done() {
+        let mut t = OffsetTracker::new();
+        t.assign(tp());
+        let d: Vec<_> = (0..3).map(|o| t.begin(&tp(), o, 1).unwrap()).collect();
+        t.ack(&d[1]);
+        t.ack(&d[2]);
+        assert_eq!(t.revoke(&tp()), (None, 1), "1 and 2 are done (behind 0): only 0 is abandoned");
+        assert_eq!((t.in_flight(), t.uncommitted()), (1, 1));
+        t.ack(&d[0]);
+        assert_eq!((t.in_flight(), t.uncommitted()), (0, 0));
+        assert!(t.orphans.is_empty());
+        t.assign(tp());
+        let e = t.begin(&tp(), 3, 1).unwrap();
+        t.ack(&e);
+        assert_eq!(t.revoke(&tp()), (Some(4), 0));
+        assert!(t.orphans.is_empty(), "nothing unfinished: nothing to remember");
+    }
+
+    #[test]
+    fn extra_acks_are_refused_for_done_messages_and_other_assignments() {
+        let mut t = OffsetTracker::new();
+        t.assign(tp());
+        let old = t.begin(&tp(), 5, 1).unwrap();
+        t.revoke(&tp());
+        t.assign(tp());
+        let new = t.begin(&tp(), 5, 1).unwrap();
+        assert!(!t.add_acks(&old, 1), "a revoked assignment's message is not the new one's");
+        assert_eq!(t.ack(&new), AckResult::Done, "one ack finishes it: the old handle added none");
+        let a = t.begin(&tp(), 6, 1).unwrap();
+        let b = t.begin(&tp(), 7, 1).unwrap();
+        assert_eq!(t.ack(&b), AckResult::Done, "done, waiting behind 6");
+        assert!(!t.add_acks(&b, 1), "a done message is never made unfinished again");
+        t.ack(&a);
+        assert_eq!(t.committable(), vec![(tp(), 8)]);
+    }
+
+    #[test]
+    fn a_partition_shows_as_topic_slash_partition() {
+        assert_eq!(TopicPartition::new("tickets", 3).to_string(), "tickets/3");
     }
 
     #[test]
