@@ -97,21 +97,31 @@ fn a_missing_escalation_topic_stops_the_worker_at_start_naming_it() {
 #[test]
 fn a_dead_letter_that_can_never_be_written_stops_the_worker_committing_only_below_it() {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-    let env = env("forbidden");
+    // The dead-letter topic alone on broker 2, which refuses every write.
+    let env = Env::with_brokers("forbidden", shared_clickhouse().url(), 2);
+    env.apply_schema();
     env.kafka.create_topic("tickets", 1).unwrap();
-    let mut batch = messages("a", 20);
-    batch.push(("poison".into(), b"not json".to_vec())); // offset 20
-    batch.extend(messages("b", 20));
-    env.produce("tickets", &batch);
-    env.kafka.cluster().request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 100]);
+    let cluster = env.kafka.cluster();
+    cluster.partition_leader("tickets", 0, Some(1)).unwrap();
+    cluster.partition_leader("triage.escalations", 0, Some(1)).unwrap();
+    cluster.partition_leader("triage.dead-letter", 0, Some(2)).unwrap();
+    drop(cluster);
+    env.kafka
+        .broker_request_errors(2, RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 100])
+        .expect("inject");
     let config = env.write_config("f", &tiny(), &["tickets"], |_| {});
     let mut worker = env.spawn_worker_env(&config, "f", &[("TRIAGE_ESCALATION__ENABLED", "false")]);
+    // Twenty stored and committed first, so a commit past the poison would show.
+    env.produce("tickets", &messages("a", 20));
+    env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
+    let mut batch = vec![("poison".to_string(), b"not json".to_vec())]; // offset 20
+    batch.extend(messages("b", 20));
+    env.produce("tickets", &batch);
     wait_until(2 * MIN, "the worker exits", || worker.exited().is_some());
     assert_eq!(worker.exited(), Some(Exit::Code(1)));
     let log = worker.log_text();
     assert!(log.contains("cannot write to Kafka topic `triage.dead-letter`") && log.contains("uthorization"), "{log}");
-    let committed = env.committed("tickets", 0).unwrap_or(0);
-    assert!(committed <= 20, "committed {committed}: past the message whose dead letter was never written");
+    assert_eq!(env.committed("tickets", 0), Some(20), "committed up to the message whose dead letter was never written, not past it");
     assert!(env.read_topic_to_end("triage.dead-letter").is_empty());
 }
 
@@ -136,16 +146,17 @@ fn sigkill_while_side_topic_writes_fail_loses_no_dead_letter_and_no_escalation()
         batch.insert(i * 10, (format!("junk-{i}"), format!("junk {i}").into_bytes()));
     }
     env.produce("tickets", &batch);
-    let failures = 12;
+    let failures = 20;
     env.kafka
-        .broker_request_errors(2, RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 12])
+        .broker_request_errors(2, RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 20])
         .expect("inject");
     // Everything below 0.99 is escalated: most rows need an escalation record too.
     let config = env.write_config("k", &tiny(), &["tickets"], |c| c.escalation.default_threshold = 0.99);
     let mut worker = env.spawn_worker(&config, "k1");
-    // Killed while its side-topic writes are being refused and retried.
-    env.wait_for(&mut worker, "side-topic writes failing", 2 * MIN, || {
-        env.kafka.broker_errors_left(2, RDKafkaApiKey::Produce).unwrap() < failures
+    // Killed while its side-topic writes are being refused and retried, once every row is
+    // stored (a message whose row is stored but whose escalation is not must not be committed).
+    env.wait_for(&mut worker, "rows stored while side-topic writes fail", 2 * MIN, || {
+        env.kafka.broker_errors_left(2, RDKafkaApiKey::Produce).unwrap() < failures && env.raw_rows() >= 300
     });
     assert!(env.kafka.broker_errors_left(2, RDKafkaApiKey::Produce).unwrap() > 0, "still failing at the kill");
     worker.kill9();
