@@ -169,6 +169,18 @@ mod tests {
         assert_eq!(utc_month(1_767_225_599), 202512, "2025-12-31 23:59:59");
         assert_eq!(utc_month(1_767_225_600), 202601, "2026-01-01");
         assert_eq!(utc_month(u32::MAX), 210602, "2106-02-07, DateTime's end");
+        // Around 1 March, where the era arithmetic's century terms decide the year.
+        for (seconds, month) in [
+            (5_097_600, 197003),
+            (68_255_999, 197202),
+            (68_256_000, 197203),
+            (920_246_399, 199902),
+            (920_246_400, 199903),
+            (4_107_542_399, 210002),
+            (4_107_542_400, 210003),
+        ] {
+            assert_eq!(utc_month(seconds), month, "{seconds}");
+        }
     }
 
     #[test]
