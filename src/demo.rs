@@ -16,12 +16,12 @@ use serde_json::Value;
 
 use crate::config::ClientRole;
 use crate::config::{ClickHouseConfig, Config, RouteConfig};
+use crate::headers::{HEADER_DETAIL, HEADER_REASON};
 use crate::kafka_tools::{produce, read_json_lines, Record};
 use crate::local::{local_kafka_config, local_worker_config, until_caught_up, LocalClickHouse, LocalKafka, LocalRunError};
 use crate::message::FieldMap;
 use crate::model::{Descriptor, InferenceOptions};
 use crate::sink::clickhouse::ClickHouseService;
-use crate::sink::kafka::{HEADER_DETAIL, HEADER_REASON};
 use crate::worker::policy::EscalationPolicy;
 use crate::worker::{self, RunReport};
 

@@ -10,7 +10,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use serde_json::{Map, Value};
 
-use crate::sink::kafka::{HEADER_REASON, HEADER_SOURCE_TOPIC};
+use crate::headers::{HEADER_REASON, HEADER_SOURCE_TOPIC};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ToolError {
@@ -175,7 +175,7 @@ pub fn redrive(
 
     use rdkafka::message::{Header, OwnedHeaders};
 
-    use crate::sink::kafka::{HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, HEADER_SOURCE_TIMESTAMP, HEADER_TRUNCATED};
+    use crate::headers::{HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, HEADER_SOURCE_TIMESTAMP, HEADER_TRUNCATED};
     let metadata = consumer.fetch_metadata(Some(dead_letter_topic), Duration::from_secs(10))?;
     let mut ends: HashMap<i32, i64> = HashMap::new();
     for t in metadata.topics() {

@@ -14,6 +14,8 @@ pub mod classify;
 pub mod config;
 pub mod demo;
 pub mod engine;
+pub mod headers;
+pub mod http;
 pub mod kafka_tools;
 pub mod llm;
 pub mod local;

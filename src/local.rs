@@ -340,6 +340,7 @@ pub fn local_worker_config(
         shutdown: Default::default(),
         metrics: crate::config::MetricsConfig { address: String::new() },
         llm: Default::default(),
+        schema_registry: Default::default(),
     }
 }
 

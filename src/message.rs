@@ -20,6 +20,18 @@ pub enum DecodeReason {
     NotJson,
     NotObject,
     NoText,
+    /// A registry route's message without Confluent's framing (magic byte, schema id).
+    NotFramed,
+    /// The registry does not know the message's schema id.
+    SchemaNotFound,
+    /// The message's schema cannot be used (it does not compile, or is another format).
+    SchemaInvalid,
+    /// The payload does not read with its Avro schema.
+    NotAvro,
+    /// The payload does not read as its Protobuf message.
+    NotProtobuf,
+    /// The payload does not satisfy its JSON Schema.
+    SchemaMismatch,
 }
 
 impl DecodeReason {
@@ -30,6 +42,12 @@ impl DecodeReason {
             DecodeReason::NotJson => "not_json",
             DecodeReason::NotObject => "not_object",
             DecodeReason::NoText => "no_text",
+            DecodeReason::NotFramed => "not_framed",
+            DecodeReason::SchemaNotFound => "schema_not_found",
+            DecodeReason::SchemaInvalid => "schema_invalid",
+            DecodeReason::NotAvro => "not_avro",
+            DecodeReason::NotProtobuf => "not_protobuf",
+            DecodeReason::SchemaMismatch => "schema_mismatch",
         }
     }
 }
@@ -136,6 +154,13 @@ impl DecodedMessage {
     }
 }
 
+/// UTF-8 JSON bytes as a value.
+pub fn parse_json(bytes: &[u8]) -> Result<Value, DecodeError> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| DecodeError::new(DecodeReason::NotUtf8, format!("invalid UTF-8 at byte {}", e.valid_up_to())))?;
+    serde_json::from_str(text).map_err(|e| DecodeError::new(DecodeReason::NotJson, e.to_string()))
+}
+
 /// Decodes raw bytes with one field map, template and size limits.
 #[derive(Debug, Clone)]
 pub struct Decoder {
@@ -150,6 +175,7 @@ impl Decoder {
         Decoder { fields, template, max_bytes, max_chars }
     }
 
+    /// A JSON message's bytes.
     pub fn decode(&self, bytes: &[u8]) -> Result<DecodedMessage, DecodeError> {
         if bytes.len() > self.max_bytes {
             return Err(DecodeError::new(
@@ -157,9 +183,12 @@ impl Decoder {
                 format!("{} bytes exceeds the {} byte limit", bytes.len(), self.max_bytes),
             ));
         }
-        let text = std::str::from_utf8(bytes)
-            .map_err(|e| DecodeError::new(DecodeReason::NotUtf8, format!("invalid UTF-8 at byte {}", e.valid_up_to())))?;
-        let json: Value = serde_json::from_str(text).map_err(|e| DecodeError::new(DecodeReason::NotJson, e.to_string()))?;
+        self.decode_value(parse_json(bytes)?)
+    }
+
+    /// A record already read (from JSON, or from Avro / Protobuf / JSON Schema by
+    /// [`crate::source::decode`]): its id, text, event time.
+    pub fn decode_value(&self, json: Value) -> Result<DecodedMessage, DecodeError> {
         if !json.is_object() {
             return Err(DecodeError::new(DecodeReason::NotObject, "expected a JSON object"));
         }

@@ -146,9 +146,9 @@ fn sigkill_while_side_topic_writes_fail_loses_no_dead_letter_and_no_escalation()
         batch.insert(i * 10, (format!("junk-{i}"), format!("junk {i}").into_bytes()));
     }
     env.produce("tickets", &batch);
-    let failures = 20;
+    let failures = 30;
     env.kafka
-        .broker_request_errors(2, RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 20])
+        .broker_request_errors(2, RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 30])
         .expect("inject");
     // Everything below 0.99 is escalated: most rows need an escalation record too.
     let config = env.write_config("k", &tiny(), &["tickets"], |c| c.escalation.default_threshold = 0.99);
@@ -158,6 +158,9 @@ fn sigkill_while_side_topic_writes_fail_loses_no_dead_letter_and_no_escalation()
     env.wait_for(&mut worker, "rows stored while side-topic writes fail", 2 * MIN, || {
         env.kafka.broker_errors_left(2, RDKafkaApiKey::Produce).unwrap() < failures && env.raw_rows() >= 300
     });
+    // And the commits have caught up with whatever is done (a commit made with the rows alone
+    // would now be past messages whose escalation is not written).
+    env.wait_until_commits_settle("tickets", 2);
     assert!(env.kafka.broker_errors_left(2, RDKafkaApiKey::Produce).unwrap() > 0, "still failing at the kill");
     worker.kill9();
     let mut next = env.spawn_worker(&config, "k2");

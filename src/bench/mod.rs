@@ -307,17 +307,7 @@ async fn worker_stage(
         ..Default::default()
     };
     ClickHouseService::new(&ch).apply_schema().await?;
-    let route = RouteConfig {
-        topic: topic.clone(),
-        kind: "bench".into(),
-        model: options.model_dir.clone(),
-        fields: FieldMap::default(),
-        metadata: Default::default(),
-        escalation_threshold: None,
-        escalation_head: None,
-        ood_threshold: None,
-        cascade: Vec::new(),
-    };
+    let route = RouteConfig::new(topic.clone(), "bench", options.model_dir.clone());
     let mut config = local_worker_config("bench", kafka_config.clone(), ch.clone(), vec![route], options.inference.clone());
     // Only the pipeline is timed: no escalation writes.
     config.escalation.enabled = false;

@@ -18,6 +18,8 @@ pub use crate::engine::EngineConfig;
 use crate::message::{FieldMap, DEFAULT_MAX_MESSAGE_BYTES};
 pub use crate::model::InferenceOptions;
 pub use crate::sink::clickhouse::config::ClickHouseConfig;
+pub use crate::source::decode::registry::SchemaRegistryConfig;
+pub use crate::source::decode::{Format, PinnedSchema};
 pub use crate::source::kafka::config::{ClientRole, KafkaConfig, SaslMechanism, SecurityProtocol};
 pub use env::ENV_PREFIX;
 pub use secret::Secret;
@@ -60,6 +62,14 @@ pub struct RouteConfig {
     pub escalation_threshold: Option<f32>,
     /// The single-label head whose confidence decides escalation (default: the category head).
     pub escalation_head: Option<String>,
+    /// What producers write: `json` (default), `avro`, `protobuf`, `json_schema`. The last
+    /// three read Confluent's wire format with schemas from `[schema_registry]`, or raw payloads
+    /// against a pinned `schema`.
+    #[serde(default, skip_serializing_if = "is_json")]
+    pub format: Format,
+    /// A pinned schema for producers that write without a registry.
+    #[serde(default, skip_serializing_if = "PinnedSchema::is_empty")]
+    pub schema: PinnedSchema,
     /// Escalate when the out-of-distribution score is above this (default: the model's
     /// calibrated `[ood] threshold`; models without a gate never escalate on it).
     pub ood_threshold: Option<f32>,
@@ -78,8 +88,14 @@ impl RouteConfig {
             escalation_threshold: None,
             escalation_head: None,
             ood_threshold: None,
+            format: Format::Json,
+            schema: PinnedSchema::default(),
         }
     }
+}
+
+fn is_json(format: &Format) -> bool {
+    *format == Format::Json
 }
 
 /// A model on a loop of "feeds" edges, if any.
@@ -165,6 +181,9 @@ pub struct Config {
     /// The LLM tier (`triage escalate` only).
     #[serde(default)]
     pub llm: crate::llm::config::LlmConfig,
+    /// Where Avro / Protobuf / JSON Schema routes read their schemas.
+    #[serde(default, skip_serializing_if = "SchemaRegistryConfig::is_unset")]
+    pub schema_registry: SchemaRegistryConfig,
 }
 
 fn default_max_message_bytes() -> usize {
@@ -214,6 +233,9 @@ impl Config {
         for route in &mut self.routes {
             resolve(&mut route.model);
             route.cascade.iter_mut().for_each(resolve);
+            if let Some(file) = &mut route.schema.file {
+                resolve(file);
+            }
             if route.model.as_os_str().is_empty() {
                 if let Some(first) = route.cascade.first() {
                     route.model = first.clone();
@@ -236,6 +258,12 @@ impl Config {
         }
         if let Some(path) = &self.llm.api_key_file {
             self.llm.api_key = read(path)?;
+        }
+        if let Some(path) = &self.schema_registry.password_file {
+            self.schema_registry.password = read(path)?;
+        }
+        if let Some(path) = &self.schema_registry.token_file {
+            self.schema_registry.token = read(path)?;
         }
         Ok(())
     }
@@ -270,6 +298,22 @@ impl Config {
             if r.model.as_os_str().is_empty() {
                 return bad(format!("route `{}` names no model: set `model` or `cascade`", r.topic));
             }
+            match (r.format, &r.schema.file) {
+                (Format::Json, Some(_)) => return bad(format!("route `{}`: format = \"json\" takes no schema", r.topic)),
+                (Format::Json, None) => {}
+                (_, Some(_)) => {}
+                (format, None) if self.schema_registry.urls.is_empty() => {
+                    return bad(format!(
+                        "route `{}`: format = \"{}\" reads schemas from [schema_registry] urls (none set), or pin one with schema.file",
+                        r.topic,
+                        format.as_str()
+                    ))
+                }
+                _ => {}
+            }
+            if r.format == Format::Protobuf && r.schema.file.is_some() && r.schema.message.is_none() {
+                return bad(format!("route `{}`: a pinned Protobuf schema needs schema.message (the message's full name)", r.topic));
+            }
             if let Some(first) = r.cascade.first() {
                 if *first != r.model {
                     return bad(format!(
@@ -302,6 +346,7 @@ impl Config {
         }
         self.kafka.validate().map_err(ConfigError::Invalid)?;
         self.clickhouse.validate().map_err(ConfigError::Invalid)?;
+        self.schema_registry.validate().map_err(ConfigError::Invalid)?;
         self.batching.validate(8).map_err(|m| ConfigError::Invalid(format!("batching: {m}")))?;
         Ok(())
     }

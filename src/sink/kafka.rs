@@ -29,16 +29,10 @@ use crate::retry::Backoff;
 use crate::source::SourceMessage;
 use crate::telemetry::events::{Counters, DeadLetterReason, InternalEvent, KafkaWriteRetried, SideRecordCut};
 
-pub const HEADER_REASON: &str = "triage.reason";
-pub const HEADER_DETAIL: &str = "triage.detail";
-pub const HEADER_SOURCE_TOPIC: &str = "triage.source.topic";
-pub const HEADER_SOURCE_PARTITION: &str = "triage.source.partition";
-pub const HEADER_SOURCE_OFFSET: &str = "triage.source.offset";
-pub const HEADER_SOURCE_TIMESTAMP: &str = "triage.source.timestamp";
-pub const HEADER_WORKER: &str = "triage.worker";
-pub const HEADER_TRUNCATED: &str = "triage.truncated";
-pub const HEADER_ORIGINAL_SIZE: &str = "triage.original.size";
-pub const HEADER_ORIGINAL_SHA256: &str = "triage.original.sha256";
+use crate::headers::{
+    HEADER_DETAIL, HEADER_ORIGINAL_SHA256, HEADER_ORIGINAL_SIZE, HEADER_REASON, HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION,
+    HEADER_SOURCE_TIMESTAMP, HEADER_SOURCE_TOPIC, HEADER_TRUNCATED, HEADER_WORKER,
+};
 
 /// Room for headers and the record's framing on top of the payload in the producer's
 /// `message.max.bytes` (the detail header is capped well below this).

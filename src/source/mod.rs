@@ -1,6 +1,7 @@
 //! Where messages come from: a Kafka consumer group, and the offset tracker that decides what
 //! may be committed.
 
+pub mod decode;
 pub mod kafka;
 pub mod offsets;
 
@@ -37,7 +38,7 @@ impl Origin {
     /// From a message's headers: all of topic, partition and offset, or none.
     pub fn from_headers<'a>(header: impl Fn(&str) -> Option<&'a [u8]>) -> Option<Origin> {
         let text = |name: &str| header(name).and_then(|v| std::str::from_utf8(v).ok()).map(str::trim);
-        use crate::sink::kafka::{HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, HEADER_SOURCE_TIMESTAMP, HEADER_SOURCE_TOPIC};
+        use crate::headers::{HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, HEADER_SOURCE_TIMESTAMP, HEADER_SOURCE_TOPIC};
         Some(Origin {
             topic: text(HEADER_SOURCE_TOPIC).filter(|t| !t.is_empty())?.to_string(),
             partition: text(HEADER_SOURCE_PARTITION)?.parse().ok().filter(|p| *p >= 0)?,

@@ -500,6 +500,17 @@ impl Env {
         });
     }
 
+    /// Wait until the group's committed offsets read the same twice, a second apart (several
+    /// commit intervals: whatever was done is committed).
+    pub fn wait_until_commits_settle(&self, topic: &str, partitions: i32) {
+        let mut last = self.committed_all(topic, partitions);
+        wait_until(Duration::from_secs(30), "commits to stop moving", || {
+            std::thread::sleep(Duration::from_secs(1));
+            let now = self.committed_all(topic, partitions);
+            std::mem::replace(&mut last, now.clone()) == now
+        });
+    }
+
     /// Messages of `topic` stored at or past the group's committed offsets: what the next owner
     /// of their partitions replays.
     pub fn stored_past_commits(&self, topic: &str, partitions: i32) -> u64 {
