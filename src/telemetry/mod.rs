@@ -163,6 +163,8 @@ pub struct Readiness {
     pub clickhouse_reachable: AtomicBool,
     /// Why the worker is stalled, if it is (a partition's oldest unfinished message too old).
     pub stalled: std::sync::Mutex<Option<String>>,
+    /// Why the schema registry cannot be read, while it cannot.
+    pub schema_registry: std::sync::Mutex<Option<String>>,
 }
 
 impl Readiness {
@@ -171,6 +173,13 @@ impl Readiness {
             && self.kafka_joined.load(Ordering::Relaxed)
             && self.clickhouse_reachable.load(Ordering::Relaxed)
             && self.stalled.lock().map(|s| s.is_none()).unwrap_or(false)
+            && self.schema_registry.lock().map(|s| s.is_none()).unwrap_or(false)
+    }
+
+    pub fn set_schema_registry(&self, failing: Option<String>) {
+        if let Ok(mut s) = self.schema_registry.lock() {
+            *s = failing;
+        }
     }
 
     pub fn set_stalled(&self, reason: Option<String>) {
@@ -182,8 +191,9 @@ impl Readiness {
     fn report(&self) -> String {
         let flag = |b: &AtomicBool| if b.load(Ordering::Relaxed) { "ok" } else { "waiting" };
         let stalled = self.stalled.lock().ok().and_then(|s| s.clone()).unwrap_or_else(|| "no".into());
+        let registry = self.schema_registry.lock().ok().and_then(|s| s.clone()).unwrap_or_else(|| "ok".into());
         format!(
-            "model: {}\nkafka group: {}\nclickhouse: {}\nstalled: {stalled}\n",
+            "model: {}\nkafka group: {}\nclickhouse: {}\nstalled: {stalled}\nschema registry: {registry}\n",
             flag(&self.model_loaded),
             flag(&self.kafka_joined),
             flag(&self.clickhouse_reachable)

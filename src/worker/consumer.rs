@@ -25,10 +25,11 @@ use super::settle::Settler;
 use super::WorkerError;
 use crate::engine::{Engine, Submitter};
 use crate::sink::clickhouse::SinkError;
+use crate::source::decode::{Format, Step};
 use crate::source::kafka::{Committed, TrackingContext};
 use crate::source::offsets::{OffsetTracker, TopicPartition};
 use crate::source::{Consumed, Origin};
-use crate::telemetry::events::{DeadLetterReason, InternalEvent, MessageConsumed};
+use crate::telemetry::events::{ConsumptionPaused, DeadLetterReason, InternalEvent, MessageConsumed};
 use crate::telemetry::{IN_FLIGHT, OLDEST_UNFINISHED};
 
 /// The consumer's state; intake exists only while consuming.
@@ -91,6 +92,10 @@ pub(super) struct Consumer {
     pub settle: Settler,
     pub limits: Limits,
     pub readiness: Arc<crate::telemetry::Readiness>,
+    /// Raised when the consumer drains or stops: tasks waiting on a schema look-up give up
+    /// (their messages stay unfinished and are replayed).
+    pub draining: tokio::sync::watch::Receiver<bool>,
+    pub drain: tokio::sync::watch::Sender<bool>,
 }
 
 impl Consumer {
@@ -107,6 +112,7 @@ impl Consumer {
                 biased;
                 _ = &mut shutdown, if state.deadline().is_none() => {
                     tracing::info!("shutdown requested: draining");
+                    self.drain.send_replace(true);
                     state.drain(self.limits.drain_timeout);
                     self.set_paused(true);
                 }
@@ -169,6 +175,7 @@ impl Consumer {
             }
         };
 
+        self.drain.send_replace(true);
         // Commit what is done; a rebalance in progress rejects commits until this member
         // rejoins, which needs polling: poll (paused) and retry until the deadline.
         let commit_deadline = state.deadline().unwrap_or_else(tokio::time::Instant::now) + Duration::from_secs(5);
@@ -224,12 +231,27 @@ impl Consumer {
     }
 
     fn apply_backpressure(&self, paused: &mut bool) {
+        // While a schema registry cannot be read, nothing more is taken in: its messages would
+        // only wait (never dead-lettered for an outage).
+        let registry_down = self.routes.iter().filter_map(|r| r.reader.registry()).find_map(|r| r.failing());
+        self.readiness.set_schema_registry(registry_down.clone());
+        if let Some(reason) = registry_down {
+            if !*paused {
+                ConsumptionPaused { held: self.tracker.lock().map(|t| t.uncommitted()).unwrap_or(0) }.emit(self.settle.counters());
+                tracing::warn!(%reason, "schema registry unavailable: pausing consumption until it answers");
+                *paused = true;
+            }
+            self.set_paused(true);
+            return;
+        }
         let uncommitted = self.tracker.lock().map(|t| t.uncommitted()).unwrap_or(0);
         crate::source::kafka::apply_backpressure(&self.kafka, paused, uncommitted, self.limits.max_in_flight, self.settle.counters());
     }
 
     /// Begin a message in the tracker, then hand it to its route's engine, or settle it as a
-    /// dead letter when it cannot be classified.
+    /// dead letter when it cannot be classified. A message whose schema must be looked up first
+    /// waits on a task of its own, so a slow or absent registry never blocks this loop (commits,
+    /// rebalances and SIGTERM go on; consumption pauses while the registry is away).
     async fn intake(&self, m: &BorrowedMessage<'_>, submitters: &[Submitter<MessageTag>]) {
         let tp = TopicPartition::new(m.topic(), m.partition());
         let Some(delivery) = self.tracker.lock().ok().and_then(|mut t| t.begin(&tp, m.offset(), 1)) else {
@@ -246,25 +268,35 @@ impl Consumer {
             self.settle.dead_letter(consumed, DeadLetterReason::Unrouted, "no route for this topic".into());
             return;
         };
-        let route = &self.routes[route_index];
-        match route.first().decoder.decode(&consumed.message.payload) {
-            Ok(decoded) => {
-                let (topic, partition, offset, timestamp_ms) = consumed.message.key_source();
-                let tag = MessageTag {
-                    message_id: decoded.id.clone().unwrap_or_else(|| format!("{topic}-{partition}-{offset}")),
-                    metadata: decoded.metadata(&route.config.metadata),
-                    event_time_ms: decoded.event_time_ms.or(timestamp_ms).unwrap_or(0),
-                    consumed_ms: crate::time::now_ms(),
-                    route: route_index,
-                    message: consumed,
-                    tier: 0,
-                    earlier: Vec::new(),
-                };
-                if let Err(closed) = submitters[route_index].submit_async(tag, decoded.text).await {
-                    tracing::error!(offset = closed.0.message.message.offset, "engine stopped; the message will be replayed");
-                }
+        let reader = self.routes[route_index].reader.clone();
+        match reader.read(&consumed.message.payload) {
+            Step::Fetch(id) => {
+                let (routes, settle, submitter, mut draining) =
+                    (self.routes.clone(), self.settle.clone(), submitters[route_index].clone(), self.draining.clone());
+                tokio::spawn(async move {
+                    let fetched = tokio::select! {
+                        fetched = reader.fetch(id) => fetched,
+                        // Shutting down: the message stays unfinished, the next owner reads it.
+                        _ = draining.wait_for(|d| *d) => return,
+                    };
+                    if let Err(refused) = fetched {
+                        tracing::error!(error = %refused, "the schema registry refuses triage: stopping");
+                        return settle.stop(WorkerError::SchemaRegistry(refused.to_string()));
+                    }
+                    match reader.read(&consumed.message.payload) {
+                        Step::Record(record) => submit(&routes, route_index, consumed, record, &submitter, &settle).await,
+                        Step::Bad(e) => settle.dead_letter(consumed, DeadLetterReason::Decode(e.reason), e.detail),
+                        // Read and dropped again already (a cache smaller than the ids in use):
+                        // left unfinished, replayed by the next owner, and the cache is a setting.
+                        Step::Fetch(id) => tracing::warn!(
+                            schema_id = id,
+                            "schema dropped from the cache as soon as read: raise schema_registry.max_schemas"
+                        ),
+                    }
+                });
             }
-            Err(e) => self.settle.dead_letter(consumed, DeadLetterReason::Decode(e.reason), e.detail),
+            Step::Record(record) => submit(&self.routes, route_index, consumed, record, &submitters[route_index], &self.settle).await,
+            Step::Bad(e) => self.settle.dead_letter(consumed, DeadLetterReason::Decode(e.reason), e.detail),
         }
     }
 
@@ -274,5 +306,40 @@ impl Consumer {
 
     fn commit(&self) -> Committed {
         crate::source::kafka::commit_done(&self.kafka, &self.tracker, self.settle.counters())
+    }
+}
+
+/// A record of a route: through its first tier's field map and template to its engine, or to the
+/// dead-letter topic when it has no text.
+async fn submit(
+    routes: &[Route],
+    route_index: usize,
+    consumed: Consumed,
+    record: serde_json::Value,
+    submitter: &Submitter<MessageTag>,
+    settle: &Settler,
+) {
+    let route = &routes[route_index];
+    // Kept for later tiers and the escalation record when the payload is not itself JSON.
+    let keep = (route.reader.format() != Format::Json).then(|| Arc::new(record.clone()));
+    match route.first().decoder.decode_value(record) {
+        Ok(decoded) => {
+            let (topic, partition, offset, timestamp_ms) = consumed.message.key_source();
+            let tag = MessageTag {
+                message_id: decoded.id.clone().unwrap_or_else(|| format!("{topic}-{partition}-{offset}")),
+                metadata: decoded.metadata(&route.config.metadata),
+                event_time_ms: decoded.event_time_ms.or(timestamp_ms).unwrap_or(0),
+                consumed_ms: crate::time::now_ms(),
+                route: route_index,
+                message: consumed,
+                tier: 0,
+                earlier: Vec::new(),
+                record: keep,
+            };
+            if let Err(closed) = submitter.submit_async(tag, decoded.text).await {
+                tracing::error!(offset = closed.0.message.message.offset, "engine stopped; the message will be replayed");
+            }
+        }
+        Err(e) => settle.dead_letter(consumed, DeadLetterReason::Decode(e.reason), e.detail),
     }
 }

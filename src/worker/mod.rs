@@ -56,6 +56,8 @@ pub enum WorkerError {
     Backend { model: String, detail: String },
     #[error("LLM tier: {0}")]
     Llm(String),
+    #[error("{0}; the worker stopped with offsets committed below the messages that needed it")]
+    SchemaRegistry(String),
     #[error("{0}; the worker stopped with offsets committed up to the message it could not settle (fix the topic, then restart)")]
     SideTopic(#[from] crate::sink::kafka::WriteError),
 }
@@ -189,8 +191,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
     rdkafka::consumer::Consumer::subscribe(&kafka, &topics)?;
     tracing::info!(worker = %worker_id, group = %config.kafka.group_id, topics = ?topics, "consuming");
 
+    let (drain, draining) = tokio::sync::watch::channel(false);
     let consumer = consumer::Consumer {
         kafka,
+        drain,
+        draining,
         tracker,
         route_of: config.routes.iter().enumerate().map(|(i, r)| (r.topic.clone(), i)).collect(),
         routes,

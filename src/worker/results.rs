@@ -86,7 +86,11 @@ impl ResultsLoop {
     /// not decode for that model), store this tier's answer; Err(None): the next engine has
     /// stopped (shutdown), the message stays unfinished and is replayed.
     async fn forward(&self, mut tag: MessageTag, classified: Classified, next: &Tier) -> Result<(), Option<(MessageTag, Classified)>> {
-        let text = match next.decoder.decode(&tag.message.message.payload) {
+        let decoded = match &tag.record {
+            Some(record) => next.decoder.decode_value((**record).clone()),
+            None => next.decoder.decode(&tag.message.message.payload),
+        };
+        let text = match decoded {
             Ok(decoded) => decoded.text,
             Err(e) => {
                 tracing::warn!(model = %next.model.name, error = %e.detail, "the next cascade tier cannot read this message: this tier's answer is kept");
@@ -234,8 +238,13 @@ impl Fit for EscalationRecord {
 fn escalation_record(tag: &MessageTag, c: &Classified, route: &Route, reason: EscalationReason, row: &ResultRow) -> EscalationRecord {
     let source = &tag.message.message;
     let key = source.key_source();
-    let original: Value =
-        serde_json::from_slice(&source.payload).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&source.payload).into_owned()));
+    // The record as JSON (an Avro / Protobuf one as it was read), for the LLM tier and people.
+    let original: Value = match &tag.record {
+        Some(record) => (**record).clone(),
+        None => {
+            serde_json::from_slice(&source.payload).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&source.payload).into_owned()))
+        }
+    };
     let p = &c.prediction;
     let tier = &route.tiers[tag.tier];
     let policy: &EscalationPolicy = &tier.policy;
@@ -308,6 +317,7 @@ mod tests {
     fn route(policy: EscalationPolicy) -> Route {
         Route {
             config: toml::from_str("topic = \"tickets\"\nkind = \"ticket\"\nmodel = \"m\"").unwrap(),
+            reader: Arc::new(crate::source::decode::RecordReader::json(1 << 20)),
             tiers: vec![tier("support", "v7", 0, policy)],
         }
     }
@@ -331,6 +341,7 @@ mod tests {
             metadata: (vec!["customer".into()], vec!["acme".into()]),
             tier: 0,
             earlier: Vec::new(),
+            record: None,
         }
     }
 

@@ -10,6 +10,8 @@ use crate::config::{Config, RouteConfig};
 use crate::engine::{Classified, Engine, EngineConfig, Outcome, StatsSnapshot, Submitter};
 use crate::message::Decoder;
 use crate::model::{Model, ModelInfo};
+use crate::source::decode::registry::Registry;
+use crate::source::decode::{Format, RecordReader};
 use crate::source::Consumed;
 use crate::telemetry;
 
@@ -25,6 +27,9 @@ pub(super) struct MessageTag {
     pub tier: usize,
     /// What the earlier tiers answered, first tier first.
     pub earlier: Vec<Classified>,
+    /// The record read from an Avro / Protobuf / JSON Schema payload (a JSON payload is its own
+    /// record): what later tiers and the escalation record read.
+    pub record: Option<Arc<serde_json::Value>>,
 }
 
 /// One model of a route's cascade.
@@ -39,6 +44,8 @@ pub(super) struct Tier {
 /// What the consumer and the results side need to know about a route.
 pub(super) struct Route {
     pub config: RouteConfig,
+    /// How its payloads become records (JSON, or Avro / Protobuf / JSON Schema).
+    pub reader: Arc<RecordReader>,
     /// First tier first; one tier without a cascade.
     pub tiers: Vec<Tier>,
 }
@@ -114,6 +121,12 @@ pub(super) async fn start(config: &Config) -> Result<Started, WorkerError> {
         models.push(model);
     }
     let mut next_tiers: Vec<Vec<(usize, Submitter<MessageTag>)>> = (0..engines.len()).map(|_| Vec::new()).collect();
+    // One registry client for every route that reads through it (one cache, one look-up per id).
+    let registry = if config.routes.iter().any(|r| r.format != Format::Json && r.schema.file.is_none()) {
+        Some(Arc::new(Registry::new(&config.schema_registry).map_err(|reason| WorkerError::Route { topic: "*".into(), reason })?))
+    } else {
+        None
+    };
     let (mut routes, mut submitters) = (Vec::new(), Vec::new());
     for route in &config.routes {
         let tier_dirs = Config::tiers(route);
@@ -161,7 +174,9 @@ pub(super) async fn start(config: &Config) -> Result<Started, WorkerError> {
             });
         }
         submitters.push(engines[tiers[0].engine].submitter());
-        routes.push(Route { config: route.clone(), tiers });
+        let reader = RecordReader::new(route.format, &route.schema, registry.clone(), config.max_message_bytes)
+            .map_err(|reason| WorkerError::Route { topic: route.topic.clone(), reason })?;
+        routes.push(Route { config: route.clone(), reader: Arc::new(reader), tiers });
     }
     Ok(Started { routes: Arc::new(routes), submitters, engines, outcomes, next_tiers })
 }
