@@ -48,6 +48,8 @@ enum Command {
     },
     /// Run a mock Kafka cluster for development (librdkafka's; real protocol over TCP).
     Broker(cli::broker::BrokerArgs),
+    /// Run a stand-in Schema Registry (Confluent's REST subset, in memory) for demos and tests.
+    Registry(cli::registry::RegistryArgs),
     /// Load JSON lines (or a CSV with a header row) into a topic.
     Produce(cli::produce::ProduceArgs),
     /// Send dead letters back to the topics they came from.
@@ -85,6 +87,7 @@ fn main() {
         Command::Schema { action } => cli::runtime().and_then(|rt| rt.block_on(cli::schema::run(action))),
         Command::Topics { action } => cli::runtime().and_then(|rt| rt.block_on(cli::topics::run(action))),
         Command::Broker(args) => cli::runtime().and_then(|rt| rt.block_on(cli::broker::run(args))),
+        Command::Registry(args) => cli::runtime().and_then(|rt| rt.block_on(cli::registry::run(args))),
         Command::Produce(args) => cli::runtime().and_then(|rt| rt.block_on(cli::produce::run(args))),
         Command::Redrive(args) => cli::redrive::run(args),
         Command::Bench(args) => cli::runtime().and_then(|rt| rt.block_on(cli::bench::run(args))),

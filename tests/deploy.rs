@@ -241,8 +241,13 @@ fn dockerfiles_run_as_non_root_and_ship_the_library_and_model() {
         assert!(text.contains("scripts/setup --runtime"), "{path}");
     }
     let setup = read("scripts/setup");
-    let runtime_gate = setup.find("if [ \"$RUNTIME_ONLY\" = 0 ]").expect("setup --runtime gate");
-    assert!(setup[runtime_gate..].contains("install_test_tools"), "--runtime skips the test tools");
+    // Test tools are installed only under --tests, and --runtime does not turn that on.
+    let tests_gate = setup.find("if [ \"$TESTS\" = 1 ]; then").expect("setup --tests gate");
+    let before_gate = &setup[..tests_gate];
+    assert!(!before_gate.lines().any(|l| l.trim() == "install_test_tools"), "test tools installed outside the --tests gate");
+    assert!(setup[tests_gate..].contains("install_test_tools"), "the --tests gate installs the test tools");
+    let runtime_case = setup.lines().find(|l| l.trim_start().starts_with("--runtime)")).expect("--runtime case");
+    assert!(!runtime_case.contains("TESTS=1"), "--runtime must not install test tools: {runtime_case}");
     // The build context leaves host artifacts out (a host venv breaks setup inside the build).
     let ignore = read(".dockerignore");
     for entry in [".venv", "runtime", "target", ".git"] {

@@ -16,6 +16,7 @@ pub mod escalate;
 pub mod eval;
 pub mod produce;
 pub mod redrive;
+pub mod registry;
 pub mod run;
 pub mod schema;
 pub mod topics;

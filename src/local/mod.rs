@@ -3,6 +3,8 @@
 //! on loopback (Debian's `clickhouse-server`, installed by scripts/setup) with its own data
 //! directory, stopped when dropped.
 
+pub mod registry;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
