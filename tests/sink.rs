@@ -15,17 +15,18 @@ use triage::config::ClickHouseConfig;
 use triage::sink::clickhouse::{self as ch, ClickHouseService, ResultRow, Settle, SinkError, SinkItem};
 use triage::telemetry::events::Counters;
 
-/// What the sink reported, in order: (ticket, None) stored, (ticket, Some(error)) rejected.
+/// What the sink reported, in order: (ticket, None, stamp) stored, (ticket, Some(error), 0)
+/// rejected; the stamp is the stored row's processed_time_ms, the same for one INSERT's rows.
 #[derive(Default)]
-struct Reports(Mutex<Vec<(u32, Option<String>)>>);
+struct Reports(Mutex<Vec<(u32, Option<String>, u64)>>);
 
 impl Settle<u32> for Reports {
     fn stored(&self, ticket: u32, row: &ResultRow) {
         assert!(row.processed_time_ms > 0 && row.row_version > 0, "a stored row was stamped");
-        self.0.lock().unwrap().push((ticket, None));
+        self.0.lock().unwrap().push((ticket, None, row.processed_time_ms));
     }
     fn rejected(&self, ticket: u32, error: &str) {
-        self.0.lock().unwrap().push((ticket, Some(error.to_string())));
+        self.0.lock().unwrap().push((ticket, Some(error.to_string()), 0));
     }
 }
 
@@ -34,12 +35,12 @@ impl Reports {
         self.0.lock().unwrap().len()
     }
     fn stored(&self) -> Vec<u32> {
-        let mut v: Vec<u32> = self.0.lock().unwrap().iter().filter(|(_, e)| e.is_none()).map(|(t, _)| *t).collect();
+        let mut v: Vec<u32> = self.0.lock().unwrap().iter().filter(|(_, e, _)| e.is_none()).map(|(t, _, _)| *t).collect();
         v.sort_unstable();
         v
     }
     fn rejected(&self) -> Vec<(u32, String)> {
-        self.0.lock().unwrap().iter().filter_map(|(t, e)| e.clone().map(|e| (*t, e))).collect()
+        self.0.lock().unwrap().iter().filter_map(|(t, e, _)| e.clone().map(|e| (*t, e))).collect()
     }
 }
 
@@ -60,15 +61,19 @@ impl Sink {
             insert_timeout_ms: 800,
             retry_initial_ms: 50,
             retry_max_ms: 400,
+            insert_interval_ms: 50,
             ..Default::default()
         };
         edit(&mut config);
-        runtime().block_on(ClickHouseService::new(&config).apply_schema()).expect("apply schema");
+        // Twice, as every restarted worker does: applying the schema is idempotent.
+        for _ in 0..2 {
+            runtime().block_on(ClickHouseService::new(&config).apply_schema()).expect("apply schema");
+        }
         let counters = Arc::new(Counters::default());
         let service = Arc::new(ClickHouseService::with_counters(&config, counters.clone()));
         let (tx, rx) = mpsc::channel(1024);
         let reports = Arc::new(Reports::default());
-        let policy = ch::BlockPolicy { max_rows: config.insert_max_rows, max_age: Duration::from_millis(50) };
+        let policy = ch::BlockPolicy { max_rows: config.insert_max_rows, max_age: Duration::from_millis(config.insert_interval_ms) };
         let settle: Arc<dyn Settle<u32>> = reports.clone();
         let task = runtime().spawn(ch::run(service, rx, policy, settle));
         Sink { config, rows: Some(tx), reports, counters, task }
@@ -161,25 +166,76 @@ fn a_row_clickhouse_refuses_is_reported_rejected_alone_and_the_rest_stored() {
     assert_eq!(reports.stored(), (0..40).filter(|t| *t != 7 && *t != 30).collect::<Vec<_>>());
 }
 
+/// The sink's result once its input closed, failing the test if it does not end in time.
+fn finish_within(sink: Sink, limit: Duration) -> (Arc<Reports>, Result<(), SinkError>) {
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(sink.finish());
+    });
+    done_rx.recv_timeout(limit).unwrap_or_else(|_| panic!("the sink did not end within {limit:?} of its input closing"))
+}
+
 #[test]
 fn blocks_are_cut_by_size_and_a_closed_input_is_flushed() {
     let ch = shared_clickhouse();
-    let sink = Sink::start(&ch.url(), "sink_blocks", |c| c.insert_max_rows = 10);
+    // An hour's age limit: only a full block or the closed input may start an INSERT.
+    let sink = Sink::start(&ch.url(), "sink_blocks", |c| {
+        c.insert_max_rows = 10;
+        c.insert_interval_ms = 3_600_000;
+    });
     sink.send(0, 35);
-    let (reports, result) = sink.finish();
+    let (reports, result) = finish_within(sink, Duration::from_secs(60));
     assert!(result.is_ok(), "{result:?}");
     assert_eq!(reports.stored(), (0..35).collect::<Vec<_>>(), "the last partial block flushed at close");
+    // Every row of one INSERT carries the block's stamp: 35 rows in blocks of 10 are 4 INSERTs.
+    let stamps: std::collections::BTreeSet<u64> = reports.0.lock().unwrap().iter().map(|(_, _, stamp)| *stamp).collect();
+    assert!(stamps.len() <= 4, "35 rows in blocks of 10 take 4 INSERTs, not {}", stamps.len());
     let client = clickhouse::Client::default().with_url(ch.url()).with_database("sink_blocks").with_validation(false);
-    let parts: u64 = runtime()
-        .block_on(
-            client
-                .query("SELECT toUInt64(count()) FROM system.parts WHERE database = 'sink_blocks' AND table = 'results' AND active")
-                .fetch_one(),
-        )
-        .expect("parts");
     let rows: u64 = runtime().block_on(client.query("SELECT count() FROM results").fetch_one()).expect("rows");
     assert_eq!(rows, 35);
-    assert!(parts >= 4, "35 rows in blocks of at most 10: at least 4 INSERTs, {parts} parts");
+}
+
+const USERS_XML: &str = r#"<?xml version="1.0"?>
+<yandex>
+  <profiles><default></default></profiles>
+  <users>
+    <default><password></password><networks><ip>::/0</ip></networks><profile>default</profile><quota>default</quota></default>
+    <triage_writer><password>s3cret-pass</password><networks><ip>::/0</ip></networks><profile>default</profile><quota>default</quota></triage_writer>
+  </users>
+  <quotas><default></default></quotas>
+</yandex>
+"#;
+
+#[test]
+fn a_password_protected_user_stores_rows_and_a_wrong_password_is_fatal_at_once() {
+    let server = triage::local::LocalClickHouse::start_with_users(USERS_XML).expect("clickhouse-server with a users file");
+    fn writer(password: &'static str) -> impl FnOnce(&mut ClickHouseConfig) {
+        move |c: &mut ClickHouseConfig| {
+            c.user = "triage_writer".into();
+            c.password = triage::config::Secret::new(password);
+        }
+    }
+    let sink = Sink::start(&server.url(), "sink_password", writer("s3cret-pass"));
+    sink.send(0, 12);
+    let (reports, result) = finish_within(sink, Duration::from_secs(60));
+    assert!(result.is_ok(), "{result:?}");
+    assert_eq!(reports.stored(), (0..12).collect::<Vec<_>>());
+
+    // A wrong password never gets better: the sink ends with the reason, reporting nothing.
+    let mut config = ClickHouseConfig { url: server.url(), database: "sink_password".into(), ..Default::default() };
+    writer("wrong")(&mut config);
+    let service = Arc::new(ClickHouseService::new(&config));
+    let (tx, rx) = mpsc::channel(16);
+    let reports = Arc::new(Reports::default());
+    let settle: Arc<dyn Settle<u32>> = reports.clone();
+    let task = runtime().spawn(ch::run(service, rx, ch::BlockPolicy { max_rows: 10, max_age: Duration::from_millis(20) }, settle));
+    let row = ResultRow { topic: "tickets".into(), message_id: "m-x".into(), event_time: 1_700_000_000, ..Default::default() };
+    runtime().block_on(tx.send(SinkItem { row, ticket: 99 })).expect("sink running");
+    let result = runtime().block_on(async { tokio::time::timeout(Duration::from_secs(60), task).await });
+    let error = result.expect("a wrong password ends the sink, not retried forever").expect("sink task").expect_err("fatal");
+    let text = error.to_string();
+    assert!(text.contains("193") || text.contains("516") || text.to_lowercase().contains("password"), "{text}");
+    assert_eq!(reports.len(), 0);
 }
 
 #[test]

@@ -80,14 +80,27 @@ impl LocalClickHouse {
         let temp = tempfile::Builder::new().prefix("triage-clickhouse-").tempdir().map_err(LocalError::Spawn)?;
         let dir = temp.path().to_path_buf();
         let ports = (free_port().map_err(LocalError::Spawn)?, free_port().map_err(LocalError::Spawn)?);
-        let mut server = Self::launch(&dir, ports.0, ports.1, true)?;
+        let mut server = Self::launch(&dir, ports.0, ports.1, true, None)?;
+        server._temp = Some(temp);
+        Ok(server)
+    }
+
+    /// Start a server in a fresh temporary directory whose users are those of `users_xml` (a
+    /// complete users file: profiles, users, quotas), e.g. to test a password-protected user.
+    pub fn start_with_users(users_xml: &str) -> Result<Self, LocalError> {
+        let temp = tempfile::Builder::new().prefix("triage-clickhouse-").tempdir().map_err(LocalError::Spawn)?;
+        let dir = temp.path().to_path_buf();
+        let users = dir.join("users.xml");
+        std::fs::write(&users, users_xml).map_err(LocalError::Spawn)?;
+        let ports = (free_port().map_err(LocalError::Spawn)?, free_port().map_err(LocalError::Spawn)?);
+        let mut server = Self::launch(&dir, ports.0, ports.1, true, Some(&users))?;
         server._temp = Some(temp);
         Ok(server)
     }
 
     /// Start (or restart) a server on the given data directory and ports.
     pub fn start_in(dir: &Path, http_port: u16, tcp_port: u16) -> Result<Self, LocalError> {
-        Self::launch(dir, http_port, tcp_port, false)
+        Self::launch(dir, http_port, tcp_port, false, None)
     }
 
     /// Start a server from a complete config file of its own (ports, paths, cluster, macros
@@ -107,7 +120,7 @@ impl LocalClickHouse {
         Ok(server)
     }
 
-    fn launch(dir: &Path, http_port: u16, tcp_port: u16, remove_dir_after: bool) -> Result<Self, LocalError> {
+    fn launch(dir: &Path, http_port: u16, tcp_port: u16, remove_dir_after: bool, users: Option<&Path>) -> Result<Self, LocalError> {
         let binary = find_server().ok_or(LocalError::NoClickHouse)?;
         let d = dir.display();
         let mut args: Vec<String> = Vec::new();
@@ -130,6 +143,9 @@ impl LocalClickHouse {
             format!("--logger.errorlog={d}/server.err.log"),
             "--logger.level=warning".into(),
         ]);
+        if let Some(users) = users {
+            args.push(format!("--users_config={}", users.display()));
+        }
         let mut cmd = watched_command(&binary, &args, remove_dir_after.then_some(dir));
         cmd.current_dir(dir).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
         let child = cmd.spawn().map_err(LocalError::Spawn)?;

@@ -15,6 +15,7 @@
 //! If every row of a block is rejected on its own, the table is checked again: a changed
 //! column stops the worker; otherwise the rows really are bad and are dead-lettered.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use clickhouse::Client;
@@ -50,9 +51,22 @@ const FATAL_CODES: &[u32] = &[
     164, // READONLY
     192, // UNKNOWN_USER
     193, // WRONG_PASSWORD
+    194, // REQUIRED_PASSWORD
     497, // ACCESS_DENIED
     516, // AUTHENTICATION_FAILED
 ];
+
+/// The settings every query carries: the configured ones, and for a cluster
+/// `insert_distributed_sync = 1` unless configured otherwise, because an INSERT into a
+/// Distributed table is then acknowledged only once every shard stored its rows, and triage
+/// commits offsets on that acknowledgement.
+fn client_settings(config: &ClickHouseConfig) -> BTreeMap<String, String> {
+    let mut settings = config.settings.clone();
+    if config.cluster.is_some() {
+        settings.entry("insert_distributed_sync".into()).or_insert_with(|| "1".into());
+    }
+    settings
+}
 
 /// Codes that blame the inserted values: the only errors that can dead-letter a row.
 const CONTENT_CODES: &[u32] = &[
@@ -147,12 +161,7 @@ impl ClickHouseService {
         if !config.password.expose().is_empty() {
             client = client.with_password(config.password.expose());
         }
-        // An INSERT into a Distributed table is acknowledged only once every shard stored its
-        // rows: triage commits offsets on that acknowledgement.
-        if config.cluster.is_some() && !config.settings.contains_key("insert_distributed_sync") {
-            client = client.with_setting("insert_distributed_sync", "1");
-        }
-        for (k, v) in &config.settings {
+        for (k, v) in client_settings(config) {
             client = client.with_setting(k, v);
         }
         let backoff =
@@ -454,6 +463,19 @@ impl ClickHouseService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cluster_inserts_synchronously_unless_told_otherwise_and_a_single_server_gets_only_its_settings() {
+        let single = ClickHouseConfig { settings: [("async_insert".to_string(), "0".to_string())].into(), ..Default::default() };
+        assert_eq!(client_settings(&single), single.settings, "no distributed setting without a cluster");
+        let cluster = ClickHouseConfig { cluster: Some("c".into()), ..single.clone() };
+        let settings = client_settings(&cluster);
+        assert_eq!(settings.get("insert_distributed_sync").map(String::as_str), Some("1"));
+        assert_eq!(settings.get("async_insert").map(String::as_str), Some("0"));
+        let mut told = cluster.clone();
+        told.settings.insert("insert_distributed_sync".into(), "0".into());
+        assert_eq!(client_settings(&told).get("insert_distributed_sync").map(String::as_str), Some("0"), "the user's value wins");
+    }
 
     #[test]
     fn exception_codes_are_parsed_and_sorted() {
