@@ -41,10 +41,29 @@ impl FileResolver for Sources {
 
     fn open_file(&self, name: &str) -> Result<File, protox::Error> {
         match self.0.get(name) {
-            Some(source) => File::from_source(name, source),
+            Some(source) => match serialized_descriptor(source) {
+                Some(mut descriptor) => {
+                    descriptor.name = Some(name.to_string());
+                    Ok(File::from_file_descriptor_proto(descriptor))
+                }
+                None => File::from_source(name, source),
+            },
             None => Err(protox::Error::file_not_found(name)),
         }
     }
+}
+
+/// A schema registered as a base64 `FileDescriptorProto` rather than `.proto` text: what
+/// Confluent's Python `ProtobufSerializer` sends, and what a registry returns for
+/// `?format=serialized`. `.proto` text always has spaces or braces, so it is never mistaken.
+fn serialized_descriptor(source: &str) -> Option<prost_types::FileDescriptorProto> {
+    use base64::Engine as _;
+    let text = source.trim();
+    if text.is_empty() || text.contains(|c: char| c.is_whitespace() || c == '{' || c == ';') {
+        return None;
+    }
+    let bytes = base64::engine::general_purpose::STANDARD.decode(text).ok()?;
+    prost_types::FileDescriptorProto::decode(bytes.as_slice()).ok()
 }
 
 impl ProtobufReader {
@@ -207,6 +226,24 @@ mod tests {
         assert!(ProtobufReader::compile("syntax = \"proto3\"; message { }", &[]).is_err());
         let missing = ProtobufReader::compile(TICKET, &[]).unwrap_err();
         assert!(missing.contains("customer.proto"), "{missing}");
+    }
+
+    #[test]
+    fn a_schema_registered_as_a_base64_descriptor_reads_like_its_proto_text() {
+        use base64::Engine as _;
+        // What Confluent's Python ProtobufSerializer registers: each file's FileDescriptorProto.
+        let text = reader();
+        let Messages::File { pool, .. } = &text.messages else { panic!("a file") };
+        let b64 = |name: &str| {
+            let file = pool.get_file_by_name(name).unwrap();
+            base64::engine::general_purpose::STANDARD.encode(file.file_descriptor_proto().encode_to_vec())
+        };
+        let serialized = ProtobufReader::compile(&b64(MAIN_FILE), &[("customer.proto".to_string(), b64("customer.proto"))]).unwrap();
+        let record = json!({"id": "T-2", "created": "2024-03-01T12:00:00Z", "customer": {"tier": "gold"}, "email": "a@b"});
+        let bytes = text.write(&[0], &record).unwrap();
+        assert_eq!(serialized.read(&[0], &bytes).unwrap(), text.read(&[0], &bytes).unwrap());
+        assert_eq!(serialized.message(&[0, 1]).unwrap().full_name(), "shop.Ticket.Line");
+        assert!(ProtobufReader::compile("bm90IGEgZGVzY3JpcHRvcg==", &[]).is_err(), "base64 of something else");
     }
 
     #[test]
