@@ -21,6 +21,10 @@ pub struct RegistryArgs {
     /// Also write the URL to this file (useful with port 0).
     #[arg(long)]
     url_file: Option<PathBuf>,
+    /// Keep the schemas in this JSON file (read at start, written after each change), so a
+    /// restarted registry knows its ids; without it they live in memory only.
+    #[arg(long)]
+    data: Option<PathBuf>,
 }
 
 pub async fn run(args: RegistryArgs) -> Result<()> {
@@ -29,13 +33,16 @@ pub async fn run(args: RegistryArgs) -> Result<()> {
         (None, Some(token)) => Access::Bearer(token),
         (None, None) => Access::Open,
     };
-    let registry = LocalSchemaRegistry::start(&args.listen, access).await.with_context(|| format!("listening on {}", args.listen))?;
+    let registry = LocalSchemaRegistry::start(&args.listen, access, args.data.clone())
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
     let url = registry.url();
     if let Some(file) = &args.url_file {
         std::fs::write(file, &url).with_context(|| format!("writing {}", file.display()))?;
     }
     println!("{url}");
-    eprintln!("stand-in schema registry at {url} (in memory, for demos and tests); Ctrl-C stops it");
+    let kept = args.data.as_ref().map_or("in memory".to_string(), |d| format!("kept in {}", d.display()));
+    eprintln!("stand-in schema registry at {url} ({kept}; for demos and tests); Ctrl-C stops it");
     super::termination().await;
     Ok(())
 }

@@ -13,11 +13,14 @@
 //! - `DELETE /subjects/{subject}[/versions/{version}]` (soft: ids stay readable, as in
 //!   Confluent's), `?permanent=true` (the ids go too);
 //! - errors as Confluent's: `{"error_code": 40401, "message": ...}` with the HTTP status;
-//! - optional basic auth (`user:password`) or a bearer token: 401 without it.
+//! - optional basic auth (`user:password`) or a bearer token: 401 without it;
+//! - optionally kept in a JSON file, written after every change, so a restarted (or killed)
+//!   registry still knows its ids, as a real one does.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
@@ -29,7 +32,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 struct Stored {
     schema: String,
     kind: String,
@@ -38,14 +41,14 @@ struct Stored {
     gone: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Version {
     version: u32,
     id: u32,
     deleted: bool,
 }
 
-#[derive(Default)]
+#[derive(Default, serde::Serialize, serde::Deserialize)]
 struct State {
     ids: BTreeMap<u32, Stored>,
     subjects: BTreeMap<String, Vec<Version>>,
@@ -68,20 +71,44 @@ pub struct LocalSchemaRegistry {
 }
 
 impl LocalSchemaRegistry {
-    /// Serve on `address` (`127.0.0.1:0`: any free port).
-    pub async fn start(address: &str, access: Access) -> std::io::Result<Self> {
+    /// Serve on `address` (`127.0.0.1:0`: any free port), keeping the schemas in `data` (a
+    /// JSON file, read at start if it exists) when given, else in memory only.
+    pub async fn start(address: &str, access: Access, data: Option<PathBuf>) -> std::io::Result<Self> {
+        let initial = match &data {
+            Some(path) if path.exists() => {
+                let text = std::fs::read_to_string(path)?;
+                serde_json::from_str(&text)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display())))?
+            }
+            _ => State::default(),
+        };
         let listener = TcpListener::bind(address).await?;
         let address = listener.local_addr()?;
-        let state = Arc::new(Mutex::new(State::default()));
+        let state = Arc::new(Mutex::new(initial));
         let access = Arc::new(access);
+        let data = Arc::new(data);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
-                let (state, access) = (state.clone(), access.clone());
+                let (state, access, data) = (state.clone(), access.clone(), data.clone());
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |request| {
-                        let (state, access) = (state.clone(), access.clone());
-                        async move { Ok::<_, Infallible>(handle(request, &state, &access).await) }
+                    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                        let (state, access, data) = (state.clone(), access.clone(), data.clone());
+                        async move {
+                            // Registering and deleting change the state; look-ups (POST /subjects/{s}) do not.
+                            let changes = (request.method() == Method::POST
+                                && request.uri().path().trim_end_matches('/').ends_with("/versions"))
+                                || request.method() == Method::DELETE;
+                            let mut response = handle(request, &state, &access).await;
+                            if changes && response.status().is_success() {
+                                if let Some(path) = data.as_ref() {
+                                    if let Err(e) = save(&state, path) {
+                                        response = error(StatusCode::INTERNAL_SERVER_ERROR, 50001, &format!("cannot keep the change: {e}"));
+                                    }
+                                }
+                            }
+                            Ok::<_, Infallible>(response)
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
                 });
@@ -93,6 +120,18 @@ impl LocalSchemaRegistry {
     pub fn url(&self) -> String {
         format!("http://{}", self.address)
     }
+}
+
+/// Write the state to `path` whole (a temporary file renamed over it: a kill mid-write leaves
+/// the previous state, never half of one).
+fn save(state: &Mutex<State>, path: &std::path::Path) -> std::io::Result<()> {
+    let text = {
+        let state = state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        serde_json::to_string(&*state).map_err(std::io::Error::other)?
+    };
+    let temporary = path.with_extension("tmp");
+    std::fs::write(&temporary, text)?;
+    std::fs::rename(&temporary, path)
 }
 
 impl Drop for LocalSchemaRegistry {

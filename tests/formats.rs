@@ -1,0 +1,384 @@
+//! What producers really write: Avro, Protobuf and JSON Schema in Confluent's wire format,
+//! serialized by Confluent's own Python serializers (tests/fixtures/formats/serialize.py) against
+//! a schema registry, and raw Avro for a route that pins its schema. The registry is triage's
+//! stand-in (`triage registry`, Confluent's REST subset; no Confluent-compatible registry
+//! installs here), run as its own process so it can be frozen, killed and restarted.
+//!
+//! Each format's topic must land in ClickHouse with the same rows as its JSON twin; registry
+//! outages pause the worker (never dead-letter); unknown ids, payloads that do not parse with
+//! their schema and unframed payloads are dead-lettered with their reasons and original bytes.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use base64::Engine as _;
+use common::worker::{runtime, shared_clickhouse, wait_until, Env, Exit};
+use triage::config::Config;
+use triage::source::decode::{Format, PinnedSchema};
+
+const MIN: Duration = Duration::from_secs(60);
+
+fn tiny() -> PathBuf {
+    common::test_model_dir("multihead-tiny")
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/formats")
+}
+
+/// `triage registry` as a child process, its schemas kept in a file so a restart (even after
+/// SIGKILL) knows them, on the same port every time.
+struct RegistryProcess {
+    child: Option<Child>,
+    port: u16,
+    data: PathBuf,
+    log: PathBuf,
+}
+
+impl RegistryProcess {
+    fn start(dir: &Path) -> RegistryProcess {
+        let port = triage::local::free_port().expect("port");
+        let mut this = RegistryProcess { child: None, port, data: dir.join("registry.json"), log: dir.join("registry.log") };
+        this.restart();
+        this
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn restart(&mut self) {
+        assert!(self.child.is_none(), "the registry is running");
+        let url_file = self.data.with_extension("url");
+        let _ = std::fs::remove_file(&url_file);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("registry log");
+        let child = Command::new(env!("CARGO_BIN_EXE_triage"))
+            .args(["registry", "--listen", &format!("127.0.0.1:{}", self.port), "--url-file"])
+            .arg(&url_file)
+            .arg("--data")
+            .arg(&self.data)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn triage registry");
+        self.child = Some(child);
+        wait_until(Duration::from_secs(30), "the registry listening", || url_file.exists());
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let status = Command::new("kill").args([signal, &pid]).status().expect("kill");
+        assert!(status.success());
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// DELETE on the registry's REST API (e.g. a schema version, permanently): the status.
+    fn delete(&self, path: &str) -> u16 {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("registry reachable");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(s, "DELETE {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+    }
+}
+
+impl Drop for RegistryProcess {
+    fn drop(&mut self) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill").args(["-CONT", &child.id().to_string()]).status();
+        }
+        self.kill9();
+    }
+}
+
+/// Canonical ticket records (the serializer script turns each into its format's shape): some
+/// with no subject (an Avro `["null", "string"]` union, a Protobuf wrapper left unset), some
+/// with a contact record in a union (a oneof member in Protobuf), all with logical types.
+fn records(prefix: &str, n: usize) -> Vec<serde_json::Value> {
+    let words = ["refund", "card", "charged", "twice", "parcel", "late", "login", "pin", "blocked", "transfer", "fee"];
+    (0..n)
+        .map(|i| {
+            let body: Vec<&str> = (0..(4 + (i * 5) % 17)).map(|j| words[(i + j * 7) % words.len()]).collect();
+            serde_json::json!({
+                "id": format!("{prefix}-{i}"),
+                "created_ms": 1_700_000_000_123_i64 + i as i64 * 3_600_007,
+                "subject": if i % 4 == 0 { serde_json::Value::Null } else { format!("ticket {i}").into() },
+                "body": body.join(" "),
+                "priority": if i % 3 == 0 { "HIGH" } else { "LOW" },
+                "tags": ["web", format!("t{}", i % 5)],
+                "counts": {"replies": i % 7},
+                "amount": format!("{}.{:02}", 10 + i, i % 100),
+                "ticket_uuid": format!("123e4567-e89b-12d3-a456-{:012}", i),
+                "opened": "2023-11-14",
+                "email": if i % 2 == 0 { serde_json::Value::Null } else { format!("c{i}@example.com").into() },
+            })
+        })
+        .collect()
+}
+
+/// The JSON twin of a canonical record: what a JSON producer writes for the same ticket.
+fn json_twin(r: &serde_json::Value) -> Vec<u8> {
+    let contact = if r["email"].is_null() { serde_json::Value::Null } else { serde_json::json!({"email": r["email"]}) };
+    serde_json::json!({
+        "id": r["id"], "created": r["created_ms"], "subject": r["subject"], "content": {"body": r["body"]},
+        "priority": r["priority"], "tags": r["tags"], "counts": r["counts"], "amount": r["amount"],
+        "ticket_uuid": r["ticket_uuid"], "opened": r["opened"], "contact": contact,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// The Protobuf schema (tests/fixtures/formats/ticket.proto and what it imports) as a
+/// serialized FileDescriptorSet, for the Python serializer and for a pinned route.
+fn descriptor_set(dir: &Path) -> PathBuf {
+    use prost::Message as _;
+    let set = protox::Compiler::new([fixtures()])
+        .expect("protox")
+        .include_imports(true)
+        .open_files(["ticket.proto"])
+        .expect("compile ticket.proto")
+        .file_descriptor_set();
+    let path = dir.join("ticket.pb");
+    std::fs::write(&path, set.encode_to_vec()).unwrap();
+    path
+}
+
+/// Serialize `records` as `format` with Confluent's Python serializers (registering the schema,
+/// or its `variant`, under `{topic}-value`): the Kafka values, keyed by the record's id.
+fn serialize(env: &Env, registry: &str, format: &str, topic: &str, records: &[serde_json::Value], variant: u32) -> Vec<(String, Vec<u8>)> {
+    let dir = env.dir.path();
+    let input = dir.join(format!("{topic}-{variant}.jsonl"));
+    let output = dir.join(format!("{topic}-{variant}.b64"));
+    let lines: Vec<String> = records.iter().map(|r| r.to_string()).collect();
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    let result = Command::new(&python)
+        .arg(fixtures().join("serialize.py"))
+        .args(["--format", format, "--registry", registry, "--topic", topic, "--variant", &variant.to_string()])
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .arg("--descriptor-set")
+        .arg(descriptor_set(dir))
+        .output()
+        .unwrap_or_else(|e| panic!("{} (scripts/setup --tests installs it): {e}", python.display()));
+    assert!(result.status.success(), "serialize.py {format}: {}", String::from_utf8_lossy(&result.stderr));
+    let values = std::fs::read_to_string(&output).unwrap();
+    let values: Vec<Vec<u8>> =
+        values.lines().map(|l| base64::engine::general_purpose::STANDARD.decode(l).expect("base64 from serialize.py")).collect();
+    assert_eq!(values.len(), records.len());
+    records.iter().map(|r| r["id"].as_str().unwrap().to_string()).zip(values).collect()
+}
+
+/// A route reading `topic` as `format`: the field map every format shares (the body nested).
+fn route(topic: &str, format: Format, schema: PinnedSchema) -> triage::config::RouteConfig {
+    let mut route = triage::config::RouteConfig::new(topic, "ticket", tiny());
+    route.format = format;
+    route.schema = schema;
+    route.fields.id = vec!["id".into()];
+    route.fields.text.insert("body".into(), vec!["/content/body".into()]);
+    route.fields.timestamp = vec!["created".into()];
+    route
+}
+
+fn config(env: &Env, registry: &str, routes: Vec<triage::config::RouteConfig>) -> Config {
+    let topics: Vec<String> = routes.iter().map(|r| r.topic.clone()).collect();
+    let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let mut config = env.config("formats", &tiny(), &topic_refs);
+    config.routes = routes;
+    config.schema_registry.urls = vec![registry.to_string()];
+    config.schema_registry.timeout_ms = 2_000;
+    config
+}
+
+/// Each topic's rows as comparable text: id, event time, category, priority, rounded
+/// confidence, characters and tokens of the text the model read.
+fn rows_of(env: &Env, topic: &str) -> Vec<String> {
+    let client = clickhouse::Client::default().with_url(&env.clickhouse_url).with_database(&env.database).with_validation(false);
+    let sql = format!(
+        "SELECT concat(message_id, ' ', toString(event_time_ms), ' ', category, ' ', priority, ' ', toString(round(confidence, 2)), \
+         ' ', toString(text_chars), ' ', toString(tokens)) FROM results FINAL WHERE topic = '{topic}' ORDER BY message_id"
+    );
+    runtime().block_on(client.query(&sql).fetch_all::<String>()).unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+#[test]
+fn every_format_lands_with_the_same_rows_as_its_json_twin() {
+    let env = Env::new("formats_twins", shared_clickhouse().url());
+    env.apply_schema();
+    let mut registry = RegistryProcess::start(env.dir.path());
+    let records = records("F", 60);
+    let topics = ["tickets-json", "tickets-avro", "tickets-protobuf", "tickets-json-schema", "tickets-avro-raw"];
+    for topic in topics {
+        env.kafka.create_topic(topic, 2).unwrap();
+    }
+    let twins: Vec<(String, Vec<u8>)> = records.iter().map(|r| (r["id"].as_str().unwrap().to_string(), json_twin(r))).collect();
+    env.produce("tickets-json", &twins);
+    env.produce("tickets-avro", &serialize(&env, &registry.url(), "avro", "tickets-avro", &records, 0));
+    env.produce("tickets-protobuf", &serialize(&env, &registry.url(), "protobuf", "tickets-protobuf", &records, 0));
+    env.produce("tickets-json-schema", &serialize(&env, &registry.url(), "json_schema", "tickets-json-schema", &records, 0));
+    env.produce("tickets-avro-raw", &serialize(&env, &registry.url(), "avro_raw", "tickets-avro-raw", &records, 0));
+
+    let pinned = PinnedSchema { file: Some(fixtures().join("ticket.avsc")), message: None };
+    let routes = vec![
+        route("tickets-json", Format::Json, PinnedSchema::default()),
+        route("tickets-avro", Format::Avro, PinnedSchema::default()),
+        route("tickets-protobuf", Format::Protobuf, PinnedSchema::default()),
+        route("tickets-json-schema", Format::JsonSchema, PinnedSchema::default()),
+        route("tickets-avro-raw", Format::Avro, pinned),
+    ];
+    let path = env.write("twins", &config(&env, &registry.url(), routes));
+    let mut worker = env.spawn_worker(&path, "twins");
+    env.wait_caught_up(&mut worker, &topics, 3 * MIN);
+    assert_eq!(worker.terminate(MIN), Some(Exit::OK));
+
+    let json_rows = rows_of(&env, "tickets-json");
+    assert_eq!(json_rows.len(), 60, "{json_rows:?}");
+    // The event time came from the record (2023-11-14T22:13:20.123Z for F-0), not the Kafka timestamp.
+    assert!(json_rows.iter().any(|r| r.starts_with("F-0 1700000000123 ")), "{json_rows:?}");
+    for topic in &topics[1..] {
+        assert_eq!(rows_of(&env, topic), json_rows, "{topic} differs from its JSON twin");
+    }
+    assert!(env.read_topic_to_end("triage.dead-letter").is_empty(), "nothing dead-lettered");
+    registry.kill9();
+}
+
+#[test]
+fn registry_outages_pause_the_worker_and_bad_schemas_are_dead_lettered_with_their_reasons() {
+    let env = Env::new("formats_faults", shared_clickhouse().url());
+    env.apply_schema();
+    let mut registry = RegistryProcess::start(env.dir.path());
+    env.kafka.create_topic("tickets-avro", 1).unwrap();
+    let port = triage::local::free_port().unwrap();
+    let mut config = config(&env, &registry.url(), vec![route("tickets-avro", Format::Avro, PinnedSchema::default())]);
+    config.metrics.address = format!("127.0.0.1:{port}");
+    let path = env.write("faults", &config);
+    let mut worker = env.spawn_worker(&path, "faults");
+    let rows = || env.query_u64("SELECT count() FROM (SELECT DISTINCT message_id FROM results)");
+    let ready = || common::worker::http_get(port, "/readyz").0 == 200;
+
+    env.produce("tickets-avro", &serialize(&env, &registry.url(), "avro", "tickets-avro", &records("A", 20), 0));
+    env.wait_for(&mut worker, "the first 20 rows", 2 * MIN, || rows() == 20);
+    env.wait_for(&mut worker, "/readyz 200", MIN, ready);
+
+    // Frozen (SIGSTOP): a new schema id cannot be read; the worker waits, not ready, and
+    // dead-letters nothing; thawed, everything lands.
+    let batch = serialize(&env, &registry.url(), "avro", "tickets-avro", &records("B", 20), 1);
+    registry.signal("-STOP");
+    env.produce("tickets-avro", &batch);
+    env.wait_for(&mut worker, "/readyz not ready while the registry is frozen", MIN, || !ready());
+    assert!(rows() == 20 && env.read_topic_to_end("triage.dead-letter").is_empty());
+    registry.signal("-CONT");
+    env.wait_for(&mut worker, "40 rows after the thaw", 2 * MIN, || rows() == 40);
+
+    // Killed (SIGKILL), then started again on its kept schemas: the same.
+    let batch = serialize(&env, &registry.url(), "avro", "tickets-avro", &records("C", 20), 2);
+    registry.kill9();
+    env.produce("tickets-avro", &batch);
+    env.wait_for(&mut worker, "/readyz not ready while the registry is down", MIN, || !ready());
+    assert!(rows() == 40 && env.read_topic_to_end("triage.dead-letter").is_empty());
+    registry.restart();
+    env.wait_for(&mut worker, "60 rows after the restart", 2 * MIN, || rows() == 60);
+    env.wait_for(&mut worker, "/readyz 200 again", MIN, ready);
+
+    // A schema deleted for good: its id is unknown, so its messages are dead-lettered
+    // `schema_not_found` with the id. A payload that is not Avro under a known id is `not_avro`
+    // (or `schema_mismatch`); a payload without the wire-format prefix is `not_framed`.
+    let deleted = serialize(&env, &registry.url(), "avro", "tickets-avro", &records("D", 3), 3);
+    let deleted_id = u32::from_be_bytes(deleted[0].1[1..5].try_into().unwrap());
+    let version = {
+        let (status, body) = common::worker::http_get(registry.port, "/subjects/tickets-avro-value/versions");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<Vec<u32>>(&body).unwrap().into_iter().max().unwrap()
+    };
+    assert_eq!(registry.delete(&format!("/subjects/tickets-avro-value/versions/{version}")), 200);
+    assert_eq!(registry.delete(&format!("/subjects/tickets-avro-value/versions/{version}?permanent=true")), 200);
+    let known_id = u32::from_be_bytes(batch[0].1[1..5].try_into().unwrap());
+    let mut garbage = vec![0u8];
+    garbage.extend_from_slice(&known_id.to_be_bytes());
+    garbage.extend_from_slice(&[0xff; 7]);
+    let mut bad = deleted.clone();
+    bad.push(("not-avro".into(), garbage));
+    bad.push(("not-framed".into(), br#"{"id": "json on an avro topic"}"#.to_vec()));
+    env.produce("tickets-avro", &bad);
+    env.wait_caught_up(&mut worker, &["tickets-avro"], 2 * MIN);
+    assert_eq!(worker.terminate(MIN), Some(Exit::OK));
+    assert_eq!(rows(), 60, "every decodable message stored once");
+
+    let letters = env.read_topic_to_end("triage.dead-letter");
+    assert_eq!(letters.len(), bad.len(), "each bad message dead-lettered once");
+    for (key, payload) in &bad {
+        let (_, got, headers) =
+            letters.iter().find(|(k, _, _)| k.as_deref() == Some(key.as_bytes())).unwrap_or_else(|| panic!("{key} not dead-lettered"));
+        assert_eq!(got, payload, "the original bytes of {key}");
+        let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()).unwrap_or_default();
+        let reason = header("triage.reason");
+        match key.as_str() {
+            "not-avro" => assert!(reason == "not_avro" || reason == "schema_mismatch", "{key}: {reason}"),
+            "not-framed" => assert_eq!(reason, "not_framed"),
+            _ => {
+                assert_eq!(reason, "schema_not_found", "{key}");
+                assert!(header("triage.detail").contains(&deleted_id.to_string()), "the id in the detail: {}", header("triage.detail"));
+            }
+        }
+    }
+}
+
+#[test]
+fn a_registry_that_refuses_triage_stops_the_worker_with_the_registry_named() {
+    let env = Env::new("formats_refused", shared_clickhouse().url());
+    env.apply_schema();
+    let open = RegistryProcess::start(env.dir.path());
+    env.kafka.create_topic("tickets-avro", 1).unwrap();
+    let batch = serialize(&env, &open.url(), "avro", "tickets-avro", &records("R", 5), 0);
+    drop(open);
+    // The same schemas behind a token triage does not have.
+    let dir = env.dir.path().join("guarded");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(env.dir.path().join("registry.json"), dir.join("registry.json")).unwrap();
+    let port = triage::local::free_port().unwrap();
+    let mut guarded = Command::new(env!("CARGO_BIN_EXE_triage"))
+        .args(["registry", "--listen", &format!("127.0.0.1:{port}"), "--token", "right-token", "--data"])
+        .arg(dir.join("registry.json"))
+        .arg("--url-file")
+        .arg(dir.join("url"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn triage registry");
+    wait_until(Duration::from_secs(30), "the guarded registry listening", || dir.join("url").exists());
+    env.produce("tickets-avro", &batch);
+    let url = format!("http://127.0.0.1:{port}");
+    let mut config = config(&env, &url, vec![route("tickets-avro", Format::Avro, PinnedSchema::default())]);
+    let token = env.dir.path().join("registry-token");
+    std::fs::write(&token, "wrong-token\n").unwrap();
+    config.schema_registry.token_file = Some(token);
+    // Written as is: read back, the token file's content fills `token` (Env::write compares).
+    let path = env.dir.path().join("refused.toml");
+    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    let mut worker = env.spawn_worker(&path, "refused");
+    wait_until(2 * MIN, "the worker to stop on the refusal", || worker.exited().is_some());
+    let exit = worker.exited().expect("exited");
+    assert_ne!(exit, Exit::OK, "a refusal is an error exit");
+    let log = worker.log_text();
+    assert!(log.contains(&url) && (log.contains("401") || log.contains("refused")), "the log names the registry and why:\n{log}");
+    assert_eq!(env.query_u64("SELECT count() FROM results"), 0, "nothing stored");
+    assert!(env.read_topic_to_end("triage.dead-letter").is_empty(), "a refusal dead-letters nothing");
+    assert_eq!(env.committed("tickets-avro", 0), None, "nothing committed");
+    let _ = guarded.kill();
+    let _ = guarded.wait();
+}
