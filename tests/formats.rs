@@ -233,10 +233,15 @@ fn every_format_lands_with_the_same_rows_as_its_json_twin() {
     env.produce("tickets-avro-raw", &serialize(&env, &registry.url(), "avro_raw", "tickets-avro-raw", &records, 0));
 
     let pinned = PinnedSchema { file: Some(fixtures().join("ticket.avsc")), message: None };
+    // Every Avro and Protobuf message is escalated too: its record must reach the next tier as JSON.
+    let escalate_all = |mut r: triage::config::RouteConfig| {
+        r.escalation_threshold = Some(1.0);
+        r
+    };
     let routes = vec![
         route("tickets-json", Format::Json, PinnedSchema::default()),
-        route("tickets-avro", Format::Avro, PinnedSchema::default()),
-        route("tickets-protobuf", Format::Protobuf, PinnedSchema::default()),
+        escalate_all(route("tickets-avro", Format::Avro, PinnedSchema::default())),
+        escalate_all(route("tickets-protobuf", Format::Protobuf, PinnedSchema::default())),
         route("tickets-json-schema", Format::JsonSchema, PinnedSchema::default()),
         route("tickets-avro-raw", Format::Avro, pinned),
     ];
@@ -253,6 +258,33 @@ fn every_format_lands_with_the_same_rows_as_its_json_twin() {
         assert_eq!(rows_of(&env, topic), json_rows, "{topic} differs from its JSON twin");
     }
     assert!(env.read_topic_to_end("triage.dead-letter").is_empty(), "nothing dead-lettered");
+
+    // The escalation records carry the decoded record (logical types as text, unions as their
+    // branch, the oneof member that is set), for the LLM tier and people to read.
+    let escalations = env.read_topic_to_end("triage.escalations");
+    assert_eq!(escalations.len(), 120, "every Avro and Protobuf message escalated once");
+    let find = |topic: &str, id: &str| {
+        escalations
+            .iter()
+            .map(|(_, payload, _)| serde_json::from_slice::<serde_json::Value>(payload).expect("an escalation is JSON"))
+            .find(|v| v["source"]["topic"] == topic && v["message_id"] == id)
+            .unwrap_or_else(|| panic!("no escalation for {topic} {id}"))
+    };
+    let avro = &find("tickets-avro", "F-1")["message"];
+    assert_eq!(avro["created"], "2023-11-14T23:13:20.130Z", "{avro}");
+    assert_eq!(avro["subject"], "ticket 1");
+    assert_eq!(avro["content"]["body"], records[1]["body"]);
+    assert_eq!(avro["contact"], serde_json::json!({"email": "c1@example.com"}), "a record in a union is the record");
+    assert_eq!(avro["amount"], "11.01", "a decimal as exact text");
+    assert_eq!(avro["opened"], "2023-11-14");
+    assert_eq!(avro["priority"], "LOW");
+    assert_eq!(find("tickets-avro", "F-0")["message"]["subject"], serde_json::Value::Null);
+    let protobuf = &find("tickets-protobuf", "F-2")["message"];
+    assert_eq!(protobuf["created"], "2023-11-15T00:13:20.137Z", "{protobuf}");
+    assert_eq!(protobuf["subject"], "ticket 2", "a wrapper is its plain value");
+    assert_eq!(protobuf["phone"], "+000", "the oneof member that is set");
+    assert!(protobuf.get("contact").is_none());
+    assert_eq!(protobuf["counts"], serde_json::json!({"replies": "2"}), "int64 as text (proto3 JSON)");
     registry.kill9();
 }
 
