@@ -236,12 +236,6 @@ impl OffsetTracker {
         let assigned: usize = self.partitions.values().map(|s| s.pending.values().filter(|&&n| n > 0).count()).sum();
         assigned + self.orphans.values().map(BTreeMap::len).sum::<usize>()
     }
-
-    pub fn assigned(&self) -> Vec<TopicPartition> {
-        let mut v: Vec<_> = self.partitions.keys().cloned().collect();
-        v.sort();
-        v
-    }
 }
 
 #[cfg(test)]
