@@ -1,4 +1,5 @@
-//! One way to make HTTP(S) GETs to the services triage reads over HTTP (the schema registry):
+//! One way to make HTTP(S) requests to the services triage talks to over HTTP (the schema
+//! registry: GETs by the worker, a POST to register by `triage produce`):
 //! hyper over native TLS (the stack the ClickHouse client already builds), an optional extra CA
 //! for a private registry, a deadline per request and a cap on the body read.
 
@@ -6,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::header::HeaderValue;
 use hyper::{Request, Uri};
 use hyper_tls::HttpsConnector;
@@ -28,7 +29,7 @@ pub enum HttpError {
 /// An HTTP(S) client; cheap to clone.
 #[derive(Clone)]
 pub struct HttpClient {
-    client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     timeout: Duration,
     max_bytes: usize,
 }
@@ -60,11 +61,24 @@ impl HttpClient {
 
     /// GET `uri` with `headers`, within the deadline; the body read up to the cap.
     pub async fn get(&self, uri: &Uri, headers: &[(&str, HeaderValue)]) -> Result<Reply, HttpError> {
-        let mut request = Request::get(uri.clone());
+        self.send(Request::get(uri.clone()), headers, Bytes::new()).await
+    }
+
+    /// POST `body` to `uri` with `headers`, within the deadline.
+    pub async fn post(&self, uri: &Uri, headers: &[(&str, HeaderValue)], body: Bytes) -> Result<Reply, HttpError> {
+        self.send(Request::post(uri.clone()), headers, body).await
+    }
+
+    async fn send(
+        &self,
+        mut request: hyper::http::request::Builder,
+        headers: &[(&str, HeaderValue)],
+        body: Bytes,
+    ) -> Result<Reply, HttpError> {
         for (name, value) in headers {
             request = request.header(*name, value.clone());
         }
-        let request = request.body(Empty::new()).map_err(|e| HttpError::Setup(e.to_string()))?;
+        let request = request.body(Full::new(body)).map_err(|e| HttpError::Setup(e.to_string()))?;
         let exchange = async {
             let response = self.client.request(request).await.map_err(|e| HttpError::Transport(transport_error(&e)))?;
             let status = response.status().as_u16();

@@ -12,6 +12,7 @@ pub mod frame;
 pub mod json_schema;
 pub mod protobuf;
 pub mod registry;
+pub mod writer;
 
 use std::path::PathBuf;
 use std::sync::Arc;
