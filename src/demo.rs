@@ -18,10 +18,13 @@ use crate::config::ClientRole;
 use crate::config::{ClickHouseConfig, Config, RouteConfig};
 use crate::headers::{HEADER_DETAIL, HEADER_REASON};
 use crate::kafka_tools::{produce, read_json_lines, Record};
+use crate::local::registry::{Access, LocalSchemaRegistry};
 use crate::local::{local_kafka_config, local_worker_config, until_caught_up, LocalClickHouse, LocalKafka, LocalRunError};
 use crate::message::FieldMap;
 use crate::model::{Descriptor, InferenceOptions};
 use crate::sink::clickhouse::ClickHouseService;
+use crate::source::decode::writer::FramedWriter;
+use crate::source::decode::Format;
 use crate::worker::policy::EscalationPolicy;
 use crate::worker::{self, RunReport};
 
@@ -35,6 +38,9 @@ pub struct DemoOptions {
     /// Make this many messages from the samples (each sample in turn, with its own id) instead
     /// of sending each sample once.
     pub messages: Option<u64>,
+    /// How the producers write: JSON, or Avro in Confluent's wire format with the schema
+    /// (`<data_dir>/ticket.avsc`) in a stand-in registry started for the demo.
+    pub format: Format,
 }
 
 /// How far the demo is.
@@ -71,6 +77,8 @@ pub struct DemoRun {
     pub samples: HashMap<String, Sample>,
     /// The escalation rule the routes resolved to (all use the same model).
     pub policy: EscalationPolicy,
+    /// The stand-in schema registry of an Avro demo.
+    pub registry: Option<LocalSchemaRegistry>,
 }
 
 /// The bundled lines of one stream, as records (bytes untouched: a bad line stays bad).
@@ -115,6 +123,18 @@ pub async fn run(options: DemoOptions, progress: Arc<dyn Fn(DemoProgress) + Send
     step("starting a private ClickHouse server on loopback");
     let clickhouse = tokio::task::spawn_blocking(LocalClickHouse::start).await.map_err(|e| DemoError::Other(e.to_string()))??;
 
+    let registry = match options.format {
+        Format::Json => None,
+        Format::Avro => {
+            step("starting a stand-in schema registry on loopback (Confluent's REST subset)");
+            Some(
+                LocalSchemaRegistry::start("127.0.0.1:0", Access::Open, None)
+                    .await
+                    .map_err(|e| DemoError::Other(format!("schema registry: {e}")))?,
+            )
+        }
+        other => return Err(DemoError::Other(format!("the demo runs on json or avro, not {}", other.as_str()))),
+    };
     let fields = FieldMap { timestamp: vec!["created_at".into()], ..FieldMap::default() };
     let routes: Vec<RouteConfig> = STREAMS
         .iter()
@@ -122,16 +142,20 @@ pub async fn run(options: DemoOptions, progress: Arc<dyn Fn(DemoProgress) + Send
             let mut route = RouteConfig::new(*topic, *kind, options.model_dir.clone());
             route.fields = fields.clone();
             route.metadata = [("tier".to_string(), "/customer/tier".to_string())].into();
+            route.format = options.format;
             route
         })
         .collect();
-    let config = local_worker_config(
+    let mut config = local_worker_config(
         "demo-worker",
         local_kafka_config(&kafka, "triage-demo"),
         ClickHouseConfig { url: clickhouse.url(), insert_interval_ms: 200, ..ClickHouseConfig::default() },
         routes,
         options.inference.clone(),
     );
+    if let Some(registry) = &registry {
+        config.schema_registry.urls = vec![registry.url()];
+    }
     config.validate().map_err(|e| DemoError::Other(e.to_string()))?;
     let descriptor = Descriptor::load(&options.model_dir)?;
     let policy = EscalationPolicy::resolve(&config.routes[0], &descriptor, descriptor.ood.is_some(), config.escalation.default_threshold);
@@ -157,18 +181,39 @@ pub async fn run(options: DemoOptions, progress: Arc<dyn Fn(DemoProgress) + Send
     let bundled: u64 = streams.iter().map(|(_, r)| r.len() as u64).sum();
     let producer: FutureProducer = config.kafka.client(ClientRole::Producer).create()?;
     let mut produced = 0;
+    let http = crate::http::HttpClient::new(None, Duration::from_secs(10), 1 << 20).map_err(|e| DemoError::Other(e.to_string()))?;
     for (topic, records) in &streams {
+        let writer = match &registry {
+            Some(registry) => {
+                let schema = options.data_dir.join("ticket.avsc");
+                let writer = FramedWriter::register(&http, &registry.url(), &format!("{topic}-value"), Format::Avro, &schema, None)
+                    .await
+                    .map_err(|e| DemoError::Other(format!("{}: {e}", schema.display())))?;
+                step(&format!("registered {} as {topic}-value (schema id {})", schema.display(), writer.schema_id()));
+                Some(writer)
+            }
+            None => None,
+        };
+        // Avro: each JSON record encoded and framed; a line that is not JSON (or does not fit
+        // the schema) stays as it is, for the worker to dead-letter (not_framed).
+        let encode = |record: Record| match &writer {
+            Some(writer) => match serde_json::from_slice::<Value>(&record.payload).map(|json| writer.encode(&json)) {
+                Ok(Ok(payload)) => Record { key: record.key, payload },
+                _ => record,
+            },
+            None => record,
+        };
         let n = match options.messages {
             // Each stream's share of N, in proportion to its samples.
             Some(total) => {
                 let share = total * records.len() as u64 / bundled.max(1);
-                produce(&producer, topic, copies(records, share), None, |_| {}).await?.0
+                produce(&producer, topic, copies(records, share).map(|r| r.map(encode)), None, |_| {}).await?.0
             }
             None => {
                 produce(
                     &producer,
                     topic,
-                    records.iter().map(|r| Ok(Record { key: r.key.clone(), payload: r.payload.clone() })),
+                    records.iter().map(|r| Ok(encode(Record { key: r.key.clone(), payload: r.payload.clone() }))),
                     None,
                     |_| {},
                 )
@@ -196,7 +241,7 @@ pub async fn run(options: DemoOptions, progress: Arc<dyn Fn(DemoProgress) + Send
     let report = worker::run(config.clone(), done).await;
     watcher.abort();
     let report = report?;
-    Ok(DemoRun { report, produced, config, clickhouse, kafka, samples, policy })
+    Ok(DemoRun { report, produced, config, clickhouse, kafka, samples, policy, registry })
 }
 
 async fn stored_rows(config: &ClickHouseConfig) -> Result<u64, clickhouse::error::Error> {

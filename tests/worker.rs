@@ -369,6 +369,7 @@ fn demo_runs_the_default_model_end_to_end_and_explains_what_landed() {
         assert!(after(out_of_domain).contains("-> escalated: out of distribution"), "{out_of_domain}: {stdout}");
     }
     assert!(stdout.contains("the slowest stage is") && stdout.contains("scripts/demo --messages 10000"), "{stdout}");
+    assert!(stdout.contains("scripts/demo --format avro"), "the Avro demo is suggested: {stdout}");
     assert!(!String::from_utf8_lossy(&out.stderr).contains(" INFO "), "the demo keeps the worker's log to warnings");
 }
 

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use triage::demo::{Answer, DemoOptions, DemoProgress, DemoRun};
 use triage::paths;
+use triage::source::decode::Format;
 
 use super::ModelArgs;
 
@@ -25,6 +26,10 @@ pub struct DemoArgs {
     /// Keep Kafka and ClickHouse running after the demo, until Ctrl-C.
     #[arg(long)]
     keep_running: bool,
+    /// How the demo's producers write: json, or avro (Confluent's wire format, the schema
+    /// deploy/demo/ticket.avsc in a stand-in schema registry).
+    #[arg(long, default_value = "json", value_parser = ["json", "avro"])]
+    format: String,
 }
 
 pub async fn run(args: DemoArgs) -> Result<()> {
@@ -32,7 +37,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         Some(d) => d,
         None => paths::find_in_project("deploy/demo").context("the bundled demo messages (deploy/demo) were not found")?,
     };
-    let options = DemoOptions { model_dir: args.model.dir()?, data_dir, inference: args.model.inference(), messages: args.messages };
+    let format = if args.format == "avro" { Format::Avro } else { Format::Json };
+    let options =
+        DemoOptions { model_dir: args.model.dir()?, data_dir, inference: args.model.inference(), messages: args.messages, format };
     let bar = super::progress_bar(super::Progress::Items("messages stored in ClickHouse"), Some(0));
     let shown = bar.clone();
     let progress = Arc::new(move |p: DemoProgress| match p {
@@ -166,6 +173,9 @@ async fn summary(run: &DemoRun, generated: bool) -> Result<()> {
     );
     if !generated {
         println!("  scripts/demo --messages 10000   the worker's throughput on a bigger stream, with a progress bar");
+    }
+    if run.config.routes.first().map(|r| r.format) == Some(Format::Json) {
+        println!("  scripts/demo --format avro      the same messages as Avro through a schema registry (README \"Formats\")");
     }
     println!("  scripts/setup --llm             a local LLM server for the escalations (README: \"The LLM tier\")");
     println!("  deploy/clickhouse/queries/      the analysts' queries; README \"For analysts\"");
