@@ -1,5 +1,5 @@
-//! Stage benchmarks: tokenization, batch assembly (FIFO vs length-bucketed), and inference per
-//! batch size and sequence length. Run with `cargo bench --bench pipeline`; `cargo test
+//! Stage benchmarks: decoding a message (JSON vs Avro, side by side), tokenization, batch
+//! assembly (FIFO vs length-bucketed), and inference per batch size and sequence length. Run with `cargo bench --bench pipeline`; `cargo test
 //! --all-targets` runs each once as a smoke test. Texts: ../shared/data/banking77 when present,
 //! generated otherwise (said on stderr).
 
@@ -9,6 +9,8 @@ use std::time::Instant;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use triage::batcher::{Assembler, BatchPolicy};
 use triage::model::{InferenceOptions, Model};
+use triage::source::decode::avro::AvroReader;
+use triage::source::decode::{Format, PinnedSchema, RecordReader, Step};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -97,5 +99,37 @@ fn bench_inference(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_tokenize, bench_assembly, bench_inference);
+/// What reading one message into its JSON record costs: the same 1,000 tickets (Banking77 texts
+/// in the demo's ticket shape) as JSON and as raw Avro with the demo's schema
+/// (deploy/demo/ticket.avsc, read as a pinned-schema route reads it). Issue 20's bar: Avro may
+/// cost no more per message than JSON.
+fn bench_decode(c: &mut Criterion) {
+    let schema_path = root().join("deploy/demo/ticket.avsc");
+    let schema = std::fs::read_to_string(&schema_path).expect("deploy/demo/ticket.avsc");
+    let writer = AvroReader::parse(&schema, &[]).expect("the demo's Avro schema");
+    let records: Vec<serde_json::Value> = short_texts(1_000)
+        .into_iter()
+        .enumerate()
+        .map(|(i, text)| {
+            serde_json::json!({
+                "id": format!("T-{i}"), "subject": format!("ticket {i}"), "body": text,
+                "created_at": "2026-11-20T08:12:00Z", "customer": {"tier": if i % 2 == 0 { "gold" } else { "standard" }},
+            })
+        })
+        .collect();
+    let json: Vec<Vec<u8>> = records.iter().map(|r| r.to_string().into_bytes()).collect();
+    let avro: Vec<Vec<u8>> = records.iter().map(|r| writer.write(r).expect("a demo record fits its schema")).collect();
+    let json_reader = RecordReader::json(1 << 20);
+    let pinned = PinnedSchema { file: Some(schema_path), message: None };
+    let avro_reader = RecordReader::new(Format::Avro, &pinned, None, 1 << 20).expect("pinned Avro reader");
+    let read_all = |reader: &RecordReader, set: &[Vec<u8>]| set.iter().filter(|m| matches!(reader.read(m), Step::Record(_))).count();
+    assert_eq!(read_all(&avro_reader, &avro), records.len(), "every Avro message reads");
+    let mut g = c.benchmark_group("decode");
+    g.throughput(Throughput::Elements(records.len() as u64));
+    g.bench_function("json", |b| b.iter(|| read_all(&json_reader, &json)));
+    g.bench_function("avro", |b| b.iter(|| read_all(&avro_reader, &avro)));
+    g.finish();
+}
+
+criterion_group!(benches, bench_decode, bench_tokenize, bench_assembly, bench_inference);
 criterion_main!(benches);
