@@ -28,7 +28,7 @@ pub struct ProduceArgs {
     csv: bool,
     /// How to write each record: json (as it is), or avro / protobuf / json_schema in
     /// Confluent's wire format with --schema registered at --registry.
-    #[arg(long, default_value = "json", value_parser = parse_format)]
+    #[arg(long, default_value = "json", value_parser = str::parse::<Format>)]
     format: Format,
     /// The schema: an .avsc, a .proto (imports: Google's well-known types only) or a JSON Schema.
     #[arg(long, required_if_eq_any = [("format", "avro"), ("format", "protobuf"), ("format", "json_schema")])]
@@ -45,11 +45,6 @@ pub struct ProduceArgs {
     subject: Option<String>,
     /// JSON lines or CSV ("-" for stdin).
     file: String,
-}
-
-fn parse_format(text: &str) -> Result<Format, String> {
-    serde_json::from_value(serde_json::Value::String(text.to_string()))
-        .map_err(|_| format!("unknown format `{text}` (json, avro, protobuf, json_schema)"))
 }
 
 pub async fn run(args: ProduceArgs) -> Result<()> {

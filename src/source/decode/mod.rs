@@ -34,6 +34,18 @@ pub enum Format {
     JsonSchema,
 }
 
+impl std::str::FromStr for Format {
+    type Err = String;
+
+    /// The config's spelling: `json`, `avro`, `protobuf`, `json_schema`.
+    fn from_str(text: &str) -> Result<Self, String> {
+        [Format::Json, Format::Avro, Format::Protobuf, Format::JsonSchema]
+            .into_iter()
+            .find(|f| f.as_str() == text)
+            .ok_or_else(|| format!("unknown format `{text}` (json, avro, protobuf, json_schema)"))
+    }
+}
+
 impl Format {
     pub fn as_str(self) -> &'static str {
         match self {

@@ -396,7 +396,7 @@ impl Registry {
 }
 
 /// A subject in a URL path (subjects like `shop.Ticket-value` or `a/b.proto`).
-fn encode_path(subject: &str) -> String {
+pub(crate) fn encode_path(subject: &str) -> String {
     subject
         .bytes()
         .map(|b| match b {

@@ -56,7 +56,7 @@ impl FramedWriter {
                 (Encoding::JsonSchema(JsonSchemaReader::parse(&text, &[]).map_err(|e| format!("JSON Schema: {e}"))?), "JSON")
             }
         };
-        let url = format!("{}/subjects/{}/versions", registry_url.trim_end_matches('/'), encode_segment(subject));
+        let url = format!("{}/subjects/{}/versions", registry_url.trim_end_matches('/'), super::registry::encode_path(subject));
         let uri: hyper::Uri = url.parse().map_err(|e| format!("registry URL {url}: {e}"))?;
         let body = json!({"schema": text, "schemaType": schema_type}).to_string();
         let headers = [("content-type", HeaderValue::from_static("application/vnd.schemaregistry.v1+json"))];
@@ -87,13 +87,6 @@ impl FramedWriter {
     }
 }
 
-/// A subject in a URL path: letters, digits and `-._~` as they are, the rest percent-encoded.
-fn encode_segment(s: &str) -> String {
-    s.bytes()
-        .map(|b| if b.is_ascii_alphanumeric() || b"-._~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,7 +114,7 @@ mod tests {
 
     #[test]
     fn subjects_are_escaped_in_paths() {
-        assert_eq!(encode_segment("tickets-value"), "tickets-value");
-        assert_eq!(encode_segment("a/b c.proto"), "a%2Fb%20c.proto");
+        assert_eq!(super::super::registry::encode_path("tickets-value"), "tickets-value");
+        assert_eq!(super::super::registry::encode_path("a/b c.proto"), "a%2Fb%20c.proto");
     }
 }
