@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 
-use apache_avro::schema::{Name, Schema};
+use apache_avro::schema::{InnerDecimalSchema, Name, Schema, UuidSchema};
 use apache_avro::types::Value as Avro;
 use base64::Engine as _;
 use serde_json::{Map, Number, Value};
@@ -40,22 +40,16 @@ impl AvroReader {
         Ok(AvroReader { schema, schemata, names })
     }
 
-    /// One datum (the whole payload) as JSON.
+    /// One datum (the whole payload) as JSON, read straight from the binary encoding while
+    /// walking the writer's schema (no intermediate Avro value tree: this is the per-message
+    /// hot path, and building the tree cost twice a JSON parse).
     pub fn read(&self, payload: &[u8]) -> Result<Value, String> {
-        let mut reader = Tracked { rest: payload, ran_out: false };
-        let value = apache_avro::reader::datum::GenericDatumReader::builder(&self.schema)
-            .writer_schemata(self.all())
-            .and_then(|b| b.build())
-            .and_then(|r| r.read_value(&mut reader))
-            .map_err(|e| e.to_string())?;
-        // apache-avro answers some reads past the end with null instead of an error.
-        if reader.ran_out || !value.validate_schemata(&self.all()) {
-            return Err("the payload ends inside the record: cut short, or written with another schema".into());
+        let mut datum = Datum { rest: payload, depth: 0 };
+        let value = self.decode(&self.schema, &mut datum)?;
+        if !datum.rest.is_empty() {
+            return Err(format!("{} bytes left after the record: written with another schema?", datum.rest.len()));
         }
-        if !reader.rest.is_empty() {
-            return Err(format!("{} bytes left after the record: written with another schema?", reader.rest.len()));
-        }
-        self.to_json(&value, &self.schema)
+        Ok(value)
     }
 
     /// A JSON record (Avro's shapes: numbers for timestamps, the branch's value for unions) as
@@ -82,99 +76,202 @@ impl AvroReader {
         }
     }
 
-    fn to_json(&self, value: &Avro, schema: &Schema) -> Result<Value, String> {
-        let schema = self.named(schema);
-        Ok(match (value, schema) {
-            (Avro::Union(i, inner), Schema::Union(union)) => {
-                let branch = union.variants().get(*i as usize).ok_or_else(|| format!("union branch {i} does not exist"))?;
-                self.to_json(inner, branch)?
+    fn decode(&self, schema: &Schema, datum: &mut Datum<'_>) -> Result<Value, String> {
+        let b64 = |b: &[u8]| Value::String(base64::engine::general_purpose::STANDARD.encode(b));
+        Ok(match self.named(schema) {
+            Schema::Null => Value::Null,
+            Schema::Boolean => match datum.take(1)?[0] {
+                0 => Value::Bool(false),
+                1 => Value::Bool(true),
+                other => return Err(format!("a boolean byte is {other}, not 0 or 1")),
+            },
+            Schema::Int => Value::from(datum.int()?),
+            Schema::Long => Value::from(datum.long()?),
+            Schema::Float => {
+                let f = f32::from_le_bytes(datum.array::<4>()?);
+                Number::from_f64(f64::from(f)).map_or(Value::Null, Value::Number)
             }
-            (Avro::Union(_, inner), other) => self.to_json(inner, other)?,
-            (Avro::Record(fields), Schema::Record(record)) => {
-                let mut object = Map::with_capacity(fields.len());
-                for (name, v) in fields {
-                    let field_schema = record.fields.iter().find(|f| &f.name == name).map(|f| &f.schema).unwrap_or(schema);
-                    object.insert(name.clone(), self.to_json(v, field_schema)?);
-                }
+            Schema::Double => Number::from_f64(f64::from_le_bytes(datum.array::<8>()?)).map_or(Value::Null, Value::Number),
+            Schema::Bytes => b64(datum.bytes()?),
+            Schema::String | Schema::Uuid(UuidSchema::String) => Value::String(datum.string()?.to_owned()),
+            Schema::Fixed(fixed) => b64(datum.take(fixed.size)?),
+            Schema::Enum(e) => {
+                let i = datum.long()?;
+                let symbol = usize::try_from(i).ok().and_then(|i| e.symbols.get(i));
+                Value::String(symbol.ok_or_else(|| format!("enum {} has no symbol {i}", e.name))?.clone())
+            }
+            Schema::Union(union) => {
+                let i = datum.long()?;
+                let branch = usize::try_from(i).ok().and_then(|i| union.variants().get(i));
+                let branch = branch.ok_or_else(|| format!("union branch {i} does not exist"))?;
+                datum.nest(|d| self.decode(branch, d))?
+            }
+            Schema::Record(record) => {
+                let mut object = Map::with_capacity(record.fields.len());
+                datum.nest(|d| {
+                    for field in &record.fields {
+                        object.insert(field.name.clone(), self.decode(&field.schema, d)?);
+                    }
+                    Ok(())
+                })?;
                 Value::Object(object)
             }
-            (Avro::Array(items), Schema::Array(array)) => {
-                Value::Array(items.iter().map(|v| self.to_json(v, &array.items)).collect::<Result<_, _>>()?)
+            Schema::Array(array) => {
+                let mut items = Vec::new();
+                datum.nest(|d| {
+                    d.blocks(|d| {
+                        items.push(self.decode(&array.items, d)?);
+                        Ok(())
+                    })
+                })?;
+                Value::Array(items)
             }
-            (Avro::Map(entries), Schema::Map(map)) => {
-                let mut keys: Vec<&String> = entries.keys().collect();
-                keys.sort();
-                let mut object = Map::with_capacity(entries.len());
-                for k in keys {
-                    object.insert(k.clone(), self.to_json(&entries[k], &map.types)?);
-                }
-                Value::Object(object)
+            Schema::Map(map) => {
+                let mut entries = Vec::new();
+                datum.nest(|d| {
+                    d.blocks(|d| {
+                        let key = d.string()?.to_owned();
+                        entries.push((key, self.decode(&map.types, d)?));
+                        Ok(())
+                    })
+                })?;
+                // Sorted: the same record always gives the same JSON (and the same row).
+                entries.sort_by(|a, b| a.0.cmp(&b.0));
+                Value::Object(entries.into_iter().collect())
             }
-            (Avro::Decimal(d), Schema::Decimal(decimal)) => {
-                let unscaled: num_bigint::BigInt = d.clone().into();
+            Schema::Decimal(decimal) => {
+                let bytes = match &decimal.inner {
+                    InnerDecimalSchema::Bytes => datum.bytes()?,
+                    InnerDecimalSchema::Fixed(fixed) => datum.take(fixed.size)?,
+                };
+                let unscaled = num_bigint::BigInt::from_signed_bytes_be(bytes);
                 Value::String(decimal_text(&unscaled.to_string(), decimal.scale))
             }
-            (v, _) => plain(v)?,
+            Schema::BigDecimal => {
+                let mut inner = Datum { rest: datum.bytes()?, depth: datum.depth };
+                let unscaled = num_bigint::BigInt::from_signed_bytes_be(inner.bytes()?);
+                let scale = inner.long()?;
+                Value::String(match usize::try_from(scale) {
+                    Ok(scale) => decimal_text(&unscaled.to_string(), scale),
+                    // A negative scale multiplies by a power of ten.
+                    Err(_) => format!("{unscaled}{}", "0".repeat(scale.unsigned_abs().min(4096) as usize)),
+                })
+            }
+            Schema::Uuid(UuidSchema::Bytes) => {
+                let bytes = datum.bytes()?;
+                let bytes: [u8; 16] = bytes.try_into().map_err(|_| format!("a uuid of {} bytes, not 16", bytes.len()))?;
+                Value::String(uuid_text(&bytes))
+            }
+            Schema::Uuid(UuidSchema::Fixed(_)) => Value::String(uuid_text(&datum.array::<16>()?)),
+            Schema::Date => Value::String(date_text(i64::from(datum.int()?))),
+            Schema::TimeMillis => Value::String(time_text(i64::from(datum.int()?) * 1_000_000, 3)),
+            Schema::TimeMicros => Value::String(time_text(datum.long()?.wrapping_mul(1_000), 6)),
+            Schema::TimestampMillis => Value::String(timestamp_text(i128::from(datum.long()?) * 1_000_000, 3, true)),
+            Schema::TimestampMicros => Value::String(timestamp_text(i128::from(datum.long()?) * 1_000, 6, true)),
+            Schema::TimestampNanos => Value::String(timestamp_text(i128::from(datum.long()?), 9, true)),
+            Schema::LocalTimestampMillis => Value::String(timestamp_text(i128::from(datum.long()?) * 1_000_000, 3, false)),
+            Schema::LocalTimestampMicros => Value::String(timestamp_text(i128::from(datum.long()?) * 1_000, 6, false)),
+            Schema::LocalTimestampNanos => Value::String(timestamp_text(i128::from(datum.long()?), 9, false)),
+            Schema::Duration(_) => {
+                let b = datum.array::<12>()?;
+                let part = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+                serde_json::json!({"months": part(0), "days": part(4), "millis": part(8)})
+            }
+            Schema::Ref { name } => return Err(format!("the schema names {name}, which it does not define")),
         })
     }
 }
 
-/// The payload being read, noting any attempt to read past its end.
-struct Tracked<'a> {
+/// Deeper than this, a payload is an attack or a bug (a recursive schema lets each level cost
+/// one byte, and a 1 MB message would otherwise overflow the stack).
+const MAX_DEPTH: u32 = 256;
+
+/// The rest of a datum being read: every read checks the length first, so a payload cut short
+/// or written with another schema is an error, never a panic or a huge allocation.
+struct Datum<'a> {
     rest: &'a [u8],
-    ran_out: bool,
+    depth: u32,
 }
 
-impl std::io::Read for Tracked<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if !buf.is_empty() && buf.len() > self.rest.len() {
-            self.ran_out = true;
+impl<'a> Datum<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if n > self.rest.len() {
+            return Err("the payload ends inside the record: cut short, or written with another schema".into());
         }
-        self.rest.read(buf)
+        let (head, tail) = self.rest.split_at(n);
+        self.rest = tail;
+        Ok(head)
     }
-}
 
-/// Values whose JSON does not depend on the schema.
-fn plain(value: &Avro) -> Result<Value, String> {
-    let b64 = |b: &[u8]| Value::String(base64::engine::general_purpose::STANDARD.encode(b));
-    Ok(match value {
-        Avro::Null => Value::Null,
-        Avro::Boolean(b) => Value::Bool(*b),
-        Avro::Int(i) => Value::from(*i),
-        Avro::Long(l) => Value::from(*l),
-        Avro::Float(f) => Number::from_f64(f64::from(*f)).map_or(Value::Null, Value::Number),
-        Avro::Double(d) => Number::from_f64(*d).map_or(Value::Null, Value::Number),
-        Avro::Bytes(b) | Avro::Fixed(_, b) => b64(b),
-        Avro::String(s) => Value::String(s.clone()),
-        Avro::Enum(_, symbol) => Value::String(symbol.clone()),
-        Avro::Union(_, inner) => plain(inner)?,
-        Avro::Array(items) => Value::Array(items.iter().map(plain).collect::<Result<_, _>>()?),
-        Avro::Map(entries) => {
-            let mut keys: Vec<&String> = entries.keys().collect();
-            keys.sort();
-            Value::Object(keys.into_iter().map(|k| Ok((k.clone(), plain(&entries[k])?))).collect::<Result<_, String>>()?)
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
+
+    /// A zig-zag varint of at most 10 bytes.
+    fn long(&mut self) -> Result<i64, String> {
+        let mut value: u64 = 0;
+        for shift in (0..64).step_by(7) {
+            let byte = self.take(1)?[0];
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Ok((value >> 1) as i64 ^ -((value & 1) as i64));
+            }
         }
-        Avro::Record(fields) => Value::Object(fields.iter().map(|(k, v)| Ok((k.clone(), plain(v)?))).collect::<Result<_, String>>()?),
-        Avro::Date(days) => Value::String(date_text(i64::from(*days))),
-        // Without its schema's scale a decimal is its unscaled integer (the walker passes the
-        // scale wherever the schema has one).
-        Avro::Decimal(d) => Value::String(num_bigint::BigInt::from(d.clone()).to_string()),
-        Avro::BigDecimal(d) => Value::String(d.to_string()),
-        Avro::TimeMillis(ms) => Value::String(time_text(i64::from(*ms) * 1_000_000, 3)),
-        Avro::TimeMicros(us) => Value::String(time_text(us * 1_000, 6)),
-        Avro::TimestampMillis(ms) => Value::String(timestamp_text(i128::from(*ms) * 1_000_000, 3, true)),
-        Avro::TimestampMicros(us) => Value::String(timestamp_text(i128::from(*us) * 1_000, 6, true)),
-        Avro::TimestampNanos(ns) => Value::String(timestamp_text(i128::from(*ns), 9, true)),
-        Avro::LocalTimestampMillis(ms) => Value::String(timestamp_text(i128::from(*ms) * 1_000_000, 3, false)),
-        Avro::LocalTimestampMicros(us) => Value::String(timestamp_text(i128::from(*us) * 1_000, 6, false)),
-        Avro::LocalTimestampNanos(ns) => Value::String(timestamp_text(i128::from(*ns), 9, false)),
-        Avro::Duration(d) => serde_json::json!({
-            "months": u32::from(d.months()),
-            "days": u32::from(d.days()),
-            "millis": u32::from(d.millis()),
-        }),
-        Avro::Uuid(u) => Value::String(u.to_string()),
-    })
+        Err("a number longer than 10 bytes: not Avro".into())
+    }
+
+    fn int(&mut self) -> Result<i32, String> {
+        let long = self.long()?;
+        i32::try_from(long).map_err(|_| format!("{long} does not fit an int"))
+    }
+
+    fn len(&mut self) -> Result<usize, String> {
+        let len = self.long()?;
+        usize::try_from(len).map_err(|_| format!("a negative length ({len})"))
+    }
+
+    fn bytes(&mut self) -> Result<&'a [u8], String> {
+        let len = self.len()?;
+        self.take(len)
+    }
+
+    fn string(&mut self) -> Result<&'a str, String> {
+        std::str::from_utf8(self.bytes()?).map_err(|e| format!("a string that is not UTF-8: {e}"))
+    }
+
+    /// Array and map items: blocks of a count (negative: followed by the block's size in
+    /// bytes) and that many items, ended by a zero count.
+    fn blocks(&mut self, mut item: impl FnMut(&mut Self) -> Result<(), String>) -> Result<(), String> {
+        loop {
+            let count = self.long()?;
+            if count == 0 {
+                return Ok(());
+            }
+            if count < 0 {
+                self.len()?;
+            }
+            let count = count.unsigned_abs();
+            // Items of zero bytes (nulls, empty records) would let a few bytes claim billions.
+            if count > self.rest.len() as u64 + 1024 {
+                return Err(format!("a block of {count} items in {} bytes: not this schema", self.rest.len()));
+            }
+            for _ in 0..count {
+                item(self)?;
+            }
+        }
+    }
+
+    fn nest<T>(&mut self, inner: impl FnOnce(&mut Self) -> Result<T, String>) -> Result<T, String> {
+        if self.depth >= MAX_DEPTH {
+            return Err(format!("nested deeper than {MAX_DEPTH} levels"));
+        }
+        self.depth += 1;
+        let out = inner(self);
+        self.depth -= 1;
+        out
+    }
 }
 
 fn collect_names(schema: &Schema, names: &mut HashMap<Name, Schema>) {
@@ -211,6 +308,18 @@ fn decimal_text(digits: &str, scale: usize) -> String {
     let padded = format!("{digits:0>width$}", width = scale + 1);
     let (whole, fraction) = padded.split_at(padded.len() - scale);
     format!("{sign}{whole}.{fraction}")
+}
+
+/// The hyphenated lower-case form: 8-4-4-4-12 hex digits.
+fn uuid_text(bytes: &[u8; 16]) -> String {
+    let mut text = String::with_capacity(36);
+    for (i, b) in bytes.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            text.push('-');
+        }
+        text.push_str(&format!("{b:02x}"));
+    }
+    text
 }
 
 /// (year, month, day) of a day count since 1970-01-01 (proleptic Gregorian).
@@ -342,6 +451,34 @@ mod tests {
     }
 
     #[test]
+    fn hostile_payloads_are_errors_not_crashes_or_huge_allocations() {
+        // A linked list: each level costs one byte, so depth is bounded by the reader, not the payload.
+        let list = r#"{"type": "record", "name": "Node", "fields": [{"name": "next", "type": ["null", "Node"]}]}"#;
+        let reader = AvroReader::parse(list, &[]).unwrap();
+        let mut deep = vec![0x02; 100_000];
+        deep.push(0x00);
+        assert!(reader.read(&deep).unwrap_err().contains("nested deeper"));
+        let mut shallow = vec![0x02; 10];
+        shallow.push(0x00);
+        assert_eq!(reader.read(&shallow).unwrap().to_string().matches("next").count(), 11);
+        // Three bytes claiming 2^62 nulls.
+        let nulls = AvroReader::parse(r#"{"type": "array", "items": "null"}"#, &[]).unwrap();
+        let huge = [0xfe, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f];
+        assert!(nulls.read(&huge).unwrap_err().contains("block of"));
+        assert_eq!(nulls.read(&[0x06, 0x00]).unwrap(), json!([null, null, null]));
+        // A negative count is followed by the block's size in bytes (writers that allow skipping).
+        let ints = AvroReader::parse(r#"{"type": "array", "items": "int"}"#, &[]).unwrap();
+        assert_eq!(ints.read(&[0x03, 0x04, 0x02, 0x04, 0x02, 0x06, 0x00]).unwrap(), json!([1, 2, 3]));
+        // A negative length, a string that is not UTF-8, a varint that never ends.
+        let text = AvroReader::parse(r#""string""#, &[]).unwrap();
+        assert!(text.read(&[0x01]).unwrap_err().contains("negative length"));
+        assert!(text.read(&[0x02, 0xff]).unwrap_err().contains("UTF-8"));
+        assert!(text.read(&[0xff; 12]).unwrap_err().contains("10 bytes"));
+        let int = AvroReader::parse(r#""int""#, &[]).unwrap();
+        assert!(int.read(&[0x80, 0x80, 0x80, 0x80, 0x20]).unwrap_err().contains("does not fit"));
+    }
+
+    #[test]
     fn a_referenced_schema_is_resolved_by_name() {
         let customer = r#"{"type": "record", "name": "Customer", "namespace": "crm", "fields": [{"name": "tier", "type": "string"}]}"#;
         let order = r#"{"type": "record", "name": "Order", "fields": [{"name": "customer", "type": "crm.Customer"}, {"name": "note", "type": "string"}]}"#;
@@ -356,6 +493,8 @@ mod tests {
         assert_eq!(decimal_text("-5", 3), "-0.005");
         assert_eq!(decimal_text("7", 0), "7");
         assert_eq!(date_text(0), "1970-01-01");
+        let uuid = [0x67, 0xe5, 0x50, 0x44, 0x10, 0xb1, 0x42, 0x6f, 0x92, 0x47, 0xbb, 0x68, 0x0e, 0x5f, 0xe0, 0xc8];
+        assert_eq!(uuid_text(&uuid), "67e55044-10b1-426f-9247-bb680e5fe0c8");
         assert_eq!(date_text(-1), "1969-12-31");
         assert_eq!(date_text(11_016), "2000-02-29");
         assert_eq!(time_text(45_296_789_000_000, 3), "12:34:56.789");
