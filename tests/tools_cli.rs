@@ -180,11 +180,11 @@ fn json_logs_are_json_and_carry_no_secret() {
 }
 
 #[test]
-fn bench_runs_all_three_stages_and_reports_ratios() {
+fn bench_runs_all_stages_and_reports_ratios() {
     let dir = tempfile::tempdir().unwrap();
     // An empty data folder: the bench must fall back to generated texts and say so.
     let out = triage()
-        .args(["bench", "--messages", "300", "--workload", "short", "--data"])
+        .args(["bench", "--messages", "300", "--workload", "short", "--format", "avro", "--data"])
         .arg(dir.path())
         .env("RUST_LOG", "warn")
         .output()
@@ -193,7 +193,8 @@ fn bench_runs_all_three_stages_and_reports_ratios() {
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("GENERATED"), "{stdout}");
     assert!(stdout.contains("b/a (worker / ceiling) =") && stdout.contains("b/c (worker / batch size 1) ="), "{stdout}");
-    for stage in ["a. ceiling, sorted batches", "b. worker, default batching", "c. worker, batch size 1"] {
+    assert!(stdout.contains("d/b (the worker on Avro / on JSON) ="), "{stdout}");
+    for stage in ["a. ceiling, sorted batches", "b. worker, default batching", "c. worker, batch size 1", "d. worker, Avro (pinned)"] {
         let line = stdout.lines().find(|l| l.contains(stage)).unwrap_or_else(|| panic!("no {stage} line: {stdout}"));
         let after = &line[line.find(stage).unwrap() + stage.len()..];
         let msgs_per_s: f64 = after.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0.0);

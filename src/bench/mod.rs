@@ -3,6 +3,8 @@
 //!   b. the whole worker at default settings on a backlog: mock Kafka -> tokenize -> batch ->
 //!      model -> ClickHouse, timed from the first message consumed to the last commit;
 //!   c. the same worker with max_batch_size 1 (inserts and commits batched as usual).
+//!   d. (`--format avro`) stage b again with the same messages written as raw Avro and read
+//!      through a pinned schema: what decoding Avro instead of JSON costs the whole worker (d/b).
 //! and the ratios b/a and b/c. Workloads: short customer messages (Banking77) and e-mail-length
 //! tickets, read from ../shared/data when present, generated otherwise (and said so).
 //! `sweep` tunes what decides the ceiling itself (threads, sessions, optimisation level,
@@ -53,6 +55,27 @@ pub struct BenchOptions {
     pub batching: EngineConfig,
     /// Batch size of the ceiling run (sorted, no padding to speak of); None: the best found.
     pub ceiling_batch_size: Option<usize>,
+    /// Also run stage d: the worker on the same messages as raw Avro.
+    pub avro: bool,
+}
+
+/// The Avro schema of every workload's messages (stage d): a subject that may be absent (the
+/// short messages have none) and a body.
+pub const AVRO_SCHEMA: &str = r#"{"type": "record", "name": "BenchMessage", "namespace": "triage.bench", "fields": [
+    {"name": "subject", "type": ["null", "string"], "default": null},
+    {"name": "body", "type": "string"}
+]}"#;
+
+/// `messages` as raw Avro datums of [`AVRO_SCHEMA`].
+pub fn avro_records(messages: &[serde_json::Value]) -> Result<Vec<Vec<u8>>, BenchError> {
+    let writer = crate::source::decode::avro::AvroReader::parse(AVRO_SCHEMA, &[]).map_err(BenchError::Other)?;
+    messages
+        .iter()
+        .map(|m| {
+            let record = json!({"subject": m.get("subject").cloned().unwrap_or_default(), "body": m.get("body").cloned().unwrap_or_default()});
+            writer.write(&record).map_err(BenchError::Other)
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Default)]
@@ -94,6 +117,7 @@ pub struct WorkloadResult {
     pub ceiling: StageResult,
     pub worker: StageResult,
     pub batch_one: StageResult,
+    pub avro: Option<StageResult>,
 }
 
 impl WorkloadResult {
@@ -102,6 +126,10 @@ impl WorkloadResult {
     }
     pub fn worker_over_batch_one(&self) -> f64 {
         self.worker.per_second() / self.batch_one.per_second().max(1e-9)
+    }
+    /// d/b: the worker's throughput on Avro over the same worker on JSON.
+    pub fn avro_over_json(&self) -> Option<f64> {
+        self.avro.as_ref().map(|d| d.per_second() / self.worker.per_second().max(1e-9))
     }
 }
 
@@ -291,6 +319,7 @@ async fn worker_stage(
     options: &BenchOptions,
     batching: EngineConfig,
     records: &[Vec<u8>],
+    avro_schema: Option<&Path>,
 ) -> Result<StageResult, BenchError> {
     let topic = format!("bench-{name}");
     kafka.create_topic(&topic, 4)?;
@@ -307,13 +336,26 @@ async fn worker_stage(
         ..Default::default()
     };
     ClickHouseService::new(&ch).apply_schema().await?;
-    let route = RouteConfig::new(topic.clone(), "bench", options.model_dir.clone());
+    let mut route = RouteConfig::new(topic.clone(), "bench", options.model_dir.clone());
+    if let Some(file) = avro_schema {
+        route.format = crate::source::decode::Format::Avro;
+        route.schema = crate::source::decode::PinnedSchema { file: Some(file.to_path_buf()), message: None };
+    }
     let mut config = local_worker_config("bench", kafka_config.clone(), ch.clone(), vec![route], options.inference.clone());
     // Only the pipeline is timed: no escalation writes.
     config.escalation.enabled = false;
     config.batching = batching;
     let done = until_caught_up(kafka_config, vec![topic.clone()]);
     let report = worker::run(config, done).await?;
+    // A stage that dead-lettered its input measured nothing (a schema that does not fit, say).
+    if report.dead_lettered > 0 || report.rows_inserted < records.len() as u64 {
+        return Err(BenchError::Other(format!(
+            "stage {name}: {} of {} messages stored, {} dead-lettered: the figures would not measure classification",
+            report.rows_inserted,
+            records.len(),
+            report.dead_lettered
+        )));
+    }
     let client = clickhouse::Client::default().with_url(&ch.url).with_database(&ch.database).with_validation(false);
     let latency: Latency = client
         .query("SELECT quantile(0.5)(toFloat64(processed_time_ms) - toFloat64(consumed_time_ms)) AS p50, quantile(0.99)(toFloat64(processed_time_ms) - toFloat64(consumed_time_ms)) AS p99 FROM results FINAL")
@@ -340,6 +382,9 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Vec<W
     progress("starting the mock Kafka cluster and a private ClickHouse server");
     let kafka = LocalKafka::start(1)?;
     let clickhouse = tokio::task::spawn_blocking(LocalClickHouse::start).await.map_err(|e| BenchError::Other(e.to_string()))??;
+    let schema_dir = tempfile::tempdir().map_err(|e| BenchError::Other(format!("a temporary directory: {e}")))?;
+    let schema_file = schema_dir.path().join("bench-message.avsc");
+    std::fs::write(&schema_file, AVRO_SCHEMA).map_err(|e| BenchError::Other(format!("{}: {e}", schema_file.display())))?;
     let mut results = Vec::new();
     for (index, &workload) in options.workloads.iter().enumerate() {
         let (messages, source) = workload_messages(workload, &options.shared_data, options.messages);
@@ -354,12 +399,20 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Vec<W
             .await
             .map_err(|e| BenchError::Other(e.to_string()))??;
         progress("  b. the whole worker at default settings");
-        let worker = worker_stage(&format!("{index}-b"), &kafka, &clickhouse, &options, options.batching.clone(), &records).await?;
+        let worker = worker_stage(&format!("{index}-b"), &kafka, &clickhouse, &options, options.batching.clone(), &records, None).await?;
         progress("  c. the same worker with max_batch_size 1");
         let mut one = options.batching.clone();
         one.policy.max_batch_size = 1;
-        let batch_one = worker_stage(&format!("{index}-c"), &kafka, &clickhouse, &options, one, &records).await?;
-        results.push(WorkloadResult { workload, source, ceiling_batch_size, ceiling, worker, batch_one });
+        let batch_one = worker_stage(&format!("{index}-c"), &kafka, &clickhouse, &options, one, &records, None).await?;
+        let avro = if options.avro {
+            progress("  d. stage b on the same messages as raw Avro (pinned schema)");
+            let avro_records = avro_records(&messages)?;
+            let batching = options.batching.clone();
+            Some(worker_stage(&format!("{index}-d"), &kafka, &clickhouse, &options, batching, &avro_records, Some(&schema_file)).await?)
+        } else {
+            None
+        };
+        results.push(WorkloadResult { workload, source, ceiling_batch_size, ceiling, worker, batch_one, avro });
     }
     Ok(results)
 }
@@ -375,13 +428,19 @@ pub fn render(results: &[WorkloadResult]) -> String {
             r.worker_over_ceiling(),
             r.worker_over_batch_one()
         ));
+        if let Some(ratio) = r.avro_over_json() {
+            out.push_str(&format!("  d/b (the worker on Avro / on JSON) = {ratio:.2}\n"));
+        }
         out.push_str(&format!("  (a: pre-tokenized, length-sorted batches of {}, the best of 8/16/32/64 here)\n", r.ceiling_batch_size));
         out.push_str("  stage                          msg/s   tokens/s  padded/real   p50 ms   p99 ms  peak RSS MB\n");
         for (name, s) in [
             ("a. ceiling, sorted batches", &r.ceiling),
             ("b. worker, default batching", &r.worker),
             ("c. worker, batch size 1", &r.batch_one),
-        ] {
+        ]
+        .into_iter()
+        .chain(r.avro.as_ref().map(|d| ("d. worker, Avro (pinned)", d)))
+        {
             let lat = |v: f64| if name.starts_with("a.") { "-".to_string() } else { format!("{v:.0}") };
             out.push_str(&format!(
                 "  {name:<28} {:>8.1} {:>10.0} {:>12.2} {:>8} {:>8} {:>12.0}\n",
@@ -398,4 +457,33 @@ pub fn render(results: &[WorkloadResult]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Template;
+
+    /// Stage d is only a fair comparison if each Avro message renders the same text as its
+    /// JSON twin (the short messages have no subject: null in Avro, absent in JSON).
+    #[test]
+    fn avro_messages_render_the_same_text_as_their_json_twins() {
+        let reader = crate::source::decode::avro::AvroReader::parse(AVRO_SCHEMA, &[]).unwrap();
+        let template = Template::parse("{subject}\n{body}").unwrap();
+        let decoder = Decoder::new(FieldMap::default(), template, usize::MAX, usize::MAX);
+        for workload in [Workload::Short, Workload::Tickets] {
+            let mut messages = generated(workload, 50);
+            messages.push(json!({"body": "a message without a subject, as Banking77's are"}));
+            let avro = avro_records(&messages).unwrap();
+            assert_eq!(avro.len(), messages.len());
+            for (json, datum) in messages.iter().zip(&avro) {
+                let from_avro = decoder.decode_value(reader.read(datum).unwrap()).unwrap();
+                let from_json = decoder.decode(json.to_string().as_bytes()).unwrap();
+                assert_eq!(from_avro.text, from_json.text);
+            }
+        }
+        let short = json!({"body": "my card"});
+        let read = reader.read(&avro_records(&[short]).unwrap()[0]).unwrap();
+        assert_eq!(read, json!({"subject": null, "body": "my card"}));
+    }
 }

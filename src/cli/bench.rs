@@ -26,6 +26,12 @@ impl Workloads {
     }
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum BenchFormat {
+    Json,
+    Avro,
+}
+
 #[derive(Args)]
 pub struct BenchArgs {
     #[command(flatten)]
@@ -53,6 +59,10 @@ pub struct BenchArgs {
     /// With --sweep: the CPU's peak fp32 GFLOP/s (default: estimated from /proc/cpuinfo).
     #[arg(long)]
     peak_gflops: Option<f64>,
+    /// Also run the worker on the same messages written as raw Avro (stage d, read through a
+    /// pinned schema): the ratio d/b is what decoding Avro instead of JSON costs the worker.
+    #[arg(long, value_enum, default_value = "json")]
+    format: BenchFormat,
     /// The worker's batching and threads (stage b; stage c changes only max_batch_size).
     #[command(flatten)]
     batch: BatchArgs,
@@ -83,6 +93,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         inference: args.model.inference(),
         batching: args.batch.engine(),
         ceiling_batch_size: args.ceiling_batch_size,
+        avro: args.format == BenchFormat::Avro,
     };
     let results = triage::bench::run(options, |step| eprintln!("[bench] {step}")).await?;
     println!("{}", triage::bench::render(&results));
