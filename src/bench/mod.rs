@@ -72,7 +72,8 @@ pub fn avro_records(messages: &[serde_json::Value]) -> Result<Vec<Vec<u8>>, Benc
     messages
         .iter()
         .map(|m| {
-            let record = json!({"subject": m.get("subject").cloned().unwrap_or_default(), "body": m.get("body").cloned().unwrap_or_default()});
+            let record =
+                json!({"subject": m.get("subject").cloned().unwrap_or_default(), "body": m.get("body").cloned().unwrap_or_default()});
             writer.write(&record).map_err(BenchError::Other)
         })
         .collect()
