@@ -221,41 +221,113 @@ impl EngineStats {
     }
 }
 
+/// One loaded version of an engine's model: its tokenizer and one backend per inference
+/// thread. A message is tokenized, batched and run within the generation it was submitted to,
+/// so a reload never mixes versions in a batch, and batches formed before a reload finish on
+/// the model they started with. A generation is freed when nothing refers to it any more: the
+/// callers have moved on, its last batch has ended, and the threads have given its backends back.
+pub struct Generation {
+    id: u64,
+    version: String,
+    encoder: Arc<TextEncoder>,
+    /// Backends no inference thread holds right now (each thread holds at most one).
+    idle: std::sync::Mutex<Vec<Box<dyn Backend>>>,
+    /// A text this generation's tokenizer has encoded: the failing-backend check.
+    probe: Encoded,
+    /// Replaced by a newer generation: threads give its backends back after each batch.
+    retired: std::sync::atomic::AtomicBool,
+}
+
+impl Generation {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The model version it runs (the descriptor's version, else the graph's fingerprint).
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    pub fn encoder(&self) -> &TextEncoder {
+        &self.encoder
+    }
+
+    fn take(&self) -> Option<Box<dyn Backend>> {
+        self.idle.lock().ok()?.pop()
+    }
+
+    fn give_back(&self, backend: Box<dyn Backend>) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.push(backend);
+        }
+    }
+
+    fn retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+}
+
+impl std::fmt::Debug for Generation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generation").field("id", &self.id).field("version", &self.version).finish_non_exhaustive()
+    }
+}
+
 struct Request<T> {
     tag: T,
     text: Rendered,
     submitted: Instant,
+    generation: Arc<Generation>,
 }
 
 struct Tokenized<T> {
     tag: T,
     encoded: Encoded,
     submitted: Instant,
+    generation: Arc<Generation>,
 }
 
 /// Cloneable handle for submitting work.
 pub struct Submitter<T> {
     requests: flume::Sender<Request<T>>,
     stats: Arc<EngineStats>,
+    current: Arc<std::sync::RwLock<Arc<Generation>>>,
 }
 
 impl<T> Clone for Submitter<T> {
     fn clone(&self) -> Self {
-        Submitter { requests: self.requests.clone(), stats: self.stats.clone() }
+        Submitter { requests: self.requests.clone(), stats: self.stats.clone(), current: self.current.clone() }
     }
 }
 
 impl<T: Send + 'static> Submitter<T> {
+    /// The generation new work goes to (the latest installed).
+    pub fn current(&self) -> Arc<Generation> {
+        match self.current.read() {
+            Ok(current) => current.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
     /// Blocks while the engine is full.
     pub fn submit(&self, tag: T, text: Rendered) -> Result<(), EngineClosed<T>> {
         self.stats.submitted.fetch_add(1, Ordering::Relaxed);
-        self.requests.send(Request { tag, text, submitted: Instant::now() }).map_err(|e| EngineClosed(e.into_inner().tag))
+        let request = Request { tag, text, submitted: Instant::now(), generation: self.current() };
+        self.requests.send(request).map_err(|e| EngineClosed(e.into_inner().tag))
     }
 
     /// Waits (without blocking the runtime) while the engine is full.
     pub async fn submit_async(&self, tag: T, text: Rendered) -> Result<(), EngineClosed<T>> {
+        let generation = self.current();
+        self.submit_async_to(&generation, tag, text).await
+    }
+
+    /// Like [`Submitter::submit_async`], on a given generation: the one whose template rendered
+    /// `text` (a caller that picked a generation before rendering keeps the message on it).
+    pub async fn submit_async_to(&self, generation: &Arc<Generation>, tag: T, text: Rendered) -> Result<(), EngineClosed<T>> {
         self.stats.submitted.fetch_add(1, Ordering::Relaxed);
-        self.requests.send_async(Request { tag, text, submitted: Instant::now() }).await.map_err(|e| EngineClosed(e.into_inner().tag))
+        let request = Request { tag, text, submitted: Instant::now(), generation: generation.clone() };
+        self.requests.send_async(request).await.map_err(|e| EngineClosed(e.into_inner().tag))
     }
 }
 
@@ -263,6 +335,11 @@ pub struct Engine<T> {
     submitter: Option<Submitter<T>>,
     threads: Vec<JoinHandle<()>>,
     stats: Arc<EngineStats>,
+    name: String,
+    /// Backends each generation must bring: one per inference thread.
+    inference_threads: usize,
+    policy: BatchPolicy,
+    generations: AtomicU64,
 }
 
 impl<T: Send + 'static> Engine<T> {
@@ -274,7 +351,60 @@ impl<T: Send + 'static> Engine<T> {
         let sessions = (0..count)
             .map(|_| model.session_with_threads(intra).map(|s| Box::new(s) as Box<dyn Backend>))
             .collect::<Result<Vec<_>, _>>()?;
-        Self::with_backends(&model.info().name, Arc::new(model.encoder().clone()), sessions, config, outcomes)
+        let engine = Self::with_backends(&model.info().name, Arc::new(model.encoder().clone()), sessions, config, outcomes)?;
+        if let Some(submitter) = &engine.submitter {
+            if let Ok(mut current) = submitter.current.write() {
+                if let Some(first) = Arc::get_mut(&mut current) {
+                    first.version = model.info().version.clone();
+                }
+            }
+        }
+        Ok(engine)
+    }
+
+    /// Sessions of `model` for a new generation of this engine (as many as it has inference
+    /// threads, with the threads `config` gives each): built off the hot path, before
+    /// [`Engine::install`].
+    pub fn sessions_of(&self, model: &Model, config: &EngineConfig) -> Result<Vec<Box<dyn Backend>>, ModelError> {
+        let (_, intra) = config.sessions_for(model);
+        (0..self.inference_threads).map(|_| model.session_with_threads(intra).map(|s| Box::new(s) as Box<dyn Backend>)).collect()
+    }
+
+    /// Make a new generation current: work submitted from now on (and by callers that pick it
+    /// up with [`Submitter::current`]) runs on `backends`; what was submitted before finishes on
+    /// its own generation, which is freed after. `backends` must be one per inference thread.
+    pub fn install(
+        &self,
+        version: &str,
+        encoder: Arc<TextEncoder>,
+        backends: Vec<Box<dyn Backend>>,
+    ) -> Result<Arc<Generation>, ModelError> {
+        if backends.len() != self.inference_threads {
+            return Err(ModelError::invalid(
+                &self.name,
+                format!("a new generation needs {} backends (one per inference thread), not {}", self.inference_threads, backends.len()),
+            ));
+        }
+        let id = self.generations.fetch_add(1, Ordering::Relaxed);
+        let generation = Arc::new(new_generation(&self.name, id, version, encoder, backends)?);
+        let submitter = self.submitter.as_ref().ok_or_else(|| ModelError::invalid(&self.name, "the engine has shut down"))?;
+        let previous = match submitter.current.write() {
+            Ok(mut current) => std::mem::replace(&mut *current, generation.clone()),
+            Err(poisoned) => std::mem::replace(&mut *poisoned.into_inner(), generation.clone()),
+        };
+        previous.retired.store(true, Ordering::Release);
+        // What was measured for the old model says nothing about the new one.
+        if let Ok(mut tuner) = self.stats.tuner.lock() {
+            if tuner.is_some() {
+                *tuner = Some(BatchSizeTuner::new(self.policy.max_batch_size, TunerSettings::default()));
+            }
+        }
+        Ok(generation)
+    }
+
+    /// The generation new work goes to.
+    pub fn current(&self) -> Option<Arc<Generation>> {
+        self.submitter.as_ref().map(Submitter::current)
     }
 
     /// Start the threads over any backends: one inference thread per backend. `name` labels the
@@ -291,9 +421,7 @@ impl<T: Send + 'static> Engine<T> {
             return Err(ModelError::invalid(name, "an engine needs at least one inference backend"));
         }
         let count = backends.len();
-        // What a failing backend is checked against: a text any model must take.
-        let probe =
-            encoder.encode(PROBE_TEXT).map_err(|e| ModelError::invalid(name, format!("the tokenizer fails on a plain text: {e}")))?;
+        let first = Arc::new(new_generation(name, 0, "", encoder, backends)?);
         let stats = Arc::new(EngineStats::default());
         if config.policy.tune_batch_size && config.policy.max_batch_size > 1 {
             if let Ok(mut tuner) = stats.tuner.lock() {
@@ -307,9 +435,9 @@ impl<T: Send + 'static> Engine<T> {
         let mut threads = Vec::new();
 
         for i in 0..config.tokenizer_threads {
-            let (rx, tx, out, encoder, stats) = (request_rx.clone(), token_tx.clone(), outcomes.clone(), encoder.clone(), stats.clone());
+            let (rx, tx, out, stats) = (request_rx.clone(), token_tx.clone(), outcomes.clone(), stats.clone());
             let name = name.to_string();
-            threads.push(spawn(format!("triage-tokenize-{i}"), move || tokenize_loop(&encoder, &name, rx, tx, out, &stats)));
+            threads.push(spawn(format!("triage-tokenize-{i}"), move || tokenize_loop(&name, rx, tx, out, &stats)));
         }
         drop((request_rx, token_tx));
 
@@ -318,12 +446,20 @@ impl<T: Send + 'static> Engine<T> {
         let model_name = name.to_string();
         threads.push(spawn("triage-batcher".into(), move || batch_loop(policy, token_rx, batch_tx, &batch_stats, &model_name)));
 
-        for (i, backend) in backends.into_iter().enumerate() {
+        for i in 0..count {
             let (rx, out, stats, name) = (batch_rx.clone(), outcomes.clone(), stats.clone(), name.to_string());
-            let probe = probe.clone();
-            threads.push(spawn(format!("triage-infer-{i}"), move || inference_loop(backend, probe, rx, out, &stats, &name)));
+            threads.push(spawn(format!("triage-infer-{i}"), move || inference_loop(rx, out, &stats, &name)));
         }
-        Ok(Engine { submitter: Some(Submitter { requests: request_tx, stats: stats.clone() }), threads, stats })
+        let current = Arc::new(std::sync::RwLock::new(first));
+        Ok(Engine {
+            submitter: Some(Submitter { requests: request_tx, stats: stats.clone(), current }),
+            threads,
+            stats,
+            name: name.to_string(),
+            inference_threads: count,
+            policy: config.policy.clone(),
+            generations: AtomicU64::new(1),
+        })
     }
 
     pub fn submitter(&self) -> Submitter<T> {
@@ -357,12 +493,30 @@ impl<T: Send + 'static> Engine<T> {
     }
 }
 
+fn new_generation(
+    name: &str,
+    id: u64,
+    version: &str,
+    encoder: Arc<TextEncoder>,
+    backends: Vec<Box<dyn Backend>>,
+) -> Result<Generation, ModelError> {
+    // What a failing backend is checked against: a text any model must take.
+    let probe = encoder.encode(PROBE_TEXT).map_err(|e| ModelError::invalid(name, format!("the tokenizer fails on a plain text: {e}")))?;
+    Ok(Generation {
+        id,
+        version: version.to_string(),
+        encoder,
+        idle: std::sync::Mutex::new(backends),
+        probe,
+        retired: std::sync::atomic::AtomicBool::new(false),
+    })
+}
+
 fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
     std::thread::Builder::new().name(name).spawn(f).expect("the OS refused to start an engine thread")
 }
 
 fn tokenize_loop<T>(
-    encoder: &TextEncoder,
     model: &str,
     requests: flume::Receiver<Request<T>>,
     tokens: flume::Sender<Tokenized<T>>,
@@ -373,13 +527,13 @@ fn tokenize_loop<T>(
     for req in requests.iter() {
         let start = Instant::now();
         // A tokenizer panic on some odd input must cost one message, not the worker.
-        let encoded = std::panic::catch_unwind(AssertUnwindSafe(|| encoder.encode_rendered(&req.text)))
+        let encoded = std::panic::catch_unwind(AssertUnwindSafe(|| req.generation.encoder.encode_rendered(&req.text)))
             .unwrap_or_else(|_| Err("tokenizer panicked on this input".to_string()));
         let elapsed = start.elapsed();
         tokenize_seconds.record(elapsed.as_secs_f64());
         stats.tokenize_nanos.fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
         let sent = match encoded {
-            Ok(encoded) => tokens.send(Tokenized { tag: req.tag, encoded, submitted: req.submitted }).is_ok(),
+            Ok(encoded) => tokens.send(Tokenized { tag: req.tag, encoded, submitted: req.submitted, generation: req.generation }).is_ok(),
             Err(e) => {
                 stats.failed.fetch_add(1, Ordering::Relaxed);
                 outcomes.send(Outcome { tag: req.tag, result: Err(ClassifyError::Tokenize(e)) }).is_ok()
@@ -403,23 +557,33 @@ fn batch_loop<T>(
     let padding_ratio = metrics::histogram!(telemetry::BATCH_PADDING_RATIO, "model" => model.to_string());
     let mut assembler = Assembler::new(policy);
     let mut input_open = true;
+    // The generation of what the assembler holds: a batch never mixes two (a reload).
+    let mut holding: Option<u64> = None;
+    let mut push = |assembler: &mut Assembler<Tokenized<T>>, t: Tokenized<T>| -> bool {
+        if holding.is_some_and(|id| id != t.generation.id) {
+            while let Some(batch) = assembler.pop_due(Instant::now(), true) {
+                if !send_batch(batch, &batches, stats, &batch_size, &batch_tokens, &padding_ratio) {
+                    return false;
+                }
+            }
+        }
+        holding = Some(t.generation.id);
+        let len = t.encoded.len();
+        assembler.push(t, len, Instant::now());
+        true
+    };
     loop {
         // Take everything already waiting without blocking, so the window sees it.
         while let Ok(t) = tokens.try_recv() {
-            let len = t.encoded.len();
-            assembler.push(t, len, Instant::now());
+            if !push(&mut assembler, t) {
+                return;
+            }
         }
         if let Some(caps) = stats.caps() {
             assembler.set_caps(caps);
         }
         if let Some(batch) = assembler.pop_due(Instant::now(), !input_open) {
-            stats.batches.fetch_add(1, Ordering::Relaxed);
-            stats.real_tokens.fetch_add(batch.real_tokens() as u64, Ordering::Relaxed);
-            stats.padded_tokens.fetch_add(batch.padded_tokens() as u64, Ordering::Relaxed);
-            batch_size.record(batch.len() as f64);
-            batch_tokens.record(batch.padded_tokens() as f64);
-            padding_ratio.record(batch.padded_tokens() as f64 / batch.real_tokens().max(1) as f64);
-            if batches.send(batch).is_err() {
+            if !send_batch(batch, &batches, stats, &batch_size, &batch_tokens, &padding_ratio) {
                 return;
             }
             continue;
@@ -433,13 +597,32 @@ fn batch_loop<T>(
         };
         match next {
             Ok(t) => {
-                let len = t.encoded.len();
-                assembler.push(t, len, Instant::now());
+                if !push(&mut assembler, t) {
+                    return;
+                }
             }
             Err(flume::RecvTimeoutError::Timeout) => {}
             Err(flume::RecvTimeoutError::Disconnected) => input_open = false,
         }
     }
+}
+
+/// Count a batch and hand it to the inference threads; false when they are gone.
+fn send_batch<T>(
+    batch: Batch<Tokenized<T>>,
+    batches: &flume::Sender<Batch<Tokenized<T>>>,
+    stats: &EngineStats,
+    batch_size: &metrics::Histogram,
+    batch_tokens: &metrics::Histogram,
+    padding_ratio: &metrics::Histogram,
+) -> bool {
+    stats.batches.fetch_add(1, Ordering::Relaxed);
+    stats.real_tokens.fetch_add(batch.real_tokens() as u64, Ordering::Relaxed);
+    stats.padded_tokens.fetch_add(batch.padded_tokens() as u64, Ordering::Relaxed);
+    batch_size.record(batch.len() as f64);
+    batch_tokens.record(batch.padded_tokens() as f64);
+    padding_ratio.record(batch.padded_tokens() as f64 / batch.real_tokens().max(1) as f64);
+    batches.send(batch).is_ok()
 }
 
 /// Checked against when messages fail, to tell a poison message from a failing backend.
@@ -474,16 +657,55 @@ pub fn run_isolating(backend: &mut dyn Backend, batch: &[&Encoded]) -> (Vec<Resu
     }
 }
 
-fn inference_loop<T>(
-    mut backend: Box<dyn Backend>,
-    mut probe: Encoded,
-    batches: flume::Receiver<Batch<Tokenized<T>>>,
-    outcomes: flume::Sender<Outcome<T>>,
-    stats: &EngineStats,
-    model: &str,
-) {
+/// A backend an inference thread holds, with the generation it belongs to (and returns to).
+struct Held {
+    generation: Arc<Generation>,
+    backend: Option<Box<dyn Backend>>,
+    probe: Encoded,
+}
+
+impl Held {
+    fn release(mut self) {
+        if let Some(backend) = self.backend.take() {
+            self.generation.give_back(backend);
+        }
+    }
+}
+
+fn inference_loop<T>(batches: flume::Receiver<Batch<Tokenized<T>>>, outcomes: flume::Sender<Outcome<T>>, stats: &EngineStats, model: &str) {
     let inference_seconds = metrics::histogram!(telemetry::INFERENCE_SECONDS, "model" => model.to_string());
-    for batch in batches.iter() {
+    let mut held: Option<Held> = None;
+    loop {
+        // Waking now and then lets an idle thread give back a retired generation's backend,
+        // so the old model is freed without waiting for traffic.
+        let batch = match batches.recv_timeout(Duration::from_millis(500)) {
+            Ok(batch) => batch,
+            Err(flume::RecvTimeoutError::Timeout) => {
+                if held.as_ref().is_some_and(|h| h.generation.retired()) {
+                    held.take().map(Held::release);
+                }
+                continue;
+            }
+            Err(flume::RecvTimeoutError::Disconnected) => break,
+        };
+        let Some(generation) = batch.items.first().map(|t| t.generation.clone()) else { continue };
+        if held.as_ref().is_none_or(|h| h.generation.id != generation.id) {
+            held.take().map(Held::release);
+            // Each generation has one backend per thread and a thread holds at most one, so
+            // one is always free.
+            let Some(backend) = generation.take() else {
+                tracing::error!(model, generation = generation.id, "no free backend for a batch: this is a bug");
+                for item in batch.items {
+                    let result = Err(ClassifyError::Backend("no free inference backend".into()));
+                    if outcomes.send(Outcome { tag: item.tag, result }).is_err() {
+                        return;
+                    }
+                }
+                continue;
+            };
+            held = Some(Held { probe: generation.probe.clone(), generation: generation.clone(), backend: Some(backend) });
+        }
+        let Some(Held { backend: Some(backend), probe, .. }) = held.as_mut() else { continue };
         let start = Instant::now();
         let encoded: Vec<&Encoded> = batch.items.iter().map(|t| &t.encoded).collect();
         // When the batch fails, ask the backend about input it has answered before: if that
@@ -512,7 +734,10 @@ fn inference_loop<T>(
         stats.classified.fetch_add((batch_size - failed) as u64, Ordering::Relaxed);
         // The next check uses input this backend has just answered.
         if let Some(answered) = batch.items.iter().zip(&results).find(|(_, r)| r.is_ok()) {
-            probe = answered.0.encoded.clone();
+            *probe = answered.0.encoded.clone();
+        }
+        if generation.retired() {
+            held.take().map(Held::release);
         }
         for (item, result) in batch.items.into_iter().zip(results) {
             let result = match result {
@@ -533,6 +758,7 @@ fn inference_loop<T>(
             }
         }
     }
+    held.map(Held::release);
 }
 
 #[cfg(test)]
@@ -599,6 +825,8 @@ mod tests {
         /// Sleep per batch (backends of different speeds finish batches out of order).
         delay: Duration,
         gate: Option<Arc<Gate>>,
+        /// Written into every answer's priority: which model version answered.
+        mark: Option<&'static str>,
     }
 
     impl Backend for Fake {
@@ -619,13 +847,19 @@ mod tests {
                     return Err(ModelError::Inference("the fake backend fails on the poison token".into()));
                 }
             }
-            Ok(batch.iter().map(|e| predict(e)).collect())
+            let mark = |mut p: Prediction| {
+                if let Some(mark) = self.mark {
+                    p.priority = Some(mark.to_string());
+                }
+                p
+            };
+            Ok(batch.iter().map(|e| mark(predict(e))).collect())
         }
     }
 
     impl Default for Fake {
         fn default() -> Self {
-            Fake { poison: None, panic_on: None, broken_after: None, runs: 0, delay: Duration::ZERO, gate: None }
+            Fake { poison: None, panic_on: None, broken_after: None, runs: 0, delay: Duration::ZERO, gate: None, mark: None }
         }
     }
 
@@ -798,6 +1032,46 @@ mod tests {
         producer.join().unwrap();
         engine.shutdown();
         assert_eq!(rx.try_iter().filter(|o| o.result.is_ok()).count(), 200);
+    }
+
+    /// Issue 21: a reload while batches of the old version are still queued and running.
+    #[test]
+    fn work_finishes_on_the_generation_it_was_submitted_to_and_the_old_one_is_freed() {
+        let gate = Arc::new(Gate::default());
+        let old = |_| Box::new(Fake { gate: Some(gate.clone()), mark: Some("v1"), ..Fake::default() }) as Box<dyn Backend>;
+        let (tx, rx) = flume::bounded(256);
+        let engine = Engine::with_backends("fake", encoder(), (0..2).map(old).collect(), &config(8, 256), tx).unwrap();
+        let first = engine.current().unwrap();
+        let texts = texts(120);
+        for (i, text) in texts.iter().enumerate().take(60) {
+            engine.submit(i, rendered(text)).unwrap();
+        }
+        // The wrong number of backends is refused and changes nothing.
+        assert!(engine.install("v2", encoder(), vec![fake(0)]).is_err());
+        assert_eq!(engine.current().unwrap().id(), first.id());
+        let new = |_| Box::new(Fake { mark: Some("v2"), ..Fake::default() }) as Box<dyn Backend>;
+        let second = engine.install("v2", encoder(), (0..2).map(new).collect()).unwrap();
+        assert_eq!((engine.current().unwrap().id(), second.version()), (second.id(), "v2"));
+        let old_generation = Arc::downgrade(&first);
+        drop(first);
+        for (i, text) in texts.iter().enumerate().skip(60) {
+            engine.submit(i, rendered(text)).unwrap();
+        }
+        gate.open();
+        let mut answered_by = vec![String::new(); texts.len()];
+        for _ in 0..texts.len() {
+            let outcome = rx.recv_timeout(Duration::from_secs(30)).expect("every message answered");
+            answered_by[outcome.tag] = outcome.result.unwrap().prediction.priority.unwrap();
+        }
+        let expected: Vec<&str> = (0..texts.len()).map(|i| if i < 60 { "v1" } else { "v2" }).collect();
+        assert_eq!(answered_by, expected, "each message answered by the version it was submitted to");
+        // The old generation (and its backends) is freed once its last batch has ended.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while old_generation.upgrade().is_some() {
+            assert!(Instant::now() < deadline, "the retired generation is still referenced");
+            std::thread::yield_now();
+        }
+        engine.shutdown();
     }
 
     #[test]
