@@ -322,7 +322,9 @@ async fn submit(
     let route = &routes[route_index];
     // Kept for later tiers and the escalation record when the payload is not itself JSON.
     let keep = (route.reader.format() != Format::Json).then(|| Arc::new(record.clone()));
-    match route.first().decoder.decode_value(record) {
+    // The version that renders the text is the one that classifies it (a reload may come between).
+    let tier_model = route.first().current();
+    match tier_model.decoder.decode_value(record) {
         Ok(decoded) => {
             let (topic, partition, offset, timestamp_ms) = consumed.message.key_source();
             let tag = MessageTag {
@@ -334,9 +336,14 @@ async fn submit(
                 message: consumed,
                 tier: 0,
                 earlier: Vec::new(),
+                versions: vec![tier_model.clone()],
                 record: keep,
             };
-            if let Err(closed) = submitter.submit_async(tag, decoded.text).await {
+            let submitted = match &tier_model.generation {
+                Some(generation) => submitter.submit_async_to(generation, tag, decoded.text).await,
+                None => submitter.submit_async(tag, decoded.text).await,
+            };
+            if let Err(closed) = submitted {
                 tracing::error!(offset = closed.0.message.message.offset, "engine stopped; the message will be replayed");
             }
         }

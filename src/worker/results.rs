@@ -10,6 +10,8 @@ use tokio::sync::mpsc;
 
 use super::policy::{decide, EscalationPolicy};
 use super::routes::{MessageTag, Route, Tier};
+#[cfg(test)]
+use super::routes::TierModel;
 use super::settle::Settler;
 use crate::engine::{Classified, ClassifyError, Outcome, Submitter};
 use crate::model::HeadOutput;
@@ -39,19 +41,20 @@ impl ResultsLoop {
             let classified = match outcome.result {
                 Ok(c) => c,
                 Err(ClassifyError::Backend(detail)) => {
-                    let model = route.tiers[tag.tier].model.name.clone();
+                    let model = tag.answering().model.name.clone();
                     self.settle.stop(super::WorkerError::Backend { model, detail });
                     continue;
                 }
                 // A later tier failed on a message an earlier one classified: keep that answer
                 // (which was doubted, so it is escalated) rather than lose the message.
                 Err(e) if !tag.earlier.is_empty() => {
-                    let failed = &route.tiers[tag.tier].model.name;
+                    let failed = &tag.answering().model.name;
                     tracing::warn!(model = %failed, tier = tag.tier, error = %e, "a cascade tier failed on a message: the previous tier's answer is kept");
                     tag.tier -= 1;
+                    tag.versions.pop();
                     let Some(previous) = tag.earlier.pop() else { continue };
                     // It was passed on because that tier doubted it: escalate it for the reason given.
-                    let doubt = decide(&previous.prediction, &route.tiers[tag.tier].policy).or(Some(EscalationReason::LowConfidence));
+                    let doubt = decide(&previous.prediction, &tag.answering().policy).or(Some(EscalationReason::LowConfidence));
                     if self.store(tag, previous, doubt).await.is_err() {
                         return;
                     }
@@ -67,8 +70,7 @@ impl ResultsLoop {
                     continue;
                 }
             };
-            let tier = &route.tiers[tag.tier];
-            let doubt = decide(&classified.prediction, &tier.policy);
+            let doubt = decide(&classified.prediction, &tag.answering().policy);
             let (tag, classified) = match (doubt, route.tiers.get(tag.tier + 1)) {
                 (Some(_), Some(next)) => match self.forward(tag, classified, next).await {
                     Ok(()) | Err(None) => continue,
@@ -86,14 +88,15 @@ impl ResultsLoop {
     /// not decode for that model), store this tier's answer; Err(None): the next engine has
     /// stopped (shutdown), the message stays unfinished and is replayed.
     async fn forward(&self, mut tag: MessageTag, classified: Classified, next: &Tier) -> Result<(), Option<(MessageTag, Classified)>> {
+        let next_model = next.current();
         let decoded = match &tag.record {
-            Some(record) => next.decoder.decode_value((**record).clone()),
-            None => next.decoder.decode(&tag.message.message.payload),
+            Some(record) => next_model.decoder.decode_value((**record).clone()),
+            None => next_model.decoder.decode(&tag.message.message.payload),
         };
         let text = match decoded {
             Ok(decoded) => decoded.text,
             Err(e) => {
-                tracing::warn!(model = %next.model.name, error = %e.detail, "the next cascade tier cannot read this message: this tier's answer is kept");
+                tracing::warn!(model = %next_model.model.name, error = %e.detail, "the next cascade tier cannot read this message: this tier's answer is kept");
                 return Err(Some((tag, classified)));
             }
         };
@@ -101,11 +104,16 @@ impl ResultsLoop {
             return Err(Some((tag, classified)));
         };
         let route = &self.routes[tag.route];
-        let from = &route.tiers[tag.tier].model.name;
-        CascadeForwarded { kind: &route.config.kind, from, to: &next.model.name }.emit(self.settle.counters());
+        let from = &tag.answering().model.name;
+        CascadeForwarded { kind: &route.config.kind, from, to: &next_model.model.name }.emit(self.settle.counters());
         tag.earlier.push(classified);
         tag.tier += 1;
-        match submitter.submit_async(tag, text).await {
+        tag.versions.push(next_model.clone());
+        let submitted = match &next_model.generation {
+            Some(generation) => submitter.submit_async_to(generation, tag, text).await,
+            None => submitter.submit_async(tag, text).await,
+        };
+        match submitted {
             Ok(()) => Ok(()),
             Err(closed) => {
                 tracing::warn!(offset = closed.0.message.message.offset, "the next cascade tier stopped; the message will be replayed");
@@ -118,14 +126,13 @@ impl ResultsLoop {
     /// verdict, decided by the caller) says so, and written as the message's row.
     async fn store(&self, tag: MessageTag, classified: Classified, doubt: Option<EscalationReason>) -> Result<(), SinkStopped> {
         let route = &self.routes[tag.route];
-        let tier = &route.tiers[tag.tier];
         let doubt = doubt.filter(|_| self.escalation_enabled);
         let row = build_row(&tag, &classified, route, doubt.is_some(), &self.worker_id);
         if let Some(reason) = doubt {
             let record = escalation_record(&tag, &classified, route, reason, &row);
             self.settle.escalate(&tag.message, tag.message_id.clone(), record, route.config.kind.clone(), reason);
         }
-        MessageClassified { kind: &route.config.kind, model: &tier.model.name }.emit(self.settle.counters());
+        MessageClassified { kind: &route.config.kind, model: &tag.answering().model.name }.emit(self.settle.counters());
         // The sink stopped (fatal): nothing more can be stored.
         self.rows.send(SinkItem { row, ticket: tag.message }).await.map_err(|_| SinkStopped)
     }
@@ -135,7 +142,7 @@ struct SinkStopped;
 
 fn build_row(tag: &MessageTag, c: &Classified, route: &Route, escalated: bool, worker_id: &str) -> ResultRow {
     let p = &c.prediction;
-    let tier = &route.tiers[tag.tier];
+    let tier = tag.answering();
     let (mut head_names, mut head_labels, mut head_scores) = (Vec::new(), Vec::new(), Vec::new());
     for h in &p.heads {
         if let HeadOutput::Label(l) = &h.output {
@@ -177,7 +184,7 @@ fn build_row(tag: &MessageTag, c: &Classified, route: &Route, escalated: bool, w
         ood_score: p.ood_score,
         redriven: u8::from(source.origin.is_some()),
         tier: tag.tier.min(u8::MAX as usize) as u8,
-        first_model_name: route.first().model.name.clone(),
+        first_model_name: tag.versions.first().map(|t| t.model.name.clone()).unwrap_or_default(),
         first_category: first.category.as_ref().map(|c| c.label.clone()).unwrap_or_default(),
         first_confidence: first.category.as_ref().map(|c| c.score).unwrap_or(0.0),
         answered_by: format!("model:{}", tier.model.name),
@@ -246,7 +253,7 @@ fn escalation_record(tag: &MessageTag, c: &Classified, route: &Route, reason: Es
         }
     };
     let p = &c.prediction;
-    let tier = &route.tiers[tag.tier];
+    let tier = tag.answering();
     let policy: &EscalationPolicy = &tier.policy;
     let heads: serde_json::Map<String, Value> = p
         .heads
@@ -280,7 +287,7 @@ fn escalation_record(tag: &MessageTag, c: &Classified, route: &Route, reason: Es
             "tier": tag.tier,
         },
         "earlier_tiers": tag.earlier.iter().enumerate().map(|(i, e)| json!({
-            "model": route.tiers[i].model.name,
+            "model": tag.versions.get(i).map(|t| t.model.name.as_str()),
             "category": e.prediction.category.as_ref().map(|c| &c.label),
             "confidence": e.prediction.category.as_ref().map(|c| c.score),
         })).collect::<Vec<_>>(),
@@ -299,8 +306,12 @@ mod tests {
     use crate::source::{Delivery, SourceMessage, TopicPartition};
 
     fn tier(name: &str, version: &str, engine: usize, policy: EscalationPolicy) -> Tier {
-        Tier {
-            engine,
+        Tier::new(engine, tier_model(name, version, policy))
+    }
+
+    fn tier_model(name: &str, version: &str, policy: EscalationPolicy) -> TierModel {
+        TierModel {
+            generation: None,
             decoder: Decoder::new(FieldMap::default(), Template::parse("{body}").unwrap(), 1 << 20, 2048),
             model: ModelInfo {
                 name: name.into(),
@@ -322,7 +333,8 @@ mod tests {
         }
     }
 
-    fn tag(payload: &[u8]) -> MessageTag {
+    /// A message the route's first tier is classifying.
+    fn tag(route: &Route, payload: &[u8]) -> MessageTag {
         let message = Arc::new(SourceMessage {
             topic: "tickets".into(),
             partition: 2,
@@ -341,6 +353,7 @@ mod tests {
             metadata: (vec!["customer".into()], vec!["acme".into()]),
             tier: 0,
             earlier: Vec::new(),
+            versions: vec![route.first().current()],
             record: None,
         }
     }
@@ -371,7 +384,7 @@ mod tests {
     #[test]
     fn a_row_carries_the_source_key_event_time_and_every_label_head() {
         let route = route(EscalationPolicy { head: None, threshold: 0.5, ood_threshold: None });
-        let row = build_row(&tag(b"{}"), &classified(), &route, true, "pod-3");
+        let row = build_row(&tag(&route, b"{}"), &classified(), &route, true, "pod-3");
         assert_eq!((row.topic.as_str(), row.partition, row.offset), ("tickets", 2, 41));
         assert_eq!((row.event_time, row.event_time_ms), (1_700_000_123, 1_700_000_123_456));
         assert_eq!((row.category.as_str(), row.priority.as_str(), row.escalated), ("card_lost", "high", 1));
@@ -388,14 +401,15 @@ mod tests {
         let policy = EscalationPolicy { head: None, threshold: 0.5, ood_threshold: None };
         let mut route = route(policy.clone());
         route.tiers.push(tier("accurate", "v2", 1, policy));
-        let only = build_row(&tag(b"{}"), &classified(), &route, false, "pod-3");
+        let only = build_row(&tag(&route, b"{}"), &classified(), &route, false, "pod-3");
         assert_eq!((only.tier, only.first_category.as_str(), only.first_model_name.as_str()), (0, "card_lost", "support"));
         assert!((only.first_confidence - 0.42).abs() < 1e-6, "one tier: its answer is the first answer");
         let mut second = classified();
         second.prediction.category = Some(LabelScore { label: "card_stolen".into(), score: 0.91 });
-        let mut tag = tag(b"{}");
+        let mut tag = tag(&route, b"{}");
         tag.tier = 1;
         tag.earlier.push(classified());
+        tag.versions.push(route.tiers[1].current());
         let row = build_row(&tag, &second, &route, false, "pod-3");
         assert_eq!((row.tier, row.model_name.as_str(), row.model_version.as_str()), (1, "accurate", "v2"));
         assert_eq!(
@@ -417,7 +431,7 @@ mod tests {
     fn an_escalation_record_says_why_and_keeps_the_original_message() {
         let route = route(EscalationPolicy { head: None, threshold: 0.5, ood_threshold: Some(0.3) });
         let record = escalation_record(
-            &tag(br#"{"body": "my card is gone"}"#),
+            &tag(&route, br#"{"body": "my card is gone"}"#),
             &classified(),
             &route,
             EscalationReason::LowConfidence,
@@ -435,7 +449,7 @@ mod tests {
         assert_eq!(v["result"]["heads"]["tags"][0]["label"], "urgent");
         assert!(v["result"]["heads"].get("embedding").is_none(), "vectors stay out of escalations");
         let record =
-            escalation_record(&tag(b"\xff not json"), &classified(), &route, EscalationReason::OutOfDistribution, &ResultRow::default());
+            escalation_record(&tag(&route, b"\xff not json"), &classified(), &route, EscalationReason::OutOfDistribution, &ResultRow::default());
         let v: Value = serde_json::from_slice(record.bytes()).unwrap();
         assert!(v["message"].is_string(), "a payload that is not JSON travels as text");
         assert_eq!(v["reason"]["why"], "out_of_distribution");
@@ -447,7 +461,7 @@ mod tests {
         // Multi-byte characters and characters JSON must escape, so cuts land mid-character.
         let body = "é\"\n\u{1}€".repeat(40_000);
         let payload = serde_json::to_vec(&json!({ "body": body })).unwrap();
-        let record = escalation_record(&tag(&payload), &classified(), &route, EscalationReason::LowConfidence, &ResultRow::default());
+        let record = escalation_record(&tag(&route, &payload), &classified(), &route, EscalationReason::LowConfidence, &ResultRow::default());
         assert!(record.bytes().len() > 200_000);
         for limit in [100_000, 4_096, 2_000] {
             let cut = record.cut(limit).unwrap_or_else(|| panic!("no cut to {limit}"));

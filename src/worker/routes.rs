@@ -2,12 +2,12 @@
 //! that name it), each route with its decoder and its resolved escalation policy.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use super::policy::EscalationPolicy;
 use super::WorkerError;
 use crate::config::{Config, RouteConfig};
-use crate::engine::{Classified, Engine, EngineConfig, Outcome, StatsSnapshot, Submitter};
+use crate::engine::{Classified, Engine, EngineConfig, Generation, Outcome, StatsSnapshot, Submitter};
 use crate::message::Decoder;
 use crate::model::{Model, ModelInfo};
 use crate::source::decode::registry::Registry;
@@ -27,18 +27,59 @@ pub(super) struct MessageTag {
     pub tier: usize,
     /// What the earlier tiers answered, first tier first.
     pub earlier: Vec<Classified>,
+    /// The model (version) of each tier it has reached, first tier first: the last is the one
+    /// now classifying it. Pinned when it enters a tier, so a reload mid-way changes nothing
+    /// about this message: its row names the version that answered it.
+    pub versions: Vec<Arc<TierModel>>,
     /// The record read from an Avro / Protobuf / JSON Schema payload (a JSON payload is its own
     /// record): what later tiers and the escalation record read.
     pub record: Option<Arc<serde_json::Value>>,
 }
 
-/// One model of a route's cascade.
-pub(super) struct Tier {
-    /// Index into the started engines (one per model directory, shared by routes).
-    pub engine: usize,
+impl MessageTag {
+    /// The model version now classifying this message.
+    pub fn answering(&self) -> &TierModel {
+        self.versions.last().expect("a message carries the model of every tier it has entered")
+    }
+}
+
+/// One tier as one version of its model serves it: the field map and the model's template,
+/// the model's identity, its escalation policy (the model's calibration), and the engine
+/// generation that runs it.
+pub(super) struct TierModel {
     pub decoder: Decoder,
     pub model: ModelInfo,
     pub policy: EscalationPolicy,
+    /// None only in tests that build rows without an engine.
+    pub generation: Option<Arc<Generation>>,
+}
+
+/// One model of a route's cascade: its engine, and the version now serving it (replaced
+/// whole by a reload).
+pub(super) struct Tier {
+    /// Index into the started engines (one per model directory, shared by routes).
+    pub engine: usize,
+    current: RwLock<Arc<TierModel>>,
+}
+
+impl Tier {
+    pub fn new(engine: usize, model: TierModel) -> Self {
+        Tier { engine, current: RwLock::new(Arc::new(model)) }
+    }
+
+    pub fn current(&self) -> Arc<TierModel> {
+        match self.current.read() {
+            Ok(current) => current.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn replace(&self, model: Arc<TierModel>) {
+        match self.current.write() {
+            Ok(mut current) => *current = model,
+            Err(poisoned) => *poisoned.into_inner() = model,
+        }
+    }
 }
 
 /// What the consumer and the results side need to know about a route.
@@ -135,43 +176,13 @@ pub(super) async fn start(config: &Config) -> Result<Started, WorkerError> {
             let engine = dirs.iter().position(|d| d == dir).unwrap_or_default();
             let model = &models[engine];
             let last = position + 1 == tier_dirs.len();
-            if let Some(head) = route.escalation_head.as_ref().filter(|_| last) {
-                if !model.heads().heads().iter().any(|h| &h.name == head) {
-                    return Err(WorkerError::Route {
-                        topic: route.topic.clone(),
-                        reason: format!("escalation_head `{head}` is not a head of {}", model.info().name),
-                    });
-                }
-            }
-            // The route's own thresholds decide what leaves the last tier; earlier tiers pass
-            // on what their own calibration doubts.
-            let policy_route = if last {
-                route.clone()
-            } else {
-                RouteConfig { escalation_threshold: None, escalation_head: None, ood_threshold: None, ..route.clone() }
-            };
             if position > 0 {
                 let from = tiers.last().map_or(0, |t: &Tier| t.engine);
                 if !next_tiers[from].iter().any(|(e, _)| *e == engine) {
                     next_tiers[from].push((engine, engines[engine].submitter()));
                 }
             }
-            tiers.push(Tier {
-                engine,
-                decoder: Decoder::new(
-                    route.fields.clone(),
-                    model.template().clone(),
-                    config.max_message_bytes,
-                    model.encoder().max_chars(),
-                ),
-                model: model.info().clone(),
-                policy: EscalationPolicy::resolve(
-                    &policy_route,
-                    model.descriptor(),
-                    model.heads().ood().is_some(),
-                    config.escalation.default_threshold,
-                ),
-            });
+            tiers.push(Tier::new(engine, tier_model(config, route, last, model, engines[engine].current())?));
         }
         submitters.push(engines[tiers[0].engine].submitter());
         let reader = RecordReader::new(route.format, &route.schema, registry.clone(), config.max_message_bytes)
@@ -179,4 +190,34 @@ pub(super) async fn start(config: &Config) -> Result<Started, WorkerError> {
         routes.push(Route { config: route.clone(), reader: Arc::new(reader), tiers });
     }
     Ok(Started { routes: Arc::new(routes), submitters, engines, outcomes, next_tiers })
+}
+
+/// A route's tier as `model` serves it. Err when the route cannot use this model (its
+/// escalation head is not one of the model's heads): at start a configuration error, on a
+/// reload a reason to keep the old version.
+pub(super) fn tier_model(
+    config: &Config,
+    route: &RouteConfig,
+    last: bool,
+    model: &Model,
+    generation: Option<Arc<Generation>>,
+) -> Result<TierModel, WorkerError> {
+    if let Some(head) = route.escalation_head.as_ref().filter(|_| last) {
+        if !model.heads().heads().iter().any(|h| &h.name == head) {
+            return Err(WorkerError::Route {
+                topic: route.topic.clone(),
+                reason: format!("escalation_head `{head}` is not a head of {}", model.info().name),
+            });
+        }
+    }
+    // The route's own thresholds decide what leaves the last tier; earlier tiers pass on what
+    // their own calibration doubts.
+    let policy_route =
+        if last { route.clone() } else { RouteConfig { escalation_threshold: None, escalation_head: None, ood_threshold: None, ..route.clone() } };
+    Ok(TierModel {
+        decoder: Decoder::new(route.fields.clone(), model.template().clone(), config.max_message_bytes, model.encoder().max_chars()),
+        model: model.info().clone(),
+        policy: EscalationPolicy::resolve(&policy_route, model.descriptor(), model.heads().ood().is_some(), config.escalation.default_threshold),
+        generation,
+    })
 }
