@@ -335,36 +335,25 @@ pub struct Engine<T> {
     submitter: Option<Submitter<T>>,
     threads: Vec<JoinHandle<()>>,
     stats: Arc<EngineStats>,
+    installer: Installer,
+}
+
+/// Installs new generations into a running engine (a reload). Cloneable and apart from the
+/// engine: it holds no submitter, so it never keeps the engine from shutting down.
+#[derive(Clone)]
+pub struct Installer {
     name: String,
+    current: Arc<std::sync::RwLock<Arc<Generation>>>,
+    stats: Arc<EngineStats>,
     /// Backends each generation must bring: one per inference thread.
     inference_threads: usize,
     policy: BatchPolicy,
-    generations: AtomicU64,
+    generations: Arc<AtomicU64>,
 }
 
-impl<T: Send + 'static> Engine<T> {
-    /// Start the threads over a loaded model: as many sessions as `config` asks for the model's
-    /// provider. Sessions are created here, so model problems surface now.
-    pub fn start(model: Arc<Model>, config: &EngineConfig, outcomes: flume::Sender<Outcome<T>>) -> Result<Self, ModelError> {
-        config.validate(model.info().max_length).map_err(|reason| ModelError::invalid(&model.info().dir, reason))?;
-        let (count, intra) = config.sessions_for(&model);
-        let sessions = (0..count)
-            .map(|_| model.session_with_threads(intra).map(|s| Box::new(s) as Box<dyn Backend>))
-            .collect::<Result<Vec<_>, _>>()?;
-        let engine = Self::with_backends(&model.info().name, Arc::new(model.encoder().clone()), sessions, config, outcomes)?;
-        if let Some(submitter) = &engine.submitter {
-            if let Ok(mut current) = submitter.current.write() {
-                if let Some(first) = Arc::get_mut(&mut current) {
-                    first.version = model.info().version.clone();
-                }
-            }
-        }
-        Ok(engine)
-    }
-
-    /// Sessions of `model` for a new generation of this engine (as many as it has inference
-    /// threads, with the threads `config` gives each): built off the hot path, before
-    /// [`Engine::install`].
+impl Installer {
+    /// Sessions of `model` for a new generation (as many as the engine has inference threads,
+    /// with the threads `config` gives each): built off the hot path, before [`Installer::install`].
     pub fn sessions_of(&self, model: &Model, config: &EngineConfig) -> Result<Vec<Box<dyn Backend>>, ModelError> {
         let (_, intra) = config.sessions_for(model);
         (0..self.inference_threads).map(|_| model.session_with_threads(intra).map(|s| Box::new(s) as Box<dyn Backend>)).collect()
@@ -373,12 +362,7 @@ impl<T: Send + 'static> Engine<T> {
     /// Make a new generation current: work submitted from now on (and by callers that pick it
     /// up with [`Submitter::current`]) runs on `backends`; what was submitted before finishes on
     /// its own generation, which is freed after. `backends` must be one per inference thread.
-    pub fn install(
-        &self,
-        version: &str,
-        encoder: Arc<TextEncoder>,
-        backends: Vec<Box<dyn Backend>>,
-    ) -> Result<Arc<Generation>, ModelError> {
+    pub fn install(&self, version: &str, encoder: Arc<TextEncoder>, backends: Vec<Box<dyn Backend>>) -> Result<Arc<Generation>, ModelError> {
         if backends.len() != self.inference_threads {
             return Err(ModelError::invalid(
                 &self.name,
@@ -387,8 +371,7 @@ impl<T: Send + 'static> Engine<T> {
         }
         let id = self.generations.fetch_add(1, Ordering::Relaxed);
         let generation = Arc::new(new_generation(&self.name, id, version, encoder, backends)?);
-        let submitter = self.submitter.as_ref().ok_or_else(|| ModelError::invalid(&self.name, "the engine has shut down"))?;
-        let previous = match submitter.current.write() {
+        let previous = match self.current.write() {
             Ok(mut current) => std::mem::replace(&mut *current, generation.clone()),
             Err(poisoned) => std::mem::replace(&mut *poisoned.into_inner(), generation.clone()),
         };
@@ -403,8 +386,39 @@ impl<T: Send + 'static> Engine<T> {
     }
 
     /// The generation new work goes to.
-    pub fn current(&self) -> Option<Arc<Generation>> {
-        self.submitter.as_ref().map(Submitter::current)
+    pub fn current(&self) -> Arc<Generation> {
+        match self.current.read() {
+            Ok(current) => current.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+}
+
+impl<T: Send + 'static> Engine<T> {
+    /// Start the threads over a loaded model: as many sessions as `config` asks for the model's
+    /// provider. Sessions are created here, so model problems surface now.
+    pub fn start(model: Arc<Model>, config: &EngineConfig, outcomes: flume::Sender<Outcome<T>>) -> Result<Self, ModelError> {
+        config.validate(model.info().max_length).map_err(|reason| ModelError::invalid(&model.info().dir, reason))?;
+        let (count, intra) = config.sessions_for(&model);
+        let sessions = (0..count)
+            .map(|_| model.session_with_threads(intra).map(|s| Box::new(s) as Box<dyn Backend>))
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::with_generation(&model.info().name, &model.info().version, Arc::new(model.encoder().clone()), sessions, config, outcomes)
+    }
+
+    /// Installs new generations (reloads) into this engine.
+    pub fn installer(&self) -> Installer {
+        self.installer.clone()
+    }
+
+    /// Make a new generation current (see [`Installer::install`]).
+    pub fn install(&self, version: &str, encoder: Arc<TextEncoder>, backends: Vec<Box<dyn Backend>>) -> Result<Arc<Generation>, ModelError> {
+        self.installer.install(version, encoder, backends)
+    }
+
+    /// The generation new work goes to.
+    pub fn current(&self) -> Arc<Generation> {
+        self.installer.current()
     }
 
     /// Start the threads over any backends: one inference thread per backend. `name` labels the
@@ -416,12 +430,23 @@ impl<T: Send + 'static> Engine<T> {
         config: &EngineConfig,
         outcomes: flume::Sender<Outcome<T>>,
     ) -> Result<Self, ModelError> {
+        Self::with_generation(name, "", encoder, backends, config, outcomes)
+    }
+
+    fn with_generation(
+        name: &str,
+        version: &str,
+        encoder: Arc<TextEncoder>,
+        backends: Vec<Box<dyn Backend>>,
+        config: &EngineConfig,
+        outcomes: flume::Sender<Outcome<T>>,
+    ) -> Result<Self, ModelError> {
         config.validate(encoder.max_length()).map_err(|reason| ModelError::invalid(name, reason))?;
         if backends.is_empty() {
             return Err(ModelError::invalid(name, "an engine needs at least one inference backend"));
         }
         let count = backends.len();
-        let first = Arc::new(new_generation(name, 0, "", encoder, backends)?);
+        let first = Arc::new(new_generation(name, 0, version, encoder, backends)?);
         let stats = Arc::new(EngineStats::default());
         if config.policy.tune_batch_size && config.policy.max_batch_size > 1 {
             if let Ok(mut tuner) = stats.tuner.lock() {
@@ -451,15 +476,15 @@ impl<T: Send + 'static> Engine<T> {
             threads.push(spawn(format!("triage-infer-{i}"), move || inference_loop(rx, out, &stats, &name)));
         }
         let current = Arc::new(std::sync::RwLock::new(first));
-        Ok(Engine {
-            submitter: Some(Submitter { requests: request_tx, stats: stats.clone(), current }),
-            threads,
-            stats,
+        let installer = Installer {
             name: name.to_string(),
+            current: current.clone(),
+            stats: stats.clone(),
             inference_threads: count,
             policy: config.policy.clone(),
-            generations: AtomicU64::new(1),
-        })
+            generations: Arc::new(AtomicU64::new(1)),
+        };
+        Ok(Engine { submitter: Some(Submitter { requests: request_tx, stats: stats.clone(), current }), threads, stats, installer })
     }
 
     pub fn submitter(&self) -> Submitter<T> {
@@ -682,7 +707,9 @@ fn inference_loop<T>(batches: flume::Receiver<Batch<Tokenized<T>>>, outcomes: fl
             Ok(batch) => batch,
             Err(flume::RecvTimeoutError::Timeout) => {
                 if held.as_ref().is_some_and(|h| h.generation.retired()) {
-                    held.take().map(Held::release);
+                    if let Some(h) = held.take() {
+                        h.release();
+                    }
                 }
                 continue;
             }
@@ -690,7 +717,9 @@ fn inference_loop<T>(batches: flume::Receiver<Batch<Tokenized<T>>>, outcomes: fl
         };
         let Some(generation) = batch.items.first().map(|t| t.generation.clone()) else { continue };
         if held.as_ref().is_none_or(|h| h.generation.id != generation.id) {
-            held.take().map(Held::release);
+            if let Some(h) = held.take() {
+                h.release();
+            }
             // Each generation has one backend per thread and a thread holds at most one, so
             // one is always free.
             let Some(backend) = generation.take() else {
@@ -737,7 +766,9 @@ fn inference_loop<T>(batches: flume::Receiver<Batch<Tokenized<T>>>, outcomes: fl
             *probe = answered.0.encoded.clone();
         }
         if generation.retired() {
-            held.take().map(Held::release);
+            if let Some(h) = held.take() {
+                h.release();
+            }
         }
         for (item, result) in batch.items.into_iter().zip(results) {
             let result = match result {
@@ -1041,17 +1072,17 @@ mod tests {
         let old = |_| Box::new(Fake { gate: Some(gate.clone()), mark: Some("v1"), ..Fake::default() }) as Box<dyn Backend>;
         let (tx, rx) = flume::bounded(256);
         let engine = Engine::with_backends("fake", encoder(), (0..2).map(old).collect(), &config(8, 256), tx).unwrap();
-        let first = engine.current().unwrap();
+        let first = engine.current();
         let texts = texts(120);
         for (i, text) in texts.iter().enumerate().take(60) {
             engine.submit(i, rendered(text)).unwrap();
         }
         // The wrong number of backends is refused and changes nothing.
         assert!(engine.install("v2", encoder(), vec![fake(0)]).is_err());
-        assert_eq!(engine.current().unwrap().id(), first.id());
+        assert_eq!(engine.current().id(), first.id());
         let new = |_| Box::new(Fake { mark: Some("v2"), ..Fake::default() }) as Box<dyn Backend>;
         let second = engine.install("v2", encoder(), (0..2).map(new).collect()).unwrap();
-        assert_eq!((engine.current().unwrap().id(), second.version()), (second.id(), "v2"));
+        assert_eq!((engine.current().id(), second.version()), (second.id(), "v2"));
         let old_generation = Arc::downgrade(&first);
         drop(first);
         for (i, text) in texts.iter().enumerate().skip(60) {

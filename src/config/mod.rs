@@ -143,6 +143,21 @@ impl Default for ShutdownConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct ModelsConfig {
+    /// How often each route's model directory is checked for a new version (milliseconds; 0:
+    /// only on SIGHUP). A change is loaded once the directory has looked the same for one
+    /// whole interval (a copy still in progress is never loaded).
+    pub reload_interval_ms: u64,
+}
+
+impl Default for ModelsConfig {
+    fn default() -> Self {
+        ModelsConfig { reload_interval_ms: 10_000 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     /// Address of /metrics, /healthz, /readyz (empty: off).
     pub address: String,
@@ -176,6 +191,8 @@ pub struct Config {
     pub max_message_bytes: usize,
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    #[serde(default)]
+    pub models: ModelsConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
     /// The LLM tier (`triage escalate` only).

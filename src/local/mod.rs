@@ -356,6 +356,7 @@ pub fn local_worker_config(
         inference,
         max_message_bytes: crate::message::DEFAULT_MAX_MESSAGE_BYTES,
         shutdown: Default::default(),
+        models: Default::default(),
         metrics: crate::config::MetricsConfig { address: String::new() },
         llm: Default::default(),
         schema_registry: Default::default(),

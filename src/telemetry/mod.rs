@@ -63,7 +63,9 @@ pub const METRICS: &[(&str, &str, &str, &str)] = &[
         "Age of the partition's oldest unfinished message (0: nothing unfinished, or not assigned here).",
     ),
     (PAUSED, "gauge", "", "1 while consumption is paused because downstream is behind."),
-    (MODEL_INFO, "gauge", "model, version, provider", "1 for each loaded model."),
+    (MODEL_INFO, "gauge", "model, version, provider", "1 for each model version serving; 0 once a reload has replaced it."),
+    (MODEL_RELOADS, "counter", "model, outcome", "Reloads of a model directory: outcome `loaded` or `refused` (the old version kept serving)."),
+    (MODEL_RELOAD_FAILURES, "counter", "model", "Reloads refused: a changed model directory that failed a check (the old version kept serving)."),
     (LLM_REQUESTS, "counter", "model, result", "`triage escalate`: chat-completions calls that got a reply (result=reply) or failed after retries (result=error)."),
     (LLM_TOKENS, "counter", "model, type", "`triage escalate`: tokens the LLM counted (type=prompt or completion)."),
     (LLM_REQUEST_SECONDS, "histogram", "model", "`triage escalate`: time of one call that got a reply, retries included."),
@@ -107,6 +109,8 @@ pub const IN_FLIGHT: &str = "triage_in_flight_messages";
 pub const OLDEST_UNFINISHED: &str = "triage_oldest_unfinished_seconds";
 pub const PAUSED: &str = "triage_consumer_paused";
 pub const MODEL_INFO: &str = "triage_model_info";
+pub const MODEL_RELOADS: &str = "triage_model_reloads_total";
+pub const MODEL_RELOAD_FAILURES: &str = "triage_model_reload_failures_total";
 pub const READY: &str = "triage_ready";
 pub const LLM_REQUESTS: &str = "triage_llm_requests_total";
 pub const LLM_TOKENS: &str = "triage_llm_tokens_total";
@@ -165,6 +169,9 @@ pub struct Readiness {
     pub stalled: std::sync::Mutex<Option<String>>,
     /// Why the schema registry cannot be read, while it cannot.
     pub schema_registry: std::sync::Mutex<Option<String>>,
+    /// The last refused model reload, per model directory: shown, never unready (the old
+    /// version keeps serving).
+    pub model_reloads: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
 }
 
 impl Readiness {
@@ -182,6 +189,16 @@ impl Readiness {
         }
     }
 
+    /// A model directory's last reload: Some(why) when it was refused, None when it loaded.
+    pub fn set_model_reload(&self, dir: &str, refused: Option<String>) {
+        if let Ok(mut reloads) = self.model_reloads.lock() {
+            match refused {
+                Some(why) => reloads.insert(dir.to_string(), why),
+                None => reloads.remove(dir),
+            };
+        }
+    }
+
     pub fn set_stalled(&self, reason: Option<String>) {
         if let Ok(mut s) = self.stalled.lock() {
             *s = reason;
@@ -192,8 +209,13 @@ impl Readiness {
         let flag = |b: &AtomicBool| if b.load(Ordering::Relaxed) { "ok" } else { "waiting" };
         let stalled = self.stalled.lock().ok().and_then(|s| s.clone()).unwrap_or_else(|| "no".into());
         let registry = self.schema_registry.lock().ok().and_then(|s| s.clone()).unwrap_or_else(|| "ok".into());
+        let reloads = self
+            .model_reloads
+            .lock()
+            .map(|r| r.iter().map(|(dir, why)| format!("model reload refused: {dir}: {why} (the previous version is serving)\n")).collect::<String>())
+            .unwrap_or_default();
         format!(
-            "model: {}\nkafka group: {}\nclickhouse: {}\nstalled: {stalled}\nschema registry: {registry}\n",
+            "model: {}\nkafka group: {}\nclickhouse: {}\nstalled: {stalled}\nschema registry: {registry}\n{reloads}",
             flag(&self.model_loaded),
             flag(&self.kafka_joined),
             flag(&self.clickhouse_reachable)

@@ -7,10 +7,12 @@
 //! ```
 //! Modules: [`consumer`] (the consumer's states: consuming, draining), [`routes`] (engines and
 //! routes), [`results`] (outcomes into rows and escalations), [`policy`] (whether to escalate),
-//! [`settle`] (the one path by which a message becomes done). This file only wires them.
+//! [`settle`] (the one path by which a message becomes done), [`reload`] (new model versions
+//! swapped in while running). This file only wires them.
 
 mod consumer;
 pub mod policy;
+mod reload;
 mod results;
 mod routes;
 pub mod settle;
@@ -148,7 +150,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
     let started_routes = started_routes?;
     readiness.model_loaded.store(true, Ordering::Relaxed);
     let engine_stats = started_routes.engine_stats();
-    let routes::Started { routes, submitters, engines, outcomes, next_tiers } = started_routes;
+    let routes::Started { routes, submitters, engines, outcomes, next_tiers, dirs, serving, engine_config } = started_routes;
+    let reloader = reload::Reloader::new(
+        Arc::new(config.clone()),
+        dirs,
+        engines.iter().map(|e| e.installer()).collect(),
+        serving,
+        engine_config,
+        routes.clone(),
+        readiness.clone(),
+    );
+    let reloads = tokio::spawn(reloader.run());
 
     let (row_tx, row_rx) = mpsc::channel(4096);
     let block_policy = ch::BlockPolicy {
@@ -212,6 +224,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
     let stopped = consumer.run(shutdown, state, consumer::Downstream { sink, results, fatal: fatal_rx }).await;
 
     pinger.abort();
+    reloads.abort();
     if let Some(server) = server {
         server.abort();
     }

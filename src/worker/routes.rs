@@ -110,6 +110,10 @@ pub(super) struct Started {
     pub outcomes: Vec<flume::Receiver<Outcome<MessageTag>>>,
     /// Per engine, the submitters of the engines its results may go on to.
     pub next_tiers: Vec<Vec<(usize, Submitter<MessageTag>)>>,
+    /// Per engine, its model directory and the version loaded at start (for reloads).
+    pub dirs: Vec<PathBuf>,
+    pub serving: Vec<ModelInfo>,
+    pub engine_config: EngineConfig,
 }
 
 impl Started {
@@ -182,14 +186,15 @@ pub(super) async fn start(config: &Config) -> Result<Started, WorkerError> {
                     next_tiers[from].push((engine, engines[engine].submitter()));
                 }
             }
-            tiers.push(Tier::new(engine, tier_model(config, route, last, model, engines[engine].current())?));
+            tiers.push(Tier::new(engine, tier_model(config, route, last, model, Some(engines[engine].current()))?));
         }
         submitters.push(engines[tiers[0].engine].submitter());
         let reader = RecordReader::new(route.format, &route.schema, registry.clone(), config.max_message_bytes)
             .map_err(|reason| WorkerError::Route { topic: route.topic.clone(), reason })?;
         routes.push(Route { config: route.clone(), reader: Arc::new(reader), tiers });
     }
-    Ok(Started { routes: Arc::new(routes), submitters, engines, outcomes, next_tiers })
+    let serving = models.iter().map(|m| m.info().clone()).collect();
+    Ok(Started { routes: Arc::new(routes), submitters, engines, outcomes, next_tiers, dirs, serving, engine_config })
 }
 
 /// A route's tier as `model` serves it. Err when the route cannot use this model (its
