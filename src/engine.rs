@@ -362,7 +362,12 @@ impl Installer {
     /// Make a new generation current: work submitted from now on (and by callers that pick it
     /// up with [`Submitter::current`]) runs on `backends`; what was submitted before finishes on
     /// its own generation, which is freed after. `backends` must be one per inference thread.
-    pub fn install(&self, version: &str, encoder: Arc<TextEncoder>, backends: Vec<Box<dyn Backend>>) -> Result<Arc<Generation>, ModelError> {
+    pub fn install(
+        &self,
+        version: &str,
+        encoder: Arc<TextEncoder>,
+        backends: Vec<Box<dyn Backend>>,
+    ) -> Result<Arc<Generation>, ModelError> {
         if backends.len() != self.inference_threads {
             return Err(ModelError::invalid(
                 &self.name,
@@ -412,7 +417,12 @@ impl<T: Send + 'static> Engine<T> {
     }
 
     /// Make a new generation current (see [`Installer::install`]).
-    pub fn install(&self, version: &str, encoder: Arc<TextEncoder>, backends: Vec<Box<dyn Backend>>) -> Result<Arc<Generation>, ModelError> {
+    pub fn install(
+        &self,
+        version: &str,
+        encoder: Arc<TextEncoder>,
+        backends: Vec<Box<dyn Backend>>,
+    ) -> Result<Arc<Generation>, ModelError> {
         self.installer.install(version, encoder, backends)
     }
 

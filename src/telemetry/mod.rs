@@ -212,7 +212,11 @@ impl Readiness {
         let reloads = self
             .model_reloads
             .lock()
-            .map(|r| r.iter().map(|(dir, why)| format!("model reload refused: {dir}: {why} (the previous version is serving)\n")).collect::<String>())
+            .map(|r| {
+                r.iter()
+                    .map(|(dir, why)| format!("model reload refused: {dir}: {why} (the previous version is serving)\n"))
+                    .collect::<String>()
+            })
             .unwrap_or_default();
         format!(
             "model: {}\nkafka group: {}\nclickhouse: {}\nstalled: {stalled}\nschema registry: {registry}\n{reloads}",

@@ -269,7 +269,8 @@ mod tests {
     #[test]
     fn only_finite_answers_pass() {
         let label = |score| crate::model::LabelScore { label: "x".into(), score };
-        let good = Prediction { category: Some(label(0.9)), priority: None, tags: vec![label(0.7)], heads: Vec::new(), ood_score: Some(0.2) };
+        let good =
+            Prediction { category: Some(label(0.9)), priority: None, tags: vec![label(0.7)], heads: Vec::new(), ood_score: Some(0.2) };
         assert!(finite(&good));
         assert!(!finite(&Prediction { category: Some(label(f32::NAN)), ..good.clone() }));
         assert!(!finite(&Prediction { ood_score: Some(f32::INFINITY), ..good.clone() }));

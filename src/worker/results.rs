@@ -9,9 +9,9 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::policy::{decide, EscalationPolicy};
-use super::routes::{MessageTag, Route, Tier};
 #[cfg(test)]
 use super::routes::TierModel;
+use super::routes::{MessageTag, Route, Tier};
 use super::settle::Settler;
 use crate::engine::{Classified, ClassifyError, Outcome, Submitter};
 use crate::model::HeadOutput;
@@ -448,8 +448,13 @@ mod tests {
         assert_eq!(v["message"]["body"], "my card is gone");
         assert_eq!(v["result"]["heads"]["tags"][0]["label"], "urgent");
         assert!(v["result"]["heads"].get("embedding").is_none(), "vectors stay out of escalations");
-        let record =
-            escalation_record(&tag(&route, b"\xff not json"), &classified(), &route, EscalationReason::OutOfDistribution, &ResultRow::default());
+        let record = escalation_record(
+            &tag(&route, b"\xff not json"),
+            &classified(),
+            &route,
+            EscalationReason::OutOfDistribution,
+            &ResultRow::default(),
+        );
         let v: Value = serde_json::from_slice(record.bytes()).unwrap();
         assert!(v["message"].is_string(), "a payload that is not JSON travels as text");
         assert_eq!(v["reason"]["why"], "out_of_distribution");
@@ -461,7 +466,8 @@ mod tests {
         // Multi-byte characters and characters JSON must escape, so cuts land mid-character.
         let body = "é\"\n\u{1}€".repeat(40_000);
         let payload = serde_json::to_vec(&json!({ "body": body })).unwrap();
-        let record = escalation_record(&tag(&route, &payload), &classified(), &route, EscalationReason::LowConfidence, &ResultRow::default());
+        let record =
+            escalation_record(&tag(&route, &payload), &classified(), &route, EscalationReason::LowConfidence, &ResultRow::default());
         assert!(record.bytes().len() > 200_000);
         for limit in [100_000, 4_096, 2_000] {
             let cut = record.cut(limit).unwrap_or_else(|| panic!("no cut to {limit}"));

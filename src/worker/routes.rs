@@ -217,12 +217,20 @@ pub(super) fn tier_model(
     }
     // The route's own thresholds decide what leaves the last tier; earlier tiers pass on what
     // their own calibration doubts.
-    let policy_route =
-        if last { route.clone() } else { RouteConfig { escalation_threshold: None, escalation_head: None, ood_threshold: None, ..route.clone() } };
+    let policy_route = if last {
+        route.clone()
+    } else {
+        RouteConfig { escalation_threshold: None, escalation_head: None, ood_threshold: None, ..route.clone() }
+    };
     Ok(TierModel {
         decoder: Decoder::new(route.fields.clone(), model.template().clone(), config.max_message_bytes, model.encoder().max_chars()),
         model: model.info().clone(),
-        policy: EscalationPolicy::resolve(&policy_route, model.descriptor(), model.heads().ood().is_some(), config.escalation.default_threshold),
+        policy: EscalationPolicy::resolve(
+            &policy_route,
+            model.descriptor(),
+            model.heads().ood().is_some(),
+            config.escalation.default_threshold,
+        ),
         generation,
     })
 }

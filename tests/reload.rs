@@ -1,0 +1,162 @@
+//! Changing a model while `triage run` works (issue 21): a new version published the way a
+//! Kubernetes volume publishes it (a symlink switched atomically) is loaded, checked and swapped
+//! in mid-stream with no message lost or doubled and no consumer-group rebalance; a broken
+//! candidate (a graph that does not load, labels that do not match the graph, NaN answers) is
+//! refused while the old version keeps serving, and said so on /readyz without going unready.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::worker::{http_get, messages, shared_clickhouse, Env, Exit};
+
+const MIN: Duration = Duration::from_secs(60);
+
+/// A copy of test model `name` at `to`, with its model.toml's version set to `version`.
+fn model_copy(name: &str, to: &Path, version: &str) -> PathBuf {
+    let from = common::test_model_dir(name);
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(&from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+    let descriptor = to.join("model.toml");
+    let text = std::fs::read_to_string(&descriptor).unwrap();
+    let changed: String =
+        text.lines().map(|l| if l.starts_with("version = ") { format!("version = \"{version}\"\n") } else { format!("{l}\n") }).collect();
+    assert_ne!(text, changed, "{name}'s model.toml has a version line");
+    std::fs::write(&descriptor, changed).unwrap();
+    to.to_path_buf()
+}
+
+/// Point `link` at `target` atomically (a new symlink renamed over the old): how a Kubernetes
+/// volume switches its `..data`, and the documented way to publish a model.
+fn switch(link: &Path, target: &Path) {
+    let staged = link.with_extension("staged");
+    let _ = std::fs::remove_file(&staged);
+    std::os::unix::fs::symlink(target, &staged).unwrap();
+    std::fs::rename(&staged, link).unwrap();
+}
+
+fn metric(port: u16, line_start: &str) -> Option<f64> {
+    let (_, body) = http_get(port, "/metrics");
+    body.lines().find(|l| l.starts_with(line_start)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn a_model_switched_mid_stream_serves_new_messages_with_nothing_lost_doubled_or_rebalanced() {
+    let env = Env::new("reload_switch", shared_clickhouse().url());
+    env.apply_schema();
+    env.kafka.create_topic("tickets", 4).unwrap();
+    let models = env.dir.path().join("models");
+    let v1 = model_copy("multihead-tiny", &models.join("v1"), "1.0.0");
+    let v2 = model_copy("multihead-tiny", &models.join("v2"), "2.0.0");
+    let current = models.join("current");
+    switch(&current, &v1);
+    let port = triage::local::free_port().unwrap();
+    let config = env.write_config("w", &current, &["tickets"], |c| {
+        c.models.reload_interval_ms = 200;
+        c.metrics.address = format!("127.0.0.1:{port}");
+    });
+    let mut worker = env.spawn_worker(&config, "w");
+    let log = worker.whole_log();
+
+    let all = messages("m", 10_000);
+    env.produce("tickets", &all[..5_000]);
+    env.wait_for(&mut worker, "the first rows", 2 * MIN, || env.distinct_rows() >= 1_000);
+    switch(&current, &v2);
+    env.wait_for(&mut worker, "the reload", MIN, || log.count("model reloaded") == 1);
+    env.produce("tickets", &all[5_000..]);
+    env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
+    env.wait_until_rows_settle();
+
+    let rows_of = |version: &str| env.query_u64(&format!("SELECT count() FROM results FINAL WHERE model_version = '{version}'"));
+    assert_eq!((env.distinct_rows(), env.raw_rows()), (10_000, 10_000), "every message stored once, none replayed");
+    assert!(rows_of("1.0.0") >= 1_000, "the old version answered what came before the switch");
+    assert_eq!(
+        env.query_u64("SELECT count() FROM results FINAL WHERE model_version = '2.0.0' AND toUInt64(substring(message_id, 3)) >= 5000"),
+        5_000,
+        "every message produced after the reload was answered by the new version"
+    );
+    assert_eq!(rows_of("1.0.0") + rows_of("2.0.0"), 10_000);
+    // Per partition, the old version's last message comes before the new version's first.
+    let crossed = env.query_u64(
+        "SELECT count() FROM (SELECT partition, maxIf(offset, model_version = '1.0.0') AS last_old, \
+         minIf(offset, model_version = '2.0.0') AS first_new FROM results FINAL GROUP BY partition) \
+         WHERE last_old > first_new AND first_new > 0",
+    );
+    assert_eq!(crossed, 0, "a partition went back to the old version after the swap");
+    assert_eq!((log.count("partitions assigned"), log.count("partitions revoked")), (1, 0), "no rebalance:\n{}", log.text());
+    assert_eq!(metric(port, "triage_model_info{model=\"multihead-tiny\",version=\"2.0.0\""), Some(1.0));
+    assert_eq!(metric(port, "triage_model_info{model=\"multihead-tiny\",version=\"1.0.0\""), Some(0.0));
+    assert_eq!(metric(port, "triage_model_reloads_total{model=\"multihead-tiny\",outcome=\"loaded\""), Some(1.0));
+    assert_eq!(worker.terminate(MIN), Some(Exit::OK));
+}
+
+#[test]
+fn broken_candidates_are_refused_on_sighup_and_the_old_version_keeps_serving() {
+    let env = Env::new("reload_refused", shared_clickhouse().url());
+    env.apply_schema();
+    env.kafka.create_topic("tickets", 1).unwrap();
+    let models = env.dir.path().join("models");
+    let good = model_copy("multihead-tiny", &models.join("good"), "1.0.0");
+    let bad_graph = model_copy("multihead-tiny", &models.join("bad-graph"), "6.6.6");
+    std::fs::write(bad_graph.join("model.onnx"), b"not an onnx graph, cut short by a failed upload").unwrap();
+    let wrong_labels = model_copy("multihead-tiny", &models.join("wrong-labels"), "7.7.7");
+    let descriptor = std::fs::read_to_string(wrong_labels.join("model.toml")).unwrap();
+    let three = descriptor.replacen(
+        r#"labels = ["account", "billing", "delivery", "returns", "technical"]"#,
+        r#"labels = ["account", "billing", "delivery"]"#,
+        1,
+    );
+    assert_ne!(three, descriptor);
+    std::fs::write(wrong_labels.join("model.toml"), three).unwrap();
+    let nan = model_copy("nan-tiny", &models.join("nan"), "8.8.8");
+    let next = model_copy("multihead-tiny", &models.join("next"), "2.0.0");
+    let current = models.join("current");
+    switch(&current, &good);
+    let port = triage::local::free_port().unwrap();
+    // No polling: only SIGHUP reloads.
+    let config = env.write_config("w", &current, &["tickets"], |c| {
+        c.models.reload_interval_ms = 0;
+        c.metrics.address = format!("127.0.0.1:{port}");
+    });
+    let mut worker = env.spawn_worker(&config, "w");
+    let log = worker.whole_log();
+    let ready = || http_get(port, "/readyz");
+    env.wait_for(&mut worker, "/readyz 200", MIN, || ready().0 == 200);
+
+    let mut produced = 0;
+    for (refusals, (candidate, why)) in
+        [(&bad_graph, "model.onnx"), (&wrong_labels, "category"), (&nan, "non-finite")].into_iter().enumerate()
+    {
+        switch(&current, candidate);
+        worker.signal(1); // SIGHUP
+        env.wait_for(&mut worker, "the refusal", MIN, || log.count("model reload refused") == refusals + 1);
+        let (status, body) = ready();
+        assert_eq!(status, 200, "a refused reload does not make the worker unready: {body}");
+        assert!(body.contains("model reload refused") && body.contains(why), "/readyz says why ({why}): {body}");
+        let batch = messages(&format!("r{refusals}"), 50);
+        env.produce("tickets", &batch);
+        produced += batch.len() as u64;
+        env.wait_for(&mut worker, "the batch stored", MIN, || env.distinct_rows() == produced);
+        assert_eq!(
+            env.query_u64("SELECT count() FROM results FINAL WHERE model_version = '1.0.0'"),
+            produced,
+            "the old version answered everything"
+        );
+    }
+    assert_eq!(metric(port, "triage_model_reload_failures_total{model=\"multihead-tiny\""), Some(3.0));
+
+    // A good version after the refusals: loaded, and /readyz no longer mentions a refusal.
+    switch(&current, &next);
+    worker.signal(1);
+    env.wait_for(&mut worker, "the reload", MIN, || log.count("model reloaded") == 1);
+    assert!(!ready().1.contains("model reload refused"), "{}", ready().1);
+    env.produce("tickets", &messages("after", 50));
+    env.wait_for(&mut worker, "the last batch stored", MIN, || env.distinct_rows() == produced + 50);
+    assert_eq!(env.query_u64("SELECT count() FROM results FINAL WHERE model_version = '2.0.0'"), 50);
+    assert_eq!(env.query_u64("SELECT count() FROM results FINAL WHERE isNaN(confidence)"), 0, "no NaN answer was ever stored");
+    assert_eq!(worker.terminate(MIN), Some(Exit::OK));
+}
