@@ -751,7 +751,7 @@ fn inference_loop<T>(batches: flume::Receiver<Batch<Tokenized<T>>>, outcomes: fl
         // fails too the backend is broken (no bisection, no blame); else isolate the culprits.
         let (results, backend_broken) = match run_guarded(backend.as_mut(), &encoded) {
             Ok(predictions) => (predictions.into_iter().map(Ok).collect::<Vec<_>>(), false),
-            Err(e) => match run_guarded(backend.as_mut(), &[&probe]) {
+            Err(e) => match run_guarded(backend.as_mut(), &[probe]) {
                 Err(_) => (vec![Err(e); encoded.len()], true),
                 Ok(_) if encoded.len() == 1 => (vec![Err(e)], false),
                 Ok(_) => (run_isolating(backend.as_mut(), &encoded).0, false),
@@ -799,7 +799,9 @@ fn inference_loop<T>(batches: flume::Receiver<Batch<Tokenized<T>>>, outcomes: fl
             }
         }
     }
-    held.map(Held::release);
+    if let Some(h) = held {
+        h.release();
+    }
 }
 
 #[cfg(test)]
