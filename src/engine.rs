@@ -322,6 +322,15 @@ impl<T: Send + 'static> Submitter<T> {
         self.submit_async_to(&generation, tag, text).await
     }
 
+    /// Submit to `generation` only if the engine has room now (for work that must never make
+    /// the caller wait: a shadow model's copy). Err hands the tag back, full or closed.
+    pub fn try_submit_to(&self, generation: &Arc<Generation>, tag: T, text: Rendered) -> Result<(), EngineClosed<T>> {
+        let request = Request { tag, text, submitted: Instant::now(), generation: generation.clone() };
+        self.requests.try_send(request).map_err(|e| EngineClosed(e.into_inner().tag))?;
+        self.stats.submitted.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Like [`Submitter::submit_async`], on a given generation: the one whose template rendered
     /// `text` (a caller that picked a generation before rendering keeps the message on it).
     pub async fn submit_async_to(&self, generation: &Arc<Generation>, tag: T, text: Rendered) -> Result<(), EngineClosed<T>> {

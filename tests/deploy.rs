@@ -494,6 +494,17 @@ fn schema_views_and_analytics_queries_run_on_clickhouse() {
         rows.push(small);
     }
     assert!(rt.block_on(service.insert(&rows)).unwrap().is_empty());
+    // A shadow model's answers for 30 of the messages (query 07 joins them to the primary's).
+    let shadow: Vec<ResultRow> = (0..30)
+        .map(|o| {
+            let mut r =
+                row(o, ["ticket", "return", "email"][o as usize % 3], ["card_arrival", "refund", "refund"][o as usize % 3], 0, "2.0.0-rc1");
+            r.model_name = "candidate".into();
+            r
+        })
+        .collect();
+    let shadow_service = ClickHouseService::new(&config.shadow());
+    assert!(rt.block_on(shadow_service.insert(&shadow)).unwrap().is_empty());
     let client = clickhouse::Client::default().with_url(ch.url()).with_validation(false);
     let count = |sql: &str| {
         rt.block_on(client.query(&format!("SELECT toUInt64(count()) FROM ({sql})")).fetch_one::<u64>())
@@ -508,7 +519,7 @@ fn schema_views_and_analytics_queries_run_on_clickhouse() {
     );
     let mut dir: Vec<_> = std::fs::read_dir(common::root().join("deploy/clickhouse/queries")).unwrap().map(|e| e.unwrap().path()).collect();
     dir.sort();
-    assert_eq!(dir.len(), 6);
+    assert_eq!(dir.len(), 7);
     for path in dir {
         let sql = std::fs::read_to_string(&path).unwrap();
         let body: String = sql.lines().filter(|l| !l.trim_start().starts_with("--")).collect::<Vec<_>>().join("\n");
@@ -522,6 +533,21 @@ fn schema_views_and_analytics_queries_run_on_clickhouse() {
         .unwrap();
     assert_eq!(top.iter().map(|(_, n, _)| n).sum::<u64>(), 60, "{top:?}");
     assert!(top.iter().any(|(c, n, _)| c == "card_linking" && *n == 5), "{top:?}");
+    // Shadow agreement: the 30 messages both answered, the shadow wrong on every `pin` one, and
+    // where the LLM answered, the primary's own answer (not the LLM's) compared.
+    let shadow_query = read("deploy/clickhouse/queries/07_shadow_model_agreement.sql");
+    let per_label: Vec<(String, u64, f64)> = rt
+        .block_on(
+            client
+                .query(&format!("SELECT primary_label, toUInt64(sum(messages)), toFloat64(min(agreement)) FROM ({shadow_query}) GROUP BY primary_label ORDER BY primary_label"))
+                .fetch_all(),
+        )
+        .unwrap();
+    assert_eq!(
+        per_label,
+        vec![("card_arrival".to_string(), 10, 1.0), ("pin".to_string(), 10, 0.0), ("refund".to_string(), 10, 1.0)],
+        "query 07 per primary label"
+    );
 }
 
 /// Run a validator installed by scripts/setup; its absence is a setup failure, not a skip.
@@ -589,7 +615,7 @@ fn dockerfiles_pass_hadolint() {
 #[test]
 fn the_sql_also_runs_on_a_modern_clickhouse_engine() {
     let out = run_tool(&venv_bin("python"), &["tests/deploy/check_sql_chdb.py"]);
-    assert!(out.contains("schema, TTL, views and 6 queries ok"), "{out}");
+    assert!(out.contains("schema, TTL, views and 7 queries ok"), "{out}");
 }
 
 #[test]

@@ -1,8 +1,11 @@
-//! Changing a model while `triage run` works (issue 21): a new version published the way a
+//! Changing a model while `triage run` works (issue 21). Hot reload: a new version published the way a
 //! Kubernetes volume publishes it (a symlink switched atomically) is loaded, checked and swapped
 //! in mid-stream with no message lost or doubled and no consumer-group rebalance; a broken
 //! candidate (a graph that does not load, labels that do not match the graph, NaN answers) is
 //! refused while the old version keeps serving, and said so on /readyz without going unready.
+//! Shadow models: a candidate classifies exactly its documented share of the messages into
+//! its own table, never touching the route's rows, escalations or commits, even when its table
+//! is gone.
 
 mod common;
 
@@ -158,5 +161,112 @@ fn broken_candidates_are_refused_on_sighup_and_the_old_version_keeps_serving() {
     env.wait_for(&mut worker, "the last batch stored", MIN, || env.distinct_rows() == produced + 50);
     assert_eq!(env.query_u64("SELECT count() FROM results FINAL WHERE model_version = '2.0.0'"), 50);
     assert_eq!(env.query_u64("SELECT count() FROM results FINAL WHERE isNaN(confidence)"), 0, "no NaN answer was ever stored");
+    assert_eq!(worker.terminate(MIN), Some(Exit::OK));
+}
+
+/// FNV-1a with MurmurHash3's finalizer, written again here: the shadow's sample must be this
+/// exact, documented set of keys.
+fn sample_hash(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf29ce484222325;
+    for b in bytes {
+        hash ^= u64::from(*b);
+        hash = hash.wrapping_mul(0x100000001b3);
+    }
+    for (shift, multiplier) in [(33, 0xff51afd7ed558ccd_u64), (33, 0xc4ceb9fe1a85ec53)] {
+        hash ^= hash >> shift;
+        hash = hash.wrapping_mul(multiplier);
+    }
+    hash ^ (hash >> 33)
+}
+
+fn shadow_dropped(port: u16) -> u64 {
+    let (_, body) = http_get(port, "/metrics");
+    body.lines()
+        .filter(|l| l.starts_with("triage_shadow_dropped_total{"))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum::<f64>() as u64
+}
+
+#[test]
+fn a_shadow_classifies_its_share_into_its_own_table_and_never_touches_the_routes_rows() {
+    let env = Env::new("shadow_share", shared_clickhouse().url());
+    env.apply_schema();
+    env.kafka.create_topic("tickets", 2).unwrap();
+    let models = env.dir.path().join("models");
+    let primary = model_copy("multihead-tiny", &models.join("primary"), "1.0.0");
+    let candidate = model_copy("multihead-tiny", &models.join("candidate"), "2.0.0-rc1");
+    let port = triage::local::free_port().unwrap();
+    let config = env.write_config("w", &primary, &["tickets"], |c| {
+        c.routes[0].shadow = Some(candidate.clone());
+        c.routes[0].shadow_share = 0.5;
+        c.metrics.address = format!("127.0.0.1:{port}");
+    });
+    let mut worker = env.spawn_worker(&config, "w");
+    let all = messages("s", 2_000);
+    env.produce("tickets", &all);
+    env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
+    env.wait_until_rows_settle();
+    let sampled: std::collections::BTreeSet<String> =
+        all.iter().map(|(k, _)| k.clone()).filter(|k| (sample_hash(k.as_bytes()) as f64 / u64::MAX as f64) < 0.5).collect();
+    assert!((900..=1_100).contains(&sampled.len()), "a 0.5 share of 2,000 keys: {}", sampled.len());
+    // Every shadow answer is one of the sampled messages; with the drops, all of them.
+    let dropped = shadow_dropped(port);
+    let shadow_ids: Vec<String> = common::worker::runtime()
+        .block_on(
+            clickhouse::Client::default()
+                .with_url(&env.clickhouse_url)
+                .with_validation(false)
+                .query(&format!("SELECT DISTINCT message_id FROM {}.results_shadow", env.database))
+                .fetch_all::<String>(),
+        )
+        .unwrap();
+    assert!(shadow_ids.iter().all(|id| sampled.contains(id)), "a shadow answer for a message outside its share");
+    assert_eq!(shadow_ids.len() as u64 + dropped, sampled.len() as u64, "each sampled message answered or counted as dropped");
+    assert!(shadow_ids.len() > sampled.len() / 2, "the shadow kept up with most of its share: {} of {}", shadow_ids.len(), sampled.len());
+    let shadow_versions = env.query_u64("SELECT count() FROM results_shadow WHERE model_version != '2.0.0-rc1'");
+    assert_eq!(shadow_versions, 0);
+    // The route's own rows, escalations and commits are the primary's alone.
+    assert_eq!((env.distinct_rows(), env.raw_rows()), (2_000, 2_000));
+    assert_eq!(env.query_u64("SELECT count() FROM results FINAL WHERE model_version != '1.0.0'"), 0);
+    let escalations = env.read_topic_to_end("triage.escalations");
+    assert_eq!(escalations.len() as u64, env.query_u64("SELECT count() FROM results FINAL WHERE escalated = 1"));
+    assert!(escalations.iter().all(|(_, payload, _)| !String::from_utf8_lossy(payload).contains("2.0.0-rc1")), "the shadow escalated");
+    assert!(env.read_topic_to_end("triage.dead-letter").is_empty());
+    assert_eq!(worker.terminate(MIN), Some(Exit::OK));
+}
+
+#[test]
+fn a_shadow_whose_table_is_gone_costs_the_route_nothing() {
+    let env = Env::new("shadow_gone", shared_clickhouse().url());
+    env.apply_schema();
+    env.query_u64("SELECT count() FROM system.one"); // the database exists
+    common::worker::runtime()
+        .block_on(
+            clickhouse::Client::default()
+                .with_url(&env.clickhouse_url)
+                .query(&format!("DROP TABLE {}.results_shadow", env.database))
+                .execute(),
+        )
+        .unwrap();
+    env.kafka.create_topic("tickets", 2).unwrap();
+    let models = env.dir.path().join("models");
+    let primary = model_copy("multihead-tiny", &models.join("primary"), "1.0.0");
+    let candidate = model_copy("multihead-tiny", &models.join("candidate"), "2.0.0-rc1");
+    let port = triage::local::free_port().unwrap();
+    let config = env.write_config("w", &primary, &["tickets"], |c| {
+        c.routes[0].shadow = Some(candidate.clone());
+        c.metrics.address = format!("127.0.0.1:{port}");
+    });
+    let mut worker = env.spawn_worker(&config, "w");
+    let log = worker.whole_log();
+    let all = messages("g", 2_000);
+    env.produce("tickets", &all[..1_000]);
+    env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
+    env.wait_for(&mut worker, "the shadow writer's failure", MIN, || log.count("the shadow table's writer stopped") == 1);
+    // After it stopped, the shadow's answers are counted as dropped; the route goes on.
+    env.produce("tickets", &all[1_000..]);
+    env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
+    assert_eq!((env.distinct_rows(), env.raw_rows()), (2_000, 2_000), "every message stored once and committed");
+    assert!(shadow_dropped(port) >= 900, "the shadow's answers counted as dropped: {}", shadow_dropped(port));
     assert_eq!(worker.terminate(MIN), Some(Exit::OK));
 }

@@ -58,6 +58,57 @@ ORDER BY (toDate(event_time), topic, partition, offset);
 CREATE TABLE IF NOT EXISTS triage.results ON CLUSTER '{cluster}' AS triage.results_local
 ENGINE = Distributed('{cluster}', triage, results_local, cityHash64(topic, partition, offset));
 
+CREATE TABLE IF NOT EXISTS triage.results_shadow_local ON CLUSTER '{cluster}'
+(
+    `topic` String,
+    `partition` UInt32,
+    `offset` UInt64,
+    `message_id` String,
+    `kind` String,
+    `event_time` DateTime,
+    `event_time_ms` UInt64,
+    `consumed_time_ms` UInt64,
+    `processed_time_ms` UInt64,
+    `model_name` String,
+    `model_version` String,
+    `category` String,
+    `confidence` Float32,
+    `priority` String,
+    `tags` Array(String),
+    `tag_scores` Array(Float32),
+    `head_names` Array(String),
+    `head_labels` Array(String),
+    `head_scores` Array(Float32),
+    `escalated` UInt8,
+    `text_chars` UInt32,
+    `tokens` UInt32,
+    `truncated` UInt8,
+    `metadata_keys` Array(String),
+    `metadata_values` Array(String),
+    `worker_id` String,
+    `ood_score` Nullable(Float32),
+    `redriven` UInt8,
+    `tier` UInt8,
+    `first_model_name` String,
+    `first_category` String,
+    `first_confidence` Float32,
+    `answered_by` String,
+    `row_version` UInt64,
+    `slm_category` String,
+    `slm_confidence` Float32,
+    `slm_priority` String,
+    `slm_tags` Array(String),
+    `llm_prompt_tokens` UInt32,
+    `llm_completion_tokens` UInt32,
+    `llm_latency_ms` UInt32
+)
+ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/triage/results_shadow_local', '{replica}', row_version)
+PARTITION BY toYYYYMM(event_time)
+ORDER BY (toDate(event_time), topic, partition, offset);
+
+CREATE TABLE IF NOT EXISTS triage.results_shadow ON CLUSTER '{cluster}' AS triage.results_shadow_local
+ENGINE = Distributed('{cluster}', triage, results_shadow_local, cityHash64(topic, partition, offset));
+
 CREATE VIEW IF NOT EXISTS triage.results_hourly ON CLUSTER '{cluster}' AS
 SELECT toStartOfHour(event_time) AS hour, kind, category, priority,
        count() AS messages, sum(escalated) AS escalations, avg(confidence) AS mean_confidence

@@ -50,6 +50,54 @@ ENGINE = ReplacingMergeTree(row_version)
 PARTITION BY toYYYYMM(event_time)
 ORDER BY (toDate(event_time), topic, partition, offset);
 
+CREATE TABLE IF NOT EXISTS triage.results_shadow
+(
+    `topic` String,
+    `partition` UInt32,
+    `offset` UInt64,
+    `message_id` String,
+    `kind` String,
+    `event_time` DateTime,
+    `event_time_ms` UInt64,
+    `consumed_time_ms` UInt64,
+    `processed_time_ms` UInt64,
+    `model_name` String,
+    `model_version` String,
+    `category` String,
+    `confidence` Float32,
+    `priority` String,
+    `tags` Array(String),
+    `tag_scores` Array(Float32),
+    `head_names` Array(String),
+    `head_labels` Array(String),
+    `head_scores` Array(Float32),
+    `escalated` UInt8,
+    `text_chars` UInt32,
+    `tokens` UInt32,
+    `truncated` UInt8,
+    `metadata_keys` Array(String),
+    `metadata_values` Array(String),
+    `worker_id` String,
+    `ood_score` Nullable(Float32),
+    `redriven` UInt8,
+    `tier` UInt8,
+    `first_model_name` String,
+    `first_category` String,
+    `first_confidence` Float32,
+    `answered_by` String,
+    `row_version` UInt64,
+    `slm_category` String,
+    `slm_confidence` Float32,
+    `slm_priority` String,
+    `slm_tags` Array(String),
+    `llm_prompt_tokens` UInt32,
+    `llm_completion_tokens` UInt32,
+    `llm_latency_ms` UInt32
+)
+ENGINE = ReplacingMergeTree(row_version)
+PARTITION BY toYYYYMM(event_time)
+ORDER BY (toDate(event_time), topic, partition, offset);
+
 CREATE VIEW IF NOT EXISTS triage.results_hourly AS
 SELECT toStartOfHour(event_time) AS hour, kind, category, priority,
        count() AS messages, sum(escalated) AS escalations, avg(confidence) AS mean_confidence

@@ -73,6 +73,24 @@ pub struct RouteConfig {
     /// Escalate when the out-of-distribution score is above this (default: the model's
     /// calibrated `[ood] threshold`; models without a gate never escalate on it).
     pub ood_threshold: Option<f32>,
+    /// A candidate model that also classifies this route's messages, on its own engine, for
+    /// comparison only: its answers go to the `<table>_shadow` table, never to the route's rows,
+    /// escalations or dead letters, and it never delays a commit (when it falls behind, the
+    /// messages it would have read are dropped and counted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<PathBuf>,
+    /// The share of messages the shadow classifies, picked by a hash of the message's key (or
+    /// its topic/partition/offset), so the same messages every time (default 1.0: all).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub shadow_share: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn is_one(share: &f64) -> bool {
+    *share == 1.0
 }
 
 impl RouteConfig {
@@ -90,6 +108,8 @@ impl RouteConfig {
             ood_threshold: None,
             format: Format::Json,
             schema: PinnedSchema::default(),
+            shadow: None,
+            shadow_share: 1.0,
         }
     }
 }
@@ -250,6 +270,9 @@ impl Config {
         for route in &mut self.routes {
             resolve(&mut route.model);
             route.cascade.iter_mut().for_each(resolve);
+            if let Some(shadow) = &mut route.shadow {
+                resolve(shadow);
+            }
             if let Some(file) = &mut route.schema.file {
                 resolve(file);
             }
@@ -327,6 +350,17 @@ impl Config {
                     ))
                 }
                 _ => {}
+            }
+            if !(r.shadow_share > 0.0 && r.shadow_share <= 1.0) {
+                return bad(format!("route `{}`: shadow_share {} must be in (0, 1]", r.topic, r.shadow_share));
+            }
+            if let Some(shadow) = &r.shadow {
+                if !r.cascade.is_empty() {
+                    return bad(format!("route `{}`: a shadow compares against one model; this route has a cascade", r.topic));
+                }
+                if *shadow == r.model {
+                    return bad(format!("route `{}`: its shadow is its own model `{}`", r.topic, shadow.display()));
+                }
             }
             if r.format == Format::Protobuf && r.schema.file.is_some() && r.schema.message.is_none() {
                 return bad(format!("route `{}`: a pinned Protobuf schema needs schema.message (the message's full name)", r.topic));

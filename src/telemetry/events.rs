@@ -211,6 +211,19 @@ impl InternalEvent for CascadeForwarded<'_> {
     }
 }
 
+/// A shadow model's copy of a message was dropped: its engine or its table's writer was
+/// behind (the shadow never slows the primary), or it failed on the message.
+pub struct ShadowDropped<'a> {
+    pub kind: &'a str,
+    pub reason: &'static str,
+}
+
+impl InternalEvent for ShadowDropped<'_> {
+    fn emit(self, _counters: &Counters) {
+        metrics::counter!(crate::telemetry::SHADOW_DROPPED, "kind" => self.kind.to_string(), "reason" => self.reason).increment(1);
+    }
+}
+
 /// Kafka acknowledged a dead letter.
 pub struct DeadLettered<'a> {
     pub reason: DeadLetterReason,

@@ -64,6 +64,7 @@ pub const METRICS: &[(&str, &str, &str, &str)] = &[
     ),
     (PAUSED, "gauge", "", "1 while consumption is paused because downstream is behind."),
     (MODEL_INFO, "gauge", "model, version, provider", "1 for each model version serving; 0 once a reload has replaced it."),
+    (SHADOW_DROPPED, "counter", "kind, reason", "Messages a shadow model did not classify or whose answer was not stored: reason `queue_full` (its engine was busy), `sink_behind` (its table's writer was), `failed` (it failed on the message)."),
     (MODEL_RELOADS, "counter", "model, outcome", "Reloads of a model directory: outcome `loaded` or `refused` (the old version kept serving)."),
     (MODEL_RELOAD_FAILURES, "counter", "model", "Reloads refused: a changed model directory that failed a check (the old version kept serving)."),
     (LLM_REQUESTS, "counter", "model, result", "`triage escalate`: chat-completions calls that got a reply (result=reply) or failed after retries (result=error)."),
@@ -110,6 +111,7 @@ pub const OLDEST_UNFINISHED: &str = "triage_oldest_unfinished_seconds";
 pub const PAUSED: &str = "triage_consumer_paused";
 pub const MODEL_INFO: &str = "triage_model_info";
 pub const MODEL_RELOADS: &str = "triage_model_reloads_total";
+pub const SHADOW_DROPPED: &str = "triage_shadow_dropped_total";
 pub const MODEL_RELOAD_FAILURES: &str = "triage_model_reload_failures_total";
 pub const READY: &str = "triage_ready";
 pub const LLM_REQUESTS: &str = "triage_llm_requests_total";

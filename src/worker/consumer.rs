@@ -20,7 +20,7 @@ use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use tokio::task::JoinHandle;
 
-use super::routes::{MessageTag, Route};
+use super::routes::{MessageTag, Route, RouteSubmitters, Tier};
 use super::settle::Settler;
 use super::WorkerError;
 use crate::engine::{Engine, Submitter};
@@ -29,12 +29,12 @@ use crate::source::decode::{Format, Step};
 use crate::source::kafka::{Committed, TrackingContext};
 use crate::source::offsets::{OffsetTracker, TopicPartition};
 use crate::source::{Consumed, Origin};
-use crate::telemetry::events::{ConsumptionPaused, DeadLetterReason, InternalEvent, MessageConsumed};
+use crate::telemetry::events::{ConsumptionPaused, DeadLetterReason, InternalEvent, MessageConsumed, ShadowDropped};
 use crate::telemetry::{IN_FLIGHT, OLDEST_UNFINISHED};
 
 /// The consumer's state; intake exists only while consuming.
 pub(super) enum State {
-    Consuming { submitters: Vec<Submitter<MessageTag>>, engines: Vec<Engine<MessageTag>>, paused: bool },
+    Consuming { submitters: Vec<RouteSubmitters>, engines: Vec<Engine<MessageTag>>, paused: bool },
     Draining { deadline: tokio::time::Instant, engines: Vec<JoinHandle<()>> },
 }
 
@@ -252,7 +252,7 @@ impl Consumer {
     /// dead letter when it cannot be classified. A message whose schema must be looked up first
     /// waits on a task of its own, so a slow or absent registry never blocks this loop (commits,
     /// rebalances and SIGTERM go on; consumption pauses while the registry is away).
-    async fn intake(&self, m: &BorrowedMessage<'_>, submitters: &[Submitter<MessageTag>]) {
+    async fn intake(&self, m: &BorrowedMessage<'_>, submitters: &[RouteSubmitters]) {
         let tp = TopicPartition::new(m.topic(), m.partition());
         let Some(delivery) = self.tracker.lock().ok().and_then(|mut t| t.begin(&tp, m.offset(), 1)) else {
             tracing::debug!(%tp, offset = m.offset(), "message of a partition no longer assigned: skipped (its owner reads it)");
@@ -271,8 +271,9 @@ impl Consumer {
         let reader = self.routes[route_index].reader.clone();
         match reader.read(&consumed.message.payload) {
             Step::Fetch(id) => {
-                let (routes, settle, submitter, mut draining) =
-                    (self.routes.clone(), self.settle.clone(), submitters[route_index].clone(), self.draining.clone());
+                let submitter =
+                    RouteSubmitters { primary: submitters[route_index].primary.clone(), shadow: submitters[route_index].shadow.clone() };
+                let (routes, settle, mut draining) = (self.routes.clone(), self.settle.clone(), self.draining.clone());
                 tokio::spawn(async move {
                     let fetched = tokio::select! {
                         fetched = reader.fetch(id) => fetched,
@@ -316,10 +317,16 @@ async fn submit(
     route_index: usize,
     consumed: Consumed,
     record: serde_json::Value,
-    submitter: &Submitter<MessageTag>,
+    submitters: &RouteSubmitters,
     settle: &Settler,
 ) {
     let route = &routes[route_index];
+    if let (Some(shadow), Some(submitter)) = (&route.shadow, &submitters.shadow) {
+        if route.shadows(&consumed.message) {
+            submit_to_shadow(route, route_index, &consumed, &record, shadow, submitter, settle);
+        }
+    }
+    let submitter = &submitters.primary;
     // Kept for later tiers and the escalation record when the payload is not itself JSON.
     let keep = (route.reader.format() != Format::Json).then(|| Arc::new(record.clone()));
     // The version that renders the text is the one that classifies it (a reload may come between).
@@ -337,6 +344,7 @@ async fn submit(
                 tier: 0,
                 earlier: Vec::new(),
                 versions: vec![tier_model.clone()],
+                shadow: false,
                 record: keep,
             };
             let submitted = match &tier_model.generation {
@@ -348,5 +356,42 @@ async fn submit(
             }
         }
         Err(e) => settle.dead_letter(consumed, DeadLetterReason::Decode(e.reason), e.detail),
+    }
+}
+
+/// A copy of a message for the route's shadow model, if its engine has room right now: the
+/// shadow never makes the consumer wait, and nothing settles its copy (the primary's answer is
+/// what commits the offset).
+fn submit_to_shadow(
+    route: &Route,
+    route_index: usize,
+    consumed: &Consumed,
+    record: &serde_json::Value,
+    shadow: &Tier,
+    submitter: &Submitter<MessageTag>,
+    settle: &Settler,
+) {
+    let model = shadow.current();
+    let Ok(decoded) = model.decoder.decode_value(record.clone()) else { return };
+    let (topic, partition, offset, timestamp_ms) = consumed.message.key_source();
+    let tag = MessageTag {
+        message_id: decoded.id.clone().unwrap_or_else(|| format!("{topic}-{partition}-{offset}")),
+        metadata: decoded.metadata(&route.config.metadata),
+        event_time_ms: decoded.event_time_ms.or(timestamp_ms).unwrap_or(0),
+        consumed_ms: crate::time::now_ms(),
+        route: route_index,
+        message: consumed.clone(),
+        tier: 0,
+        earlier: Vec::new(),
+        versions: vec![model.clone()],
+        shadow: true,
+        record: None,
+    };
+    let submitted = match &model.generation {
+        Some(generation) => submitter.try_submit_to(generation, tag, decoded.text),
+        None => Err(crate::engine::EngineClosed(tag)),
+    };
+    if submitted.is_err() {
+        ShadowDropped { kind: &route.config.kind, reason: "queue_full" }.emit(settle.counters());
     }
 }

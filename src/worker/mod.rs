@@ -168,6 +168,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
         max_age: Duration::from_millis(config.clickhouse.insert_interval_ms),
     };
     let sink = tokio::spawn(ch::run(clickhouse.clone(), row_rx, block_policy, Arc::new(settle.clone())));
+    // Shadow models' answers: their own table and writer, which nothing waits on.
+    let (shadow_rows, shadow_sink) = if routes.iter().any(|r| r.shadow.is_some()) {
+        let (tx, rx) = mpsc::channel(4096);
+        let service = Arc::new(ClickHouseService::new(&config.clickhouse.shadow()));
+        let policy = ch::BlockPolicy {
+            max_rows: config.clickhouse.insert_max_rows,
+            max_age: Duration::from_millis(config.clickhouse.insert_interval_ms),
+        };
+        let task = tokio::spawn(async move {
+            if let Err(e) = ch::run(service, rx, policy, Arc::new(results::ShadowRows)).await {
+                tracing::error!(error = %e, "the shadow table's writer stopped: shadow answers are dropped from now on (the routes' own rows are unaffected)");
+            }
+        });
+        (Some(tx), Some(task))
+    } else {
+        (None, None)
+    };
     // One results task per engine (see ResultsLoop::run); they end when their engines do.
     let result_tasks: Vec<_> = outcomes
         .into_iter()
@@ -180,11 +197,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
                 worker_id: worker_id.clone(),
                 escalation_enabled: config.escalation.enabled,
                 next_tiers,
+                shadow_rows: shadow_rows.clone(),
             };
             tokio::spawn(results.run(outcomes))
         })
         .collect();
-    drop(row_tx);
+    drop((row_tx, shadow_rows));
     let results = tokio::spawn(async move {
         for task in result_tasks {
             if let Err(e) = task.await {
@@ -225,6 +243,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
 
     pinger.abort();
     reloads.abort();
+    if let Some(task) = shadow_sink {
+        // Its last rows, briefly: shadow answers are for comparison, not worth a slow exit.
+        if tokio::time::timeout(Duration::from_secs(10), task).await.is_err() {
+            tracing::warn!("the shadow table's writer did not finish within 10 s: its last rows are dropped");
+        }
+    }
     if let Some(server) = server {
         server.abort();
     }

@@ -18,7 +18,7 @@ use crate::model::HeadOutput;
 use crate::sink::clickhouse::{ResultRow, SinkItem};
 use crate::sink::kafka::{cut_at_char, Fit};
 use crate::source::Consumed;
-use crate::telemetry::events::{CascadeForwarded, DeadLetterReason, EscalationReason, InternalEvent, MessageClassified};
+use crate::telemetry::events::{CascadeForwarded, DeadLetterReason, EscalationReason, InternalEvent, MessageClassified, ShadowDropped};
 
 pub(super) struct ResultsLoop {
     pub routes: Arc<Vec<Route>>,
@@ -28,6 +28,8 @@ pub(super) struct ResultsLoop {
     pub escalation_enabled: bool,
     /// The engines this one's doubtful results go on to (cascades), by engine index.
     pub next_tiers: Vec<(usize, Submitter<MessageTag>)>,
+    /// Where shadow models' answers go (the shadow table's sink), when a route has a shadow.
+    pub shadow_rows: Option<mpsc::Sender<SinkItem<()>>>,
 }
 
 impl ResultsLoop {
@@ -36,6 +38,10 @@ impl ResultsLoop {
     /// engine, while the next tier's loop keeps draining (tiers only feed forward).
     pub async fn run(self, outcomes: flume::Receiver<Outcome<MessageTag>>) {
         while let Ok(outcome) = outcomes.recv_async().await {
+            if outcome.tag.shadow {
+                self.shadow_answer(outcome.tag, outcome.result);
+                continue;
+            }
             let mut tag = outcome.tag;
             let route = &self.routes[tag.route];
             let classified = match outcome.result {
@@ -81,6 +87,27 @@ impl ResultsLoop {
             if self.store(tag, classified, doubt).await.is_err() {
                 return;
             }
+        }
+    }
+
+    /// A shadow model's answer: a row for the shadow table if its writer has room, never an
+    /// escalation, a dead letter or a settlement (the primary's answer settles the message).
+    /// `escalated` says what the shadow WOULD have escalated, by its own calibration.
+    fn shadow_answer(&self, tag: MessageTag, result: Result<Classified, ClassifyError>) {
+        let route = &self.routes[tag.route];
+        let kind = &route.config.kind;
+        let classified = match result {
+            Ok(classified) => classified,
+            Err(e) => {
+                tracing::debug!(model = %tag.answering().model.name, error = %e, "the shadow model failed on a message");
+                return ShadowDropped { kind, reason: "failed" }.emit(self.settle.counters());
+            }
+        };
+        let would_escalate = decide(&classified.prediction, &tag.answering().policy).is_some();
+        let row = build_row(&tag, &classified, route, would_escalate, &self.worker_id);
+        let sent = self.shadow_rows.as_ref().is_some_and(|rows| rows.try_send(SinkItem { row, ticket: () }).is_ok());
+        if !sent {
+            ShadowDropped { kind, reason: "sink_behind" }.emit(self.settle.counters());
         }
     }
 
@@ -139,6 +166,17 @@ impl ResultsLoop {
 }
 
 struct SinkStopped;
+
+/// The shadow table's rows settle nothing: stored or not, the message's own row decides.
+pub(super) struct ShadowRows;
+
+impl crate::sink::clickhouse::Settle<()> for ShadowRows {
+    fn stored(&self, _ticket: (), _row: &ResultRow) {}
+
+    fn rejected(&self, _ticket: (), error: &str) {
+        tracing::warn!(error, "ClickHouse refused a shadow row");
+    }
+}
 
 fn build_row(tag: &MessageTag, c: &Classified, route: &Route, escalated: bool, worker_id: &str) -> ResultRow {
     let p = &c.prediction;
@@ -330,6 +368,7 @@ mod tests {
             config: toml::from_str("topic = \"tickets\"\nkind = \"ticket\"\nmodel = \"m\"").unwrap(),
             reader: Arc::new(crate::source::decode::RecordReader::json(1 << 20)),
             tiers: vec![tier("support", "v7", 0, policy)],
+            shadow: None,
         }
     }
 
@@ -354,6 +393,7 @@ mod tests {
             tier: 0,
             earlier: Vec::new(),
             versions: vec![route.first().current()],
+            shadow: false,
             record: None,
         }
     }

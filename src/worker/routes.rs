@@ -31,6 +31,8 @@ pub(super) struct MessageTag {
     /// now classifying it. Pinned when it enters a tier, so a reload mid-way changes nothing
     /// about this message: its row names the version that answered it.
     pub versions: Vec<Arc<TierModel>>,
+    /// A shadow model's copy: its answer goes to the shadow table, and nothing settles it.
+    pub shadow: bool,
     /// The record read from an Avro / Protobuf / JSON Schema payload (a JSON payload is its own
     /// record): what later tiers and the escalation record read.
     pub record: Option<Arc<serde_json::Value>>,
@@ -89,6 +91,45 @@ pub(super) struct Route {
     pub reader: Arc<RecordReader>,
     /// First tier first; one tier without a cascade.
     pub tiers: Vec<Tier>,
+    /// A candidate model classifying a share of the messages for comparison only.
+    pub shadow: Option<Tier>,
+}
+
+impl Route {
+    /// Whether the shadow classifies this message: by a hash of its key (or its topic,
+    /// partition and offset), so the same messages every run and on every replica.
+    pub fn shadows(&self, message: &crate::source::SourceMessage) -> bool {
+        if self.shadow.is_none() {
+            return false;
+        }
+        let share = self.config.shadow_share;
+        if share >= 1.0 {
+            return true;
+        }
+        let hash = match &message.key {
+            Some(key) => sample_hash(key),
+            None => sample_hash(format!("{}/{}/{}", message.topic, message.partition, message.offset).as_bytes()),
+        };
+        (hash as f64 / u64::MAX as f64) < share
+    }
+}
+
+/// FNV-1a, then MurmurHash3's 64-bit finalizer (FNV alone leaves the high bits of short keys
+/// that differ only at the end nearly equal): stable across runs, machines and Rust versions,
+/// which std's hasher does not promise.
+fn sample_hash(bytes: &[u8]) -> u64 {
+    let mut h = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+/// Where the consumer sends a route's messages: its first tier, and its shadow's engine.
+pub(super) struct RouteSubmitters {
+    pub primary: Submitter<MessageTag>,
+    pub shadow: Option<Submitter<MessageTag>>,
 }
 
 impl Route {
@@ -102,8 +143,8 @@ impl Route {
 /// so dropping them at shutdown is what closes the engines, upstream tiers first.
 pub(super) struct Started {
     pub routes: Arc<Vec<Route>>,
-    /// Per route, its first tier's engine.
-    pub submitters: Vec<Submitter<MessageTag>>,
+    /// Per route, its first tier's engine (and its shadow's).
+    pub submitters: Vec<RouteSubmitters>,
     pub engines: Vec<Engine<MessageTag>>,
     /// Per engine, its outcomes (each engine its own channel: a tier's results task that
     /// waits on the next tier's queue never blocks the next tier's outcomes).
@@ -142,7 +183,7 @@ fn engine_config(config: &Config, engines: usize) -> EngineConfig {
 pub(super) async fn start(config: &Config) -> Result<Started, WorkerError> {
     let mut dirs: Vec<PathBuf> = Vec::new();
     for route in &config.routes {
-        for dir in Config::tiers(route) {
+        for dir in Config::tiers(route).into_iter().chain(route.shadow.clone()) {
             if !dirs.contains(&dir) {
                 dirs.push(dir);
             }
@@ -188,10 +229,21 @@ pub(super) async fn start(config: &Config) -> Result<Started, WorkerError> {
             }
             tiers.push(Tier::new(engine, tier_model(config, route, last, model, Some(engines[engine].current()))?));
         }
-        submitters.push(engines[tiers[0].engine].submitter());
+        let shadow = match &route.shadow {
+            Some(dir) => {
+                let engine = dirs.iter().position(|d| d == dir).unwrap_or_default();
+                let model = &models[engine];
+                Some(Tier::new(engine, tier_model(config, route, true, model, Some(engines[engine].current()))?))
+            }
+            None => None,
+        };
+        submitters.push(RouteSubmitters {
+            primary: engines[tiers[0].engine].submitter(),
+            shadow: shadow.as_ref().map(|s| engines[s.engine].submitter()),
+        });
         let reader = RecordReader::new(route.format, &route.schema, registry.clone(), config.max_message_bytes)
             .map_err(|reason| WorkerError::Route { topic: route.topic.clone(), reason })?;
-        routes.push(Route { config: route.clone(), reader: Arc::new(reader), tiers });
+        routes.push(Route { config: route.clone(), reader: Arc::new(reader), tiers, shadow });
     }
     let serving = models.iter().map(|m| m.info().clone()).collect();
     Ok(Started { routes: Arc::new(routes), submitters, engines, outcomes, next_tiers, dirs, serving, engine_config })

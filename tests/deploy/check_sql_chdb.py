@@ -53,6 +53,9 @@ def main():
                 f"'llm:big', bitShiftLeft(toUInt64(1), 48) + toUInt64(toUnixTimestamp(now())) * 1000, '{category}', 0.3, 'low', [], 120, 8, 900)"
             )
         s.query("INSERT INTO triage.results VALUES " + ", ".join(rows))
+        # A shadow model's answers for the first 30 messages (query 07 joins them).
+        s.query("INSERT INTO triage.results_shadow SELECT * REPLACE ('candidate' AS model_name, '2.0.0-rc1' AS model_version) "
+                "FROM triage.results WHERE offset < 30 AND answered_by = 'model:customer-service'")
         final = int(s.query("SELECT count() FROM triage.results FINAL", "CSV").bytes().decode().strip())
         assert final == 60, f"FINAL read {final} rows, expected 60"
         llm = int(s.query("SELECT count() FROM triage.results FINAL WHERE answered_by = 'llm:big'", "CSV").bytes().decode().strip())

@@ -59,6 +59,11 @@ impl Default for ClickHouseConfig {
 }
 
 impl ClickHouseConfig {
+    /// Where shadow models' answers go: `<table>_shadow`, same columns and key.
+    pub fn shadow(&self) -> ClickHouseConfig {
+        ClickHouseConfig { table: format!("{}_shadow", self.table), ..self.clone() }
+    }
+
     /// Everything that can be checked without connecting.
     pub fn validate(&self) -> Result<(), String> {
         if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {

@@ -224,6 +224,10 @@ pub fn table_statements(c: &ClickHouseConfig) -> Vec<String> {
 /// between the tables and the views).
 pub fn statements(c: &ClickHouseConfig) -> Vec<String> {
     let mut out = table_statements(c);
+    // Shadow models' answers: the same columns and key in their own table.
+    let shadow = c.shadow();
+    out.push(create_table(&shadow));
+    out.extend(create_distributed(&shadow));
     out.extend(views(c).into_iter().map(|(_, sql)| sql));
     out
 }

@@ -173,12 +173,24 @@ impl ClickHouseService {
     /// (idempotent).
     pub async fn apply_schema(&self) -> Result<(), clickhouse::error::Error> {
         let admin = self.client.clone().with_database("default");
-        for stmt in schema::table_statements(&self.config) {
+        // The results table, and its twin for shadow models' answers.
+        for config in [self.config.clone(), self.config.shadow()] {
+            self.apply_table(&admin, &config).await?;
+        }
+        for (_, stmt) in schema::views(&self.config) {
+            admin.query(&stmt).execute().await?;
+        }
+        Ok(())
+    }
+
+    /// One results table (and its Distributed table on a cluster), made or brought up to date.
+    async fn apply_table(&self, admin: &Client, config: &ClickHouseConfig) -> Result<(), clickhouse::error::Error> {
+        for stmt in schema::table_statements(config) {
             admin.query(&stmt).execute().await?;
         }
         let columns_of = |table: String| {
             let admin = admin.clone();
-            let database = self.config.database.clone();
+            let database = config.database.clone();
             async move {
                 admin
                     .query("SELECT name FROM system.columns WHERE database = ? AND table = ?")
@@ -188,23 +200,20 @@ impl ClickHouseService {
                     .await
             }
         };
-        let stored = columns_of(schema::storage_table(&self.config)).await?;
+        let stored = columns_of(schema::storage_table(config)).await?;
         let missing: Vec<&str> = schema::ADDED_COLUMNS.iter().copied().filter(|n| !stored.iter().any(|e| e == n)).collect();
-        if let Some(sql) = schema::add_columns(&self.config, &missing) {
+        if let Some(sql) = schema::add_columns(config, &missing) {
             tracing::info!(columns = ?missing, "adding columns to an existing results table");
             admin.query(&sql).execute().await?;
         }
-        if self.config.cluster.is_some() {
-            let distributed = columns_of(self.config.table.clone()).await?;
+        if config.cluster.is_some() {
+            let distributed = columns_of(config.table.clone()).await?;
             if schema::ADDED_COLUMNS.iter().any(|n| !distributed.iter().any(|e| e == *n)) {
-                tracing::info!(table = %self.config.table, "making the Distributed table again over the new columns");
-                for sql in schema::recreate_distributed(&self.config) {
+                tracing::info!(table = %config.table, "making the Distributed table again over the new columns");
+                for sql in schema::recreate_distributed(config) {
                     admin.query(&sql).execute().await?;
                 }
             }
-        }
-        for (_, stmt) in schema::views(&self.config) {
-            admin.query(&stmt).execute().await?;
         }
         Ok(())
     }
