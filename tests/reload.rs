@@ -270,3 +270,52 @@ fn a_shadow_whose_table_is_gone_costs_the_route_nothing() {
     assert!(shadow_dropped(port) >= 900, "the shadow's answers counted as dropped: {}", shadow_dropped(port));
     assert_eq!(worker.terminate(MIN), Some(Exit::OK));
 }
+
+#[test]
+fn a_canary_answers_exactly_its_share_for_real_and_rows_say_which_model_answered() {
+    let env = Env::new("canary_share", shared_clickhouse().url());
+    env.apply_schema();
+    env.kafka.create_topic("tickets", 2).unwrap();
+    let models = env.dir.path().join("models");
+    let primary = model_copy("multihead-tiny", &models.join("primary"), "1.0.0");
+    let candidate = model_copy("multihead-tiny", &models.join("candidate"), "2.0.0-canary");
+    let config = env.write_config("w", &primary, &["tickets"], |c| {
+        c.routes[0].canary = Some(triage::config::CanaryConfig { model: candidate.clone(), share: 0.2 });
+        // Most answers doubted: escalations from both models to compare.
+        c.routes[0].escalation_threshold = Some(0.99);
+    });
+    let mut worker = env.spawn_worker(&config, "w");
+    let all = messages("c", 2_000);
+    env.produce("tickets", &all);
+    env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
+    env.wait_until_rows_settle();
+    assert_eq!((env.distinct_rows(), env.raw_rows()), (2_000, 2_000), "every message answered once");
+    // The canary's share: the keys whose salted hash falls under 0.2, every one of them.
+    let chosen: std::collections::BTreeSet<String> = all
+        .iter()
+        .map(|(k, _)| k.clone())
+        .filter(|k| (sample_hash(&[k.as_bytes(), b"\0canary"].concat()) as f64 / u64::MAX as f64) < 0.2)
+        .collect();
+    // Within 4 standard deviations of 400 (sd 17.9): the sample is the share it claims.
+    assert!((328..=472).contains(&chosen.len()), "a 0.2 share of 2,000 keys: {}", chosen.len());
+    let answered: std::collections::BTreeSet<String> = common::worker::runtime()
+        .block_on(
+            clickhouse::Client::default()
+                .with_url(&env.clickhouse_url)
+                .with_validation(false)
+                .query(&format!("SELECT message_id FROM {}.results FINAL WHERE model_version = '2.0.0-canary'", env.database))
+                .fetch_all::<String>(),
+        )
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(answered, chosen, "the canary answered exactly its share");
+    assert_eq!(env.query_u64("SELECT count() FROM results FINAL WHERE model_version = '1.0.0'"), 2_000 - chosen.len() as u64);
+    // Its answers are real: its doubts are escalated like the primary's, naming it.
+    let escalated = env.query_u64("SELECT count() FROM results FINAL WHERE model_version = '2.0.0-canary' AND escalated = 1");
+    let letters = env.read_topic_to_end("triage.escalations");
+    let from_canary = letters.iter().filter(|(_, p, _)| String::from_utf8_lossy(p).contains("2.0.0-canary")).count() as u64;
+    assert!(escalated > 0, "the tiny model doubts some of the canary's share");
+    assert_eq!(from_canary, escalated);
+    assert_eq!(worker.terminate(MIN), Some(Exit::OK));
+}

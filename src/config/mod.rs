@@ -83,6 +83,19 @@ pub struct RouteConfig {
     /// its topic/partition/offset), so the same messages every time (default 1.0: all).
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub shadow_share: f64,
+    /// A candidate that answers a share of the route's messages FOR REAL (its rows, its
+    /// escalations), picked by key hash: `canary = { model = "models/v8", share = 0.05 }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanaryConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CanaryConfig {
+    /// The candidate's model directory.
+    pub model: PathBuf,
+    /// The share of messages it answers, in (0, 1).
+    pub share: f64,
 }
 
 fn one() -> f64 {
@@ -110,6 +123,7 @@ impl RouteConfig {
             schema: PinnedSchema::default(),
             shadow: None,
             shadow_share: 1.0,
+            canary: None,
         }
     }
 }
@@ -273,6 +287,9 @@ impl Config {
             if let Some(shadow) = &mut route.shadow {
                 resolve(shadow);
             }
+            if let Some(canary) = &mut route.canary {
+                resolve(&mut canary.model);
+            }
             if let Some(file) = &mut route.schema.file {
                 resolve(file);
             }
@@ -360,6 +377,20 @@ impl Config {
                 }
                 if *shadow == r.model {
                     return bad(format!("route `{}`: its shadow is its own model `{}`", r.topic, shadow.display()));
+                }
+            }
+            if let Some(canary) = &r.canary {
+                if !(canary.share > 0.0 && canary.share < 1.0) {
+                    return bad(format!(
+                        "route `{}`: canary share {} must be in (0, 1) (1: make it the route's model)",
+                        r.topic, canary.share
+                    ));
+                }
+                if !r.cascade.is_empty() {
+                    return bad(format!("route `{}`: a canary replaces one model; this route has a cascade", r.topic));
+                }
+                if canary.model == r.model {
+                    return bad(format!("route `{}`: its canary is its own model `{}`", r.topic, canary.model.display()));
                 }
             }
             if r.format == Format::Protobuf && r.schema.file.is_some() && r.schema.message.is_none() {

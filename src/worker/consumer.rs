@@ -271,8 +271,11 @@ impl Consumer {
         let reader = self.routes[route_index].reader.clone();
         match reader.read(&consumed.message.payload) {
             Step::Fetch(id) => {
-                let submitter =
-                    RouteSubmitters { primary: submitters[route_index].primary.clone(), shadow: submitters[route_index].shadow.clone() };
+                let submitter = RouteSubmitters {
+                    primary: submitters[route_index].primary.clone(),
+                    shadow: submitters[route_index].shadow.clone(),
+                    canary: submitters[route_index].canary.clone(),
+                };
                 let (routes, settle, mut draining) = (self.routes.clone(), self.settle.clone(), self.draining.clone());
                 tokio::spawn(async move {
                     let fetched = tokio::select! {
@@ -326,11 +329,14 @@ async fn submit(
             submit_to_shadow(route, route_index, &consumed, &record, shadow, submitter, settle);
         }
     }
-    let submitter = &submitters.primary;
+    // The canary answers its share for real, in the first tier's place.
+    let (submitter, tier_model) = match (&route.canary, &submitters.canary) {
+        (Some(canary), Some(submitter)) if route.canaries(&consumed.message) => (submitter, canary.current()),
+        // The version that renders the text is the one that classifies it (a reload may come between).
+        _ => (&submitters.primary, route.first().current()),
+    };
     // Kept for later tiers and the escalation record when the payload is not itself JSON.
     let keep = (route.reader.format() != Format::Json).then(|| Arc::new(record.clone()));
-    // The version that renders the text is the one that classifies it (a reload may come between).
-    let tier_model = route.first().current();
     match tier_model.decoder.decode_value(record) {
         Ok(decoded) => {
             let (topic, partition, offset, timestamp_ms) = consumed.message.key_source();

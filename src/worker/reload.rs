@@ -182,14 +182,17 @@ impl Reloader {
             let model = Model::load(&dir, &config.inference).map_err(|e| refused(&e))?;
             // Every route tier this engine serves, as the new version would serve it.
             let mut tiers: Vec<(usize, usize, TierModel)> = Vec::new();
-            let mut shadows: Vec<(usize, TierModel)> = Vec::new();
+            // Shadows and canaries served by this engine: (route, is the canary, as served).
+            let mut shadows: Vec<(usize, bool, TierModel)> = Vec::new();
             for (r, route) in routes.iter().enumerate() {
                 for (position, _) in route.tiers.iter().enumerate().filter(|(_, t)| t.engine == engine) {
                     let last = position + 1 == route.tiers.len();
                     tiers.push((r, position, tier_model(&config, &route.config, last, &model, None).map_err(|e| refused(&e))?));
                 }
-                if route.shadow.as_ref().is_some_and(|s| s.engine == engine) {
-                    shadows.push((r, tier_model(&config, &route.config, true, &model, None).map_err(|e| refused(&e))?));
+                for (is_canary, tier) in [(false, &route.shadow), (true, &route.canary)] {
+                    if tier.as_ref().is_some_and(|t| t.engine == engine) {
+                        shadows.push((r, is_canary, tier_model(&config, &route.config, true, &model, None).map_err(|e| refused(&e))?));
+                    }
                 }
             }
             let mut sessions = installer.sessions_of(&model, &engine_config).map_err(|e| refused(&e))?;
@@ -203,9 +206,10 @@ impl Reloader {
             for (r, position, tier) in tiers {
                 routes[r].tiers[position].replace(Arc::new(TierModel { generation: Some(generation.clone()), ..tier }));
             }
-            for (r, tier) in shadows {
-                if let Some(shadow) = &routes[r].shadow {
-                    shadow.replace(Arc::new(TierModel { generation: Some(generation.clone()), ..tier }));
+            for (r, is_canary, tier) in shadows {
+                let slot = if is_canary { &routes[r].canary } else { &routes[r].shadow };
+                if let Some(slot) = slot {
+                    slot.replace(Arc::new(TierModel { generation: Some(generation.clone()), ..tier }));
                 }
             }
             Ok(model.info().clone())

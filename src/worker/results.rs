@@ -369,6 +369,7 @@ mod tests {
             reader: Arc::new(crate::source::decode::RecordReader::json(1 << 20)),
             tiers: vec![tier("support", "v7", 0, policy)],
             shadow: None,
+            canary: None,
         }
     }
 

@@ -93,6 +93,8 @@ pub(super) struct Route {
     pub tiers: Vec<Tier>,
     /// A candidate model classifying a share of the messages for comparison only.
     pub shadow: Option<Tier>,
+    /// A candidate answering a share of the messages for real, in place of the first tier.
+    pub canary: Option<Tier>,
 }
 
 impl Route {
@@ -103,15 +105,27 @@ impl Route {
             return false;
         }
         let share = self.config.shadow_share;
-        if share >= 1.0 {
-            return true;
-        }
-        let hash = match &message.key {
-            Some(key) => sample_hash(key),
-            None => sample_hash(format!("{}/{}/{}", message.topic, message.partition, message.offset).as_bytes()),
-        };
-        (hash as f64 / u64::MAX as f64) < share
+        share >= 1.0 || sampled(message, b"", share)
     }
+
+    /// Whether the canary answers this message (by key hash, salted apart from the shadow's
+    /// so the two samples are independent).
+    pub fn canaries(&self, message: &crate::source::SourceMessage) -> bool {
+        match (&self.canary, &self.config.canary) {
+            (Some(_), Some(canary)) => sampled(message, b"\0canary", canary.share),
+            _ => false,
+        }
+    }
+}
+
+/// Whether a message falls in a `share` of messages, by its key (or topic/partition/offset).
+pub(super) fn sampled(message: &crate::source::SourceMessage, salt: &[u8], share: f64) -> bool {
+    let mut bytes = match &message.key {
+        Some(key) => key.clone(),
+        None => format!("{}/{}/{}", message.topic, message.partition, message.offset).into_bytes(),
+    };
+    bytes.extend_from_slice(salt);
+    (sample_hash(&bytes) as f64 / u64::MAX as f64) < share
 }
 
 /// FNV-1a, then MurmurHash3's 64-bit finalizer (FNV alone leaves the high bits of short keys
@@ -130,6 +144,7 @@ fn sample_hash(bytes: &[u8]) -> u64 {
 pub(super) struct RouteSubmitters {
     pub primary: Submitter<MessageTag>,
     pub shadow: Option<Submitter<MessageTag>>,
+    pub canary: Option<Submitter<MessageTag>>,
 }
 
 impl Route {
@@ -183,7 +198,7 @@ fn engine_config(config: &Config, engines: usize) -> EngineConfig {
 pub(super) async fn start(config: &Config) -> Result<Started, WorkerError> {
     let mut dirs: Vec<PathBuf> = Vec::new();
     for route in &config.routes {
-        for dir in Config::tiers(route).into_iter().chain(route.shadow.clone()) {
+        for dir in Config::tiers(route).into_iter().chain(route.shadow.clone()).chain(route.canary.as_ref().map(|c| c.model.clone())) {
             if !dirs.contains(&dir) {
                 dirs.push(dir);
             }
@@ -237,13 +252,22 @@ pub(super) async fn start(config: &Config) -> Result<Started, WorkerError> {
             }
             None => None,
         };
+        let canary = match &route.canary {
+            Some(canary) => {
+                let engine = dirs.iter().position(|d| *d == canary.model).unwrap_or_default();
+                let model = &models[engine];
+                Some(Tier::new(engine, tier_model(config, route, true, model, Some(engines[engine].current()))?))
+            }
+            None => None,
+        };
         submitters.push(RouteSubmitters {
             primary: engines[tiers[0].engine].submitter(),
             shadow: shadow.as_ref().map(|s| engines[s.engine].submitter()),
+            canary: canary.as_ref().map(|c| engines[c.engine].submitter()),
         });
         let reader = RecordReader::new(route.format, &route.schema, registry.clone(), config.max_message_bytes)
             .map_err(|reason| WorkerError::Route { topic: route.topic.clone(), reason })?;
-        routes.push(Route { config: route.clone(), reader: Arc::new(reader), tiers, shadow });
+        routes.push(Route { config: route.clone(), reader: Arc::new(reader), tiers, shadow, canary });
     }
     let serving = models.iter().map(|m| m.info().clone()).collect();
     Ok(Started { routes: Arc::new(routes), submitters, engines, outcomes, next_tiers, dirs, serving, engine_config })
