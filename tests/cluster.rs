@@ -316,7 +316,21 @@ fn two_workers_through_a_replicated_sharded_cluster_with_a_replica_killed_mid_st
         })
         .collect();
     assert!(runtime().block_on(service.insert(&answered)).expect("insert LLM answers").is_empty());
+    // A shadow model's answers for the same messages, through the shadow table's Distributed
+    // table (query 07 joins them).
+    let shadow_rows: Vec<_> = answered
+        .iter()
+        .map(|row| {
+            let mut row = row.clone();
+            row.model_name = "candidate".into();
+            row.answered_by = "model:candidate".into();
+            row
+        })
+        .collect();
+    let shadow_service = triage::sink::clickhouse::ClickHouseService::new(&clickhouse.shadow());
+    assert!(runtime().block_on(shadow_service.insert(&shadow_rows)).expect("insert shadow answers").is_empty());
     for node in &nodes {
+        runtime().block_on(node.client().query("SYSTEM SYNC REPLICA triage.results_shadow_local").execute()).expect("sync shadow replica");
         runtime().block_on(node.client().query("SYSTEM SYNC REPLICA triage.results_local").execute()).expect("sync replica");
     }
     assert_eq!(nodes[0].count("SELECT count() FROM triage.results FINAL WHERE answered_by = 'llm:big'"), 5);
