@@ -272,6 +272,9 @@ fn retention_goes_on_the_table_that_stores_rows() {
     let cluster = read("deploy/clickhouse/ttl-cluster.sql");
     assert!(cluster.contains("ALTER TABLE triage.results_local ON CLUSTER"), "{cluster}");
     assert!(!cluster.contains("ALTER TABLE triage.results ON"), "a TTL on the Distributed table fails");
+    // The shadow table's rows expire too, on the table that stores them.
+    assert!(single.contains("ALTER TABLE triage.results_shadow MODIFY TTL"));
+    assert!(cluster.contains("ALTER TABLE triage.results_shadow_local ON CLUSTER"), "{cluster}");
 }
 
 #[test]

@@ -27,7 +27,8 @@ type Seen = Arc<Mutex<Vec<(String, u16)>>>;
 /// (never rate-limited), `GARBAGE` -> prose,
 /// `UNKNOWNLABEL` -> a label the model lacks, `REFUSE` -> 400; the very first other request
 /// -> 429 with Retry-After; everything else -> `{"intent": "card_arrival"}`. `always` overrides
-/// every answer with one status (401: a bad key).
+/// every answer with one status (401: a bad key; 400: OpenAI's refusal of `max_tokens` for its
+/// reasoning models, a configuration error every message gets).
 fn scripted_llm(always: Option<u16>) -> (String, Seen) {
     let listener = runtime().block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let url = format!("http://{}/v1", listener.local_addr().unwrap());
@@ -68,7 +69,13 @@ fn scripted_llm(always: Option<u16>) -> (String, Seen) {
                     .to_string()
                 };
                 let (status, extra, payload) = if let Some(status) = always {
-                    (status, "", json!({"error": {"message": "invalid api key"}}).to_string())
+                    let error = match status {
+                        400 => json!({"error": {
+                            "message": "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead.",
+                            "type": "invalid_request_error", "param": "max_tokens", "code": "unsupported_parameter"}}),
+                        _ => json!({"error": {"message": "invalid api key"}}),
+                    };
+                    (status, "", error.to_string())
                 } else if text.contains("GARBAGE") {
                     (200, "", reply("It is probably about a card."))
                 } else if text.contains("UNKNOWNLABEL") {
@@ -382,18 +389,29 @@ fn sigkill_while_answers_cannot_be_stored_loses_no_answer() {
 
 #[test]
 fn an_endpoint_refusing_every_call_stops_escalate_without_losing_anything() {
+    refused_everywhere("escalate_401", 401, "401");
+}
+
+/// Issue 22: a 400 naming a request parameter is the configuration's fault, not the message's:
+/// before, every escalation was dead-lettered `llm_refused` and committed within seconds.
+#[test]
+fn a_refused_request_parameter_stops_escalate_instead_of_draining_the_topic() {
+    refused_everywhere("escalate_param", 400, "max_tokens");
+}
+
+fn refused_everywhere(name: &str, status: u16, named: &str) {
     let ch = shared_clickhouse();
-    let env = Env::new("escalate_401", ch.url());
+    let env = Env::new(name, ch.url());
     env.apply_schema();
     env.kafka.create_topic("tickets", 1).unwrap();
     env.produce("triage.escalations", &[record(1, "where is my card"), record(2, "card please")]);
-    let (url, seen) = scripted_llm(Some(401));
+    let (url, seen) = scripted_llm(Some(status));
     let config = escalate_config(&env, "refused", &url, "stub-llm", |_| {});
-    let mut escalate = env.spawn_command("escalate", &config, "escalate-401", &[]);
+    let mut escalate = env.spawn_command("escalate", &config, name, &[]);
     common::worker::wait_until(Duration::from_secs(60), "escalate to stop", || escalate.exited().is_some());
     assert!(matches!(escalate.exited(), Some(Exit::Code(c)) if c != 0), "{:?}", escalate.exited());
     let log = escalate.log_text();
-    assert!(log.contains("refuses every call") && log.contains("401"), "{log}");
+    assert!(log.contains("refuses every call") && log.contains(named), "{log}");
     assert!(!seen.lock().unwrap().is_empty());
     assert!(reasons(&env).is_empty(), "a bad key is not the messages' fault: nothing dead-lettered");
     let kafka = triage::config::KafkaConfig { group_id: format!("{}-llm", env.group), ..env.kafka_config() };

@@ -2,3 +2,5 @@
 -- ReplicatedReplacingMergeTree, ON CLUSTER; the Distributed table `results` stores nothing.
 -- Replace {cluster} with your cluster's name, or keep the macro if it is defined.
 ALTER TABLE triage.results_local ON CLUSTER '{cluster}' MODIFY TTL event_time + INTERVAL 400 DAY;
+-- Shadow models' answers (results_shadow_local) are for comparison: keep them shorter.
+ALTER TABLE triage.results_shadow_local ON CLUSTER '{cluster}' MODIFY TTL event_time + INTERVAL 90 DAY;

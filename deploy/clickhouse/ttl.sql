@@ -3,3 +3,5 @@
 -- Single server (schema.sql). On a cluster (cluster.sql) use ttl-cluster.sql instead: a TTL
 -- belongs to the table that stores rows, never to the Distributed table.
 ALTER TABLE triage.results MODIFY TTL event_time + INTERVAL 400 DAY;
+-- Shadow models' answers (results_shadow) are for comparison: keep them shorter.
+ALTER TABLE triage.results_shadow MODIFY TTL event_time + INTERVAL 90 DAY;

@@ -476,14 +476,50 @@ async fn decide(shared: &Shared, record: &Escalation, key: &Key) -> Fate {
     }
 }
 
-/// Statuses that no message can get past: the key, the URL, the model name or the dialect.
+/// Statuses that no message can get past: the key, the URL, the model name, the dialect, a
+/// request parameter the model does not take, a spent budget or quota. A refusal of one
+/// message (too long for the context, say) is not among them.
 fn refuses_every_call(e: &ChatError) -> bool {
     match e {
         ChatError::Status { status, body } => {
-            matches!(status, 401 | 403 | 404 | 405) || (*status >= 400 && body.contains("response_format"))
+            (401..=405).contains(status)
+                || (*status >= 400 && body.contains("response_format"))
+                || (*status >= 400 && (names_a_request_parameter(body) || spent(body)))
         }
         _ => false,
     }
+}
+
+/// An error body blaming a parameter of the request itself (OpenAI's `unsupported_parameter`
+/// for `max_tokens` / `temperature` on reasoning models, vLLM's and LiteLLM's "extra inputs",
+/// a `param` other than the messages): every call sends it, so every call fails.
+fn names_a_request_parameter(body: &str) -> bool {
+    let lower = body.to_ascii_lowercase();
+    let phrases = [
+        "unsupported parameter",
+        "unsupported_parameter",
+        "unsupported value",
+        "unrecognized request argument",
+        "unknown parameter",
+        "extra inputs are not permitted",
+        "extra_forbidden",
+    ];
+    if phrases.iter().any(|p| lower.contains(p)) {
+        return true;
+    }
+    // OpenAI-style `"param": "max_tokens"`; `messages` / `input` point at the message instead.
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["error"]["param"].as_str().map(str::to_owned))
+        .is_some_and(|param| !matches!(param.as_str(), "messages" | "input" | "prompt" | ""))
+}
+
+/// A budget or quota that is spent: no message gets through until someone acts.
+fn spent(body: &str) -> bool {
+    let lower = body.to_ascii_lowercase();
+    ["insufficient_quota", "exceeded your current quota", "budget has been exceeded", "budget_exceeded", "exceededbudget"]
+        .iter()
+        .any(|p| lower.contains(p))
 }
 
 impl Shared {
@@ -559,6 +595,21 @@ mod tests {
         assert!(refuses_every_call(&status(404, "model not found")));
         assert!(refuses_every_call(&status(500, "Input should be 'text' or 'json_object' at response_format.type")));
         assert!(!refuses_every_call(&status(400, "maximum context length exceeded")), "one message too long");
+        let openai = |message: &str, param: &str, code: &str| {
+            serde_json::json!({"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}).to_string()
+        };
+        let max_tokens =
+            openai("Unsupported parameter: 'max_tokens' is not supported with this model.", "max_tokens", "unsupported_parameter");
+        assert!(refuses_every_call(&status(400, &max_tokens)));
+        let temperature =
+            openai("Unsupported value: 'temperature' does not support 0 with this model.", "temperature", "unsupported_value");
+        assert!(refuses_every_call(&status(400, &temperature)));
+        assert!(refuses_every_call(&status(400, r#"{"detail": [{"type": "extra_forbidden", "loc": ["body", "seed"]}]}"#)));
+        assert!(refuses_every_call(&status(400, "LiteLLM: Budget has been exceeded! Current cost: 10.2, Max budget: 10.0")));
+        assert!(refuses_every_call(&status(429, &openai("You exceeded your current quota", "", "insufficient_quota"))));
+        let too_long = openai("This model's maximum context length is 8192 tokens.", "messages", "context_length_exceeded");
+        assert!(!refuses_every_call(&status(400, &too_long)), "the message's own fault");
+        assert!(!refuses_every_call(&status(429, &openai("Rate limit reached", "", "rate_limit_exceeded"))), "a rate limit passes");
         assert!(!refuses_every_call(&status(429, "slow down")));
         assert!(!refuses_every_call(&ChatError::Timeout(Duration::from_secs(1))));
     }
