@@ -588,3 +588,29 @@ fn the_demo_escalations_are_answered_by_llama_cpp_and_land_as_row_versions() {
     }
     assert!(counts.values().all(|n| *n == 1));
 }
+
+/// Issue 22: refusals that name nothing (a 413 for every message: a gateway's limit, a model
+/// swapped behind the URL) are each one message's fault until a streak shows otherwise; then
+/// the command stops instead of dead-lettering the topic.
+#[test]
+fn a_streak_of_refusals_with_no_answer_stops_escalate_after_a_few_dead_letters() {
+    let ch = shared_clickhouse();
+    let env = Env::new("escalate_streak", ch.url());
+    env.apply_schema();
+    env.kafka.create_topic("tickets", 1).unwrap();
+    let records: Vec<_> = (1..=20).map(|i| record(i, &format!("my card number {i} never arrived"))).collect();
+    env.produce("triage.escalations", &records);
+    let (url, _seen) = scripted_llm(Some(413));
+    let config = escalate_config(&env, "streak", &url, "stub-llm", |_| {});
+    let mut escalate = env.spawn_command("escalate", &config, "escalate-streak", &[]);
+    common::worker::wait_until(Duration::from_secs(60), "escalate to stop", || escalate.exited().is_some());
+    assert!(matches!(escalate.exited(), Some(Exit::Code(c)) if c != 0), "{:?}", escalate.exited());
+    let log = escalate.log_text();
+    assert!(log.contains("5 messages in a row refused"), "{log}");
+    // The first four were each taken for one message's fault (llm.max_consecutive_refusals = 5).
+    let reasons = reasons(&env);
+    assert_eq!(reasons.len(), 4, "{reasons:?}");
+    assert!(reasons.iter().all(|r| r == "llm_refused"), "{reasons:?}");
+    let kafka = triage::config::KafkaConfig { group_id: format!("{}-llm", env.group), ..env.kafka_config() };
+    assert!(committed_offset(&kafka, "triage.escalations").unwrap_or(0) <= 4, "nothing committed past the dead letters");
+}

@@ -50,6 +50,10 @@ pub struct LlmConfig {
     /// Hard cap: no call starts while the last hour's spend is at or above it (consumption
     /// waits; nothing is dropped).
     pub max_spend_per_hour: Option<f64>,
+    /// This many refusals in a row (4xx naming no request parameter), of different messages
+    /// and with no answer between, mean the endpoint refuses every call: the command stops
+    /// instead of dead-lettering the rest of the topic.
+    pub max_consecutive_refusals: usize,
 }
 
 impl Default for LlmConfig {
@@ -63,6 +67,7 @@ impl Default for LlmConfig {
             timeout_ms: 60_000,
             retries: 3,
             max_concurrent_requests: 4,
+            max_consecutive_refusals: 5,
             max_tokens: 256,
             max_text_chars: 16_000,
             max_in_flight: 64,
@@ -113,8 +118,9 @@ impl LlmConfig {
             || self.max_tokens == 0
             || self.max_in_flight == 0
             || self.max_text_chars == 0
+            || self.max_consecutive_refusals == 0
         {
-            return Err("llm: timeout_ms, max_concurrent_requests, max_tokens, max_text_chars and max_in_flight must be at least 1".into());
+            return Err("llm: timeout_ms, max_concurrent_requests, max_tokens, max_text_chars, max_in_flight and max_consecutive_refusals must be at least 1".into());
         }
         if self.group_id.trim().is_empty() {
             return Err("llm.group_id is empty".into());

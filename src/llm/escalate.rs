@@ -124,6 +124,8 @@ struct Shared {
     worker_id: String,
     /// /readyz fails while the endpoint keeps failing (an outage or a wrong URL shows).
     readiness: Arc<Readiness>,
+    /// Messages refused since the last answer: a streak means the endpoint refuses everything.
+    refusal_streak: std::sync::atomic::AtomicUsize,
 }
 
 /// The sink's ticket for an answer's row: the record, and its message's key.
@@ -243,6 +245,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<E
         settle: settle.clone(),
         worker_id: worker_id.clone(),
         readiness: readiness.clone(),
+        refusal_streak: std::sync::atomic::AtomicUsize::new(0),
     });
 
     let mut kafka_config = config.kafka.clone();
@@ -441,7 +444,10 @@ async fn decide(shared: &Shared, record: &Escalation, key: &Key) -> Fate {
         }
         let invalid_reply = match reply {
             Ok(call) => match route.space.parse(&call.content) {
-                Ok(answer) => return Fate::Answer(Box::new(shared.row(&record.row, &answer, route, &call))),
+                Ok(answer) => {
+                    shared.refusal_streak.store(0, std::sync::atomic::Ordering::SeqCst);
+                    return Fate::Answer(Box::new(shared.row(&record.row, &answer, route, &call)));
+                }
                 Err(e) => {
                     last_reply = cut_at_char(&call.content, 2_000).to_string();
                     e.to_string()
@@ -466,7 +472,18 @@ async fn decide(shared: &Shared, record: &Escalation, key: &Key) -> Fate {
                 tokio::time::sleep(delay).await;
                 continue;
             }
-            Err(e) => return Fate::DeadLetter(DeadLetterReason::LlmRefused, e.to_string()),
+            Err(e) => {
+                // One message's fault, unless every message gets it: a streak of refusals with
+                // no answer between stops the command before it dead-letters the whole topic.
+                let streak = shared.refusal_streak.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                if streak >= shared.llm.max_consecutive_refusals {
+                    shared.settle.stop(WorkerError::Llm(format!(
+                        "{e}: {streak} messages in a row refused and none answered, so the endpoint refuses every call (check llm.model and what the server accepts; llm.max_consecutive_refusals)"
+                    )));
+                    return Fate::Abandoned;
+                }
+                return Fate::DeadLetter(DeadLetterReason::LlmRefused, e.to_string());
+            }
         };
         invalid += 1;
         LlmCallFailed { model, kind: "invalid_reply" }.emit(counters);
