@@ -464,7 +464,10 @@ fn a_seeded_schedule_of_faults_loses_nothing_stalls_nothing_and_replays_only_wha
     // exact needs the consumer to seek back what arrives while paused (issue 19).
     for (kill, &(n, workers)) in soak.uncommitted_at_kills.iter().enumerate() {
         let bound = (workers * (MAX_IN_FLIGHT + PAUSE_SLACK)) as u64;
-        assert!(n <= bound, "kill {kill} left {n} rows stored past the commits: more than {workers} workers' max_in_flight + pause slack ({bound})");
+        assert!(
+            n <= bound,
+            "kill {kill} left {n} rows stored past the commits: more than {workers} workers' max_in_flight + pause slack ({bound})"
+        );
     }
     eprintln!("stored past the commits at each kill: {:?}", soak.uncommitted_at_kills);
     let table = format!(
