@@ -221,6 +221,31 @@ impl EngineStats {
     }
 }
 
+/// The latest of something replaced whole while readers hold on to what they took: an
+/// engine's current generation, a route tier's current model version.
+pub struct Latest<T>(std::sync::RwLock<Arc<T>>);
+
+impl<T> Latest<T> {
+    pub fn new(value: Arc<T>) -> Self {
+        Latest(std::sync::RwLock::new(value))
+    }
+
+    pub fn get(&self) -> Arc<T> {
+        match self.0.read() {
+            Ok(latest) => latest.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Put `value` in; the one it replaces is returned.
+    pub fn replace(&self, value: Arc<T>) -> Arc<T> {
+        match self.0.write() {
+            Ok(mut latest) => std::mem::replace(&mut *latest, value),
+            Err(poisoned) => std::mem::replace(&mut *poisoned.into_inner(), value),
+        }
+    }
+}
+
 /// One loaded version of an engine's model: its tokenizer and one backend per inference
 /// thread. A message is tokenized, batched and run within the generation it was submitted to,
 /// so a reload never mixes versions in a batch, and batches formed before a reload finish on
@@ -291,7 +316,7 @@ struct Tokenized<T> {
 pub struct Submitter<T> {
     requests: flume::Sender<Request<T>>,
     stats: Arc<EngineStats>,
-    current: Arc<std::sync::RwLock<Arc<Generation>>>,
+    current: Arc<Latest<Generation>>,
 }
 
 impl<T> Clone for Submitter<T> {
@@ -303,10 +328,7 @@ impl<T> Clone for Submitter<T> {
 impl<T: Send + 'static> Submitter<T> {
     /// The generation new work goes to (the latest installed).
     pub fn current(&self) -> Arc<Generation> {
-        match self.current.read() {
-            Ok(current) => current.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.current.get()
     }
 
     /// Blocks while the engine is full.
@@ -352,7 +374,7 @@ pub struct Engine<T> {
 #[derive(Clone)]
 pub struct Installer {
     name: String,
-    current: Arc<std::sync::RwLock<Arc<Generation>>>,
+    current: Arc<Latest<Generation>>,
     stats: Arc<EngineStats>,
     /// Backends each generation must bring: one per inference thread.
     inference_threads: usize,
@@ -364,8 +386,7 @@ impl Installer {
     /// Sessions of `model` for a new generation (as many as the engine has inference threads,
     /// with the threads `config` gives each): built off the hot path, before [`Installer::install`].
     pub fn sessions_of(&self, model: &Model, config: &EngineConfig) -> Result<Vec<Box<dyn Backend>>, ModelError> {
-        let (_, intra) = config.sessions_for(model);
-        (0..self.inference_threads).map(|_| model.session_with_threads(intra).map(|s| Box::new(s) as Box<dyn Backend>)).collect()
+        backends_of(model, self.inference_threads, config.sessions_for(model).1)
     }
 
     /// Make a new generation current: work submitted from now on (and by callers that pick it
@@ -385,10 +406,7 @@ impl Installer {
         }
         let id = self.generations.fetch_add(1, Ordering::Relaxed);
         let generation = Arc::new(new_generation(&self.name, id, version, encoder, backends)?);
-        let previous = match self.current.write() {
-            Ok(mut current) => std::mem::replace(&mut *current, generation.clone()),
-            Err(poisoned) => std::mem::replace(&mut *poisoned.into_inner(), generation.clone()),
-        };
+        let previous = self.current.replace(generation.clone());
         previous.retired.store(true, Ordering::Release);
         // What was measured for the old model says nothing about the new one.
         if let Ok(mut tuner) = self.stats.tuner.lock() {
@@ -401,10 +419,7 @@ impl Installer {
 
     /// The generation new work goes to.
     pub fn current(&self) -> Arc<Generation> {
-        match self.current.read() {
-            Ok(current) => current.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.current.get()
     }
 }
 
@@ -414,9 +429,7 @@ impl<T: Send + 'static> Engine<T> {
     pub fn start(model: Arc<Model>, config: &EngineConfig, outcomes: flume::Sender<Outcome<T>>) -> Result<Self, ModelError> {
         config.validate(model.info().max_length).map_err(|reason| ModelError::invalid(&model.info().dir, reason))?;
         let (count, intra) = config.sessions_for(&model);
-        let sessions = (0..count)
-            .map(|_| model.session_with_threads(intra).map(|s| Box::new(s) as Box<dyn Backend>))
-            .collect::<Result<Vec<_>, _>>()?;
+        let sessions = backends_of(&model, count, intra)?;
         Self::with_generation(&model.info().name, &model.info().version, Arc::new(model.encoder().clone()), sessions, config, outcomes)
     }
 
@@ -494,7 +507,7 @@ impl<T: Send + 'static> Engine<T> {
             let (rx, out, stats, name) = (batch_rx.clone(), outcomes.clone(), stats.clone(), name.to_string());
             threads.push(spawn(format!("triage-infer-{i}"), move || inference_loop(rx, out, &stats, &name)));
         }
-        let current = Arc::new(std::sync::RwLock::new(first));
+        let current = Arc::new(Latest::new(first));
         let installer = Installer {
             name: name.to_string(),
             current: current.clone(),
@@ -535,6 +548,11 @@ impl<T: Send + 'static> Engine<T> {
             }
         }
     }
+}
+
+/// `count` sessions of `model` with `intra` intra-op threads each, as engine backends.
+fn backends_of(model: &Model, count: usize, intra: Option<usize>) -> Result<Vec<Box<dyn Backend>>, ModelError> {
+    (0..count).map(|_| model.session_with_threads(intra).map(|s| Box::new(s) as Box<dyn Backend>)).collect()
 }
 
 fn new_generation(

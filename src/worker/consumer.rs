@@ -339,20 +339,7 @@ async fn submit(
     let keep = (route.reader.format() != Format::Json).then(|| Arc::new(record.clone()));
     match tier_model.decoder.decode_value(record) {
         Ok(decoded) => {
-            let (topic, partition, offset, timestamp_ms) = consumed.message.key_source();
-            let tag = MessageTag {
-                message_id: decoded.id.clone().unwrap_or_else(|| format!("{topic}-{partition}-{offset}")),
-                metadata: decoded.metadata(&route.config.metadata),
-                event_time_ms: decoded.event_time_ms.or(timestamp_ms).unwrap_or(0),
-                consumed_ms: crate::time::now_ms(),
-                route: route_index,
-                message: consumed,
-                tier: 0,
-                earlier: Vec::new(),
-                versions: vec![tier_model.clone()],
-                shadow: false,
-                record: keep,
-            };
+            let tag = first_tag(route, route_index, consumed, &decoded, tier_model.clone(), false, keep);
             let submitted = match &tier_model.generation {
                 Some(generation) => submitter.submit_async_to(generation, tag, decoded.text).await,
                 None => submitter.submit_async(tag, decoded.text).await,
@@ -379,25 +366,38 @@ fn submit_to_shadow(
 ) {
     let model = shadow.current();
     let Ok(decoded) = model.decoder.decode_value(record.clone()) else { return };
-    let (topic, partition, offset, timestamp_ms) = consumed.message.key_source();
-    let tag = MessageTag {
-        message_id: decoded.id.clone().unwrap_or_else(|| format!("{topic}-{partition}-{offset}")),
-        metadata: decoded.metadata(&route.config.metadata),
-        event_time_ms: decoded.event_time_ms.or(timestamp_ms).unwrap_or(0),
-        consumed_ms: crate::time::now_ms(),
-        route: route_index,
-        message: consumed.clone(),
-        tier: 0,
-        earlier: Vec::new(),
-        versions: vec![model.clone()],
-        shadow: true,
-        record: None,
-    };
+    let tag = first_tag(route, route_index, consumed.clone(), &decoded, model.clone(), true, None);
     let submitted = match &model.generation {
         Some(generation) => submitter.try_submit_to(generation, tag, decoded.text),
         None => Err(crate::engine::EngineClosed(tag)),
     };
     if submitted.is_err() {
         ShadowDropped { kind: &route.config.kind, reason: "queue_full" }.emit(settle.counters());
+    }
+}
+
+/// The tag of a message entering its route's first model (or its shadow / canary).
+fn first_tag(
+    route: &Route,
+    route_index: usize,
+    consumed: Consumed,
+    decoded: &crate::message::DecodedMessage,
+    model: Arc<super::routes::TierModel>,
+    shadow: bool,
+    record: Option<Arc<serde_json::Value>>,
+) -> MessageTag {
+    let (topic, partition, offset, timestamp_ms) = consumed.message.key_source();
+    MessageTag {
+        message_id: decoded.id.clone().unwrap_or_else(|| format!("{topic}-{partition}-{offset}")),
+        metadata: decoded.metadata(&route.config.metadata),
+        event_time_ms: decoded.event_time_ms.or(timestamp_ms).unwrap_or(0),
+        consumed_ms: crate::time::now_ms(),
+        route: route_index,
+        message: consumed,
+        tier: 0,
+        earlier: Vec::new(),
+        versions: vec![model],
+        shadow,
+        record,
     }
 }

@@ -2,12 +2,12 @@
 //! that name it), each route with its decoder and its resolved escalation policy.
 
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use super::policy::EscalationPolicy;
 use super::WorkerError;
 use crate::config::{Config, RouteConfig};
-use crate::engine::{Classified, Engine, EngineConfig, Generation, Outcome, StatsSnapshot, Submitter};
+use crate::engine::{Classified, Engine, EngineConfig, Generation, Latest, Outcome, StatsSnapshot, Submitter};
 use crate::message::Decoder;
 use crate::model::{Model, ModelInfo};
 use crate::source::decode::registry::Registry;
@@ -61,26 +61,20 @@ pub(super) struct TierModel {
 pub(super) struct Tier {
     /// Index into the started engines (one per model directory, shared by routes).
     pub engine: usize,
-    current: RwLock<Arc<TierModel>>,
+    current: Latest<TierModel>,
 }
 
 impl Tier {
     pub fn new(engine: usize, model: TierModel) -> Self {
-        Tier { engine, current: RwLock::new(Arc::new(model)) }
+        Tier { engine, current: Latest::new(Arc::new(model)) }
     }
 
     pub fn current(&self) -> Arc<TierModel> {
-        match self.current.read() {
-            Ok(current) => current.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.current.get()
     }
 
     pub fn replace(&self, model: Arc<TierModel>) {
-        match self.current.write() {
-            Ok(mut current) => *current = model,
-            Err(poisoned) => *poisoned.into_inner() = model,
-        }
+        self.current.replace(model);
     }
 }
 
@@ -120,19 +114,20 @@ impl Route {
 
 /// Whether a message falls in a `share` of messages, by its key (or topic/partition/offset).
 pub(super) fn sampled(message: &crate::source::SourceMessage, salt: &[u8], share: f64) -> bool {
-    let mut bytes = match &message.key {
-        Some(key) => key.clone(),
-        None => format!("{}/{}/{}", message.topic, message.partition, message.offset).into_bytes(),
+    // Per message: the key is hashed in place; only keyless messages format a name.
+    let hash = match &message.key {
+        Some(key) => sample_hash(&[key, salt]),
+        None => sample_hash(&[format!("{}/{}/{}", message.topic, message.partition, message.offset).as_bytes(), salt]),
     };
-    bytes.extend_from_slice(salt);
-    (sample_hash(&bytes) as f64 / u64::MAX as f64) < share
+    (hash as f64 / u64::MAX as f64) < share
 }
 
 /// FNV-1a, then MurmurHash3's 64-bit finalizer (FNV alone leaves the high bits of short keys
 /// that differ only at the end nearly equal): stable across runs, machines and Rust versions,
 /// which std's hasher does not promise.
-fn sample_hash(bytes: &[u8]) -> u64 {
-    let mut h = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+fn sample_hash(parts: &[&[u8]]) -> u64 {
+    let mut h =
+        parts.iter().flat_map(|p| p.iter()).fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
     h ^= h >> 33;
     h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
     h ^= h >> 33;
