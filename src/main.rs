@@ -114,3 +114,15 @@ fn init_logging(format: LogFormat, default_level: &str) {
         LogFormat::Json => builder.json().init(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// clap checks its own rules (conflicts, requires, env names) only in debug builds and only
+    /// for the subcommand parsed: this checks all of them at once.
+    #[test]
+    fn every_command_line_definition_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
+}

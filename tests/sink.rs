@@ -250,3 +250,127 @@ fn a_table_that_lost_a_column_ends_the_sink_and_nothing_is_reported() {
     assert!(error.to_string().contains("ClickHouse cannot store any result"), "{error}");
     assert_eq!(reports.len(), 0, "nothing reported stored or rejected: {:?}", reports.0.lock().unwrap());
 }
+
+/// `triage eval --shadow` against rows as the worker, `triage escalate` and a person leave them:
+/// replays counted once, a person's answer outranking an LLM's, messages outside the window or
+/// without a shadow answer left out, each topic and shadow version apart. The expected counts
+/// are computed here from the same labelling rules the rows were written with.
+#[test]
+fn shadow_answers_are_scored_against_later_answers_once_per_message() {
+    use triage::train::shadow::{summarize, Score};
+    let clickhouse = shared_clickhouse();
+    let config = ClickHouseConfig { url: clickhouse.url(), database: "shadow_eval".into(), ..Default::default() };
+    let service = ClickHouseService::new(&config);
+    runtime().block_on(service.apply_schema()).expect("apply schema");
+    let shadow_service = ClickHouseService::new(&config.shadow());
+    let labels = ["card_lost", "refund", "transfer"];
+    let route_label = |i: u64| labels[(i % 3) as usize];
+    let llm_label = |i: u64| labels[((i / 2) % 3) as usize];
+    let person_label = |i: u64| labels[((i + 1) % 3) as usize];
+    let shadow_label = |i: u64| labels[((i * 7 / 5) % 3) as usize];
+    let now = (triage::time::now_ms() / 1000) as u32;
+    let row = |topic: &str, offset: u64, days_ago: u32, category: &str, answered_by: &str, version: &str| {
+        let mut r = ResultRow {
+            topic: topic.into(),
+            offset,
+            event_time: now - days_ago * 86_400,
+            model_name: "support".into(),
+            model_version: version.into(),
+            category: category.into(),
+            answered_by: answered_by.into(),
+            ..Default::default()
+        };
+        if !answered_by.starts_with("model:") {
+            r.slm_category = route_label(offset).into();
+        }
+        r.stamp(triage::time::now_ms());
+        r
+    };
+    let mut primary = Vec::new();
+    let mut shadow = Vec::new();
+    for i in 0..60 {
+        primary.push(row("tickets", i, 1, route_label(i), "model:support", "v7"));
+    }
+    for i in 0..40 {
+        primary.push(row("tickets", i, 1, llm_label(i), "llm:qwen", "v7"));
+    }
+    for i in 30..40 {
+        primary.push(row("tickets", i, 1, person_label(i), "person:ana", "v7"));
+    }
+    for i in 0..50 {
+        shadow.push(row("tickets", i, 1, shadow_label(i), "model:support", "v8"));
+    }
+    // Outside a 30-day window, though answered and shadowed.
+    primary.push(row("tickets", 100, 40, route_label(100), "model:support", "v7"));
+    primary.push(row("tickets", 100, 40, llm_label(100), "llm:qwen", "v7"));
+    shadow.push(row("tickets", 100, 40, shadow_label(100), "model:support", "v8"));
+    // Another topic, another shadow version.
+    primary.push(row("returns", 0, 2, route_label(0), "model:support", "v7"));
+    primary.push(row("returns", 0, 2, llm_label(0), "llm:qwen", "v7"));
+    shadow.push(row("returns", 0, 2, llm_label(0), "model:support", "v9"));
+    // Replays after the answers: the worker's rows again, the shadow's again (a later stamp).
+    std::thread::sleep(Duration::from_millis(2));
+    for i in 0..10 {
+        primary.push(row("tickets", i, 1, route_label(i), "model:support", "v7"));
+        shadow.push(row("tickets", i, 1, shadow_label(i), "model:support", "v8"));
+    }
+    for (service, rows) in [(&service, &primary), (&shadow_service, &shadow)] {
+        let rejected = runtime().block_on(service.insert(rows)).expect("insert");
+        assert!(rejected.is_empty(), "{rejected:?}");
+    }
+
+    let mut expected = Score::default();
+    let (mut by_person, mut person_right) = (0, 0);
+    for i in 0..40 {
+        let reference = if i >= 30 { person_label(i) } else { llm_label(i) };
+        let (p, s) = (route_label(i) == reference, shadow_label(i) == reference);
+        expected.messages += 1;
+        expected.primary_right += p as u64;
+        expected.shadow_right += s as u64;
+        expected.only_shadow_right += (s && !p) as u64;
+        expected.only_primary_right += (p && !s) as u64;
+        if i >= 30 {
+            by_person += 1;
+            person_right += s as u64;
+        }
+    }
+    let since = now - 30 * 86_400;
+    let reports = summarize(&runtime().block_on(service.shadow_counts(since, "")).expect("shadow counts"));
+    assert_eq!(reports.len(), 2, "{reports:?}");
+    let tickets = reports.iter().find(|r| r.topic == "tickets").expect("tickets");
+    assert_eq!((tickets.shadow_version.as_str(), tickets.primary_version.as_str()), ("v8", "v7"));
+    assert_eq!(tickets.overall, expected);
+    assert_eq!((tickets.by_judge["person"].messages, tickets.by_judge["person"].shadow_right), (by_person, person_right));
+    assert_eq!(tickets.by_label.iter().map(|(_, s)| s.messages).sum::<u64>(), 40);
+    let returns = reports.iter().find(|r| r.topic == "returns").expect("returns");
+    assert_eq!((returns.shadow_version.as_str(), returns.overall.messages, returns.overall.shadow_right), ("v9", 1, 1));
+    let only_returns = summarize(&runtime().block_on(service.shadow_counts(since, "returns")).expect("shadow counts"));
+    assert_eq!(only_returns.len(), 1);
+    let wider = summarize(&runtime().block_on(service.shadow_counts(now - 60 * 86_400, "tickets")).expect("shadow counts"));
+    assert_eq!(wider[0].overall.messages, 41, "the 40-day-old message is in a 60-day window");
+
+    // The command prints the same numbers.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("triage.toml");
+    let model = common::default_model_dir();
+    std::fs::write(
+        &path,
+        format!(
+            "[clickhouse]\nurl = \"{}\"\ndatabase = \"shadow_eval\"\n[[routes]]\ntopic = \"tickets\"\nkind = \"ticket\"\nmodel = \"{}\"\n",
+            config.url,
+            model.display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_triage"))
+        .args(["eval", "--shadow", "--topic", "tickets", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run triage eval");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let line =
+        format!("accuracy: shadow {:.3}, route model {:.3}", expected.shadow_right as f64 / 40.0, expected.primary_right as f64 / 40.0);
+    assert!(text.contains(&line), "{line} not in:\n{text}");
+    assert!(text.contains("on 40 messages"), "{text}");
+}

@@ -1,10 +1,11 @@
-//! `triage eval`: score a model directory on labelled data, beside a TF-IDF baseline.
+//! `triage eval`: score a model directory on labelled data, beside a TF-IDF baseline; or, with
+//! `--shadow`, a route's shadow model on live traffic against the LLM's and people's answers.
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
-use triage::train::{cascade, eval, Columns};
+use triage::train::{cascade, eval, shadow as shadow_eval, Columns};
 
 use super::{model_dir, BatchArgs, RuntimeArgs, StageProgress};
 
@@ -13,8 +14,24 @@ pub struct EvalArgs {
     #[arg(long, env = "TRIAGE_MODEL")]
     model: Option<PathBuf>,
     /// Labelled data (CSV or JSON lines).
-    #[arg(long)]
-    data: PathBuf,
+    #[arg(long, required_unless_present = "shadow")]
+    data: Option<PathBuf>,
+    /// Score the routes' shadow models from ClickHouse instead: each shadow's answers against
+    /// the answers that replaced the route model's (LLM or person), beside the route model's.
+    #[arg(long, requires = "config", conflicts_with_all = ["model", "data", "cascade", "all"])]
+    shadow: bool,
+    /// The worker's configuration (its [clickhouse] section), for --shadow.
+    #[arg(long, short, env = "TRIAGE_CONFIG")]
+    config: Option<PathBuf>,
+    /// With --shadow: only this topic.
+    #[arg(long, requires = "shadow")]
+    topic: Option<String>,
+    /// With --shadow: messages whose event time is within this many days.
+    #[arg(long, default_value_t = 30, requires = "shadow")]
+    days: u32,
+    /// With --shadow: per-label lines shown per shadow (all with --json).
+    #[arg(long, default_value_t = 20, requires = "shadow")]
+    labels_shown: usize,
     /// Score every row (a separate test file) instead of the model's validation split.
     #[arg(long)]
     all: bool,
@@ -39,16 +56,20 @@ pub struct EvalArgs {
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
+    if args.shadow {
+        return shadow(&args);
+    }
+    let data = args.data.clone().context("--data is required")?;
     if !args.cascade.is_empty() {
         let options = eval::EvalOptions {
             model: args.cascade[0].clone(),
-            data: args.data.clone(),
+            data: data.clone(),
             all: false,
             columns: None,
             inference: args.runtime.options(),
             engine: args.batch.engine(),
         };
-        let report = cascade::evaluate_cascade(&args.cascade, &args.data, &options, &StageProgress::new())?;
+        let report = cascade::evaluate_cascade(&args.cascade, &data, &options, &StageProgress::new())?;
         if args.json {
             println!("{}", serde_json::to_string_pretty(&report)?);
         } else {
@@ -59,7 +80,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let columns = if args.text.is_empty() && args.labels.is_empty() { None } else { Some(Columns::parse(&args.text, &args.labels, &[])?) };
     let options = eval::EvalOptions {
         model: model_dir(&args.model)?,
-        data: args.data,
+        data,
         all: args.all,
         columns,
         inference: args.runtime.options(),
@@ -70,6 +91,24 @@ pub fn run(args: EvalArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", eval::render(&report));
+    }
+    Ok(())
+}
+
+fn shadow(args: &EvalArgs) -> Result<()> {
+    let path = args.config.as_ref().context("--shadow needs --config")?;
+    let config = triage::config::Config::load(path)?;
+    let service = triage::sink::clickhouse::ClickHouseService::new(&config.clickhouse);
+    let since = (triage::time::now_ms() / 1000).saturating_sub(u64::from(args.days) * 86_400);
+    let since = u32::try_from(since).context("the window starts past 2106")?;
+    let counts = super::runtime()?.block_on(service.shadow_counts(since, args.topic.as_deref().unwrap_or(""))).with_context(|| {
+        format!("reading {}.{} and its shadow table at {}", config.clickhouse.database, config.clickhouse.table, config.clickhouse.url)
+    })?;
+    let reports = shadow_eval::summarize(&counts);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    } else {
+        print!("{}", shadow_eval::render(&reports, args.labels_shown));
     }
     Ok(())
 }

@@ -17,6 +17,7 @@ mod fitting;
 pub mod logreg;
 pub mod metrics;
 mod refit;
+pub mod shadow;
 pub mod split;
 
 use std::collections::BTreeMap;

@@ -138,6 +138,24 @@ pub struct LlmAnswer {
     pub answered_by: String,
 }
 
+/// How many messages a shadow model and the route's model got right against a later answer
+/// (an LLM's or a person's), per judge and reference label (`triage eval --shadow`).
+#[derive(Debug, Clone, PartialEq, clickhouse::Row, serde::Deserialize)]
+pub struct ShadowCount {
+    pub topic: String,
+    pub primary_model: String,
+    pub primary_version: String,
+    pub shadow_model: String,
+    pub shadow_version: String,
+    /// `llm` or `person`: who gave the reference answer.
+    pub judge: String,
+    /// The reference answer's category.
+    pub label: String,
+    pub primary_right: u8,
+    pub shadow_right: u8,
+    pub messages: u64,
+}
+
 pub struct ClickHouseService {
     client: Client,
     config: ClickHouseConfig,
@@ -245,6 +263,36 @@ impl ClickHouseService {
             self.config.database, self.config.table
         );
         self.client.query(&sql).fetch_all::<LlmAnswer>().await
+    }
+
+    /// Shadow and primary answers scored against the answer that replaced the primary's
+    /// (`answered_by` an LLM or a person; the small model's own answer is then in
+    /// `slm_category`), for messages whose event time is at or after `since` (unix seconds),
+    /// on `topic` ("" for every topic). Both tables read with FINAL: a replay counts once, and
+    /// a person's answer outranks an LLM's. Runs on ClickHouse 18.16 and modern servers.
+    pub async fn shadow_counts(&self, since: u32, topic: &str) -> Result<Vec<ShadowCount>, clickhouse::error::Error> {
+        let primary = format!("{}.{}", self.config.database, self.config.table);
+        let shadow = format!("{}.{}", self.config.database, self.config.shadow().table);
+        let sql = format!(
+            "SELECT topic, primary_model, primary_version, shadow_model, shadow_version, judge, label, \
+                    toUInt8(primary_label = label) AS primary_right, toUInt8(shadow_label = label) AS shadow_right, \
+                    toUInt64(count()) AS messages \
+             FROM ( \
+                 SELECT topic, partition, offset, model_name AS primary_model, model_version AS primary_version, \
+                        if(answered_by LIKE 'person:%', 'person', 'llm') AS judge, category AS label, slm_category AS primary_label \
+                 FROM {primary} FINAL \
+                 WHERE (answered_by LIKE 'llm:%' OR answered_by LIKE 'person:%') AND slm_category != '' \
+                   AND event_time >= toDateTime(?) AND (? = '' OR topic = ?) \
+             ) AS answered \
+             ALL INNER JOIN ( \
+                 SELECT topic, partition, offset, model_name AS shadow_model, model_version AS shadow_version, category AS shadow_label \
+                 FROM {shadow} FINAL \
+                 WHERE event_time >= toDateTime(?) AND (? = '' OR topic = ?) \
+             ) AS shadowed USING (topic, partition, offset) \
+             GROUP BY topic, primary_model, primary_version, shadow_model, shadow_version, judge, label, primary_right, shadow_right \
+             ORDER BY topic, shadow_model, shadow_version, judge, label"
+        );
+        self.client.query(&sql).bind(since).bind(topic).bind(topic).bind(since).bind(topic).bind(topic).fetch_all::<ShadowCount>().await
     }
 
     /// Move a table made before `row_version` onto it ([`schema::migration`]), reporting each
