@@ -261,6 +261,38 @@ pub struct Generation {
     probe: Encoded,
     /// Replaced by a newer generation: threads give its backends back after each batch.
     retired: std::sync::atomic::AtomicBool,
+    /// Its series, labelled with its model and version (they leave /metrics with it).
+    metrics: GenerationMetrics,
+}
+
+struct GenerationMetrics {
+    model: String,
+    tokenize_seconds: metrics::Histogram,
+    batch_size: metrics::Histogram,
+    batch_tokens: metrics::Histogram,
+    padding_ratio: metrics::Histogram,
+    inference_seconds: metrics::Histogram,
+}
+
+impl GenerationMetrics {
+    fn new(model: &str, version: &str) -> Self {
+        let labels = [("model", model.to_string()), ("model_version", version.to_string())];
+        telemetry::versions::serving(model, version);
+        GenerationMetrics {
+            model: model.to_string(),
+            tokenize_seconds: metrics::histogram!(telemetry::TOKENIZE_SECONDS, &labels),
+            batch_size: metrics::histogram!(telemetry::BATCH_SIZE, &labels),
+            batch_tokens: metrics::histogram!(telemetry::BATCH_TOKENS, &labels),
+            padding_ratio: metrics::histogram!(telemetry::BATCH_PADDING_RATIO, &labels),
+            inference_seconds: metrics::histogram!(telemetry::INFERENCE_SECONDS, &labels),
+        }
+    }
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        telemetry::versions::released(&self.metrics.model, &self.version);
+    }
 }
 
 impl Generation {
@@ -493,15 +525,13 @@ impl<T: Send + 'static> Engine<T> {
 
         for i in 0..config.tokenizer_threads {
             let (rx, tx, out, stats) = (request_rx.clone(), token_tx.clone(), outcomes.clone(), stats.clone());
-            let name = name.to_string();
-            threads.push(spawn(format!("triage-tokenize-{i}"), move || tokenize_loop(&name, rx, tx, out, &stats)));
+            threads.push(spawn(format!("triage-tokenize-{i}"), move || tokenize_loop(rx, tx, out, &stats)));
         }
         drop((request_rx, token_tx));
 
         let policy = config.policy.clone();
         let batch_stats = stats.clone();
-        let model_name = name.to_string();
-        threads.push(spawn("triage-batcher".into(), move || batch_loop(policy, token_rx, batch_tx, &batch_stats, &model_name)));
+        threads.push(spawn("triage-batcher".into(), move || batch_loop(policy, token_rx, batch_tx, &batch_stats)));
 
         for i in 0..count {
             let (rx, out, stats, name) = (batch_rx.clone(), outcomes.clone(), stats.clone(), name.to_string());
@@ -571,6 +601,7 @@ fn new_generation(
         idle: std::sync::Mutex::new(backends),
         probe,
         retired: std::sync::atomic::AtomicBool::new(false),
+        metrics: GenerationMetrics::new(name, version),
     })
 }
 
@@ -579,20 +610,18 @@ fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
 }
 
 fn tokenize_loop<T>(
-    model: &str,
     requests: flume::Receiver<Request<T>>,
     tokens: flume::Sender<Tokenized<T>>,
     outcomes: flume::Sender<Outcome<T>>,
     stats: &EngineStats,
 ) {
-    let tokenize_seconds = metrics::histogram!(telemetry::TOKENIZE_SECONDS, "model" => model.to_string());
     for req in requests.iter() {
         let start = Instant::now();
         // A tokenizer panic on some odd input must cost one message, not the worker.
         let encoded = std::panic::catch_unwind(AssertUnwindSafe(|| req.generation.encoder.encode_rendered(&req.text)))
             .unwrap_or_else(|_| Err("tokenizer panicked on this input".to_string()));
         let elapsed = start.elapsed();
-        tokenize_seconds.record(elapsed.as_secs_f64());
+        req.generation.metrics.tokenize_seconds.record(elapsed.as_secs_f64());
         stats.tokenize_nanos.fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
         let sent = match encoded {
             Ok(encoded) => tokens.send(Tokenized { tag: req.tag, encoded, submitted: req.submitted, generation: req.generation }).is_ok(),
@@ -612,11 +641,7 @@ fn batch_loop<T>(
     tokens: flume::Receiver<Tokenized<T>>,
     batches: flume::Sender<Batch<Tokenized<T>>>,
     stats: &EngineStats,
-    model: &str,
 ) {
-    let batch_size = metrics::histogram!(telemetry::BATCH_SIZE, "model" => model.to_string());
-    let batch_tokens = metrics::histogram!(telemetry::BATCH_TOKENS, "model" => model.to_string());
-    let padding_ratio = metrics::histogram!(telemetry::BATCH_PADDING_RATIO, "model" => model.to_string());
     let mut assembler = Assembler::new(policy);
     let mut input_open = true;
     // The generation of what the assembler holds: a batch never mixes two (a reload).
@@ -624,7 +649,7 @@ fn batch_loop<T>(
     let mut push = |assembler: &mut Assembler<Tokenized<T>>, t: Tokenized<T>| -> bool {
         if holding.is_some_and(|id| id != t.generation.id) {
             while let Some(batch) = assembler.pop_due(Instant::now(), true) {
-                if !send_batch(batch, &batches, stats, &batch_size, &batch_tokens, &padding_ratio) {
+                if !send_batch(batch, &batches, stats) {
                     return false;
                 }
             }
@@ -645,7 +670,7 @@ fn batch_loop<T>(
             assembler.set_caps(caps);
         }
         if let Some(batch) = assembler.pop_due(Instant::now(), !input_open) {
-            if !send_batch(batch, &batches, stats, &batch_size, &batch_tokens, &padding_ratio) {
+            if !send_batch(batch, &batches, stats) {
                 return;
             }
             continue;
@@ -670,20 +695,16 @@ fn batch_loop<T>(
 }
 
 /// Count a batch and hand it to the inference threads; false when they are gone.
-fn send_batch<T>(
-    batch: Batch<Tokenized<T>>,
-    batches: &flume::Sender<Batch<Tokenized<T>>>,
-    stats: &EngineStats,
-    batch_size: &metrics::Histogram,
-    batch_tokens: &metrics::Histogram,
-    padding_ratio: &metrics::Histogram,
-) -> bool {
+fn send_batch<T>(batch: Batch<Tokenized<T>>, batches: &flume::Sender<Batch<Tokenized<T>>>, stats: &EngineStats) -> bool {
     stats.batches.fetch_add(1, Ordering::Relaxed);
     stats.real_tokens.fetch_add(batch.real_tokens() as u64, Ordering::Relaxed);
     stats.padded_tokens.fetch_add(batch.padded_tokens() as u64, Ordering::Relaxed);
-    batch_size.record(batch.len() as f64);
-    batch_tokens.record(batch.padded_tokens() as f64);
-    padding_ratio.record(batch.padded_tokens() as f64 / batch.real_tokens().max(1) as f64);
+    if let Some(first) = batch.items.first() {
+        let m = &first.generation.metrics;
+        m.batch_size.record(batch.len() as f64);
+        m.batch_tokens.record(batch.padded_tokens() as f64);
+        m.padding_ratio.record(batch.padded_tokens() as f64 / batch.real_tokens().max(1) as f64);
+    }
     batches.send(batch).is_ok()
 }
 
@@ -735,7 +756,6 @@ impl Held {
 }
 
 fn inference_loop<T>(batches: flume::Receiver<Batch<Tokenized<T>>>, outcomes: flume::Sender<Outcome<T>>, stats: &EngineStats, model: &str) {
-    let inference_seconds = metrics::histogram!(telemetry::INFERENCE_SECONDS, "model" => model.to_string());
     let mut held: Option<Held> = None;
     loop {
         // Waking now and then lets an idle thread give back a retired generation's backend,
@@ -785,7 +805,7 @@ fn inference_loop<T>(batches: flume::Receiver<Batch<Tokenized<T>>>, outcomes: fl
             },
         };
         let inference = start.elapsed();
-        inference_seconds.record(inference.as_secs_f64());
+        generation.metrics.inference_seconds.record(inference.as_secs_f64());
         if results.iter().all(Result::is_ok) {
             let longest = batch.lengths.iter().copied().max().unwrap_or(1);
             stats.record_batch(longest, batch.cap, batch.len(), batch.real_tokens(), inference.as_secs_f64());

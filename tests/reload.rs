@@ -68,6 +68,7 @@ fn a_model_switched_mid_stream_serves_new_messages_with_nothing_lost_doubled_or_
     let all = messages("m", 10_000);
     env.produce("tickets", &all[..5_000]);
     env.wait_for(&mut worker, "the first rows", 2 * MIN, || env.distinct_rows() >= 1_000);
+    assert_eq!(metric(port, "triage_model_info{model=\"multihead-tiny\",model_version=\"1.0.0\""), Some(1.0));
     switch(&current, &v2);
     env.wait_for(&mut worker, "the reload", MIN, || log.count("model reloaded") == 1);
     env.produce("tickets", &all[5_000..]);
@@ -91,8 +92,21 @@ fn a_model_switched_mid_stream_serves_new_messages_with_nothing_lost_doubled_or_
     );
     assert_eq!(crossed, 0, "a partition went back to the old version after the swap");
     assert_eq!((log.count("partitions assigned"), log.count("partitions revoked")), (1, 0), "no rebalance:\n{}", log.text());
-    assert_eq!(metric(port, "triage_model_info{model=\"multihead-tiny\",version=\"2.0.0\""), Some(1.0));
-    assert_eq!(metric(port, "triage_model_info{model=\"multihead-tiny\",version=\"1.0.0\""), Some(0.0));
+    assert_eq!(metric(port, "triage_model_info{model=\"multihead-tiny\",model_version=\"2.0.0\""), Some(1.0));
+    // The old version's series leave /metrics once its last batch is done; the new one's stay.
+    let series_of = |version: &str| {
+        let (_, body) = http_get(port, "/metrics");
+        let label = format!("model_version=\"{version}\"");
+        body.lines().filter(|l| !l.starts_with('#') && l.contains(&label)).count()
+    };
+    env.wait_for(&mut worker, "the old version's series to leave /metrics", MIN, || series_of("1.0.0") == 0);
+    let (_, body) = http_get(port, "/metrics");
+    for name in ["triage_model_info{", "triage_inference_seconds_count{", "triage_batch_size_count{", "triage_messages_classified_total{"] {
+        assert!(
+            body.lines().any(|l| l.starts_with(name) && l.contains("model_version=\"2.0.0\"")),
+            "{name} has no series for the serving version:\n{body}"
+        );
+    }
     assert_eq!(metric(port, "triage_model_reloads_total{model=\"multihead-tiny\",outcome=\"loaded\""), Some(1.0));
     assert_eq!(worker.terminate(MIN), Some(Exit::OK));
 }

@@ -187,12 +187,14 @@ impl InternalEvent for MessageConsumed<'_> {
 pub struct MessageClassified<'a> {
     pub kind: &'a str,
     pub model: &'a str,
+    pub version: &'a str,
 }
 
 impl InternalEvent for MessageClassified<'_> {
     fn emit(self, counters: &Counters) {
         Counters::add(&counters.classified, 1);
-        metrics::counter!(MESSAGES_CLASSIFIED, "kind" => self.kind.to_string(), "model" => self.model.to_string()).increment(1);
+        metrics::counter!(MESSAGES_CLASSIFIED, "kind" => self.kind.to_string(), "model" => self.model.to_string(), "model_version" => self.version.to_string())
+            .increment(1);
     }
 }
 

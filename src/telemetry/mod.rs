@@ -2,10 +2,12 @@
 //! recorder with explicit histogram buckets (real histograms, aggregatable across pods), and
 //! the project's own small HTTP server for /metrics, /healthz and /readyz on one port.
 //!
-//! Labels are bounded by configuration (topic, kind, model, reason, partition): never a
-//! per-message value.
+//! Labels are bounded by configuration (topic, kind, model, reason, partition) and by the model
+//! versions serving (`model_version`; a replaced version's series leave /metrics, [`versions`]):
+//! never a per-message value.
 
 pub mod events;
+pub mod versions;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -18,7 +20,7 @@ use tokio::net::TcpListener;
 /// (name, type, labels, meaning): the README's metric table is this list.
 pub const METRICS: &[(&str, &str, &str, &str)] = &[
     (MESSAGES_CONSUMED, "counter", "topic", "Messages received from Kafka."),
-    (MESSAGES_CLASSIFIED, "counter", "kind, model", "Messages whose row a model's answer became (with a cascade: the tier that had the last word)."),
+    (MESSAGES_CLASSIFIED, "counter", "kind, model, model_version", "Messages whose row a model's answer became (with a cascade: the tier that had the last word)."),
     (
         CASCADE_FORWARDED,
         "counter",
@@ -32,11 +34,11 @@ pub const METRICS: &[(&str, &str, &str, &str)] = &[
         "kind, reason",
         "Messages written to the escalation topic (acknowledged by Kafka); reason: low_confidence or out_of_distribution.",
     ),
-    (BATCH_SIZE, "histogram", "model", "Messages per inference batch."),
-    (BATCH_TOKENS, "histogram", "model", "Padded tokens (rows x longest row) per batch."),
-    (BATCH_PADDING_RATIO, "histogram", "model", "Padded tokens / real tokens per batch (1 = no padding)."),
-    (TOKENIZE_SECONDS, "histogram", "model", "Time to tokenize one message."),
-    (INFERENCE_SECONDS, "histogram", "model", "Time to run one batch through the model."),
+    (BATCH_SIZE, "histogram", "model, model_version", "Messages per inference batch."),
+    (BATCH_TOKENS, "histogram", "model, model_version", "Padded tokens (rows x longest row) per batch."),
+    (BATCH_PADDING_RATIO, "histogram", "model, model_version", "Padded tokens / real tokens per batch (1 = no padding)."),
+    (TOKENIZE_SECONDS, "histogram", "model, model_version", "Time to tokenize one message."),
+    (INFERENCE_SECONDS, "histogram", "model, model_version", "Time to run one batch through the model."),
     (INSERT_SECONDS, "histogram", "", "Time of one ClickHouse INSERT, retries included."),
     (END_TO_END_SECONDS, "histogram", "kind", "From consuming a message to ClickHouse acknowledging its row."),
     (CLICKHOUSE_ROWS, "counter", "result", "Rows ClickHouse stored (result=inserted) or rejected (result=rejected)."),
@@ -63,7 +65,7 @@ pub const METRICS: &[(&str, &str, &str, &str)] = &[
         "Age of the partition's oldest unfinished message (0: nothing unfinished, or not assigned here).",
     ),
     (PAUSED, "gauge", "", "1 while consumption is paused because downstream is behind."),
-    (MODEL_INFO, "gauge", "model, version, provider", "1 for each model version serving; 0 once a reload has replaced it."),
+    (MODEL_INFO, "gauge", "model, model_version, provider", "1 for each model version serving. Series of a version a reload replaced leave /metrics once its last batch is done."),
     (SHADOW_DROPPED, "counter", "kind, reason", "Messages a shadow model did not classify or whose answer was not stored: reason `queue_full` (its engine was busy), `sink_behind` (its table's writer was), `failed` (it failed on the message)."),
     (MODEL_RELOADS, "counter", "model, outcome", "Reloads of a model directory: outcome `loaded` or `refused` (the old version kept serving)."),
     (MODEL_RELOAD_FAILURES, "counter", "model", "Reloads refused: a changed model directory that failed a check (the old version kept serving)."),
@@ -234,7 +236,7 @@ pub fn respond(path: &str, handle: &PrometheusHandle, readiness: &Readiness) -> 
     match path.split('?').next().unwrap_or("") {
         "/metrics" => {
             metrics::gauge!(READY).set(if readiness.is_ready() { 1.0 } else { 0.0 });
-            (200, "text/plain; version=0.0.4", handle.render())
+            (200, "text/plain; version=0.0.4", versions::without_replaced(&handle.render()))
         }
         "/healthz" => (200, "text/plain", "ok\n".into()),
         "/readyz" if readiness.is_ready() => (200, "text/plain", readiness.report()),

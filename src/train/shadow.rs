@@ -120,7 +120,8 @@ pub fn mcnemar_exact(b: u64, c: u64) -> f64 {
 /// Group the counts by (topic, route model version, shadow version).
 pub fn summarize(counts: &[ShadowCount]) -> Vec<ShadowReport> {
     type Key = (String, String, String, String, String);
-    let mut groups: BTreeMap<Key, (Score, BTreeMap<String, Score>, BTreeMap<String, Score>)> = BTreeMap::new();
+    type Scores = (Score, BTreeMap<String, Score>, BTreeMap<String, Score>);
+    let mut groups: BTreeMap<Key, Scores> = BTreeMap::new();
     for c in counts {
         let key = (c.topic.clone(), c.primary_model.clone(), c.primary_version.clone(), c.shadow_model.clone(), c.shadow_version.clone());
         let (overall, by_judge, by_label) = groups.entry(key).or_default();

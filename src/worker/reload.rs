@@ -154,8 +154,8 @@ impl Reloader {
                 tracing::info!(model = %info.name, from = %self.serving[engine].version, to = %info.version, dir = %dir.display(), "model reloaded: new messages go to the new version");
                 metrics::counter!(telemetry::MODEL_RELOADS, "model" => name.clone(), "outcome" => "loaded").increment(1);
                 let old = &self.serving[engine];
-                metrics::gauge!(telemetry::MODEL_INFO, "model" => old.name.clone(), "version" => old.version.clone(), "provider" => old.provider.to_string()).set(0.0);
-                metrics::gauge!(telemetry::MODEL_INFO, "model" => info.name.clone(), "version" => info.version.clone(), "provider" => info.provider.to_string()).set(1.0);
+                metrics::gauge!(telemetry::MODEL_INFO, "model" => old.name.clone(), "model_version" => old.version.clone(), "provider" => old.provider.to_string()).set(0.0);
+                metrics::gauge!(telemetry::MODEL_INFO, "model" => info.name.clone(), "model_version" => info.version.clone(), "provider" => info.provider.to_string()).set(1.0);
                 self.readiness.set_model_reload(&dir.display().to_string(), None);
                 self.serving[engine] = info;
                 self.loaded[engine] = Some(state);

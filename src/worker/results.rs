@@ -159,7 +159,8 @@ impl ResultsLoop {
             let record = escalation_record(&tag, &classified, route, reason, &row);
             self.settle.escalate(&tag.message, tag.message_id.clone(), record, route.config.kind.clone(), reason);
         }
-        MessageClassified { kind: &route.config.kind, model: &tag.answering().model.name }.emit(self.settle.counters());
+        let answering = &tag.answering().model;
+        MessageClassified { kind: &route.config.kind, model: &answering.name, version: &answering.version }.emit(self.settle.counters());
         // The sink stopped (fatal): nothing more can be stored.
         self.rows.send(SinkItem { row, ticket: tag.message }).await.map_err(|_| SinkStopped)
     }

@@ -213,7 +213,7 @@ pub(super) async fn start(config: &Config) -> Result<Started, WorkerError> {
         engines.push(Engine::start(model.clone(), &engine_config, outcome_tx)?);
         outcomes.push(outcome_rx);
         let info = model.info();
-        metrics::gauge!(telemetry::MODEL_INFO, "model" => info.name.clone(), "version" => info.version.clone(), "provider" => info.provider.to_string()).set(1.0);
+        metrics::gauge!(telemetry::MODEL_INFO, "model" => info.name.clone(), "model_version" => info.version.clone(), "provider" => info.provider.to_string()).set(1.0);
         models.push(model);
     }
     let mut next_tiers: Vec<Vec<(usize, Submitter<MessageTag>)>> = (0..engines.len()).map(|_| Vec::new()).collect();
