@@ -24,7 +24,7 @@ use triage::sink::clickhouse::{ClickHouseService, ResultRow};
 type Seen = Arc<Mutex<Vec<(String, u16)>>>;
 
 /// A chat-completions server answering by the user message's content: `SLOW` -> after 3 s
-/// (never rate-limited), `GARBAGE` -> prose,
+/// (never rate-limited), `HANG` -> after 20 s (past any test's timeout), `GARBAGE` -> prose,
 /// `UNKNOWNLABEL` -> a label the model lacks, `REFUSE` -> 400; the very first other request
 /// -> 429 with Retry-After; everything else -> `{"intent": "card_arrival"}`. `always` overrides
 /// every answer with one status (401: a bad key; 400: OpenAI's refusal of `max_tokens` for its
@@ -82,7 +82,7 @@ fn scripted_llm(always: Option<u16>) -> (String, Seen) {
                     (200, "", reply(r#"{"intent": "no_such_label"}"#))
                 } else if text.contains("REFUSE") {
                     (400, "", json!({"error": {"message": "maximum context length exceeded"}}).to_string())
-                } else if !text.contains("SLOW") && !std::mem::replace(&mut *limited_once.lock().unwrap(), true) {
+                } else if !text.contains("SLOW") && !text.contains("HANG") && !std::mem::replace(&mut *limited_once.lock().unwrap(), true) {
                     (429, "Retry-After: 1\r\n", json!({"error": {"message": "rate limited"}}).to_string())
                 } else {
                     (200, "", reply(r#"{"intent": "card_arrival"}"#))
@@ -91,6 +91,9 @@ fn scripted_llm(always: Option<u16>) -> (String, Seen) {
                 if text.contains("SLOW") {
                     // A call that takes a while: the test changes the world meanwhile.
                     tokio::time::sleep(Duration::from_secs(3)).await;
+                }
+                if text.contains("HANG") {
+                    tokio::time::sleep(Duration::from_secs(20)).await;
                 }
                 let response = format!(
                     "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{payload}",
@@ -426,7 +429,10 @@ fn an_endpoint_that_stays_down_fails_readiness_and_loses_nothing() {
     env.kafka.create_topic("tickets", 1).unwrap();
     env.produce("triage.escalations", &[record(1, "where is my card")]);
     let (url, seen) = scripted_llm(Some(503));
-    let config = escalate_config(&env, "down", &url, "stub-llm", |c| c.llm.retries = 0);
+    let config = escalate_config(&env, "down", &url, "stub-llm", |c| {
+        c.llm.retries = 0;
+        c.llm.max_attempts_per_message = 2;
+    });
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let address = format!("127.0.0.1:{port}");
     let mut escalate = env.spawn_command("escalate", &config, "escalate-down", &[("TRIAGE_METRICS__ADDRESS", address.as_str())]);
@@ -434,7 +440,8 @@ fn an_endpoint_that_stays_down_fails_readiness_and_loses_nothing() {
         let (status, body) = common::worker::http_get(port, "/readyz");
         status == 503 && body.contains("LLM endpoint keeps failing (server_error)")
     });
-    assert!(seen.lock().unwrap().len() >= 3, "still trying");
+    // Past llm.max_attempts_per_message: with no other message answered, it is an outage.
+    env.wait_for(&mut escalate, "more attempts than max_attempts_per_message", Duration::from_secs(60), || seen.lock().unwrap().len() >= 4);
     assert_eq!(escalate.terminate(Duration::from_secs(30)), Some(Exit::OK), "{}", escalate.log_text());
     assert!(reasons(&env).is_empty(), "an outage is not the message's fault: nothing dead-lettered");
     let kafka = triage::config::KafkaConfig { group_id: format!("{}-llm", env.group), ..env.kafka_config() };
@@ -613,4 +620,32 @@ fn a_streak_of_refusals_with_no_answer_stops_escalate_after_a_few_dead_letters()
     assert!(reasons.iter().all(|r| r == "llm_refused"), "{reasons:?}");
     let kafka = triage::config::KafkaConfig { group_id: format!("{}-llm", env.group), ..env.kafka_config() };
     assert!(committed_offset(&kafka, "triage.escalations").unwrap_or(0) <= 4, "nothing committed past the dead letters");
+}
+
+/// Issue 22: a message whose calls always time out no longer holds the tier: while the endpoint
+/// answers the others, it is dead-lettered `llm_timeout` after llm.max_attempts_per_message
+/// attempts, and everything is committed.
+#[test]
+fn a_message_that_always_times_out_is_dead_lettered_while_the_others_are_answered() {
+    let ch = shared_clickhouse();
+    let env = Env::new("escalate_hang", ch.url());
+    env.apply_schema();
+    env.kafka.create_topic("tickets", 1).unwrap();
+    let mut records = vec![record(1, "HANG my card")];
+    records.extend((2..=8).map(|i| record(i, &format!("where is card {i}"))));
+    env.produce("triage.escalations", &records);
+    let (url, seen) = scripted_llm(None);
+    let config = escalate_config(&env, "hang", &url, "stub-llm", |c| {
+        c.llm.timeout_ms = 700;
+        c.llm.retries = 0;
+        c.llm.max_attempts_per_message = 2;
+        c.llm.max_concurrent_requests = 2;
+    });
+    let mut escalate = env.spawn_command("escalate", &config, "escalate-hang", &[]);
+    env.wait_for(&mut escalate, "every record settled and committed", Duration::from_secs(90), || escalate_caught_up(&env));
+    assert_eq!(reasons(&env), vec!["llm_timeout"]);
+    assert_eq!(env.query_u64("SELECT count() FROM results FINAL WHERE answered_by = 'llm:stub-llm'"), 7);
+    let hangs = seen.lock().unwrap().iter().filter(|(t, _)| t.contains("HANG")).count();
+    assert_eq!(hangs, 2, "llm.max_attempts_per_message calls for the hanging message");
+    assert_eq!(escalate.terminate(Duration::from_secs(30)), Some(Exit::OK), "{}", escalate.log_text());
 }

@@ -5,6 +5,9 @@
 //!   c. the same worker with max_batch_size 1 (inserts and commits batched as usual).
 //!   d. (`--format avro`) stage b again with the same messages written as raw Avro and read
 //!      through a pinned schema: what decoding Avro instead of JSON costs the whole worker (d/b).
+//!   e. (`--shadow-share S`) stage b with a shadow model classifying a share S of the messages
+//!      on its own engine: what a shadow costs the route's model (e/b; the shadow sheds what
+//!      its engine cannot take, so e/b should not fall much below 1 - S).
 //! and the ratios b/a and b/c. Workloads: short customer messages (Banking77) and e-mail-length
 //! tickets, read from ../shared/data when present, generated otherwise (and said so).
 //! `sweep` tunes what decides the ceiling itself (threads, sessions, optimisation level,
@@ -57,6 +60,18 @@ pub struct BenchOptions {
     pub ceiling_batch_size: Option<usize>,
     /// Also run stage d: the worker on the same messages as raw Avro.
     pub avro: bool,
+    /// Also run stage e: the worker with a shadow model (its directory, default the model's
+    /// own) classifying this share of the messages.
+    pub shadow: Option<(Option<PathBuf>, f64)>,
+}
+
+/// Stage e's shadow: how much of its share it classified and stored.
+#[derive(Debug, Clone)]
+pub struct ShadowStage {
+    pub share: f64,
+    pub stage: StageResult,
+    /// Rows in the shadow table: its answers stored (the rest of its share was shed).
+    pub shadow_rows: u64,
 }
 
 /// The Avro schema of every workload's messages (stage d): a subject that may be absent (the
@@ -119,6 +134,7 @@ pub struct WorkloadResult {
     pub worker: StageResult,
     pub batch_one: StageResult,
     pub avro: Option<StageResult>,
+    pub shadow: Option<ShadowStage>,
 }
 
 impl WorkloadResult {
@@ -321,7 +337,8 @@ async fn worker_stage(
     batching: EngineConfig,
     records: &[Vec<u8>],
     avro_schema: Option<&Path>,
-) -> Result<StageResult, BenchError> {
+    shadow: Option<(&Path, f64)>,
+) -> Result<(StageResult, u64), BenchError> {
     let topic = format!("bench-{name}");
     kafka.create_topic(&topic, 4)?;
     let kafka_config = local_kafka_config(kafka, &format!("bench-{name}"));
@@ -341,6 +358,10 @@ async fn worker_stage(
     if let Some(file) = avro_schema {
         route.format = crate::source::decode::Format::Avro;
         route.schema = crate::source::decode::PinnedSchema { file: Some(file.to_path_buf()), message: None };
+    }
+    if let Some((dir, share)) = shadow {
+        route.shadow = Some(dir.to_path_buf());
+        route.shadow_share = share;
     }
     let mut config = local_worker_config("bench", kafka_config.clone(), ch.clone(), vec![route], options.inference.clone());
     // Only the pipeline is timed: no escalation writes.
@@ -362,7 +383,9 @@ async fn worker_stage(
         .query("SELECT quantile(0.5)(toFloat64(processed_time_ms) - toFloat64(consumed_time_ms)) AS p50, quantile(0.99)(toFloat64(processed_time_ms) - toFloat64(consumed_time_ms)) AS p99 FROM results FINAL")
         .fetch_one()
         .await?;
-    Ok(StageResult {
+    let shadow_rows =
+        if shadow.is_some() { client.query("SELECT toUInt64(count()) FROM results_shadow").fetch_one::<u64>().await? } else { 0 };
+    let stage = StageResult {
         messages: report.consumed as usize,
         seconds: report.busy_seconds,
         tokens: report.engine.real_tokens,
@@ -372,7 +395,8 @@ async fn worker_stage(
         peak_rss_mb: peak_rss_mb(),
         flops: 0.0,
         batch_sizes: report.batch_sizes.iter().map(|c| crate::batcher::tuner::describe(c)).collect::<Vec<_>>().join(" | "),
-    })
+    };
+    Ok((stage, shadow_rows))
 }
 
 pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Vec<WorkloadResult>, BenchError> {
@@ -400,20 +424,37 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Vec<W
             .await
             .map_err(|e| BenchError::Other(e.to_string()))??;
         progress("  b. the whole worker at default settings");
-        let worker = worker_stage(&format!("{index}-b"), &kafka, &clickhouse, &options, options.batching.clone(), &records, None).await?;
+        let worker =
+            worker_stage(&format!("{index}-b"), &kafka, &clickhouse, &options, options.batching.clone(), &records, None, None).await?.0;
         progress("  c. the same worker with max_batch_size 1");
         let mut one = options.batching.clone();
         one.policy.max_batch_size = 1;
-        let batch_one = worker_stage(&format!("{index}-c"), &kafka, &clickhouse, &options, one, &records, None).await?;
+        let batch_one = worker_stage(&format!("{index}-c"), &kafka, &clickhouse, &options, one, &records, None, None).await?.0;
         let avro = if options.avro {
             progress("  d. stage b on the same messages as raw Avro (pinned schema)");
             let avro_records = avro_records(&messages)?;
             let batching = options.batching.clone();
-            Some(worker_stage(&format!("{index}-d"), &kafka, &clickhouse, &options, batching, &avro_records, Some(&schema_file)).await?)
+            Some(
+                worker_stage(&format!("{index}-d"), &kafka, &clickhouse, &options, batching, &avro_records, Some(&schema_file), None)
+                    .await?
+                    .0,
+            )
         } else {
             None
         };
-        results.push(WorkloadResult { workload, source, ceiling_batch_size, ceiling, worker, batch_one, avro });
+        let shadow = match &options.shadow {
+            Some((dir, share)) => {
+                progress(&format!("  e. stage b with a shadow model classifying {:.0}% of the messages", share * 100.0));
+                let dir = dir.clone().unwrap_or_else(|| options.model_dir.clone());
+                let batching = options.batching.clone();
+                let (stage, shadow_rows) =
+                    worker_stage(&format!("{index}-e"), &kafka, &clickhouse, &options, batching, &records, None, Some((&dir, *share)))
+                        .await?;
+                Some(ShadowStage { share: *share, stage, shadow_rows })
+            }
+            None => None,
+        };
+        results.push(WorkloadResult { workload, source, ceiling_batch_size, ceiling, worker, batch_one, avro, shadow });
     }
     Ok(results)
 }
@@ -432,6 +473,18 @@ pub fn render(results: &[WorkloadResult]) -> String {
         if let Some(ratio) = r.avro_over_json() {
             out.push_str(&format!("  d/b (the worker on Avro / on JSON) = {ratio:.2}\n"));
         }
+        if let Some(e) = &r.shadow {
+            let ratio = e.stage.per_second() / r.worker.per_second().max(f64::MIN_POSITIVE);
+            let asked = (e.share * e.stage.messages as f64).round();
+            out.push_str(&format!(
+                "  e/b (the route's model with a {:.0}% shadow / without) = {ratio:.2} (its share's bound: {:.2}); \
+                 the shadow stored {} answers, {:.0}% of its share (the rest shed, never waited for)\n",
+                e.share * 100.0,
+                1.0 - e.share,
+                e.shadow_rows,
+                100.0 * e.shadow_rows as f64 / asked.max(1.0)
+            ));
+        }
         out.push_str(&format!("  (a: pre-tokenized, length-sorted batches of {}, the best of 8/16/32/64 here)\n", r.ceiling_batch_size));
         out.push_str("  stage                          msg/s   tokens/s  padded/real   p50 ms   p99 ms  peak RSS MB\n");
         for (name, s) in [
@@ -441,6 +494,7 @@ pub fn render(results: &[WorkloadResult]) -> String {
         ]
         .into_iter()
         .chain(r.avro.as_ref().map(|d| ("d. worker, Avro (pinned)", d)))
+        .chain(r.shadow.as_ref().map(|e| ("e. worker + shadow", &e.stage)))
         {
             let lat = |v: f64| if name.starts_with("a.") { "-".to_string() } else { format!("{v:.0}") };
             out.push_str(&format!(

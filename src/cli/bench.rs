@@ -1,5 +1,5 @@
-//! `triage bench`: model ceiling vs the whole worker vs batch size 1, side by side, with
-//! ratios; `--sweep` tunes the ceiling instead.
+//! `triage bench`: model ceiling vs the whole worker vs batch size 1 (and Avro, a shadow),
+//! side by side, with ratios; `--sweep` tunes the ceiling instead.
 
 use std::path::PathBuf;
 
@@ -63,6 +63,13 @@ pub struct BenchArgs {
     /// pinned schema): the ratio d/b is what decoding Avro instead of JSON costs the worker.
     #[arg(long, value_enum, default_value = "json")]
     format: BenchFormat,
+    /// Also run the worker with a shadow model classifying this share of the messages (stage
+    /// e): the ratio e/b is what the shadow costs the route's model.
+    #[arg(long)]
+    shadow_share: Option<f64>,
+    /// With --shadow-share: the shadow's model directory (default: the model itself).
+    #[arg(long, requires = "shadow_share")]
+    shadow_model: Option<PathBuf>,
     /// The worker's batching and threads (stage b; stage c changes only max_batch_size).
     #[command(flatten)]
     batch: BatchArgs,
@@ -94,6 +101,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         batching: args.batch.engine(),
         ceiling_batch_size: args.ceiling_batch_size,
         avro: args.format == BenchFormat::Avro,
+        shadow: args.shadow_share.map(|share| (args.shadow_model.clone(), share)),
     };
     let results = triage::bench::run(options, |step| eprintln!("[bench] {step}")).await?;
     println!("{}", triage::bench::render(&results));

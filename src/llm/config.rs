@@ -54,6 +54,11 @@ pub struct LlmConfig {
     /// and with no answer between, mean the endpoint refuses every call: the command stops
     /// instead of dead-lettering the rest of the topic.
     pub max_consecutive_refusals: usize,
+    /// A message whose calls keep failing (timeouts, 429, 5xx: each attempt is one call with
+    /// its `retries`) while the endpoint answers other messages is dead-lettered
+    /// (`llm_timeout`) after this many attempts. While the endpoint answers nothing, records
+    /// wait however long it takes.
+    pub max_attempts_per_message: u32,
 }
 
 impl Default for LlmConfig {
@@ -68,6 +73,7 @@ impl Default for LlmConfig {
             retries: 3,
             max_concurrent_requests: 4,
             max_consecutive_refusals: 5,
+            max_attempts_per_message: 3,
             max_tokens: 256,
             max_text_chars: 16_000,
             max_in_flight: 64,
@@ -119,8 +125,9 @@ impl LlmConfig {
             || self.max_in_flight == 0
             || self.max_text_chars == 0
             || self.max_consecutive_refusals == 0
+            || self.max_attempts_per_message == 0
         {
-            return Err("llm: timeout_ms, max_concurrent_requests, max_tokens, max_text_chars, max_in_flight and max_consecutive_refusals must be at least 1".into());
+            return Err("llm: timeout_ms, max_concurrent_requests, max_tokens, max_text_chars, max_in_flight, max_consecutive_refusals and max_attempts_per_message must be at least 1".into());
         }
         if self.group_id.trim().is_empty() {
             return Err("llm.group_id is empty".into());

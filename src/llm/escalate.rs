@@ -126,6 +126,10 @@ struct Shared {
     readiness: Arc<Readiness>,
     /// Messages refused since the last answer: a streak means the endpoint refuses everything.
     refusal_streak: std::sync::atomic::AtomicUsize,
+    /// When the endpoint last replied to any call (ms since `started`; 0: never): a message
+    /// that keeps failing while others get replies is at fault itself, not the endpoint.
+    last_reply_ms: std::sync::atomic::AtomicU64,
+    started: Instant,
 }
 
 /// The sink's ticket for an answer's row: the record, and its message's key.
@@ -246,6 +250,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<E
         worker_id: worker_id.clone(),
         readiness: readiness.clone(),
         refusal_streak: std::sync::atomic::AtomicUsize::new(0),
+        last_reply_ms: std::sync::atomic::AtomicU64::new(0),
+        started,
     });
 
     let mut kafka_config = config.kafka.clone();
@@ -281,6 +287,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<E
             _ = tick.tick() => {
                 let open = in_flight(&tracker);
                 metrics::gauge!(telemetry::IN_FLIGHT).set(open as f64);
+                kafka::export_unfinished_ages(&tracker);
                 if let Some(deadline) = draining {
                     kafka::set_paused(&kafka, true);
                     if open == 0 || tokio::time::Instant::now() >= deadline {
@@ -408,11 +415,16 @@ async fn decide(shared: &Shared, record: &Escalation, key: &Key) -> Fate {
     // About four characters a token, plus the longest reply: what the tokens-per-minute
     // limit counts until the server says what the call really used.
     let estimate = (request.to_string().len() / 4) as u64 + u64::from(shared.llm.max_tokens);
-    let Ok(_permit) = shared.calls.acquire().await else { return Fate::Abandoned };
     let mut last_reply = String::new();
     let mut outage = 0u32;
     let mut invalid = 0u32;
+    // When this record's first failed attempt began: replies to other calls after it show the
+    // endpoint is up, so this message is what fails.
+    let mut failing_since: Option<u64> = None;
     loop {
+        // Held for one attempt only: a record waiting out a backoff leaves its slot to others.
+        let Ok(_permit) = shared.calls.acquire().await else { return Fate::Abandoned };
+        let attempt_began = shared.elapsed_ms();
         let started = shared.wait_for_budget(estimate).await;
         let call = shared.client.complete(&request).await;
         let model = shared.llm.model.as_str();
@@ -440,7 +452,7 @@ async fn decide(shared: &Shared, record: &Escalation, key: &Key) -> Fate {
             }
         };
         if reply.is_ok() {
-            shared.readiness.set_stalled(None);
+            shared.replied();
         }
         let invalid_reply = match reply {
             Ok(call) => match route.space.parse(&call.content) {
@@ -461,18 +473,40 @@ async fn decide(shared: &Shared, record: &Escalation, key: &Key) -> Fate {
                 return Fate::Abandoned;
             }
             Err(e) if e.is_retryable() => {
-                // The endpoint is away: the message is not at fault. Wait and try again for
-                // as long as it lasts (the consumer pauses when too much is waiting).
+                // Timeouts, 429 and 5xx after the call's own retries. While the endpoint
+                // answers nothing it is away, and the message is not at fault: wait as long
+                // as it lasts (the consumer pauses when too much is waiting). But a message
+                // that keeps failing while other calls get replies (a body that always times
+                // out, one that crashes the server) is dead-lettered after
+                // `llm.max_attempts_per_message`, or it would hold the tier.
                 outage += 1;
-                if outage >= 3 {
+                let since = *failing_since.get_or_insert(attempt_began);
+                let others_answered = shared.last_reply_ms.load(std::sync::atomic::Ordering::SeqCst) > since;
+                if outage >= shared.llm.max_attempts_per_message && others_answered {
+                    return Fate::DeadLetter(
+                        DeadLetterReason::LlmTimeout,
+                        format!(
+                            "{e}: {outage} attempts of {} call(s) each failed while the endpoint answered other messages",
+                            shared.llm.retries + 1
+                        ),
+                    );
+                }
+                if outage >= 3 && !others_answered {
                     shared.readiness.set_stalled(Some(format!("the LLM endpoint keeps failing ({})", e.kind())));
                 }
                 let delay = Backoff::new(Duration::from_secs(1), Duration::from_secs(60)).delay(outage);
-                tracing::warn!(kind = e.kind(), retry_in_s = delay.as_secs(), "the LLM endpoint keeps failing; the record waits");
+                tracing::warn!(
+                    kind = e.kind(),
+                    attempt = outage,
+                    retry_in_s = delay.as_secs(),
+                    "an LLM call keeps failing; the record waits"
+                );
+                drop(_permit);
                 tokio::time::sleep(delay).await;
                 continue;
             }
             Err(e) => {
+                shared.replied();
                 // One message's fault, unless every message gets it: a streak of refusals with
                 // no answer between stops the command before it dead-letters the whole topic.
                 let streak = shared.refusal_streak.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
@@ -540,6 +574,17 @@ fn spent(body: &str) -> bool {
 }
 
 impl Shared {
+    fn elapsed_ms(&self) -> u64 {
+        // +1 so that 0 keeps meaning "never".
+        self.started.elapsed().as_millis() as u64 + 1
+    }
+
+    /// The endpoint replied (to any call): it is up.
+    fn replied(&self) {
+        self.last_reply_ms.fetch_max(self.elapsed_ms(), std::sync::atomic::Ordering::SeqCst);
+        self.readiness.set_stalled(None);
+    }
+
     /// Whether the table already holds an LLM's answer for this message (asked through the
     /// primary key: day, topic, partition, offset). Retried while ClickHouse is away: the
     /// call it would save costs money.

@@ -35,6 +35,9 @@ pub enum DeadLetterReason {
     /// `triage escalate`: the LLM's reply was not a valid answer twice (not JSON, an unknown
     /// label); the last reply is in `triage.detail`.
     LlmReplyInvalid,
+    /// `triage escalate`: every call for this message timed out or failed with 429/5xx,
+    /// `llm.max_attempts_per_message` times, while the endpoint answered other messages.
+    LlmTimeout,
 }
 
 impl DeadLetterReason {
@@ -48,6 +51,7 @@ impl DeadLetterReason {
             DeadLetterReason::EscalationInvalid => "escalation_invalid",
             DeadLetterReason::LlmRefused => "llm_refused",
             DeadLetterReason::LlmReplyInvalid => "llm_reply_invalid",
+            DeadLetterReason::LlmTimeout => "llm_timeout",
         }
     }
 
@@ -66,6 +70,7 @@ impl DeadLetterReason {
                 | DeadLetterReason::ClickhouseRejected
                 | DeadLetterReason::LlmRefused
                 | DeadLetterReason::LlmReplyInvalid
+                | DeadLetterReason::LlmTimeout
         )
     }
 }

@@ -30,7 +30,7 @@ use crate::source::kafka::{Committed, TrackingContext};
 use crate::source::offsets::{OffsetTracker, TopicPartition};
 use crate::source::{Consumed, Origin};
 use crate::telemetry::events::{ConsumptionPaused, DeadLetterReason, InternalEvent, MessageConsumed, ShadowDropped};
-use crate::telemetry::{IN_FLIGHT, OLDEST_UNFINISHED};
+use crate::telemetry::IN_FLIGHT;
 
 /// The consumer's state; intake exists only while consuming.
 pub(super) enum State {
@@ -201,14 +201,8 @@ impl Consumer {
 
     /// Export each partition's oldest unfinished age; fail readiness while one is too old.
     fn watch_for_stalls(&self) {
-        let ages = match self.tracker.lock() {
-            Ok(t) => t.oldest_unfinished(crate::time::now_ms()),
-            Err(_) => return,
-        };
         let mut stalled = Vec::new();
-        for (tp, age_ms) in &ages {
-            let age = Duration::from_millis(age_ms.unwrap_or(0));
-            metrics::gauge!(OLDEST_UNFINISHED, "topic" => tp.topic.clone(), "partition" => tp.partition.to_string()).set(age.as_secs_f64());
+        for (tp, age) in crate::source::kafka::export_unfinished_ages(&self.tracker) {
             if self.limits.max_unfinished_age.is_some_and(|limit| age > limit) {
                 stalled.push(format!("{tp} ({}s)", age.as_secs()));
             }

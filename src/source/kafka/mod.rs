@@ -198,6 +198,23 @@ pub fn commit_done<C: ConsumerContext>(
     }
 }
 
+/// Export each partition's oldest unfinished age (`triage_oldest_unfinished_seconds`, what
+/// `TriagePartitionStalled` watches) and return them; the worker and `triage escalate` alike.
+pub fn export_unfinished_ages(tracker: &Mutex<OffsetTracker>) -> Vec<(TopicPartition, std::time::Duration)> {
+    let ages = match tracker.lock() {
+        Ok(t) => t.oldest_unfinished(crate::time::now_ms()),
+        Err(_) => return Vec::new(),
+    };
+    ages.into_iter()
+        .map(|(tp, age_ms)| {
+            let age = std::time::Duration::from_millis(age_ms.unwrap_or(0));
+            metrics::gauge!(crate::telemetry::OLDEST_UNFINISHED, "topic" => tp.topic.clone(), "partition" => tp.partition.to_string())
+                .set(age.as_secs_f64());
+            (tp, age)
+        })
+        .collect()
+}
+
 /// Leave the group and close the consumer, but give up waiting after `timeout`: librdkafka's
 /// close waits for the group coordinator (LeaveGroup, the last revoke), and a coordinator that
 /// does not answer would otherwise hold the process past its grace period. Everything done is
