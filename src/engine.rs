@@ -34,11 +34,23 @@ pub struct EngineConfig {
     /// Cores this engine may use (None: all): set when several models share the machine.
     #[serde(skip)]
     pub cores: Option<usize>,
+    /// The nice value of this engine's threads and its sessions' thread pools (None: the
+    /// process's own): a shadow model runs below the models that answer, so when both want the
+    /// cores it gets about the share of them its `shadow_share` asks for, and no more.
+    #[serde(skip)]
+    pub nice: Option<i32>,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { policy: BatchPolicy::default(), tokenizer_threads: 1, inference_threads: 0, queue_capacity: 1024, cores: None }
+        EngineConfig {
+            policy: BatchPolicy::default(),
+            tokenizer_threads: 1,
+            inference_threads: 0,
+            queue_capacity: 1024,
+            cores: None,
+            nice: None,
+        }
     }
 }
 
@@ -412,13 +424,17 @@ pub struct Installer {
     inference_threads: usize,
     policy: BatchPolicy,
     generations: Arc<AtomicU64>,
+    /// What the engine was started with: new generations' sessions are built the same way.
+    config: EngineConfig,
 }
 
 impl Installer {
     /// Sessions of `model` for a new generation (as many as the engine has inference threads,
-    /// with the threads `config` gives each): built off the hot path, before [`Installer::install`].
-    pub fn sessions_of(&self, model: &Model, config: &EngineConfig) -> Result<Vec<Box<dyn Backend>>, ModelError> {
-        backends_of(model, self.inference_threads, config.sessions_for(model).1)
+    /// with the threads and priority the engine was started with): built off the hot path,
+    /// before [`Installer::install`].
+    pub fn sessions_of(&self, model: &Model) -> Result<Vec<Box<dyn Backend>>, ModelError> {
+        let intra = self.config.sessions_for(model).1;
+        on_priority_thread(self.config.nice, || backends_of(model, self.inference_threads, intra))
     }
 
     /// Make a new generation current: work submitted from now on (and by callers that pick it
@@ -461,7 +477,7 @@ impl<T: Send + 'static> Engine<T> {
     pub fn start(model: Arc<Model>, config: &EngineConfig, outcomes: flume::Sender<Outcome<T>>) -> Result<Self, ModelError> {
         config.validate(model.info().max_length).map_err(|reason| ModelError::invalid(&model.info().dir, reason))?;
         let (count, intra) = config.sessions_for(&model);
-        let sessions = backends_of(&model, count, intra)?;
+        let sessions = on_priority_thread(config.nice, || backends_of(&model, count, intra))?;
         Self::with_generation(&model.info().name, &model.info().version, Arc::new(model.encoder().clone()), sessions, config, outcomes)
     }
 
@@ -525,17 +541,17 @@ impl<T: Send + 'static> Engine<T> {
 
         for i in 0..config.tokenizer_threads {
             let (rx, tx, out, stats) = (request_rx.clone(), token_tx.clone(), outcomes.clone(), stats.clone());
-            threads.push(spawn(format!("triage-tokenize-{i}"), move || tokenize_loop(rx, tx, out, &stats)));
+            threads.push(spawn(format!("triage-tokenize-{i}"), config.nice, move || tokenize_loop(rx, tx, out, &stats)));
         }
         drop((request_rx, token_tx));
 
         let policy = config.policy.clone();
         let batch_stats = stats.clone();
-        threads.push(spawn("triage-batcher".into(), move || batch_loop(policy, token_rx, batch_tx, &batch_stats)));
+        threads.push(spawn("triage-batcher".into(), config.nice, move || batch_loop(policy, token_rx, batch_tx, &batch_stats)));
 
         for i in 0..count {
             let (rx, out, stats, name) = (batch_rx.clone(), outcomes.clone(), stats.clone(), name.to_string());
-            threads.push(spawn(format!("triage-infer-{i}"), move || inference_loop(rx, out, &stats, &name)));
+            threads.push(spawn(format!("triage-infer-{i}"), config.nice, move || inference_loop(rx, out, &stats, &name)));
         }
         let current = Arc::new(Latest::new(first));
         let installer = Installer {
@@ -545,6 +561,7 @@ impl<T: Send + 'static> Engine<T> {
             inference_threads: count,
             policy: config.policy.clone(),
             generations: Arc::new(AtomicU64::new(1)),
+            config: config.clone(),
         };
         Ok(Engine { submitter: Some(Submitter { requests: request_tx, stats: stats.clone(), current }), threads, stats, installer })
     }
@@ -580,6 +597,44 @@ impl<T: Send + 'static> Engine<T> {
     }
 }
 
+/// Give the calling thread the nice value `nice` (Linux: nice is per thread, and the threads it
+/// creates inherit it, ONNX Runtime's intra-op pools included). Lowering needs no privilege.
+fn lower_priority(nice: Option<i32>) {
+    let Some(nice) = nice.filter(|n| *n > 0) else { return };
+    // SAFETY: setpriority reads no memory of ours; `0` names the calling thread on Linux.
+    let result = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    if result != 0 {
+        tracing::warn!(nice, error = %std::io::Error::last_os_error(), "could not lower a thread's priority: the shadow competes evenly");
+    }
+}
+
+/// Run `f` on a thread of priority `nice` (so what it creates, sessions' thread pools, runs at
+/// it), or here when `nice` is None.
+fn on_priority_thread<R: Send>(nice: Option<i32>, f: impl FnOnce() -> R + Send) -> R {
+    if nice.is_none() {
+        return f();
+    }
+    std::thread::scope(|scope| {
+        let handle = scope.spawn(|| {
+            lower_priority(nice);
+            f()
+        });
+        match handle.join() {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
+}
+
+/// The nice value that gives a thread about `share` of the CPU against threads at nice 0 when
+/// both want it (Linux CFS: each nice step is a weight factor of 1.25).
+pub fn nice_for_share(share: f64) -> i32 {
+    if !(share > 0.0 && share < 0.5) {
+        return 0;
+    }
+    (((1.0 - share) / share).ln() / 1.25f64.ln()).round().clamp(0.0, 19.0) as i32
+}
+
 /// `count` sessions of `model` with `intra` intra-op threads each, as engine backends.
 fn backends_of(model: &Model, count: usize, intra: Option<usize>) -> Result<Vec<Box<dyn Backend>>, ModelError> {
     (0..count).map(|_| model.session_with_threads(intra).map(|s| Box::new(s) as Box<dyn Backend>)).collect()
@@ -605,8 +660,14 @@ fn new_generation(
     })
 }
 
-fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
-    std::thread::Builder::new().name(name).spawn(f).expect("the OS refused to start an engine thread")
+fn spawn(name: String, nice: Option<i32>, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(move || {
+            lower_priority(nice);
+            f()
+        })
+        .expect("the OS refused to start an engine thread")
 }
 
 fn tokenize_loop<T>(
@@ -860,6 +921,35 @@ mod tests {
     use std::sync::{Condvar, Mutex};
 
     use super::*;
+
+    #[test]
+    fn a_shadows_nice_value_gives_it_about_its_share_of_a_busy_cpu() {
+        // CFS weights: 1024 at nice 0, / 1.25 per step.
+        let share_at = |nice: i32| {
+            let w = 1024.0 / 1.25f64.powi(nice);
+            w / (1024.0 + w)
+        };
+        for share in [0.05, 0.1, 0.25, 0.4] {
+            let got = share_at(nice_for_share(share));
+            assert!((got / share - 1.0).abs() < 0.15, "share {share}: nice {} gives {got}", nice_for_share(share));
+        }
+        assert_eq!(nice_for_share(0.5), 0);
+        assert_eq!(nice_for_share(1.0), 0);
+        assert_eq!(nice_for_share(0.0), 0);
+        assert_eq!(nice_for_share(0.0001), 19);
+    }
+
+    #[test]
+    fn an_engine_with_a_nice_value_runs_its_threads_at_it() {
+        let nice_of_thread = || unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+        let before = nice_of_thread();
+        let seen = on_priority_thread(Some(before + 3), || {
+            let inner = std::thread::spawn(nice_of_thread).join().unwrap();
+            (nice_of_thread(), inner)
+        });
+        assert_eq!(seen, (before + 3, before + 3), "the thread and what it starts run lower");
+        assert_eq!(nice_of_thread(), before, "the caller keeps its own priority");
+    }
     use crate::model::LabelScore;
 
     fn encoder() -> Arc<TextEncoder> {
@@ -969,6 +1059,7 @@ mod tests {
             inference_threads: 0,
             queue_capacity,
             cores: None,
+            nice: None,
         }
     }
 

@@ -34,6 +34,7 @@ fn results_map_back_to_their_messages_under_concurrency() {
         inference_threads: 2,
         queue_capacity: 8,
         cores: None,
+        nice: None,
     };
     let (tx, rx) = flume::bounded(8);
     let engine = Engine::start(model.clone(), &config, tx).unwrap();

@@ -649,3 +649,41 @@ fn a_message_that_always_times_out_is_dead_lettered_while_the_others_are_answere
     assert_eq!(hangs, 2, "llm.max_attempts_per_message calls for the hanging message");
     assert_eq!(escalate.terminate(Duration::from_secs(30)), Some(Exit::OK), "{}", escalate.log_text());
 }
+
+/// Issue 22: every received record used to become a task at once, each querying ClickHouse
+/// before waiting for a call slot: after a backlog, thousands of concurrent queries. Now at
+/// most llm.max_in_flight records are worked on, and consumption pauses as soon as that many
+/// are unfinished: the in-flight gauge stays near the limit through a backlog.
+#[test]
+fn a_backlog_is_taken_in_at_max_in_flight_not_all_at_once() {
+    let ch = shared_clickhouse();
+    let env = Env::new("escalate_backlog", ch.url());
+    env.apply_schema();
+    env.kafka.create_topic("tickets", 1).unwrap();
+    let records: Vec<_> = (1..=600).map(|i| record(i, &format!("card question number {i}"))).collect();
+    env.produce("triage.escalations", &records);
+    let (url, seen) = scripted_llm(None);
+    let config = escalate_config(&env, "backlog", &url, "stub-llm", |c| {
+        c.llm.max_in_flight = 8;
+        c.llm.max_concurrent_requests = 4;
+    });
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let address = format!("127.0.0.1:{port}");
+    let mut escalate = env.spawn_command("escalate", &config, "escalate-backlog", &[("TRIAGE_METRICS__ADDRESS", address.as_str())]);
+    let mut peak = 0.0f64;
+    env.wait_for(&mut escalate, "the backlog answered", Duration::from_secs(180), || {
+        let (_, body) = common::worker::http_get(port, "/metrics");
+        if let Some(v) =
+            body.lines().find(|l| l.starts_with("triage_in_flight_messages ")).and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        {
+            peak = peak.max(v);
+        }
+        escalate_caught_up(&env)
+    });
+    assert_eq!(env.query_u64("SELECT count() FROM results FINAL WHERE answered_by = 'llm:stub-llm'"), 600);
+    assert!(seen.lock().unwrap().len() >= 600);
+    eprintln!("peak in-flight: {peak}");
+    assert!(peak > 0.0, "the gauge was read");
+    assert!(peak <= 16.0, "in flight peaked at {peak} with max_in_flight 8");
+    assert_eq!(escalate.terminate(Duration::from_secs(30)), Some(Exit::OK), "{}", escalate.log_text());
+}

@@ -80,6 +80,8 @@ pub(crate) struct RouteLabels {
     pub(crate) space: LabelSpace,
     pub(crate) roles: Roles,
     pub(crate) decoder: Decoder,
+    /// `llm.max_text_chars`: the longest text sent, however the record came.
+    pub(crate) max_text_chars: usize,
 }
 
 type Key = (String, u32, u64);
@@ -175,7 +177,10 @@ pub(crate) fn route_labels(config: &Config) -> Result<HashMap<String, RouteLabel
             config.max_message_bytes.max(DEFAULT_MAX_MESSAGE_BYTES),
             config.llm.max_text_chars,
         );
-        routes.insert(route.topic.clone(), RouteLabels { space, roles: Roles::of(&descriptor), decoder });
+        routes.insert(
+            route.topic.clone(),
+            RouteLabels { space, roles: Roles::of(&descriptor), decoder, max_text_chars: config.llm.max_text_chars },
+        );
     }
     Ok(routes)
 }
@@ -263,6 +268,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<E
     tracing::info!(worker = %worker_id, group = %config.llm.group_id, topic = %config.kafka.escalation_topic, model = %config.llm.model, "answering escalations");
 
     let in_flight = |tracker: &Mutex<OffsetTracker>| tracker.lock().map(|t| t.in_flight()).unwrap_or(0);
+    // Records being worked on (the "already answered?" query, the budget wait, the call): at
+    // most max_in_flight, however many librdkafka delivers after the pause took effect, so a
+    // backlog never turns into thousands of concurrent ClickHouse queries.
+    let intake = Arc::new(Semaphore::new(config.llm.max_in_flight));
     let commit_every = Duration::from_millis(config.kafka.commit_interval_ms);
     let mut tick = tokio::time::interval(commit_every.min(Duration::from_millis(500)));
     let (mut paused, mut last_commit) = (false, Instant::now());
@@ -305,7 +314,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<E
                 Ok(m) if draining.is_none() => {
                     MessageConsumed { topic: m.topic() }.emit(&counters);
                     if let Some(consumed) = begin(&m, &tracker) {
-                        tokio::spawn(answer(shared.clone(), consumed));
+                        let (shared, intake) = (shared.clone(), intake.clone());
+                        tokio::spawn(async move {
+                            let Ok(_slot) = intake.acquire_owned().await else { return };
+                            answer(shared, consumed).await;
+                        });
+                    }
+                    // Pause as soon as the limit is reached, not at the next tick.
+                    let open = in_flight(&tracker);
+                    if !paused && open >= config.llm.max_in_flight {
+                        kafka::apply_backpressure(&kafka, &mut paused, open, config.llm.max_in_flight, &counters);
                     }
                 }
                 Ok(_) => {}
@@ -348,18 +366,79 @@ fn begin(m: &BorrowedMessage<'_>, tracker: &Mutex<OffsetTracker>) -> Option<Cons
     Some(Consumed { delivery, message: Arc::new(kafka::source_message(m, None)) })
 }
 
-/// The text the LLM reads: the route's template over the original message, or the message as
-/// it travelled when the worker had to cut it (or it was not JSON).
+/// The text the LLM reads: the route's template over the original message; when the worker
+/// had to cut the message (its JSON no longer parses) or it was not JSON, the message as it
+/// travelled. Either way no longer than `llm.max_text_chars`.
 pub(crate) fn text_of(route: &RouteLabels, record: &Escalation) -> Result<String, String> {
-    match &record.message {
+    let text = match &record.message {
         Value::Object(_) if !record.truncated => {
             let bytes = serde_json::to_vec(&record.message).map_err(|e| e.to_string())?;
-            route.decoder.decode(&bytes).map(|d| d.text.text).map_err(|e| e.detail)
+            return route.decoder.decode(&bytes).map(|d| first_chars(&d.text.text, route.max_text_chars).to_string()).map_err(|e| e.detail);
         }
-        Value::String(text) => Ok(text.clone()),
-        Value::Null => Err("the record has no message".into()),
-        other => Ok(other.to_string()),
+        // A cut message: whatever of the template's fields survived whole, else the raw cut.
+        Value::String(raw) if record.truncated => salvaged_fields(route, raw).unwrap_or_else(|| raw.clone()),
+        Value::String(text) => text.clone(),
+        Value::Null => return Err("the record has no message".into()),
+        other => other.to_string(),
+    };
+    Ok(first_chars(&text, route.max_text_chars).to_string())
+}
+
+/// The first `n` characters of `text`.
+fn first_chars(text: &str, n: usize) -> &str {
+    text.char_indices().nth(n).map_or(text, |(end, _)| &text[..end])
+}
+
+/// The route's template over the fields of a cut JSON message that are still whole: the
+/// message is closed where it was cut (an open string and its containers) and read again.
+fn salvaged_fields(route: &RouteLabels, raw: &str) -> Option<String> {
+    let closed = close_cut_json(raw)?;
+    route.decoder.decode(closed.as_bytes()).ok().map(|d| d.text.text)
+}
+
+/// Close a JSON text cut short: end an open string, drop a dangling key or separator, close
+/// open arrays and objects. None when what is left is not an object.
+fn close_cut_json(raw: &str) -> Option<String> {
+    let mut closers = Vec::new();
+    let (mut in_string, mut escaped) = (false, false);
+    for c in raw.chars() {
+        if in_string {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '"' => in_string = true,
+            '{' => closers.push('}'),
+            '[' => closers.push(']'),
+            '}' | ']' => {
+                closers.pop();
+            }
+            _ => {}
+        }
     }
+    let mut text = raw.to_string();
+    if escaped {
+        text.pop();
+    }
+    if in_string {
+        text.push('"');
+    }
+    // Try the text as closed; failing that, drop the last unfinished member and try again.
+    for _ in 0..4 {
+        let mut candidate = text.trim_end().trim_end_matches([',', ':']).to_string();
+        candidate.extend(closers.iter().rev());
+        if let Ok(Value::Object(_)) = serde_json::from_str::<Value>(&candidate) {
+            return Some(candidate);
+        }
+        let cut = text.rfind([',', '{'])?;
+        text.truncate(if text.as_bytes()[cut] == b'{' { cut + 1 } else { cut });
+    }
+    None
 }
 
 /// How one record ends.
@@ -648,6 +727,54 @@ mod tests {
         }
         assert!(recent.set.len() <= RECENT_KEYS);
         assert!(recent.insert(key(1)), "the oldest is forgotten (the table still remembers it)");
+    }
+
+    fn route(max_text_chars: usize) -> RouteLabels {
+        use crate::llm::prompt::HeadLabels;
+        RouteLabels {
+            space: LabelSpace {
+                heads: vec![HeadLabels { name: "intent".into(), multi: false, labels: vec![("card_arrival".into(), None)], max_items: 1 }],
+            },
+            roles: Roles::default(),
+            decoder: Decoder::new(
+                crate::message::FieldMap::default(),
+                Template::parse("{subject}\n{body}").unwrap(),
+                1 << 20,
+                max_text_chars,
+            ),
+            max_text_chars,
+        }
+    }
+
+    /// Issue 22: a record the worker had to cut went to the LLM raw and whole (up to ~1 MB of
+    /// JSON, every field). Now it goes through the template where its fields survived, and is
+    /// capped like any other text.
+    #[test]
+    fn a_cut_record_goes_through_the_template_and_the_length_cap() {
+        let route = route(500);
+        let raw = format!(r#"{{"customer_ssn": "123-45-6789", "subject": "card missing", "body": "{}"#, "a".repeat(1_000_000));
+        let record = Escalation { row: ResultRow::default(), message: Value::String(raw.clone()), truncated: true };
+        let text = text_of(&route, &record).unwrap();
+        assert!(text.starts_with("card missing\naaaa"), "{}", &text[..40]);
+        assert!(!text.contains("123-45-6789"), "fields the template does not name stay out");
+        assert!(text.chars().count() <= 500, "{} chars", text.chars().count());
+        // Not JSON at all: the raw text, capped.
+        let garbled = Escalation { row: ResultRow::default(), message: Value::String("x".repeat(10_000)), truncated: true };
+        assert_eq!(text_of(&route, &garbled).unwrap().chars().count(), 500);
+        let plain = Escalation { row: ResultRow::default(), message: Value::String("é".repeat(10_000)), truncated: false };
+        assert_eq!(text_of(&route, &plain).unwrap().chars().count(), 500);
+    }
+
+    #[test]
+    fn cut_json_is_closed_where_it_was_cut() {
+        let parse = |s: &str| close_cut_json(s).map(|c| serde_json::from_str::<Value>(&c).unwrap());
+        assert_eq!(parse(r#"{"a": "x", "b": "yy"#), Some(serde_json::json!({"a": "x", "b": "yy"})));
+        assert_eq!(parse(r#"{"a": "x", "b": ["p", "q"#), Some(serde_json::json!({"a": "x", "b": ["p", "q"]})));
+        assert_eq!(parse(r#"{"a": "x", "b":"#), Some(serde_json::json!({"a": "x"})));
+        assert_eq!(parse(r#"{"a": "x", "b"#), Some(serde_json::json!({"a": "x"})));
+        assert_eq!(parse(r#"{"a": "x\"#), Some(serde_json::json!({"a": "x"})));
+        assert_eq!(parse(r#"{"a": {"n": 1, "m": tr"#), Some(serde_json::json!({"a": {"n": 1}})));
+        assert_eq!(parse("[1, 2"), None, "not an object");
     }
 
     #[test]

@@ -194,6 +194,7 @@ mod tests {
             },
             roles: Roles::default(),
             decoder: Decoder::new(FieldMap::default(), Template::parse("{subject}\n{body}").unwrap(), 1 << 20, 10_000),
+            max_text_chars: 10_000,
         };
         let row = ResultRow {
             topic: "tickets".into(),

@@ -150,13 +150,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
     let started_routes = started_routes?;
     readiness.model_loaded.store(true, Ordering::Relaxed);
     let engine_stats = started_routes.engine_stats();
-    let routes::Started { routes, submitters, engines, outcomes, next_tiers, dirs, serving, engine_config } = started_routes;
+    let routes::Started { routes, submitters, engines, outcomes, next_tiers, dirs, serving } = started_routes;
     let reloader = reload::Reloader::new(
         Arc::new(config.clone()),
         dirs,
         engines.iter().map(|e| e.installer()).collect(),
         serving,
-        engine_config,
         routes.clone(),
         readiness.clone(),
     );

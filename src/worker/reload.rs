@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime};
 
 use super::routes::{tier_model, Route, TierModel};
 use crate::config::Config;
-use crate::engine::{Backend, EngineConfig, Installer};
+use crate::engine::{Backend, Installer};
 use crate::model::{HeadOutput, Model, ModelInfo, Prediction};
 use crate::telemetry::{self, Readiness};
 
@@ -75,7 +75,6 @@ pub(super) struct Reloader {
     pub dirs: Vec<PathBuf>,
     pub installers: Vec<Installer>,
     pub serving: Vec<ModelInfo>,
-    pub engine_config: EngineConfig,
     pub routes: Arc<Vec<Route>>,
     pub readiness: Arc<Readiness>,
     /// Per engine: the directory as last loaded or refused, and as last seen.
@@ -90,13 +89,12 @@ impl Reloader {
         dirs: Vec<PathBuf>,
         installers: Vec<Installer>,
         serving: Vec<ModelInfo>,
-        engine_config: EngineConfig,
         routes: Arc<Vec<Route>>,
         readiness: Arc<Readiness>,
     ) -> Self {
         let loaded: Vec<Option<DirState>> = dirs.iter().map(|d| dir_state(d).ok()).collect();
         let seen = loaded.clone();
-        Reloader { config, dirs, installers, serving, engine_config, routes, readiness, loaded, seen }
+        Reloader { config, dirs, installers, serving, routes, readiness, loaded, seen }
     }
 
     /// Until the task is aborted: look every interval (if any) and on each SIGHUP.
@@ -175,7 +173,7 @@ impl Reloader {
 
     /// Load, check, warm up and install engine `engine`'s directory as it is in `state`.
     async fn reload(&self, engine: usize, state: DirState) -> Result<ModelInfo, NotLoaded> {
-        let (dir, installer, engine_config) = (self.dirs[engine].clone(), self.installers[engine].clone(), self.engine_config.clone());
+        let (dir, installer) = (self.dirs[engine].clone(), self.installers[engine].clone());
         let (config, routes) = (self.config.clone(), self.routes.clone());
         let load = move || -> Result<ModelInfo, NotLoaded> {
             let refused = |e: &dyn std::fmt::Display| NotLoaded::Refused(e.to_string());
@@ -195,7 +193,7 @@ impl Reloader {
                     }
                 }
             }
-            let mut sessions = installer.sessions_of(&model, &engine_config).map_err(|e| refused(&e))?;
+            let mut sessions = installer.sessions_of(&model).map_err(|e| refused(&e))?;
             check_answers(&model, &mut sessions).map_err(NotLoaded::Refused)?;
             // Read from a directory that moved underneath: not the version it claims to be.
             if dir_state(&dir).ok().as_ref() != Some(&state) {

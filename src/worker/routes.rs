@@ -164,7 +164,6 @@ pub(super) struct Started {
     /// Per engine, its model directory and the version loaded at start (for reloads).
     pub dirs: Vec<PathBuf>,
     pub serving: Vec<ModelInfo>,
-    pub engine_config: EngineConfig,
 }
 
 impl Started {
@@ -179,14 +178,27 @@ pub(super) fn merged(stats: &[Arc<crate::engine::EngineStats>]) -> StatsSnapshot
 }
 
 /// The cores each engine may use: all of them for one model; shared out when several models
-/// run (cascade tiers, routes with their own models), so N models do not start N sessions per
-/// core. An explicit `inference_threads` is taken as given.
+/// answer (cascade tiers, canaries, routes with their own models), so N models do not start N
+/// sessions per core. An explicit `inference_threads` is taken as given.
 fn engine_config(config: &Config, engines: usize) -> EngineConfig {
     let mut engine = config.batching.clone();
     if engines > 1 && engine.inference_threads == 0 {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         engine.cores = Some((cores / engines).max(1));
     }
+    engine
+}
+
+/// A shadow's engine takes no cores from the models that answer: one session over every core,
+/// at a lower priority weighted by its share (`engine::nice_for_share`), so when the machine is
+/// busy it gets about `share` of it and sheds the rest of its copies; when idle, all of it.
+fn shadow_engine_config(config: &Config, share: f64) -> EngineConfig {
+    let mut engine = config.batching.clone();
+    if engine.inference_threads == 0 {
+        engine.inference_threads = 1;
+    }
+    engine.cores = None;
+    engine.nice = Some(crate::engine::nice_for_share(share));
     engine
 }
 
@@ -199,18 +211,24 @@ pub(super) async fn start(config: &Config) -> Result<Started, WorkerError> {
             }
         }
     }
-    let engine_config = engine_config(config, dirs.len());
+    // Directories only a shadow uses: the others answer messages and share the cores.
+    let answering =
+        |dir: &PathBuf| config.routes.iter().any(|r| Config::tiers(r).contains(dir) || r.canary.as_ref().is_some_and(|c| &c.model == dir));
+    let shadow_share =
+        |dir: &PathBuf| config.routes.iter().filter(|r| r.shadow.as_ref() == Some(dir)).map(|r| r.shadow_share).fold(0.0, f64::max);
+    let engine_config = engine_config(config, dirs.iter().filter(|d| answering(d)).count());
     let mut engines: Vec<Engine<MessageTag>> = Vec::new();
     let mut models: Vec<Arc<Model>> = Vec::new();
     let mut outcomes = Vec::new();
     for dir in &dirs {
+        let this_config = if answering(dir) { engine_config.clone() } else { shadow_engine_config(config, shadow_share(dir)) };
         let (dir, options) = (dir.clone(), config.inference.clone());
         let model = tokio::task::spawn_blocking(move || Model::load(&dir, &options))
             .await
             .map_err(|e| WorkerError::TaskFailed { task: "model loading", detail: e.to_string() })??;
         let model = Arc::new(model);
         let (outcome_tx, outcome_rx) = flume::bounded::<Outcome<MessageTag>>(config.batching.queue_capacity);
-        engines.push(Engine::start(model.clone(), &engine_config, outcome_tx)?);
+        engines.push(Engine::start(model.clone(), &this_config, outcome_tx)?);
         outcomes.push(outcome_rx);
         let info = model.info();
         metrics::gauge!(telemetry::MODEL_INFO, "model" => info.name.clone(), "model_version" => info.version.clone(), "provider" => info.provider.to_string()).set(1.0);
@@ -265,7 +283,7 @@ pub(super) async fn start(config: &Config) -> Result<Started, WorkerError> {
         routes.push(Route { config: route.clone(), reader: Arc::new(reader), tiers, shadow, canary });
     }
     let serving = models.iter().map(|m| m.info().clone()).collect();
-    Ok(Started { routes: Arc::new(routes), submitters, engines, outcomes, next_tiers, dirs, serving, engine_config })
+    Ok(Started { routes: Arc::new(routes), submitters, engines, outcomes, next_tiers, dirs, serving })
 }
 
 /// A route's tier as `model` serves it. Err when the route cannot use this model (its
