@@ -328,7 +328,8 @@ struct Latency {
     p99: f64,
 }
 
-/// b / c. The whole worker on a backlog already in the topic.
+/// b to e. The whole worker on a backlog already in the topic.
+#[allow(clippy::too_many_arguments)] // one function for every worker stage, each its own variant
 async fn worker_stage(
     name: &str,
     kafka: &LocalKafka,
