@@ -404,13 +404,13 @@ fn metrics_health_and_readiness_are_served_on_one_port() {
     assert_eq!(status, 200);
     for needle in [
         "triage_messages_consumed_total{topic=\"tickets\"} 1001",
-        "triage_messages_classified_total{kind=\"ticket\",model=\"multihead-tiny\"} 1000",
+        "triage_messages_classified_total{kind=\"ticket\",model=\"multihead-tiny\",model_version=\"0.0.1\"} 1000",
         "triage_messages_dead_lettered_total{reason=\"not_json\"} 1",
-        "triage_batch_size_bucket{model=\"multihead-tiny\",le=\"64\"}",
+        "triage_batch_size_bucket{model=\"multihead-tiny\",model_version=\"0.0.1\",le=\"64\"}",
         "triage_batch_padding_ratio_bucket",
         "triage_end_to_end_seconds_bucket{kind=\"ticket\",le=",
         "triage_clickhouse_rows_total{result=\"inserted\"} 1000",
-        "triage_model_info{model=\"multihead-tiny\",version=\"0.0.1\",provider=\"cpu\"} 1",
+        "triage_model_info{model=\"multihead-tiny\",model_version=\"0.0.1\",provider=\"cpu\"} 1",
         "triage_committed_offset{topic=\"tickets\",partition=",
         "triage_consumer_lag{topic=\"tickets\",partition=",
         "triage_in_flight_messages",
