@@ -26,6 +26,22 @@ pub enum HttpError {
     Setup(String),
 }
 
+/// HTTP and HTTPS over native TLS, trusting the system's CAs and those in `ca_pem`.
+pub fn https_connector(ca_pem: Option<&Path>, connect_timeout: Duration) -> Result<HttpsConnector<HttpConnector>, HttpError> {
+    let mut tls = native_tls::TlsConnector::builder();
+    if let Some(path) = ca_pem {
+        let pem = std::fs::read(path).map_err(|e| HttpError::Setup(format!("CA file {}: {e}", path.display())))?;
+        let certificate =
+            native_tls::Certificate::from_pem(&pem).map_err(|e| HttpError::Setup(format!("CA file {}: {e}", path.display())))?;
+        tls.add_root_certificate(certificate);
+    }
+    let tls = tls.build().map_err(|e| HttpError::Setup(format!("TLS: {e}")))?;
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(connect_timeout));
+    Ok(HttpsConnector::from((http, tokio_native_tls::TlsConnector::from(tls))))
+}
+
 /// An HTTP(S) client; cheap to clone.
 #[derive(Clone)]
 pub struct HttpClient {
@@ -44,18 +60,7 @@ pub struct Reply {
 impl HttpClient {
     /// `ca_pem`: a PEM file of extra CA certificates trusted besides the system's.
     pub fn new(ca_pem: Option<&Path>, timeout: Duration, max_bytes: usize) -> Result<Self, HttpError> {
-        let mut tls = native_tls::TlsConnector::builder();
-        if let Some(path) = ca_pem {
-            let pem = std::fs::read(path).map_err(|e| HttpError::Setup(format!("CA file {}: {e}", path.display())))?;
-            let certificate =
-                native_tls::Certificate::from_pem(&pem).map_err(|e| HttpError::Setup(format!("CA file {}: {e}", path.display())))?;
-            tls.add_root_certificate(certificate);
-        }
-        let tls = tls.build().map_err(|e| HttpError::Setup(format!("TLS: {e}")))?;
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(timeout));
-        let https = HttpsConnector::from((http, tokio_native_tls::TlsConnector::from(tls)));
+        let https = https_connector(ca_pem, timeout)?;
         Ok(HttpClient { client: Client::builder(TokioExecutor::new()).build(https), timeout, max_bytes })
     }
 

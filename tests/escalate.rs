@@ -24,7 +24,8 @@ use triage::sink::clickhouse::{ClickHouseService, ResultRow};
 type Seen = Arc<Mutex<Vec<(String, u16)>>>;
 
 /// A chat-completions server answering by the user message's content: `SLOW` -> after 3 s
-/// (never rate-limited), `HANG` -> after 20 s (past any test's timeout), `GARBAGE` -> prose,
+/// (never rate-limited), `HANG` -> after 20 s (past any test's timeout), `NOUSAGE` -> an answer
+/// without `usage`, `GARBAGE` -> prose,
 /// `UNKNOWNLABEL` -> a label the model lacks, `REFUSE` -> 400; the very first other request
 /// -> 429 with Retry-After; everything else -> `{"intent": "card_arrival"}`. `always` overrides
 /// every answer with one status (401: a bad key; 400: OpenAI's refusal of `max_tokens` for its
@@ -62,11 +63,14 @@ fn scripted_llm(always: Option<u16>) -> (String, Seen) {
                 let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
                 let text = request["messages"][1]["content"].as_str().unwrap_or_default().to_string();
                 let reply = |content: &str| {
-                    json!({
+                    let mut body = json!({
                         "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
                         "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110}
-                    })
-                    .to_string()
+                    });
+                    if text.contains("NOUSAGE") {
+                        body.as_object_mut().map(|o| o.remove("usage"));
+                    }
+                    body.to_string()
                 };
                 let (status, extra, payload) = if let Some(status) = always {
                     let error = match status {
@@ -82,7 +86,7 @@ fn scripted_llm(always: Option<u16>) -> (String, Seen) {
                     (200, "", reply(r#"{"intent": "no_such_label"}"#))
                 } else if text.contains("REFUSE") {
                     (400, "", json!({"error": {"message": "maximum context length exceeded"}}).to_string())
-                } else if !text.contains("SLOW") && !text.contains("HANG") && !std::mem::replace(&mut *limited_once.lock().unwrap(), true) {
+                } else if !text.contains("SLOW") && !text.contains("HANG") && !text.contains("NOUSAGE") && !std::mem::replace(&mut *limited_once.lock().unwrap(), true) {
                     (429, "Retry-After: 1\r\n", json!({"error": {"message": "rate limited"}}).to_string())
                 } else {
                     (200, "", reply(r#"{"intent": "card_arrival"}"#))
@@ -685,5 +689,55 @@ fn a_backlog_is_taken_in_at_max_in_flight_not_all_at_once() {
     eprintln!("peak in-flight: {peak}");
     assert!(peak > 0.0, "the gauge was read");
     assert!(peak <= 16.0, "in flight peaked at {peak} with max_in_flight 8");
+    assert_eq!(escalate.terminate(Duration::from_secs(30)), Some(Exit::OK), "{}", escalate.log_text());
+}
+
+/// Issue 22: only finished calls counted against the hourly cap, so max_concurrent_requests
+/// calls could all start just under it. Now each call holds its estimate from the start: with
+/// four slots and a cap below one call's estimate, one call runs (nothing was spent) and the
+/// other three wait.
+#[test]
+fn concurrent_calls_cannot_all_start_under_the_cap() {
+    let ch = shared_clickhouse();
+    let env = Env::new("escalate_cap_concurrent", ch.url());
+    env.apply_schema();
+    env.kafka.create_topic("tickets", 1).unwrap();
+    env.produce("triage.escalations", &(1..=4).map(|o| record(o, &format!("SLOW card question {o}"))).collect::<Vec<_>>());
+    let (url, seen) = scripted_llm(None);
+    let config = escalate_config(&env, "capc", &url, "stub-llm", |c| {
+        c.llm.max_concurrent_requests = 4;
+        c.llm.prompt_price_per_million = 1_000_000.0;
+        c.llm.completion_price_per_million = 1_000_000.0;
+        c.llm.max_spend_per_hour = Some(50.0);
+    });
+    let mut escalate = env.spawn_command("escalate", &config, "escalate-capc", &[]);
+    env.wait_for(&mut escalate, "the first answer stored", Duration::from_secs(60), || {
+        env.query_u64("SELECT count() FROM results WHERE answered_by = 'llm:stub-llm'") == 1
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(seen.lock().unwrap().len(), 1, "one call started; three waited for the cap: {:?}", seen.lock().unwrap());
+    assert_eq!(escalate.terminate(Duration::from_secs(30)), Some(Exit::OK), "{}", escalate.log_text());
+}
+
+/// Issue 22: a reply without `usage` counted 0 tokens (and cost nothing against the cap). Now it
+/// counts the call's estimate, which the row carries.
+#[test]
+fn a_reply_without_usage_counts_its_estimate() {
+    let ch = shared_clickhouse();
+    let env = Env::new("escalate_nousage", ch.url());
+    env.apply_schema();
+    env.kafka.create_topic("tickets", 1).unwrap();
+    env.produce("triage.escalations", &[record(1, "NOUSAGE where is my card")]);
+    let (url, _seen) = scripted_llm(None);
+    let config = escalate_config(&env, "nousage", &url, "stub-llm", |c| c.llm.max_tokens = 200);
+    let mut escalate = env.spawn_command("escalate", &config, "escalate-nousage", &[]);
+    env.wait_for(&mut escalate, "the answer stored", Duration::from_secs(60), || {
+        env.query_u64("SELECT count() FROM results WHERE answered_by = 'llm:stub-llm'") == 1
+    });
+    let prompt = env.query_u64("SELECT toUInt64(llm_prompt_tokens) FROM results WHERE answered_by = 'llm:stub-llm'");
+    let completion = env.query_u64("SELECT toUInt64(llm_completion_tokens) FROM results WHERE answered_by = 'llm:stub-llm'");
+    // The prompt lists the default model's 77 labels: hundreds of tokens at 4 characters each.
+    assert!(prompt > 200, "the estimated prompt tokens, not 0: {prompt}");
+    assert_eq!(completion, 200, "the longest reply allowed");
     assert_eq!(escalate.terminate(Duration::from_secs(30)), Some(Exit::OK), "{}", escalate.log_text());
 }

@@ -74,6 +74,18 @@ impl Escalation {
     }
 }
 
+/// Whether the LLM chose what the small model had said, on every single-label head it
+/// answered (not only the category: a model without a category head agrees or not too).
+pub fn agrees(small: &ResultRow, answer: &Answer, roles: &Roles) -> bool {
+    roles.label_heads.iter().all(|head| {
+        let said = small.head_names.iter().position(|h| h == head).and_then(|i| small.head_labels.get(i));
+        match (said, answer.labels.get(head).and_then(|l| l.first())) {
+            (Some(said), Some(chosen)) => said == chosen,
+            _ => true,
+        }
+    })
+}
+
 /// The LLM's answer as the message's next row (stamped with its version by the sink).
 pub fn answered_row(small: &ResultRow, answer: &Answer, roles: &Roles, llm_model: &str, call: &Completion, worker_id: &str) -> ResultRow {
     let first = |head: &str| answer.labels.get(head).and_then(|l| l.first()).cloned();
@@ -87,8 +99,10 @@ pub fn answered_row(small: &ResultRow, answer: &Answer, roles: &Roles, llm_model
         row.confidence = 1.0;
     }
     if let Some(spec) = &roles.priority {
-        if let Some(priority) = first(&spec.from_head).and_then(|label| spec.priority_of(&label)) {
-            row.priority = priority;
+        if let Some(label) = first(&spec.from_head) {
+            // A label the mapping does not know (and no default) has no priority: keeping the
+            // small model's, given for another label, would be wrong.
+            row.priority = spec.priority_of(&label).unwrap_or_default();
         }
     }
     row.tags = roles.tag_heads.iter().flat_map(|h| answer.labels.get(h).cloned().unwrap_or_default()).collect();
@@ -159,6 +173,7 @@ mod tests {
             completion_tokens: 14,
             latency: Duration::from_millis(1_250),
             attempts: 2,
+            usage_reported: true,
         };
         let row = answered_row(&small_row(), &answer, &roles(), "qwen2.5-7b", &call, "escalate-0");
         let small = small_row();
@@ -173,6 +188,41 @@ mod tests {
         assert_eq!((row.llm_prompt_tokens, row.llm_completion_tokens, row.llm_latency_ms), (812, 14, 1_250));
         assert_eq!((row.model_name.as_str(), row.model_version.as_str()), ("support", "v7"), "which small model doubted it stays");
         assert_eq!(row.worker_id, "escalate-0");
+    }
+
+    fn answer_of(pairs: &[(&str, &str)]) -> Answer {
+        Answer { labels: pairs.iter().map(|(h, l)| (h.to_string(), vec![l.to_string()])).collect() }
+    }
+
+    /// Issue 22: an LLM label the priority mapping lacks kept the small model's priority,
+    /// which was given for another label.
+    #[test]
+    fn a_label_without_a_priority_has_none_not_the_small_models() {
+        let call = Completion {
+            content: String::new(),
+            prompt_tokens: 1,
+            completion_tokens: 1,
+            latency: Duration::ZERO,
+            attempts: 1,
+            usage_reported: true,
+        };
+        let unmapped = answer_of(&[("intent", "card_arrival"), ("urgency", "p9")]);
+        let row = answered_row(&small_row(), &unmapped, &roles(), "qwen", &call, "e");
+        assert_eq!(row.priority, "", "p9 has no priority (the small model said high for p1)");
+        let mut with_default = roles();
+        with_default.priority.as_mut().unwrap().default = Some("normal".into());
+        assert_eq!(answered_row(&small_row(), &unmapped, &with_default, "qwen", &call, "e").priority, "normal");
+    }
+
+    /// Issue 22: `agreed` compared only the category, so a model without a category head
+    /// always "agreed".
+    #[test]
+    fn agreement_is_judged_on_every_single_label_head() {
+        let small = small_row();
+        assert!(agrees(&small, &answer_of(&[("intent", "card_lost"), ("urgency", "p1")]), &roles()));
+        assert!(!agrees(&small, &answer_of(&[("intent", "card_lost"), ("urgency", "p3")]), &roles()), "the urgency differs");
+        let no_category = Roles { category_head: None, ..roles() };
+        assert!(!agrees(&small, &answer_of(&[("intent", "card_arrival"), ("urgency", "p1")]), &no_category));
     }
 
     #[test]

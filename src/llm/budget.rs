@@ -1,8 +1,13 @@
 //! What the LLM tier may spend: requests and tokens per minute (the provider's limits, kept
 //! on our side so a burst of escalations does not turn into a storm of 429s) and a hard cap on
 //! money per hour (from configured prices), so a flood of doubtful messages cannot run up a
-//! bill. Sliding windows over what was actually used. Pure and clock-free: callers pass `now`.
-//! (Issue 14 groundwork: `triage escalate` will ask it before every call.)
+//! bill. Sliding windows over what was used. Pure and clock-free: callers pass `now`.
+//!
+//! The cap is hard: a call reserves its estimated cost (and tokens) before it starts, so calls
+//! running side by side cannot all start just under the cap; the reservation becomes what the
+//! reply says it used, or stays the estimate when the reply says nothing (`usage` missing) or
+//! the call timed out (the server may have done the work); every HTTP attempt counts against
+//! requests per minute, retries included.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -65,53 +70,94 @@ impl Wait {
     }
 }
 
+/// What a call is expected to use before it is made: the prompt's tokens (estimated from its
+/// length) and the longest reply allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Estimate {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+impl Estimate {
+    pub fn tokens(&self) -> u64 {
+        self.prompt_tokens + self.completion_tokens
+    }
+}
+
+/// A started call's hold on the budget, given back to [`Budget::finish`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reservation {
+    id: u64,
+    estimate: Estimate,
+}
+
+/// How a call ended, for the budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Used {
+    /// The reply's `usage` (prompt, completion tokens).
+    Reported(u64, u64),
+    /// A reply without usage, or a timeout: the server may have done the work, so the
+    /// estimate stands.
+    Unknown,
+    /// Refused or failed before the model ran (4xx, 429, 5xx, connection): nothing billed.
+    Nothing,
+}
+
 #[derive(Debug, Clone)]
 pub struct Budget {
     limits: Limits,
-    /// (when, tokens) of calls in the last minute; tokens of a call in flight are its estimate.
-    minute: VecDeque<(Instant, u64)>,
-    /// (when, cost) of calls in the last hour.
-    hour: VecDeque<(Instant, f64)>,
+    /// (when, tokens, reservation id) of HTTP requests in the last minute; a call in flight
+    /// holds its estimate; retries are entries of 0 tokens (they count as requests).
+    minute: VecDeque<(Instant, u64, u64)>,
+    /// (when, cost, reservation id) of calls in the last hour; a call in flight holds its
+    /// estimated cost.
+    hour: VecDeque<(Instant, f64, u64)>,
+    next_id: u64,
 }
 
 impl Budget {
     pub fn new(limits: Limits) -> Self {
-        Budget { limits, minute: VecDeque::new(), hour: VecDeque::new() }
+        Budget { limits, minute: VecDeque::new(), hour: VecDeque::new(), next_id: 1 }
     }
 
     fn forget(&mut self, now: Instant) {
-        while self.minute.front().is_some_and(|(t, _)| now.duration_since(*t) >= MINUTE) {
+        while self.minute.front().is_some_and(|(t, _, _)| now.duration_since(*t) >= MINUTE) {
             self.minute.pop_front();
         }
-        while self.hour.front().is_some_and(|(t, _)| now.duration_since(*t) >= HOUR) {
+        while self.hour.front().is_some_and(|(t, _, _)| now.duration_since(*t) >= HOUR) {
             self.hour.pop_front();
         }
     }
 
-    /// Spent in the last hour.
+    /// Spent (and reserved by calls in flight) in the last hour.
     pub fn spent_last_hour(&mut self, now: Instant) -> f64 {
         self.forget(now);
-        self.hour.iter().map(|(_, c)| c).sum()
+        self.hour.iter().map(|(_, c, _)| c).sum()
     }
 
-    /// Ok: a call of about `tokens` may start now (and is counted); else how long to wait.
-    pub fn try_start(&mut self, now: Instant, tokens: u64) -> Result<(), Wait> {
+    /// Ok: a call expected to use `estimate` may start now, and holds it until
+    /// [`finish`](Self::finish); else how long to wait. `elsewhere`: what other replicas spent
+    /// in the last hour (the shared ledger), counted against the cap too.
+    pub fn try_start(&mut self, now: Instant, estimate: Estimate, elsewhere: f64) -> Result<Reservation, Wait> {
         self.forget(now);
         if let Some(cap) = self.limits.max_spend_per_hour {
-            let mut spent = self.spent_last_hour(now);
-            if spent >= cap {
-                // Until enough of the hour's spend ages out.
-                let mut until = Duration::ZERO;
-                for (t, c) in &self.hour {
+            let cost = self.limits.cost(estimate.prompt_tokens, estimate.completion_tokens);
+            let mut spent = self.spent_last_hour(now) + elsewhere;
+            // A call that alone costs more than the cap may run when nothing else is spent.
+            if spent + cost > cap && spent > 0.0 {
+                // Until enough of this replica's hour ages out (others' is re-read meanwhile).
+                let mut until = Duration::from_secs(5);
+                for (t, c, _) in &self.hour {
                     spent -= c;
                     until = HOUR.saturating_sub(now.duration_since(*t));
-                    if spent < cap {
+                    if spent + cost <= cap {
                         break;
                     }
                 }
-                return Err(Wait::Spend(until));
+                return Err(Wait::Spend(until.max(Duration::from_millis(50))));
             }
         }
+        let tokens = estimate.tokens();
         if let Some(limit) = self.limits.requests_per_minute {
             if self.minute.len() >= limit as usize {
                 let oldest = self.minute[self.minute.len() - limit as usize].0;
@@ -119,11 +165,11 @@ impl Budget {
             }
         }
         if let Some(limit) = self.limits.tokens_per_minute {
-            let used: u64 = self.minute.iter().map(|(_, n)| n).sum();
+            let used: u64 = self.minute.iter().map(|(_, n, _)| n).sum();
             // A call larger than the whole limit may still run alone.
             if used > 0 && used + tokens > limit {
                 let mut freed = 0;
-                for (t, n) in &self.minute {
+                for (t, n, _) in &self.minute {
                     freed += n;
                     if used - freed + tokens <= limit {
                         return Err(Wait::Tokens(MINUTE.saturating_sub(now.duration_since(*t))));
@@ -132,19 +178,34 @@ impl Budget {
                 return Err(Wait::Tokens(MINUTE));
             }
         }
-        self.minute.push_back((now, tokens));
-        Ok(())
+        let id = self.next_id;
+        self.next_id += 1;
+        self.minute.push_back((now, tokens, id));
+        let cost = self.limits.cost(estimate.prompt_tokens, estimate.completion_tokens);
+        self.hour.push_back((now, cost, id));
+        Ok(Reservation { id, estimate })
     }
 
-    /// A call started at `started` (with its estimate counted) finished: count what it really
-    /// used, and its cost. Returns the cost.
-    pub fn finish(&mut self, started: Instant, estimate: u64, prompt_tokens: u64, completion_tokens: u64) -> f64 {
-        if let Some(entry) = self.minute.iter_mut().find(|(t, n)| *t == started && *n == estimate) {
-            entry.1 = prompt_tokens + completion_tokens;
+    /// A call finished after `requests` HTTP attempts: its reservation becomes what it used
+    /// (the estimate when unknown). Returns (prompt tokens, completion tokens, cost) counted.
+    pub fn finish(&mut self, now: Instant, reservation: Reservation, used: Used, requests: u32) -> (u64, u64, f64) {
+        let (prompt, completion) = match used {
+            Used::Reported(p, c) => (p, c),
+            Used::Unknown => (reservation.estimate.prompt_tokens, reservation.estimate.completion_tokens),
+            Used::Nothing => (0, 0),
+        };
+        let cost = self.limits.cost(prompt, completion);
+        if let Some(entry) = self.minute.iter_mut().find(|(_, _, id)| *id == reservation.id) {
+            entry.1 = prompt + completion;
         }
-        let cost = self.limits.cost(prompt_tokens, completion_tokens);
-        self.hour.push_back((started, cost));
-        cost
+        if let Some(entry) = self.hour.iter_mut().find(|(_, _, id)| *id == reservation.id) {
+            entry.1 = cost;
+        }
+        // Retries were requests too (requests per minute is the provider's limit on them).
+        for _ in 1..requests {
+            self.minute.push_back((now, 0, 0));
+        }
+        (prompt, completion, cost)
     }
 }
 
@@ -156,32 +217,39 @@ mod tests {
         t0 + Duration::from_secs(seconds)
     }
 
+    fn tokens(n: u64) -> Estimate {
+        Estimate { prompt_tokens: n, completion_tokens: 0 }
+    }
+
     #[test]
-    fn requests_per_minute_slide() {
+    fn requests_per_minute_slide_and_retries_are_requests() {
         let t0 = Instant::now();
-        let mut b = Budget::new(Limits { requests_per_minute: Some(2), ..Limits::default() });
-        assert_eq!(b.try_start(t0, 10), Ok(()));
-        assert_eq!(b.try_start(at(t0, 10), 10), Ok(()));
-        assert_eq!(b.try_start(at(t0, 20), 10), Err(Wait::Requests(Duration::from_secs(40))), "until the first leaves the minute");
-        assert_eq!(b.try_start(at(t0, 60), 10), Ok(()));
+        let mut b = Budget::new(Limits { requests_per_minute: Some(3), ..Limits::default() });
+        let first = b.try_start(t0, tokens(10), 0.0).unwrap();
+        b.finish(at(t0, 1), first, Used::Reported(10, 0), 2); // one retry: two requests
+        assert!(b.try_start(at(t0, 10), tokens(10), 0.0).is_ok());
+        assert_eq!(
+            b.try_start(at(t0, 20), tokens(10), 0.0),
+            Err(Wait::Requests(Duration::from_secs(40))),
+            "until the first leaves the minute"
+        );
+        assert!(b.try_start(at(t0, 61), tokens(10), 0.0).is_ok());
     }
 
     #[test]
     fn tokens_per_minute_count_what_calls_really_used() {
         let t0 = Instant::now();
         let mut b = Budget::new(Limits { tokens_per_minute: Some(1_000), ..Limits::default() });
-        assert_eq!(b.try_start(t0, 400), Ok(()));
-        b.finish(t0, 400, 500, 100); // it used 600, not 400
-        assert_eq!(b.try_start(at(t0, 5), 300), Ok(()));
-        assert_eq!(b.try_start(at(t0, 10), 200), Err(Wait::Tokens(Duration::from_secs(50))));
+        let r = b.try_start(t0, tokens(400), 0.0).unwrap();
+        b.finish(t0, r, Used::Reported(500, 100), 1); // it used 600, not 400
+        assert!(b.try_start(at(t0, 5), tokens(300), 0.0).is_ok());
+        assert_eq!(b.try_start(at(t0, 10), tokens(200), 0.0), Err(Wait::Tokens(Duration::from_secs(50))));
         let mut alone = Budget::new(Limits { tokens_per_minute: Some(100), ..Limits::default() });
-        assert_eq!(alone.try_start(t0, 5_000), Ok(()), "a call larger than the limit runs alone");
-        assert!(matches!(alone.try_start(at(t0, 1), 1), Err(Wait::Tokens(_))));
+        assert!(alone.try_start(t0, tokens(5_000), 0.0).is_ok(), "a call larger than the limit runs alone");
+        assert!(matches!(alone.try_start(at(t0, 1), tokens(1), 0.0), Err(Wait::Tokens(_))));
     }
 
-    #[test]
-    fn the_hourly_spend_cap_is_hard() {
-        let t0 = Instant::now();
+    fn capped() -> Budget {
         let limits = Limits {
             prompt_price_per_million: 2.5,
             completion_price_per_million: 10.0,
@@ -189,15 +257,56 @@ mod tests {
             ..Limits::default()
         };
         assert!(limits.validate().is_ok());
-        let mut b = Budget::new(limits);
-        // 2,000 prompt + 100 completion tokens = $0.006 a call.
-        assert_eq!(b.try_start(t0, 2_100), Ok(()));
-        assert!((b.finish(t0, 2_100, 2_000, 100) - 0.006).abs() < 1e-12);
-        assert_eq!(b.try_start(at(t0, 600), 2_100), Ok(()));
-        b.finish(at(t0, 600), 2_100, 2_000, 100);
-        assert!((b.spent_last_hour(at(t0, 700)) - 0.012).abs() < 1e-12);
-        assert_eq!(b.try_start(at(t0, 700), 2_100), Err(Wait::Spend(Duration::from_secs(2_900))), "until the first call's spend ages out");
-        assert_eq!(b.try_start(at(t0, 3_600), 2_100), Ok(()));
+        Budget::new(limits)
+    }
+
+    // 2,000 prompt + 100 completion tokens = $0.006 a call.
+    const CALL: Estimate = Estimate { prompt_tokens: 2_000, completion_tokens: 100 };
+
+    #[test]
+    fn the_hourly_spend_cap_is_hard() {
+        let t0 = Instant::now();
+        let mut b = capped();
+        let r = b.try_start(t0, CALL, 0.0).unwrap();
+        let (_, _, cost) = b.finish(t0, r, Used::Reported(2_000, 100), 1);
+        assert!((cost - 0.006).abs() < 1e-12);
+        // A second call would reach 0.012 > 0.01: it waits until the first ages out.
+        assert_eq!(b.try_start(at(t0, 600), CALL, 0.0), Err(Wait::Spend(Duration::from_secs(3_000))));
+        assert!(b.try_start(at(t0, 3_600), CALL, 0.0).is_ok());
+    }
+
+    /// Issue 22: calls side by side each started "just under" the cap, which counted only
+    /// finished calls; now each holds its estimate from the start.
+    #[test]
+    fn calls_in_flight_hold_their_estimate_so_concurrent_calls_cannot_pass_the_cap() {
+        let t0 = Instant::now();
+        let mut b = capped();
+        let first = b.try_start(t0, CALL, 0.0).unwrap();
+        assert!(matches!(b.try_start(t0, CALL, 0.0), Err(Wait::Spend(_))), "the first's estimate is held");
+        // It ends having used less: the room comes back.
+        b.finish(at(t0, 1), first, Used::Reported(400, 10), 1);
+        assert!(b.try_start(at(t0, 1), CALL, 0.0).is_ok());
+    }
+
+    #[test]
+    fn a_reply_without_usage_or_a_timeout_costs_the_estimate_and_a_refusal_nothing() {
+        let t0 = Instant::now();
+        let mut b = capped();
+        let r = b.try_start(t0, CALL, 0.0).unwrap();
+        assert_eq!(b.finish(t0, r, Used::Unknown, 1).0, 2_000);
+        assert!((b.spent_last_hour(t0) - 0.006).abs() < 1e-12, "not 0: the call was made");
+        let mut c = capped();
+        let r = c.try_start(t0, CALL, 0.0).unwrap();
+        c.finish(t0, r, Used::Nothing, 3);
+        assert_eq!(c.spent_last_hour(t0), 0.0);
+    }
+
+    #[test]
+    fn what_other_replicas_spent_counts_against_the_cap() {
+        let t0 = Instant::now();
+        let mut b = capped();
+        assert!(matches!(b.try_start(t0, CALL, 0.005), Err(Wait::Spend(_))), "0.005 elsewhere + 0.006 > 0.01");
+        assert!(b.try_start(t0, CALL, 0.003).is_ok());
     }
 
     #[test]

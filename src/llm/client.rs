@@ -2,14 +2,14 @@
 //! OpenAI and Azure OpenAI serve), with the retries a team paying per token expects: 429 and
 //! 5xx and timeouts are retried with backoff, honouring `Retry-After`; other 4xx are not (a
 //! bad key or a refused request stays refused); every call has a deadline. The message text is
-//! never logged: errors carry the server's reply, cut short.
-//! (Issue 14 groundwork: `triage escalate` will drive it.)
+//! never logged: errors carry the server's reply, cut short. The key goes in a header marked
+//! sensitive (`Authorization: Bearer`, or Azure OpenAI's `api-key`), never in a log line.
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Method, Request, StatusCode, Uri};
 use hyper_tls::HttpsConnector;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
@@ -74,6 +74,16 @@ pub struct Completion {
     pub latency: Duration,
     /// Attempts it took (1: no retry).
     pub attempts: u32,
+    /// Whether the reply said what it used (`usage`); without it the tokens above are 0 and
+    /// the budget counts the call's estimate.
+    pub usage_reported: bool,
+}
+
+/// A call that failed, after how many HTTP attempts (each one a request the provider counts).
+#[derive(Debug)]
+pub struct Failed {
+    pub error: ChatError,
+    pub attempts: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -85,6 +95,20 @@ pub struct ChatSettings {
     /// Retries after the first attempt.
     pub retries: u32,
     pub backoff: Backoff,
+    /// Which header carries the key.
+    pub key_header: KeyHeader,
+    /// Extra CA certificates (PEM) trusted besides the system's: a private endpoint.
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+/// Where the API key goes: `Authorization: Bearer <key>` (OpenAI, vLLM, LiteLLM, ...) or
+/// `api-key: <key>` (Azure OpenAI).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyHeader {
+    #[default]
+    Authorization,
+    ApiKey,
 }
 
 pub struct ChatClient {
@@ -95,16 +119,34 @@ pub struct ChatClient {
 
 impl ChatClient {
     pub fn new(settings: ChatSettings) -> Result<Self, ChatError> {
-        let url = settings.url.trim_end_matches('/');
-        let full = if url.ends_with("/chat/completions") { url.to_string() } else { format!("{url}/chat/completions") };
+        let full = completions_url(&settings.url);
         let uri: Uri = full.parse().map_err(|e| ChatError::Transport(format!("`{full}` is not a URL: {e}")))?;
-        let http = Client::builder(TokioExecutor::new()).build(HttpsConnector::new());
+        let connector =
+            crate::http::https_connector(settings.ca_file.as_deref(), settings.timeout).map_err(|e| ChatError::Transport(e.to_string()))?;
+        let http = Client::builder(TokioExecutor::new()).build(connector);
         Ok(ChatClient { http, uri, settings })
+    }
+
+    /// The key's header, marked sensitive (kept out of debug output and HTTP/2 header tables).
+    fn key_header(&self) -> Option<(HeaderName, HeaderValue)> {
+        let key = self.settings.api_key.as_ref()?;
+        let (name, value) = match self.settings.key_header {
+            KeyHeader::Authorization => (AUTHORIZATION, format!("Bearer {}", key.expose())),
+            KeyHeader::ApiKey => (HeaderName::from_static("api-key"), key.expose().to_string()),
+        };
+        let mut value = HeaderValue::from_str(&value).ok()?;
+        value.set_sensitive(true);
+        Some((name, value))
     }
 
     /// POST `body` (a chat-completions request), retrying what may succeed later.
     pub async fn complete(&self, body: &Value) -> Result<Completion, ChatError> {
-        let bytes = Bytes::from(serde_json::to_vec(body).map_err(|e| ChatError::Envelope(e.to_string()))?);
+        self.complete_counted(body).await.map_err(|f| f.error)
+    }
+
+    /// [`complete`](Self::complete), saying how many attempts a failure took.
+    pub async fn complete_counted(&self, body: &Value) -> Result<Completion, Failed> {
+        let bytes = Bytes::from(serde_json::to_vec(body).map_err(|e| Failed { error: ChatError::Envelope(e.to_string()), attempts: 0 })?);
         let mut attempt = 0u32;
         loop {
             attempt += 1;
@@ -112,7 +154,7 @@ impl ChatClient {
             let result = tokio::time::timeout(self.settings.timeout, self.once(bytes.clone())).await;
             let (error, retry_after) = match result {
                 Ok(Ok(reply)) => {
-                    let mut completion = completion_of(&reply)?;
+                    let mut completion = completion_of(&reply).map_err(|error| Failed { error, attempts: attempt })?;
                     completion.latency = start.elapsed();
                     completion.attempts = attempt;
                     return Ok(completion);
@@ -121,7 +163,7 @@ impl ChatClient {
                 Err(_) => (ChatError::Timeout(self.settings.timeout), None),
             };
             if !error.is_retryable() || attempt > self.settings.retries {
-                return Err(error);
+                return Err(Failed { error, attempts: attempt });
             }
             let wait = retry_after.map_or_else(|| self.settings.backoff.delay(attempt - 1), |d| d.min(MAX_RETRY_AFTER));
             tracing::warn!(attempt, kind = error.kind(), wait_ms = wait.as_millis() as u64, "LLM call failed; retrying");
@@ -131,8 +173,8 @@ impl ChatClient {
 
     async fn once(&self, body: Bytes) -> Result<Value, (ChatError, Option<Duration>)> {
         let mut request = Request::builder().method(Method::POST).uri(self.uri.clone()).header(CONTENT_TYPE, "application/json");
-        if let Some(key) = &self.settings.api_key {
-            request = request.header(AUTHORIZATION, format!("Bearer {}", key.expose()));
+        if let Some((name, value)) = self.key_header() {
+            request = request.header(name, value);
         }
         let request = request.body(Full::new(body)).map_err(|e| (ChatError::Transport(e.to_string()), None))?;
         let response = self.http.request(request).await.map_err(|e| (ChatError::Transport(e.to_string()), None))?;
@@ -154,6 +196,21 @@ impl ChatClient {
     }
 }
 
+/// The chat-completions URL of a base URL (`http://vllm:8000/v1`) or of a full one, keeping a
+/// query (Azure OpenAI's `.../deployments/NAME?api-version=2024-06-01`).
+fn completions_url(url: &str) -> String {
+    let (path, query) = match url.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (url, None),
+    };
+    let path = path.trim_end_matches('/');
+    let path = if path.ends_with("/chat/completions") { path.to_string() } else { format!("{path}/chat/completions") };
+    match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    }
+}
+
 /// `Retry-After` in seconds (the HTTP-date form is rare from LLM servers: treated as absent).
 fn parse_retry_after(value: &str) -> Option<Duration> {
     value.trim().parse::<f64>().ok().filter(|s| s.is_finite() && *s >= 0.0).map(Duration::from_secs_f64)
@@ -164,12 +221,14 @@ fn completion_of(reply: &Value) -> Result<Completion, ChatError> {
         .as_str()
         .ok_or_else(|| ChatError::Envelope(format!("no choices[0].message.content in {}", cut(&reply.to_string(), 200))))?;
     let usage = &reply["usage"];
+    let (prompt, completion) = (usage["prompt_tokens"].as_u64(), usage["completion_tokens"].as_u64());
     Ok(Completion {
         content: content.to_string(),
-        prompt_tokens: usage["prompt_tokens"].as_u64().unwrap_or(0),
-        completion_tokens: usage["completion_tokens"].as_u64().unwrap_or(0),
+        prompt_tokens: prompt.unwrap_or(0),
+        completion_tokens: completion.unwrap_or(0),
         latency: Duration::ZERO,
         attempts: 1,
+        usage_reported: prompt.is_some() && completion.is_some(),
     })
 }
 
@@ -257,6 +316,8 @@ mod tests {
             timeout: Duration::from_millis(timeout_ms),
             retries,
             backoff: Backoff::new(Duration::from_millis(10), Duration::from_millis(50)),
+            key_header: KeyHeader::Authorization,
+            ca_file: None,
         })
         .unwrap()
     }
@@ -332,11 +393,39 @@ mod tests {
             timeout: Duration::from_secs(1),
             retries: 0,
             backoff: Backoff::new(Duration::from_millis(1), Duration::from_millis(1)),
+            key_header: KeyHeader::Authorization,
+            ca_file: None,
         };
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let _guard = rt.enter();
         assert_eq!(ChatClient::new(settings("http://llm:8000/v1/")).unwrap().uri.path(), "/v1/chat/completions");
         assert_eq!(ChatClient::new(settings("http://llm:8000/v1/chat/completions")).unwrap().uri.path(), "/v1/chat/completions");
         assert!(ChatClient::new(settings("not a url")).is_err());
+        let azure = ChatClient::new(settings("https://acme.openai.azure.com/openai/deployments/gpt4o?api-version=2024-06-01")).unwrap();
+        assert_eq!(azure.uri.path(), "/openai/deployments/gpt4o/chat/completions");
+        assert_eq!(azure.uri.query(), Some("api-version=2024-06-01"));
+    }
+
+    #[test]
+    fn the_key_goes_in_a_sensitive_header_of_the_chosen_kind() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _guard = rt.enter();
+        let with = |key_header| {
+            ChatClient::new(ChatSettings {
+                url: "https://llm.example/v1".into(),
+                api_key: Some(Secret::new("sk-test")),
+                timeout: Duration::from_secs(1),
+                retries: 0,
+                backoff: Backoff::new(Duration::from_millis(1), Duration::from_millis(1)),
+                key_header,
+                ca_file: None,
+            })
+            .unwrap()
+        };
+        let (name, value) = with(KeyHeader::Authorization).key_header().unwrap();
+        assert_eq!((name.as_str(), value.to_str().unwrap(), value.is_sensitive()), ("authorization", "Bearer sk-test", true));
+        let (name, value) = with(KeyHeader::ApiKey).key_header().unwrap();
+        assert_eq!((name.as_str(), value.to_str().unwrap(), value.is_sensitive()), ("api-key", "sk-test", true));
+        assert!(!format!("{value:?}").contains("sk-test"), "debug output hides it");
     }
 }

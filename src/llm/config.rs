@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::budget::Limits;
-use super::client::ChatSettings;
+use super::client::{ChatSettings, KeyHeader};
 use super::prompt::StructuredOutput;
 use crate::config::Secret;
 use crate::retry::Backoff;
@@ -24,6 +24,16 @@ pub struct LlmConfig {
     pub api_key: Secret,
     /// A file holding the API key (a mounted Kubernetes Secret).
     pub api_key_file: Option<PathBuf>,
+    /// The header the key goes in: `authorization` (`Bearer <key>`: OpenAI, vLLM, LiteLLM) or
+    /// `api-key` (Azure OpenAI, with a url like
+    /// `https://NAME.openai.azure.com/openai/deployments/DEPLOYMENT?api-version=2024-06-01`).
+    pub api_key_header: KeyHeader,
+    /// Extra CA certificates (PEM) to trust besides the system's (a private endpoint).
+    pub ca_file: Option<PathBuf>,
+    /// Send the key over plain `http://` to a host that is not this machine. Off: the key
+    /// would cross the network readable; turn on only inside a network you trust (a
+    /// cluster-internal LiteLLM proxy).
+    pub allow_key_over_http: bool,
     /// How the server is told to answer only with known labels: `json_schema` (OpenAI, Azure
     /// OpenAI, vLLM), `json_object` (llama-cpp-python's server), `none` (reply parsed and checked).
     pub structured_output: StructuredOutput,
@@ -68,6 +78,9 @@ impl Default for LlmConfig {
             model: String::new(),
             api_key: Secret::default(),
             api_key_file: None,
+            api_key_header: KeyHeader::Authorization,
+            ca_file: None,
+            allow_key_over_http: false,
             structured_output: StructuredOutput::JsonSchema,
             timeout_ms: 60_000,
             retries: 3,
@@ -105,6 +118,8 @@ impl LlmConfig {
             timeout: Duration::from_millis(self.timeout_ms),
             retries: self.retries,
             backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
+            key_header: self.api_key_header,
+            ca_file: self.ca_file.clone(),
         }
     }
 
@@ -115,6 +130,12 @@ impl LlmConfig {
         }
         if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
             return Err(format!("llm.url `{}` must start with http:// or https://", self.url));
+        }
+        if !self.api_key.expose().is_empty() && self.url.starts_with("http://") && !self.allow_key_over_http && !is_loopback(&self.url) {
+            return Err(format!(
+                "llm.url `{}` is plain http:// and an API key is set: the key would cross the network readable. Use https:// (llm.ca_file for a private CA), or set llm.allow_key_over_http = true inside a network you trust",
+                self.url
+            ));
         }
         if self.model.trim().is_empty() {
             return Err("llm.model is empty: name the model the server serves".into());
@@ -136,6 +157,18 @@ impl LlmConfig {
     }
 }
 
+/// Whether an http:// URL's host is this machine.
+fn is_loopback(url: &str) -> bool {
+    let rest = url.trim_start_matches("http://");
+    let host_port = rest.split('/').next().unwrap_or("");
+    let host = if let Some(v6) = host_port.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        host_port.split(':').next().unwrap_or("")
+    };
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,5 +184,13 @@ mod tests {
         let capped = LlmConfig { max_spend_per_hour: Some(5.0), ..ok.clone() };
         assert!(capped.validate().unwrap_err().contains("price"), "a cap needs prices");
         assert!(ok.chat_settings().api_key.is_none(), "no key: no Authorization header");
+        let key = crate::config::Secret::new("sk-live");
+        let remote = LlmConfig { url: "http://llm.internal:4000/v1".into(), api_key: key.clone(), ..ok.clone() };
+        assert!(remote.validate().unwrap_err().contains("allow_key_over_http"), "a key over plain http to another host");
+        assert!(LlmConfig { allow_key_over_http: true, ..remote.clone() }.validate().is_ok());
+        assert!(LlmConfig { url: "https://llm.internal/v1".into(), ..remote.clone() }.validate().is_ok());
+        for local in ["http://127.0.0.1:8080/v1", "http://localhost:8080/v1", "http://[::1]:8080/v1"] {
+            assert!(LlmConfig { url: local.into(), ..remote.clone() }.validate().is_ok(), "{local}");
+        }
     }
 }

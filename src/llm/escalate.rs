@@ -36,8 +36,8 @@ use serde_json::Value;
 use tokio::sync::{mpsc, Semaphore};
 
 use super::answer::{answered_row, Escalation, Roles};
-use super::budget::{Budget, Wait};
-use super::client::{ChatClient, ChatError, Completion};
+use super::budget::{Budget, Estimate, Reservation, Used, Wait};
+use super::client::{ChatClient, ChatError, Completion, Failed};
 use super::config::LlmConfig;
 use super::prompt::{Answer, LabelSpace};
 use crate::config::Config;
@@ -75,7 +75,8 @@ pub struct EscalateReport {
 /// Messages remembered as answered (or in flight) here, beyond what the table is asked.
 const RECENT_KEYS: usize = 100_000;
 
-/// What answers one route's messages: its last tier's labels and how its text is made.
+/// What answers one model's escalations: its labels and how its text is made.
+#[derive(Clone)]
 pub(crate) struct RouteLabels {
     pub(crate) space: LabelSpace,
     pub(crate) roles: Roles,
@@ -138,6 +139,8 @@ struct Shared {
 struct Answered {
     record: Consumed,
     key: Key,
+    /// The LLM chose what the small model had said (every single-label head).
+    agreed: bool,
 }
 
 /// How the sink's verdict on an answer's row is settled: stored rows count as answered; a
@@ -149,7 +152,7 @@ struct AnswerSettle {
 
 impl Settle<Answered> for AnswerSettle {
     fn stored(&self, ticket: Answered, row: &ResultRow) {
-        LlmAnswered { kind: &row.kind, agreed: row.category == row.slm_category }.emit(self.settle.counters());
+        LlmAnswered { kind: &row.kind, agreed: ticket.agreed }.emit(self.settle.counters());
         self.settle.stored(ticket.record, row);
     }
 
@@ -161,28 +164,41 @@ impl Settle<Answered> for AnswerSettle {
     }
 }
 
-/// Load each route's label space (its last tier: the model whose doubt was escalated).
+/// Load the label space of every model that can escalate a route's messages: each cascade
+/// tier and the canary, keyed `topic` + NUL + model name ([`labels_for`]), and the last tier
+/// under the topic alone (a record naming a model no longer configured).
 pub(crate) fn route_labels(config: &Config) -> Result<HashMap<String, RouteLabels>, WorkerError> {
     let mut routes = HashMap::new();
     for route in &config.routes {
-        let dir = Config::tiers(route).pop().unwrap_or_else(|| route.model.clone());
         let failed = |reason: String| WorkerError::Route { topic: route.topic.clone(), reason };
-        let descriptor = Descriptor::load(&dir).map_err(|e| failed(format!("model {}: {e}", dir.display())))?;
-        let space = LabelSpace::of_model(&descriptor, &dir).map_err(|e| failed(format!("model {}: {e}", dir.display())))?;
-        let template_text = config.inference.template.clone().unwrap_or_else(|| descriptor.template.clone());
-        let template = Template::parse(&template_text).map_err(|e| failed(format!("template: {e}")))?;
-        let decoder = Decoder::new(
-            route.fields.clone(),
-            template,
-            config.max_message_bytes.max(DEFAULT_MAX_MESSAGE_BYTES),
-            config.llm.max_text_chars,
-        );
-        routes.insert(
-            route.topic.clone(),
-            RouteLabels { space, roles: Roles::of(&descriptor), decoder, max_text_chars: config.llm.max_text_chars },
-        );
+        let tiers = Config::tiers(route);
+        let last = tiers.last().cloned().unwrap_or_else(|| route.model.clone());
+        let dirs = tiers.into_iter().chain(route.canary.as_ref().map(|c| c.model.clone()));
+        for dir in dirs {
+            let descriptor = Descriptor::load(&dir).map_err(|e| failed(format!("model {}: {e}", dir.display())))?;
+            let space = LabelSpace::of_model(&descriptor, &dir).map_err(|e| failed(format!("model {}: {e}", dir.display())))?;
+            let template_text = config.inference.template.clone().unwrap_or_else(|| descriptor.template.clone());
+            let template = Template::parse(&template_text).map_err(|e| failed(format!("template: {e}")))?;
+            let decoder = Decoder::new(
+                route.fields.clone(),
+                template,
+                config.max_message_bytes.max(DEFAULT_MAX_MESSAGE_BYTES),
+                config.llm.max_text_chars,
+            );
+            let labels = RouteLabels { space, roles: Roles::of(&descriptor), decoder, max_text_chars: config.llm.max_text_chars };
+            if dir == last {
+                routes.insert(route.topic.clone(), labels.clone());
+            }
+            routes.insert(format!("{}\0{}", route.topic, descriptor.name), labels);
+        }
     }
     Ok(routes)
+}
+
+/// The labels to ask the LLM for: those of the model that escalated the row (a cascade's
+/// earlier tier, a canary), else the route's last tier.
+pub(crate) fn labels_for<'a>(routes: &'a HashMap<String, RouteLabels>, row: &ResultRow) -> Option<&'a RouteLabels> {
+    routes.get(&format!("{}\0{}", row.topic, row.model_name)).or_else(|| routes.get(&row.topic))
 }
 
 /// Run until `shutdown` resolves (then drain) or a fatal error.
@@ -443,7 +459,7 @@ fn close_cut_json(raw: &str) -> Option<String> {
 
 /// How one record ends.
 enum Fate {
-    Answer(Box<ResultRow>),
+    Answer(Box<ResultRow>, bool),
     DeadLetter(DeadLetterReason, String),
     /// Settled without a write (already answered).
     Done,
@@ -459,9 +475,9 @@ async fn answer(shared: Arc<Shared>, consumed: Consumed) {
     };
     let key = record.key();
     match decide(&shared, &record, &key).await {
-        Fate::Answer(row) => {
+        Fate::Answer(row, agreed) => {
             // The sink stopped (fatal): the record stays unfinished and is read again.
-            let _ = shared.rows.send(SinkItem { row: *row, ticket: Answered { record: consumed, key } }).await;
+            let _ = shared.rows.send(SinkItem { row: *row, ticket: Answered { record: consumed, key, agreed } }).await;
         }
         Fate::DeadLetter(reason, detail) => {
             if let Ok(mut recent) = shared.recent.lock() {
@@ -475,7 +491,7 @@ async fn answer(shared: Arc<Shared>, consumed: Consumed) {
 }
 
 async fn decide(shared: &Shared, record: &Escalation, key: &Key) -> Fate {
-    let Some(route) = shared.routes.get(&record.row.topic) else {
+    let Some(route) = labels_for(&shared.routes, &record.row) else {
         return Fate::DeadLetter(
             DeadLetterReason::Unrouted,
             format!("no route for the message's topic `{}` in this configuration (its labels are unknown)", record.row.topic),
@@ -491,9 +507,9 @@ async fn decide(shared: &Shared, record: &Escalation, key: &Key) -> Fate {
         Err(detail) => return Fate::DeadLetter(DeadLetterReason::EscalationInvalid, format!("the message's text: {detail}")),
     };
     let request = route.space.request(&shared.llm.model, &text, shared.llm.structured_output, shared.llm.max_tokens);
-    // About four characters a token, plus the longest reply: what the tokens-per-minute
-    // limit counts until the server says what the call really used.
-    let estimate = (request.to_string().len() / 4) as u64 + u64::from(shared.llm.max_tokens);
+    // About four characters a token, plus the longest reply: what a call holds of the limits
+    // until the server says what it really used (and what it counts if the server never says).
+    let estimate = Estimate { prompt_tokens: (request.to_string().len() / 4) as u64, completion_tokens: u64::from(shared.llm.max_tokens) };
     let mut last_reply = String::new();
     let mut outage = 0u32;
     let mut invalid = 0u32;
@@ -504,14 +520,16 @@ async fn decide(shared: &Shared, record: &Escalation, key: &Key) -> Fate {
         // Held for one attempt only: a record waiting out a backoff leaves its slot to others.
         let Ok(_permit) = shared.calls.acquire().await else { return Fate::Abandoned };
         let attempt_began = shared.elapsed_ms();
-        let started = shared.wait_for_budget(estimate).await;
-        let call = shared.client.complete(&request).await;
+        let reservation = shared.wait_for_budget(estimate).await;
+        let call = shared.client.complete_counted(&request).await;
         let model = shared.llm.model.as_str();
         let counters = shared.settle.counters();
         let reply: Result<Completion, ChatError> = match call {
-            Ok(c) => {
-                let cost =
-                    shared.budget.lock().map(|mut b| b.finish(started, estimate, c.prompt_tokens, c.completion_tokens)).unwrap_or(0.0);
+            Ok(mut c) => {
+                let used = if c.usage_reported { Used::Reported(c.prompt_tokens, c.completion_tokens) } else { Used::Unknown };
+                let (prompt, completion, cost) = shared.finish_call(reservation, used, c.attempts);
+                // Without `usage`, the row and the ledger carry the estimate (not 0).
+                (c.prompt_tokens, c.completion_tokens) = (prompt, completion);
                 LlmCalled {
                     model,
                     prompt_tokens: c.prompt_tokens,
@@ -522,9 +540,19 @@ async fn decide(shared: &Shared, record: &Escalation, key: &Key) -> Fate {
                 .emit(counters);
                 Ok(c)
             }
-            Err(e) => {
-                if let Ok(mut b) = shared.budget.lock() {
-                    b.finish(started, estimate, 0, 0);
+            Err(Failed { error: e, attempts }) => {
+                // A timed-out call may have run on the server: it costs its estimate.
+                let used = if matches!(e, ChatError::Timeout(_)) { Used::Unknown } else { Used::Nothing };
+                let (prompt, completion, cost) = shared.finish_call(reservation, used, attempts);
+                if cost > 0.0 {
+                    LlmCalled {
+                        model,
+                        prompt_tokens: prompt,
+                        completion_tokens: completion,
+                        latency: Duration::ZERO,
+                        cost_micros: (cost * 1e6).round() as u64,
+                    }
+                    .emit(counters);
                 }
                 LlmCallFailed { model, kind: e.kind() }.emit(counters);
                 Err(e)
@@ -537,7 +565,8 @@ async fn decide(shared: &Shared, record: &Escalation, key: &Key) -> Fate {
             Ok(call) => match route.space.parse(&call.content) {
                 Ok(answer) => {
                     shared.refusal_streak.store(0, std::sync::atomic::Ordering::SeqCst);
-                    return Fate::Answer(Box::new(shared.row(&record.row, &answer, route, &call)));
+                    let agreed = super::answer::agrees(&record.row, &answer, &route.roles);
+                    return Fate::Answer(Box::new(shared.row(&record.row, &answer, route, &call)), agreed);
                 }
                 Err(e) => {
                     last_reply = cut_at_char(&call.content, 2_000).to_string();
@@ -682,16 +711,17 @@ impl Shared {
         }
     }
 
-    /// Wait until the limits let a call of about `tokens` start; returns when it started.
-    async fn wait_for_budget(&self, tokens: u64) -> Instant {
+    /// Wait until the limits let a call expected to use `estimate` start; its reservation
+    /// (None only if the budget's lock was poisoned by a panic: the call is not held back).
+    async fn wait_for_budget(&self, estimate: Estimate) -> Option<Reservation> {
         loop {
             let now = Instant::now();
             let verdict = match self.budget.lock() {
-                Ok(mut b) => b.try_start(now, tokens),
-                Err(_) => Ok(()),
+                Ok(mut b) => b.try_start(now, estimate, 0.0),
+                Err(_) => return None,
             };
             let wait = match verdict {
-                Ok(()) => return now,
+                Ok(reservation) => return Some(reservation),
                 Err(wait) => wait,
             };
             let limit = match wait {
@@ -702,6 +732,17 @@ impl Shared {
             LlmBudgetWaited { limit, wait: wait.duration() }.emit(self.settle.counters());
             // Waits are re-checked at least every few seconds (other calls finish meanwhile).
             tokio::time::sleep(wait.duration().clamp(Duration::from_millis(50), Duration::from_secs(5))).await;
+        }
+    }
+
+    /// Settle a call's reservation: (prompt tokens, completion tokens, cost) counted.
+    fn finish_call(&self, reservation: Option<Reservation>, used: Used, attempts: u32) -> (u64, u64, f64) {
+        match (reservation, self.budget.lock()) {
+            (Some(r), Ok(mut b)) => b.finish(Instant::now(), r, used, attempts),
+            _ => match used {
+                Used::Reported(p, c) => (p, c, self.llm.limits().cost(p, c)),
+                _ => (0, 0, 0.0),
+            },
         }
     }
 
@@ -763,6 +804,27 @@ mod tests {
         assert_eq!(text_of(&route, &garbled).unwrap().chars().count(), 500);
         let plain = Escalation { row: ResultRow::default(), message: Value::String("é".repeat(10_000)), truncated: false };
         assert_eq!(text_of(&route, &plain).unwrap().chars().count(), 500);
+    }
+
+    /// Issue 22: the last cascade tier's labels were asked for even when an earlier tier (or a
+    /// canary) had escalated the message.
+    #[test]
+    fn the_llm_is_asked_for_the_labels_of_the_model_that_escalated() {
+        let mut fast = route(100);
+        fast.space.heads[0].name = "fast_intent".into();
+        let last = route(100);
+        let routes = HashMap::from([
+            ("tickets".to_string(), last.clone()),
+            ("tickets\0accurate".to_string(), last),
+            ("tickets\0fast".to_string(), fast),
+        ]);
+        let row = |model: &str| ResultRow { topic: "tickets".into(), model_name: model.into(), ..ResultRow::default() };
+        let head = |model: &str| labels_for(&routes, &row(model)).map(|r| r.space.heads[0].name.clone());
+        assert_eq!(head("fast").as_deref(), Some("fast_intent"));
+        assert_eq!(head("accurate").as_deref(), Some("intent"));
+        assert_eq!(head("renamed-since").as_deref(), Some("intent"), "an unknown model: the route's last tier");
+        let other = ResultRow { topic: "returns".into(), ..ResultRow::default() };
+        assert!(labels_for(&routes, &other).is_none());
     }
 
     #[test]

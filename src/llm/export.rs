@@ -19,7 +19,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Map, Value};
 
 use super::answer::Escalation;
-use super::escalate::{route_labels, text_of, RouteLabels};
+use super::escalate::{labels_for, route_labels, text_of, RouteLabels};
 use crate::config::{ClientRole, Config};
 use crate::sink::clickhouse::service::LlmAnswer;
 use crate::sink::clickhouse::ClickHouseService;
@@ -141,7 +141,7 @@ pub async fn export_labels(config: &Config, out: &mut dyn Write, progress: &dyn 
             continue;
         };
         let key = record.key();
-        let (Some(answer), Some(route)) = (answers.get(&key), routes.get(&record.row.topic)) else {
+        let (Some(answer), Some(route)) = (answers.get(&key), labels_for(&routes, &record.row)) else {
             if routes.contains_key(&record.row.topic) {
                 report.unanswered += 1;
             } else {

@@ -1,5 +1,4 @@
-//! The LLM tier's contract with a large model (issue 14 groundwork, not yet wired to a
-//! command): the label space of a small model's heads, the chat-completions request that asks
+//! The LLM tier's contract with a large model (`triage escalate` drives it): the label space of a small model's heads, the chat-completions request that asks
 //! for exactly those labels, and the checks on the reply.
 //!
 //! Servers take the constraint in different dialects: OpenAI and vLLM `response_format`
