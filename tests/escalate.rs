@@ -741,3 +741,44 @@ fn a_reply_without_usage_counts_its_estimate() {
     assert_eq!(completion, 200, "the longest reply allowed");
     assert_eq!(escalate.terminate(Duration::from_secs(30)), Some(Exit::OK), "{}", escalate.log_text());
 }
+
+/// Issue 22: the hourly cap was per process, so N replicas spent N times it and a restart
+/// reset it. Every call's cost now goes to a ledger table all replicas read: a process started
+/// after another spent most of the hour's cap makes no call.
+#[test]
+fn the_spend_cap_is_shared_through_the_ledger_across_processes_and_restarts() {
+    let ch = shared_clickhouse();
+    let env = Env::new("escalate_ledger", ch.url());
+    env.apply_schema();
+    env.kafka.create_topic("tickets", 1).unwrap();
+    env.produce("triage.escalations", &[record(1, "card one"), record(2, "card two")]);
+    let (url, seen) = scripted_llm(None);
+    // 1 per token: each answered call costs 110 (the scripted usage).
+    let priced = |cap: f64| {
+        move |c: &mut Config| {
+            c.llm.prompt_price_per_million = 1_000_000.0;
+            c.llm.completion_price_per_million = 1_000_000.0;
+            c.llm.max_spend_per_hour = Some(cap);
+        }
+    };
+    let first = escalate_config(&env, "ledger1", &url, "stub-llm", priced(1e9));
+    let mut escalate = env.spawn_command("escalate", &first, "escalate-ledger1", &[]);
+    env.wait_for(&mut escalate, "both answered and in the ledger", Duration::from_secs(60), || {
+        env.query_u64("SELECT toUInt64(sum(cost)) FROM results_llm_spend") == 220
+    });
+    assert_eq!(escalate.terminate(Duration::from_secs(30)), Some(Exit::OK), "{}", escalate.log_text());
+    let calls_before = seen.lock().unwrap().iter().filter(|(_, s)| *s == 200).count();
+    assert_eq!(calls_before, 2);
+
+    // Another process (a replica, or this one restarted) under a cap of 300: 220 already spent
+    // this hour, so a call of its estimate does not fit.
+    env.produce("triage.escalations", &[record(3, "card three")]);
+    let second = escalate_config(&env, "ledger2", &url, "stub-llm", priced(300.0));
+    let mut escalate = env.spawn_command("escalate", &second, "escalate-ledger2", &[]);
+    let log = escalate.whole_log();
+    env.wait_for(&mut escalate, "the cap to hold the call", Duration::from_secs(60), || log.text().contains("spend cap is reached"));
+    std::thread::sleep(Duration::from_secs(2));
+    let calls_after = seen.lock().unwrap().iter().filter(|(_, s)| *s == 200).count();
+    assert_eq!(calls_after, calls_before, "no call: the other process's spend counts");
+    assert_eq!(escalate.terminate(Duration::from_secs(30)), Some(Exit::OK), "{}", escalate.log_text());
+}

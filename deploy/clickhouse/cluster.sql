@@ -109,6 +109,24 @@ ORDER BY (toDate(event_time), topic, partition, offset);
 CREATE TABLE IF NOT EXISTS triage.results_shadow ON CLUSTER '{cluster}' AS triage.results_shadow_local
 ENGINE = Distributed('{cluster}', triage, results_shadow_local, cityHash64(topic, partition, offset));
 
+CREATE TABLE IF NOT EXISTS triage.results_llm_spend_local ON CLUSTER '{cluster}'
+(
+    `time` DateTime,
+    `time_ms` UInt64,
+    `instance` String,
+    `worker_id` String,
+    `model` String,
+    `prompt_tokens` UInt64,
+    `completion_tokens` UInt64,
+    `cost` Float64
+)
+ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/triage/results_llm_spend_local', '{replica}')
+PARTITION BY toYYYYMMDD(time)
+ORDER BY time;
+
+CREATE TABLE IF NOT EXISTS triage.results_llm_spend ON CLUSTER '{cluster}' AS triage.results_llm_spend_local
+ENGINE = Distributed('{cluster}', triage, results_llm_spend_local, rand());
+
 CREATE VIEW IF NOT EXISTS triage.results_hourly ON CLUSTER '{cluster}' AS
 SELECT toStartOfHour(event_time) AS hour, kind, category, priority,
        count() AS messages, sum(escalated) AS escalations, avg(confidence) AS mean_confidence

@@ -98,6 +98,21 @@ ENGINE = ReplacingMergeTree(row_version)
 PARTITION BY toYYYYMM(event_time)
 ORDER BY (toDate(event_time), topic, partition, offset);
 
+CREATE TABLE IF NOT EXISTS triage.results_llm_spend
+(
+    `time` DateTime,
+    `time_ms` UInt64,
+    `instance` String,
+    `worker_id` String,
+    `model` String,
+    `prompt_tokens` UInt64,
+    `completion_tokens` UInt64,
+    `cost` Float64
+)
+ENGINE = MergeTree()
+PARTITION BY toYYYYMMDD(time)
+ORDER BY time;
+
 CREATE VIEW IF NOT EXISTS triage.results_hourly AS
 SELECT toStartOfHour(event_time) AS hour, kind, category, priority,
        count() AS messages, sum(escalated) AS escalations, avg(confidence) AS mean_confidence

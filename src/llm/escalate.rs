@@ -133,6 +133,8 @@ struct Shared {
     /// that keeps failing while others get replies is at fault itself, not the endpoint.
     last_reply_ms: std::sync::atomic::AtomicU64,
     started: Instant,
+    /// With a spend cap: what every replica spends, shared through ClickHouse.
+    ledger: Option<Arc<super::ledger::Ledger>>,
 }
 
 /// The sink's ticket for an answer's row: the record, and its message's key.
@@ -258,6 +260,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<E
     let sink_settle = Arc::new(AnswerSettle { settle: settle.clone(), recent: recent.clone() });
     let mut sink = tokio::spawn(ch::run(clickhouse.clone(), row_rx, block_policy, sink_settle));
 
+    // With a spend cap, the cap is shared through the ledger table (`triage schema apply`).
+    let (ledger, ledger_task) = if config.llm.max_spend_per_hour.is_some() {
+        let (ledger, task) = super::ledger::Ledger::start(clickhouse.clone(), &worker_id, &config.llm.model).await.map_err(|e| {
+            WorkerError::Llm(format!(
+                "the spend ledger {}.{} cannot be read ({e}): run `triage schema apply` (llm.max_spend_per_hour is shared through it)",
+                config.clickhouse.database,
+                ch::schema::ledger_table(&config.clickhouse)
+            ))
+        })?;
+        (Some(ledger), Some(task))
+    } else {
+        (None, None)
+    };
+
     let shared = Arc::new(Shared {
         routes,
         client: ChatClient::new(config.llm.chat_settings()).map_err(|e| WorkerError::Llm(e.to_string()))?,
@@ -273,6 +289,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<E
         refusal_streak: std::sync::atomic::AtomicUsize::new(0),
         last_reply_ms: std::sync::atomic::AtomicU64::new(0),
         started,
+        ledger,
     });
 
     let mut kafka_config = config.kafka.clone();
@@ -353,6 +370,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<E
         let _ = tokio::time::timeout(Duration::from_millis(200), kafka.recv()).await;
     }
     let unfinished = in_flight(&tracker);
+    // The ledger's last calls are written once nothing holds it (bounded: calls still running
+    // at a drain deadline keep it open).
+    drop(shared);
+    if let Some(task) = ledger_task {
+        let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
+    }
     kafka.unsubscribe();
     crate::source::kafka::close_within(kafka, Duration::from_secs(10));
     if let Some(server) = server {
@@ -717,7 +740,7 @@ impl Shared {
         loop {
             let now = Instant::now();
             let verdict = match self.budget.lock() {
-                Ok(mut b) => b.try_start(now, estimate, 0.0),
+                Ok(mut b) => b.try_start(now, estimate, self.ledger.as_ref().map_or(0.0, |l| l.elsewhere())),
                 Err(_) => return None,
             };
             let wait = match verdict {
@@ -737,13 +760,19 @@ impl Shared {
 
     /// Settle a call's reservation: (prompt tokens, completion tokens, cost) counted.
     fn finish_call(&self, reservation: Option<Reservation>, used: Used, attempts: u32) -> (u64, u64, f64) {
-        match (reservation, self.budget.lock()) {
+        let counted = match (reservation, self.budget.lock()) {
             (Some(r), Ok(mut b)) => b.finish(Instant::now(), r, used, attempts),
             _ => match used {
                 Used::Reported(p, c) => (p, c, self.llm.limits().cost(p, c)),
                 _ => (0, 0, 0.0),
             },
+        };
+        if let (Some(ledger), (prompt, completion, cost)) = (&self.ledger, counted) {
+            if cost > 0.0 {
+                ledger.record(prompt, completion, cost);
+            }
         }
+        counted
     }
 
     fn row(&self, small: &ResultRow, answer: &Answer, route: &RouteLabels, call: &Completion) -> ResultRow {

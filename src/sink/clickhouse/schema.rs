@@ -220,6 +220,41 @@ pub fn table_statements(c: &ClickHouseConfig) -> Vec<String> {
     out
 }
 
+/// `triage escalate`'s spend ledger: a row per LLM call with what it cost, so replicas (and a
+/// restarted process) share one hourly cap. Plain MergeTree, a day per partition (drop old
+/// days, or the TTL in `ttl.sql` on modern servers); on a cluster, replicated and read through
+/// a Distributed table.
+pub fn ledger_table(c: &ClickHouseConfig) -> String {
+    format!("{}_llm_spend", c.table)
+}
+
+pub fn ledger_statements(c: &ClickHouseConfig) -> Vec<String> {
+    let table = ledger_table(c);
+    let local = match c.cluster {
+        Some(_) => format!("{table}_local"),
+        None => table.clone(),
+    };
+    let engine = match c.cluster {
+        Some(_) => format!("ReplicatedMergeTree('/clickhouse/tables/{{shard}}/{db}/{local}', '{{replica}}')", db = c.database),
+        None => "MergeTree()".to_string(),
+    };
+    let mut out = vec![format!(
+        "CREATE TABLE IF NOT EXISTS {db}.{local}{on}\n(\n    `time` DateTime,\n    `time_ms` UInt64,\n    `instance` String,\n    \
+         `worker_id` String,\n    `model` String,\n    `prompt_tokens` UInt64,\n    `completion_tokens` UInt64,\n    `cost` Float64\n)\n\
+         ENGINE = {engine}\nPARTITION BY toYYYYMMDD(time)\nORDER BY time",
+        db = c.database,
+        on = on_cluster(c),
+    )];
+    if let Some(cluster) = c.cluster.as_deref() {
+        out.push(format!(
+            "CREATE TABLE IF NOT EXISTS {db}.{table}{on} AS {db}.{local}\nENGINE = Distributed('{cluster}', {db}, {local}, rand())",
+            db = c.database,
+            on = on_cluster(c),
+        ));
+    }
+    out
+}
+
 /// Every statement, in the order `triage schema apply` runs them (plus any `add_columns`
 /// between the tables and the views).
 pub fn statements(c: &ClickHouseConfig) -> Vec<String> {
@@ -228,6 +263,7 @@ pub fn statements(c: &ClickHouseConfig) -> Vec<String> {
     let shadow = c.shadow();
     out.push(create_table(&shadow));
     out.extend(create_distributed(&shadow));
+    out.extend(ledger_statements(c));
     out.extend(views(c).into_iter().map(|(_, sql)| sql));
     out
 }

@@ -138,6 +138,20 @@ pub struct LlmAnswer {
     pub answered_by: String,
 }
 
+/// One LLM call in the spend ledger.
+#[derive(Debug, Clone, PartialEq, clickhouse::Row, serde::Serialize, serde::Deserialize)]
+pub struct SpendEntry {
+    pub time: u32,
+    pub time_ms: u64,
+    /// This process (a restarted one is another instance: its predecessor's spend counts).
+    pub instance: String,
+    pub worker_id: String,
+    pub model: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost: f64,
+}
+
 /// How many messages a shadow model and the route's model got right against a later answer
 /// (an LLM's or a person's), per judge and reference label (`triage eval --shadow`).
 #[derive(Debug, Clone, PartialEq, clickhouse::Row, serde::Deserialize)]
@@ -194,6 +208,9 @@ impl ClickHouseService {
         // The results table, and its twin for shadow models' answers.
         for config in [self.config.clone(), self.config.shadow()] {
             self.apply_table(&admin, &config).await?;
+        }
+        for stmt in schema::ledger_statements(&self.config) {
+            admin.query(&stmt).execute().await?;
         }
         for (_, stmt) in schema::views(&self.config) {
             admin.query(&stmt).execute().await?;
@@ -263,6 +280,26 @@ impl ClickHouseService {
             self.config.database, self.config.table
         );
         self.client.query(&sql).fetch_all::<LlmAnswer>().await
+    }
+
+    /// Append calls to the spend ledger.
+    pub async fn record_spend(&self, entries: &[SpendEntry]) -> Result<(), clickhouse::error::Error> {
+        // The client's database is the configured one; the crate quotes the name as one identifier.
+        let mut insert = self.client.insert::<SpendEntry>(&schema::ledger_table(&self.config)).await?;
+        for e in entries {
+            insert.write(e).await?;
+        }
+        insert.end().await
+    }
+
+    /// What instances other than `instance` spent since `since_ms` (unix ms).
+    pub async fn spent_elsewhere(&self, instance: &str, since_ms: u64) -> Result<f64, clickhouse::error::Error> {
+        let sql = format!(
+            "SELECT toFloat64(sum(cost)) FROM {}.{} WHERE time >= toDateTime(?) AND time_ms >= ? AND instance != ?",
+            self.config.database,
+            schema::ledger_table(&self.config)
+        );
+        self.client.query(&sql).bind((since_ms / 1000) as u32).bind(since_ms).bind(instance).fetch_one::<f64>().await
     }
 
     /// Shadow and primary answers scored against the answer that replaced the primary's
