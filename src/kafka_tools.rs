@@ -260,24 +260,51 @@ pub fn redrive(
 
 /// Whether the group's committed offsets reached the end of every partition of `topics`.
 pub fn group_caught_up(kafka: &crate::config::KafkaConfig, topics: &[String]) -> Result<bool, rdkafka::error::KafkaError> {
-    use rdkafka::{Offset, TopicPartitionList};
+    use rdkafka::TopicPartitionList;
     let consumer: BaseConsumer = kafka.client(crate::config::ClientRole::Observer).create()?;
     let metadata = consumer.fetch_metadata(None, Duration::from_secs(5))?;
     let mut list = TopicPartitionList::new();
-    let mut ends = Vec::new();
+    let mut ends = std::collections::HashMap::new();
     for t in metadata.topics().iter().filter(|t| topics.iter().any(|x| x == t.name())) {
         for p in t.partitions() {
             list.add_partition(t.name(), p.id());
             let (_, high) = consumer.fetch_watermarks(t.name(), p.id(), Duration::from_secs(5))?;
-            ends.push(high);
+            ends.insert((t.name().to_string(), p.id()), high);
         }
     }
     if ends.is_empty() {
         return Ok(false);
     }
     let committed = consumer.committed_offsets(list, Duration::from_secs(5))?;
-    Ok(committed.elements().iter().zip(ends).all(|(e, high)| match e.offset() {
-        Offset::Offset(o) => o >= high,
-        _ => high == 0,
-    }))
+    Ok(caught_up(&ends, committed.elements().iter().map(|e| ((e.topic().to_string(), e.partition()), e.offset()))))
+}
+
+/// Every partition in `ends` has a committed offset at its end (a partition missing from the
+/// answer is not caught up: a broker may answer with fewer partitions than asked, and zipping
+/// the two lists once made an empty answer "caught up").
+fn caught_up(
+    ends: &std::collections::HashMap<(String, i32), i64>,
+    committed: impl Iterator<Item = ((String, i32), rdkafka::Offset)>,
+) -> bool {
+    let committed: std::collections::HashMap<(String, i32), rdkafka::Offset> = committed.collect();
+    ends.iter().all(|(tp, high)| match committed.get(tp) {
+        Some(rdkafka::Offset::Offset(o)) => o >= high,
+        Some(_) => *high == 0,
+        None => false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_group_is_caught_up_only_when_every_partition_is_answered_and_at_its_end() {
+        let ends = std::collections::HashMap::from([(("t".to_string(), 0), 600), (("t".to_string(), 1), 0)]);
+        let at = |o0: i64| vec![(("t".to_string(), 0), rdkafka::Offset::Offset(o0)), (("t".to_string(), 1), rdkafka::Offset::Invalid)];
+        assert!(caught_up(&ends, at(600).into_iter()));
+        assert!(!caught_up(&ends, at(22).into_iter()));
+        assert!(!caught_up(&ends, std::iter::empty()), "an empty answer is not caught up");
+        assert!(!caught_up(&ends, at(600).into_iter().skip(1)), "a partition missing from the answer");
+    }
 }

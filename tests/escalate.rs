@@ -684,7 +684,15 @@ fn a_backlog_is_taken_in_at_max_in_flight_not_all_at_once() {
         }
         escalate_caught_up(&env)
     });
-    assert_eq!(env.query_u64("SELECT count() FROM results FINAL WHERE answered_by = 'llm:stub-llm'"), 600);
+    let kafka = triage::config::KafkaConfig { group_id: format!("{}-llm", env.group), ..env.kafka_config() };
+    let committed = committed_offset(&kafka, "triage.escalations");
+    let ends = env.kafka.end_offsets("triage.escalations");
+    assert_eq!(
+        env.query_u64("SELECT count() FROM results FINAL WHERE answered_by = 'llm:stub-llm'"),
+        600,
+        "committed {committed:?}, end offsets {ends:?}, calls {}",
+        seen.lock().unwrap().len()
+    );
     assert!(seen.lock().unwrap().len() >= 600);
     eprintln!("peak in-flight: {peak}");
     assert!(peak > 0.0, "the gauge was read");
