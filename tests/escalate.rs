@@ -124,6 +124,14 @@ fn escalate_config(env: &Env, name: &str, url: &str, model: &str, edit: impl FnO
     })
 }
 
+/// A test's own Kafka and database on the shared ClickHouse, schema applied, `tickets` made.
+fn escalate_env(name: &str) -> Env {
+    let env = Env::new(name, shared_clickhouse().url());
+    env.apply_schema();
+    env.kafka.create_topic("tickets", 1).unwrap();
+    env
+}
+
 fn escalate_caught_up(env: &Env) -> bool {
     let kafka = triage::config::KafkaConfig { group_id: format!("{}-llm", env.group), ..env.kafka_config() };
     triage::kafka_tools::group_caught_up(&kafka, &["triage.escalations".to_string()]).unwrap_or(false)
@@ -165,9 +173,7 @@ fn reasons(env: &Env) -> Vec<String> {
 #[test]
 fn llm_answers_become_the_rows_version_and_nothing_is_lost_or_sent_twice() {
     let ch = shared_clickhouse();
-    let env = Env::new("escalate", ch.url());
-    env.apply_schema();
-    env.kafka.create_topic("tickets", 1).unwrap();
+    let env = escalate_env("escalate");
     let normal = [
         "where is my new card",
         "my card has not arrived yet",
@@ -307,10 +313,7 @@ fn seen_after(seen: &[(String, u16)], before: usize) -> Vec<(String, u16)> {
 
 #[test]
 fn the_hourly_spend_cap_holds_calls_and_commits_only_what_was_answered() {
-    let ch = shared_clickhouse();
-    let env = Env::new("escalate_cap", ch.url());
-    env.apply_schema();
-    env.kafka.create_topic("tickets", 1).unwrap();
+    let env = escalate_env("escalate_cap");
     env.produce("triage.escalations", &(1..=4).map(|o| record(o, &format!("card question {o}"))).collect::<Vec<_>>());
     let (url, seen) = scripted_llm(None);
     // 110 tokens at 1 per token: the first answered call spends over the cap of 50 an hour.
@@ -427,10 +430,7 @@ fn refused_everywhere(name: &str, status: u16, named: &str) {
 
 #[test]
 fn an_endpoint_that_stays_down_fails_readiness_and_loses_nothing() {
-    let ch = shared_clickhouse();
-    let env = Env::new("escalate_down", ch.url());
-    env.apply_schema();
-    env.kafka.create_topic("tickets", 1).unwrap();
+    let env = escalate_env("escalate_down");
     env.produce("triage.escalations", &[record(1, "where is my card")]);
     let (url, seen) = scripted_llm(Some(503));
     let config = escalate_config(&env, "down", &url, "stub-llm", |c| {
@@ -544,9 +544,7 @@ fn llama_server(log: &Path) -> LlamaServer {
 #[test]
 fn the_demo_escalations_are_answered_by_llama_cpp_and_land_as_row_versions() {
     let ch = shared_clickhouse();
-    let env = Env::new("escalate_llama", ch.url());
-    env.apply_schema();
-    env.kafka.create_topic("tickets", 1).unwrap();
+    let env = escalate_env("escalate_llama");
     let demo = std::fs::read_to_string(common::root().join("deploy/demo/tickets.jsonl")).unwrap();
     let messages: Vec<(String, Vec<u8>)> =
         demo.lines().filter(|l| !l.trim().is_empty()).enumerate().map(|(i, l)| (format!("d-{i}"), l.as_bytes().to_vec())).collect();
@@ -605,10 +603,7 @@ fn the_demo_escalations_are_answered_by_llama_cpp_and_land_as_row_versions() {
 /// the command stops instead of dead-lettering the topic.
 #[test]
 fn a_streak_of_refusals_with_no_answer_stops_escalate_after_a_few_dead_letters() {
-    let ch = shared_clickhouse();
-    let env = Env::new("escalate_streak", ch.url());
-    env.apply_schema();
-    env.kafka.create_topic("tickets", 1).unwrap();
+    let env = escalate_env("escalate_streak");
     let records: Vec<_> = (1..=20).map(|i| record(i, &format!("my card number {i} never arrived"))).collect();
     env.produce("triage.escalations", &records);
     let (url, _seen) = scripted_llm(Some(413));
@@ -631,10 +626,7 @@ fn a_streak_of_refusals_with_no_answer_stops_escalate_after_a_few_dead_letters()
 /// attempts, and everything is committed.
 #[test]
 fn a_message_that_always_times_out_is_dead_lettered_while_the_others_are_answered() {
-    let ch = shared_clickhouse();
-    let env = Env::new("escalate_hang", ch.url());
-    env.apply_schema();
-    env.kafka.create_topic("tickets", 1).unwrap();
+    let env = escalate_env("escalate_hang");
     let mut records = vec![record(1, "HANG my card")];
     records.extend((2..=8).map(|i| record(i, &format!("where is card {i}"))));
     env.produce("triage.escalations", &records);
@@ -660,10 +652,7 @@ fn a_message_that_always_times_out_is_dead_lettered_while_the_others_are_answere
 /// are unfinished: the in-flight gauge stays near the limit through a backlog.
 #[test]
 fn a_backlog_is_taken_in_at_max_in_flight_not_all_at_once() {
-    let ch = shared_clickhouse();
-    let env = Env::new("escalate_backlog", ch.url());
-    env.apply_schema();
-    env.kafka.create_topic("tickets", 1).unwrap();
+    let env = escalate_env("escalate_backlog");
     let records: Vec<_> = (1..=600).map(|i| record(i, &format!("card question number {i}"))).collect();
     env.produce("triage.escalations", &records);
     let (url, seen) = scripted_llm(None);
@@ -706,10 +695,7 @@ fn a_backlog_is_taken_in_at_max_in_flight_not_all_at_once() {
 /// other three wait.
 #[test]
 fn concurrent_calls_cannot_all_start_under_the_cap() {
-    let ch = shared_clickhouse();
-    let env = Env::new("escalate_cap_concurrent", ch.url());
-    env.apply_schema();
-    env.kafka.create_topic("tickets", 1).unwrap();
+    let env = escalate_env("escalate_cap_concurrent");
     env.produce("triage.escalations", &(1..=4).map(|o| record(o, &format!("SLOW card question {o}"))).collect::<Vec<_>>());
     let (url, seen) = scripted_llm(None);
     let config = escalate_config(&env, "capc", &url, "stub-llm", |c| {
@@ -731,10 +717,7 @@ fn concurrent_calls_cannot_all_start_under_the_cap() {
 /// counts the call's estimate, which the row carries.
 #[test]
 fn a_reply_without_usage_counts_its_estimate() {
-    let ch = shared_clickhouse();
-    let env = Env::new("escalate_nousage", ch.url());
-    env.apply_schema();
-    env.kafka.create_topic("tickets", 1).unwrap();
+    let env = escalate_env("escalate_nousage");
     env.produce("triage.escalations", &[record(1, "NOUSAGE where is my card")]);
     let (url, _seen) = scripted_llm(None);
     let config = escalate_config(&env, "nousage", &url, "stub-llm", |c| c.llm.max_tokens = 200);
@@ -755,10 +738,7 @@ fn a_reply_without_usage_counts_its_estimate() {
 /// after another spent most of the hour's cap makes no call.
 #[test]
 fn the_spend_cap_is_shared_through_the_ledger_across_processes_and_restarts() {
-    let ch = shared_clickhouse();
-    let env = Env::new("escalate_ledger", ch.url());
-    env.apply_schema();
-    env.kafka.create_topic("tickets", 1).unwrap();
+    let env = escalate_env("escalate_ledger");
     env.produce("triage.escalations", &[record(1, "card one"), record(2, "card two")]);
     let (url, seen) = scripted_llm(None);
     // 1 per token: each answered call costs 110 (the scripted usage).

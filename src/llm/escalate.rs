@@ -42,6 +42,7 @@ use super::config::LlmConfig;
 use super::prompt::{Answer, LabelSpace};
 use crate::config::Config;
 use crate::message::{Decoder, DEFAULT_MAX_MESSAGE_BYTES};
+use crate::model::text::prefix_chars;
 use crate::model::{Descriptor, Template};
 use crate::retry::Backoff;
 use crate::sink::clickhouse::{self as ch, ClickHouseService, ResultRow, Settle, SinkItem};
@@ -412,7 +413,11 @@ pub(crate) fn text_of(route: &RouteLabels, record: &Escalation) -> Result<String
     let text = match &record.message {
         Value::Object(_) if !record.truncated => {
             let bytes = serde_json::to_vec(&record.message).map_err(|e| e.to_string())?;
-            return route.decoder.decode(&bytes).map(|d| first_chars(&d.text.text, route.max_text_chars).to_string()).map_err(|e| e.detail);
+            return route
+                .decoder
+                .decode(&bytes)
+                .map(|d| prefix_chars(&d.text.text, route.max_text_chars).0.to_string())
+                .map_err(|e| e.detail);
         }
         // A cut message: whatever of the template's fields survived whole, else the raw cut.
         Value::String(raw) if record.truncated => salvaged_fields(route, raw).unwrap_or_else(|| raw.clone()),
@@ -420,12 +425,7 @@ pub(crate) fn text_of(route: &RouteLabels, record: &Escalation) -> Result<String
         Value::Null => return Err("the record has no message".into()),
         other => other.to_string(),
     };
-    Ok(first_chars(&text, route.max_text_chars).to_string())
-}
-
-/// The first `n` characters of `text`.
-fn first_chars(text: &str, n: usize) -> &str {
-    text.char_indices().nth(n).map_or(text, |(end, _)| &text[..end])
+    Ok(prefix_chars(&text, route.max_text_chars).0.to_string())
 }
 
 /// The route's template over the fields of a cut JSON message that are still whole: the

@@ -101,7 +101,7 @@ pub struct Rendered {
 }
 
 /// The longest prefix of `s` with at most `max` characters: (prefix, its chars, whether cut).
-fn prefix_chars(s: &str, max: usize) -> (&str, usize, bool) {
+pub(crate) fn prefix_chars(s: &str, max: usize) -> (&str, usize, bool) {
     match s.char_indices().nth(max) {
         Some((byte, _)) => (&s[..byte], max, true),
         None => (s, s.chars().count(), false),
