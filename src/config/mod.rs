@@ -87,6 +87,10 @@ pub struct RouteConfig {
     /// escalations), picked by key hash: `canary = { model = "models/v8", share = 0.05 }`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canary: Option<CanaryConfig>,
+    /// What `triage escalate`'s large model should know about this route's messages (after
+    /// `llm.instructions`), e.g. "Returns of furniture bought online; damage claims need photos".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub llm_instructions: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -124,6 +128,7 @@ impl RouteConfig {
             shadow: None,
             shadow_share: 1.0,
             canary: None,
+            llm_instructions: None,
         }
     }
 }

@@ -26,6 +26,8 @@ pub struct Limits {
     /// Prices per million tokens (the provider's; 0 for a self-hosted server).
     pub prompt_price_per_million: f64,
     pub completion_price_per_million: f64,
+    /// Prompt tokens served from the provider's cache (unset: the prompt price).
+    pub cached_prompt_price_per_million: Option<f64>,
     /// No call starts while the last hour's spend is at or above this.
     pub max_spend_per_hour: Option<f64>,
 }
@@ -36,7 +38,7 @@ impl Limits {
             return Err("llm: requests_per_minute and tokens_per_minute must be at least 1 (leave them out for no limit)".into());
         }
         let prices = [self.prompt_price_per_million, self.completion_price_per_million];
-        if prices.iter().any(|p| !p.is_finite() || *p < 0.0) {
+        if prices.iter().chain(&self.cached_prompt_price_per_million).any(|p| !p.is_finite() || *p < 0.0) {
             return Err("llm: prices must be numbers >= 0".into());
         }
         if self.max_spend_per_hour.is_some_and(|m| !m.is_finite() || m <= 0.0) {
@@ -50,6 +52,14 @@ impl Limits {
 
     pub fn cost(&self, prompt_tokens: u64, completion_tokens: u64) -> f64 {
         (prompt_tokens as f64 * self.prompt_price_per_million + completion_tokens as f64 * self.completion_price_per_million) / 1e6
+    }
+
+    /// The cost of a reply whose `cached` prompt tokens (of `prompt_tokens`) the provider
+    /// served from its prompt cache, at the cached price.
+    pub fn cost_with_cached(&self, prompt_tokens: u64, cached: u64, completion_tokens: u64) -> f64 {
+        let cached = cached.min(prompt_tokens);
+        let cached_price = self.cached_prompt_price_per_million.unwrap_or(self.prompt_price_per_million);
+        self.cost(prompt_tokens - cached, completion_tokens) + cached as f64 * cached_price / 1e6
     }
 }
 
@@ -94,8 +104,9 @@ pub struct Reservation {
 /// How a call ended, for the budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Used {
-    /// The reply's `usage` (prompt, completion tokens).
-    Reported(u64, u64),
+    /// The reply's `usage`: prompt, completion tokens, and of the prompt's those the provider
+    /// served from its prompt cache (billed at the cached price).
+    Reported(u64, u64, u64),
     /// A reply without usage, or a timeout: the server may have done the work, so the
     /// estimate stands.
     Unknown,
@@ -189,12 +200,12 @@ impl Budget {
     /// A call finished after `requests` HTTP attempts: its reservation becomes what it used
     /// (the estimate when unknown). Returns (prompt tokens, completion tokens, cost) counted.
     pub fn finish(&mut self, now: Instant, reservation: Reservation, used: Used, requests: u32) -> (u64, u64, f64) {
-        let (prompt, completion) = match used {
-            Used::Reported(p, c) => (p, c),
-            Used::Unknown => (reservation.estimate.prompt_tokens, reservation.estimate.completion_tokens),
-            Used::Nothing => (0, 0),
+        let (prompt, completion, cached) = match used {
+            Used::Reported(p, c, cached) => (p, c, cached),
+            Used::Unknown => (reservation.estimate.prompt_tokens, reservation.estimate.completion_tokens, 0),
+            Used::Nothing => (0, 0, 0),
         };
-        let cost = self.limits.cost(prompt, completion);
+        let cost = self.limits.cost_with_cached(prompt, cached, completion);
         if let Some(entry) = self.minute.iter_mut().find(|(_, _, id)| *id == reservation.id) {
             entry.1 = prompt + completion;
         }
@@ -226,7 +237,7 @@ mod tests {
         let t0 = Instant::now();
         let mut b = Budget::new(Limits { requests_per_minute: Some(3), ..Limits::default() });
         let first = b.try_start(t0, tokens(10), 0.0).unwrap();
-        b.finish(at(t0, 1), first, Used::Reported(10, 0), 2); // one retry: two requests
+        b.finish(at(t0, 1), first, Used::Reported(10, 0, 0), 2); // one retry: two requests
         assert!(b.try_start(at(t0, 10), tokens(10), 0.0).is_ok());
         assert_eq!(
             b.try_start(at(t0, 20), tokens(10), 0.0),
@@ -241,7 +252,7 @@ mod tests {
         let t0 = Instant::now();
         let mut b = Budget::new(Limits { tokens_per_minute: Some(1_000), ..Limits::default() });
         let r = b.try_start(t0, tokens(400), 0.0).unwrap();
-        b.finish(t0, r, Used::Reported(500, 100), 1); // it used 600, not 400
+        b.finish(t0, r, Used::Reported(500, 100, 0), 1); // it used 600, not 400
         assert!(b.try_start(at(t0, 5), tokens(300), 0.0).is_ok());
         assert_eq!(b.try_start(at(t0, 10), tokens(200), 0.0), Err(Wait::Tokens(Duration::from_secs(50))));
         let mut alone = Budget::new(Limits { tokens_per_minute: Some(100), ..Limits::default() });
@@ -268,11 +279,35 @@ mod tests {
         let t0 = Instant::now();
         let mut b = capped();
         let r = b.try_start(t0, CALL, 0.0).unwrap();
-        let (_, _, cost) = b.finish(t0, r, Used::Reported(2_000, 100), 1);
+        let (_, _, cost) = b.finish(t0, r, Used::Reported(2_000, 100, 0), 1);
         assert!((cost - 0.006).abs() < 1e-12);
         // A second call would reach 0.012 > 0.01: it waits until the first ages out.
         assert_eq!(b.try_start(at(t0, 600), CALL, 0.0), Err(Wait::Spend(Duration::from_secs(3_000))));
         assert!(b.try_start(at(t0, 3_600), CALL, 0.0).is_ok());
+    }
+
+    #[test]
+    fn prompt_tokens_from_the_providers_cache_cost_the_cached_price() {
+        let t0 = Instant::now();
+        // $2.5 / M prompt, $10 / M completion, $1.25 / M cached prompt (OpenAI's half price).
+        let limits = Limits {
+            prompt_price_per_million: 2.5,
+            completion_price_per_million: 10.0,
+            cached_prompt_price_per_million: Some(1.25),
+            ..Limits::default()
+        };
+        let mut b = Budget::new(limits.clone());
+        let r = b.try_start(t0, CALL, 0.0).unwrap();
+        let (_, _, cost) = b.finish(t0, r, Used::Reported(2_000, 100, 1_024), 1);
+        let expected = (976.0 * 2.5 + 1_024.0 * 1.25 + 100.0 * 10.0) / 1e6;
+        assert!((cost - expected).abs() < 1e-12, "{cost} vs {expected}");
+        assert!((b.spent_last_hour(t0) - expected).abs() < 1e-12, "the hour holds the discounted cost");
+        // More cached than prompt tokens (a confused server) is never negative.
+        assert!((limits.cost_with_cached(10, 50, 0) - 10.0 * 1.25 / 1e6).abs() < 1e-15);
+        // Without a cached price, cached tokens cost the prompt price.
+        let plain = Limits { cached_prompt_price_per_million: None, ..limits.clone() };
+        assert_eq!(plain.cost_with_cached(2_000, 1_024, 100), plain.cost(2_000, 100));
+        assert!(Limits { cached_prompt_price_per_million: Some(-1.0), ..limits }.validate().is_err());
     }
 
     /// Issue 22: calls side by side each started "just under" the cap, which counted only
@@ -284,7 +319,7 @@ mod tests {
         let first = b.try_start(t0, CALL, 0.0).unwrap();
         assert!(matches!(b.try_start(t0, CALL, 0.0), Err(Wait::Spend(_))), "the first's estimate is held");
         // It ends having used less: the room comes back.
-        b.finish(at(t0, 1), first, Used::Reported(400, 10), 1);
+        b.finish(at(t0, 1), first, Used::Reported(400, 10, 0), 1);
         assert!(b.try_start(at(t0, 1), CALL, 0.0).is_ok());
     }
 

@@ -70,6 +70,9 @@ pub struct Completion {
     pub content: String,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// Of the prompt tokens, those the provider served from its prompt cache
+    /// (`usage.prompt_tokens_details.cached_tokens`; 0 when not said).
+    pub cached_prompt_tokens: u64,
     /// Of the successful attempt.
     pub latency: Duration,
     /// Attempts it took (1: no retry).
@@ -226,6 +229,7 @@ fn completion_of(reply: &Value) -> Result<Completion, ChatError> {
         content: content.to_string(),
         prompt_tokens: prompt.unwrap_or(0),
         completion_tokens: completion.unwrap_or(0),
+        cached_prompt_tokens: usage["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0),
         latency: Duration::ZERO,
         attempts: 1,
         usage_reported: prompt.is_some() && completion.is_some(),
@@ -338,7 +342,9 @@ mod tests {
         let done = client(url, 3, 2_000).complete(&request()).await.unwrap();
         assert!(start.elapsed() >= Duration::from_millis(300), "waited as Retry-After asked: {:?}", start.elapsed());
         assert_eq!(done.content, "{\"intent\": \"card_arrival\"}");
-        assert_eq!((done.prompt_tokens, done.completion_tokens, done.attempts), (120, 9, 3));
+        assert_eq!((done.prompt_tokens, done.completion_tokens, done.attempts, done.cached_prompt_tokens), (120, 9, 3, 0));
+        let cached = json!({"choices": [{"message": {"content": "{}"}}], "usage": {"prompt_tokens": 1200, "completion_tokens": 9, "prompt_tokens_details": {"cached_tokens": 1024}}});
+        assert_eq!(completion_of(&cached).unwrap().cached_prompt_tokens, 1024);
         let seen = seen.lock().unwrap();
         assert_eq!(seen.len(), 3);
         assert!(seen[0].starts_with("POST /v1/chat/completions ") && seen[0].contains("authorization: Bearer sk-test"), "{}", seen[0]);

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::budget::Limits;
 use super::client::{ChatSettings, KeyHeader};
-use super::prompt::StructuredOutput;
+use super::prompt::{RequestOptions, StructuredOutput, TokenLimitField};
 use crate::config::Secret;
 use crate::retry::Backoff;
 
@@ -44,6 +44,34 @@ pub struct LlmConfig {
     pub max_concurrent_requests: usize,
     /// Longest reply (tokens).
     pub max_tokens: u32,
+    /// The field `max_tokens` is sent in: `max_tokens`, or `max_completion_tokens` (OpenAI's
+    /// o-series and gpt-5 models refuse `max_tokens`).
+    pub token_limit_field: TokenLimitField,
+    /// Sampling temperature (0: the same message gets the same answer). `send_temperature =
+    /// false` leaves it out, for models that refuse it (OpenAI's reasoning models).
+    pub temperature: f64,
+    pub send_temperature: bool,
+    /// Sent as `seed` when set (OpenAI, vLLM: repeatable sampling).
+    pub seed: Option<u64>,
+    /// Sent as `reasoning_effort` when set (`minimal`, `low`, `medium`, `high` on OpenAI's
+    /// reasoning models): less effort, fewer billed reasoning tokens.
+    pub reasoning_effort: Option<String>,
+    /// Fields added to every request as they are (vLLM's `top_k` or `chat_template_kwargs`, a
+    /// proxy's options): `extra_body = { top_k = 1 }`. Cannot replace `model` or `messages`.
+    pub extra_body: serde_json::Map<String, serde_json::Value>,
+    /// What the model should know about the messages, in every route's system prompt (a
+    /// route's `llm_instructions` follow it).
+    pub instructions: String,
+    /// Few-shot examples shown per label, from the model directory's `few_shot.jsonl`
+    /// (written by `triage train`); 0 sends none. Each example is prompt tokens on every call.
+    pub examples_per_label: usize,
+    /// Answers remembered by their exact request (identical messages are common: "where is
+    /// my card?"): a repeat is answered from memory, with no call and no spend. 0: off.
+    pub cache_entries: usize,
+    /// Start from now: records escalated more than this many hours ago are skipped, settled
+    /// and counted (`triage_llm_skipped_total{reason="too_old"}`), not sent. For a first
+    /// deployment over a backlog; the small model's rows stay as they are.
+    pub skip_older_than_hours: Option<f64>,
     /// The message text sent is cut to this many characters (the model's context, less the
     /// prompt; a cut text is still answered).
     pub max_text_chars: usize,
@@ -57,6 +85,10 @@ pub struct LlmConfig {
     /// The provider's prices per million tokens (0 for a self-hosted server).
     pub prompt_price_per_million: f64,
     pub completion_price_per_million: f64,
+    /// The price of prompt tokens the provider served from its prompt cache (`usage.
+    /// prompt_tokens_details.cached_tokens`; OpenAI bills them at a discount). Unset: the
+    /// prompt price.
+    pub cached_prompt_price_per_million: Option<f64>,
     /// Hard cap: no call starts while the last hour's spend is at or above it (consumption
     /// waits; nothing is dropped).
     pub max_spend_per_hour: Option<f64>,
@@ -88,6 +120,16 @@ impl Default for LlmConfig {
             max_consecutive_refusals: 5,
             max_attempts_per_message: 3,
             max_tokens: 256,
+            token_limit_field: TokenLimitField::MaxTokens,
+            temperature: 0.0,
+            send_temperature: true,
+            seed: None,
+            reasoning_effort: None,
+            extra_body: serde_json::Map::new(),
+            instructions: String::new(),
+            examples_per_label: 1,
+            cache_entries: 10_000,
+            skip_older_than_hours: None,
             max_text_chars: 16_000,
             max_in_flight: 64,
             group_id: "triage-escalate".into(),
@@ -95,6 +137,7 @@ impl Default for LlmConfig {
             tokens_per_minute: None,
             prompt_price_per_million: 0.0,
             completion_price_per_million: 0.0,
+            cached_prompt_price_per_million: None,
             max_spend_per_hour: None,
         }
     }
@@ -108,7 +151,27 @@ impl LlmConfig {
             prompt_price_per_million: self.prompt_price_per_million,
             completion_price_per_million: self.completion_price_per_million,
             max_spend_per_hour: self.max_spend_per_hour,
+            cached_prompt_price_per_million: self.cached_prompt_price_per_million,
         }
+    }
+
+    /// What every request carries besides the messages.
+    pub fn request_options(&self) -> RequestOptions {
+        RequestOptions {
+            model: self.model.clone(),
+            dialect: self.structured_output,
+            max_tokens: self.max_tokens,
+            token_limit_field: self.token_limit_field,
+            temperature: Some(self.temperature).filter(|_| self.send_temperature),
+            seed: self.seed,
+            reasoning_effort: self.reasoning_effort.clone(),
+            extra_body: self.extra_body.clone(),
+        }
+    }
+
+    /// Records escalated before this (ms since the epoch) are skipped, if a limit is set.
+    pub fn skip_before_ms(&self, now_ms: u64) -> Option<i64> {
+        self.skip_older_than_hours.map(|h| now_ms as i64 - (h * 3_600_000.0) as i64)
     }
 
     pub fn chat_settings(&self) -> ChatSettings {
@@ -153,6 +216,18 @@ impl LlmConfig {
         if self.group_id.trim().is_empty() {
             return Err("llm.group_id is empty".into());
         }
+        if let Some(field) = ["model", "messages"].iter().find(|f| self.extra_body.contains_key(**f)) {
+            return Err(format!("llm.extra_body cannot set `{field}`: use llm.model, and the prompt is the command's own"));
+        }
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return Err("llm.temperature must be a number >= 0".into());
+        }
+        if self.reasoning_effort.as_deref().is_some_and(|e| e.trim().is_empty()) {
+            return Err("llm.reasoning_effort is empty: leave it out, or name one (low, medium, high)".into());
+        }
+        if self.skip_older_than_hours.is_some_and(|h| !h.is_finite() || h <= 0.0) {
+            return Err("llm.skip_older_than_hours must be above 0 (leave it out to answer every record)".into());
+        }
         self.limits().validate()
     }
 }
@@ -181,6 +256,18 @@ mod tests {
         assert!(LlmConfig { model: String::new(), ..ok.clone() }.validate().unwrap_err().contains("llm.model"));
         assert!(LlmConfig { url: "vllm:8000".into(), ..ok.clone() }.validate().unwrap_err().contains("http://"));
         assert!(LlmConfig { max_concurrent_requests: 0, ..ok.clone() }.validate().is_err());
+        let body = |v: serde_json::Value| v.as_object().unwrap().clone();
+        let renamed = LlmConfig { extra_body: body(serde_json::json!({"model": "x"})), ..ok.clone() };
+        assert!(renamed.validate().unwrap_err().contains("`model`"));
+        assert!(LlmConfig { extra_body: body(serde_json::json!({"top_k": 1})), ..ok.clone() }.validate().is_ok());
+        assert!(LlmConfig { skip_older_than_hours: Some(0.0), ..ok.clone() }.validate().unwrap_err().contains("skip_older_than_hours"));
+        assert!(LlmConfig { reasoning_effort: Some(" ".into()), ..ok.clone() }.validate().is_err());
+        assert!(LlmConfig { temperature: f64::NAN, ..ok.clone() }.validate().is_err());
+        let reasoning = LlmConfig { send_temperature: false, ..ok.clone() }.request_options();
+        assert_eq!(reasoning.temperature, None, "left out for models that refuse it");
+        let hours = LlmConfig { skip_older_than_hours: Some(2.0), ..ok.clone() };
+        assert_eq!(hours.skip_before_ms(10_000_000), Some(10_000_000 - 7_200_000));
+        assert_eq!(ok.skip_before_ms(10_000_000), None);
         let capped = LlmConfig { max_spend_per_hour: Some(5.0), ..ok.clone() };
         assert!(capped.validate().unwrap_err().contains("price"), "a cap needs prices");
         assert!(ok.chat_settings().api_key.is_none(), "no key: no Authorization header");

@@ -24,7 +24,7 @@
 //! partition cannot happen: records are keyed by message id) could both call; the row versions
 //! still collapse to one answer.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -39,7 +39,7 @@ use super::answer::{answered_row, Escalation, Roles};
 use super::budget::{Budget, Estimate, Reservation, Used, Wait};
 use super::client::{ChatClient, ChatError, Completion, Failed};
 use super::config::LlmConfig;
-use super::prompt::{Answer, LabelSpace};
+use super::prompt::{Answer, LabelSpace, Prompt};
 use crate::config::Config;
 use crate::message::{Decoder, DEFAULT_MAX_MESSAGE_BYTES};
 use crate::model::text::prefix_chars;
@@ -51,7 +51,8 @@ use crate::source::kafka::{self, check_topics_exist, ClientRole, TrackingContext
 use crate::source::offsets::{OffsetTracker, TopicPartition};
 use crate::source::Consumed;
 use crate::telemetry::events::{
-    Counters, DeadLetterReason, InternalEvent, LlmAnswered, LlmBudgetWaited, LlmCallFailed, LlmCalled, LlmSkipped, MessageConsumed,
+    Counters, DeadLetterReason, InternalEvent, LlmAnswered, LlmBudgetWaited, LlmCacheHit, LlmCallFailed, LlmCalled, LlmSkipped,
+    MessageConsumed,
 };
 use crate::telemetry::{self, Readiness};
 use crate::worker::settle::Settler;
@@ -80,39 +81,82 @@ const RECENT_KEYS: usize = 100_000;
 #[derive(Clone)]
 pub(crate) struct RouteLabels {
     pub(crate) space: LabelSpace,
+    /// The space's request, rendered once.
+    pub(crate) prompt: Prompt,
     pub(crate) roles: Roles,
     pub(crate) decoder: Decoder,
     /// `llm.max_text_chars`: the longest text sent, however the record came.
     pub(crate) max_text_chars: usize,
 }
 
-type Key = (String, u32, u64);
-
-/// Keys answered or in flight here, oldest forgotten first.
-#[derive(Default)]
-struct RecentKeys {
-    set: HashSet<Key>,
-    order: VecDeque<Key>,
+impl RouteLabels {
+    pub(crate) fn new(
+        space: LabelSpace,
+        roles: Roles,
+        decoder: Decoder,
+        max_text_chars: usize,
+        options: &super::prompt::RequestOptions,
+    ) -> Self {
+        let prompt = Prompt::new(&space, options);
+        RouteLabels { space, prompt, roles, decoder, max_text_chars }
+    }
 }
 
-impl RecentKeys {
-    /// False when the key is already there.
-    fn insert(&mut self, key: Key) -> bool {
-        if !self.set.insert(key.clone()) {
+type Key = (String, u32, u64);
+
+/// A bounded map that forgets its oldest entries first: the keys answered or in flight here,
+/// and the response cache.
+struct Memory<K, V> {
+    entries: HashMap<K, (u64, V)>,
+    /// (insertion number, key), oldest first; an entry forgotten and inserted again is only
+    /// removed through its newest number.
+    order: VecDeque<(u64, K)>,
+    capacity: usize,
+    next: u64,
+}
+
+impl<K: std::hash::Hash + Eq + Clone, V> Memory<K, V> {
+    fn new(capacity: usize) -> Self {
+        Memory { entries: HashMap::new(), order: VecDeque::new(), capacity, next: 0 }
+    }
+
+    /// False (and nothing replaced) when the key is already there.
+    fn insert(&mut self, key: K, value: V) -> bool {
+        if self.capacity == 0 || self.entries.contains_key(&key) {
             return false;
         }
-        self.order.push_back(key);
-        while self.order.len() > RECENT_KEYS {
-            if let Some(old) = self.order.pop_front() {
-                self.set.remove(&old);
+        self.next += 1;
+        self.entries.insert(key.clone(), (self.next, value));
+        self.order.push_back((self.next, key));
+        while self.order.len() > self.capacity {
+            if let Some((number, old)) = self.order.pop_front() {
+                if self.entries.get(&old).is_some_and(|(n, _)| *n == number) {
+                    self.entries.remove(&old);
+                }
             }
         }
         true
     }
 
-    fn forget(&mut self, key: &Key) {
-        self.set.remove(key);
+    fn get(&self, key: &K) -> Option<&V> {
+        self.entries.get(key).map(|(_, v)| v)
     }
+
+    fn forget(&mut self, key: &K) {
+        self.entries.remove(key);
+    }
+}
+
+/// Keys answered or in flight here.
+type RecentKeys = Memory<Key, ()>;
+
+/// Replies that answered a request, by the request's SHA-256: an identical request (the same
+/// text, labels, prompt and model) is answered from here.
+type ResponseCache = Memory<[u8; 32], String>;
+
+fn request_digest(request: &Value) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(request.to_string().as_bytes()).into()
 }
 
 struct Shared {
@@ -122,6 +166,10 @@ struct Shared {
     budget: Mutex<Budget>,
     calls: Semaphore,
     recent: Arc<Mutex<RecentKeys>>,
+    cache: Mutex<ResponseCache>,
+    /// Records escalated before this (ms since the epoch) are skipped: `llm.skip_older_than_hours`,
+    /// fixed when the command starts.
+    skip_before_ms: Option<i64>,
     clickhouse: Arc<ClickHouseService>,
     rows: mpsc::Sender<SinkItem<Answered>>,
     settle: Settler,
@@ -179,7 +227,9 @@ pub(crate) fn route_labels(config: &Config) -> Result<HashMap<String, RouteLabel
         let dirs = tiers.into_iter().chain(route.canary.as_ref().map(|c| c.model.clone()));
         for dir in dirs {
             let descriptor = Descriptor::load(&dir).map_err(|e| failed(format!("model {}: {e}", dir.display())))?;
-            let space = LabelSpace::of_model(&descriptor, &dir).map_err(|e| failed(format!("model {}: {e}", dir.display())))?;
+            let mut space = LabelSpace::of_model(&descriptor, &dir, config.llm.examples_per_label)
+                .map_err(|e| failed(format!("model {}: {e}", dir.display())))?;
+            space.instructions = [Some(config.llm.instructions.clone()), route.llm_instructions.clone()].into_iter().flatten().collect();
             let template_text = config.inference.template.clone().unwrap_or_else(|| descriptor.template.clone());
             let template = Template::parse(&template_text).map_err(|e| failed(format!("template: {e}")))?;
             let decoder = Decoder::new(
@@ -188,7 +238,7 @@ pub(crate) fn route_labels(config: &Config) -> Result<HashMap<String, RouteLabel
                 config.max_message_bytes.max(DEFAULT_MAX_MESSAGE_BYTES),
                 config.llm.max_text_chars,
             );
-            let labels = RouteLabels { space, roles: Roles::of(&descriptor), decoder, max_text_chars: config.llm.max_text_chars };
+            let labels = RouteLabels::new(space, Roles::of(&descriptor), decoder, config.llm.max_text_chars, &config.llm.request_options());
             if dir == last {
                 routes.insert(route.topic.clone(), labels.clone());
             }
@@ -251,7 +301,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<E
     let (fatal_tx, mut fatal_rx) = mpsc::channel(4);
     let settle =
         Settler::new(Arc::new(SideTopics::new(producer, side_topics, counters.clone())), tracker.clone(), counters.clone(), fatal_tx);
-    let recent = Arc::new(Mutex::new(RecentKeys::default()));
+    let recent = Arc::new(Mutex::new(RecentKeys::new(RECENT_KEYS)));
 
     let (row_tx, row_rx) = mpsc::channel(1024);
     let block_policy = ch::BlockPolicy {
@@ -282,6 +332,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<E
         budget: Mutex::new(Budget::new(config.llm.limits())),
         calls: Semaphore::new(config.llm.max_concurrent_requests),
         recent,
+        cache: Mutex::new(ResponseCache::new(config.llm.cache_entries)),
+        skip_before_ms: config.llm.skip_before_ms(crate::time::now_ms()),
         clickhouse,
         rows: row_tx,
         settle: settle.clone(),
@@ -496,6 +548,13 @@ async fn answer(shared: Arc<Shared>, consumed: Consumed) {
         Ok(r) => r,
         Err(e) => return shared.settle.dead_letter(consumed, DeadLetterReason::EscalationInvalid, e.to_string()),
     };
+    // Start from now: a backlog escalated before the cutoff is settled without a call.
+    if let (Some(cutoff), Some(escalated)) = (shared.skip_before_ms, consumed.message.timestamp_ms) {
+        if escalated < cutoff {
+            LlmSkipped { reason: "too_old" }.emit(shared.settle.counters());
+            return shared.settle.done(&consumed.delivery);
+        }
+    }
     let key = record.key();
     match decide(&shared, &record, &key).await {
         Fate::Answer(row, agreed) => {
@@ -520,7 +579,7 @@ async fn decide(shared: &Shared, record: &Escalation, key: &Key) -> Fate {
             format!("no route for the message's topic `{}` in this configuration (its labels are unknown)", record.row.topic),
         );
     };
-    let fresh = shared.recent.lock().map(|mut r| r.insert(key.clone())).unwrap_or(true);
+    let fresh = shared.recent.lock().map(|mut r| r.insert(key.clone(), ())).unwrap_or(true);
     if !fresh || shared.already_answered(&record.row).await {
         LlmSkipped { reason: "already_answered" }.emit(shared.settle.counters());
         return Fate::Done;
@@ -529,7 +588,25 @@ async fn decide(shared: &Shared, record: &Escalation, key: &Key) -> Fate {
         Ok(t) => t,
         Err(detail) => return Fate::DeadLetter(DeadLetterReason::EscalationInvalid, format!("the message's text: {detail}")),
     };
-    let request = route.space.request(&shared.llm.model, &text, shared.llm.structured_output, shared.llm.max_tokens);
+    let request = route.prompt.request(&text);
+    let digest = request_digest(&request);
+    let remembered = shared.cache.lock().ok().and_then(|c| c.get(&digest).cloned());
+    if let Some(content) = remembered {
+        if let Ok(answer) = route.space.parse(&content) {
+            LlmCacheHit { model: &shared.llm.model }.emit(shared.settle.counters());
+            let call = Completion {
+                content,
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                cached_prompt_tokens: 0,
+                latency: Duration::ZERO,
+                attempts: 0,
+                usage_reported: true,
+            };
+            let agreed = super::answer::agrees(&record.row, &answer, &route.roles);
+            return Fate::Answer(Box::new(shared.row(&record.row, &answer, route, &call)), agreed);
+        }
+    }
     // About four characters a token, plus the longest reply: what a call holds of the limits
     // until the server says what it really used (and what it counts if the server never says).
     let estimate = Estimate { prompt_tokens: (request.to_string().len() / 4) as u64, completion_tokens: u64::from(shared.llm.max_tokens) };
@@ -549,7 +626,11 @@ async fn decide(shared: &Shared, record: &Escalation, key: &Key) -> Fate {
         let counters = shared.settle.counters();
         let reply: Result<Completion, ChatError> = match call {
             Ok(mut c) => {
-                let used = if c.usage_reported { Used::Reported(c.prompt_tokens, c.completion_tokens) } else { Used::Unknown };
+                let used = if c.usage_reported {
+                    Used::Reported(c.prompt_tokens, c.completion_tokens, c.cached_prompt_tokens)
+                } else {
+                    Used::Unknown
+                };
                 let (prompt, completion, cost) = shared.finish_call(reservation, used, c.attempts);
                 // Without `usage`, the row and the ledger carry the estimate (not 0).
                 (c.prompt_tokens, c.completion_tokens) = (prompt, completion);
@@ -588,6 +669,9 @@ async fn decide(shared: &Shared, record: &Escalation, key: &Key) -> Fate {
             Ok(call) => match route.space.parse(&call.content) {
                 Ok(answer) => {
                     shared.refusal_streak.store(0, std::sync::atomic::Ordering::SeqCst);
+                    if let Ok(mut cache) = shared.cache.lock() {
+                        cache.insert(digest, call.content.clone());
+                    }
                     let agreed = super::answer::agrees(&record.row, &answer, &route.roles);
                     return Fate::Answer(Box::new(shared.row(&record.row, &answer, route, &call)), agreed);
                 }
@@ -763,7 +847,7 @@ impl Shared {
         let counted = match (reservation, self.budget.lock()) {
             (Some(r), Ok(mut b)) => b.finish(Instant::now(), r, used, attempts),
             _ => match used {
-                Used::Reported(p, c) => (p, c, self.llm.limits().cost(p, c)),
+                Used::Reported(p, c, cached) => (p, c, self.llm.limits().cost_with_cached(p, cached, c)),
                 _ => (0, 0, 0.0),
             },
         };
@@ -786,34 +870,51 @@ mod tests {
 
     #[test]
     fn recent_keys_refuse_a_second_copy_and_forget_the_oldest() {
-        let mut recent = RecentKeys::default();
+        let mut recent = RecentKeys::new(RECENT_KEYS);
         let key = |o: u64| ("tickets".to_string(), 0u32, o);
-        assert!(recent.insert(key(1)));
-        assert!(!recent.insert(key(1)), "a second record of one message is not sent again");
+        assert!(recent.insert(key(1), ()));
+        assert!(!recent.insert(key(1), ()), "a second record of one message is not sent again");
         recent.forget(&key(1));
-        assert!(recent.insert(key(1)), "a dead-lettered answer may be tried again");
+        assert!(recent.insert(key(1), ()), "a dead-lettered answer may be tried again");
         for o in 2..(RECENT_KEYS as u64 + 3) {
-            recent.insert(key(o));
+            recent.insert(key(o), ());
         }
-        assert!(recent.set.len() <= RECENT_KEYS);
-        assert!(recent.insert(key(1)), "the oldest is forgotten (the table still remembers it)");
+        assert!(recent.entries.len() <= RECENT_KEYS && recent.order.len() <= RECENT_KEYS);
+        assert!(recent.insert(key(1), ()), "the oldest is forgotten (the table still remembers it)");
+    }
+
+    #[test]
+    fn a_forgotten_and_reinserted_entry_lives_its_full_turn_and_capacity_zero_remembers_nothing() {
+        let mut memory: Memory<u32, &str> = Memory::new(3);
+        assert!(memory.insert(1, "a"));
+        memory.forget(&1);
+        assert!(memory.insert(1, "b"));
+        // Inserting 3 ages out the first turn of 1; its second turn must survive that.
+        assert!(memory.insert(2, "c") && memory.insert(3, "d"));
+        assert_eq!(memory.get(&1), Some(&"b"), "evicting a stale turn kept the newer entry");
+        assert!(memory.insert(4, "e"));
+        assert_eq!((memory.get(&1), memory.get(&2)), (None, Some(&"c")), "then the oldest goes first");
+        assert!(!memory.insert(2, "z") && memory.get(&2) == Some(&"c"), "nothing replaced");
+        let mut off: Memory<u32, ()> = Memory::new(0);
+        assert!(!off.insert(1, ()) && off.get(&1).is_none(), "cache_entries = 0: off");
     }
 
     fn route(max_text_chars: usize) -> RouteLabels {
         use crate::llm::prompt::HeadLabels;
-        RouteLabels {
-            space: LabelSpace {
-                heads: vec![HeadLabels { name: "intent".into(), multi: false, labels: vec![("card_arrival".into(), None)], max_items: 1 }],
-            },
-            roles: Roles::default(),
-            decoder: Decoder::new(
-                crate::message::FieldMap::default(),
-                Template::parse("{subject}\n{body}").unwrap(),
-                1 << 20,
-                max_text_chars,
-            ),
+        let intent = HeadLabels {
+            name: "intent".into(),
+            multi: false,
+            labels: vec![("card_arrival".into(), None)],
+            max_items: 1,
+            examples: Default::default(),
+        };
+        RouteLabels::new(
+            LabelSpace { heads: vec![intent], instructions: Vec::new() },
+            Roles::default(),
+            Decoder::new(crate::message::FieldMap::default(), Template::parse("{subject}\n{body}").unwrap(), 1 << 20, max_text_chars),
             max_text_chars,
-        }
+            &crate::llm::prompt::RequestOptions::new("m", crate::llm::prompt::StructuredOutput::None, 16),
+        )
     }
 
     /// Issue 22: a record the worker had to cut went to the LLM raw and whole (up to ~1 MB of

@@ -180,22 +180,31 @@ mod tests {
 
     #[test]
     fn an_example_has_the_text_the_model_reads_and_every_head_answered() {
-        let route = RouteLabels {
-            space: LabelSpace {
+        let route = RouteLabels::new(
+            LabelSpace {
                 heads: vec![
-                    HeadLabels { name: "intent".into(), multi: false, labels: vec![("card_arrival".into(), None)], max_items: 1 },
+                    HeadLabels {
+                        name: "intent".into(),
+                        multi: false,
+                        labels: vec![("card_arrival".into(), None)],
+                        max_items: 1,
+                        examples: Default::default(),
+                    },
                     HeadLabels {
                         name: "flags".into(),
                         multi: true,
                         labels: vec![("vip".into(), None), ("angry".into(), None)],
                         max_items: 2,
+                        examples: Default::default(),
                     },
                 ],
+                instructions: Vec::new(),
             },
-            roles: Roles::default(),
-            decoder: Decoder::new(FieldMap::default(), Template::parse("{subject}\n{body}").unwrap(), 1 << 20, 10_000),
-            max_text_chars: 10_000,
-        };
+            Roles::default(),
+            Decoder::new(FieldMap::default(), Template::parse("{subject}\n{body}").unwrap(), 1 << 20, 10_000),
+            10_000,
+            &crate::llm::prompt::RequestOptions::new("m", crate::llm::prompt::StructuredOutput::None, 16),
+        );
         let row = ResultRow {
             topic: "tickets".into(),
             message_id: "t-9".into(),

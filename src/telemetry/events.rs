@@ -10,8 +10,8 @@ use serde::Serialize;
 
 use super::{
     CASCADE_FORWARDED, CLICKHOUSE_RETRIES, CLICKHOUSE_ROWS, COMMITTED_OFFSET, END_TO_END_SECONDS, INSERT_SECONDS, KAFKA_WRITE_RETRIES,
-    LLM_ANSWERS, LLM_BUDGET_WAITS, LLM_ERRORS, LLM_REQUESTS, LLM_REQUEST_SECONDS, LLM_SKIPPED, LLM_SPEND, LLM_TOKENS, MESSAGES_CLASSIFIED,
-    MESSAGES_CONSUMED, MESSAGES_DEAD_LETTERED, MESSAGES_ESCALATED, PAUSED, SIDE_RECORDS_CUT,
+    LLM_ANSWERS, LLM_BUDGET_WAITS, LLM_CACHE_HITS, LLM_ERRORS, LLM_REQUESTS, LLM_REQUEST_SECONDS, LLM_SKIPPED, LLM_SPEND, LLM_TOKENS,
+    MESSAGES_CLASSIFIED, MESSAGES_CONSUMED, MESSAGES_DEAD_LETTERED, MESSAGES_ESCALATED, PAUSED, SIDE_RECORDS_CUT,
 };
 use crate::message::DecodeReason;
 
@@ -120,6 +120,7 @@ pub struct Counters {
     forwarded: AtomicU64,
     llm_answered: AtomicU64,
     llm_skipped: AtomicU64,
+    llm_cache_hits: AtomicU64,
     llm_prompt_tokens: AtomicU64,
     llm_completion_tokens: AtomicU64,
     llm_spend_micros: AtomicU64,
@@ -142,6 +143,7 @@ pub struct CountersSnapshot {
     /// in millionths of the price unit.
     pub llm_answered: u64,
     pub llm_skipped: u64,
+    pub llm_cache_hits: u64,
     pub llm_prompt_tokens: u64,
     pub llm_completion_tokens: u64,
     pub llm_spend_micros: u64,
@@ -162,6 +164,7 @@ impl Counters {
             forwarded: get(&self.forwarded),
             llm_answered: get(&self.llm_answered),
             llm_skipped: get(&self.llm_skipped),
+            llm_cache_hits: get(&self.llm_cache_hits),
             llm_prompt_tokens: get(&self.llm_prompt_tokens),
             llm_completion_tokens: get(&self.llm_completion_tokens),
             llm_spend_micros: get(&self.llm_spend_micros),
@@ -468,6 +471,18 @@ impl InternalEvent for LlmSkipped {
     fn emit(self, counters: &Counters) {
         Counters::add(&counters.llm_skipped, 1);
         metrics::counter!(LLM_SKIPPED, "reason" => self.reason).increment(1);
+    }
+}
+
+/// An escalation answered from the response cache: the same request was answered before.
+pub struct LlmCacheHit<'a> {
+    pub model: &'a str,
+}
+
+impl InternalEvent for LlmCacheHit<'_> {
+    fn emit(self, counters: &Counters) {
+        Counters::add(&counters.llm_cache_hits, 1);
+        metrics::counter!(LLM_CACHE_HITS, "model" => self.model.to_string()).increment(1);
     }
 }
 

@@ -85,7 +85,13 @@ pub const METRICS: &[(&str, &str, &str, &str)] = &[
         "`triage escalate`: spend from the configured prices, in millionths of the price unit (per answer: the cost per million messages).",
     ),
     (LLM_ANSWERS, "counter", "kind, agreed", "`triage escalate`: LLM answers stored; agreed=true when it chose the small model's category."),
-    (LLM_SKIPPED, "counter", "reason", "`triage escalate`: records answered without a call (reason=already_answered: stored or in flight)."),
+    (
+        LLM_SKIPPED,
+        "counter",
+        "reason",
+        "`triage escalate`: records settled without a call or a row (reason=already_answered: stored or in flight; too_old: older than llm.skip_older_than_hours).",
+    ),
+    (LLM_CACHE_HITS, "counter", "model", "`triage escalate`: answers given from the response cache (an identical request answered before): no call, no spend."),
     (LLM_BUDGET_WAITS, "counter", "limit", "`triage escalate`: calls that waited for a limit (requests, tokens, spend)."),
     (READY, "gauge", "", "1 when /readyz answers 200."),
 ];
@@ -123,6 +129,7 @@ pub const LLM_ERRORS: &str = "triage_llm_errors_total";
 pub const LLM_SPEND: &str = "triage_llm_spend_micros_total";
 pub const LLM_ANSWERS: &str = "triage_llm_answers_total";
 pub const LLM_SKIPPED: &str = "triage_llm_skipped_total";
+pub const LLM_CACHE_HITS: &str = "triage_llm_cache_hits_total";
 pub const LLM_BUDGET_WAITS: &str = "triage_llm_budget_waits_total";
 
 const SECONDS_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
