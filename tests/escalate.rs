@@ -23,6 +23,9 @@ use triage::sink::clickhouse::{ClickHouseService, ResultRow};
 /// What the scripted LLM saw: (user message text, HTTP status answered).
 type Seen = Arc<Mutex<Vec<(String, u16)>>>;
 
+/// Every request body the scripted LLM received, whole.
+type Bodies = Arc<Mutex<Vec<Value>>>;
+
 /// A chat-completions server answering by the user message's content: `SLOW` -> after 3 s
 /// (never rate-limited), `HANG` -> after 20 s (past any test's timeout), `NOUSAGE` -> an answer
 /// without `usage`, `GARBAGE` -> prose,
@@ -31,6 +34,14 @@ type Seen = Arc<Mutex<Vec<(String, u16)>>>;
 /// every answer with one status (401: a bad key; 400: OpenAI's refusal of `max_tokens` for its
 /// reasoning models, a configuration error every message gets).
 fn scripted_llm(always: Option<u16>) -> (String, Seen) {
+    let (url, seen, _) = scripted_llm_keeping_bodies(always);
+    (url, seen)
+}
+
+/// [`scripted_llm`], also keeping each request's body.
+fn scripted_llm_keeping_bodies(always: Option<u16>) -> (String, Seen, Bodies) {
+    let bodies: Bodies = Arc::default();
+    let kept = bodies.clone();
     let listener = runtime().block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let url = format!("http://{}/v1", listener.local_addr().unwrap());
     let seen: Seen = Arc::default();
@@ -39,7 +50,7 @@ fn scripted_llm(always: Option<u16>) -> (String, Seen) {
         let limited_once = Arc::new(Mutex::new(false));
         loop {
             let Ok((mut socket, _)) = listener.accept().await else { return };
-            let (log, limited_once) = (log.clone(), limited_once.clone());
+            let (log, limited_once, kept) = (log.clone(), limited_once.clone(), kept.clone());
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 8192];
@@ -61,6 +72,7 @@ fn scripted_llm(always: Option<u16>) -> (String, Seen) {
                     }
                 };
                 let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                kept.lock().unwrap().push(request.clone());
                 let text = request["messages"][1]["content"].as_str().unwrap_or_default().to_string();
                 let reply = |content: &str| {
                     let mut body = json!({
@@ -108,7 +120,7 @@ fn scripted_llm(always: Option<u16>) -> (String, Seen) {
             });
         }
     });
-    (url, seen)
+    (url, seen, bodies)
 }
 
 /// The worker's config plus `[llm]` (url and model of the server, then `edit`): every route
@@ -769,4 +781,83 @@ fn the_spend_cap_is_shared_through_the_ledger_across_processes_and_restarts() {
     let calls_after = seen.lock().unwrap().iter().filter(|(_, s)| *s == 200).count();
     assert_eq!(calls_after, calls_before, "no call: the other process's spend counts");
     assert_eq!(escalate.terminate(Duration::from_secs(30)), Some(Exit::OK), "{}", escalate.log_text());
+}
+
+/// Issue 22: identical messages are common ("where is my card?"); each used to cost a call.
+/// Now a repeat of an answered request is answered from the cache: its own row, no call, no
+/// spend. And the request carries what reasoning models and self-hosted servers need:
+/// max_completion_tokens instead of max_tokens, no temperature, a seed, reasoning_effort,
+/// extra fields, and the operators' instructions for the route.
+#[test]
+fn identical_messages_are_answered_once_and_requests_carry_the_configured_fields() {
+    let env = escalate_env("escalate_cache");
+    let mut records: Vec<_> = (1..=6).map(|i| record(i, "Where is my new card?")).collect();
+    records.push(record(7, "my card was eaten by the ATM"));
+    records.push(record(8, "Where is my new card?!"));
+    env.produce("triage.escalations", &records);
+    let (url, seen, bodies) = scripted_llm_keeping_bodies(None);
+    let config = escalate_config(&env, "cache", &url, "stub-llm", |c| {
+        // One call at a time: the repeats queue behind the first and must find its answer.
+        c.llm.max_concurrent_requests = 1;
+        c.llm.token_limit_field = triage::llm::prompt::TokenLimitField::MaxCompletionTokens;
+        c.llm.send_temperature = false;
+        c.llm.seed = Some(7);
+        c.llm.reasoning_effort = Some("low".into());
+        c.llm.extra_body = json!({"top_k": 1}).as_object().unwrap().clone();
+        c.llm.instructions = "Messages from a bank's app.".into();
+        c.routes[0].llm_instructions = Some("Tickets, often about cards.".into());
+    });
+    let mut escalate = env.spawn_command("escalate", &config, "escalate-cache", &[]);
+    env.wait_for(&mut escalate, "every record answered and committed", Duration::from_secs(60), || escalate_caught_up(&env));
+    assert_eq!(escalate.terminate(Duration::from_secs(30)), Some(Exit::OK), "{}", escalate.log_text());
+    assert!(escalate.log_text().contains("cache_hits=5"), "{}", escalate.log_text());
+    assert_eq!(env.query_u64("SELECT count() FROM results FINAL WHERE answered_by = 'llm:stub-llm'"), 8, "every message its row");
+    let answered: Vec<String> = seen.lock().unwrap().iter().filter(|(_, s)| *s == 200).map(|(t, _)| t.clone()).collect();
+    assert_eq!(answered.len(), 3, "three distinct texts, three calls: {answered:?}");
+    // The cached answers' rows spent nothing; the calls' rows carry their tokens.
+    assert_eq!(env.query_u64("SELECT count() FROM results FINAL WHERE answered_by = 'llm:stub-llm' AND llm_prompt_tokens = 0"), 5);
+    assert_eq!(env.query_u64("SELECT count() FROM results FINAL WHERE llm_prompt_tokens = 100"), 3);
+
+    let bodies = bodies.lock().unwrap();
+    let body = &bodies[0];
+    assert_eq!(
+        (&body["max_completion_tokens"], &body["seed"], &body["reasoning_effort"], &body["top_k"]),
+        (&json!(256), &json!(7), &json!("low"), &json!(1))
+    );
+    assert!(body.get("max_tokens").is_none() && body.get("temperature").is_none(), "{body}");
+    let system = body["messages"][0]["content"].as_str().unwrap();
+    assert!(
+        system.contains("About these messages: Messages from a bank's app.\nAbout these messages: Tickets, often about cards.\n"),
+        "{system}"
+    );
+}
+
+/// Issue 22: a first deployment over a months-old escalation topic should not pay for the
+/// backlog: llm.skip_older_than_hours settles records escalated before the cutoff without a
+/// call, counts them, and commits them; newer ones are answered.
+#[test]
+fn a_backlog_older_than_the_cutoff_is_skipped_counted_and_committed() {
+    let env = escalate_env("escalate_fromnow");
+    let hours_ago = |h: i64| chrono_free_now_ms() - h * 3_600_000;
+    env.produce_at("triage.escalations", &[record(1, "old card one"), record(2, "old card two")], Some(hours_ago(30)));
+    env.produce_at("triage.escalations", &[record(3, "recent card three")], Some(hours_ago(1)));
+    env.produce("triage.escalations", &[record(4, "new card four")]);
+    let (url, seen) = scripted_llm(None);
+    let config = escalate_config(&env, "fromnow", &url, "stub-llm", |c| {
+        c.llm.skip_older_than_hours = Some(24.0);
+    });
+    let mut escalate = env.spawn_command("escalate", &config, "escalate-fromnow", &[]);
+    env.wait_for(&mut escalate, "every record settled and committed", Duration::from_secs(60), || escalate_caught_up(&env));
+    assert_eq!(escalate.terminate(Duration::from_secs(30)), Some(Exit::OK), "{}", escalate.log_text());
+    let answered: Vec<String> = seen.lock().unwrap().iter().filter(|(_, s)| *s == 200).map(|(t, _)| t.clone()).collect();
+    assert_eq!(answered.len(), 2, "{answered:?}");
+    assert!(answered.iter().all(|t| !t.contains("old card")), "{answered:?}");
+    assert_eq!(env.query_u64("SELECT count() FROM results FINAL WHERE answered_by = 'llm:stub-llm'"), 2);
+    assert!(reasons(&env).is_empty(), "skipped, not dead-lettered");
+    let log = escalate.log_text();
+    assert!(log.contains("skipped=2"), "the report counts them: {log}");
+}
+
+fn chrono_free_now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
 }

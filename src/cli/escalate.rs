@@ -49,6 +49,7 @@ pub async fn run(args: EscalateArgs) -> Result<()> {
         consumed = report.consumed,
         answered = report.answered,
         skipped = report.skipped,
+        cache_hits = report.cache_hits,
         dead_lettered = report.dead_lettered,
         prompt_tokens = report.prompt_tokens,
         completion_tokens = report.completion_tokens,

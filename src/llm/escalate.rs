@@ -64,6 +64,8 @@ pub struct EscalateReport {
     pub consumed: u64,
     pub answered: u64,
     pub skipped: u64,
+    /// Answered from the response cache (no call).
+    pub cache_hits: u64,
     pub dead_lettered: u64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
@@ -442,6 +444,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<E
         consumed: c.consumed,
         answered: c.llm_answered,
         skipped: c.llm_skipped,
+        cache_hits: c.llm_cache_hits,
         dead_lettered: c.dead_lettered,
         prompt_tokens: c.llm_prompt_tokens,
         completion_tokens: c.llm_completion_tokens,
@@ -590,23 +593,6 @@ async fn decide(shared: &Shared, record: &Escalation, key: &Key) -> Fate {
     };
     let request = route.prompt.request(&text);
     let digest = request_digest(&request);
-    let remembered = shared.cache.lock().ok().and_then(|c| c.get(&digest).cloned());
-    if let Some(content) = remembered {
-        if let Ok(answer) = route.space.parse(&content) {
-            LlmCacheHit { model: &shared.llm.model }.emit(shared.settle.counters());
-            let call = Completion {
-                content,
-                prompt_tokens: 0,
-                completion_tokens: 0,
-                cached_prompt_tokens: 0,
-                latency: Duration::ZERO,
-                attempts: 0,
-                usage_reported: true,
-            };
-            let agreed = super::answer::agrees(&record.row, &answer, &route.roles);
-            return Fate::Answer(Box::new(shared.row(&record.row, &answer, route, &call)), agreed);
-        }
-    }
     // About four characters a token, plus the longest reply: what a call holds of the limits
     // until the server says what it really used (and what it counts if the server never says).
     let estimate = Estimate { prompt_tokens: (request.to_string().len() / 4) as u64, completion_tokens: u64::from(shared.llm.max_tokens) };
@@ -619,6 +605,11 @@ async fn decide(shared: &Shared, record: &Escalation, key: &Key) -> Fate {
     loop {
         // Held for one attempt only: a record waiting out a backoff leaves its slot to others.
         let Ok(_permit) = shared.calls.acquire().await else { return Fate::Abandoned };
+        // Looked up with the slot held: identical messages of a backlog queue here behind the
+        // first, and find its answer (no call, no spend) instead of all missing at once.
+        if let Some(cached) = shared.cached_answer(route, record, &digest) {
+            return cached;
+        }
         let attempt_began = shared.elapsed_ms();
         let reservation = shared.wait_for_budget(estimate).await;
         let call = shared.client.complete_counted(&request).await;
@@ -857,6 +848,25 @@ impl Shared {
             }
         }
         counted
+    }
+
+    /// The answer an identical request got before, if the cache holds one: a row with no
+    /// tokens spent (the call that paid for it has its own row).
+    fn cached_answer(&self, route: &RouteLabels, record: &Escalation, digest: &[u8; 32]) -> Option<Fate> {
+        let content = self.cache.lock().ok()?.get(digest).cloned()?;
+        let answer = route.space.parse(&content).ok()?;
+        LlmCacheHit { model: &self.llm.model }.emit(self.settle.counters());
+        let call = Completion {
+            content,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            cached_prompt_tokens: 0,
+            latency: Duration::ZERO,
+            attempts: 0,
+            usage_reported: true,
+        };
+        let agreed = super::answer::agrees(&record.row, &answer, &route.roles);
+        Some(Fate::Answer(Box::new(self.row(&record.row, &answer, route, &call)), agreed))
     }
 
     fn row(&self, small: &ResultRow, answer: &Answer, route: &RouteLabels, call: &Completion) -> ResultRow {
