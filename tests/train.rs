@@ -192,6 +192,18 @@ fn train_eval_and_serve_a_model_from_a_labelled_csv() {
     let record = descriptor.training.as_ref().unwrap();
     assert!(record.refit_full && record.fitted.len() == 3, "settings recorded for eval: {:?}", record.fitted);
 
+    // Few-shot examples for the LLM tier: three per label of each single-label head (the
+    // default), training texts, read back by escalate's prompt.
+    let few_shot = std::fs::read_to_string(model.join("few_shot.jsonl")).unwrap();
+    let examples: Vec<Value> = few_shot.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let queues = descriptor.heads.iter().find(|h| h.name == "queue").unwrap().labels.len();
+    let priorities = descriptor.heads.iter().find(|h| h.name == "priority").unwrap().labels.len();
+    assert_eq!(examples.len(), 3 * (queues + priorities), "{few_shot}");
+    let csv = std::fs::read_to_string(&data).unwrap();
+    assert!(examples.iter().all(|e| csv.contains(e["text"].as_str().unwrap().split(' ').next().unwrap())), "texts of the data");
+    let space = triage::llm::prompt::LabelSpace::of_model(&descriptor, &model, 2).unwrap();
+    assert!(space.heads.iter().filter(|h| !h.multi).all(|h| h.examples.values().all(|e| e.len() == 2) && h.examples.len() == h.labels.len()));
+
     // The shipped heads saw the validation split: eval refits the recorded recipe on the training
     // part and scores the split exactly as training measured it in memory.
     let out = triage(&["eval", "--model", s(&model), "--data", s(&data), "--json"]);

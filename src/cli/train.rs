@@ -85,6 +85,10 @@ pub struct TrainArgs {
     /// Markdown added to MODEL_CARD.md (architecture, data credit and licence, business rules).
     #[arg(long)]
     card_notes: Option<PathBuf>,
+    /// Few-shot examples per label written to few_shot.jsonl for `triage escalate` (the most
+    /// typical training messages of each label; they go to the LLM provider). 0: none.
+    #[arg(long, default_value_t = defaults().few_shot)]
+    few_shot: usize,
     #[command(flatten)]
     runtime: RuntimeArgs,
     #[command(flatten)]
@@ -126,6 +130,7 @@ impl TrainArgs {
         options.engine = self.batch.engine();
         options.force = self.force;
         options.card_notes = self.card_notes;
+        options.few_shot = self.few_shot;
         Ok(options)
     }
 }

@@ -195,7 +195,16 @@ impl LabelSpace {
     /// descriptions of `labels.toml` in `dir` when there is one.
     /// With `examples_per_label` of `few_shot.jsonl`'s examples per label (0: none).
     pub fn of_model(descriptor: &Descriptor, dir: &Path, examples_per_label: usize) -> Result<Self, LabelsError> {
-        let descriptions = read_descriptions(&dir.join(DESCRIPTIONS_FILE))?;
+        let path = dir.join(DESCRIPTIONS_FILE);
+        let descriptions = read_descriptions(&path)?;
+        // A description the prompt cannot place is a typo or a file of another model's labels.
+        for (head, described) in &descriptions {
+            let bad = |detail: String| LabelsError::Descriptions { path: path.clone(), detail };
+            let spec = descriptor.heads.iter().find(|h| &h.name == head).ok_or_else(|| bad(format!("the model has no head `{head}`")))?;
+            if let Some(label) = described.keys().find(|l| !spec.labels.contains(l)) {
+                return Err(bad(format!("head `{head}` has no label `{label}`")));
+            }
+        }
         let heads: Vec<HeadLabels> = descriptor
             .heads
             .iter()
@@ -492,10 +501,17 @@ mod tests {
         let space = LabelSpace::of_model(&descriptor, &dir, 0).unwrap();
         assert_eq!(space.heads.len(), 1, "the embedding is not a label head");
         assert_eq!(space.heads[0].labels.len(), 77);
+        let undescribed: Vec<&String> = space.heads[0].labels.iter().filter(|(_, d)| d.is_none()).map(|(l, _)| l).collect();
+        assert!(undescribed.is_empty(), "the default model describes every label for the LLM: {undescribed:?}");
         let tmp = tempfile::tempdir().unwrap();
         std::fs::write(tmp.path().join(DESCRIPTIONS_FILE), "[intent]\ncard_arrival = \"When will my card arrive\"\n").unwrap();
         let described = LabelSpace::of_model(&descriptor, tmp.path(), 1).unwrap();
         assert!(described.system_prompt().contains("- card_arrival: When will my card arrive"));
+        for (text, expected) in [("[intent]\ncard_lost = \"x\"\n", "no label `card_lost`"), ("[topic]\na = \"x\"\n", "no head `topic`")] {
+            std::fs::write(tmp.path().join(DESCRIPTIONS_FILE), text).unwrap();
+            let err = LabelSpace::of_model(&descriptor, tmp.path(), 1).unwrap_err().to_string();
+            assert!(err.contains("labels.toml") && err.contains(expected), "{err}");
+        }
         std::fs::write(tmp.path().join(DESCRIPTIONS_FILE), "intent = 3").unwrap();
         let err = LabelSpace::of_model(&descriptor, tmp.path(), 1).unwrap_err().to_string();
         assert!(err.contains("labels.toml") && err.contains("[head] tables"), "{err}");

@@ -25,6 +25,8 @@ pub(super) struct Output<'a> {
     pub priority: Option<&'a crate::model::PrioritySpec>,
     pub report: &'a TrainReport,
     pub data_rows: usize,
+    /// (head, label, text) for `few_shot.jsonl`.
+    pub few_shot: &'a [super::few_shot::Example],
 }
 
 fn write_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
@@ -77,6 +79,16 @@ pub(super) fn write_model_dir(o: &Output<'_>) -> Result<(), TrainError> {
     let version = hex::encode(Sha256::digest(&weights))[..12].to_string();
     write_atomic(&out.join(linear::WEIGHTS_FILE), &weights)?;
     write_atomic(&out.join(crate::model::descriptor::DESCRIPTOR_FILE), descriptor(o, &version)?.as_bytes())?;
+    // An earlier model's examples would not match these labels: replaced, or removed.
+    let examples = out.join(crate::llm::prompt::EXAMPLES_FILE);
+    if o.few_shot.is_empty() {
+        match std::fs::remove_file(&examples) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(write_err(&examples)(e)),
+            _ => {}
+        }
+    } else {
+        write_atomic(&examples, super::few_shot::to_jsonl(o.few_shot).as_bytes())?;
+    }
     let metrics = serde_json::to_vec_pretty(o.report).map_err(|e| TrainError::Invalid(e.to_string()))?;
     write_atomic(&out.join("metrics.json"), &metrics)?;
     let notes = match &o.options.card_notes {

@@ -14,6 +14,7 @@ pub mod data;
 mod embed;
 pub mod eval;
 mod fitting;
+pub mod few_shot;
 pub mod logreg;
 pub mod metrics;
 mod refit;
@@ -105,6 +106,8 @@ pub struct TrainOptions {
     /// Markdown placed in the model card after its first paragraph (architecture, data
     /// credit and licence, business rules: what the measurements cannot say).
     pub card_notes: Option<PathBuf>,
+    /// Few-shot examples written per label (`few_shot.jsonl`, for `triage escalate`); 0: none.
+    pub few_shot: usize,
 }
 
 impl TrainOptions {
@@ -133,6 +136,7 @@ impl TrainOptions {
             engine: EngineConfig::default(),
             force: false,
             card_notes: None,
+            few_shot: 3,
         }
     }
 
@@ -554,6 +558,13 @@ pub fn train(options: &TrainOptions, progress: &dyn Progress) -> Result<TrainRep
         escalation,
         ood: ood_report,
     };
+    let example_rows: &[usize] = if options.refit_full { &all_rows } else { &train_rows };
+    let text_refs: Vec<&str> = texts.iter().map(|t| t.text.as_str()).collect();
+    let few_shot: Vec<few_shot::Example> = prepared
+        .single
+        .iter()
+        .flat_map(|head| few_shot::choose(&head.name, &head.labels, &run.embeddings, &text_refs, example_rows, &head.y, options.few_shot))
+        .collect();
     let output = card::Output {
         options,
         name: &name,
@@ -567,6 +578,7 @@ pub fn train(options: &TrainOptions, progress: &dyn Progress) -> Result<TrainRep
         priority: priority.as_ref(),
         report: &report,
         data_rows: prepared.dataset.rows_read,
+        few_shot: &few_shot,
     };
     card::write_model_dir(&output)?;
     progress.note(&format!("wrote {}", options.out.display()));
