@@ -541,7 +541,7 @@ fn llama_server(log: &Path) -> LlamaServer {
     let child = std::process::Command::new(python)
         .args(["-m", "llama_cpp.server", "--model"])
         .arg(&model)
-        .args(["--model_alias", "tiny", "--host", "127.0.0.1", "--port", &port.to_string(), "--n_ctx", "4096"])
+        .args(["--model_alias", "tiny", "--host", "127.0.0.1", "--port", &port.to_string(), "--n_ctx", "16384"])
         .stdout(file.try_clone().unwrap())
         .stderr(file)
         .spawn()
@@ -592,13 +592,10 @@ fn the_demo_escalations_are_answered_by_llama_cpp_and_land_as_row_versions() {
     let dead = reasons(&env);
     let by_llm: Vec<&ResultRow> = rows.iter().filter(|r| r.answered_by == "llm:tiny").collect();
     eprintln!("llama.cpp answered {} of {} escalations; dead letters: {dead:?}", by_llm.len(), messages.len());
-    assert_eq!(by_llm.len() + dead.len(), messages.len(), "every escalation answered or dead-lettered with a reason: {dead:?}");
-    assert!(
-        by_llm.len() * 2 >= messages.len(),
-        "the grammar-constrained tiny model answers most: {} of {} ({dead:?})",
-        by_llm.len(),
-        messages.len()
-    );
+    // The grammar built from the schema allows only the model's labels, so even random weights
+    // answer every message: a dead letter here is a broken request or reply check.
+    assert!(dead.is_empty(), "every escalation answered, none dead-lettered: {dead:?}");
+    assert_eq!(by_llm.len(), messages.len(), "every escalation answered by the LLM");
     let mut counts: HashMap<&str, usize> = HashMap::new();
     for r in &by_llm {
         assert!(labels.contains(&r.category), "`{}` is one of the model's labels", r.category);
