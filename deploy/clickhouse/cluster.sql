@@ -127,6 +127,20 @@ ORDER BY time;
 CREATE TABLE IF NOT EXISTS triage.results_llm_spend ON CLUSTER '{cluster}' AS triage.results_llm_spend_local
 ENGINE = Distributed('{cluster}', triage, results_llm_spend_local, rand());
 
+CREATE TABLE IF NOT EXISTS triage.results_llm_batches_local ON CLUSTER '{cluster}'
+(
+    `time` DateTime,
+    `batch_id` String,
+    `custom_id` String,
+    `state` String
+)
+ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/triage/results_llm_batches_local', '{replica}')
+PARTITION BY toYYYYMMDD(time)
+ORDER BY (batch_id, custom_id);
+
+CREATE TABLE IF NOT EXISTS triage.results_llm_batches ON CLUSTER '{cluster}' AS triage.results_llm_batches_local
+ENGINE = Distributed('{cluster}', triage, results_llm_batches_local, rand());
+
 CREATE VIEW IF NOT EXISTS triage.results_hourly ON CLUSTER '{cluster}' AS
 SELECT toStartOfHour(event_time) AS hour, kind, category, priority,
        count() AS messages, sum(escalated) AS escalations, avg(confidence) AS mean_confidence

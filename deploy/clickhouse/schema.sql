@@ -113,6 +113,17 @@ ENGINE = MergeTree()
 PARTITION BY toYYYYMMDD(time)
 ORDER BY time;
 
+CREATE TABLE IF NOT EXISTS triage.results_llm_batches
+(
+    `time` DateTime,
+    `batch_id` String,
+    `custom_id` String,
+    `state` String
+)
+ENGINE = MergeTree()
+PARTITION BY toYYYYMMDD(time)
+ORDER BY (batch_id, custom_id);
+
 CREATE VIEW IF NOT EXISTS triage.results_hourly AS
 SELECT toStartOfHour(event_time) AS hour, kind, category, priority,
        count() AS messages, sum(escalated) AS escalations, avg(confidence) AS mean_confidence

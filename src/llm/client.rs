@@ -150,18 +150,34 @@ impl ChatClient {
     /// [`complete`](Self::complete), saying how many attempts a failure took.
     pub async fn complete_counted(&self, body: &Value) -> Result<Completion, Failed> {
         let bytes = Bytes::from(serde_json::to_vec(body).map_err(|e| Failed { error: ChatError::Envelope(e.to_string()), attempts: 0 })?);
+        let (reply, attempts, latency) = self.send_with_retries(Method::POST, &self.uri, "application/json", bytes, MAX_REPLY_BYTES).await?;
+        let reply: Value = serde_json::from_slice(&reply).map_err(|e| Failed {
+            error: ChatError::Envelope(format!("{e}: {}", cut(&String::from_utf8_lossy(&reply), 200))),
+            attempts,
+        })?;
+        let mut completion = completion_of(&reply).map_err(|error| Failed { error, attempts })?;
+        completion.latency = latency;
+        completion.attempts = attempts;
+        Ok(completion)
+    }
+
+    /// One request with the call's retries (429, 5xx, timeouts, honouring Retry-After): the
+    /// 200 reply's body (at most `limit` bytes), the attempts, the successful one's latency.
+    async fn send_with_retries(
+        &self,
+        method: Method,
+        uri: &Uri,
+        content_type: &str,
+        body: Bytes,
+        limit: usize,
+    ) -> Result<(Bytes, u32, Duration), Failed> {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
             let start = Instant::now();
-            let result = tokio::time::timeout(self.settings.timeout, self.once(bytes.clone())).await;
+            let result = tokio::time::timeout(self.settings.timeout, self.send(method.clone(), uri, content_type, body.clone(), limit)).await;
             let (error, retry_after) = match result {
-                Ok(Ok(reply)) => {
-                    let mut completion = completion_of(&reply).map_err(|error| Failed { error, attempts: attempt })?;
-                    completion.latency = start.elapsed();
-                    completion.attempts = attempt;
-                    return Ok(completion);
-                }
+                Ok(Ok(reply)) => return Ok((reply, attempt, start.elapsed())),
                 Ok(Err((error, retry_after))) => (error, retry_after),
                 Err(_) => (ChatError::Timeout(self.settings.timeout), None),
             };
@@ -174,8 +190,11 @@ impl ChatClient {
         }
     }
 
-    async fn once(&self, body: Bytes) -> Result<Value, (ChatError, Option<Duration>)> {
-        let mut request = Request::builder().method(Method::POST).uri(self.uri.clone()).header(CONTENT_TYPE, "application/json");
+    async fn send(&self, method: Method, uri: &Uri, content_type: &str, body: Bytes, limit: usize) -> Result<Bytes, (ChatError, Option<Duration>)> {
+        let mut request = Request::builder().method(method).uri(uri.clone());
+        if !body.is_empty() {
+            request = request.header(CONTENT_TYPE, content_type);
+        }
         if let Some((name, value)) = self.key_header() {
             request = request.header(name, value);
         }
@@ -183,10 +202,10 @@ impl ChatClient {
         let response = self.http.request(request).await.map_err(|e| (ChatError::Transport(e.to_string()), None))?;
         let status = response.status();
         let retry_after = response.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
-        let body = match http_body_util::Limited::new(response.into_body(), MAX_REPLY_BYTES).collect().await {
+        let body = match http_body_util::Limited::new(response.into_body(), limit).collect().await {
             Ok(collected) => collected.to_bytes(),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                return Err((ChatError::Envelope(format!("the reply is larger than {MAX_REPLY_BYTES} bytes")), None))
+                return Err((ChatError::Envelope(format!("the reply is larger than {limit} bytes")), None))
             }
             Err(e) => return Err((ChatError::Transport(e.to_string()), None)),
         };
@@ -194,9 +213,120 @@ impl ChatClient {
             let text = String::from_utf8_lossy(&body);
             return Err((ChatError::Status { status: status.as_u16(), body: cut(&text, 300) }, retry_after));
         }
-        serde_json::from_slice(&body)
-            .map_err(|e| (ChatError::Envelope(format!("{e}: {}", cut(&String::from_utf8_lossy(&body), 200))), None))
+        Ok(body)
     }
+
+    /// `<base>/<path>` of the server's API (`files`, `batches/ID`), the base being the
+    /// configured URL without `/chat/completions`.
+    fn api_uri(&self, path: &str) -> Result<Uri, ChatError> {
+        let (base, query) = match self.settings.url.split_once('?') {
+            Some((b, q)) => (b, Some(q)),
+            None => (self.settings.url.as_str(), None),
+        };
+        let base = base.trim_end_matches('/').trim_end_matches("/chat/completions");
+        let full = match query {
+            Some(q) => format!("{base}/{path}?{q}"),
+            None => format!("{base}/{path}"),
+        };
+        full.parse().map_err(|e| ChatError::Transport(format!("`{full}` is not a URL: {e}")))
+    }
+
+    async fn json_call(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value, ChatError> {
+        let uri = self.api_uri(path)?;
+        let bytes = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+        let (reply, _, _) = self.send_with_retries(method, &uri, "application/json", bytes, MAX_REPLY_BYTES).await.map_err(|f| f.error)?;
+        serde_json::from_slice(&reply).map_err(|e| ChatError::Envelope(format!("{e}: {}", cut(&String::from_utf8_lossy(&reply), 200))))
+    }
+
+    /// OpenAI Batch API: upload a JSONL of requests (`purpose=batch`); its file id.
+    pub async fn upload_batch_file(&self, jsonl: Vec<u8>) -> Result<String, ChatError> {
+        let boundary = format!("triage-{:016x}", crate::time::now_ms() ^ 0x5eed_cafe);
+        let mut body = Vec::with_capacity(jsonl.len() + 512);
+        body.extend_from_slice(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"triage-batch.jsonl\"\r\nContent-Type: application/jsonl\r\n\r\n").as_bytes(),
+        );
+        body.extend_from_slice(&jsonl);
+        body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+        let uri = self.api_uri("files")?;
+        let content_type = format!("multipart/form-data; boundary={boundary}");
+        let (reply, _, _) =
+            self.send_with_retries(Method::POST, &uri, &content_type, Bytes::from(body), MAX_REPLY_BYTES).await.map_err(|f| f.error)?;
+        let reply: Value = serde_json::from_slice(&reply).map_err(|e| ChatError::Envelope(e.to_string()))?;
+        reply["id"].as_str().map(str::to_owned).ok_or_else(|| ChatError::Envelope(format!("no file id in {}", cut(&reply.to_string(), 200))))
+    }
+
+    /// OpenAI Batch API: start a batch of chat completions over an uploaded file.
+    pub async fn create_batch(&self, input_file_id: &str, completion_window: &str) -> Result<BatchState, ChatError> {
+        let body = serde_json::json!({"input_file_id": input_file_id, "endpoint": "/v1/chat/completions", "completion_window": completion_window});
+        BatchState::of(&self.json_call(Method::POST, "batches", Some(&body)).await?)
+    }
+
+    /// OpenAI Batch API: where a batch is.
+    pub async fn batch_state(&self, batch_id: &str) -> Result<BatchState, ChatError> {
+        BatchState::of(&self.json_call(Method::GET, &format!("batches/{batch_id}"), None).await?)
+    }
+
+    /// A file's content (a batch's output or errors), up to `MAX_BATCH_FILE_BYTES`.
+    pub async fn file_content(&self, file_id: &str) -> Result<Bytes, ChatError> {
+        let uri = self.api_uri(&format!("files/{file_id}/content"))?;
+        let (reply, _, _) = self.send_with_retries(Method::GET, &uri, "", Bytes::new(), MAX_BATCH_FILE_BYTES).await.map_err(|f| f.error)?;
+        Ok(reply)
+    }
+}
+
+/// Largest batch output file read (a line per request, a few kB each).
+pub const MAX_BATCH_FILE_BYTES: usize = 512 << 20;
+
+/// A batch as the Batch API describes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchState {
+    pub id: String,
+    /// validating, in_progress, finalizing, completed, failed, expired, cancelling, cancelled.
+    pub status: String,
+    pub output_file_id: Option<String>,
+    pub error_file_id: Option<String>,
+    /// A failed batch's reasons (`errors.data[].message`).
+    pub errors: String,
+}
+
+impl BatchState {
+    fn of(v: &Value) -> Result<Self, ChatError> {
+        let id = v["id"].as_str().ok_or_else(|| ChatError::Envelope(format!("not a batch: {}", cut(&v.to_string(), 200))))?;
+        let text = |k: &str| v[k].as_str().filter(|s| !s.is_empty()).map(str::to_owned);
+        let errors = v["errors"]["data"]
+            .as_array()
+            .map(|d| d.iter().filter_map(|e| e["message"].as_str()).collect::<Vec<_>>().join("; "))
+            .unwrap_or_default();
+        Ok(BatchState {
+            id: id.to_string(),
+            status: text("status").unwrap_or_default(),
+            output_file_id: text("output_file_id"),
+            error_file_id: text("error_file_id"),
+            errors,
+        })
+    }
+
+    /// Still running: ask again later.
+    pub fn is_running(&self) -> bool {
+        matches!(self.status.as_str(), "validating" | "in_progress" | "finalizing" | "cancelling")
+    }
+}
+
+/// A line of a batch's output or error file: its request's id and how it ended.
+pub fn batch_line(line: &str) -> Option<(String, Result<Completion, ChatError>)> {
+    let v: Value = serde_json::from_str(line).ok()?;
+    let id = v["custom_id"].as_str()?.to_string();
+    let response = &v["response"];
+    let status = response["status_code"].as_u64().unwrap_or(0) as u16;
+    let result = if status == 200 {
+        completion_of(&response["body"])
+    } else if !v["error"].is_null() || status != 0 {
+        let body = if response["body"].is_null() { v["error"].to_string() } else { response["body"].to_string() };
+        Err(ChatError::Status { status: if status == 0 { 500 } else { status }, body: cut(&body, 300) })
+    } else {
+        Err(ChatError::Envelope(format!("no response in {}", cut(line, 200))))
+    };
+    Some((id, result))
 }
 
 /// The chat-completions URL of a base URL (`http://vllm:8000/v1`) or of a full one, keeping a

@@ -229,19 +229,44 @@ pub fn ledger_table(c: &ClickHouseConfig) -> String {
 }
 
 pub fn ledger_statements(c: &ClickHouseConfig) -> Vec<String> {
-    let table = ledger_table(c);
+    side_table(
+        c,
+        &ledger_table(c),
+        "    `time` DateTime,\n    `time_ms` UInt64,\n    `instance` String,\n    `worker_id` String,\n    `model` String,\n    \
+         `prompt_tokens` UInt64,\n    `completion_tokens` UInt64,\n    `cost` Float64",
+        "time",
+    )
+}
+
+/// `triage escalate`'s Batch API record: a row per request submitted in a batch (`submitted`)
+/// and one per batch whose answers were collected (`collected`, empty custom_id), so a
+/// restarted process waits for its batches instead of sending their requests again.
+pub fn batches_table(c: &ClickHouseConfig) -> String {
+    format!("{}_llm_batches", c.table)
+}
+
+pub fn batches_statements(c: &ClickHouseConfig) -> Vec<String> {
+    side_table(
+        c,
+        &batches_table(c),
+        "    `time` DateTime,\n    `batch_id` String,\n    `custom_id` String,\n    `state` String",
+        "(batch_id, custom_id)",
+    )
+}
+
+/// A small MergeTree beside the results (a day per partition), replicated and read through a
+/// Distributed table on a cluster.
+fn side_table(c: &ClickHouseConfig, table: &str, columns: &str, order_by: &str) -> Vec<String> {
     let local = match c.cluster {
         Some(_) => format!("{table}_local"),
-        None => table.clone(),
+        None => table.to_string(),
     };
     let engine = match c.cluster {
         Some(_) => format!("ReplicatedMergeTree('/clickhouse/tables/{{shard}}/{db}/{local}', '{{replica}}')", db = c.database),
         None => "MergeTree()".to_string(),
     };
     let mut out = vec![format!(
-        "CREATE TABLE IF NOT EXISTS {db}.{local}{on}\n(\n    `time` DateTime,\n    `time_ms` UInt64,\n    `instance` String,\n    \
-         `worker_id` String,\n    `model` String,\n    `prompt_tokens` UInt64,\n    `completion_tokens` UInt64,\n    `cost` Float64\n)\n\
-         ENGINE = {engine}\nPARTITION BY toYYYYMMDD(time)\nORDER BY time",
+        "CREATE TABLE IF NOT EXISTS {db}.{local}{on}\n(\n{columns}\n)\nENGINE = {engine}\nPARTITION BY toYYYYMMDD(time)\nORDER BY {order_by}",
         db = c.database,
         on = on_cluster(c),
     )];
@@ -264,6 +289,7 @@ pub fn statements(c: &ClickHouseConfig) -> Vec<String> {
     out.push(create_table(&shadow));
     out.extend(create_distributed(&shadow));
     out.extend(ledger_statements(c));
+    out.extend(batches_statements(c));
     out.extend(views(c).into_iter().map(|(_, sql)| sql));
     out
 }

@@ -152,6 +152,16 @@ pub struct SpendEntry {
     pub cost: f64,
 }
 
+/// A row of the Batch API record (`<table>_llm_batches`).
+#[derive(Debug, Clone, PartialEq, clickhouse::Row, serde::Serialize, serde::Deserialize)]
+pub struct BatchEntry {
+    pub time: u32,
+    pub batch_id: String,
+    pub custom_id: String,
+    /// `submitted` (a request in the batch) or `collected` (its answers taken; no custom_id).
+    pub state: String,
+}
+
 /// How many messages a shadow model and the route's model got right against a later answer
 /// (an LLM's or a person's), per judge and reference label (`triage eval --shadow`).
 #[derive(Debug, Clone, PartialEq, clickhouse::Row, serde::Deserialize)]
@@ -209,7 +219,7 @@ impl ClickHouseService {
         for config in [self.config.clone(), self.config.shadow()] {
             self.apply_table(&admin, &config).await?;
         }
-        for stmt in schema::ledger_statements(&self.config) {
+        for stmt in schema::ledger_statements(&self.config).into_iter().chain(schema::batches_statements(&self.config)) {
             admin.query(&stmt).execute().await?;
         }
         for (_, stmt) in schema::views(&self.config) {
@@ -290,6 +300,26 @@ impl ClickHouseService {
             insert.write(e).await?;
         }
         insert.end().await
+    }
+
+    pub async fn record_batch(&self, entries: &[BatchEntry]) -> Result<(), clickhouse::error::Error> {
+        let mut insert = self.client.insert::<BatchEntry>(&schema::batches_table(&self.config)).await?;
+        for e in entries {
+            insert.write(e).await?;
+        }
+        insert.end().await
+    }
+
+    /// (batch id, custom id) of every request submitted since `since` (unix seconds) in a batch
+    /// whose answers were not yet collected.
+    pub async fn pending_batches(&self, since: u32) -> Result<Vec<(String, String)>, clickhouse::error::Error> {
+        let table = format!("{}.{}", self.config.database, schema::batches_table(&self.config));
+        let sql = format!(
+            "SELECT batch_id, custom_id FROM {table} WHERE state = 'submitted' AND time >= toDateTime(?) \
+             AND batch_id NOT IN (SELECT batch_id FROM {table} WHERE state = 'collected' AND time >= toDateTime(?)) \
+             ORDER BY batch_id, custom_id"
+        );
+        self.client.query(&sql).bind(since).bind(since).fetch_all::<(String, String)>().await
     }
 
     /// What instances other than `instance` spent since `since_ms` (unix ms).
