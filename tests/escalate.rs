@@ -858,3 +858,169 @@ fn a_backlog_older_than_the_cutoff_is_skipped_counted_and_committed() {
 fn chrono_free_now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
 }
+
+/// A scripted OpenAI Batch API, written from its reference: `POST /v1/files` (multipart, purpose
+/// batch), `POST /v1/batches`, `GET /v1/batches/ID` (`in_progress` until released, then
+/// `completed` with an output file), `GET /v1/files/ID/content` (every request answered
+/// `{"intent": "card_arrival"}` with usage).
+struct BatchApi {
+    url: String,
+    /// The custom ids of each uploaded file.
+    uploads: Arc<Mutex<Vec<Vec<String>>>>,
+    created: Arc<std::sync::atomic::AtomicUsize>,
+    polls: Arc<std::sync::atomic::AtomicUsize>,
+    release: Arc<std::sync::atomic::AtomicBool>,
+}
+
+fn batch_api() -> BatchApi {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let listener = runtime().block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let api = BatchApi {
+        url: format!("http://{}/v1", listener.local_addr().unwrap()),
+        uploads: Arc::default(),
+        created: Arc::new(AtomicUsize::new(0)),
+        polls: Arc::new(AtomicUsize::new(0)),
+        release: Arc::new(AtomicBool::new(false)),
+    };
+    let (uploads, created, polls, release) = (api.uploads.clone(), api.created.clone(), api.polls.clone(), api.release.clone());
+    // file id -> custom ids; batch id -> its input file.
+    let files: Arc<Mutex<HashMap<String, Vec<String>>>> = Arc::default();
+    let batches: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+    runtime().spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else { return };
+            let (uploads, created, polls, release, files, batches) =
+                (uploads.clone(), created.clone(), polls.clone(), release.clone(), files.clone(), batches.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 65536];
+                let (head, body) = loop {
+                    let Ok(n) = socket.read(&mut chunk).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let length = text[..end]
+                            .lines()
+                            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
+                            .unwrap_or(0);
+                        if buf.len() >= end + 4 + length {
+                            break (text[..end].to_string(), String::from_utf8_lossy(&buf[end + 4..end + 4 + length]).to_string());
+                        }
+                    }
+                };
+                let request_line = head.lines().next().unwrap_or_default().to_string();
+                let mut parts = request_line.split(' ');
+                let (method, path) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+                let batch_json = |id: &str, done: bool| {
+                    let mut b = json!({"id": id, "object": "batch", "endpoint": "/v1/chat/completions", "status": if done { "completed" } else { "in_progress" }});
+                    if done {
+                        b["output_file_id"] = json!(format!("out-{id}"));
+                    }
+                    b.to_string()
+                };
+                let (status, payload) = match (method, path) {
+                    ("POST", "/v1/files") => {
+                        // The JSONL part: after the file part's headers, up to the closing boundary.
+                        let ids: Vec<String> = body
+                            .lines()
+                            .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
+                            .filter_map(|v| v["custom_id"].as_str().map(str::to_owned))
+                            .collect();
+                        assert!(body.contains("name=\"purpose\"") && body.contains("batch"), "purpose=batch");
+                        let id = format!("file-{}", files.lock().unwrap().len() + 1);
+                        uploads.lock().unwrap().push(ids.clone());
+                        files.lock().unwrap().insert(id.clone(), ids);
+                        (200, json!({"id": id, "object": "file", "purpose": "batch"}).to_string())
+                    }
+                    ("POST", "/v1/batches") => {
+                        let request: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+                        let file = request["input_file_id"].as_str().unwrap_or_default().to_string();
+                        assert_eq!(request["endpoint"], "/v1/chat/completions");
+                        let n = created.fetch_add(1, Ordering::SeqCst) + 1;
+                        let id = format!("batch-{n}");
+                        batches.lock().unwrap().insert(id.clone(), file);
+                        (200, batch_json(&id, false))
+                    }
+                    ("GET", p) if p.starts_with("/v1/batches/") => {
+                        polls.fetch_add(1, Ordering::SeqCst);
+                        let id = p.trim_start_matches("/v1/batches/");
+                        if batches.lock().unwrap().contains_key(id) {
+                            (200, batch_json(id, release.load(Ordering::SeqCst)))
+                        } else {
+                            (404, json!({"error": {"message": "No such batch"}}).to_string())
+                        }
+                    }
+                    ("GET", p) if p.starts_with("/v1/files/out-") && p.ends_with("/content") => {
+                        let batch = p.trim_start_matches("/v1/files/out-").trim_end_matches("/content");
+                        let file = batches.lock().unwrap().get(batch).cloned().unwrap_or_default();
+                        let ids = files.lock().unwrap().get(&file).cloned().unwrap_or_default();
+                        let lines: Vec<String> = ids
+                            .iter()
+                            .map(|id| {
+                                json!({"id": format!("req-{id}"), "custom_id": id, "error": null, "response": {"status_code": 200, "body": {
+                                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "{\"intent\": \"card_arrival\"}"}}],
+                                    "usage": {"prompt_tokens": 100, "completion_tokens": 10}}}})
+                                .to_string()
+                            })
+                            .collect();
+                        (200, lines.join("\n") + "\n")
+                    }
+                    _ => (404, json!({"error": {"message": format!("no route {method} {path}")}}).to_string()),
+                };
+                let response = format!(
+                    "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{payload}",
+                    payload.len()
+                );
+                let _ = socket.write_all(response.as_bytes()).await;
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    api
+}
+
+/// Issue 22: the OpenAI Batch API (half price). Records are collected into one batch, which is
+/// recorded in ClickHouse before anything waits on it; a process killed while the batch runs is
+/// replaced by one that finds the batch, waits for it, and stores its answers: every message
+/// answered once, nothing submitted twice, everything committed.
+#[test]
+fn batch_mode_survives_a_sigkill_mid_batch_without_losing_or_repeating_a_request() {
+    use std::sync::atomic::Ordering;
+    let env = escalate_env("escalate_batch");
+    let records: Vec<_> = (1..=6).map(|i| record(i, &format!("card question {i}"))).collect();
+    env.produce("triage.escalations", &records);
+    let api = batch_api();
+    let config = escalate_config(&env, "batch", &api.url, "gpt-4o-mini", |c| {
+        c.llm.mode = triage::llm::config::LlmMode::Batch;
+        c.llm.batch_max_requests = 6;
+        c.llm.batch_max_wait_ms = 60_000;
+        c.llm.batch_poll_interval_ms = 200;
+    });
+    let mut first = env.spawn_command("escalate", &config, "escalate-batch-1", &[]);
+    env.wait_for(&mut first, "one batch of six submitted and recorded", Duration::from_secs(60), || {
+        api.created.load(Ordering::SeqCst) == 1 && env.query_u64("SELECT count() FROM results_llm_batches WHERE state = 'submitted'") == 6
+    });
+    assert_eq!(api.uploads.lock().unwrap()[0].len(), 6);
+    first.kill9();
+    let polls_before = api.polls.load(Ordering::SeqCst);
+
+    let mut second = env.spawn_command("escalate", &config, "escalate-batch-2", &[]);
+    env.wait_for(&mut second, "the restarted process to poll the recorded batch", Duration::from_secs(60), || {
+        api.polls.load(Ordering::SeqCst) > polls_before + 2
+    });
+    assert!(second.log_text().contains("resuming a batch"), "{}", second.log_text());
+    api.release.store(true, Ordering::SeqCst);
+    env.wait_for(&mut second, "every answer stored and committed", Duration::from_secs(60), || escalate_caught_up(&env));
+    assert_eq!(second.terminate(Duration::from_secs(30)), Some(Exit::OK), "{}", second.log_text());
+
+    assert_eq!(api.created.load(Ordering::SeqCst), 1, "the batch was not submitted again");
+    let submitted: usize = api.uploads.lock().unwrap().iter().map(Vec::len).sum();
+    assert_eq!(submitted, 6, "no request sent twice");
+    assert_eq!(env.query_u64("SELECT count() FROM results FINAL WHERE answered_by = 'llm:gpt-4o-mini'"), 6);
+    assert_eq!(env.query_u64("SELECT count() FROM results FINAL WHERE llm_prompt_tokens = 100"), 6, "the batch's usage is kept");
+    assert!(reasons(&env).is_empty(), "{:?}", reasons(&env));
+    assert_eq!(env.query_u64("SELECT count() FROM results_llm_batches WHERE state = 'collected'"), 1, "marked collected once taken");
+}

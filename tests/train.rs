@@ -202,7 +202,11 @@ fn train_eval_and_serve_a_model_from_a_labelled_csv() {
     let csv = std::fs::read_to_string(&data).unwrap();
     assert!(examples.iter().all(|e| csv.contains(e["text"].as_str().unwrap().split(' ').next().unwrap())), "texts of the data");
     let space = triage::llm::prompt::LabelSpace::of_model(&descriptor, &model, 2).unwrap();
-    assert!(space.heads.iter().filter(|h| !h.multi).all(|h| h.examples.values().all(|e| e.len() == 2) && h.examples.len() == h.labels.len()));
+    assert!(space
+        .heads
+        .iter()
+        .filter(|h| !h.multi)
+        .all(|h| h.examples.values().all(|e| e.len() == 2) && h.examples.len() == h.labels.len()));
 
     // The shipped heads saw the validation split: eval refits the recorded recipe on the training
     // part and scores the split exactly as training measured it in memory.

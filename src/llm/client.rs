@@ -150,11 +150,10 @@ impl ChatClient {
     /// [`complete`](Self::complete), saying how many attempts a failure took.
     pub async fn complete_counted(&self, body: &Value) -> Result<Completion, Failed> {
         let bytes = Bytes::from(serde_json::to_vec(body).map_err(|e| Failed { error: ChatError::Envelope(e.to_string()), attempts: 0 })?);
-        let (reply, attempts, latency) = self.send_with_retries(Method::POST, &self.uri, "application/json", bytes, MAX_REPLY_BYTES).await?;
-        let reply: Value = serde_json::from_slice(&reply).map_err(|e| Failed {
-            error: ChatError::Envelope(format!("{e}: {}", cut(&String::from_utf8_lossy(&reply), 200))),
-            attempts,
-        })?;
+        let (reply, attempts, latency) =
+            self.send_with_retries(Method::POST, &self.uri, "application/json", bytes, MAX_REPLY_BYTES).await?;
+        let reply: Value = serde_json::from_slice(&reply)
+            .map_err(|e| Failed { error: ChatError::Envelope(format!("{e}: {}", cut(&String::from_utf8_lossy(&reply), 200))), attempts })?;
         let mut completion = completion_of(&reply).map_err(|error| Failed { error, attempts })?;
         completion.latency = latency;
         completion.attempts = attempts;
@@ -175,7 +174,8 @@ impl ChatClient {
         loop {
             attempt += 1;
             let start = Instant::now();
-            let result = tokio::time::timeout(self.settings.timeout, self.send(method.clone(), uri, content_type, body.clone(), limit)).await;
+            let result =
+                tokio::time::timeout(self.settings.timeout, self.send(method.clone(), uri, content_type, body.clone(), limit)).await;
             let (error, retry_after) = match result {
                 Ok(Ok(reply)) => return Ok((reply, attempt, start.elapsed())),
                 Ok(Err((error, retry_after))) => (error, retry_after),
@@ -190,7 +190,14 @@ impl ChatClient {
         }
     }
 
-    async fn send(&self, method: Method, uri: &Uri, content_type: &str, body: Bytes, limit: usize) -> Result<Bytes, (ChatError, Option<Duration>)> {
+    async fn send(
+        &self,
+        method: Method,
+        uri: &Uri,
+        content_type: &str,
+        body: Bytes,
+        limit: usize,
+    ) -> Result<Bytes, (ChatError, Option<Duration>)> {
         let mut request = Request::builder().method(method).uri(uri.clone());
         if !body.is_empty() {
             request = request.header(CONTENT_TYPE, content_type);
@@ -252,12 +259,16 @@ impl ChatClient {
         let (reply, _, _) =
             self.send_with_retries(Method::POST, &uri, &content_type, Bytes::from(body), MAX_REPLY_BYTES).await.map_err(|f| f.error)?;
         let reply: Value = serde_json::from_slice(&reply).map_err(|e| ChatError::Envelope(e.to_string()))?;
-        reply["id"].as_str().map(str::to_owned).ok_or_else(|| ChatError::Envelope(format!("no file id in {}", cut(&reply.to_string(), 200))))
+        reply["id"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| ChatError::Envelope(format!("no file id in {}", cut(&reply.to_string(), 200))))
     }
 
     /// OpenAI Batch API: start a batch of chat completions over an uploaded file.
     pub async fn create_batch(&self, input_file_id: &str, completion_window: &str) -> Result<BatchState, ChatError> {
-        let body = serde_json::json!({"input_file_id": input_file_id, "endpoint": "/v1/chat/completions", "completion_window": completion_window});
+        let body =
+            serde_json::json!({"input_file_id": input_file_id, "endpoint": "/v1/chat/completions", "completion_window": completion_window});
         BatchState::of(&self.json_call(Method::POST, "batches", Some(&body)).await?)
     }
 

@@ -12,9 +12,33 @@ use super::prompt::{RequestOptions, StructuredOutput, TokenLimitField};
 use crate::config::Secret;
 use crate::retry::Backoff;
 
+/// How calls are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LlmMode {
+    /// One chat-completions call per record.
+    #[default]
+    Realtime,
+    /// Requests collected into OpenAI Batch API batches (half price, answers within the
+    /// completion window).
+    Batch,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LlmConfig {
+    /// `realtime` (a call per record) or `batch` (the OpenAI Batch API: `/files` and
+    /// `/batches` under `url`).
+    pub mode: LlmMode,
+    /// Batch mode: most requests in one batch (the Batch API takes up to 50,000). Records wait
+    /// unfinished until their batch ends, so `max_in_flight` should be at least this.
+    pub batch_max_requests: usize,
+    /// Batch mode: a batch is submitted this long after its first request at the latest.
+    pub batch_max_wait_ms: u64,
+    /// Batch mode: how often a submitted batch is asked about.
+    pub batch_poll_interval_ms: u64,
+    /// Batch mode: the Batch API's `completion_window`.
+    pub batch_completion_window: String,
     /// The OpenAI-compatible server: its base URL (`http://vllm:8000/v1`) or the full
     /// `.../chat/completions` URL.
     pub url: String,
@@ -106,6 +130,11 @@ pub struct LlmConfig {
 impl Default for LlmConfig {
     fn default() -> Self {
         LlmConfig {
+            mode: LlmMode::Realtime,
+            batch_max_requests: 1_000,
+            batch_max_wait_ms: 60_000,
+            batch_poll_interval_ms: 30_000,
+            batch_completion_window: "24h".into(),
             url: String::new(),
             model: String::new(),
             api_key: Secret::default(),
@@ -169,6 +198,15 @@ impl LlmConfig {
         }
     }
 
+    pub fn batch_settings(&self) -> super::batch::BatchSettings {
+        super::batch::BatchSettings {
+            max_requests: self.batch_max_requests,
+            max_wait: Duration::from_millis(self.batch_max_wait_ms),
+            poll_interval: Duration::from_millis(self.batch_poll_interval_ms),
+            completion_window: self.batch_completion_window.clone(),
+        }
+    }
+
     /// Records escalated before this (ms since the epoch) are skipped, if a limit is set.
     pub fn skip_before_ms(&self, now_ms: u64) -> Option<i64> {
         self.skip_older_than_hours.map(|h| now_ms as i64 - (h * 3_600_000.0) as i64)
@@ -224,6 +262,14 @@ impl LlmConfig {
         }
         if self.reasoning_effort.as_deref().is_some_and(|e| e.trim().is_empty()) {
             return Err("llm.reasoning_effort is empty: leave it out, or name one (low, medium, high)".into());
+        }
+        if self.mode == LlmMode::Batch {
+            if !(1..=50_000).contains(&self.batch_max_requests) || self.batch_max_wait_ms == 0 || self.batch_poll_interval_ms == 0 {
+                return Err("llm: batch_max_requests must be 1 to 50000, batch_max_wait_ms and batch_poll_interval_ms at least 1".into());
+            }
+            if self.batch_completion_window.trim().is_empty() {
+                return Err("llm.batch_completion_window is empty (the Batch API takes \"24h\")".into());
+            }
         }
         if self.skip_older_than_hours.is_some_and(|h| !h.is_finite() || h <= 0.0) {
             return Err("llm.skip_older_than_hours must be above 0 (leave it out to answer every record)".into());

@@ -163,7 +163,9 @@ fn request_digest(request: &Value) -> [u8; 32] {
 
 struct Shared {
     routes: HashMap<String, RouteLabels>,
-    client: ChatClient,
+    client: Arc<ChatClient>,
+    /// Batch mode: where requests go instead of a call each.
+    batches: Option<Arc<super::batch::BatchQueue>>,
     llm: LlmConfig,
     budget: Mutex<Budget>,
     calls: Semaphore,
@@ -327,12 +329,31 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<E
         (None, None)
     };
 
+    let client = Arc::new(ChatClient::new(config.llm.chat_settings()).map_err(|e| WorkerError::Llm(e.to_string()))?);
+    let batches = match config.llm.mode {
+        super::config::LlmMode::Realtime => None,
+        super::config::LlmMode::Batch => {
+            Some(super::batch::BatchQueue::start(client.clone(), clickhouse.clone(), config.llm.batch_settings()).await.map_err(|e| {
+                WorkerError::Llm(format!(
+                    "the batch record {}.{} cannot be read ({e}): run `triage schema apply` (llm.mode = \"batch\" keeps its batches there)",
+                    config.clickhouse.database,
+                    ch::schema::batches_table(&config.clickhouse)
+                ))
+            })?)
+        }
+    };
+    // A call slot per request in flight: in batch mode a request holds one until its batch ends.
+    let call_slots = match config.llm.mode {
+        super::config::LlmMode::Realtime => config.llm.max_concurrent_requests,
+        super::config::LlmMode::Batch => config.llm.max_in_flight,
+    };
     let shared = Arc::new(Shared {
         routes,
-        client: ChatClient::new(config.llm.chat_settings()).map_err(|e| WorkerError::Llm(e.to_string()))?,
+        client,
+        batches,
         llm: config.llm.clone(),
         budget: Mutex::new(Budget::new(config.llm.limits())),
-        calls: Semaphore::new(config.llm.max_concurrent_requests),
+        calls: Semaphore::new(call_slots),
         recent,
         cache: Mutex::new(ResponseCache::new(config.llm.cache_entries)),
         skip_before_ms: config.llm.skip_before_ms(crate::time::now_ms()),
@@ -612,7 +633,7 @@ async fn decide(shared: &Shared, record: &Escalation, key: &Key) -> Fate {
         }
         let attempt_began = shared.elapsed_ms();
         let reservation = shared.wait_for_budget(estimate).await;
-        let call = shared.client.complete_counted(&request).await;
+        let call = shared.call(&request, key).await;
         let model = shared.llm.model.as_str();
         let counters = shared.settle.counters();
         let reply: Result<Completion, ChatError> = match call {
@@ -741,6 +762,8 @@ fn refuses_every_call(e: &ChatError) -> bool {
         ChatError::Status { status, body } => {
             (401..=405).contains(status)
                 || (*status >= 400 && body.contains("response_format"))
+                // A batch the Batch API rejected whole (its file, its model): every batch would be.
+                || body.starts_with(super::batch::BATCH_FAILED)
                 || (*status >= 400 && (names_a_request_parameter(body) || spent(body)))
         }
         _ => false,
@@ -848,6 +871,17 @@ impl Shared {
             }
         }
         counted
+    }
+
+    /// One call: over HTTP now, or as a line of a batch.
+    async fn call(&self, request: &Value, key: &Key) -> Result<Completion, Failed> {
+        match &self.batches {
+            None => self.client.complete_counted(request).await,
+            Some(queue) => {
+                let id = super::batch::custom_id(&key.0, key.1, key.2);
+                queue.complete(id, request.clone()).await.map_err(|error| Failed { error, attempts: 1 })
+            }
+        }
     }
 
     /// The answer an identical request got before, if the cache holds one: a row with no

@@ -5,6 +5,7 @@
 //! them (`escalate`) and the labelled-data export (`export`).
 
 pub mod answer;
+pub mod batch;
 pub mod budget;
 pub mod client;
 pub mod config;
