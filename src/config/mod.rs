@@ -7,7 +7,6 @@
 //! this module composes them, cross-checks them, and reads the environment ([`env`]).
 
 pub mod env;
-mod secret;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,12 +16,13 @@ use serde::{Deserialize, Serialize};
 pub use crate::engine::EngineConfig;
 use crate::message::{FieldMap, DEFAULT_MAX_MESSAGE_BYTES};
 pub use crate::model::InferenceOptions;
+/// Re-exported: configuration is where users meet it.
+pub use crate::secret::Secret;
 pub use crate::sink::clickhouse::config::ClickHouseConfig;
 pub use crate::source::decode::registry::SchemaRegistryConfig;
 pub use crate::source::decode::{Format, PinnedSchema};
 pub use crate::source::kafka::config::{ClientRole, KafkaConfig, SaslMechanism, SecurityProtocol};
 pub use env::ENV_PREFIX;
-pub use secret::Secret;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

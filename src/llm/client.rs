@@ -16,8 +16,8 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
-use crate::config::Secret;
 use crate::retry::Backoff;
+use crate::secret::Secret;
 
 /// Longest wait a `Retry-After` can ask for before a retry (longer ones are capped).
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);

@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 use super::budget::Limits;
 use super::client::{ChatSettings, KeyHeader};
 use super::prompt::{RequestOptions, StructuredOutput, TokenLimitField};
-use crate::config::Secret;
 use crate::retry::Backoff;
+use crate::secret::Secret;
 
 /// How calls are made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -317,7 +317,7 @@ mod tests {
         let capped = LlmConfig { max_spend_per_hour: Some(5.0), ..ok.clone() };
         assert!(capped.validate().unwrap_err().contains("price"), "a cap needs prices");
         assert!(ok.chat_settings().api_key.is_none(), "no key: no Authorization header");
-        let key = crate::config::Secret::new("sk-live");
+        let key = crate::secret::Secret::new("sk-live");
         let remote = LlmConfig { url: "http://llm.internal:4000/v1".into(), api_key: key.clone(), ..ok.clone() };
         assert!(remote.validate().unwrap_err().contains("allow_key_over_http"), "a key over plain http to another host");
         assert!(LlmConfig { allow_key_over_http: true, ..remote.clone() }.validate().is_ok());

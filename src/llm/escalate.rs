@@ -41,10 +41,12 @@ use super::client::{ChatClient, ChatError, Completion, Failed};
 use super::config::LlmConfig;
 use super::prompt::{Answer, LabelSpace, Prompt};
 use crate::config::Config;
+use crate::error::WorkerError;
 use crate::message::{Decoder, DEFAULT_MAX_MESSAGE_BYTES};
 use crate::model::text::prefix_chars;
 use crate::model::{Descriptor, Template};
 use crate::retry::Backoff;
+use crate::settle::Settler;
 use crate::sink::clickhouse::{self as ch, ClickHouseService, ResultRow, Settle, SinkItem};
 use crate::sink::kafka::{cut_at_char, SideTopics, SideTopicsConfig};
 use crate::source::kafka::{self, check_topics_exist, ClientRole, TrackingContext};
@@ -55,8 +57,6 @@ use crate::telemetry::events::{
     MessageConsumed,
 };
 use crate::telemetry::{self, Readiness};
-use crate::worker::settle::Settler;
-use crate::worker::WorkerError;
 
 /// What one run did.
 #[derive(Debug, Default, Clone)]
@@ -580,7 +580,7 @@ async fn answer(shared: Arc<Shared>, consumed: Consumed) {
         }
     }
     let key = record.key();
-    match decide(&shared, &record, &key).await {
+    match fate_of(&shared, &record, &key).await {
         Fate::Answer(row, agreed) => {
             // The sink stopped (fatal): the record stays unfinished and is read again.
             let _ = shared.rows.send(SinkItem { row: *row, ticket: Answered { record: consumed, key, agreed } }).await;
@@ -596,160 +596,174 @@ async fn answer(shared: Arc<Shared>, consumed: Consumed) {
     }
 }
 
-async fn decide(shared: &Shared, record: &Escalation, key: &Key) -> Fate {
+/// What an escalation record becomes: nothing to do (already answered), a dead letter (no
+/// route, no text, refused, invalid twice, failing alone), or the LLM's answer as a row.
+async fn fate_of(shared: &Shared, record: &Escalation, key: &Key) -> Fate {
+    match prepare(shared, record, key).await {
+        Ok(asked) => ask(shared, record, key, &asked).await,
+        Err(fate) => fate,
+    }
+}
+
+/// A record's request, made once and sent as many times as its attempts take.
+struct Asked<'a> {
+    route: &'a RouteLabels,
+    request: Value,
+    /// The response cache's key.
+    digest: [u8; 32],
+    /// What a call holds of the limits until the server says what it used.
+    estimate: Estimate,
+}
+
+/// The record's route, whether its message is answered already, and its request.
+async fn prepare<'a>(shared: &'a Shared, record: &Escalation, key: &Key) -> Result<Asked<'a>, Fate> {
     let Some(route) = labels_for(&shared.routes, &record.row) else {
-        return Fate::DeadLetter(
+        return Err(Fate::DeadLetter(
             DeadLetterReason::Unrouted,
             format!("no route for the message's topic `{}` in this configuration (its labels are unknown)", record.row.topic),
-        );
+        ));
     };
     let fresh = shared.recent.lock().map(|mut r| r.insert(key.clone(), ())).unwrap_or(true);
     if !fresh || shared.already_answered(&record.row).await {
         LlmSkipped { reason: "already_answered" }.emit(shared.settle.counters());
-        return Fate::Done;
+        return Err(Fate::Done);
     }
-    let text = match text_of(route, record) {
-        Ok(t) => t,
-        Err(detail) => return Fate::DeadLetter(DeadLetterReason::EscalationInvalid, format!("the message's text: {detail}")),
-    };
+    let text = text_of(route, record)
+        .map_err(|detail| Fate::DeadLetter(DeadLetterReason::EscalationInvalid, format!("the message's text: {detail}")))?;
     let request = route.prompt.request(&text);
     let digest = request_digest(&request);
-    // About four characters a token, plus the longest reply: what a call holds of the limits
-    // until the server says what it really used (and what it counts if the server never says).
+    // About four characters a token, plus the longest reply (and what counts if the server
+    // never says what it used).
     let estimate = Estimate { prompt_tokens: (request.to_string().len() / 4) as u64, completion_tokens: u64::from(shared.llm.max_tokens) };
-    let mut last_reply = String::new();
-    let mut outage = 0u32;
-    let mut invalid = 0u32;
-    // When this record's first failed attempt began: replies to other calls after it show the
-    // endpoint is up, so this message is what fails.
-    let mut failing_since: Option<u64> = None;
+    Ok(Asked { route, request, digest, estimate })
+}
+
+/// How a record's attempts have gone so far, for the retry policy.
+#[derive(Default)]
+struct Attempts {
+    /// Attempts that failed for want of a reply (timeouts, 429, 5xx).
+    unanswered: u32,
+    /// Replies that did not parse or named unknown labels.
+    invalid: u32,
+    /// When the first unanswered attempt began: replies to other calls after it show the
+    /// endpoint is up, so this message is what fails.
+    failing_since: Option<u64>,
+    last_reply: String,
+}
+
+/// What the retry policy says after an attempt that gave no answer.
+enum Next {
+    Retry(Duration),
+    /// At once (an invalid reply is asked once more).
+    RetryNow,
+    End(Fate),
+}
+
+/// Ask until the record has its fate: a call per attempt, the policy between attempts.
+async fn ask(shared: &Shared, record: &Escalation, key: &Key, asked: &Asked<'_>) -> Fate {
+    let mut attempts = Attempts::default();
     loop {
         // Held for one attempt only: a record waiting out a backoff leaves its slot to others.
-        let Ok(_permit) = shared.calls.acquire().await else { return Fate::Abandoned };
+        let Ok(slot) = shared.calls.acquire().await else { return Fate::Abandoned };
         // Looked up with the slot held: identical messages of a backlog queue here behind the
         // first, and find its answer (no call, no spend) instead of all missing at once.
-        if let Some(cached) = shared.cached_answer(route, record, &digest) {
+        if let Some(cached) = shared.cached_answer(asked.route, record, &asked.digest) {
             return cached;
         }
-        let attempt_began = shared.elapsed_ms();
-        let reservation = shared.wait_for_budget(estimate).await;
-        let call = shared.call(&request, key).await;
-        let model = shared.llm.model.as_str();
-        let counters = shared.settle.counters();
-        let reply: Result<Completion, ChatError> = match call {
-            Ok(mut c) => {
-                let used = if c.usage_reported {
-                    Used::Reported(c.prompt_tokens, c.completion_tokens, c.cached_prompt_tokens)
-                } else {
-                    Used::Unknown
-                };
-                let (prompt, completion, cost) = shared.finish_call(reservation, used, c.attempts);
-                // Without `usage`, the row and the ledger carry the estimate (not 0).
-                (c.prompt_tokens, c.completion_tokens) = (prompt, completion);
-                LlmCalled {
-                    model,
-                    prompt_tokens: c.prompt_tokens,
-                    completion_tokens: c.completion_tokens,
-                    latency: c.latency,
-                    cost_micros: (cost * 1e6).round() as u64,
-                }
-                .emit(counters);
-                Ok(c)
-            }
-            Err(Failed { error: e, attempts }) => {
-                // A timed-out call may have run on the server: it costs its estimate.
-                let used = if matches!(e, ChatError::Timeout(_)) { Used::Unknown } else { Used::Nothing };
-                let (prompt, completion, cost) = shared.finish_call(reservation, used, attempts);
-                if cost > 0.0 {
-                    LlmCalled {
-                        model,
-                        prompt_tokens: prompt,
-                        completion_tokens: completion,
-                        latency: Duration::ZERO,
-                        cost_micros: (cost * 1e6).round() as u64,
-                    }
-                    .emit(counters);
-                }
-                LlmCallFailed { model, kind: e.kind() }.emit(counters);
-                Err(e)
-            }
-        };
-        if reply.is_ok() {
-            shared.replied();
-        }
-        let invalid_reply = match reply {
-            Ok(call) => match route.space.parse(&call.content) {
+        let began = shared.elapsed_ms();
+        let reservation = shared.wait_for_budget(asked.estimate).await;
+        let reply = shared.call(&asked.request, key).await;
+        let reply = shared.account(reservation, reply);
+        drop(slot);
+        let next = match reply {
+            Ok(call) => match asked.route.space.parse(&call.content) {
                 Ok(answer) => {
                     shared.refusal_streak.store(0, std::sync::atomic::Ordering::SeqCst);
                     if let Ok(mut cache) = shared.cache.lock() {
-                        cache.insert(digest, call.content.clone());
+                        cache.insert(asked.digest, call.content.clone());
                     }
-                    let agreed = super::answer::agrees(&record.row, &answer, &route.roles);
-                    return Fate::Answer(Box::new(shared.row(&record.row, &answer, route, &call)), agreed);
+                    let agreed = super::answer::agrees(&record.row, &answer, &asked.route.roles);
+                    return Fate::Answer(Box::new(shared.row(&record.row, &answer, asked.route, &call)), agreed);
                 }
                 Err(e) => {
-                    last_reply = cut_at_char(&call.content, 2_000).to_string();
-                    e.to_string()
+                    attempts.last_reply = cut_at_char(&call.content, 2_000).to_string();
+                    invalid_reply(shared, &mut attempts, e.to_string())
                 }
             },
-            Err(e @ ChatError::Envelope(_)) => e.to_string(),
-            Err(e) if refuses_every_call(&e) => {
-                shared.settle.stop(WorkerError::Llm(format!(
-                    "{e}: the endpoint refuses every call (check llm.url, llm.model, the API key and llm.structured_output)"
-                )));
-                return Fate::Abandoned;
-            }
-            Err(e) if e.is_retryable() => {
-                // Timeouts, 429 and 5xx after the call's own retries. While the endpoint
-                // answers nothing it is away, and the message is not at fault: wait as long
-                // as it lasts (the consumer pauses when too much is waiting). But a message
-                // that keeps failing while other calls get replies (a body that always times
-                // out, one that crashes the server) is dead-lettered after
-                // `llm.max_attempts_per_message`, or it would hold the tier.
-                outage += 1;
-                let since = *failing_since.get_or_insert(attempt_began);
-                let others_answered = shared.last_reply_ms.load(std::sync::atomic::Ordering::SeqCst) > since;
-                if outage >= shared.llm.max_attempts_per_message && others_answered {
-                    return Fate::DeadLetter(
-                        DeadLetterReason::LlmTimeout,
-                        format!(
-                            "{e}: {outage} attempts of {} call(s) each failed while the endpoint answered other messages",
-                            shared.llm.retries + 1
-                        ),
-                    );
-                }
-                if outage >= 3 && !others_answered {
-                    shared.readiness.set_stalled(Some(format!("the LLM endpoint keeps failing ({})", e.kind())));
-                }
-                let delay = Backoff::new(Duration::from_secs(1), Duration::from_secs(60)).delay(outage);
-                tracing::warn!(
-                    kind = e.kind(),
-                    attempt = outage,
-                    retry_in_s = delay.as_secs(),
-                    "an LLM call keeps failing; the record waits"
-                );
-                drop(_permit);
-                tokio::time::sleep(delay).await;
-                continue;
-            }
-            Err(e) => {
-                shared.replied();
-                // One message's fault, unless every message gets it: a streak of refusals with
-                // no answer between stops the command before it dead-letters the whole topic.
-                let streak = shared.refusal_streak.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-                if streak >= shared.llm.max_consecutive_refusals {
-                    shared.settle.stop(WorkerError::Llm(format!(
-                        "{e}: {streak} messages in a row refused and none answered, so the endpoint refuses every call (check llm.model and what the server accepts; llm.max_consecutive_refusals)"
-                    )));
-                    return Fate::Abandoned;
-                }
-                return Fate::DeadLetter(DeadLetterReason::LlmRefused, e.to_string());
-            }
+            Err(e) => after_failure(shared, &mut attempts, e, began),
         };
-        invalid += 1;
-        LlmCallFailed { model, kind: "invalid_reply" }.emit(counters);
-        if invalid >= 2 {
-            return Fate::DeadLetter(DeadLetterReason::LlmReplyInvalid, format!("{invalid_reply}; reply: {last_reply}"));
+        match next {
+            Next::End(fate) => return fate,
+            Next::RetryNow => {}
+            Next::Retry(delay) => tokio::time::sleep(delay).await,
+        }
+    }
+}
+
+/// An answer that is no answer: asked once more, then dead-lettered with the reply.
+fn invalid_reply(shared: &Shared, attempts: &mut Attempts, why: String) -> Next {
+    attempts.invalid += 1;
+    LlmCallFailed { model: &shared.llm.model, kind: "invalid_reply" }.emit(shared.settle.counters());
+    if attempts.invalid >= 2 {
+        return Next::End(Fate::DeadLetter(DeadLetterReason::LlmReplyInvalid, format!("{why}; reply: {}", attempts.last_reply)));
+    }
+    Next::RetryNow
+}
+
+/// The retry policy for a call that failed.
+fn after_failure(shared: &Shared, attempts: &mut Attempts, e: ChatError, began: u64) -> Next {
+    match e {
+        e @ ChatError::Envelope(_) => invalid_reply(shared, attempts, e.to_string()),
+        e if refuses_every_call(&e) => {
+            shared.settle.stop(WorkerError::Llm(format!(
+                "{e}: the endpoint refuses every call (check llm.url, llm.model, the API key and llm.structured_output)"
+            )));
+            Next::End(Fate::Abandoned)
+        }
+        e if e.is_retryable() => {
+            // Timeouts, 429 and 5xx after the call's own retries. While the endpoint answers
+            // nothing it is away, and the message is not at fault: wait as long as it lasts
+            // (the consumer pauses when too much is waiting). But a message that keeps failing
+            // while other calls get replies (a body that always times out, one that crashes
+            // the server) is dead-lettered after `llm.max_attempts_per_message`, or it would
+            // hold the tier.
+            attempts.unanswered += 1;
+            let since = *attempts.failing_since.get_or_insert(began);
+            let others_answered = shared.last_reply_ms.load(std::sync::atomic::Ordering::SeqCst) > since;
+            if attempts.unanswered >= shared.llm.max_attempts_per_message && others_answered {
+                return Next::End(Fate::DeadLetter(
+                    DeadLetterReason::LlmTimeout,
+                    format!(
+                        "{e}: {} attempts of {} call(s) each failed while the endpoint answered other messages",
+                        attempts.unanswered,
+                        shared.llm.retries + 1
+                    ),
+                ));
+            }
+            if attempts.unanswered >= 3 && !others_answered {
+                shared.readiness.set_stalled(Some(format!("the LLM endpoint keeps failing ({})", e.kind())));
+            }
+            let delay = Backoff::new(Duration::from_secs(1), Duration::from_secs(60)).delay(attempts.unanswered);
+            tracing::warn!(
+                kind = e.kind(),
+                attempt = attempts.unanswered,
+                retry_in_s = delay.as_secs(),
+                "an LLM call keeps failing; the record waits"
+            );
+            Next::Retry(delay)
+        }
+        e => {
+            shared.replied();
+            // One message's fault, unless every message gets it: a streak of refusals with no
+            // answer between stops the command before it dead-letters the whole topic.
+            let streak = shared.refusal_streak.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            if streak >= shared.llm.max_consecutive_refusals {
+                shared.settle.stop(WorkerError::Llm(format!(
+                    "{e}: {streak} messages in a row refused and none answered, so the endpoint refuses every call (check llm.model and what the server accepts; llm.max_consecutive_refusals)"
+                )));
+                return Next::End(Fate::Abandoned);
+            }
+            Next::End(Fate::DeadLetter(DeadLetterReason::LlmRefused, e.to_string()))
         }
     }
 }
@@ -871,6 +885,51 @@ impl Shared {
             }
         }
         counted
+    }
+
+    /// A call's cost settled in the budget, the ledger and the metrics; a reply without
+    /// `usage` (or a timeout) counts its estimate, which the row then carries.
+    fn account(&self, reservation: Option<Reservation>, call: Result<Completion, Failed>) -> Result<Completion, ChatError> {
+        let model = self.llm.model.as_str();
+        let counters = self.settle.counters();
+        match call {
+            Ok(mut c) => {
+                let used = if c.usage_reported {
+                    Used::Reported(c.prompt_tokens, c.completion_tokens, c.cached_prompt_tokens)
+                } else {
+                    Used::Unknown
+                };
+                let (prompt, completion, cost) = self.finish_call(reservation, used, c.attempts);
+                (c.prompt_tokens, c.completion_tokens) = (prompt, completion);
+                LlmCalled {
+                    model,
+                    prompt_tokens: prompt,
+                    completion_tokens: completion,
+                    latency: c.latency,
+                    cost_micros: (cost * 1e6).round() as u64,
+                }
+                .emit(counters);
+                self.replied();
+                Ok(c)
+            }
+            Err(Failed { error, attempts }) => {
+                // A timed-out call may have run on the server: it costs its estimate.
+                let used = if matches!(error, ChatError::Timeout(_)) { Used::Unknown } else { Used::Nothing };
+                let (prompt, completion, cost) = self.finish_call(reservation, used, attempts);
+                if cost > 0.0 {
+                    LlmCalled {
+                        model,
+                        prompt_tokens: prompt,
+                        completion_tokens: completion,
+                        latency: Duration::ZERO,
+                        cost_micros: (cost * 1e6).round() as u64,
+                    }
+                    .emit(counters);
+                }
+                LlmCallFailed { model, kind: error.kind() }.emit(counters);
+                Err(error)
+            }
+        }
     }
 
     /// One call: over HTTP now, or as a line of a batch.

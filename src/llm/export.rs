@@ -36,7 +36,7 @@ pub enum ExportError {
     #[error("writing the export: {0}")]
     Write(#[from] std::io::Error),
     #[error(transparent)]
-    Setup(#[from] crate::worker::WorkerError),
+    Setup(#[from] crate::error::WorkerError),
 }
 
 #[derive(Debug, Default, Clone, PartialEq)]

@@ -314,7 +314,7 @@ pub enum LocalRunError {
     #[error(transparent)]
     Local(#[from] LocalError),
     #[error(transparent)]
-    Worker(#[from] crate::worker::WorkerError),
+    Worker(#[from] crate::error::WorkerError),
     #[error("Kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("ClickHouse: {0}")]

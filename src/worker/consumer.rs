@@ -21,9 +21,9 @@ use rdkafka::message::{BorrowedMessage, Headers, Message};
 use tokio::task::JoinHandle;
 
 use super::routes::{MessageTag, Route, RouteSubmitters, Tier};
-use super::settle::Settler;
 use super::WorkerError;
 use crate::engine::{Engine, Submitter};
+use crate::settle::Settler;
 use crate::sink::clickhouse::SinkError;
 use crate::source::decode::{Format, Step};
 use crate::source::kafka::{Committed, TrackingContext};

@@ -7,7 +7,8 @@
 //! ```
 //! Modules: [`consumer`] (the consumer's states: consuming, draining), [`routes`] (engines and
 //! routes), [`results`] (outcomes into rows and escalations), [`policy`] (whether to escalate),
-//! [`settle`] (the one path by which a message becomes done), [`reload`] (new model versions
+//! [`crate::settle`] (the one path by which a message becomes done, shared with `triage
+//! escalate`), [`reload`] (new model versions
 //! swapped in while running). This file only wires them.
 
 mod consumer;
@@ -15,54 +16,24 @@ pub mod policy;
 mod reload;
 mod results;
 mod routes;
-pub mod settle;
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureProducer;
 use tokio::sync::mpsc;
 
 use crate::config::Config;
-use crate::model::ModelError;
-use crate::sink::clickhouse::{self as ch, ClickHouseService, SinkError};
+pub use crate::error::WorkerError;
+use crate::settle::Settler;
+use crate::sink::clickhouse::{self as ch, ClickHouseService};
 use crate::sink::kafka::{SideTopics, SideTopicsConfig};
-use crate::source::kafka::{check_topics_exist, CheckTopicsError, ClientRole, TrackingContext};
+use crate::source::kafka::{check_topics_exist, ClientRole, TrackingContext};
 use crate::source::offsets::OffsetTracker;
 use crate::telemetry::events::Counters;
 use crate::telemetry::{self, Readiness};
-use settle::Settler;
-
-#[derive(Debug, thiserror::Error)]
-pub enum WorkerError {
-    #[error(transparent)]
-    Model(#[from] ModelError),
-    #[error("Kafka: {0}")]
-    Kafka(#[from] KafkaError),
-    #[error(transparent)]
-    Sink(#[from] SinkError),
-    #[error(transparent)]
-    Telemetry(#[from] telemetry::TelemetryError),
-    #[error("route `{topic}`: {reason}")]
-    Route { topic: String, reason: String },
-    #[error("the {task} task failed: {detail}")]
-    TaskFailed { task: &'static str, detail: String },
-    #[error("the ClickHouse sink stopped unexpectedly")]
-    SinkStopped,
-    #[error(transparent)]
-    Topics(#[from] CheckTopicsError),
-    #[error("model `{model}`: the inference backend is failing on every input, even input it answered before ({detail}). The worker stopped without dead-lettering (the messages are not at fault); check the device, memory and model, then restart")]
-    Backend { model: String, detail: String },
-    #[error("LLM tier: {0}")]
-    Llm(String),
-    #[error("{0}; the worker stopped with offsets committed below the messages that needed it")]
-    SchemaRegistry(String),
-    #[error("{0}; the worker stopped with offsets committed up to the message it could not settle (fix the topic, then restart)")]
-    SideTopic(#[from] crate::sink::kafka::WriteError),
-}
 
 /// What one run did.
 #[derive(Debug, Default, Clone)]

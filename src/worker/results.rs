@@ -12,9 +12,9 @@ use super::policy::{decide, EscalationPolicy};
 #[cfg(test)]
 use super::routes::TierModel;
 use super::routes::{MessageTag, Route, Tier};
-use super::settle::Settler;
 use crate::engine::{Classified, ClassifyError, Outcome, Submitter};
 use crate::model::HeadOutput;
+use crate::settle::Settler;
 use crate::sink::clickhouse::{ResultRow, SinkItem};
 use crate::sink::kafka::{cut_at_char, Fit};
 use crate::source::Consumed;

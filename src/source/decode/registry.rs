@@ -26,9 +26,9 @@ use serde::{Deserialize, Serialize};
 use super::avro::AvroReader;
 use super::json_schema::JsonSchemaReader;
 use super::protobuf::ProtobufReader;
-use crate::config::Secret;
 use crate::http::{HttpClient, HttpError};
 use crate::retry::Backoff;
+use crate::secret::Secret;
 
 /// `[schema_registry]`: where schemas are read, and as whom.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use rdkafka::config::ClientConfig;
 use serde::{Deserialize, Serialize};
 
-use crate::config::Secret;
+use crate::secret::Secret;
 
 /// The Kafka clients triage makes.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
-use super::WorkerError;
+use crate::error::WorkerError;
 use crate::sink::clickhouse::{ResultRow, Settle};
 use crate::sink::kafka::{Fit, SideTopics, WriteError};
 use crate::source::offsets::{AckResult, Delivery, OffsetTracker};

@@ -1,4 +1,6 @@
-//! Secrets in configuration: never printed, never logged, redacted when serialised.
+//! Secrets in configuration: never printed, never logged, redacted when serialised. A leaf
+//! module: every component's configuration (Kafka, ClickHouse, the LLM tier, the schema registry)
+//! holds them, and `config` composes those components.
 
 use serde::{Deserialize, Serialize};
 
