@@ -50,11 +50,11 @@ use crate::settle::Settler;
 use crate::sink::clickhouse::{self as ch, ClickHouseService, ResultRow, Settle, SinkItem};
 use crate::sink::kafka::{cut_at_char, SideTopics, SideTopicsConfig};
 use crate::source::kafka::{self, check_topics_exist, ClientRole, TrackingContext};
+use crate::source::lifecycle::{self, Intake, Lifecycle};
 use crate::source::offsets::{OffsetTracker, TopicPartition};
 use crate::source::Consumed;
 use crate::telemetry::events::{
     Counters, DeadLetterReason, InternalEvent, LlmAnswered, LlmBudgetWaited, LlmCacheHit, LlmCallFailed, LlmCalled, LlmSkipped,
-    MessageConsumed,
 };
 use crate::telemetry::{self, Readiness};
 
@@ -302,7 +302,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<E
 
     let producer: FutureProducer = config.kafka.client(ClientRole::SideTopics { max_message_bytes: config.max_message_bytes }).create()?;
     let side_topics = SideTopicsConfig::of(&config, &worker_id);
-    let (fatal_tx, mut fatal_rx) = mpsc::channel(4);
+    let (fatal_tx, fatal_rx) = mpsc::channel(4);
     let settle =
         Settler::new(Arc::new(SideTopics::new(producer, side_topics, counters.clone())), tracker.clone(), counters.clone(), fatal_tx);
     let recent = Arc::new(Mutex::new(RecentKeys::new(RECENT_KEYS)));
@@ -313,7 +313,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<E
         max_age: Duration::from_millis(config.clickhouse.insert_interval_ms),
     };
     let sink_settle = Arc::new(AnswerSettle { settle: settle.clone(), recent: recent.clone() });
-    let mut sink = tokio::spawn(ch::run(clickhouse.clone(), row_rx, block_policy, sink_settle));
+    let sink = tokio::spawn(ch::run(clickhouse.clone(), row_rx, block_policy, sink_settle));
 
     // With a spend cap, the cap is shared through the ledger table (`triage schema apply`).
     let (ledger, ledger_task) = if config.llm.max_spend_per_hour.is_some() {
@@ -376,84 +376,34 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<E
     kafka.subscribe(&[config.kafka.escalation_topic.as_str()])?;
     tracing::info!(worker = %worker_id, group = %config.llm.group_id, topic = %config.kafka.escalation_topic, model = %config.llm.model, "answering escalations");
 
-    let in_flight = |tracker: &Mutex<OffsetTracker>| tracker.lock().map(|t| t.in_flight()).unwrap_or(0);
     // Records being worked on (the "already answered?" query, the budget wait, the call): at
     // most max_in_flight, however many librdkafka delivers after the pause took effect, so a
     // backlog never turns into thousands of concurrent ClickHouse queries.
-    let intake = Arc::new(Semaphore::new(config.llm.max_in_flight));
-    let commit_every = Duration::from_millis(config.kafka.commit_interval_ms);
-    let mut tick = tokio::time::interval(commit_every.min(Duration::from_millis(500)));
-    let (mut paused, mut last_commit) = (false, Instant::now());
-    let mut draining: Option<tokio::time::Instant> = None;
-    let fatal = loop {
-        tokio::select! {
-            biased;
-            _ = &mut shutdown, if draining.is_none() => {
-                tracing::info!("shutdown requested: finishing the calls in flight");
-                draining = Some(tokio::time::Instant::now() + Duration::from_millis(config.shutdown.drain_timeout_ms));
-                kafka::set_paused(&kafka, true);
-            }
-            Some(error) = fatal_rx.recv() => break Some(error),
-            // The tasks hold the sink's input open, so it never ends on its own while running.
-            ended = &mut sink => {
-                match ended {
-                    Ok(Ok(())) => break Some(WorkerError::SinkStopped),
-                    Ok(Err(e)) => break Some(e.into()),
-                    Err(e) => break Some(WorkerError::TaskFailed { task: "ClickHouse sink", detail: e.to_string() }),
-                }
-            }
-            _ = tick.tick() => {
-                let open = in_flight(&tracker);
-                metrics::gauge!(telemetry::IN_FLIGHT).set(open as f64);
-                kafka::export_unfinished_ages(&tracker);
-                if let Some(deadline) = draining {
-                    kafka::set_paused(&kafka, true);
-                    if open == 0 || tokio::time::Instant::now() >= deadline {
-                        break None;
-                    }
-                } else {
-                    kafka::apply_backpressure(&kafka, &mut paused, open, config.llm.max_in_flight, &counters);
-                }
-                if draining.is_some() || last_commit.elapsed() >= commit_every {
-                    kafka::commit_done(&kafka, &tracker, &counters);
-                    last_commit = Instant::now();
-                }
-            }
-            message = kafka.recv() => match message {
-                Ok(m) if draining.is_none() => {
-                    MessageConsumed { topic: m.topic() }.emit(&counters);
-                    if let Some(consumed) = begin(&m, &tracker) {
-                        let (shared, intake) = (shared.clone(), intake.clone());
-                        tokio::spawn(async move {
-                            let Ok(_slot) = intake.acquire_owned().await else { return };
-                            answer(shared, consumed).await;
-                        });
-                    }
-                    // Pause as soon as the limit is reached, not at the next tick.
-                    let open = in_flight(&tracker);
-                    if !paused && open >= config.llm.max_in_flight {
-                        kafka::apply_backpressure(&kafka, &mut paused, open, config.llm.max_in_flight, &counters);
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "Kafka consumer error"),
-            },
-        }
+    let intake =
+        EscalateIntake { shared: shared.clone(), tracker: tracker.clone(), slots: Arc::new(Semaphore::new(config.llm.max_in_flight)) };
+    let lifecycle = Lifecycle {
+        kafka,
+        tracker,
+        settle,
+        limits: lifecycle::Limits {
+            commit_every: Duration::from_millis(config.kafka.commit_interval_ms),
+            max_in_flight: config.llm.max_in_flight,
+            drain_timeout: Duration::from_millis(config.shutdown.drain_timeout_ms),
+            // Records wait out LLM outages and batches by design: the ages are exported (the
+            // stall alert fires), readiness follows the endpoint instead.
+            max_unfinished_age: None,
+        },
+        readiness: readiness.clone(),
+        intake,
     };
-    // Commit what is done (a rebalance in progress may reject it for a moment).
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while kafka::commit_done(&kafka, &tracker, &counters) == kafka::Committed::Failed && Instant::now() < deadline {
-        let _ = tokio::time::timeout(Duration::from_millis(200), kafka.recv()).await;
-    }
-    let unfinished = in_flight(&tracker);
+    let stopped = lifecycle.run(shutdown, sink, fatal_rx).await;
+    let (unfinished, fatal) = (stopped.unfinished, stopped.fatal);
     // The ledger's last calls are written once nothing holds it (bounded: calls still running
     // at a drain deadline keep it open).
     drop(shared);
     if let Some(task) = ledger_task {
         let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
     }
-    kafka.unsubscribe();
-    crate::source::kafka::close_within(kafka, Duration::from_secs(10));
     if let Some(server) = server {
         server.abort();
     }
@@ -473,6 +423,34 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<E
         seconds: started.elapsed().as_secs_f64(),
         unfinished,
     })
+}
+
+/// `triage escalate`'s intake: each record begun in the tracker, then answered on a task of its
+/// own once one of `max_in_flight` slots is free.
+struct EscalateIntake {
+    shared: Arc<Shared>,
+    tracker: Arc<Mutex<OffsetTracker>>,
+    slots: Arc<Semaphore>,
+}
+
+impl Intake for EscalateIntake {
+    async fn take(&mut self, m: &BorrowedMessage<'_>) {
+        if let Some(consumed) = begin(m, &self.tracker) {
+            let (shared, slots) = (self.shared.clone(), self.slots.clone());
+            tokio::spawn(async move {
+                let Ok(_slot) = slots.acquire_owned().await else { return };
+                answer(shared, consumed).await;
+            });
+        }
+    }
+
+    /// Records taken go on to their end (or the drain deadline).
+    fn close(&mut self) {}
+
+    /// Done when nothing is in flight (which the lifecycle checks): every row was stored.
+    fn finished(&self, _sink_ended: bool) -> bool {
+        true
+    }
 }
 
 fn begin(m: &BorrowedMessage<'_>, tracker: &Mutex<OffsetTracker>) -> Option<Consumed> {

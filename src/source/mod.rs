@@ -3,6 +3,7 @@
 
 pub mod decode;
 pub mod kafka;
+pub(crate) mod lifecycle;
 pub mod offsets;
 
 use std::sync::Arc;

@@ -1,22 +1,12 @@
-//! The consumer's lifecycle, as two states:
-//! - `Consuming`: receive, decode, submit to the route's engine; pause fetching as soon as
-//!   `max_in_flight` messages are consumed and not yet committed (so a crash replays at most
-//!   that many), resume at half; commit done watermarks every `commit_interval_ms`, and at
-//!   every tick while paused (a pause for want of a commit ends at the next one).
-//! - `Draining` (after SIGTERM, with a deadline): intake is closed (submitters dropped, engines
-//!   finishing what they hold, partitions paused) but the consumer keeps polling, so a rebalance
-//!   in progress completes and commits go through; it ends when everything downstream finished
-//!   and nothing is in flight, or at the deadline (the rest is replayed by the next owner).
-//!
-//! Then a last commit, retried through polling (a rebalance rejects commits until this member
-//! rejoins) for a few seconds.
+//! `triage run`'s intake, in the consumer lifecycle it shares with `triage escalate`
+//! ([`crate::source::lifecycle`]): each message is begun in the tracker, read (a schema
+//! fetched first on a task of its own), and submitted to its route's engine, or settled as a
+//! dead letter. Closing the intake drops the submitters, so the engines finish what they hold
+//! and stop; the intake is finished once they, the results tasks and the sink have.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use tokio::task::JoinHandle;
 
@@ -24,73 +14,26 @@ use super::routes::{MessageTag, Route, RouteSubmitters, Tier};
 use super::WorkerError;
 use crate::engine::{Engine, Submitter};
 use crate::settle::Settler;
-use crate::sink::clickhouse::SinkError;
 use crate::source::decode::{Format, Step};
-use crate::source::kafka::{Committed, TrackingContext};
+use crate::source::lifecycle::Intake;
 use crate::source::offsets::{OffsetTracker, TopicPartition};
 use crate::source::{Consumed, Origin};
-use crate::telemetry::events::{ConsumptionPaused, DeadLetterReason, InternalEvent, MessageConsumed, ShadowDropped};
-use crate::telemetry::IN_FLIGHT;
+use crate::telemetry::events::{DeadLetterReason, InternalEvent, ShadowDropped};
 
-/// The consumer's state; intake exists only while consuming.
-pub(super) enum State {
-    Consuming { submitters: Vec<RouteSubmitters>, engines: Vec<Engine<MessageTag>>, paused: bool },
-    Draining { deadline: tokio::time::Instant, engines: Vec<JoinHandle<()>> },
+/// Open: messages go to the engines. Closed: the engines finish what they hold.
+pub(super) enum Engines {
+    Open { submitters: Vec<RouteSubmitters>, engines: Vec<Engine<MessageTag>> },
+    Closed { engines: Vec<JoinHandle<()>> },
 }
 
-impl State {
-    /// Close intake: dropping the submitters lets the engines finish what they hold, then stop.
-    fn drain(&mut self, timeout: Duration) {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let previous = std::mem::replace(self, State::Draining { deadline, engines: Vec::new() });
-        if let State::Consuming { submitters, engines, .. } = previous {
-            drop(submitters);
-            let joiners = engines.into_iter().map(|e| tokio::task::spawn_blocking(move || e.shutdown())).collect();
-            *self = State::Draining { deadline, engines: joiners };
-        }
-    }
-
-    fn deadline(&self) -> Option<tokio::time::Instant> {
-        match self {
-            State::Draining { deadline, .. } => Some(*deadline),
-            State::Consuming { .. } => None,
-        }
-    }
-}
-
-/// The tasks downstream of the engines.
-pub(super) struct Downstream {
-    pub sink: JoinHandle<Result<(), SinkError>>,
+pub(super) struct WorkerIntake {
+    pub engines: Engines,
+    /// The results tasks (they end when their engines do).
     pub results: JoinHandle<()>,
-    /// What stops the worker from downstream (a side-topic write that can never complete, a
-    /// failing inference backend).
-    pub fatal: tokio::sync::mpsc::Receiver<WorkerError>,
-}
-
-pub(super) struct Limits {
-    pub commit_every: Duration,
-    pub max_in_flight: usize,
-    pub drain_timeout: Duration,
-    /// Oldest unfinished message age past which a partition is stalled (None: never).
-    pub max_unfinished_age: Option<Duration>,
-}
-
-/// How the consumer ended.
-pub(super) struct Stopped {
-    /// From the first message consumed to the last commit that moved a watermark.
-    pub busy: Duration,
-    /// Messages unsettled at exit (replayed by the next owner).
-    pub unfinished: usize,
-    pub fatal: Option<WorkerError>,
-}
-
-pub(super) struct Consumer {
-    pub kafka: StreamConsumer<TrackingContext>,
     pub tracker: Arc<Mutex<OffsetTracker>>,
     pub routes: Arc<Vec<Route>>,
     pub route_of: HashMap<String, usize>,
     pub settle: Settler,
-    pub limits: Limits,
     pub readiness: Arc<crate::telemetry::Readiness>,
     /// Raised when the consumer drains or stops: tasks waiting on a schema look-up give up
     /// (their messages stay unfinished and are replayed).
@@ -98,150 +41,45 @@ pub(super) struct Consumer {
     pub drain: tokio::sync::watch::Sender<bool>,
 }
 
-impl Consumer {
-    pub async fn run(self, shutdown: impl Future<Output = ()>, mut state: State, downstream: Downstream) -> Stopped {
-        let Downstream { sink, results, mut fatal } = downstream;
-        let mut sink = Some(sink);
-        let mut tick = tokio::time::interval(self.limits.commit_every.min(Duration::from_millis(500)));
-        let mut last_commit = Instant::now();
-        let (mut first_consumed, mut last_progress): (Option<Instant>, Option<Instant>) = (None, None);
-        tokio::pin!(shutdown);
+impl Intake for WorkerIntake {
+    async fn take(&mut self, m: &BorrowedMessage<'_>) {
+        if let Engines::Open { submitters, .. } = &self.engines {
+            self.intake(m, submitters).await;
+        }
+    }
 
-        let fatal = loop {
-            tokio::select! {
-                biased;
-                _ = &mut shutdown, if state.deadline().is_none() => {
-                    tracing::info!("shutdown requested: draining");
-                    self.drain.send_replace(true);
-                    state.drain(self.limits.drain_timeout);
-                    self.set_paused(true);
-                }
-                ended = async { sink.as_mut().expect("guarded").await }, if sink.is_some() => {
-                    sink = None;
-                    match ended {
-                        // The sink flushed everything after its input closed: a drain's normal end.
-                        Ok(Ok(())) if state.deadline().is_some() => {}
-                        Ok(Ok(())) => break Some(WorkerError::SinkStopped),
-                        Ok(Err(e)) => break Some(e.into()),
-                        Err(e) => break Some(WorkerError::TaskFailed { task: "ClickHouse sink", detail: e.to_string() }),
-                    }
-                }
-                Some(error) = fatal.recv() => break Some(error),
-                _ = tick.tick() => {
-                    let in_flight = self.in_flight();
-                    metrics::gauge!(IN_FLIGHT).set(in_flight as f64);
-                    self.watch_for_stalls();
-                    match &mut state {
-                        State::Draining { deadline, engines } => {
-                            // Partitions assigned during the drain must not start either.
-                            self.set_paused(true);
-                            let downstream_done = sink.is_none() && results.is_finished() && engines.iter().all(|j| j.is_finished());
-                            if downstream_done && in_flight == 0 {
-                                break None;
-                            }
-                            if tokio::time::Instant::now() >= *deadline {
-                                tracing::warn!(
-                                    drain_timeout_ms = self.limits.drain_timeout.as_millis() as u64,
-                                    in_flight,
-                                    "drain deadline passed: committing what is done; the rest will be replayed"
-                                );
-                                break None;
-                            }
-                        }
-                        State::Consuming { paused, .. } => self.apply_backpressure(paused),
-                    }
-                    let paused = matches!(state, State::Consuming { paused: true, .. });
-                    if state.deadline().is_some() || paused || last_commit.elapsed() >= self.limits.commit_every {
-                        if self.commit() == Committed::Moved {
-                            last_progress = Some(Instant::now());
-                        }
-                        last_commit = Instant::now();
-                    }
-                }
-                message = self.kafka.recv() => match message {
-                    // While draining, a message fetched before the pause took effect is skipped:
-                    // not begun, so not committed; the next owner reads it.
-                    Ok(m) => if let State::Consuming { submitters, paused, .. } = &mut state {
-                        first_consumed.get_or_insert_with(Instant::now);
-                        MessageConsumed { topic: m.topic() }.emit(self.settle.counters());
-                        self.intake(&m, submitters).await;
-                        // At once, not at the next tick: intake between ticks would overshoot.
-                        if !*paused {
-                            self.apply_backpressure(paused);
-                        }
-                    },
-                    Err(e) => tracing::warn!(error = %e, "Kafka consumer error"),
-                },
-            }
-        };
-
+    fn close(&mut self) {
         self.drain.send_replace(true);
-        // Commit what is done; a rebalance in progress rejects commits until this member
-        // rejoins, which needs polling: poll (paused) and retry until the deadline.
-        let commit_deadline = state.deadline().unwrap_or_else(tokio::time::Instant::now) + Duration::from_secs(5);
-        loop {
-            match self.commit() {
-                Committed::Moved => last_progress = Some(Instant::now()),
-                Committed::Nothing => break,
-                Committed::Failed if tokio::time::Instant::now() >= commit_deadline => break,
-                Committed::Failed => {
-                    let _ = tokio::time::timeout(Duration::from_millis(200), self.kafka.recv()).await;
-                }
-            }
+        if let Engines::Open { .. } = self.engines {
+            let Engines::Open { submitters, engines } = std::mem::replace(&mut self.engines, Engines::Closed { engines: Vec::new() })
+            else {
+                return;
+            };
+            // Dropping the submitters lets the engines finish what they hold, then stop.
+            drop(submitters);
+            let joiners = engines.into_iter().map(|e| tokio::task::spawn_blocking(move || e.shutdown())).collect();
+            self.engines = Engines::Closed { engines: joiners };
         }
-        let unfinished = self.in_flight();
-        self.kafka.unsubscribe();
-        crate::source::kafka::close_within(self.kafka, Duration::from_secs(10));
-        let busy = match (first_consumed, last_progress) {
-            (Some(first), Some(last)) if last > first => last - first,
-            _ => Duration::ZERO,
+    }
+
+    fn finished(&self, sink_ended: bool) -> bool {
+        let engines_done = match &self.engines {
+            Engines::Closed { engines } => engines.iter().all(|j| j.is_finished()),
+            Engines::Open { .. } => false,
         };
-        Stopped { busy, unfinished, fatal }
+        sink_ended && self.results.is_finished() && engines_done
     }
 
-    /// Export each partition's oldest unfinished age; fail readiness while one is too old.
-    fn watch_for_stalls(&self) {
-        let mut stalled = Vec::new();
-        for (tp, age) in crate::source::kafka::export_unfinished_ages(&self.tracker) {
-            if self.limits.max_unfinished_age.is_some_and(|limit| age > limit) {
-                stalled.push(format!("{tp} ({}s)", age.as_secs()));
-            }
-        }
-        let reason = (!stalled.is_empty()).then(|| {
-            format!(
-                "oldest unfinished message older than {}s in {}",
-                self.limits.max_unfinished_age.map_or(0, |l| l.as_secs()),
-                stalled.join(", ")
-            )
-        });
-        if reason.is_some() && self.readiness.stalled.lock().map(|s| s.is_none()).unwrap_or(false) {
-            tracing::warn!(reason = reason.as_deref().unwrap_or(""), "a partition is stalled: /readyz fails until it moves");
-        }
-        self.readiness.set_stalled(reason);
-    }
-
-    fn in_flight(&self) -> usize {
-        self.tracker.lock().map(|t| t.in_flight()).unwrap_or(0)
-    }
-
-    fn apply_backpressure(&self, paused: &mut bool) {
-        // While a schema registry cannot be read, nothing more is taken in: its messages would
-        // only wait (never dead-lettered for an outage).
+    /// While a schema registry cannot be read, nothing more is taken in: its messages would
+    /// only wait (never dead-lettered for an outage).
+    fn hold(&self) -> Option<String> {
         let registry_down = self.routes.iter().filter_map(|r| r.reader.registry()).find_map(|r| r.failing());
         self.readiness.set_schema_registry(registry_down.clone());
-        if let Some(reason) = registry_down {
-            if !*paused {
-                ConsumptionPaused { held: self.tracker.lock().map(|t| t.uncommitted()).unwrap_or(0) }.emit(self.settle.counters());
-                tracing::warn!(%reason, "schema registry unavailable: pausing consumption until it answers");
-                *paused = true;
-            }
-            self.set_paused(true);
-            return;
-        }
-        let uncommitted = self.tracker.lock().map(|t| t.uncommitted()).unwrap_or(0);
-        crate::source::kafka::apply_backpressure(&self.kafka, paused, uncommitted, self.limits.max_in_flight, self.settle.counters());
+        registry_down.map(|reason| format!("schema registry unavailable ({reason})"))
     }
+}
 
+impl WorkerIntake {
     /// Begin a message in the tracker, then hand it to its route's engine, or settle it as a
     /// dead letter when it cannot be classified. A message whose schema must be looked up first
     /// waits on a task of its own, so a slow or absent registry never blocks this loop (commits,
@@ -296,14 +134,6 @@ impl Consumer {
             Step::Record(record) => submit(&self.routes, route_index, consumed, record, &submitters[route_index], &self.settle).await,
             Step::Bad(e) => self.settle.dead_letter(consumed, DeadLetterReason::Decode(e.reason), e.detail),
         }
-    }
-
-    fn set_paused(&self, pause: bool) {
-        crate::source::kafka::set_paused(&self.kafka, pause);
-    }
-
-    fn commit(&self) -> Committed {
-        crate::source::kafka::commit_done(&self.kafka, &self.tracker, self.settle.counters())
     }
 }
 

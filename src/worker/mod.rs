@@ -5,7 +5,8 @@
 //!    │                            └─> escalation ──────┤
 //!    └─> bad input ─> dead letter ─────────────────────┴─> settle ─> offset tracker ─> commit
 //! ```
-//! Modules: [`consumer`] (the consumer's states: consuming, draining), [`routes`] (engines and
+//! Modules: [`consumer`] (the intake: messages to the engines; the consumer's states live in
+//! [`crate::source::lifecycle`], shared with `triage escalate`), [`routes`] (engines and
 //! routes), [`results`] (outcomes into rows and escalations), [`policy`] (whether to escalate),
 //! [`crate::settle`] (the one path by which a message becomes done, shared with `triage
 //! escalate`), [`reload`] (new model versions
@@ -31,6 +32,7 @@ use crate::settle::Settler;
 use crate::sink::clickhouse::{self as ch, ClickHouseService};
 use crate::sink::kafka::{SideTopics, SideTopicsConfig};
 use crate::source::kafka::{check_topics_exist, ClientRole, TrackingContext};
+use crate::source::lifecycle::{self, Lifecycle};
 use crate::source::offsets::OffsetTracker;
 use crate::telemetry::events::Counters;
 use crate::telemetry::{self, Readiness};
@@ -192,24 +194,31 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
     tracing::info!(worker = %worker_id, group = %config.kafka.group_id, topics = ?topics, "consuming");
 
     let (drain, draining) = tokio::sync::watch::channel(false);
-    let consumer = consumer::Consumer {
-        kafka,
-        drain,
-        draining,
-        tracker,
+    let intake = consumer::WorkerIntake {
+        engines: consumer::Engines::Open { submitters, engines },
+        results,
+        tracker: tracker.clone(),
         route_of: config.routes.iter().enumerate().map(|(i, r)| (r.topic.clone(), i)).collect(),
         routes,
+        settle: settle.clone(),
+        readiness: readiness.clone(),
+        draining,
+        drain,
+    };
+    let lifecycle = Lifecycle {
+        kafka,
+        tracker,
         settle,
-        limits: consumer::Limits {
+        limits: lifecycle::Limits {
             commit_every: Duration::from_millis(config.kafka.commit_interval_ms),
             max_in_flight: config.kafka.max_in_flight,
             drain_timeout: Duration::from_millis(config.shutdown.drain_timeout_ms),
             max_unfinished_age: Some(Duration::from_millis(config.kafka.max_unfinished_age_ms)).filter(|d| !d.is_zero()),
         },
         readiness: readiness.clone(),
+        intake,
     };
-    let state = consumer::State::Consuming { submitters, engines, paused: false };
-    let stopped = consumer.run(shutdown, state, consumer::Downstream { sink, results, fatal: fatal_rx }).await;
+    let stopped = lifecycle.run(shutdown, sink, fatal_rx).await;
 
     pinger.abort();
     reloads.abort();
