@@ -132,6 +132,8 @@ fn escalate_config(env: &Env, name: &str, url: &str, model: &str, edit: impl FnO
         c.llm.group_id = format!("{}-llm", env.group);
         c.llm.url = url.into();
         c.llm.model = model.into();
+        // A refused record waits this long for another answer before its dead letter.
+        c.llm.refusal_hold_ms = 2_000;
         edit(c)
     })
 }
@@ -609,25 +611,42 @@ fn the_demo_escalations_are_answered_by_llama_cpp_and_land_as_row_versions() {
 
 /// Issue 22: refusals that name nothing (a 413 for every message: a gateway's limit, a model
 /// swapped behind the URL) are each one message's fault until a streak shows otherwise; then
-/// the command stops instead of dead-lettering the topic.
+/// the command stops instead of dead-lettering the topic. The refused records of the streak are
+/// held back meanwhile, so none is dead-lettered or committed: fixing the endpoint and
+/// restarting answers them all.
 #[test]
-fn a_streak_of_refusals_with_no_answer_stops_escalate_after_a_few_dead_letters() {
+fn a_streak_of_refusals_with_no_answer_stops_escalate_with_nothing_dead_lettered_or_committed() {
     let env = escalate_env("escalate_streak");
     let records: Vec<_> = (1..=20).map(|i| record(i, &format!("my card number {i} never arrived"))).collect();
     env.produce("triage.escalations", &records);
     let (url, _seen) = scripted_llm(Some(413));
-    let config = escalate_config(&env, "streak", &url, "stub-llm", |_| {});
+    let config = escalate_config(&env, "streak", &url, "stub-llm", |c| c.llm.refusal_hold_ms = 60_000);
     let mut escalate = env.spawn_command("escalate", &config, "escalate-streak", &[]);
     common::worker::wait_until(Duration::from_secs(60), "escalate to stop", || escalate.exited().is_some());
     assert!(matches!(escalate.exited(), Some(Exit::Code(c)) if c != 0), "{:?}", escalate.exited());
     let log = escalate.log_text();
     assert!(log.contains("5 messages in a row refused"), "{log}");
-    // The first four were each taken for one message's fault (llm.max_consecutive_refusals = 5).
-    let reasons = reasons(&env);
-    assert_eq!(reasons.len(), 4, "{reasons:?}");
-    assert!(reasons.iter().all(|r| r == "llm_refused"), "{reasons:?}");
+    assert_eq!(reasons(&env), Vec::<String>::new(), "the streak's refusals were held, not dead-lettered");
     let kafka = triage::config::KafkaConfig { group_id: format!("{}-llm", env.group), ..env.kafka_config() };
-    assert!(committed_offset(&kafka, "triage.escalations").unwrap_or(0) <= 4, "nothing committed past the dead letters");
+    assert!(committed_offset(&kafka, "triage.escalations").unwrap_or(0) == 0, "nothing committed");
+}
+
+/// Issue 22: a refusal held back as a possible streak is dead-lettered as soon as another
+/// message is answered (the endpoint works: the refusal was that message's own), long before
+/// the hold runs out.
+#[test]
+fn held_refusals_are_dead_lettered_once_another_message_is_answered() {
+    let env = escalate_env("escalate_heldrefusal");
+    let mut records = vec![record(1, "REFUSE my card one"), record(2, "REFUSE my card two")];
+    records.extend((3..=5).map(|i| record(i, &format!("SLOW where is card {i}"))));
+    env.produce("triage.escalations", &records);
+    let (url, _seen) = scripted_llm(None);
+    let config = escalate_config(&env, "heldrefusal", &url, "stub-llm", |c| c.llm.refusal_hold_ms = 600_000);
+    let mut escalate = env.spawn_command("escalate", &config, "escalate-heldrefusal", &[]);
+    env.wait_for(&mut escalate, "every record settled and committed", Duration::from_secs(60), || escalate_caught_up(&env));
+    assert_eq!(reasons(&env), vec!["llm_refused", "llm_refused"]);
+    assert_eq!(env.query_u64("SELECT count() FROM results FINAL WHERE answered_by = 'llm:stub-llm'"), 3);
+    assert_eq!(escalate.terminate(Duration::from_secs(30)), Some(Exit::OK), "{}", escalate.log_text());
 }
 
 /// Issue 22: a message whose calls always time out no longer holds the tier: while the endpoint

@@ -120,6 +120,10 @@ pub struct LlmConfig {
     /// and with no answer between, mean the endpoint refuses every call: the command stops
     /// instead of dead-lettering the rest of the topic.
     pub max_consecutive_refusals: usize,
+    /// A refused record waits this long (milliseconds) for an answer to another message before
+    /// it is dead-lettered, so that the records of a streak that stops the command stay
+    /// uncommitted (none are dead-lettered). 0: dead-letter at once.
+    pub refusal_hold_ms: u64,
     /// A message whose calls keep failing (timeouts, 429, 5xx: each attempt is one call with
     /// its `retries`) while the endpoint answers other messages is dead-lettered
     /// (`llm_timeout`) after this many attempts. While the endpoint answers nothing, records
@@ -147,6 +151,7 @@ impl Default for LlmConfig {
             retries: 3,
             max_concurrent_requests: 4,
             max_consecutive_refusals: 5,
+            refusal_hold_ms: 30_000,
             max_attempts_per_message: 3,
             max_tokens: 256,
             token_limit_field: TokenLimitField::MaxTokens,

@@ -182,6 +182,9 @@ struct Shared {
     readiness: Arc<Readiness>,
     /// Messages refused since the last answer: a streak means the endpoint refuses everything.
     refusal_streak: std::sync::atomic::AtomicUsize,
+    /// Bumped at every answer: refused records held back wait on it (an answer means the
+    /// endpoint answers, so their refusals were their own).
+    answers_seen: tokio::sync::watch::Sender<u64>,
     /// When the endpoint last replied to any call (ms since `started`; 0: never): a message
     /// that keeps failing while others get replies is at fault itself, not the endpoint.
     last_reply_ms: std::sync::atomic::AtomicU64,
@@ -363,6 +366,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<E
         worker_id: worker_id.clone(),
         readiness: readiness.clone(),
         refusal_streak: std::sync::atomic::AtomicUsize::new(0),
+        answers_seen: tokio::sync::watch::Sender::new(0),
         last_reply_ms: std::sync::atomic::AtomicU64::new(0),
         started,
         ledger,
@@ -540,6 +544,10 @@ enum Fate {
     DeadLetter(DeadLetterReason, String),
     /// Settled without a write (already answered).
     Done,
+    /// Refused by the endpoint: dead-lettered once an answer to another message shows the
+    /// refusal was this message's own (or `llm.refusal_hold_ms` passed); left unsettled if the
+    /// streak it belongs to stops the command.
+    Refused(String),
     /// Left unsettled: the command is stopping for a reason no record can get past, so its
     /// offset must not be committed (the next start reads it again).
     Abandoned,
@@ -570,6 +578,19 @@ async fn answer(shared: Arc<Shared>, consumed: Consumed) {
             shared.settle.dead_letter(consumed, reason, detail);
         }
         Fate::Done => shared.settle.done(&consumed.delivery),
+        Fate::Refused(detail) => {
+            let mut answers = shared.answers_seen.subscribe();
+            let hold = Duration::from_millis(shared.llm.refusal_hold_ms);
+            let _ = tokio::time::timeout(hold, answers.changed()).await;
+            if shared.refusal_streak.load(std::sync::atomic::Ordering::SeqCst) >= shared.llm.max_consecutive_refusals {
+                // The endpoint refuses everyone and the command is stopping: not committed.
+                return;
+            }
+            if let Ok(mut recent) = shared.recent.lock() {
+                recent.forget(&key);
+            }
+            shared.settle.dead_letter(consumed, DeadLetterReason::LlmRefused, detail);
+        }
         Fate::Abandoned => {}
     }
 }
@@ -657,6 +678,7 @@ async fn ask(shared: &Shared, record: &Escalation, key: &Key, asked: &Asked<'_>)
             Ok(call) => match asked.route.space.parse(&call.content) {
                 Ok(answer) => {
                     shared.refusal_streak.store(0, std::sync::atomic::Ordering::SeqCst);
+                    shared.answers_seen.send_modify(|n| *n += 1);
                     if let Ok(mut cache) = shared.cache.lock() {
                         cache.insert(asked.digest, call.content.clone());
                     }
@@ -741,7 +763,7 @@ fn after_failure(shared: &Shared, attempts: &mut Attempts, e: ChatError, began: 
                 )));
                 return Next::End(Fate::Abandoned);
             }
-            Next::End(Fate::DeadLetter(DeadLetterReason::LlmRefused, e.to_string()))
+            Next::End(Fate::Refused(e.to_string()))
         }
     }
 }
