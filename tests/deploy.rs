@@ -275,6 +275,13 @@ fn retention_goes_on_the_table_that_stores_rows() {
     // The shadow table's rows expire too, on the table that stores them.
     assert!(single.contains("ALTER TABLE triage.results_shadow MODIFY TTL"));
     assert!(cluster.contains("ALTER TABLE triage.results_shadow_local ON CLUSTER"), "{cluster}");
+    // escalate's side tables (schema.sql makes them; a TTL on them needs 19.6+ like the rest).
+    let schema = read("deploy/clickhouse/schema.sql");
+    for table in ["results_llm_spend", "results_llm_batches"] {
+        assert!(schema.contains(&format!("CREATE TABLE IF NOT EXISTS triage.{table}\n")), "{table} is in schema.sql");
+        assert!(single.contains(&format!("ALTER TABLE triage.{table} MODIFY TTL time")), "{table} expires");
+        assert!(cluster.contains(&format!("ALTER TABLE triage.{table}_local ON CLUSTER")), "{table}_local expires on a cluster");
+    }
 }
 
 #[test]

@@ -5,3 +5,7 @@
 ALTER TABLE triage.results MODIFY TTL event_time + INTERVAL 400 DAY;
 -- Shadow models' answers (results_shadow) are for comparison: keep them shorter.
 ALTER TABLE triage.results_shadow MODIFY TTL event_time + INTERVAL 90 DAY;
+-- `triage escalate`'s spend ledger counts only the last hour, and its batch record only the
+-- last three days: a month of each is plenty for audits.
+ALTER TABLE triage.results_llm_spend MODIFY TTL time + INTERVAL 30 DAY;
+ALTER TABLE triage.results_llm_batches MODIFY TTL time + INTERVAL 30 DAY;
