@@ -38,6 +38,26 @@ fn scripted_llm(always: Option<u16>) -> (String, Seen) {
     (url, seen)
 }
 
+/// One HTTP request from a scripted server's socket: its head, and its body (Content-Length
+/// bytes). None when the client went away first.
+async fn read_request(socket: &mut tokio::net::TcpStream) -> Option<(String, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    loop {
+        let n = socket.read(&mut chunk).await.ok().filter(|n| *n > 0)?;
+        buf.extend_from_slice(&chunk[..n]);
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+        let head = String::from_utf8_lossy(&buf[..end]).to_string();
+        let length = head
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
+            .unwrap_or(0);
+        if buf.len() >= end + 4 + length {
+            return Some((head, buf[end + 4..end + 4 + length].to_vec()));
+        }
+    }
+}
+
 /// [`scripted_llm`], also keeping each request's body.
 fn scripted_llm_keeping_bodies(always: Option<u16>) -> (String, Seen, Bodies) {
     let bodies: Bodies = Arc::default();
@@ -52,25 +72,7 @@ fn scripted_llm_keeping_bodies(always: Option<u16>) -> (String, Seen, Bodies) {
             let Ok((mut socket, _)) = listener.accept().await else { return };
             let (log, limited_once, kept) = (log.clone(), limited_once.clone(), kept.clone());
             tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 8192];
-                let body = loop {
-                    let Ok(n) = socket.read(&mut chunk).await else { return };
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    let text = String::from_utf8_lossy(&buf).to_string();
-                    if let Some(end) = text.find("\r\n\r\n") {
-                        let length = text[..end]
-                            .lines()
-                            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
-                            .unwrap_or(0);
-                        if buf.len() >= end + 4 + length {
-                            break buf[end + 4..end + 4 + length].to_vec();
-                        }
-                    }
-                };
+                let Some((_, body)) = read_request(&mut socket).await else { return };
                 let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
                 kept.lock().unwrap().push(request.clone());
                 let text = request["messages"][1]["content"].as_str().unwrap_or_default().to_string();
@@ -911,25 +913,8 @@ fn batch_api() -> BatchApi {
             let (uploads, created, polls, release, files, batches) =
                 (uploads.clone(), created.clone(), polls.clone(), release.clone(), files.clone(), batches.clone());
             tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 65536];
-                let (head, body) = loop {
-                    let Ok(n) = socket.read(&mut chunk).await else { return };
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    let text = String::from_utf8_lossy(&buf).to_string();
-                    if let Some(end) = text.find("\r\n\r\n") {
-                        let length = text[..end]
-                            .lines()
-                            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
-                            .unwrap_or(0);
-                        if buf.len() >= end + 4 + length {
-                            break (text[..end].to_string(), String::from_utf8_lossy(&buf[end + 4..end + 4 + length]).to_string());
-                        }
-                    }
-                };
+                let Some((head, body)) = read_request(&mut socket).await else { return };
+                let body = String::from_utf8_lossy(&body).to_string();
                 let request_line = head.lines().next().unwrap_or_default().to_string();
                 let mut parts = request_line.split(' ');
                 let (method, path) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());

@@ -156,9 +156,9 @@ type RecentKeys = Memory<Key, ()>;
 /// text, labels, prompt and model) is answered from here.
 type ResponseCache = Memory<[u8; 32], String>;
 
-fn request_digest(request: &Value) -> [u8; 32] {
+fn request_digest(serialized: &str) -> [u8; 32] {
     use sha2::Digest as _;
-    sha2::Sha256::digest(request.to_string().as_bytes()).into()
+    sha2::Sha256::digest(serialized.as_bytes()).into()
 }
 
 struct Shared {
@@ -389,14 +389,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<E
         kafka,
         tracker,
         settle,
-        limits: lifecycle::Limits {
-            commit_every: Duration::from_millis(config.kafka.commit_interval_ms),
-            max_in_flight: config.llm.max_in_flight,
-            drain_timeout: Duration::from_millis(config.shutdown.drain_timeout_ms),
-            // Records wait out LLM outages and batches by design: the ages are exported (the
-            // stall alert fires), readiness follows the endpoint instead.
-            max_unfinished_age: None,
-        },
+        // Records wait out LLM outages and batches by design: the ages are exported (the stall
+        // alert fires), readiness follows the endpoint instead.
+        limits: lifecycle::Limits::of(&config, config.llm.max_in_flight, false),
         readiness: readiness.clone(),
         intake,
     };
@@ -630,10 +625,12 @@ async fn prepare<'a>(shared: &'a Shared, record: &Escalation, key: &Key) -> Resu
     let text = text_of(route, record)
         .map_err(|detail| Fate::DeadLetter(DeadLetterReason::EscalationInvalid, format!("the message's text: {detail}")))?;
     let request = route.prompt.request(&text);
-    let digest = request_digest(&request);
+    // Serialized once (a system prompt of every label is kilobytes): the cache key and the size.
+    let serialized = request.to_string();
+    let digest = request_digest(&serialized);
     // About four characters a token, plus the longest reply (and what counts if the server
     // never says what it used).
-    let estimate = Estimate { prompt_tokens: (request.to_string().len() / 4) as u64, completion_tokens: u64::from(shared.llm.max_tokens) };
+    let estimate = Estimate { prompt_tokens: (serialized.len() / 4) as u64, completion_tokens: u64::from(shared.llm.max_tokens) };
     Ok(Asked { route, request, digest, estimate })
 }
 

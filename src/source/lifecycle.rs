@@ -55,6 +55,19 @@ pub(crate) struct Limits {
     pub max_unfinished_age: Option<Duration>,
 }
 
+impl Limits {
+    /// From `[kafka]` and `[shutdown]`, with the command's own in-flight limit; `watch_stalls`:
+    /// fail readiness past `kafka.max_unfinished_age_ms` (0: never).
+    pub fn of(config: &crate::config::Config, max_in_flight: usize, watch_stalls: bool) -> Self {
+        Limits {
+            commit_every: Duration::from_millis(config.kafka.commit_interval_ms),
+            max_in_flight,
+            drain_timeout: Duration::from_millis(config.shutdown.drain_timeout_ms),
+            max_unfinished_age: Some(Duration::from_millis(config.kafka.max_unfinished_age_ms)).filter(|d| watch_stalls && !d.is_zero()),
+        }
+    }
+}
+
 /// How the consumer ended.
 pub(crate) struct Stopped {
     /// From the first message consumed to the last commit that moved a watermark.

@@ -209,12 +209,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
         kafka,
         tracker,
         settle,
-        limits: lifecycle::Limits {
-            commit_every: Duration::from_millis(config.kafka.commit_interval_ms),
-            max_in_flight: config.kafka.max_in_flight,
-            drain_timeout: Duration::from_millis(config.shutdown.drain_timeout_ms),
-            max_unfinished_age: Some(Duration::from_millis(config.kafka.max_unfinished_age_ms)).filter(|d| !d.is_zero()),
-        },
+        limits: lifecycle::Limits::of(&config, config.kafka.max_in_flight, true),
         readiness: readiness.clone(),
         intake,
     };
