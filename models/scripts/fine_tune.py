@@ -208,6 +208,7 @@ def main() -> None:
         optimizer = Optimizer(os.path.join(work, "optimizer_model.onnx"), module)
         emit("start", parameters=len(params), train=len(train_rows), dev=len(dev_rows), seconds=round(time.time() - started, 1))
 
+        initial = np.array(module.get_contiguous_parameters(trainable_only=True).numpy(), copy=True)
         rng = np.random.default_rng(args.seed)
         steps_per_epoch = (len(train_rows) + args.batch - 1) // args.batch
         total = steps_per_epoch * args.epochs
@@ -255,10 +256,13 @@ def main() -> None:
                 break
         if best[1] != history[-1]["epoch"]:
             module.copy_buffer_to_parameters(ort.OrtValue.ortvalue_from_numpy(best[2])._ortvalue, trainable_only=True)
+        final = np.asarray(module.get_contiguous_parameters(trainable_only=True).numpy())
+        # How far training moved the weights (relative L2): 0 would mean nothing was learned.
+        change = float(np.linalg.norm(final - initial) / max(np.linalg.norm(initial), 1e-12))
         target = os.path.join(args.out, "model.onnx")
         module.export_model_for_inferencing(target + ".tmp", ["sentence_embedding"])
         os.replace(target + ".tmp", target)
-    summary = {"best_epoch": best[1], "best_dev_accuracy": best[0], "epochs": history, "steps": step,
+    summary = {"best_epoch": best[1], "best_dev_accuracy": best[0], "parameter_change": change, "epochs": history, "steps": step,
                "parameters": len(params), "seconds": round(time.time() - started, 1), "seed": args.seed,
                "lr": args.lr, "batch": args.batch, "scale": args.scale, "optimizer": "AdamW (weight decay 0.01)",
                "onnxruntime_training": ort.__version__}

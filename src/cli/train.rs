@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 use triage::model::linear::LexicalFeatures;
+use triage::train::fine_tune::FineTuneOptions;
 use triage::train::{Columns, LexicalMode, TrainOptions};
 
 use super::{model_dir, BatchArgs, RuntimeArgs, StageProgress};
@@ -89,6 +90,33 @@ pub struct TrainArgs {
     /// typical training messages of each label; they go to the LLM provider). 0: none.
     #[arg(long, default_value_t = defaults().few_shot)]
     few_shot: usize,
+    /// Fine-tune the encoder end to end on the first --label head before fitting the heads (needs
+    /// scripts/setup --train; --encoder must be an fp32 encoder directory such as runtime/encoders/minilm-l6).
+    /// The result is int8-quantized into OUT/encoder; the heads are then fitted on the training part and
+    /// calibrated on the validation split, which the encoder never sees.
+    #[arg(long)]
+    fine_tune: bool,
+    /// Most fine-tuning epochs (early stopping on a dev split of the training part may end sooner).
+    #[arg(long, default_value_t = FineTuneOptions::default().epochs)]
+    fine_tune_epochs: usize,
+    /// Epochs without a better dev accuracy before fine-tuning stops.
+    #[arg(long, default_value_t = FineTuneOptions::default().patience)]
+    fine_tune_patience: usize,
+    /// Peak learning rate (linear warm-up over 6% of the steps, then linear decay).
+    #[arg(long, default_value_t = FineTuneOptions::default().learning_rate)]
+    fine_tune_lr: f64,
+    #[arg(long, default_value_t = FineTuneOptions::default().batch_size)]
+    fine_tune_batch: usize,
+    /// Stop fine-tuning after this many steps in all (0: no limit); for trying the pipeline quickly.
+    #[arg(long, default_value_t = 0)]
+    fine_tune_max_steps: usize,
+    /// The Python with ONNX Runtime's training API.
+    #[arg(long, env = "TRIAGE_TRAIN_PYTHON", default_value = triage::train::fine_tune::DEFAULT_PYTHON)]
+    fine_tune_python: PathBuf,
+    /// Another model directory trained on the same data (e.g. the frozen recipe): its validation
+    /// figures go beside this model's in the card.
+    #[arg(long)]
+    compare: Option<PathBuf>,
     #[command(flatten)]
     runtime: RuntimeArgs,
     #[command(flatten)]
@@ -131,6 +159,19 @@ impl TrainArgs {
         options.force = self.force;
         options.card_notes = self.card_notes;
         options.few_shot = self.few_shot;
+        options.compare = self.compare;
+        if self.fine_tune {
+            options.fine_tune = Some(FineTuneOptions {
+                python: self.fine_tune_python,
+                epochs: self.fine_tune_epochs,
+                patience: self.fine_tune_patience,
+                learning_rate: self.fine_tune_lr,
+                batch_size: self.fine_tune_batch,
+                max_steps: self.fine_tune_max_steps,
+                threads: options.inference.intra_threads,
+                ..FineTuneOptions::default()
+            });
+        }
         Ok(options)
     }
 }

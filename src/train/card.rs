@@ -248,13 +248,14 @@ pub fn model_card(r: &TrainReport, o: &TrainOptions, version: &str, notes: Optio
     let _ = writeln!(s, "# Model card: {} ({version})\n", r.model);
     let _ = writeln!(
         s,
-        "Trained by `triage train` on `{}` ({} rows read, {} usable): a frozen sentence encoder ({}, \
+        "Trained by `triage train` on `{}` ({} rows read, {} usable): {} ({}, \
          {} dimensions) with linear heads fitted on CPU. Split: {} train / {} validation, stratified, seed {}. \
          Regularisation, the lexical features and the lexical share were chosen by {}-fold cross-validation on \
          the training part; the validation figures below come from heads fitted on the training part alone.{}\n",
         r.data,
         r.rows_read,
         r.examples,
+        if r.fine_tune.is_some() { "a sentence encoder fine-tuned on the training part (see Fine-tuning)" } else { "a frozen sentence encoder" },
         r.encoder,
         r.embedding_dim,
         r.train_examples,
@@ -273,6 +274,12 @@ pub fn model_card(r: &TrainReport, o: &TrainOptions, version: &str, notes: Optio
         }
     );
     let _ = writeln!(s, "Embedding took {:.0} s, fitting {:.0} s.\n", r.embed_seconds, r.fit_seconds);
+    if let Some(f) = &r.fine_tune {
+        fine_tune_section(&mut s, f);
+    }
+    if let Some(c) = &r.compared {
+        comparison_section(&mut s, r, c);
+    }
     if let Some(notes) = notes {
         let _ = writeln!(s, "{}\n", notes.trim());
     }
@@ -447,6 +454,62 @@ pub fn model_card(r: &TrainReport, o: &TrainOptions, version: &str, notes: Optio
         r.data
     );
     s
+}
+
+fn fine_tune_section(s: &mut String, f: &super::fine_tune::FineTuneReport) {
+    let _ = writeln!(
+        s,
+        "## Fine-tuning\n\nThe encoder `{}` was trained end to end ({} parameter tensors; AdamW, learning rate {}, batch {}, \
+         seed {}; ONNX Runtime training {}) through a cosine classifier on the first head, on {} texts of the training part; \
+         {} more of it (the dev split) decided early stopping; the validation rows were never shown to it. Then int8-quantized \
+         (dynamic, MatMul weights) and the heads fitted over it as over a frozen encoder. {:.0} s in all ({:.0} s training, {} steps).\n",
+        f.base_encoder,
+        f.parameters,
+        f.lr,
+        f.batch,
+        f.seed,
+        f.onnxruntime_training,
+        f.train_rows,
+        f.dev_rows,
+        f.total_seconds,
+        f.seconds,
+        f.steps
+    );
+    let _ = writeln!(s, "| epoch | training loss | dev accuracy | seconds in |\n| --- | --- | --- | --- |");
+    for e in &f.epochs {
+        let loss = e.train_loss.map_or("-".to_string(), |l| format!("{l:.4}"));
+        let kept = if e.epoch == f.best_epoch { " (kept)" } else { "" };
+        let _ = writeln!(s, "| {}{kept} | {loss} | {:.4} | {:.0} |", e.epoch, e.dev_accuracy, e.seconds);
+    }
+    s.push('\n');
+}
+
+fn comparison_section(s: &mut String, r: &TrainReport, c: &super::Compared) {
+    let _ = writeln!(s, "## Against `{}`\n", c.model_dir);
+    if !c.same_split {
+        let _ = writeln!(
+            s,
+            "Not comparable: `{}` was measured on a different validation split (other data, seed or fraction).\n",
+            c.model_dir
+        );
+        return;
+    }
+    let Some(head) = r.single.first() else { return };
+    let _ = writeln!(
+        s,
+        "The same {} validation rows, heads fitted on the same training part (head `{}`):\n\n\
+         | | this model | `{}` | difference |\n| --- | --- | --- | --- |",
+        r.validation_examples, head.name, c.model_dir
+    );
+    let rows = [
+        ("accuracy", head.validation.accuracy, c.accuracy),
+        ("macro-F1", head.validation.macro_f1, c.macro_f1),
+        ("accuracy, embedding layer alone", head.validation_embedding_only.accuracy, c.embedding_accuracy),
+    ];
+    for (what, ours, theirs) in rows {
+        let _ = writeln!(s, "| {what} | {ours:.4} | {theirs:.4} | {:+.2} points |", (ours - theirs) * 100.0);
+    }
+    s.push('\n');
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ pub mod data;
 mod embed;
 pub mod eval;
 pub mod few_shot;
+pub mod fine_tune;
 mod fitting;
 pub mod logreg;
 pub mod metrics;
@@ -108,6 +109,12 @@ pub struct TrainOptions {
     pub card_notes: Option<PathBuf>,
     /// Few-shot examples written per label (`few_shot.jsonl`, for `triage escalate`); 0: none.
     pub few_shot: usize,
+    /// Fine-tune the encoder on the first single-label head before fitting the heads
+    /// (`encoder` must then be an fp32 pooled encoder directory).
+    pub fine_tune: Option<fine_tune::FineTuneOptions>,
+    /// Another model directory trained on the same data: its validation figures are set beside
+    /// this one's in the card (e.g. the frozen recipe beside a fine-tuned one).
+    pub compare: Option<PathBuf>,
 }
 
 impl TrainOptions {
@@ -137,6 +144,8 @@ impl TrainOptions {
             force: false,
             card_notes: None,
             few_shot: 3,
+            fine_tune: None,
+            compare: None,
         }
     }
 
@@ -159,6 +168,9 @@ impl TrainOptions {
         }
         if !(0.05..=0.5).contains(&self.validation_fraction) {
             return bad(format!("validation fraction {} must be within 0.05..0.5", self.validation_fraction));
+        }
+        if let Some(f) = &self.fine_tune {
+            f.checked()?;
         }
         let mut options = self.clone();
         options.c_grid.sort_by(f64::total_cmp);
@@ -335,6 +347,50 @@ pub struct TrainReport {
     pub multi: Vec<fitting::MultiReport>,
     pub escalation: Option<EscalationReport>,
     pub ood: Option<OodReport>,
+    /// The encoder was fine-tuned on the training part first (how, and how long).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fine_tune: Option<fine_tune::FineTuneReport>,
+    /// `--compare`: another model's validation figures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compared: Option<Compared>,
+}
+
+/// Another model directory's validation figures (its metrics.json), for a side-by-side.
+#[derive(Debug, Clone, Serialize)]
+pub struct Compared {
+    pub model_dir: String,
+    /// Its validation rows are this run's (the figures are comparable).
+    pub same_split: bool,
+    pub accuracy: f64,
+    pub macro_f1: f64,
+    pub embedding_accuracy: f64,
+}
+
+impl Compared {
+    /// Read `dir/metrics.json`; comparable when its validation rows are `validation_data_rows`.
+    pub fn read(dir: &Path, data: &str, validation_data_rows: &[usize]) -> Result<Compared, TrainError> {
+        let path = dir.join("metrics.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| TrainError::Invalid(format!("--compare: {}: {e}", path.display())))?;
+        let metrics: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| TrainError::Invalid(format!("--compare: {}: {e}", path.display())))?;
+        let number = |pointer: &str| {
+            metrics.pointer(pointer).and_then(serde_json::Value::as_f64).ok_or_else(|| {
+                TrainError::Invalid(format!("--compare: {} has no {pointer} (not written by triage train?)", path.display()))
+            })
+        };
+        let rows: Option<Vec<usize>> = metrics
+            .get("validation_data_rows")
+            .and_then(|v| v.as_array())
+            .map(|a| a.iter().filter_map(|n| n.as_u64().map(|n| n as usize)).collect());
+        let same_data = metrics.get("data").and_then(|d| d.as_str()) == Some(data);
+        Ok(Compared {
+            model_dir: dir.display().to_string(),
+            same_split: same_data && rows.as_deref() == Some(validation_data_rows),
+            accuracy: number("/single/0/validation/accuracy")?,
+            macro_f1: number("/single/0/validation/macro_f1")?,
+            embedding_accuracy: number("/single/0/validation_embedding_only/accuracy")?,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -370,7 +426,14 @@ pub struct ForeignReport {
 
 /// Train and write the model directory; returns what was measured.
 pub fn train(options: &TrainOptions, progress: &dyn Progress) -> Result<TrainReport, TrainError> {
-    let options = &options.checked()?;
+    let mut options = options.checked()?;
+    if options.fine_tune.is_some() && options.refit_full {
+        // Refitting on every row would score rows the encoder learned from: its out-of-fold
+        // figures and the thresholds calibrated on them would be optimistic.
+        progress.note("fine-tuning: the heads are fitted on the training part and calibrated on the validation split (no refit on every row)");
+        options.refit_full = false;
+    }
+    let options = &mut options;
     if options.out.join(crate::model::descriptor::DESCRIPTOR_FILE).exists() && !options.force {
         return Err(TrainError::Invalid(format!("{} already holds a model.toml; pass --force to replace it", options.out.display())));
     }
@@ -395,6 +458,24 @@ pub fn train(options: &TrainOptions, progress: &dyn Progress) -> Result<TrainRep
         options.seed
     ));
 
+    // Read before any long step: a wrong --compare fails now, not after the training.
+    let validation_data_rows: Vec<usize> = validation_rows.iter().map(|&r| prepared.dataset.examples[r].row).collect();
+    let compared =
+        options.compare.as_deref().map(|dir| Compared::read(dir, &options.data.display().to_string(), &validation_data_rows)).transpose()?;
+    let fine_tuned = match options.fine_tune.clone() {
+        Some(settings) => {
+            let head = prepared.single.first().ok_or_else(|| TrainError::Invalid("--fine-tune needs a single-label head (--label) to learn".into()))?;
+            let base = Model::load(&options.encoder, &options.inference)?;
+            let texts = prepared.render(&template, base.encoder().max_chars());
+            let examples = fine_tune::Examples { texts: &texts, labels: &head.y, label_count: head.labels.len(), train_rows: &train_rows };
+            let target = options.out.join(fine_tune::ENCODER_DIR);
+            let report = fine_tune::fine_tune(&settings, &base, &options.encoder, &examples, options.seed, &options.out.join(".fine-tune"), &target, progress)?;
+            options.encoder = target;
+            Some(report)
+        }
+        None => None,
+    };
+    let options = &*options;
     let encoder = Arc::new(Model::load(&options.encoder, &options.inference)?);
     let texts = prepared.render(&template, encoder.encoder().max_chars());
     let run = embed(encoder.clone(), &texts, &options.engine, progress, "embedding")?;
@@ -545,7 +626,7 @@ pub fn train(options: &TrainOptions, progress: &dyn Progress) -> Result<TrainRep
         warnings: prepared.warnings.clone(),
         train_examples: train_rows.len(),
         validation_examples: validation_rows.len(),
-        validation_data_rows: validation_rows.iter().map(|&r| prepared.dataset.examples[r].row).collect(),
+        validation_data_rows,
         seed: options.seed,
         encoder: format!("{} ({})", encoder.info().name, options.encoder.display()),
         embedding_dim: run.embeddings.ncols(),
@@ -557,6 +638,8 @@ pub fn train(options: &TrainOptions, progress: &dyn Progress) -> Result<TrainRep
         multi: multi.iter().map(|m| m.report.clone()).collect(),
         escalation,
         ood: ood_report,
+        fine_tune: fine_tuned,
+        compared,
     };
     let example_rows: &[usize] = if options.refit_full { &all_rows } else { &train_rows };
     let text_refs: Vec<&str> = texts.iter().map(|t| t.text.as_str()).collect();
