@@ -428,3 +428,88 @@ fn the_default_model_was_built_by_triage_train_and_carries_its_gates() {
     assert!(eval["split"].as_str().unwrap().contains("refitted"), "{}", eval["split"]);
     assert!(derived > 0.9);
 }
+
+fn train_python() -> PathBuf {
+    let python = common::root().join(triage::train::fine_tune::DEFAULT_PYTHON);
+    assert!(python.exists(), "{} is missing: run scripts/setup --tests (it makes .venv-train)", python.display());
+    python
+}
+
+#[test]
+fn fine_tuning_moves_the_encoder_quantizes_it_and_the_card_sets_it_beside_the_frozen_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, frozen, tuned) = (dir.path().join("tickets.csv"), dir.path().join("frozen"), dir.path().join("tuned"));
+    labelled_csv(&data, 16, 11);
+    let encoder = encoder();
+    let python = train_python();
+    let common_args = ["train", "--data", s(&data), "--text", "subject,body", "--label", "queue", "--encoder", s(&encoder)];
+    let mut args = common_args.to_vec();
+    args.extend(["--out", s(&frozen), "--refit-full", "false"]);
+    let out = triage(&args);
+    assert!(out.status.success(), "{}", text(&out));
+
+    let mut args = common_args.to_vec();
+    args.extend(["--out", s(&tuned), "--fine-tune", "--fine-tune-epochs", "2", "--fine-tune-batch", "8"]);
+    args.extend(["--fine-tune-python", s(&python), "--compare", s(&frozen)]);
+    let out = triage(&args);
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("fine-tuning") && log.contains("epoch 1: training loss"), "progress is shown: {log}");
+
+    let metrics: Value = serde_json::from_str(&std::fs::read_to_string(tuned.join("metrics.json")).unwrap()).unwrap();
+    let fine = &metrics["fine_tune"];
+    assert!(fine["steps"].as_u64().unwrap() >= 6, "{fine}");
+    assert!(fine["parameter_change"].as_f64().unwrap() > 1e-4, "training moved the weights: {fine}");
+    assert_eq!(fine["epochs"].as_array().unwrap().len(), 2, "{fine}");
+    let seen = fine["train_rows"].as_u64().unwrap() + fine["dev_rows"].as_u64().unwrap();
+    assert_eq!(Some(seen), metrics["train_examples"].as_u64(), "the training part only: {fine}");
+    assert!(fine["dev_rows"].as_u64().unwrap() >= 4, "a dev split decides early stopping: {fine}");
+    // The encoder never saw the validation rows, so no refit on every row and calibration on them.
+    assert_eq!(metrics["refit_full"], false);
+    assert!(metrics["calibrated_on"].as_str().unwrap().contains("validation"), "{}", metrics["calibrated_on"]);
+    assert!(metrics["single"][0]["validation"]["accuracy"].as_f64().unwrap() > 0.85, "{}", metrics["single"][0]["validation"]);
+
+    // An int8 encoder directory of its own, whose graph the model uses, and which serves.
+    let graph = std::fs::read(tuned.join("encoder/model.onnx")).unwrap();
+    assert_eq!(graph, std::fs::read(tuned.join("model.onnx")).unwrap());
+    assert_ne!(graph, std::fs::read(common::root().join("runtime/encoders/minilm-l6-int8/model.onnx")).unwrap());
+    let graph_text = String::from_utf8_lossy(&graph);
+    assert!(graph_text.contains("MatMulInteger"), "int8-quantized");
+    let out = triage(&["eval", "--model", s(&tuned), "--data", s(&data), "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let eval: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(eval["heads"][0]["report"]["accuracy"], metrics["single"][0]["validation"]["accuracy"]);
+
+    let card = std::fs::read_to_string(tuned.join("MODEL_CARD.md")).unwrap();
+    assert!(card.contains("fine-tuned on the training part") && card.contains("## Fine-tuning") && card.contains("| 2"), "{card}");
+    assert!(card.contains(&format!("## Against `{}`", frozen.display())) && card.contains("points"), "{card}");
+    assert!(!card.contains("Not comparable"), "the same data and seed give the same split: {card}");
+}
+
+#[test]
+fn fine_tuning_refuses_what_cannot_work_before_any_long_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("tickets.csv");
+    labelled_csv(&data, 8, 3);
+    let base = ["train", "--data", s(&data), "--text", "subject,body", "--label", "queue", "--fine-tune"];
+    let python = train_python();
+    let int8 = common::root().join("runtime/encoders/minilm-l6-int8");
+    let fp32 = encoder();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--encoder", s(&fp32), "--fine-tune-python", "/nonexistent/python3"], "scripts/setup --train"),
+        (vec!["--encoder", s(&fp32), "--fine-tune-python", "/usr/bin/python3"], "scripts/setup --train"),
+        (vec!["--encoder", int8.to_str().unwrap(), "--fine-tune-python", s(&python)], "int8-quantized"),
+        (vec!["--encoder", s(&fp32), "--fine-tune-python", s(&python), "--fine-tune-lr", "2"], "learning rate"),
+        (vec!["--encoder", s(&fp32), "--fine-tune-python", s(&python), "--compare", "/nonexistent"], "--compare"),
+    ];
+    for (i, (extra, expected)) in cases.into_iter().enumerate() {
+        let out_dir = dir.path().join(format!("out-{i}"));
+        let mut args = base.to_vec();
+        args.extend(extra);
+        args.extend(["--out", s(&out_dir)]);
+        let out = triage(&args);
+        let log = text(&out);
+        assert!(!out.status.success() && log.contains(expected), "case {i}: expected {expected:?} in: {log}");
+        assert!(!out_dir.join("model.toml").exists(), "case {i}: no model written");
+    }
+}
