@@ -5,6 +5,15 @@
 //! live batches (messages per second of inference time), then uses the best; now and then it
 //! measures the neighbours of the best again, so a change of load or machine is followed.
 //!
+//! Noise: a size's figure is the median of its latest per-batch rates; how far off that median
+//! may be is its standard error (from the rates' interquartile range and their number). Two
+//! sizes are *within noise* when their medians differ by less than twice their combined
+//! standard error (about 95% confidence that the difference is real), or by under 3%. Then the tuner neither explores further (measuring ever smaller sizes on a
+//! flat curve costs throughput and finds nothing) nor switches (a switch on noise is a coin
+//! toss that moves from run to run), and each recheck that changes nothing doubles the wait
+//! before the next (up to 16x `recheck_every`); a recheck that finds a clearly faster size
+//! moves to it and rechecks at the base interval again.
+//!
 //! Pure and clock-free: the engine reports each batch's rows and inference seconds; tests
 //! drive it with a synthetic cost model.
 
@@ -40,6 +49,12 @@ impl Default for TunerSettings {
 /// Smaller sizes are not measured once one measures below this share of the best so far.
 const GIVE_UP_BELOW: f64 = 0.85;
 
+/// The least noise assumed: the median of a few quiet batches can look tighter than it is.
+const NOISE_FLOOR: f64 = 0.03;
+
+/// Rechecks that change nothing back off to this multiple of `recheck_every` at most.
+const MAX_RECHECK_BACKOFF: u32 = 16;
+
 /// Per-batch rates kept per candidate: the median of the latest ones is its figure, so a
 /// batch slowed by something else (the first run of a new shape growing ONNX Runtime's arena,
 /// the other session hogging the memory bus, a preempted thread) does not decide.
@@ -73,6 +88,19 @@ impl Measure {
         rates[rates.len() / 2]
     }
 
+    /// How far off its figure (the median) may be: the standard error of a median of n
+    /// samples, 1.25 sigma / sqrt(n), with sigma estimated robustly from the interquartile range.
+    fn uncertainty(&self) -> f64 {
+        let mut rates: Vec<f64> = self.rates.iter().copied().collect();
+        rates.sort_by(f64::total_cmp);
+        let n = rates.len();
+        if n < 4 {
+            return f64::INFINITY;
+        }
+        let sigma = (rates[(3 * n) / 4] - rates[n / 4]) / 1.349;
+        1.2533 * sigma / (n as f64).sqrt()
+    }
+
     fn enough(&self, s: &TunerSettings) -> bool {
         self.batches >= s.min_batches && (self.rows >= s.min_rows || self.batches >= s.min_batches * 8)
     }
@@ -95,6 +123,8 @@ struct Bucket {
     to_measure: Vec<usize>,
     best: usize,
     since_check: u32,
+    /// Batches between rechecks now: doubles after each recheck that changed nothing.
+    recheck_every: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -123,8 +153,13 @@ impl BatchSizeTuner {
         candidates.push(max);
         // Measured from the largest down: the first batches of a fresh worker run as before.
         let order: Vec<usize> = (0..candidates.len()).rev().collect();
-        let bucket =
-            Bucket { measures: vec![Measure::default(); candidates.len()], to_measure: order, best: candidates.len() - 1, since_check: 0 };
+        let bucket = Bucket {
+            measures: vec![Measure::default(); candidates.len()],
+            to_measure: order,
+            best: candidates.len() - 1,
+            since_check: 0,
+            recheck_every: settings.recheck_every.max(1),
+        };
         BatchSizeTuner { buckets: vec![bucket; BUCKET_LIMITS.len()], candidates, settings }
     }
 
@@ -155,19 +190,35 @@ impl BatchSizeTuner {
                 // Throughput rises then falls with the batch size: once a size measures well
                 // below the best so far, the smaller ones (measured after it) are not worth
                 // their exploration.
+                // The same holds when it measures within noise of the best: a flat stretch.
                 if bucket.measures[index].enough(&settings) {
-                    let best_rate = bucket.measures.iter().filter(|m| m.enough(&settings)).map(Measure::per_second).fold(0.0, f64::max);
-                    if bucket.measures[index].per_second() < GIVE_UP_BELOW * best_rate {
+                    let leader = best_measured(&bucket.measures, index, &settings);
+                    let (this, top) = (&bucket.measures[index], &bucket.measures[leader]);
+                    if this.per_second() < GIVE_UP_BELOW * top.per_second() || (leader != index && within_noise(this, top)) {
                         bucket.to_measure.retain(|&c| c > index);
                     }
                 }
                 if bucket.to_measure.is_empty() || !bucket.to_measure.contains(&current) {
-                    bucket.best = best_measured(&bucket.measures, bucket.best);
+                    let previous = bucket.best;
+                    let leader = best_measured(&bucket.measures, previous, &settings);
+                    // Hysteresis: leave the size in use only for one clearly faster.
+                    let stay = leader != previous
+                        && bucket.measures[previous].enough(&settings)
+                        && within_noise(&bucket.measures[leader], &bucket.measures[previous]);
+                    bucket.best = if stay { previous } else { leader };
+                    if bucket.to_measure.is_empty() {
+                        let base = settings.recheck_every.max(1);
+                        bucket.recheck_every = if bucket.best == previous {
+                            bucket.recheck_every.saturating_mul(2).min(base.saturating_mul(MAX_RECHECK_BACKOFF))
+                        } else {
+                            base
+                        };
+                    }
                 }
             }
             None => {
                 bucket.since_check += 1;
-                if bucket.since_check >= settings.recheck_every {
+                if bucket.since_check >= bucket.recheck_every {
                     bucket.since_check = 0;
                     let best = bucket.best;
                     // The best keeps its latest figures; its neighbours start afresh.
@@ -206,11 +257,21 @@ impl BatchSizeTuner {
     }
 }
 
-/// The measured candidate with the highest throughput (ties: the smaller, for latency).
-fn best_measured(measures: &[Measure], fallback: usize) -> usize {
+/// Two candidates whose figures differ by less than twice their combined uncertainty (about
+/// 95% confidence that the difference is not real), or by less than NOISE_FLOOR.
+fn within_noise(a: &Measure, b: &Measure) -> bool {
+    let (ra, rb) = (a.per_second(), b.per_second());
+    let tolerance = (2.0 * a.uncertainty().hypot(b.uncertainty())).max(NOISE_FLOOR * ra.max(rb));
+    (ra - rb).abs() <= tolerance
+}
+
+/// The fully measured candidate with the highest throughput (ties: the smaller, for latency);
+/// when none is fully measured yet, any measured one.
+fn best_measured(measures: &[Measure], fallback: usize, settings: &TunerSettings) -> usize {
+    let complete = measures.iter().any(|m| m.enough(settings));
     let mut best: Option<(usize, f64)> = None;
     for (i, m) in measures.iter().enumerate() {
-        if m.batches == 0 {
+        if m.batches == 0 || (complete && !m.enough(settings)) {
             continue;
         }
         if best.is_none_or(|(_, rate)| m.per_second() > rate) {
@@ -296,6 +357,43 @@ mod tests {
         // rechecks walk the choice down one neighbour at a time.
         drive(&mut t, 60, 2_000, |rows| machine(rows, 60, 1e-5, 1e-5, 1) * if rows > 1 { 3.0 } else { 1.0 });
         assert!(t.caps()[bucket_of(60)] <= 2, "{}", describe(&t.choices()));
+    }
+
+    /// A flat machine: sizes 4 to 32 all run at the same tokens per second, each batch +-10%
+    /// at random (a busy 2-core VM). Nothing is to be gained by measuring or switching.
+    #[test]
+    fn sizes_within_noise_end_the_exploration_and_back_the_rechecks_off() {
+        let settings = TunerSettings::default();
+        let mut t = BatchSizeTuner::new(32, settings);
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut noise = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            0.9 + 0.2 * (seed % 10_000) as f64 / 10_000.0
+        };
+        let (mut switches, mut off_best, mut last_choice) = (0, 0, None);
+        let batches = 40_000;
+        for _ in 0..batches {
+            let cap = t.caps()[bucket_of(20)];
+            let per_token = if cap >= 4 { 1e-5 } else { 3e-5 };
+            t.record(20, cap, cap, cap * 20, per_token * (cap * 20) as f64 * noise());
+            let choice = &t.choices()[0];
+            if !choice.settled {
+                off_best += 1;
+            } else if last_choice != Some(choice.batch_size) {
+                switches += usize::from(last_choice.is_some());
+                last_choice = Some(choice.batch_size);
+            }
+        }
+        let choice = &t.choices()[0];
+        let sizes: Vec<usize> = choice.measured.iter().map(|(size, _)| *size).collect();
+        assert!(!sizes.contains(&1) && !sizes.contains(&2), "a flat stretch ends the walk down: {}", describe(&t.choices()));
+        assert!(choice.batch_size >= 4, "{}", describe(&t.choices()));
+        // Rechecks every 400 batches without backoff would spend 100 of them measuring and
+        // switch on noise; backing off, a handful.
+        assert!(off_best < batches / 200, "{off_best} of {batches} batches spent measuring: {}", describe(&t.choices()));
+        assert!(switches <= 2, "{switches} changes of the size in use, on noise: {}", describe(&t.choices()));
     }
 
     #[test]

@@ -255,7 +255,11 @@ pub fn model_card(r: &TrainReport, o: &TrainOptions, version: &str, notes: Optio
         r.data,
         r.rows_read,
         r.examples,
-        if r.fine_tune.is_some() { "a sentence encoder fine-tuned on the training part (see Fine-tuning)" } else { "a frozen sentence encoder" },
+        if r.fine_tune.is_some() {
+            "a sentence encoder fine-tuned on the training part (see Fine-tuning)"
+        } else {
+            "a frozen sentence encoder"
+        },
         r.encoder,
         r.embedding_dim,
         r.train_examples,
@@ -487,11 +491,8 @@ fn fine_tune_section(s: &mut String, f: &super::fine_tune::FineTuneReport) {
 fn comparison_section(s: &mut String, r: &TrainReport, c: &super::Compared) {
     let _ = writeln!(s, "## Against `{}`\n", c.model_dir);
     if !c.same_split {
-        let _ = writeln!(
-            s,
-            "Not comparable: `{}` was measured on a different validation split (other data, seed or fraction).\n",
-            c.model_dir
-        );
+        let _ =
+            writeln!(s, "Not comparable: `{}` was measured on a different validation split (other data, seed or fraction).\n", c.model_dir);
         return;
     }
     let Some(head) = r.single.first() else { return };

@@ -151,7 +151,8 @@ pub fn fine_tune(
         let mut file = std::io::BufWriter::new(file);
         for &pick in picks {
             let row = labelled[pick];
-            let ids = tokenizer.encode_rendered(&examples.texts[row]).map_err(|e| TrainError::Invalid(format!("text {}: {e}", row + 1)))?.ids;
+            let ids =
+                tokenizer.encode_rendered(&examples.texts[row]).map_err(|e| TrainError::Invalid(format!("text {}: {e}", row + 1)))?.ids;
             let line = serde_json::json!({ "ids": ids, "label": examples.labels[row] });
             writeln!(file, "{line}").map_err(write_err(&path))?;
         }
@@ -220,7 +221,10 @@ fn check_python(python: &Path) -> Result<(), TrainError> {
         .output();
     let how = "run scripts/setup --train (it makes .venv-train with PyPI onnxruntime-training-cpu 1.19.2, which has wheels for CPython 3.11 and 3.12 only), or point --fine-tune-python at such a Python";
     match probe {
-        Err(e) => Err(TrainError::Invalid(format!("--fine-tune needs a Python with ONNX Runtime's training API; {} cannot run ({e}): {how}", python.display()))),
+        Err(e) => Err(TrainError::Invalid(format!(
+            "--fine-tune needs a Python with ONNX Runtime's training API; {} cannot run ({e}): {how}",
+            python.display()
+        ))),
         Ok(out) if !out.status.success() => Err(TrainError::Invalid(format!(
             "--fine-tune: {} has no onnxruntime ({}): {how}",
             python.display(),

@@ -430,7 +430,8 @@ pub fn train(options: &TrainOptions, progress: &dyn Progress) -> Result<TrainRep
     if options.fine_tune.is_some() && options.refit_full {
         // Refitting on every row would score rows the encoder learned from: its out-of-fold
         // figures and the thresholds calibrated on them would be optimistic.
-        progress.note("fine-tuning: the heads are fitted on the training part and calibrated on the validation split (no refit on every row)");
+        progress
+            .note("fine-tuning: the heads are fitted on the training part and calibrated on the validation split (no refit on every row)");
         options.refit_full = false;
     }
     let options = &mut options;
@@ -460,16 +461,31 @@ pub fn train(options: &TrainOptions, progress: &dyn Progress) -> Result<TrainRep
 
     // Read before any long step: a wrong --compare fails now, not after the training.
     let validation_data_rows: Vec<usize> = validation_rows.iter().map(|&r| prepared.dataset.examples[r].row).collect();
-    let compared =
-        options.compare.as_deref().map(|dir| Compared::read(dir, &options.data.display().to_string(), &validation_data_rows)).transpose()?;
+    let compared = options
+        .compare
+        .as_deref()
+        .map(|dir| Compared::read(dir, &options.data.display().to_string(), &validation_data_rows))
+        .transpose()?;
     let fine_tuned = match options.fine_tune.clone() {
         Some(settings) => {
-            let head = prepared.single.first().ok_or_else(|| TrainError::Invalid("--fine-tune needs a single-label head (--label) to learn".into()))?;
+            let head = prepared
+                .single
+                .first()
+                .ok_or_else(|| TrainError::Invalid("--fine-tune needs a single-label head (--label) to learn".into()))?;
             let base = Model::load(&options.encoder, &options.inference)?;
             let texts = prepared.render(&template, base.encoder().max_chars());
             let examples = fine_tune::Examples { texts: &texts, labels: &head.y, label_count: head.labels.len(), train_rows: &train_rows };
             let target = options.out.join(fine_tune::ENCODER_DIR);
-            let report = fine_tune::fine_tune(&settings, &base, &options.encoder, &examples, options.seed, &options.out.join(".fine-tune"), &target, progress)?;
+            let report = fine_tune::fine_tune(
+                &settings,
+                &base,
+                &options.encoder,
+                &examples,
+                options.seed,
+                &options.out.join(".fine-tune"),
+                &target,
+                progress,
+            )?;
             options.encoder = target;
             Some(report)
         }
