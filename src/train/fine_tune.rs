@@ -285,6 +285,7 @@ fn run_script(mut command: Command, what: &str, progress: &dyn Progress) -> Resu
                     "training graph ready in {seconds:.0}s: {parameters} parameter tensors, {train} training and {dev} dev texts"
                 )),
                 Ok(ScriptEvent::Step { step, total }) => {
+                    // One stage for every epoch's steps: epochs are notes above it.
                     if !stage_open {
                         progress.stage(what, total);
                         progress.advance(step.saturating_sub(1));
@@ -293,10 +294,6 @@ fn run_script(mut command: Command, what: &str, progress: &dyn Progress) -> Resu
                     progress.advance(1);
                 }
                 Ok(ScriptEvent::Epoch { epoch, train_loss, dev_accuracy, seconds }) => {
-                    if stage_open {
-                        progress.finish_stage();
-                        stage_open = false;
-                    }
                     let loss = train_loss.map_or("-".to_string(), |l| format!("{l:.4}"));
                     progress.note(&format!("epoch {epoch}: training loss {loss}, dev accuracy {dev_accuracy:.4} ({seconds:.0}s in)"));
                 }
