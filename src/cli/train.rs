@@ -110,6 +110,9 @@ pub struct TrainArgs {
     /// Stop fine-tuning after this many steps in all (0: no limit); for trying the pipeline quickly.
     #[arg(long, default_value_t = 0)]
     fine_tune_max_steps: usize,
+    /// Keep OUT/.fine-tune (the fp32 encoder before quantization, the tokenized splits).
+    #[arg(long)]
+    fine_tune_keep_work: bool,
     /// The Python with ONNX Runtime's training API.
     #[arg(long, env = "TRIAGE_TRAIN_PYTHON", default_value = triage::train::fine_tune::DEFAULT_PYTHON)]
     fine_tune_python: PathBuf,
@@ -168,6 +171,7 @@ impl TrainArgs {
                 learning_rate: self.fine_tune_lr,
                 batch_size: self.fine_tune_batch,
                 max_steps: self.fine_tune_max_steps,
+                keep_work: self.fine_tune_keep_work,
                 threads: options.inference.intra_threads,
                 ..FineTuneOptions::default()
             });

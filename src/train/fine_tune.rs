@@ -42,6 +42,8 @@ pub struct FineTuneOptions {
     pub max_steps: usize,
     /// ONNX Runtime threads while training (0: every core).
     pub threads: usize,
+    /// Keep the work directory (the fp32 graph before quantization, the tokenized splits).
+    pub keep_work: bool,
 }
 
 impl Default for FineTuneOptions {
@@ -55,6 +57,7 @@ impl Default for FineTuneOptions {
             dev_fraction: 0.1,
             max_steps: 0,
             threads: 0,
+            keep_work: false,
         }
     }
 }
@@ -210,7 +213,11 @@ pub fn fine_tune(
     report.dev_rows = dev.len();
     report.base_encoder = encoder_dir.display().to_string();
     report.total_seconds = started.elapsed().as_secs_f64();
-    let _ = std::fs::remove_dir_all(work);
+    if options.keep_work {
+        progress.note(&format!("kept {} (fp32/ is the fine-tuned encoder before quantization)", work.display()));
+    } else {
+        let _ = std::fs::remove_dir_all(work);
+    }
     Ok(report)
 }
 
