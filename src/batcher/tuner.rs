@@ -46,9 +46,6 @@ impl Default for TunerSettings {
     }
 }
 
-/// Smaller sizes are not measured once one measures below this share of the best so far.
-const GIVE_UP_BELOW: f64 = 0.85;
-
 /// The least noise assumed: the median of a few quiet batches can look tighter than it is.
 const NOISE_FLOOR: f64 = 0.03;
 
@@ -187,14 +184,19 @@ impl BatchSizeTuner {
             Some(current) => {
                 // Batches assembled before the tuner moved on still count for their own cap.
                 bucket.to_measure.retain(|&c| !bucket.measures[c].enough(&settings));
-                // Throughput rises then falls with the batch size: once a size measures well
-                // below the best so far, the smaller ones (measured after it) are not worth
-                // their exploration.
-                // The same holds when it measures within noise of the best: a flat stretch.
+                // Throughput rises then falls with the batch size: the walk down goes on only
+                // while each size measures clearly faster than every one before it. One that is
+                // slower, or within noise of the best (a flat stretch), ends it: the smaller
+                // sizes after it would cost throughput to measure and win nothing.
                 if bucket.measures[index].enough(&settings) {
-                    let leader = best_measured(&bucket.measures, index, &settings);
-                    let (this, top) = (&bucket.measures[index], &bucket.measures[leader]);
-                    if this.per_second() < GIVE_UP_BELOW * top.per_second() || (leader != index && within_noise(this, top)) {
+                    let this = &bucket.measures[index];
+                    let clearly_best = bucket
+                        .measures
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, m)| *i != index && m.enough(&settings))
+                        .all(|(_, other)| this.per_second() > other.per_second() && !within_noise(this, other));
+                    if !clearly_best {
                         bucket.to_measure.retain(|&c| c > index);
                     }
                 }
@@ -394,6 +396,17 @@ mod tests {
         // switch on noise; backing off, a handful.
         assert!(off_best < batches / 200, "{off_best} of {batches} batches spent measuring: {}", describe(&t.choices()));
         assert!(switches <= 2, "{switches} changes of the size in use, on noise: {}", describe(&t.choices()));
+    }
+
+    #[test]
+    fn a_size_clearly_slower_than_the_best_ends_the_walk_down_even_when_close() {
+        let mut t = BatchSizeTuner::new(32, TunerSettings::default());
+        // 16 runs 8% slower than 32 (beyond the 3% noise floor of these quiet figures), and
+        // the smaller sizes slower still: measuring them would only cost throughput.
+        drive(&mut t, 20, 100, |rows| (rows * 20) as f64 * 1e-5 * if rows == 32 { 1.0 } else { 1.08 + 0.05 * (16 / rows) as f64 });
+        let choice = &t.choices()[0];
+        assert!(choice.settled && choice.batch_size == 32, "{}", describe(&t.choices()));
+        assert_eq!(choice.measured.iter().map(|(size, _)| *size).collect::<Vec<_>>(), vec![16, 32], "8 and below never measured");
     }
 
     #[test]
