@@ -124,6 +124,9 @@ struct Bucket {
     since_check: u32,
     /// Batches between rechecks now: doubles after each recheck that changed nothing.
     recheck_every: u32,
+    /// The first walk down is over: `best` is a choice made on measurements (before, it is
+    /// only the size the walk started from, and deserves no hysteresis).
+    chosen: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -158,6 +161,7 @@ impl BatchSizeTuner {
             best: candidates.len() - 1,
             since_check: 0,
             recheck_every: settings.recheck_every.max(1),
+            chosen: false,
         };
         BatchSizeTuner { buckets: vec![bucket; BUCKET_LIMITS.len()], candidates, settings }
     }
@@ -205,11 +209,13 @@ impl BatchSizeTuner {
                     let previous = bucket.best;
                     let leader = best_measured(&bucket.measures, previous, &settings);
                     // Hysteresis: leave the size in use only for one clearly faster.
-                    let stay = leader != previous
+                    let stay = bucket.chosen
+                        && leader != previous
                         && bucket.measures[previous].enough(&settings)
                         && within_noise(&bucket.measures[leader], &bucket.measures[previous]);
                     bucket.best = if stay { previous } else { leader };
                     if bucket.to_measure.is_empty() {
+                        bucket.chosen = true;
                         let base = settings.recheck_every.max(1);
                         bucket.recheck_every = if bucket.best == previous {
                             bucket.recheck_every.saturating_mul(2).min(base.saturating_mul(MAX_RECHECK_BACKOFF))
@@ -397,6 +403,26 @@ mod tests {
         // switch on noise; backing off, a handful.
         assert!(off_best < batches / 200, "{off_best} of {batches} batches spent measuring: {}", describe(&t.choices()));
         assert!(switches <= 2, "{switches} changes of the size in use, on noise: {}", describe(&t.choices()));
+    }
+
+    /// Per-batch rates in a worker vary widely (lengths within a bucket, the other threads):
+    /// the size the first walk starts from must not keep its place by that noise.
+    #[test]
+    fn the_first_walk_picks_the_fastest_size_however_noisy_the_batches() {
+        let mut t = BatchSizeTuner::new(32, TunerSettings::default());
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut noise = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            0.7 + 0.6 * (seed % 10_000) as f64 / 10_000.0
+        };
+        while !t.choices().first().is_some_and(|c| c.settled) {
+            let cap = t.caps()[bucket_of(20)];
+            let slow = if cap == 32 { 1.25 } else { 1.0 };
+            t.record(20, cap, cap, cap * 20, 1e-5 * slow * (cap * 20) as f64 * noise());
+        }
+        assert_ne!(t.choices()[0].batch_size, 32, "32 is 25% slower than the rest: {}", describe(&t.choices()));
     }
 
     #[test]
