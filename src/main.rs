@@ -57,7 +57,7 @@ enum Command {
     /// Side-by-side benchmark: model ceiling vs the whole worker vs batch size 1, with ratios.
     Bench(cli::bench::BenchArgs),
     /// Train heads on your labelled CSV / JSON lines over a frozen encoder; writes a model directory.
-    Train(cli::train::TrainArgs),
+    Train(Box<cli::train::TrainArgs>),
     /// The LLM tier: answer the escalation topic with a large model (OpenAI-compatible API) and
     /// write each answer as the message's row; or export the answers as training data.
     Escalate(cli::escalate::EscalateArgs),
@@ -91,7 +91,7 @@ fn main() {
         Command::Produce(args) => cli::runtime().and_then(|rt| rt.block_on(cli::produce::run(args))),
         Command::Redrive(args) => cli::redrive::run(args),
         Command::Bench(args) => cli::runtime().and_then(|rt| rt.block_on(cli::bench::run(args))),
-        Command::Train(args) => cli::train::run(args),
+        Command::Train(args) => cli::train::run(*args),
         Command::Eval(args) => cli::eval::run(args),
         Command::Escalate(args) => cli::runtime().and_then(|rt| {
             let result = rt.block_on(cli::escalate::run(args));

@@ -124,6 +124,8 @@ pub struct Examples<'a> {
     pub labels: &'a [Option<usize>],
     pub label_count: usize,
     pub train_rows: &'a [usize],
+    /// Seeds the dev split and the training (shuffling, the classifier's start).
+    pub seed: u64,
 }
 
 /// Fine-tune `encoder_dir` (an fp32 pooled encoder directory) into `out`, an int8 encoder
@@ -133,12 +135,12 @@ pub fn fine_tune(
     encoder: &crate::model::Model,
     encoder_dir: &Path,
     examples: &Examples<'_>,
-    seed: u64,
     work: &Path,
     out: &Path,
     progress: &dyn Progress,
 ) -> Result<FineTuneReport, TrainError> {
     options.checked()?;
+    let seed = examples.seed;
     let started = std::time::Instant::now();
     check_python(&options.python)?;
     let _ = std::fs::remove_dir_all(work);

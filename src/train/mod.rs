@@ -474,18 +474,16 @@ pub fn train(options: &TrainOptions, progress: &dyn Progress) -> Result<TrainRep
                 .ok_or_else(|| TrainError::Invalid("--fine-tune needs a single-label head (--label) to learn".into()))?;
             let base = Model::load(&options.encoder, &options.inference)?;
             let texts = prepared.render(&template, base.encoder().max_chars());
-            let examples = fine_tune::Examples { texts: &texts, labels: &head.y, label_count: head.labels.len(), train_rows: &train_rows };
+            let examples = fine_tune::Examples {
+                texts: &texts,
+                labels: &head.y,
+                label_count: head.labels.len(),
+                train_rows: &train_rows,
+                seed: options.seed,
+            };
             let target = options.out.join(fine_tune::ENCODER_DIR);
-            let report = fine_tune::fine_tune(
-                &settings,
-                &base,
-                &options.encoder,
-                &examples,
-                options.seed,
-                &options.out.join(".fine-tune"),
-                &target,
-                progress,
-            )?;
+            let report =
+                fine_tune::fine_tune(&settings, &base, &options.encoder, &examples, &options.out.join(".fine-tune"), &target, progress)?;
             options.encoder = target;
             Some(report)
         }
