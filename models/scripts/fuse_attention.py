@@ -32,6 +32,9 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import quantize_encoder  # noqa: E402  (its fold: the graph at ONNX Runtime's basic level)
+
 
 def fail(message: str) -> None:
     print(f"fuse_attention: {message}", file=sys.stderr)
@@ -39,12 +42,8 @@ def fail(message: str) -> None:
 
 
 def folded(path: str, work: str) -> onnx.ModelProto:
-    """The graph at ONNX Runtime's basic level: the int8 weights' Cast/Mul become fp32 initializers."""
     out = os.path.join(work, "folded.onnx")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.optimized_model_filepath = out
-    ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    quantize_encoder.fold(path, out)
     return onnx.load(out)
 
 

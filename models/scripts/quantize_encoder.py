@@ -21,6 +21,15 @@ import onnxruntime as ort
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 
+def fold(src: str, out: str) -> None:
+    """Save `src` at ONNX Runtime's basic level: the in-graph dequantization (Cast + Mul) of
+    int8-stored weights becomes plain fp32 initializers."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = out
+    ort.InferenceSession(src, options, providers=["CPUExecutionProvider"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--src", required=True, help="encoder directory (model.onnx, tokenizer.json, model.toml)")
@@ -30,10 +39,7 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         folded = os.path.join(tmp, "folded.onnx")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        options.optimized_model_filepath = folded
-        ort.InferenceSession(os.path.join(args.src, "model.onnx"), options, providers=["CPUExecutionProvider"])
+        fold(os.path.join(args.src, "model.onnx"), folded)
         target = os.path.join(args.out, "model.onnx")
         quantize_dynamic(folded, target + ".tmp", weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
         os.replace(target + ".tmp", target)

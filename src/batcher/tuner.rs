@@ -368,19 +368,23 @@ mod tests {
         assert!(t.caps()[bucket_of(60)] <= 2, "{}", describe(&t.choices()));
     }
 
+    /// Seeded factors uniform in 1 +- `spread` (xorshift: the same sequence on every machine).
+    fn uniform_noise(mut seed: u64, spread: f64) -> impl FnMut() -> f64 {
+        move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            1.0 - spread + 2.0 * spread * (seed % 10_000) as f64 / 10_000.0
+        }
+    }
+
     /// A flat machine: sizes 4 to 32 all run at the same tokens per second, each batch +-10%
     /// at random (a busy 2-core VM). Nothing is to be gained by measuring or switching.
     #[test]
     fn sizes_within_noise_end_the_exploration_and_back_the_rechecks_off() {
         let settings = TunerSettings::default();
         let mut t = BatchSizeTuner::new(32, settings);
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut noise = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            0.9 + 0.2 * (seed % 10_000) as f64 / 10_000.0
-        };
+        let mut noise = uniform_noise(0x2545_f491_4f6c_dd1d, 0.1);
         let (mut switches, mut off_best, mut last_choice) = (0, 0, None);
         let batches = 40_000;
         for _ in 0..batches {
@@ -410,13 +414,7 @@ mod tests {
     #[test]
     fn the_first_walk_picks_the_fastest_size_however_noisy_the_batches() {
         let mut t = BatchSizeTuner::new(32, TunerSettings::default());
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut noise = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            0.7 + 0.6 * (seed % 10_000) as f64 / 10_000.0
-        };
+        let mut noise = uniform_noise(0x9e37_79b9_7f4a_7c15, 0.3);
         while !t.choices().first().is_some_and(|c| c.settled) {
             let cap = t.caps()[bucket_of(20)];
             let slow = if cap == 32 { 1.25 } else { 1.0 };

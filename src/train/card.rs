@@ -29,7 +29,7 @@ pub(super) struct Output<'a> {
     pub few_shot: &'a [super::few_shot::Example],
 }
 
-fn write_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+pub(super) fn write_err(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
     move |source| TrainError::Write { path: path.to_path_buf(), source }
 }
 

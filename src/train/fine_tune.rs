@@ -11,6 +11,7 @@
 //! Only the training part is used: a stratified tenth of it (the dev split) decides early
 //! stopping, and the validation rows are never shown to the encoder, so their figures stay honest.
 
+use super::card::write_err;
 use super::{Progress, TrainError};
 use crate::model::Rendered;
 use serde::{Deserialize, Serialize};
@@ -327,10 +328,6 @@ fn run_script(mut command: Command, what: &str, progress: &dyn Progress) -> Resu
     } else {
         Err(TrainError::Invalid(format!("{what} failed ({status}):\n{tail}")))
     }
-}
-
-fn write_err(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
-    move |source| TrainError::Write { path: path.to_path_buf(), source }
 }
 
 #[cfg(test)]
