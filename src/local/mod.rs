@@ -58,9 +58,54 @@ pub struct LocalClickHouse {
     _temp: Option<tempfile::TempDir>,
 }
 
-/// A free TCP port on loopback (bound, read, released: fine for tests and demos).
+/// A free TCP port on loopback for a server started a moment later (tests and demos).
+///
+/// Taken from BELOW the kernel's ephemeral range: a port the kernel hands out for `bind(0)` is
+/// also one it may hand any process as the source port of an outgoing connection, and a
+/// ClickHouse node's session to ZooKeeper held exactly such a port for minutes while another
+/// node waited to listen on it (CI: "Address already in use"). Outside that range only a
+/// listener can take a port. A port is handed out once per process, so two servers of one test
+/// never get the same one; the start is spread by the process id so test binaries differ.
 pub fn free_port() -> std::io::Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    if let Some((low, high)) = ports_below_ephemeral() {
+        let span = u32::from(high - low) + 1;
+        let _ = NEXT.compare_exchange(u32::MAX, std::process::id().wrapping_mul(7919) % span, Ordering::SeqCst, Ordering::SeqCst);
+        for _ in 0..span {
+            let port = low + (NEXT.fetch_add(1, Ordering::SeqCst) % span) as u16;
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
+    // No room below the range, or all of it taken: the kernel's choice.
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Ports 20000 up to the start of the ephemeral range (Linux: 32768 by default), as the kernel
+/// says; from 20000 to stay clear of well-known services. None when the kernel hands out
+/// nearly every port.
+fn ports_below_ephemeral() -> Option<(u16, u16)> {
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<u16>().ok()))
+        .unwrap_or(32768);
+    (ephemeral_start > 21000).then(|| (20000, ephemeral_start - 1))
+}
+
+#[cfg(test)]
+mod port_tests {
+    use super::*;
+
+    #[test]
+    fn ports_come_from_below_the_ephemeral_range_and_never_twice() {
+        let (low, high) = ports_below_ephemeral().expect("a default kernel leaves room below 32768");
+        let ports: Vec<u16> = (0..50).map(|_| free_port().unwrap()).collect();
+        assert!(ports.iter().all(|p| (low..=high).contains(p)), "{ports:?} outside {low}..={high}");
+        let distinct: std::collections::HashSet<_> = ports.iter().collect();
+        assert_eq!(distinct.len(), ports.len(), "a port handed out twice: {ports:?}");
+    }
 }
 
 fn find_server() -> Option<PathBuf> {
