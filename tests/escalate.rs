@@ -453,7 +453,7 @@ fn an_endpoint_that_stays_down_fails_readiness_and_loses_nothing() {
         c.llm.retries = 0;
         c.llm.max_attempts_per_message = 2;
     });
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = triage::local::free_port().unwrap();
     let address = format!("127.0.0.1:{port}");
     let mut escalate = env.spawn_command("escalate", &config, "escalate-down", &[("TRIAGE_METRICS__ADDRESS", address.as_str())]);
     env.wait_for(&mut escalate, "/readyz to name the failing endpoint", Duration::from_secs(60), || {
@@ -540,7 +540,7 @@ fn llama_server(log: &Path) -> LlamaServer {
     let python = common::root().join(".venv/bin/python");
     let model = common::root().join("runtime/llm/tiny-llm.gguf");
     assert!(model.exists(), "{} is missing: run scripts/setup", model.display());
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = triage::local::free_port().unwrap();
     let file = std::fs::File::create(log).unwrap();
     let child = std::process::Command::new(python)
         .args(["-m", "llama_cpp.server", "--model"])
@@ -690,7 +690,7 @@ fn a_backlog_is_taken_in_at_max_in_flight_not_all_at_once() {
         c.llm.max_in_flight = 8;
         c.llm.max_concurrent_requests = 4;
     });
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = triage::local::free_port().unwrap();
     let address = format!("127.0.0.1:{port}");
     let mut escalate = env.spawn_command("escalate", &config, "escalate-backlog", &[("TRIAGE_METRICS__ADDRESS", address.as_str())]);
     let mut peak = 0.0f64;
