@@ -286,6 +286,65 @@ mod tests {
         assert!(payload_limit(2_000) > 900_000, "a 5 kB message over a 2 kB limit is dead-lettered whole");
     }
 
+    /// A record that counts how often it was cut (a cut version is its first `limit` bytes).
+    struct Counted(Vec<u8>, std::sync::atomic::AtomicUsize);
+
+    impl Fit for Counted {
+        fn bytes(&self) -> &[u8] {
+            &self.0
+        }
+        fn cut(&self, limit: usize) -> Option<Vec<u8>> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Some(self.0[..limit.min(self.0.len())].to_vec())
+        }
+    }
+
+    /// Side topics on a fresh mock cluster (with `topic`), writing payloads of up to `max_payload_bytes` whole.
+    fn side_topics(kafka: &crate::local::LocalKafka, topic: &str, max_payload_bytes: usize) -> SideTopics {
+        kafka.create_topic(topic, 1).expect("topic");
+        let kafka_config = crate::local::local_kafka_config(kafka, "side-topics-test");
+        let producer: FutureProducer =
+            kafka_config.client(crate::config::ClientRole::SideTopics { max_message_bytes: 1 << 20 }).create().expect("producer");
+        let config = SideTopicsConfig {
+            dead_letter_topic: topic.into(),
+            escalation_topic: topic.into(),
+            worker_id: "w".into(),
+            backoff: Backoff::new(Duration::from_millis(1), Duration::from_millis(10)),
+            max_payload_bytes,
+            unknown_topic_grace: Duration::from_secs(5),
+        };
+        SideTopics::new(producer, config, Arc::new(Counters::default()))
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
+    }
+
+    #[test]
+    fn a_record_of_exactly_the_limit_is_written_whole_and_one_byte_more_is_cut() {
+        let kafka = crate::local::LocalKafka::start(1).expect("mock cluster");
+        let side = side_topics(&kafka, "esc", 2_000);
+        let exact = Counted(vec![b'x'; 2_000], Default::default());
+        runtime().block_on(side.escalate("k", &exact)).expect("written");
+        assert_eq!(exact.1.load(std::sync::atomic::Ordering::SeqCst), 0, "a record of exactly the limit is not cut");
+        let over = Counted(vec![b'x'; 2_001], Default::default());
+        runtime().block_on(side.escalate("k", &over)).expect("written");
+        assert_eq!(over.1.load(std::sync::atomic::Ordering::SeqCst), 1, "one byte over the limit is cut once");
+    }
+
+    #[test]
+    fn a_record_refused_as_too_large_is_halved_until_cutting_further_would_leave_too_little() {
+        use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+        let kafka = crate::local::LocalKafka::start(1).expect("mock cluster");
+        let side = side_topics(&kafka, "esc", 1 << 20);
+        // Refused at every size: 5,000 -> 2,500 -> 1,250 bytes, and 625 would be below 1,024.
+        kafka.cluster().request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE; 20]);
+        let record = Counted(vec![b'x'; 5_000], Default::default());
+        let error = runtime().block_on(side.escalate("k", &record)).expect_err("refused at every size");
+        assert!(error.cause.contains("even cut to 1250 bytes"), "{error}");
+        assert_eq!(record.1.load(std::sync::atomic::Ordering::SeqCst), 2, "halved twice");
+    }
+
     #[test]
     fn cuts_end_on_character_boundaries() {
         assert_eq!(cut_at_char("héllo", 2), "h");
