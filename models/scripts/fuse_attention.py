@@ -161,6 +161,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--int8", action="store_true", help="then quantize (MatMul and Attention: QAttention)")
     ap.add_argument("--tolerance", type=float, default=1e-4, help="most an fp32 embedding value may move")
+    ap.add_argument("--name", default=None, help="the encoder's name in model.toml (default: --out's last part)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     source = os.path.join(args.src, "model.onnx")
@@ -184,9 +185,10 @@ def main() -> None:
         else:
             shutil.copyfile(fused, target + ".tmp")
         os.replace(target + ".tmp", target)
-    for name in ("tokenizer.json", "model.toml"):
-        shutil.copyfile(os.path.join(args.src, name), os.path.join(args.out, name + ".tmp"))
-        os.replace(os.path.join(args.out, name + ".tmp"), os.path.join(args.out, name))
+    shutil.copyfile(os.path.join(args.src, "tokenizer.json"), os.path.join(args.out, "tokenizer.json.tmp"))
+    os.replace(os.path.join(args.out, "tokenizer.json.tmp"), os.path.join(args.out, "tokenizer.json"))
+    how = "attention fused" + (", then int8 dynamic quantization" if args.int8 else "")
+    quantize_encoder.write_descriptor(args.src, args.out, args.name, f"{how} (models/scripts/fuse_attention.py)")
     print(f"wrote {args.out} ({os.path.getsize(target) / 1e6:.1f} MB graph)")
 
 

@@ -45,14 +45,20 @@ def main() -> None:
         os.replace(target + ".tmp", target)
     shutil.copyfile(os.path.join(args.src, "tokenizer.json"), os.path.join(args.out, "tokenizer.json.tmp"))
     os.replace(os.path.join(args.out, "tokenizer.json.tmp"), os.path.join(args.out, "tokenizer.json"))
-    name = args.name or os.path.basename(os.path.normpath(args.out))
-    with open(os.path.join(args.src, "model.toml")) as f:
+    write_descriptor(args.src, args.out, args.name, "int8 dynamic quantization (models/scripts/quantize_encoder.py)")
+    print(f"wrote {args.out} ({os.path.getsize(target) / 1e6:.1f} MB graph)")
+
+
+def write_descriptor(src: str, out: str, name: str | None, how: str) -> None:
+    """OUT/model.toml: SRC's, renamed (default: OUT's last part), with a line saying what was made of it."""
+    name = name or os.path.basename(os.path.normpath(out))
+    with open(os.path.join(src, "model.toml")) as f:
         descriptor = f.read()
     # The top-level name (the first `name =` line, before any [[heads]] table) becomes this one's.
     descriptor = descriptor.replace(descriptor[descriptor.index("name = "):].split("\n", 1)[0], f'name = "{name}"', 1)
-    with open(os.path.join(args.out, "model.toml"), "w") as f:
-        f.write("# Int8 dynamic quantization of " + os.path.normpath(args.src) + " (models/scripts/quantize_encoder.py).\n" + descriptor)
-    print(f"wrote {args.out} ({os.path.getsize(target) / 1e6:.1f} MB graph)")
+    with open(os.path.join(out, "model.toml.tmp"), "w") as f:
+        f.write(f"# {how[0].upper()}{how[1:]} of {os.path.relpath(src)}.\n" + descriptor)
+    os.replace(os.path.join(out, "model.toml.tmp"), os.path.join(out, "model.toml"))
 
 
 if __name__ == "__main__":

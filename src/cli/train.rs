@@ -71,6 +71,10 @@ pub struct TrainArgs {
     /// Share of the data held out for validation.
     #[arg(long, default_value_t = defaults().validation_fraction)]
     validation_fraction: f64,
+    /// Hold out fold NUMBER of FOLDS stratified folds instead (e.g. 2/3). Runs of 1/K..K/K hold
+    /// out every row once: their validation figures pooled are out of fold (scripts/fine-tune-oof).
+    #[arg(long, value_name = "NUMBER/FOLDS", conflicts_with = "validation_fraction")]
+    validation_fold: Option<triage::train::split::ValidationFold>,
     /// Labels with fewer examples are left out (with a warning).
     #[arg(long, default_value_t = defaults().min_examples)]
     min_examples: usize,
@@ -154,6 +158,7 @@ impl TrainArgs {
         options.priority = self.priority;
         options.seed = self.seed;
         options.validation_fraction = self.validation_fraction;
+        options.validation_fold = self.validation_fold;
         options.min_examples = self.min_examples;
         options.c_grid = self.c;
         options.folds = self.folds;

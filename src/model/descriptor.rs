@@ -249,6 +249,10 @@ pub struct TrainingRecord {
     pub multi_label: Vec<String>,
     pub seed: u64,
     pub validation_fraction: f64,
+    /// The validation split was this fold ("2/3": the second of 3 stratified folds), not
+    /// `validation_fraction`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_fold: Option<String>,
     /// Labels with fewer examples than this were left out.
     pub min_examples: usize,
     pub encoder: String,
@@ -546,6 +550,7 @@ mod tests {
                 multi_label: vec!["tags=tag_1,tag_2".into()],
                 seed: 42,
                 validation_fraction: 0.2,
+                validation_fold: None,
                 min_examples: 5,
                 encoder: "runtime/encoders/minilm-l6".into(),
                 data: "tickets.csv".into(),

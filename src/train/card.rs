@@ -190,6 +190,7 @@ fn descriptor(o: &Output<'_>, version: &str) -> Result<String, TrainError> {
         multi_label: o.options.columns.multi_label.iter().map(|(h, cs)| format!("{h}={}", cs.join(","))).collect(),
         seed: o.options.seed,
         validation_fraction: o.options.validation_fraction,
+        validation_fold: o.options.validation_fold.map(|f| f.to_string()),
         min_examples: o.options.min_examples,
         encoder: o.options.encoder.display().to_string(),
         data: o.options.data.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
@@ -249,7 +250,7 @@ pub fn model_card(r: &TrainReport, o: &TrainOptions, version: &str, notes: Optio
     let _ = writeln!(
         s,
         "Trained by `triage train` on `{}` ({} rows read, {} usable): {} ({}, \
-         {} dimensions) with linear heads fitted on CPU. Split: {} train / {} validation, stratified, seed {}. \
+         {} dimensions) with linear heads fitted on CPU. Split: {} train / {} validation, stratified ({}). \
          Regularisation, the lexical features and the lexical share were chosen by {}-fold cross-validation on \
          the training part; the validation figures below come from heads fitted on the training part alone.{}\n",
         r.data,
@@ -264,7 +265,7 @@ pub fn model_card(r: &TrainReport, o: &TrainOptions, version: &str, notes: Optio
         r.embedding_dim,
         r.train_examples,
         r.validation_examples,
-        r.seed,
+        super::split::describe(o.validation_fraction, o.validation_fold, r.seed),
         o.folds,
         if r.refit_full {
             format!(

@@ -88,7 +88,8 @@ pub fn evaluate_cascade(
         .map(|(h, _)| h.clone())
         .ok_or_else(|| TrainError::Invalid("the tiers have no single-label head to compare".into()))?;
     let prepared = prepare(data::read(data_path, &columns)?, &columns, record.min_examples)?;
-    let (train_rows, eval_rows) = prepared.split(record.validation_fraction, record.seed);
+    let fold = super::split::record_fold(record)?;
+    let (train_rows, eval_rows) = prepared.split(record.validation_fraction, fold, record.seed);
     let truth_index = prepared.single.iter().position(|h| h.name == head).unwrap_or(0);
     let truth_head = &prepared.single[truth_index];
     let rows: Vec<usize> = eval_rows.iter().copied().filter(|&r| truth_head.y[r].is_some()).collect();
@@ -166,7 +167,7 @@ pub fn evaluate_cascade(
         .collect();
     Ok(CascadeReport {
         data: data_path.display().to_string(),
-        split: format!("the tiers' common validation split (seed {}, {:.0}%)", record.seed, record.validation_fraction * 100.0),
+        split: format!("the tiers' common validation split ({})", super::split::describe(record.validation_fraction, fold, record.seed)),
         evaluated: n,
         head,
         tiers: tier_reports,
@@ -192,6 +193,9 @@ fn same_split(records: &[&TrainingRecord], models: &[PathBuf]) -> Result<(), Tra
         }
         if record.validation_fraction != first.validation_fraction {
             differ.push(format!("validation fraction {} vs {}", record.validation_fraction, first.validation_fraction));
+        }
+        if record.validation_fold != first.validation_fold {
+            differ.push(format!("validation fold {:?} vs {:?}", record.validation_fold, first.validation_fold));
         }
         if record.labels != first.labels || record.text != first.text {
             differ.push("text or label columns".into());

@@ -81,6 +81,8 @@ pub struct TrainOptions {
     pub template: Option<String>,
     pub seed: u64,
     pub validation_fraction: f64,
+    /// Hold out one of several stratified folds instead of `validation_fraction`.
+    pub validation_fold: Option<split::ValidationFold>,
     /// Labels with fewer examples are left out (with a warning).
     pub min_examples: usize,
     pub lexical: LexicalMode,
@@ -128,6 +130,7 @@ impl TrainOptions {
             template: None,
             seed: 42,
             validation_fraction: 0.2,
+            validation_fold: None,
             min_examples: 5,
             lexical: LexicalMode::Auto,
             lexical_features: None,
@@ -265,13 +268,14 @@ pub fn prepare(dataset: Dataset, columns: &Columns, min_examples: usize) -> Resu
 }
 
 impl Prepared {
-    /// (train, validation) row indices, stratified on the first single-label head.
-    pub fn split(&self, fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
+    /// (train, validation) row indices, stratified on the first single-label head: a
+    /// `fraction` held out, or one fold of several.
+    pub fn split(&self, fraction: f64, fold: Option<split::ValidationFold>, seed: u64) -> (Vec<usize>, Vec<usize>) {
         let strata: Vec<usize> = match self.single.first() {
             Some(head) => head.y.iter().map(|y| y.map_or(head.labels.len(), |i| i)).collect(),
             None => vec![0; self.dataset.examples.len()],
         };
-        split::stratified_split(&strata, fraction, seed)
+        split::holdout(&strata, fraction, fold, seed)
     }
 
     /// Each example's text as the worker renders it.
@@ -449,14 +453,14 @@ pub fn train(options: &TrainOptions, progress: &dyn Progress) -> Result<TrainRep
     for w in &prepared.warnings {
         progress.note(&format!("warning: {w}"));
     }
-    let (train_rows, validation_rows) = prepared.split(options.validation_fraction, options.seed);
+    let (train_rows, validation_rows) = prepared.split(options.validation_fraction, options.validation_fold, options.seed);
     progress.note(&format!(
-        "{} usable rows of {} read: {} train, {} validation (stratified, seed {})",
+        "{} usable rows of {} read: {} train, {} validation (stratified, {})",
         prepared.dataset.examples.len(),
         prepared.dataset.rows_read,
         train_rows.len(),
         validation_rows.len(),
-        options.seed
+        split::describe(options.validation_fraction, options.validation_fold, options.seed)
     ));
 
     // Read before any long step: a wrong --compare fails now, not after the training.

@@ -34,6 +34,61 @@ pub fn stratified_split(labels: &[usize], fraction: f64, seed: u64) -> (Vec<usiz
     (train, validation)
 }
 
+/// A validation split made of one of `of` stratified folds (1-based `number`): running the
+/// fold numbers 1..=of in turn holds out every row exactly once, so their validation figures
+/// pooled are out-of-fold figures for recipes too costly to refit per fold inside one run
+/// (fine-tuning the encoder).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ValidationFold {
+    pub number: usize,
+    pub of: usize,
+}
+
+impl std::str::FromStr for ValidationFold {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("validation fold `{s}`: write NUMBER/FOLDS, e.g. 2/3 (folds 2 to 10, number 1 to FOLDS)");
+        let (number, of) = s.split_once('/').ok_or_else(bad)?;
+        let (number, of) = (number.trim().parse::<usize>().map_err(|_| bad())?, of.trim().parse::<usize>().map_err(|_| bad())?);
+        if !(2..=10).contains(&of) || !(1..=of).contains(&number) {
+            return Err(bad());
+        }
+        Ok(ValidationFold { number, of })
+    }
+}
+
+impl std::fmt::Display for ValidationFold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.number, self.of)
+    }
+}
+
+/// (train, validation) indices: fold `fold` of `labels`' stratified folds held out when given,
+/// else a stratified `fraction`.
+pub fn holdout(labels: &[usize], fraction: f64, fold: Option<ValidationFold>, seed: u64) -> (Vec<usize>, Vec<usize>) {
+    match fold {
+        Some(f) => stratified_folds(labels, f.of, seed).swap_remove(f.number - 1),
+        None => stratified_split(labels, fraction, seed),
+    }
+}
+
+/// The fold a model's `[training]` record says it held out (None: a fraction).
+pub fn record_fold(record: &crate::model::TrainingRecord) -> Result<Option<ValidationFold>, super::TrainError> {
+    record
+        .validation_fold
+        .as_deref()
+        .map(|f| f.parse().map_err(|e| super::TrainError::Invalid(format!("the model's [training] record: {e}"))))
+        .transpose()
+}
+
+/// How a split was made, for reports: "seed 42, 20%" or "seed 42, fold 2 of 3".
+pub fn describe(fraction: f64, fold: Option<ValidationFold>, seed: u64) -> String {
+    match fold {
+        Some(f) => format!("seed {seed}, fold {} of {}", f.number, f.of),
+        None => format!("seed {seed}, {:.0}%", fraction * 100.0),
+    }
+}
+
 /// `k` folds as (fit, held-out) position lists into `labels`; each class is dealt round-robin.
 pub fn stratified_folds(labels: &[usize], k: usize, seed: u64) -> Vec<(Vec<usize>, Vec<usize>)> {
     let mut fold_of = vec![0usize; labels.len()];
@@ -56,6 +111,29 @@ pub fn stratified_folds(labels: &[usize], k: usize, seed: u64) -> Vec<(Vec<usize
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn validation_folds_hold_out_every_row_once_and_parse_strictly() {
+        let labels: Vec<usize> = (0..90).map(|i| i % 4).collect();
+        let mut held = Vec::new();
+        for number in 1..=3 {
+            let fold: ValidationFold = format!("{number}/3").parse().unwrap();
+            let (train, validation) = holdout(&labels, 0.2, Some(fold), 7);
+            assert_eq!(train.len() + validation.len(), labels.len());
+            assert!(train.iter().all(|r| !validation.contains(r)), "fold {fold}: train and validation overlap");
+            assert_eq!(validation.len(), 30, "fold {fold}: a third held out");
+            held.extend(validation);
+        }
+        held.sort_unstable();
+        assert_eq!(held, (0..90).collect::<Vec<_>>(), "the three folds together hold out every row once");
+        assert_eq!(holdout(&labels, 0.2, None, 7), stratified_split(&labels, 0.2, 7));
+        for bad in ["0/3", "4/3", "1/1", "1/11", "2", "a/3", ""] {
+            assert!(bad.parse::<ValidationFold>().is_err(), "{bad} accepted");
+        }
+        assert_eq!("2/3".parse::<ValidationFold>().unwrap().to_string(), "2/3");
+        assert_eq!(describe(0.2, Some(ValidationFold { number: 2, of: 3 }), 42), "seed 42, fold 2 of 3");
+        assert_eq!(describe(0.2, None, 42), "seed 42, 20%");
+    }
 
     #[test]
     fn split_is_stratified_disjoint_complete_and_reproducible() {
