@@ -346,6 +346,60 @@ mod tests {
     }
 
     #[test]
+    fn a_dead_letter_carries_its_reason_source_and_a_detail_cut_to_4_kib_and_a_cut_payload_says_so() {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::message::{Headers, Message};
+        let kafka = crate::local::LocalKafka::start(1).expect("mock cluster");
+        let side = side_topics(&kafka, "dlq", 2_000);
+        let payload: Vec<u8> = (0..3_000u32).map(|i| (i % 251) as u8).collect();
+        let source = SourceMessage {
+            topic: "tickets".into(),
+            partition: 3,
+            offset: 41,
+            timestamp_ms: Some(1_700_000_000_000),
+            key: Some(b"k1".to_vec()),
+            payload: payload.clone(),
+            origin: None,
+        };
+        let detail = "é".repeat(3_000); // 6,000 bytes, two per character
+        runtime().block_on(side.dead_letter(&source, DeadLetterReason::TokenizeFailed, &detail)).expect("written");
+
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", kafka.bootstrap_servers())
+            .set("group.id", "dlq-reader")
+            .create()
+            .expect("consumer");
+        let mut assignment = rdkafka::TopicPartitionList::new();
+        assignment.add_partition_offset("dlq", 0, rdkafka::Offset::Beginning).expect("offset");
+        consumer.assign(&assignment).expect("assign");
+        let started = std::time::Instant::now();
+        let letter = loop {
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => break m.detach(),
+                Some(Err(e)) => panic!("reading the dead letter: {e}"),
+                None => assert!(started.elapsed() < Duration::from_secs(30), "no dead letter within 30 s"),
+            }
+        };
+        let headers = letter.headers().expect("headers");
+        let header = |key: &str| {
+            headers.iter().find(|h| h.key == key).and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned())
+        };
+        assert_eq!(header(HEADER_REASON).as_deref(), Some("tokenize_failed"));
+        assert_eq!(header(HEADER_DETAIL).map(|d| d.len()), Some(4 * 1024), "the detail is cut to 4 KiB");
+        assert_eq!(header(HEADER_SOURCE_TOPIC).as_deref(), Some("tickets"));
+        assert_eq!(header(HEADER_SOURCE_PARTITION).as_deref(), Some("3"));
+        assert_eq!(header(HEADER_SOURCE_OFFSET).as_deref(), Some("41"));
+        assert_eq!(header(HEADER_SOURCE_TIMESTAMP).as_deref(), Some("1700000000000"));
+        assert_eq!(header(HEADER_WORKER).as_deref(), Some("w"));
+        assert_eq!(header(HEADER_TRUNCATED).as_deref(), Some("true"));
+        assert_eq!(header(HEADER_ORIGINAL_SIZE).as_deref(), Some("3000"));
+        assert_eq!(header(HEADER_ORIGINAL_SHA256), Some(hex::encode(Sha256::digest(&payload))));
+        assert_eq!(letter.key(), Some(&b"k1"[..]));
+        assert_eq!(letter.payload(), Some(&payload[..2_000]), "the payload's first max_payload_bytes");
+        assert_eq!(HEADER_ROOM_BYTES, 64 * 1024, "the room the README promises for headers");
+    }
+
+    #[test]
     fn cuts_end_on_character_boundaries() {
         assert_eq!(cut_at_char("héllo", 2), "h");
         assert_eq!(cut_at_char("héllo", 3), "hé");
