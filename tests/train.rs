@@ -406,6 +406,59 @@ fn bad_input_gets_clear_errors_and_warnings_with_row_numbers() {
     assert!(!out.status.success() && text(&out).contains("two or more"), "{}", text(&out));
 }
 
+/// `--validation-fold K/N`: the runs 1/N..N/N hold out every row exactly once (their pooled
+/// validation figures are out of fold), the fold is recorded, and `triage eval` scores the
+/// model on the same fold.
+#[test]
+fn validation_folds_hold_out_every_row_once_and_eval_scores_the_recorded_fold() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("tickets.csv");
+    labelled_csv(&data, 30, 11);
+    let encoder = encoder();
+    let base =
+        ["train", "--data", s(&data), "--text", "subject,body", "--label", "queue", "--encoder", s(&encoder), "--refit-full", "false"];
+    let mut held = Vec::new();
+    for fold in ["1/2", "2/2"] {
+        let model = dir.path().join(format!("fold-{}", &fold[..1]));
+        let mut args = base.to_vec();
+        args.extend(["--validation-fold", fold, "--out", s(&model)]);
+        let out = triage(&args);
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(text(&out).contains(&format!("fold {} of 2", &fold[..1])), "the split is said: {}", text(&out));
+        let metrics: Value = serde_json::from_str(&std::fs::read_to_string(model.join("metrics.json")).unwrap()).unwrap();
+        let rows: Vec<u64> = metrics["validation_data_rows"].as_array().unwrap().iter().map(|r| r.as_u64().unwrap()).collect();
+        assert_eq!(rows.len(), 60, "fold {fold}: half of 120 rows held out");
+        held.extend(rows);
+        let record = triage::model::Descriptor::load(&model).unwrap().training.unwrap();
+        assert_eq!(record.validation_fold.as_deref(), Some(fold));
+        assert!(std::fs::read_to_string(model.join("MODEL_CARD.md")).unwrap().contains(&format!("fold {} of 2", &fold[..1])));
+
+        let out = triage(&["eval", "--model", s(&model), "--data", s(&data), "--json"]);
+        assert!(out.status.success(), "{}", text(&out));
+        let eval: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(eval["evaluated"].as_u64(), Some(60), "eval holds out the recorded fold");
+        assert!(eval["split"].as_str().unwrap().contains(&format!("fold {} of 2", &fold[..1])), "{}", eval["split"]);
+        assert_eq!(eval["heads"][0]["report"]["accuracy"], metrics["single"][0]["validation"]["accuracy"], "fold {fold}");
+    }
+    held.sort_unstable();
+    let rows_in_file = held.len();
+    held.dedup();
+    assert_eq!(held.len(), rows_in_file, "no row held out twice");
+    assert_eq!(held.len(), 120, "every row held out once");
+
+    let refused = dir.path().join("refused");
+    for (flags, says) in [
+        (vec!["--validation-fold", "3/2"], "validation fold `3/2`"),
+        (vec!["--validation-fold", "1/3", "--validation-fraction", "0.3"], "cannot be used with"),
+    ] {
+        let mut args = base.to_vec();
+        args.extend(flags.iter().copied());
+        args.extend(["--out", s(&refused)]);
+        let out = triage(&args);
+        assert!(!out.status.success() && text(&out).contains(says), "{flags:?}: {}", text(&out));
+    }
+}
+
 #[test]
 fn the_default_model_was_built_by_triage_train_and_carries_its_gates() {
     let d = triage::model::Descriptor::load(&common::default_model_dir()).unwrap();

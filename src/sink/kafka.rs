@@ -381,9 +381,8 @@ mod tests {
             }
         };
         let headers = letter.headers().expect("headers");
-        let header = |key: &str| {
-            headers.iter().find(|h| h.key == key).and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned())
-        };
+        let header =
+            |key: &str| headers.iter().find(|h| h.key == key).and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned());
         assert_eq!(header(HEADER_REASON).as_deref(), Some("tokenize_failed"));
         assert_eq!(header(HEADER_DETAIL).map(|d| d.len()), Some(4 * 1024), "the detail is cut to 4 KiB");
         assert_eq!(header(HEADER_SOURCE_TOPIC).as_deref(), Some("tickets"));
