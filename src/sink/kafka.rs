@@ -303,8 +303,13 @@ mod tests {
     fn side_topics(kafka: &crate::local::LocalKafka, topic: &str, max_payload_bytes: usize) -> SideTopics {
         kafka.create_topic(topic, 1).expect("topic");
         let kafka_config = crate::local::local_kafka_config(kafka, "side-topics-test");
-        let producer: FutureProducer =
-            kafka_config.client(crate::config::ClientRole::SideTopics { max_message_bytes: 1 << 20 }).create().expect("producer");
+        // As against a cluster that does not create topics on first use (the mock would).
+        let producer: FutureProducer = kafka_config
+            .client(crate::config::ClientRole::SideTopics { max_message_bytes: 1 << 20 })
+            .set("allow.auto.create.topics", "false")
+            .set("topic.metadata.propagation.max.ms", "1000")
+            .create()
+            .expect("producer");
         let config = SideTopicsConfig {
             dead_letter_topic: topic.into(),
             escalation_topic: topic.into(),
@@ -337,11 +342,12 @@ mod tests {
         use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
         let kafka = crate::local::LocalKafka::start(1).expect("mock cluster");
         let side = side_topics(&kafka, "esc", 1 << 20);
-        // Refused at every size: 5,000 -> 2,500 -> 1,250 bytes, and 625 would be below 1,024.
+        // Refused at every size: 4,096 -> 2,048 -> 1,024 bytes (exactly the smallest cut), and
+        // 512 would be below it.
         kafka.cluster().request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE; 20]);
-        let record = Counted(vec![b'x'; 5_000], Default::default());
+        let record = Counted(vec![b'x'; 4_096], Default::default());
         let error = runtime().block_on(side.escalate("k", &record)).expect_err("refused at every size");
-        assert!(error.cause.contains("even cut to 1250 bytes"), "{error}");
+        assert!(error.cause.contains("even cut to 1024 bytes"), "{error}");
         assert_eq!(record.1.load(std::sync::atomic::Ordering::SeqCst), 2, "halved twice");
     }
 
@@ -396,6 +402,30 @@ mod tests {
         assert_eq!(letter.key(), Some(&b"k1"[..]));
         assert_eq!(letter.payload(), Some(&payload[..2_000]), "the payload's first max_payload_bytes");
         assert_eq!(HEADER_ROOM_BYTES, 64 * 1024, "the room the README promises for headers");
+    }
+
+    #[test]
+    fn an_unknown_topic_is_retried_within_its_grace_and_is_permanent_after_it() {
+        let kafka = crate::local::LocalKafka::start(1).expect("mock cluster");
+        let mut side = side_topics(&kafka, "esc", 1 << 20);
+        side.config.escalation_topic = "created-late".into();
+        side.config.unknown_topic_grace = Duration::ZERO;
+        let record = Counted(b"answer me".to_vec(), Default::default());
+        // Bounded: a writer that never gives up on a missing topic fails here instead of hanging.
+        let error = runtime()
+            .block_on(async { tokio::time::timeout(Duration::from_secs(20), side.escalate("k", &record)).await })
+            .expect("given up within 20 s")
+            .expect_err("a topic that does not exist, no grace");
+        assert!(error.cause.contains("the topic does not exist"), "{error}");
+
+        side.config.unknown_topic_grace = Duration::from_secs(60);
+        let created = std::thread::scope(|scope| {
+            let writer = scope.spawn(|| runtime().block_on(side.escalate("k", &record)));
+            std::thread::sleep(Duration::from_millis(500));
+            kafka.create_topic("created-late", 1).expect("topic");
+            writer.join().expect("writer")
+        });
+        created.expect("written once the topic exists, within the grace");
     }
 
     #[test]
