@@ -153,6 +153,9 @@ const MAX_REFERENCE_DEPTH: usize = 16;
 /// A registry answer larger than this is not a schema.
 const MAX_ANSWER_BYTES: usize = 16 << 20;
 
+/// One look-up of a schema id that every message waiting for it shares.
+type SharedLookup = Arc<tokio::sync::OnceCell<Result<Arc<Schema>, LookupError>>>;
+
 pub struct Registry {
     http: HttpClient,
     urls: Vec<String>,
@@ -160,7 +163,7 @@ pub struct Registry {
     config: SchemaRegistryConfig,
     backoff: Backoff,
     cache: Mutex<Cache>,
-    in_flight: Mutex<HashMap<u32, Arc<tokio::sync::OnceCell<Result<Arc<Schema>, LookupError>>>>>,
+    in_flight: Mutex<HashMap<u32, SharedLookup>>,
     failing: Mutex<Option<String>>,
 }
 
