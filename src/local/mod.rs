@@ -94,20 +94,6 @@ fn ports_below_ephemeral() -> Option<(u16, u16)> {
     (ephemeral_start > 21000).then(|| (20000, ephemeral_start - 1))
 }
 
-#[cfg(test)]
-mod port_tests {
-    use super::*;
-
-    #[test]
-    fn ports_come_from_below_the_ephemeral_range_and_never_twice() {
-        let (low, high) = ports_below_ephemeral().expect("a default kernel leaves room below 32768");
-        let ports: Vec<u16> = (0..50).map(|_| free_port().unwrap()).collect();
-        assert!(ports.iter().all(|p| (low..=high).contains(p)), "{ports:?} outside {low}..={high}");
-        let distinct: std::collections::HashSet<_> = ports.iter().collect();
-        assert_eq!(distinct.len(), ports.len(), "a port handed out twice: {ports:?}");
-    }
-}
-
 fn find_server() -> Option<PathBuf> {
     ["/usr/bin/clickhouse-server", "/usr/sbin/clickhouse-server", "/usr/bin/clickhouse"]
         .iter()
@@ -418,5 +404,19 @@ pub async fn until_caught_up(kafka: crate::config::KafkaConfig, topics: Vec<Stri
         if done.unwrap_or(false) {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_come_from_below_the_ephemeral_range_and_never_twice() {
+        let (low, high) = ports_below_ephemeral().expect("a default kernel leaves room below 32768");
+        let ports: Vec<u16> = (0..50).map(|_| free_port().unwrap()).collect();
+        assert!(ports.iter().all(|p| (low..=high).contains(p)), "{ports:?} outside {low}..={high}");
+        let distinct: std::collections::HashSet<_> = ports.iter().collect();
+        assert_eq!(distinct.len(), ports.len(), "a port handed out twice: {ports:?}");
     }
 }
