@@ -185,10 +185,8 @@ def main() -> None:
         else:
             shutil.copyfile(fused, target + ".tmp")
         os.replace(target + ".tmp", target)
-    shutil.copyfile(os.path.join(args.src, "tokenizer.json"), os.path.join(args.out, "tokenizer.json.tmp"))
-    os.replace(os.path.join(args.out, "tokenizer.json.tmp"), os.path.join(args.out, "tokenizer.json"))
     how = "attention fused" + (", then int8 dynamic quantization" if args.int8 else "")
-    quantize_encoder.write_descriptor(args.src, args.out, args.name, f"{how} (models/scripts/fuse_attention.py)")
+    quantize_encoder.write_beside_graph(args.src, args.out, args.name, f"{how} (models/scripts/fuse_attention.py)")
     print(f"wrote {args.out} ({os.path.getsize(target) / 1e6:.1f} MB graph)")
 
 

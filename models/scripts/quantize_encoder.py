@@ -43,14 +43,15 @@ def main() -> None:
         target = os.path.join(args.out, "model.onnx")
         quantize_dynamic(folded, target + ".tmp", weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
         os.replace(target + ".tmp", target)
-    shutil.copyfile(os.path.join(args.src, "tokenizer.json"), os.path.join(args.out, "tokenizer.json.tmp"))
-    os.replace(os.path.join(args.out, "tokenizer.json.tmp"), os.path.join(args.out, "tokenizer.json"))
-    write_descriptor(args.src, args.out, args.name, "int8 dynamic quantization (models/scripts/quantize_encoder.py)")
+    write_beside_graph(args.src, args.out, args.name, "int8 dynamic quantization (models/scripts/quantize_encoder.py)")
     print(f"wrote {args.out} ({os.path.getsize(target) / 1e6:.1f} MB graph)")
 
 
-def write_descriptor(src: str, out: str, name: str | None, how: str) -> None:
-    """OUT/model.toml: SRC's, renamed (default: OUT's last part), with a line saying what was made of it."""
+def write_beside_graph(src: str, out: str, name: str | None, how: str) -> None:
+    """OUT's tokenizer.json (SRC's) and model.toml: SRC's, renamed (default: OUT's last part),
+    with a line saying what was made of it."""
+    shutil.copyfile(os.path.join(src, "tokenizer.json"), os.path.join(out, "tokenizer.json.tmp"))
+    os.replace(os.path.join(out, "tokenizer.json.tmp"), os.path.join(out, "tokenizer.json"))
     name = name or os.path.basename(os.path.normpath(out))
     with open(os.path.join(src, "model.toml")) as f:
         descriptor = f.read()

@@ -289,6 +289,15 @@ mod tests {
     /// A record that counts how often it was cut (a cut version is its first `limit` bytes).
     struct Counted(Vec<u8>, std::sync::atomic::AtomicUsize);
 
+    impl Counted {
+        fn new(bytes: Vec<u8>) -> Self {
+            Counted(bytes, Default::default())
+        }
+        fn cuts(&self) -> usize {
+            self.1.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
     impl Fit for Counted {
         fn bytes(&self) -> &[u8] {
             &self.0
@@ -329,12 +338,12 @@ mod tests {
     fn a_record_of_exactly_the_limit_is_written_whole_and_one_byte_more_is_cut() {
         let kafka = crate::local::LocalKafka::start(1).expect("mock cluster");
         let side = side_topics(&kafka, "esc", 2_000);
-        let exact = Counted(vec![b'x'; 2_000], Default::default());
+        let exact = Counted::new(vec![b'x'; 2_000]);
         runtime().block_on(side.escalate("k", &exact)).expect("written");
-        assert_eq!(exact.1.load(std::sync::atomic::Ordering::SeqCst), 0, "a record of exactly the limit is not cut");
-        let over = Counted(vec![b'x'; 2_001], Default::default());
+        assert_eq!(exact.cuts(), 0, "a record of exactly the limit is not cut");
+        let over = Counted::new(vec![b'x'; 2_001]);
         runtime().block_on(side.escalate("k", &over)).expect("written");
-        assert_eq!(over.1.load(std::sync::atomic::Ordering::SeqCst), 1, "one byte over the limit is cut once");
+        assert_eq!(over.cuts(), 1, "one byte over the limit is cut once");
     }
 
     #[test]
@@ -345,10 +354,10 @@ mod tests {
         // Refused at every size: 4,096 -> 2,048 -> 1,024 bytes (exactly the smallest cut), and
         // 512 would be below it.
         kafka.cluster().request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE; 20]);
-        let record = Counted(vec![b'x'; 4_096], Default::default());
+        let record = Counted::new(vec![b'x'; 4_096]);
         let error = runtime().block_on(side.escalate("k", &record)).expect_err("refused at every size");
         assert!(error.cause.contains("even cut to 1024 bytes"), "{error}");
-        assert_eq!(record.1.load(std::sync::atomic::Ordering::SeqCst), 2, "halved twice");
+        assert_eq!(record.cuts(), 2, "halved twice");
     }
 
     #[test]
@@ -410,7 +419,7 @@ mod tests {
         let mut side = side_topics(&kafka, "esc", 1 << 20);
         side.config.escalation_topic = "created-late".into();
         side.config.unknown_topic_grace = Duration::ZERO;
-        let record = Counted(b"answer me".to_vec(), Default::default());
+        let record = Counted::new(b"answer me".to_vec());
         // Bounded: a writer that never gives up on a missing topic fails here instead of hanging.
         let error = runtime()
             .block_on(async { tokio::time::timeout(Duration::from_secs(20), side.escalate("k", &record)).await })

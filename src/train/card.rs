@@ -265,7 +265,7 @@ pub fn model_card(r: &TrainReport, o: &TrainOptions, version: &str, notes: Optio
         r.embedding_dim,
         r.train_examples,
         r.validation_examples,
-        super::split::describe(o.validation_fraction, o.validation_fold, r.seed),
+        o.holdout(),
         o.folds,
         if r.refit_full {
             format!(

@@ -88,8 +88,8 @@ pub fn evaluate_cascade(
         .map(|(h, _)| h.clone())
         .ok_or_else(|| TrainError::Invalid("the tiers have no single-label head to compare".into()))?;
     let prepared = prepare(data::read(data_path, &columns)?, &columns, record.min_examples)?;
-    let fold = super::split::record_fold(record)?;
-    let (train_rows, eval_rows) = prepared.split(record.validation_fraction, fold, record.seed);
+    let holdout = super::split::Holdout::of_record(record)?;
+    let (train_rows, eval_rows) = prepared.split(&holdout);
     let truth_index = prepared.single.iter().position(|h| h.name == head).unwrap_or(0);
     let truth_head = &prepared.single[truth_index];
     let rows: Vec<usize> = eval_rows.iter().copied().filter(|&r| truth_head.y[r].is_some()).collect();
@@ -167,7 +167,7 @@ pub fn evaluate_cascade(
         .collect();
     Ok(CascadeReport {
         data: data_path.display().to_string(),
-        split: format!("the tiers' common validation split ({})", super::split::describe(record.validation_fraction, fold, record.seed)),
+        split: format!("the tiers' common validation split ({holdout})"),
         evaluated: n,
         head,
         tiers: tier_reports,

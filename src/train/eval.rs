@@ -83,9 +83,9 @@ pub fn evaluate(options: &EvalOptions, progress: &dyn Progress) -> Result<EvalRe
     let n = prepared.dataset.examples.len();
     let (train_rows, eval_rows, split) = match (&record, options.all) {
         (Some(r), false) => {
-            let fold = super::split::record_fold(r)?;
-            let (t, v) = prepared.split(r.validation_fraction, fold, r.seed);
-            let split = format!("the model's validation split ({})", super::split::describe(r.validation_fraction, fold, r.seed));
+            let holdout = super::split::Holdout::of_record(r)?;
+            let (t, v) = prepared.split(&holdout);
+            let split = format!("the model's validation split ({holdout})");
             (t, v, split)
         }
         _ => (Vec::new(), (0..n).collect(), "every row".to_string()),

@@ -120,6 +120,11 @@ pub struct TrainOptions {
 }
 
 impl TrainOptions {
+    /// What fixes the validation split.
+    pub fn holdout(&self) -> split::Holdout {
+        split::Holdout { fraction: self.validation_fraction, fold: self.validation_fold, seed: self.seed }
+    }
+
     pub fn new(data: PathBuf, columns: Columns, encoder: PathBuf, out: PathBuf) -> Self {
         TrainOptions {
             data,
@@ -268,14 +273,13 @@ pub fn prepare(dataset: Dataset, columns: &Columns, min_examples: usize) -> Resu
 }
 
 impl Prepared {
-    /// (train, validation) row indices, stratified on the first single-label head: a
-    /// `fraction` held out, or one fold of several.
-    pub fn split(&self, fraction: f64, fold: Option<split::ValidationFold>, seed: u64) -> (Vec<usize>, Vec<usize>) {
+    /// (train, validation) row indices, stratified on the first single-label head.
+    pub fn split(&self, holdout: &split::Holdout) -> (Vec<usize>, Vec<usize>) {
         let strata: Vec<usize> = match self.single.first() {
             Some(head) => head.y.iter().map(|y| y.map_or(head.labels.len(), |i| i)).collect(),
             None => vec![0; self.dataset.examples.len()],
         };
-        split::holdout(&strata, fraction, fold, seed)
+        holdout.rows(&strata)
     }
 
     /// Each example's text as the worker renders it.
@@ -453,14 +457,15 @@ pub fn train(options: &TrainOptions, progress: &dyn Progress) -> Result<TrainRep
     for w in &prepared.warnings {
         progress.note(&format!("warning: {w}"));
     }
-    let (train_rows, validation_rows) = prepared.split(options.validation_fraction, options.validation_fold, options.seed);
+    let holdout = options.holdout();
+    let (train_rows, validation_rows) = prepared.split(&holdout);
     progress.note(&format!(
         "{} usable rows of {} read: {} train, {} validation (stratified, {})",
         prepared.dataset.examples.len(),
         prepared.dataset.rows_read,
         train_rows.len(),
         validation_rows.len(),
-        split::describe(options.validation_fraction, options.validation_fold, options.seed)
+        holdout
     ));
 
     // Read before any long step: a wrong --compare fails now, not after the training.

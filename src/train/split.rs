@@ -63,29 +63,42 @@ impl std::fmt::Display for ValidationFold {
     }
 }
 
-/// (train, validation) indices: fold `fold` of `labels`' stratified folds held out when given,
-/// else a stratified `fraction`.
-pub fn holdout(labels: &[usize], fraction: f64, fold: Option<ValidationFold>, seed: u64) -> (Vec<usize>, Vec<usize>) {
-    match fold {
-        Some(f) => stratified_folds(labels, f.of, seed).swap_remove(f.number - 1),
-        None => stratified_split(labels, fraction, seed),
+/// What fixes a model's validation split: the seed, and a stratified fraction or one fold of
+/// several. Recorded in `[training]` so that eval and the cascade re-derive the same rows.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Holdout {
+    pub fraction: f64,
+    pub fold: Option<ValidationFold>,
+    pub seed: u64,
+}
+
+impl Holdout {
+    /// The split a model's `[training]` record says it held out.
+    pub fn of_record(record: &crate::model::TrainingRecord) -> Result<Holdout, super::TrainError> {
+        let fold = record
+            .validation_fold
+            .as_deref()
+            .map(|f| f.parse().map_err(|e| super::TrainError::Invalid(format!("the model's [training] record: {e}"))))
+            .transpose()?;
+        Ok(Holdout { fraction: record.validation_fraction, fold, seed: record.seed })
+    }
+
+    /// (train, validation) indices into `labels`, stratified on them.
+    pub fn rows(&self, labels: &[usize]) -> (Vec<usize>, Vec<usize>) {
+        match self.fold {
+            Some(f) => stratified_folds(labels, f.of, self.seed).swap_remove(f.number - 1),
+            None => stratified_split(labels, self.fraction, self.seed),
+        }
     }
 }
 
-/// The fold a model's `[training]` record says it held out (None: a fraction).
-pub fn record_fold(record: &crate::model::TrainingRecord) -> Result<Option<ValidationFold>, super::TrainError> {
-    record
-        .validation_fold
-        .as_deref()
-        .map(|f| f.parse().map_err(|e| super::TrainError::Invalid(format!("the model's [training] record: {e}"))))
-        .transpose()
-}
-
-/// How a split was made, for reports: "seed 42, 20%" or "seed 42, fold 2 of 3".
-pub fn describe(fraction: f64, fold: Option<ValidationFold>, seed: u64) -> String {
-    match fold {
-        Some(f) => format!("seed {seed}, fold {} of {}", f.number, f.of),
-        None => format!("seed {seed}, {:.0}%", fraction * 100.0),
+/// For reports: "seed 42, 20%" or "seed 42, fold 2 of 3".
+impl std::fmt::Display for Holdout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.fold {
+            Some(fold) => write!(f, "seed {}, fold {} of {}", self.seed, fold.number, fold.of),
+            None => write!(f, "seed {}, {:.0}%", self.seed, self.fraction * 100.0),
+        }
     }
 }
 
@@ -118,7 +131,7 @@ mod tests {
         let mut held = Vec::new();
         for number in 1..=3 {
             let fold: ValidationFold = format!("{number}/3").parse().unwrap();
-            let (train, validation) = holdout(&labels, 0.2, Some(fold), 7);
+            let (train, validation) = Holdout { fraction: 0.2, fold: Some(fold), seed: 7 }.rows(&labels);
             assert_eq!(train.len() + validation.len(), labels.len());
             assert!(train.iter().all(|r| !validation.contains(r)), "fold {fold}: train and validation overlap");
             assert_eq!(validation.len(), 30, "fold {fold}: a third held out");
@@ -126,13 +139,14 @@ mod tests {
         }
         held.sort_unstable();
         assert_eq!(held, (0..90).collect::<Vec<_>>(), "the three folds together hold out every row once");
-        assert_eq!(holdout(&labels, 0.2, None, 7), stratified_split(&labels, 0.2, 7));
+        assert_eq!(Holdout { fraction: 0.2, fold: None, seed: 7 }.rows(&labels), stratified_split(&labels, 0.2, 7));
         for bad in ["0/3", "4/3", "1/1", "1/11", "2", "a/3", ""] {
             assert!(bad.parse::<ValidationFold>().is_err(), "{bad} accepted");
         }
         assert_eq!("2/3".parse::<ValidationFold>().unwrap().to_string(), "2/3");
-        assert_eq!(describe(0.2, Some(ValidationFold { number: 2, of: 3 }), 42), "seed 42, fold 2 of 3");
-        assert_eq!(describe(0.2, None, 42), "seed 42, 20%");
+        let fold = Some(ValidationFold { number: 2, of: 3 });
+        assert_eq!(Holdout { fraction: 0.2, fold, seed: 42 }.to_string(), "seed 42, fold 2 of 3");
+        assert_eq!(Holdout { fraction: 0.2, fold: None, seed: 42 }.to_string(), "seed 42, 20%");
     }
 
     #[test]
