@@ -39,6 +39,11 @@ pub struct EngineConfig {
     /// cores it gets about the share of them its `shadow_share` asks for, and no more.
     #[serde(skip)]
     pub nice: Option<i32>,
+    /// Keep every batch's token lengths (`triage bench` replays the worker's own batches on
+    /// the model alone, to tell what batch shapes cost from what the rest of the pipeline
+    /// takes). The log grows with the traffic: never set in a long-running worker.
+    #[serde(skip)]
+    pub record_batches: bool,
 }
 
 impl Default for EngineConfig {
@@ -50,6 +55,7 @@ impl Default for EngineConfig {
             queue_capacity: 1024,
             cores: None,
             nice: None,
+            record_batches: false,
         }
     }
 }
@@ -153,6 +159,8 @@ pub struct EngineStats {
     /// The batch size tuner, when the policy tunes (the batcher reads its caps, the inference
     /// threads report to it).
     tuner: std::sync::Mutex<Option<BatchSizeTuner>>,
+    /// Every batch's token lengths, when `EngineConfig::record_batches` asks for them.
+    batch_log: std::sync::Mutex<Option<Vec<Vec<usize>>>>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
@@ -204,6 +212,12 @@ impl EngineStats {
     /// The batch sizes in use per text length, and what was measured (empty when not tuning).
     pub fn batch_sizes(&self) -> Vec<BucketChoice> {
         self.tuner.lock().map(|t| t.as_ref().map(BatchSizeTuner::choices).unwrap_or_default()).unwrap_or_default()
+    }
+
+    /// The token lengths of every batch sent to inference so far, in order (empty unless
+    /// `EngineConfig::record_batches`).
+    pub fn recorded_batches(&self) -> Vec<Vec<usize>> {
+        self.batch_log.lock().map(|log| log.clone().unwrap_or_default()).unwrap_or_default()
     }
 
     fn caps(&self) -> Option<SizeCaps> {
@@ -528,6 +542,11 @@ impl<T: Send + 'static> Engine<T> {
         let count = backends.len();
         let first = Arc::new(new_generation(name, 0, version, encoder, backends)?);
         let stats = Arc::new(EngineStats::default());
+        if config.record_batches {
+            if let Ok(mut log) = stats.batch_log.lock() {
+                *log = Some(Vec::new());
+            }
+        }
         if config.policy.tune_batch_size && config.policy.max_batch_size > 1 {
             if let Ok(mut tuner) = stats.tuner.lock() {
                 *tuner = Some(BatchSizeTuner::new(config.policy.max_batch_size, TunerSettings::default()));
@@ -760,6 +779,11 @@ fn send_batch<T>(batch: Batch<Tokenized<T>>, batches: &flume::Sender<Batch<Token
     stats.batches.fetch_add(1, Ordering::Relaxed);
     stats.real_tokens.fetch_add(batch.real_tokens() as u64, Ordering::Relaxed);
     stats.padded_tokens.fetch_add(batch.padded_tokens() as u64, Ordering::Relaxed);
+    if let Ok(mut log) = stats.batch_log.lock() {
+        if let Some(log) = log.as_mut() {
+            log.push(batch.lengths.clone());
+        }
+    }
     if let Some(first) = batch.items.first() {
         let m = &first.generation.metrics;
         m.batch_size.record(batch.len() as f64);
@@ -1058,8 +1082,7 @@ mod tests {
             tokenizer_threads: 3,
             inference_threads: 0,
             queue_capacity,
-            cores: None,
-            nice: None,
+            ..EngineConfig::default()
         }
     }
 

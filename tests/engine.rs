@@ -33,8 +33,7 @@ fn results_map_back_to_their_messages_under_concurrency() {
         tokenizer_threads: 3,
         inference_threads: 2,
         queue_capacity: 8,
-        cores: None,
-        nice: None,
+        ..EngineConfig::default()
     };
     let (tx, rx) = flume::bounded(8);
     let engine = Engine::start(model.clone(), &config, tx).unwrap();
@@ -124,4 +123,71 @@ fn shutdown_delivers_everything_in_flight() {
     engine.shutdown();
     let tags: std::collections::BTreeSet<_> = rx.try_iter().map(|o| o.tag).collect();
     assert_eq!(tags, (0..10).collect());
+}
+
+/// `triage bench` takes b/a apart by replaying the worker's own batches on the model alone:
+/// that is only sound if the engine records every batch it ran, with its members' true token
+/// lengths, and if the replay rebuilds exactly those shapes.
+#[test]
+fn recorded_batches_are_every_batch_with_its_token_lengths_and_replay_rebuilds_those_shapes() {
+    let model = common::load(&common::test_model_dir("multihead-tiny"));
+    let texts = texts(300);
+    let run = |record_batches: bool| {
+        let config = EngineConfig {
+            policy: BatchPolicy { max_batch_size: 16, max_batch_tokens: 512, max_wait_ms: 2, bucket_window: 3, ..BatchPolicy::default() },
+            inference_threads: 2,
+            record_batches,
+            ..EngineConfig::default()
+        };
+        let (tx, rx) = flume::bounded(8);
+        let engine = Engine::start(model.clone(), &config, tx).unwrap();
+        let submitter = engine.submitter();
+        let feeder = {
+            let texts = texts.clone();
+            std::thread::spawn(move || {
+                for (i, t) in texts.iter().enumerate() {
+                    submitter.submit(i, rendered(t)).unwrap();
+                }
+            })
+        };
+        for _ in 0..texts.len() {
+            rx.recv().unwrap().result.unwrap();
+        }
+        feeder.join().unwrap();
+        let (handle, stats) = (engine.stats_handle(), engine.stats());
+        engine.shutdown();
+        (handle.recorded_batches(), stats)
+    };
+    let (unrecorded, _) = run(false);
+    assert!(unrecorded.is_empty(), "nothing is kept unless asked: {} batches", unrecorded.len());
+
+    let (recorded, stats) = run(true);
+    assert_eq!(recorded.len() as u64, stats.batches, "one entry per batch");
+    assert!(recorded.iter().all(|b| !b.is_empty() && b.len() <= 16), "batch sizes within the cap");
+    let mut lengths: Vec<usize> = recorded.iter().flatten().copied().collect();
+    let mut expected: Vec<usize> = texts.iter().map(|t| model.encoder().encode(t).unwrap().len()).collect();
+    lengths.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(lengths, expected, "every message once, with its own token length");
+    let padded: usize = recorded.iter().map(|b| b.len() * b.iter().max().unwrap()).sum();
+    assert_eq!(padded as u64, stats.padded_tokens, "the padding the engine counted");
+
+    // The replay, on the texts as the bench renders messages.
+    let messages: Vec<serde_json::Value> = texts.iter().map(|t| serde_json::json!({ "body": t })).collect();
+    let available: std::collections::HashSet<usize> = triage::bench::pretokenize(&model, &messages).iter().map(|e| e.len()).collect();
+    let replayable: Vec<Vec<usize>> = recorded.iter().filter(|b| b.iter().all(|l| available.contains(l))).cloned().collect();
+    assert!(replayable.len() * 2 > recorded.len(), "most batches replayable from the rendered messages");
+    let replayed =
+        triage::bench::replay(&model, &messages, &replayable, &EngineConfig { inference_threads: 2, ..EngineConfig::default() }).unwrap();
+    let real: usize = replayable.iter().flatten().sum();
+    let padded: usize = replayable.iter().map(|b| b.len() * b.iter().max().unwrap()).sum();
+    assert_eq!(replayed.messages, replayable.iter().map(Vec::len).sum::<usize>());
+    assert_eq!(replayed.tokens, real as u64);
+    assert!((replayed.padding_ratio - padded as f64 / real as f64).abs() < 1e-12, "{}", replayed.padding_ratio);
+    assert!(replayed.inference_seconds > 0.0 && replayed.inference_seconds <= 2.0 * replayed.seconds + 1e-3);
+
+    // A length the messages cannot give is refused, not replayed as something else.
+    let impossible = vec![vec![100_000]];
+    let err = triage::bench::replay(&model, &messages, &impossible, &EngineConfig::default()).unwrap_err();
+    assert!(err.to_string().contains("100000-token message"), "{err}");
 }

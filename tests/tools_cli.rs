@@ -194,7 +194,24 @@ fn bench_runs_all_stages_and_reports_ratios() {
     assert!(stdout.contains("GENERATED"), "{stdout}");
     assert!(stdout.contains("b/a (worker / ceiling) =") && stdout.contains("b/c (worker / batch size 1) ="), "{stdout}");
     assert!(stdout.contains("d/b (the worker on Avro / on JSON) ="), "{stdout}");
-    for stage in ["a. ceiling, sorted batches", "b. worker, default batching", "c. worker, batch size 1", "d. worker, Avro (pinned)"] {
+    // b/a taken apart: three factors whose product is b/a (to the printed rounding).
+    let number_after = |label: &str| -> f64 {
+        let at = stdout.find(label).unwrap_or_else(|| panic!("no `{label}`: {stdout}")) + label.len();
+        let digits: String = stdout[at..].trim_start().chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
+        digits.parse().unwrap_or_else(|_| panic!("no number after `{label}`: {stdout}"))
+    };
+    let b_over_a = number_after("b/a (worker / ceiling) =");
+    let factors = [number_after("taken apart = shapes"), number_after("x contention"), number_after("x occupancy")];
+    assert!(factors.iter().all(|&f| f > 0.0), "{factors:?}");
+    assert!((number_after("(=") - b_over_a).abs() < 0.011, "the factors' product is b/a: {stdout}");
+    assert!((factors.iter().product::<f64>() - b_over_a).abs() < 0.03, "{factors:?} vs {b_over_a}");
+    for stage in [
+        "a. ceiling, sorted batches",
+        "a2. b's batches, model alone",
+        "b. worker, default batching",
+        "c. worker, batch size 1",
+        "d. worker, Avro (pinned)",
+    ] {
         let line = stdout.lines().find(|l| l.contains(stage)).unwrap_or_else(|| panic!("no {stage} line: {stdout}"));
         let after = &line[line.find(stage).unwrap() + stage.len()..];
         let msgs_per_s: f64 = after.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0.0);

@@ -107,6 +107,10 @@ pub struct StageResult {
     pub flops: f64,
     /// Worker runs: the batch sizes the tuner chose per text length.
     pub batch_sizes: String,
+    /// Time spent in the model (ONNX Runtime and the heads), summed over the inference threads.
+    pub inference_seconds: f64,
+    /// Stage b: every batch's token lengths, in the order the batcher closed them.
+    pub batch_lengths: Vec<Vec<usize>>,
 }
 
 impl StageResult {
@@ -116,6 +120,14 @@ impl StageResult {
         } else {
             0.0
         }
+    }
+    /// Model time per message, seconds.
+    pub fn inference_per_message(&self) -> f64 {
+        self.inference_seconds / self.messages.max(1) as f64
+    }
+    /// How many inference threads were in the model on average (at most the session count).
+    pub fn threads_in_model(&self) -> f64 {
+        self.inference_seconds / self.seconds.max(f64::MIN_POSITIVE)
     }
     pub fn tokens_per_second(&self) -> f64 {
         if self.seconds > 0.0 {
@@ -131,6 +143,8 @@ pub struct WorkloadResult {
     pub source: String,
     pub ceiling_batch_size: usize,
     pub ceiling: StageResult,
+    /// a2. The worker's own batches (stage b's, replayed) on the model alone.
+    pub worker_batches: StageResult,
     pub worker: StageResult,
     pub batch_one: StageResult,
     pub avro: Option<StageResult>,
@@ -144,9 +158,45 @@ impl WorkloadResult {
     pub fn worker_over_batch_one(&self) -> f64 {
         self.worker.per_second() / self.batch_one.per_second().max(1e-9)
     }
+    /// b/a, taken apart: b/a = shapes x contention x occupancy, exactly (each a ratio of
+    /// measured figures of this run).
+    pub fn gap(&self) -> Gap {
+        let (a, a2, b) = (&self.ceiling, &self.worker_batches, &self.worker);
+        let ratio = |x: f64, y: f64| x / y.max(f64::MIN_POSITIVE);
+        Gap {
+            shapes: ratio(a.inference_per_message(), a2.inference_per_message()),
+            contention: ratio(a2.inference_per_message(), b.inference_per_message()),
+            occupancy: ratio(b.threads_in_model(), a.threads_in_model()),
+        }
+    }
     /// d/b: the worker's throughput on Avro over the same worker on JSON.
     pub fn avro_over_json(&self) -> Option<f64> {
         self.avro.as_ref().map(|d| d.per_second() / self.worker.per_second().max(1e-9))
+    }
+}
+
+/// Where b/a goes. A stage's rate is (threads in the model) / (model time per message), so
+/// b/a = (a's model time per message / b's) x (b's threads in the model / a's), and the first
+/// factor splits at a2 (the worker's batches, replayed on the model alone):
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Gap {
+    /// a / a2 model time per message: the ceiling's batches (one best size, globally
+    /// length-sorted) against the batches the worker formed (per length bucket, at the sizes
+    /// its tuner chose, as messages arrived). Below 1: the worker's batch shapes cost more.
+    pub shapes: f64,
+    /// a2 / b model time per message: the same batches alone, and inside the running pipeline
+    /// (the other threads and processes on the same cores: tokenizer, batcher, Kafka, the
+    /// ClickHouse client and, in the bench, the ClickHouse server). Below 1: the model runs
+    /// slower beside them.
+    pub contention: f64,
+    /// b / a threads in the model on average: below 1 when the inference threads wait for
+    /// batches (start, end, intake paused at `max_in_flight`), or their cores are taken.
+    pub occupancy: f64,
+}
+
+impl Gap {
+    pub fn product(&self) -> f64 {
+        self.shapes * self.contention * self.occupancy
     }
 }
 
@@ -289,37 +339,93 @@ pub fn ceiling_on(
         padded += (range.len() * width) as u64;
         flops += architecture.map_or(0.0, |a| a.flops(range.len(), width));
     }
-    let mut session_list = (0..sessions.max(1)).map(|_| model.session_with_threads(intra)).collect::<Result<Vec<_>, _>>()?;
-    let start = Instant::now();
-    std::thread::scope(|scope| -> Result<(), BenchError> {
-        let handles: Vec<_> = session_list
-            .iter_mut()
-            .enumerate()
-            .map(|(k, session)| {
-                let plan = &plan;
-                scope.spawn(move || -> Result<(), crate::model::ModelError> {
-                    for range in plan.iter().skip(k).step_by(sessions.max(1)) {
-                        let batch: Vec<&Encoded> = encoded[range.clone()].iter().collect();
-                        session.run(&batch)?;
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        for h in handles {
-            h.join().map_err(|_| BenchError::Other("a ceiling thread panicked".into()))??;
-        }
-        Ok(())
-    })?;
+    let batches: Vec<Vec<&Encoded>> = plan.iter().map(|range| encoded[range.clone()].iter().collect()).collect();
+    let (seconds, inference_seconds) = run_batches(model, &batches, sessions, intra)?;
     Ok(StageResult {
         messages: encoded.len(),
-        seconds: start.elapsed().as_secs_f64(),
+        seconds,
         tokens: real,
         padding_ratio: padded as f64 / real.max(1) as f64,
         peak_rss_mb: peak_rss_mb(),
         flops,
+        inference_seconds,
         ..Default::default()
     })
+}
+
+/// a2. The batches stage b formed (their token lengths, in order), rebuilt from the same
+/// messages and run on the model alone, as the ceiling runs: the same padding, the same sizes,
+/// nothing else on the cores.
+pub fn replay(
+    model: &Model,
+    messages: &[serde_json::Value],
+    recorded: &[Vec<usize>],
+    engine: &EngineConfig,
+) -> Result<StageResult, BenchError> {
+    let encoded = pretokenize(model, messages);
+    let mut by_length: std::collections::HashMap<usize, (Vec<&Encoded>, usize)> = std::collections::HashMap::new();
+    for e in &encoded {
+        by_length.entry(e.len()).or_default().0.push(e);
+    }
+    let mut batches = Vec::with_capacity(recorded.len());
+    let (mut real, mut padded) = (0u64, 0u64);
+    for lengths in recorded {
+        let mut batch = Vec::with_capacity(lengths.len());
+        for &length in lengths {
+            let Some((pool, next)) = by_length.get_mut(&length) else {
+                return Err(BenchError::Other(format!(
+                    "stage b formed a batch with a {length}-token message that tokenizing its messages again does not give"
+                )));
+            };
+            batch.push(pool[*next % pool.len()]);
+            *next += 1;
+        }
+        real += lengths.iter().sum::<usize>() as u64;
+        padded += (lengths.len() * lengths.iter().copied().max().unwrap_or(0)) as u64;
+        batches.push(batch);
+    }
+    let (sessions, intra) = engine.sessions_for(model);
+    let (seconds, inference_seconds) = run_batches(model, &batches, sessions, intra)?;
+    Ok(StageResult {
+        messages: recorded.iter().map(Vec::len).sum(),
+        seconds,
+        tokens: real,
+        padding_ratio: padded as f64 / real.max(1) as f64,
+        peak_rss_mb: peak_rss_mb(),
+        inference_seconds,
+        ..Default::default()
+    })
+}
+
+/// Run `batches` on `sessions` sessions (`intra` threads each), each on its own thread, taking
+/// batches in turn: (wall seconds, seconds in the model summed over the threads).
+fn run_batches(model: &Model, batches: &[Vec<&Encoded>], sessions: usize, intra: Option<usize>) -> Result<(f64, f64), BenchError> {
+    let sessions = sessions.max(1);
+    let mut session_list = (0..sessions).map(|_| model.session_with_threads(intra)).collect::<Result<Vec<_>, _>>()?;
+    let start = Instant::now();
+    let inference_seconds = std::thread::scope(|scope| -> Result<f64, BenchError> {
+        let handles: Vec<_> = session_list
+            .iter_mut()
+            .enumerate()
+            .map(|(k, session)| {
+                scope.spawn(move || -> Result<f64, crate::model::ModelError> {
+                    let mut in_model = 0.0;
+                    for batch in batches.iter().skip(k).step_by(sessions) {
+                        let started = Instant::now();
+                        session.run(batch)?;
+                        in_model += started.elapsed().as_secs_f64();
+                    }
+                    Ok(in_model)
+                })
+            })
+            .collect();
+        let mut total = 0.0;
+        for h in handles {
+            total += h.join().map_err(|_| BenchError::Other("a ceiling thread panicked".into()))??;
+        }
+        Ok(total)
+    })?;
+    Ok((start.elapsed().as_secs_f64(), inference_seconds))
 }
 
 #[derive(Debug, clickhouse::Row, Deserialize)]
@@ -396,6 +502,8 @@ async fn worker_stage(
         peak_rss_mb: peak_rss_mb(),
         flops: 0.0,
         batch_sizes: report.batch_sizes.iter().map(|c| crate::batcher::tuner::describe(c)).collect::<Vec<_>>().join(" | "),
+        inference_seconds: report.engine.inference_seconds,
+        batch_lengths: report.batch_lengths,
     };
     Ok((stage, shadow_rows))
 }
@@ -425,8 +533,14 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Vec<W
             .await
             .map_err(|e| BenchError::Other(e.to_string()))??;
         progress("  b. the whole worker at default settings");
-        let worker =
-            worker_stage(&format!("{index}-b"), &kafka, &clickhouse, &options, options.batching.clone(), &records, None, None).await?.0;
+        let recording = EngineConfig { record_batches: true, ..options.batching.clone() };
+        let mut worker = worker_stage(&format!("{index}-b"), &kafka, &clickhouse, &options, recording, &records, None, None).await?.0;
+        progress("  a2. stage b's own batches, replayed on the model alone");
+        let (m, msgs, recorded, engine) =
+            (model.clone(), messages.clone(), std::mem::take(&mut worker.batch_lengths), options.batching.clone());
+        let worker_batches = tokio::task::spawn_blocking(move || replay(&m, &msgs, &recorded, &engine))
+            .await
+            .map_err(|e| BenchError::Other(e.to_string()))??;
         progress("  c. the same worker with max_batch_size 1");
         let mut one = options.batching.clone();
         one.policy.max_batch_size = 1;
@@ -455,7 +569,7 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Vec<W
             }
             None => None,
         };
-        results.push(WorkloadResult { workload, source, ceiling_batch_size, ceiling, worker, batch_one, avro, shadow });
+        results.push(WorkloadResult { workload, source, ceiling_batch_size, ceiling, worker_batches, worker, batch_one, avro, shadow });
     }
     Ok(results)
 }
@@ -486,10 +600,24 @@ pub fn render(results: &[WorkloadResult]) -> String {
                 100.0 * e.shadow_rows as f64 / asked.max(1.0)
             ));
         }
+        let gap = r.gap();
+        out.push_str(&format!(
+            "  b/a taken apart = shapes {:.2} x contention {:.2} x occupancy {:.2} (= {:.2})\n\
+             \x20   shapes: model time per message, a's batches / b's own (a2) on the model alone\n\
+             \x20   contention: the same batches alone (a2) / inside the running worker (b)\n\
+             \x20   occupancy: inference threads in the model on average, b {:.2} / a {:.2}\n",
+            gap.shapes,
+            gap.contention,
+            gap.occupancy,
+            gap.product(),
+            r.worker.threads_in_model(),
+            r.ceiling.threads_in_model()
+        ));
         out.push_str(&format!("  (a: pre-tokenized, length-sorted batches of {}, the best of 8/16/32/64 here)\n", r.ceiling_batch_size));
         out.push_str("  stage                          msg/s   tokens/s  padded/real   p50 ms   p99 ms  peak RSS MB\n");
         for (name, s) in [
             ("a. ceiling, sorted batches", &r.ceiling),
+            ("a2. b's batches, model alone", &r.worker_batches),
             ("b. worker, default batching", &r.worker),
             ("c. worker, batch size 1", &r.batch_one),
         ]
@@ -497,7 +625,7 @@ pub fn render(results: &[WorkloadResult]) -> String {
         .chain(r.avro.as_ref().map(|d| ("d. worker, Avro (pinned)", d)))
         .chain(r.shadow.as_ref().map(|e| ("e. worker + shadow", &e.stage)))
         {
-            let lat = |v: f64| if name.starts_with("a.") { "-".to_string() } else { format!("{v:.0}") };
+            let lat = |v: f64| if name.starts_with('a') { "-".to_string() } else { format!("{v:.0}") };
             out.push_str(&format!(
                 "  {name:<28} {:>8.1} {:>10.0} {:>12.2} {:>8} {:>8} {:>12.0}\n",
                 s.per_second(),
@@ -519,6 +647,43 @@ pub fn render(results: &[WorkloadResult]) -> String {
 mod tests {
     use super::*;
     use crate::model::Template;
+
+    /// The three factors are read off the report as b/a's explanation: they must multiply back
+    /// to b/a exactly, whatever the stages' message counts and times.
+    #[test]
+    fn the_gap_factors_multiply_back_to_b_over_a() {
+        let stage = |messages: usize, seconds: f64, inference_seconds: f64| StageResult {
+            messages,
+            seconds,
+            inference_seconds,
+            ..Default::default()
+        };
+        let cases = [
+            (stage(10_000, 6.7, 13.1), stage(9_800, 7.2, 14.0), stage(10_000, 8.1, 15.2)),
+            (stage(500, 2.5, 4.9), stage(480, 2.3, 4.5), stage(520, 2.7, 3.1)),
+            (stage(1_000, 1.0, 1.0), stage(1_000, 1.0, 1.0), stage(1_000, 1.0, 1.0)),
+        ];
+        for (a, a2, b) in cases {
+            let r = WorkloadResult {
+                workload: Workload::Short,
+                source: String::new(),
+                ceiling_batch_size: 32,
+                ceiling: a.clone(),
+                worker_batches: a2.clone(),
+                worker: b.clone(),
+                batch_one: StageResult::default(),
+                avro: None,
+                shadow: None,
+            };
+            let gap = r.gap();
+            assert!((gap.product() - r.worker_over_ceiling()).abs() < 1e-12, "{gap:?} vs {}", r.worker_over_ceiling());
+            // Each factor is the ratio it is named for.
+            let per = |s: &StageResult| s.inference_seconds / s.messages as f64;
+            assert!((gap.shapes - per(&a) / per(&a2)).abs() < 1e-12);
+            assert!((gap.contention - per(&a2) / per(&b)).abs() < 1e-12);
+            assert!((gap.occupancy - (b.inference_seconds / b.seconds) / (a.inference_seconds / a.seconds)).abs() < 1e-12);
+        }
+    }
 
     /// Stage d is only a fair comparison if each Avro message renders the same text as its
     /// JSON twin (the short messages have no subject: null in Avro, absent in JSON).

@@ -54,6 +54,8 @@ pub struct RunReport {
     pub engine: crate::engine::StatsSnapshot,
     /// Per model (engine), the batch sizes the tuner chose per text length.
     pub batch_sizes: Vec<Vec<crate::batcher::tuner::BucketChoice>>,
+    /// Every batch's token lengths, over the models (only with `batching.record_batches`).
+    pub batch_lengths: Vec<Vec<usize>>,
 }
 
 /// Run the worker until `shutdown` resolves (then drain) or a fatal error.
@@ -244,6 +246,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<R
         unfinished: stopped.unfinished,
         engine: routes::merged(&engine_stats),
         batch_sizes,
+        batch_lengths: engine_stats.iter().flat_map(|s| s.recorded_batches()).collect(),
     })
 }
 
