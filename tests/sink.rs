@@ -158,6 +158,10 @@ fn a_row_clickhouse_refuses_is_reported_rejected_alone_and_the_rest_stored() {
     sink.send(0, 40);
     wait_until(Duration::from_secs(60), "every row reported", || sink.reports.len() >= 40);
     assert_eq!(sink.count("SELECT count() FROM results"), 38, "exactly the others stored, once");
+    // What the worker reports and exports (triage_clickhouse_rows_total, the run's summary)
+    // counts the same rows as the table, across the split blocks.
+    let counted = sink.counters.snapshot();
+    assert_eq!((counted.rows_inserted, counted.rows_rejected), (38, 2), "counted as stored and rejected");
     let (reports, result) = sink.finish();
     assert!(result.is_ok(), "{result:?}");
     let rejected = reports.rejected();
