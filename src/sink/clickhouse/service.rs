@@ -126,6 +126,26 @@ enum Rejection {
     TooManyPartitions(String),
 }
 
+/// What to do with a block ClickHouse refused, by the kind of refusal and the block's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnRefusal {
+    Stop,
+    /// Split the block (a row's content, to isolate it; too many partitions, to fit).
+    Split,
+    /// Wait and send the same block again.
+    Retry,
+}
+
+fn on_refusal(kind: ErrorKind, rows: usize) -> OnRefusal {
+    match kind {
+        ErrorKind::Fatal => OnRefusal::Stop,
+        ErrorKind::Content => OnRefusal::Split,
+        ErrorKind::TooManyPartitions if rows > 1 => OnRefusal::Split,
+        // One row is one partition: this cannot be its fault, wait like for any state.
+        ErrorKind::Transient | ErrorKind::TooManyPartitions => OnRefusal::Retry,
+    }
+}
+
 /// An LLM's answer as stored: the message's key and its labels.
 #[derive(Debug, Clone, PartialEq, clickhouse::Row, serde::Deserialize)]
 pub struct LlmAnswer {
@@ -568,12 +588,12 @@ impl ClickHouseService {
                 Ok(()) => return Ok(None),
                 Err(e) => e,
             };
-            match classify(&error) {
-                ErrorKind::Fatal => return Err(SinkError::Fatal(error.to_string())),
-                ErrorKind::Content => return Ok(Some(Rejection::Content(error.to_string()))),
-                ErrorKind::TooManyPartitions if rows.len() > 1 => return Ok(Some(Rejection::TooManyPartitions(error.to_string()))),
-                // One row is one partition: this cannot be its fault, wait like for any state.
-                ErrorKind::Transient | ErrorKind::TooManyPartitions => {
+            let kind = classify(&error);
+            match on_refusal(kind, rows.len()) {
+                OnRefusal::Stop => return Err(SinkError::Fatal(error.to_string())),
+                OnRefusal::Split if kind == ErrorKind::Content => return Ok(Some(Rejection::Content(error.to_string()))),
+                OnRefusal::Split => return Ok(Some(Rejection::TooManyPartitions(error.to_string()))),
+                OnRefusal::Retry => {
                     attempt += 1;
                     let delay = self.backoff.delay(attempt);
                     InsertRetried { rows: rows.len(), attempt, error: &error, delay }.emit(&self.counters);
@@ -599,6 +619,22 @@ mod tests {
         let mut told = cluster.clone();
         told.settings.insert("insert_distributed_sync".into(), "0".into());
         assert_eq!(client_settings(&told).get("insert_distributed_sync").map(String::as_str), Some("0"), "the user's value wins");
+    }
+
+    /// A refused block is split to find a bad row or to fit the partition limit, and a block
+    /// of one row over the partition limit is waited for (it cannot be its fault), never split
+    /// into nothing or dead-lettered.
+    #[test]
+    fn refused_blocks_are_split_retried_or_stop_the_sink_by_kind_and_size() {
+        use OnRefusal::*;
+        for rows in [1, 2, 10] {
+            assert_eq!(on_refusal(ErrorKind::Fatal, rows), Stop);
+            assert_eq!(on_refusal(ErrorKind::Content, rows), Split, "a bad row is isolated down to itself");
+            assert_eq!(on_refusal(ErrorKind::Transient, rows), Retry);
+        }
+        assert_eq!(on_refusal(ErrorKind::TooManyPartitions, 2), Split);
+        assert_eq!(on_refusal(ErrorKind::TooManyPartitions, 500), Split);
+        assert_eq!(on_refusal(ErrorKind::TooManyPartitions, 1), Retry);
     }
 
     #[test]
