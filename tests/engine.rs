@@ -142,15 +142,18 @@ fn recorded_batches_are_every_batch_with_its_token_lengths_and_replay_rebuilds_t
         let (tx, rx) = flume::bounded(8);
         let engine = Engine::start(model.clone(), &config, tx).unwrap();
         let submitter = engine.submitter();
+        // The first message alone, answered before the rest: a batch of one is recorded too.
+        submitter.submit(0, rendered(&texts[0])).unwrap();
+        rx.recv().unwrap().result.unwrap();
         let feeder = {
             let texts = texts.clone();
             std::thread::spawn(move || {
-                for (i, t) in texts.iter().enumerate() {
+                for (i, t) in texts.iter().enumerate().skip(1) {
                     submitter.submit(i, rendered(t)).unwrap();
                 }
             })
         };
-        for _ in 0..texts.len() {
+        for _ in 1..texts.len() {
             rx.recv().unwrap().result.unwrap();
         }
         feeder.join().unwrap();
@@ -163,6 +166,7 @@ fn recorded_batches_are_every_batch_with_its_token_lengths_and_replay_rebuilds_t
 
     let (recorded, stats) = run(true);
     assert_eq!(recorded.len() as u64, stats.batches, "one entry per batch");
+    assert_eq!(recorded[0], vec![model.encoder().encode(&texts[0]).unwrap().len()], "the lone first message's batch");
     assert!(recorded.iter().all(|b| !b.is_empty() && b.len() <= 16), "batch sizes within the cap");
     let mut lengths: Vec<usize> = recorded.iter().flatten().copied().collect();
     let mut expected: Vec<usize> = texts.iter().map(|t| model.encoder().encode(t).unwrap().len()).collect();
