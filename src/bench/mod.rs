@@ -3,6 +3,8 @@
 //!   b. the whole worker at default settings on a backlog: mock Kafka -> tokenize -> batch ->
 //!      model -> ClickHouse, timed from the first message consumed to the last commit;
 //!   c. the same worker with max_batch_size 1 (inserts and commits batched as usual).
+//!   a2. stage b's own batches (recorded by its engine), rebuilt and run on the model alone:
+//!      with a and b it takes b/a apart into batch shapes x contention x occupancy ([`Gap`]).
 //!   d. (`--format avro`) stage b again with the same messages written as raw Avro and read
 //!      through a pinned schema: what decoding Avro instead of JSON costs the whole worker (d/b).
 //!   e. (`--shadow-share S`) stage b with a shadow model classifying a share S of the messages
