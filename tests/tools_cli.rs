@@ -303,3 +303,69 @@ fn topics_and_schema_commands_create_idempotently_and_wait_for_what_is_missing()
         "{ddl}"
     );
 }
+
+/// A schema Job may start before ClickHouse does: `schema apply --wait-seconds` retries while
+/// the server cannot be reached and applies once it answers; against a server that never comes
+/// it gives up at its deadline with the reason, instead of waiting forever.
+#[test]
+fn schema_apply_waits_for_a_server_that_comes_up_and_gives_up_at_its_deadline_on_one_that_never_does() {
+    let mut server = common::worker::PrivateClickHouse::start();
+    let env = Env::new("schema_late", server.url());
+    let config = env.write_config("s", &common::test_model_dir("multihead-tiny"), &["tickets"], |_| {});
+    // Killed when the test fails: a command retrying forever must not outlive it.
+    struct Reaped(std::process::Child);
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let exit_within = |child: &mut Reaped, limit: Duration| {
+        let mut status = None;
+        common::worker::wait_until(limit, "the command to exit", || {
+            status = child.0.try_wait().unwrap();
+            status.is_some()
+        });
+        status.unwrap()
+    };
+    server.stop();
+    let log = env.dir.path().join("apply.log");
+    let mut apply = Reaped(
+        triage()
+            .args(["schema", "apply", "--wait-seconds", "300", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    common::worker::wait_until(Duration::from_secs(60), "apply to retry or exit", || {
+        std::fs::read_to_string(&log).unwrap_or_default().contains("ClickHouse not ready for the schema yet")
+            || matches!(apply.0.try_wait(), Ok(Some(_)))
+    });
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(apply.0.try_wait().unwrap().is_none(), "apply gave up while the server was down: {}", log_text());
+    server.restart();
+    let status = exit_within(&mut apply, Duration::from_secs(120));
+    assert!(status.success(), "{}", log_text());
+    let out = triage().args(["schema", "wait", "--timeout-seconds", "10", "--config"]).arg(&config).output().unwrap();
+    assert!(out.status.success(), "the table is there: {}", String::from_utf8_lossy(&out.stderr));
+
+    // Nothing ever listens here: a two-second wait ends in about two seconds, with the reason.
+    let nowhere = format!("http://127.0.0.1:{}", triage::local::free_port().unwrap());
+    let never_log = env.dir.path().join("never.log");
+    let mut never = Reaped(
+        triage()
+            .args(["schema", "apply", "--wait-seconds", "2", "--config"])
+            .arg(&config)
+            .env("TRIAGE_CLICKHOUSE__URL", &nowhere)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&never_log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let status = exit_within(&mut never, Duration::from_secs(60));
+    let stderr = std::fs::read_to_string(&never_log).unwrap_or_default();
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("ClickHouse not ready for the schema yet"), "it retried before giving up: {stderr}");
+}
