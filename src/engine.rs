@@ -159,8 +159,9 @@ pub struct EngineStats {
     /// The batch size tuner, when the policy tunes (the batcher reads its caps, the inference
     /// threads report to it).
     tuner: std::sync::Mutex<Option<BatchSizeTuner>>,
-    /// Every batch's token lengths, when `EngineConfig::record_batches` asks for them.
-    batch_log: std::sync::Mutex<Option<Vec<Vec<usize>>>>,
+    /// Every batch's token lengths, when `EngineConfig::record_batches` asks for them (None:
+    /// nothing is locked or kept per batch).
+    batch_log: Option<std::sync::Mutex<Vec<Vec<usize>>>>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
@@ -217,7 +218,7 @@ impl EngineStats {
     /// The token lengths of every batch sent to inference so far, in order (empty unless
     /// `EngineConfig::record_batches`).
     pub fn recorded_batches(&self) -> Vec<Vec<usize>> {
-        self.batch_log.lock().map(|log| log.clone().unwrap_or_default()).unwrap_or_default()
+        self.batch_log.as_ref().and_then(|log| log.lock().ok().map(|l| l.clone())).unwrap_or_default()
     }
 
     fn caps(&self) -> Option<SizeCaps> {
@@ -541,12 +542,7 @@ impl<T: Send + 'static> Engine<T> {
         }
         let count = backends.len();
         let first = Arc::new(new_generation(name, 0, version, encoder, backends)?);
-        let stats = Arc::new(EngineStats::default());
-        if config.record_batches {
-            if let Ok(mut log) = stats.batch_log.lock() {
-                *log = Some(Vec::new());
-            }
-        }
+        let stats = Arc::new(EngineStats { batch_log: config.record_batches.then(Default::default), ..EngineStats::default() });
         if config.policy.tune_batch_size && config.policy.max_batch_size > 1 {
             if let Ok(mut tuner) = stats.tuner.lock() {
                 *tuner = Some(BatchSizeTuner::new(config.policy.max_batch_size, TunerSettings::default()));
@@ -779,10 +775,8 @@ fn send_batch<T>(batch: Batch<Tokenized<T>>, batches: &flume::Sender<Batch<Token
     stats.batches.fetch_add(1, Ordering::Relaxed);
     stats.real_tokens.fetch_add(batch.real_tokens() as u64, Ordering::Relaxed);
     stats.padded_tokens.fetch_add(batch.padded_tokens() as u64, Ordering::Relaxed);
-    if let Ok(mut log) = stats.batch_log.lock() {
-        if let Some(log) = log.as_mut() {
-            log.push(batch.lengths.clone());
-        }
+    if let Some(Ok(mut log)) = stats.batch_log.as_ref().map(|l| l.lock()) {
+        log.push(batch.lengths.clone());
     }
     if let Some(first) = batch.items.first() {
         let m = &first.generation.metrics;
