@@ -178,11 +178,12 @@ fn recorded_batches_are_every_batch_with_its_token_lengths_and_replay_rebuilds_t
 
     // The replay, on the texts as the bench renders messages.
     let messages: Vec<serde_json::Value> = texts.iter().map(|t| serde_json::json!({ "body": t })).collect();
-    let available: std::collections::HashSet<usize> = triage::bench::pretokenize(&model, &messages).iter().map(|e| e.len()).collect();
+    let encoded = triage::bench::pretokenize(&model, &messages);
+    let available: std::collections::HashSet<usize> = encoded.iter().map(|e| e.len()).collect();
     let replayable: Vec<Vec<usize>> = recorded.iter().filter(|b| b.iter().all(|l| available.contains(l))).cloned().collect();
     assert!(replayable.len() * 2 > recorded.len(), "most batches replayable from the rendered messages");
     let replayed =
-        triage::bench::replay(&model, &messages, &replayable, &EngineConfig { inference_threads: 2, ..EngineConfig::default() }).unwrap();
+        triage::bench::replay(&model, &encoded, &replayable, &EngineConfig { inference_threads: 2, ..EngineConfig::default() }).unwrap();
     let real: usize = replayable.iter().flatten().sum();
     let padded: usize = replayable.iter().map(|b| b.len() * b.iter().max().unwrap()).sum();
     assert_eq!(replayed.messages, replayable.iter().map(Vec::len).sum::<usize>());
@@ -192,6 +193,6 @@ fn recorded_batches_are_every_batch_with_its_token_lengths_and_replay_rebuilds_t
 
     // A length the messages cannot give is refused, not replayed as something else.
     let impossible = vec![vec![100_000]];
-    let err = triage::bench::replay(&model, &messages, &impossible, &EngineConfig::default()).unwrap_err();
+    let err = triage::bench::replay(&model, &encoded, &impossible, &EngineConfig::default()).unwrap_err();
     assert!(err.to_string().contains("100000-token message"), "{err}");
 }

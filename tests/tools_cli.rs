@@ -265,6 +265,26 @@ fn cost_script_computes_core_hours_and_llm_cost_per_million_messages() {
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("price_per_core_hour"));
 }
 
+/// A command run in the background, killed when the test fails: a command retrying forever
+/// must not outlive it.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn exit_within(child: &mut Reaped, limit: Duration) -> std::process::ExitStatus {
+    let mut status = None;
+    common::worker::wait_until(limit, "the command to exit", || {
+        status = child.0.try_wait().unwrap();
+        status.is_some()
+    });
+    status.unwrap()
+}
+
 #[test]
 fn topics_and_schema_commands_create_idempotently_and_wait_for_what_is_missing() {
     let env = Env::new("topics_cmd", shared_clickhouse().url());
@@ -292,7 +312,26 @@ fn topics_and_schema_commands_create_idempotently_and_wait_for_what_is_missing()
     let (code, text) = run(&["schema", "wait", "--timeout-seconds", "2"], &[]);
     assert_eq!(code, Some(1));
     assert!(text.contains("not ready after 2s") && text.contains("schema apply"), "{text}");
+    // A worker's init container waits while a schema Job has not run yet: still waiting after
+    // its first retry, and done once the table is there.
+    let wait_log = env.dir.path().join("wait.log");
+    let mut waiting = Reaped(
+        triage()
+            .args(["schema", "wait", "--timeout-seconds", "300", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&wait_log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let wait_text = || std::fs::read_to_string(&wait_log).unwrap_or_default();
+    common::worker::wait_until(Duration::from_secs(60), "wait to retry or exit", || {
+        wait_text().contains("waiting for the ClickHouse schema") || matches!(waiting.0.try_wait(), Ok(Some(_)))
+    });
+    assert!(waiting.0.try_wait().unwrap().is_none(), "wait gave up at once: {}", wait_text());
     assert_eq!(run(&["schema", "apply", "--wait-seconds", "10"], &[]).0, Some(0));
+    let status = exit_within(&mut waiting, Duration::from_secs(60));
+    assert!(status.success(), "wait returns once the table is there: {}", wait_text());
     let (code, text) = run(&["schema", "wait", "--timeout-seconds", "10"], &[]);
     assert_eq!(code, Some(0), "{text}");
     // On a cluster layout, print shows it (no server needed).
@@ -312,22 +351,6 @@ fn schema_apply_waits_for_a_server_that_comes_up_and_gives_up_at_its_deadline_on
     let mut server = common::worker::PrivateClickHouse::start();
     let env = Env::new("schema_late", server.url());
     let config = env.write_config("s", &common::test_model_dir("multihead-tiny"), &["tickets"], |_| {});
-    // Killed when the test fails: a command retrying forever must not outlive it.
-    struct Reaped(std::process::Child);
-    impl Drop for Reaped {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let exit_within = |child: &mut Reaped, limit: Duration| {
-        let mut status = None;
-        common::worker::wait_until(limit, "the command to exit", || {
-            status = child.0.try_wait().unwrap();
-            status.is_some()
-        });
-        status.unwrap()
-    };
     server.stop();
     let log = env.dir.path().join("apply.log");
     let mut apply = Reaped(

@@ -296,12 +296,11 @@ fn batches(encoded: &[Encoded], batch_size: usize, max_tokens: usize) -> Vec<std
 /// at the best batch size (`batch_size`, or the best of 8 / 16 / 32 / 64 on a sample).
 pub fn ceiling(
     model: &Model,
-    messages: &[serde_json::Value],
+    encoded: &[Encoded],
     batch_size: Option<usize>,
     max_tokens: usize,
     engine: &EngineConfig,
 ) -> Result<(StageResult, usize), BenchError> {
-    let encoded = pretokenize(model, messages);
     let (sessions, intra) = engine.sessions_for(model);
     let batch_size = match batch_size {
         Some(b) => b,
@@ -319,7 +318,7 @@ pub fn ceiling(
             best.0
         }
     };
-    Ok((ceiling_on(model, &encoded, batch_size, max_tokens.max(batch_size * model.info().max_length), sessions, intra)?, batch_size))
+    Ok((ceiling_on(model, encoded, batch_size, max_tokens.max(batch_size * model.info().max_length), sessions, intra)?, batch_size))
 }
 
 /// The ceiling with `sessions` sessions (`intra` threads each), each on its own thread,
@@ -333,26 +332,8 @@ pub fn ceiling_on(
     intra: Option<usize>,
 ) -> Result<StageResult, BenchError> {
     let plan = batches(encoded, batch_size, max_tokens);
-    let (mut real, mut padded, mut flops) = (0u64, 0u64, 0f64);
-    let architecture = model.descriptor().architecture;
-    for range in &plan {
-        let width = encoded[range.end - 1].len();
-        real += encoded[range.clone()].iter().map(|e| e.len() as u64).sum::<u64>();
-        padded += (range.len() * width) as u64;
-        flops += architecture.map_or(0.0, |a| a.flops(range.len(), width));
-    }
     let batches: Vec<Vec<&Encoded>> = plan.iter().map(|range| encoded[range.clone()].iter().collect()).collect();
-    let (seconds, inference_seconds) = run_batches(model, &batches, sessions, intra)?;
-    Ok(StageResult {
-        messages: encoded.len(),
-        seconds,
-        tokens: real,
-        padding_ratio: padded as f64 / real.max(1) as f64,
-        peak_rss_mb: peak_rss_mb(),
-        flops,
-        inference_seconds,
-        ..Default::default()
-    })
+    run_stage(model, &batches, sessions, intra)
 }
 
 /// a2. The batches stage b formed (their token lengths, in order), rebuilt from the same
@@ -360,17 +341,15 @@ pub fn ceiling_on(
 /// nothing else on the cores.
 pub fn replay(
     model: &Model,
-    messages: &[serde_json::Value],
+    encoded: &[Encoded],
     recorded: &[Vec<usize>],
     engine: &EngineConfig,
 ) -> Result<StageResult, BenchError> {
-    let encoded = pretokenize(model, messages);
     let mut by_length: std::collections::HashMap<usize, (Vec<&Encoded>, usize)> = std::collections::HashMap::new();
-    for e in &encoded {
+    for e in encoded {
         by_length.entry(e.len()).or_default().0.push(e);
     }
     let mut batches = Vec::with_capacity(recorded.len());
-    let (mut real, mut padded) = (0u64, 0u64);
     for lengths in recorded {
         let mut batch = Vec::with_capacity(lengths.len());
         for &length in lengths {
@@ -382,18 +361,31 @@ pub fn replay(
             batch.push(pool[*next % pool.len()]);
             *next += 1;
         }
-        real += lengths.iter().sum::<usize>() as u64;
-        padded += (lengths.len() * lengths.iter().copied().max().unwrap_or(0)) as u64;
         batches.push(batch);
     }
     let (sessions, intra) = engine.sessions_for(model);
-    let (seconds, inference_seconds) = run_batches(model, &batches, sessions, intra)?;
+    run_stage(model, &batches, sessions, intra)
+}
+
+/// A model-alone stage: `batches` run as [`run_batches`] runs them, with their real and padded
+/// tokens and the model's FLOPs for those shapes.
+fn run_stage(model: &Model, batches: &[Vec<&Encoded>], sessions: usize, intra: Option<usize>) -> Result<StageResult, BenchError> {
+    let (mut real, mut padded, mut flops) = (0u64, 0u64, 0f64);
+    let architecture = model.descriptor().architecture;
+    for batch in batches {
+        let width = batch.iter().map(|e| e.len()).max().unwrap_or(0);
+        real += batch.iter().map(|e| e.len() as u64).sum::<u64>();
+        padded += (batch.len() * width) as u64;
+        flops += architecture.map_or(0.0, |a| a.flops(batch.len(), width));
+    }
+    let (seconds, inference_seconds) = run_batches(model, batches, sessions, intra)?;
     Ok(StageResult {
-        messages: recorded.iter().map(Vec::len).sum(),
+        messages: batches.iter().map(Vec::len).sum(),
         seconds,
         tokens: real,
         padding_ratio: padded as f64 / real.max(1) as f64,
         peak_rss_mb: peak_rss_mb(),
+        flops,
         inference_seconds,
         ..Default::default()
     })
@@ -531,16 +523,20 @@ pub async fn run(options: BenchOptions, progress: impl Fn(&str)) -> Result<Vec<W
         let (batch_size, max_tokens, engine) =
             (options.ceiling_batch_size, options.batching.policy.max_batch_tokens, options.batching.clone());
         let msgs = messages.clone();
-        let (ceiling, ceiling_batch_size) = tokio::task::spawn_blocking(move || ceiling(&m, &msgs, batch_size, max_tokens, &engine))
-            .await
-            .map_err(|e| BenchError::Other(e.to_string()))??;
+        // Tokenized once: the ceiling and the replay of stage b's batches both run these.
+        let (encoded, (ceiling, ceiling_batch_size)) = tokio::task::spawn_blocking(move || {
+            let encoded = pretokenize(&m, &msgs);
+            let stage = ceiling(&m, &encoded, batch_size, max_tokens, &engine);
+            stage.map(|stage| (encoded, stage))
+        })
+        .await
+        .map_err(|e| BenchError::Other(e.to_string()))??;
         progress("  b. the whole worker at default settings");
         let recording = EngineConfig { record_batches: true, ..options.batching.clone() };
         let mut worker = worker_stage(&format!("{index}-b"), &kafka, &clickhouse, &options, recording, &records, None, None).await?.0;
         progress("  a2. stage b's own batches, replayed on the model alone");
-        let (m, msgs, recorded, engine) =
-            (model.clone(), messages.clone(), std::mem::take(&mut worker.batch_lengths), options.batching.clone());
-        let worker_batches = tokio::task::spawn_blocking(move || replay(&m, &msgs, &recorded, &engine))
+        let (m, recorded, engine) = (model.clone(), std::mem::take(&mut worker.batch_lengths), options.batching.clone());
+        let worker_batches = tokio::task::spawn_blocking(move || replay(&m, &encoded, &recorded, &engine))
             .await
             .map_err(|e| BenchError::Other(e.to_string()))??;
         progress("  c. the same worker with max_batch_size 1");
