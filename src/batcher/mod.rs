@@ -134,10 +134,6 @@ impl<T> Assembler<T> {
         self.caps[tuner::bucket_of(longest)]
     }
 
-    pub fn policy(&self) -> &BatchPolicy {
-        &self.policy
-    }
-
     pub fn len(&self) -> usize {
         self.pending.len()
     }
@@ -379,6 +375,7 @@ mod tests {
             a.push(i, 1 + (i * 37) % 64, t0);
             while let Some(b) = a.pop_due(t0, false) {
                 assert!(b.len() <= 7 && (b.padded_tokens() <= 300));
+                assert!(!b.is_empty(), "a closed batch holds at least one item");
                 seen.extend(b.items);
             }
         }
@@ -390,9 +387,41 @@ mod tests {
     }
 
     #[test]
+    fn the_tuners_caps_limit_each_length_bucket_and_never_exceed_max_batch_size() {
+        let t0 = Instant::now();
+        let mut a = Assembler::new(policy(8, 100_000, 10, 1));
+        let mut caps = [8; tuner::BUCKET_LIMITS.len()];
+        caps[tuner::bucket_of(5)] = 2;
+        caps[tuner::bucket_of(100)] = 50;
+        a.set_caps(caps);
+        for i in 0..4 {
+            a.push(i, 5, t0);
+        }
+        assert!(!a.is_empty() && a.len() == 4);
+        let short = a.pop_due(t0, true).expect("flushed");
+        assert_eq!((short.len(), short.cap), (2, 2), "short messages' bucket capped at 2");
+        assert_eq!(a.pop_due(t0, true).map(|b| b.len()), Some(2));
+        assert!(a.is_empty());
+        for i in 0..10 {
+            a.push(i, 100, t0);
+        }
+        let long = a.pop_due(t0, true).expect("flushed");
+        assert_eq!((long.len(), long.cap), (8, 8), "a cap above max_batch_size is clamped to it");
+    }
+
+    #[test]
+    fn a_batch_is_empty_only_without_items() {
+        let batch = |items: Vec<u8>| Batch { lengths: vec![1; items.len()], items, oldest: Instant::now(), cap: 4 };
+        assert!(batch(Vec::new()).is_empty());
+        assert!(!batch(vec![7]).is_empty());
+    }
+
+    #[test]
     fn policy_validation_explains() {
         assert!(policy(0, 100, 1, 1).validate(10).unwrap_err().contains("max_batch_size"));
         assert!(policy(4, 100, 1, 1).validate(128).unwrap_err().contains("max_length"));
+        // A budget of exactly one full-length message is enough.
+        assert_eq!(policy(4, 128, 1, 1).validate(128), Ok(()));
         assert!(policy(4, 1000, 1, 0).validate(128).unwrap_err().contains("bucket_window"));
     }
 }
