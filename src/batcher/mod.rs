@@ -321,6 +321,13 @@ mod tests {
         a.push("huge", 80, t0);
         let b = a.pop_due(t0, true).unwrap();
         assert_eq!(b.items, vec!["huge"]);
+        // In arrival order (a window of 1) too, and the message after it is not held back.
+        let mut fifo = Assembler::new(policy(8, 50, 10, 1));
+        fifo.push("huge", 80, t0);
+        fifo.push("next", 5, t0);
+        let b = fifo.pop_due(t0, false).expect("a batch is ready: the next message cannot join it");
+        assert_eq!(b.items, vec!["huge"]);
+        assert_eq!(fifo.pop_due(t0, true).map(|b| b.items), Some(vec!["next"]));
     }
 
     #[test]
@@ -407,6 +414,34 @@ mod tests {
         }
         let long = a.pop_due(t0, true).expect("flushed");
         assert_eq!((long.len(), long.cap), (8, 8), "a cap above max_batch_size is clamped to it");
+    }
+
+    #[test]
+    fn a_window_is_full_at_window_times_the_batch_limits_in_rows_or_tokens() {
+        let t0 = Instant::now();
+        // Rows: 3 batches of 4.
+        let mut a = Assembler::new(policy(4, 100_000, 1000, 3));
+        for i in 0..11 {
+            a.push(i, 5, t0);
+        }
+        assert!(!a.window_full() && a.pop_due(t0, false).is_none(), "11 of 12 rows");
+        a.push(11, 5, t0);
+        assert!(a.window_full(), "12 rows");
+        // Tokens: 3 budgets of 100.
+        let mut a = Assembler::new(policy(100, 100, 1000, 3));
+        for i in 0..9 {
+            a.push(i, 30, t0);
+        }
+        assert!(!a.window_full() && a.pop_due(t0, false).is_none(), "270 of 300 tokens");
+        a.push(9, 30, t0);
+        assert!(a.window_full(), "300 tokens");
+        // A batch taken out leaves the rest's tokens counted: 7 x 30, then 10 x 30 again.
+        assert_eq!(a.pop_due(t0, false).map(|b| b.len()), Some(3), "100-token budget: 3 rows of 30");
+        assert!(!a.window_full(), "210 tokens left");
+        for i in 10..13 {
+            a.push(i, 30, t0);
+        }
+        assert!(a.window_full(), "300 tokens again");
     }
 
     #[test]
