@@ -328,6 +328,17 @@ mod tests {
         let b = fifo.pop_due(t0, false).expect("a batch is ready: the next message cannot join it");
         assert_eq!(b.items, vec!["huge"]);
         assert_eq!(fifo.pop_due(t0, true).map(|b| b.items), Some(vec!["next"]));
+        // Among short ones, bucketed: it runs alone and the short ones within the budget.
+        let mut mixed = Assembler::new(policy(8, 50, 10, 4));
+        for (item, tokens) in [("a", 5), ("huge", 80), ("b", 5)] {
+            mixed.push(item, tokens, t0);
+        }
+        let mut seen = 0;
+        while let Some(b) = mixed.pop_due(t0, true) {
+            assert!(b.len() == 1 || b.padded_tokens() <= 50, "{:?} ({} padded tokens)", b.items, b.padded_tokens());
+            seen += b.len();
+        }
+        assert_eq!(seen, 3);
     }
 
     #[test]

@@ -25,7 +25,8 @@ use serde::Serialize;
 pub const BUCKET_LIMITS: [usize; 8] = [8, 16, 32, 64, 128, 256, 512, usize::MAX];
 
 pub fn bucket_of(longest: usize) -> usize {
-    BUCKET_LIMITS.iter().position(|&limit| longest <= limit).unwrap_or(BUCKET_LIMITS.len() - 1)
+    // The limits below it; never all of them, as the last is usize::MAX.
+    BUCKET_LIMITS.iter().take_while(|&&limit| longest > limit).count()
 }
 
 /// The batch size caps in force, one per length bucket: what the assembler reads (a copy, so
@@ -333,6 +334,7 @@ mod tests {
         assert_eq!(bucket_of(9), 1);
         assert_eq!(bucket_of(128), 4);
         assert_eq!(bucket_of(10_000), 7);
+        assert_eq!((bucket_of(8), bucket_of(512), bucket_of(513), bucket_of(usize::MAX)), (0, 6, 7, 7));
     }
 
     #[test]
