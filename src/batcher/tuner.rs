@@ -324,6 +324,44 @@ mod tests {
         }
     }
 
+    /// A measure of batches whose real-token rates are 1, 2, ..., n per second, 4 rows each.
+    fn measure_of(n: usize) -> Measure {
+        let mut m = Measure::default();
+        for rate in 1..=n {
+            m.add(4, rate, 1.0);
+        }
+        m
+    }
+
+    #[test]
+    fn a_measure_is_the_median_of_its_latest_rates_with_a_robust_standard_error() {
+        assert_eq!(measure_of(3).uncertainty(), f64::INFINITY, "three samples say too little");
+        // Quartiles 2 and 4: sigma = 2 / 1.349, error = 1.2533 sigma / sqrt(4).
+        let four = measure_of(4);
+        assert!((four.uncertainty() - 1.2533 * (2.0 / 1.349) / 2.0).abs() < 1e-12, "{}", four.uncertainty());
+        assert_eq!(four.per_second(), 3.0);
+        // Only the latest 15 are kept: 6..=20, median 13.
+        assert_eq!(measure_of(20).per_second(), 13.0);
+    }
+
+    #[test]
+    fn a_measure_is_enough_after_min_batches_and_min_rows_or_eight_times_the_batches() {
+        let settings = TunerSettings { min_batches: 5, min_rows: 1000, recheck_every: 400 };
+        assert!(!measure_of(4).enough(&settings), "too few batches");
+        assert!(!measure_of(39).enough(&settings), "156 rows, 39 batches");
+        assert!(measure_of(40).enough(&settings), "thin traffic: 8 x min_batches batches");
+        assert!(measure_of(5).enough(&TunerSettings { min_rows: 20, ..settings }), "5 batches of 4 rows");
+    }
+
+    #[test]
+    fn ageing_keeps_the_latest_half_of_a_measure() {
+        let mut m = measure_of(15);
+        m.age();
+        assert_eq!((m.rates.len(), m.batches, m.rows), (7, 7, 30));
+        assert_eq!(m.rates.iter().copied().collect::<Vec<_>>(), (9..=15).map(f64::from).collect::<Vec<_>>());
+        assert_eq!(m.per_second(), 12.0);
+    }
+
     #[test]
     fn candidates_are_powers_of_two_up_to_the_maximum() {
         let t = BatchSizeTuner::new(24, TunerSettings::default());
