@@ -354,6 +354,18 @@ mod tests {
     }
 
     #[test]
+    fn batches_with_no_rows_or_no_measurable_time_are_not_counted() {
+        let mut t = BatchSizeTuner::new(32, TunerSettings::default());
+        let cap = t.candidates[0];
+        for (rows, seconds) in [(0, 0.01), (4, 0.0), (4, -1.0), (4, f64::NAN), (4, f64::INFINITY)] {
+            t.record(10, cap, rows, 40, seconds);
+        }
+        assert_eq!(t.buckets[bucket_of(10)].measures[0].batches, 0, "nothing counted");
+        t.record(10, cap, 4, 40, 0.01);
+        assert_eq!(t.buckets[bucket_of(10)].measures[0].batches, 1);
+    }
+
+    #[test]
     fn ageing_keeps_the_latest_half_of_a_measure() {
         let mut m = measure_of(15);
         m.age();
