@@ -65,16 +65,7 @@ impl EngineConfig {
     pub fn sessions_for(&self, model: &Model) -> (usize, Option<usize>) {
         let cores = self.cores.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
         let on_cpu = model.info().provider == crate::model::Provider::Cpu;
-        let sessions = match self.inference_threads {
-            0 if on_cpu => cores,
-            0 => 1,
-            n => n,
-        };
-        let intra = match model.intra_threads() {
-            0 if on_cpu => Some((cores / sessions).max(1)),
-            _ => None,
-        };
-        (sessions, intra)
+        split_cores(cores, self.inference_threads, on_cpu, model.intra_threads())
     }
 
     pub fn validate(&self, max_length: usize) -> Result<(), String> {
@@ -87,6 +78,22 @@ impl EngineConfig {
         }
         Ok(())
     }
+}
+
+/// (sessions, intra-op threads each) on `cores`: on a CPU, one session per core unless
+/// `inference_threads` says how many, the cores shared out among them unless the model sets
+/// its own intra-op threads; a GPU runs one session (its own threads).
+fn split_cores(cores: usize, inference_threads: usize, on_cpu: bool, model_intra_threads: usize) -> (usize, Option<usize>) {
+    let sessions = match inference_threads {
+        0 if on_cpu => cores,
+        0 => 1,
+        n => n,
+    };
+    let intra = match model_intra_threads {
+        0 if on_cpu => Some((cores / sessions).max(1)),
+        _ => None,
+    };
+    (sessions, intra)
 }
 
 /// One inference step: a padded batch of encoded texts in, one prediction per text out, in
@@ -939,6 +946,61 @@ mod tests {
     use std::sync::{Condvar, Mutex};
 
     use super::*;
+
+    #[test]
+    fn cores_are_split_into_sessions_and_their_threads() {
+        assert_eq!(split_cores(4, 0, true, 0), (4, Some(1)), "a session per core");
+        assert_eq!(split_cores(4, 2, true, 0), (2, Some(2)));
+        assert_eq!(split_cores(4, 3, true, 0), (3, Some(1)));
+        assert_eq!(split_cores(2, 4, true, 0), (4, Some(1)), "never below one thread");
+        assert_eq!(split_cores(4, 2, true, 3), (2, None), "the model's own threads");
+        assert_eq!(split_cores(4, 0, false, 0), (1, None), "a GPU: one session");
+        assert_eq!(split_cores(4, 2, false, 0), (2, None));
+    }
+
+    #[test]
+    fn an_engine_config_refuses_no_tokenizer_threads_no_queue_or_a_bad_policy() {
+        let ok = EngineConfig::default();
+        assert_eq!(ok.validate(64), Ok(()));
+        assert!(EngineConfig { tokenizer_threads: 0, ..ok.clone() }.validate(64).unwrap_err().contains("tokenizer_threads"));
+        assert!(EngineConfig { queue_capacity: 0, ..ok.clone() }.validate(64).unwrap_err().contains("queue_capacity"));
+        assert!(ok.validate(100_000).unwrap_err().contains("max_length"), "the batch policy is checked too");
+    }
+
+    #[test]
+    fn merged_stats_add_every_counter() {
+        let a = StatsSnapshot {
+            submitted: 1,
+            classified: 2,
+            failed: 3,
+            batches: 4,
+            real_tokens: 5,
+            padded_tokens: 6,
+            tokenize_seconds: 7.0,
+            inference_seconds: 8.0,
+        };
+        let b = StatsSnapshot {
+            submitted: 10,
+            classified: 20,
+            failed: 30,
+            batches: 40,
+            real_tokens: 50,
+            padded_tokens: 60,
+            tokenize_seconds: 70.0,
+            inference_seconds: 80.0,
+        };
+        let sum = StatsSnapshot {
+            submitted: 11,
+            classified: 22,
+            failed: 33,
+            batches: 44,
+            real_tokens: 55,
+            padded_tokens: 66,
+            tokenize_seconds: 77.0,
+            inference_seconds: 88.0,
+        };
+        assert_eq!(a.merge(&b), sum);
+    }
 
     #[test]
     fn a_shadows_nice_value_gives_it_about_its_share_of_a_busy_cpu() {

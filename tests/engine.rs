@@ -26,6 +26,8 @@ fn texts(n: usize) -> Vec<String> {
 #[test]
 fn results_map_back_to_their_messages_under_concurrency() {
     let model = common::load(&common::test_model_dir("multihead-tiny"));
+    // On the CPU, with no threads set in the model: a session per core, one thread each.
+    assert_eq!(EngineConfig { cores: Some(4), ..EngineConfig::default() }.sessions_for(&model), (4, Some(1)));
     let texts = Arc::new(texts(600));
     let expected: Vec<_> = texts.iter().map(|t| solo(&model, t)).collect();
     let config = EngineConfig {
