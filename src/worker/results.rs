@@ -428,6 +428,7 @@ mod tests {
         let route = route(EscalationPolicy { head: None, threshold: 0.5, ood_threshold: None });
         let row = build_row(&tag(&route, b"{}"), &classified(), &route, true, "pod-3");
         assert_eq!((row.topic.as_str(), row.partition, row.offset), ("tickets", 2, 41));
+        assert_eq!(row.kind, "ticket", "the route's kind: what analysts filter on");
         assert_eq!((row.event_time, row.event_time_ms), (1_700_000_123, 1_700_000_123_456));
         assert_eq!((row.category.as_str(), row.priority.as_str(), row.escalated), ("card_lost", "high", 1));
         assert_eq!(row.head_names, vec!["intent"], "label heads only: tags and embeddings have their own columns or none");
