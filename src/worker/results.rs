@@ -429,6 +429,10 @@ mod tests {
         let row = build_row(&tag(&route, b"{}"), &classified(), &route, true, "pod-3");
         assert_eq!((row.topic.as_str(), row.partition, row.offset), ("tickets", 2, 41));
         assert_eq!(row.kind, "ticket", "the route's kind: what analysts filter on");
+        assert_eq!(row.consumed_time_ms, 1_700_000_200_000);
+        assert_eq!((row.confidence, row.tag_scores.clone()), (0.42, vec![0.9]));
+        assert_eq!((row.head_labels.clone(), row.head_scores.clone()), (vec!["card_lost".to_string()], vec![0.42]));
+        assert_eq!((row.metadata_keys.clone(), row.redriven), (vec!["customer".to_string()], 0));
         assert_eq!((row.event_time, row.event_time_ms), (1_700_000_123, 1_700_000_123_456));
         assert_eq!((row.category.as_str(), row.priority.as_str(), row.escalated), ("card_lost", "high", 1));
         assert_eq!(row.head_names, vec!["intent"], "label heads only: tags and embeddings have their own columns or none");
