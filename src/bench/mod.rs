@@ -339,12 +339,7 @@ pub fn ceiling_on(
 /// a2. The batches stage b formed (their token lengths, in order), rebuilt from the same
 /// messages and run on the model alone, as the ceiling runs: the same padding, the same sizes,
 /// nothing else on the cores.
-pub fn replay(
-    model: &Model,
-    encoded: &[Encoded],
-    recorded: &[Vec<usize>],
-    engine: &EngineConfig,
-) -> Result<StageResult, BenchError> {
+pub fn replay(model: &Model, encoded: &[Encoded], recorded: &[Vec<usize>], engine: &EngineConfig) -> Result<StageResult, BenchError> {
     let mut by_length: std::collections::HashMap<usize, (Vec<&Encoded>, usize)> = std::collections::HashMap::new();
     for e in encoded {
         by_length.entry(e.len()).or_default().0.push(e);
