@@ -269,6 +269,13 @@ fn cost_script_computes_core_hours_and_llm_cost_per_million_messages() {
 /// must not outlive it.
 struct Reaped(std::process::Child);
 
+impl Reaped {
+    /// `command` started with its stderr (the log) written to `log`.
+    fn spawn(command: &mut Command, log: &std::path::Path) -> Reaped {
+        Reaped(command.stdout(Stdio::null()).stderr(std::fs::File::create(log).unwrap()).spawn().unwrap())
+    }
+}
+
 impl Drop for Reaped {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -315,15 +322,7 @@ fn topics_and_schema_commands_create_idempotently_and_wait_for_what_is_missing()
     // A worker's init container waits while a schema Job has not run yet: still waiting after
     // its first retry, and done once the table is there.
     let wait_log = env.dir.path().join("wait.log");
-    let mut waiting = Reaped(
-        triage()
-            .args(["schema", "wait", "--timeout-seconds", "300", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&wait_log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let mut waiting = Reaped::spawn(triage().args(["schema", "wait", "--timeout-seconds", "300", "--config"]).arg(&config), &wait_log);
     let wait_text = || std::fs::read_to_string(&wait_log).unwrap_or_default();
     common::worker::wait_until(Duration::from_secs(60), "wait to retry or exit", || {
         wait_text().contains("waiting for the ClickHouse schema") || matches!(waiting.0.try_wait(), Ok(Some(_)))
@@ -353,15 +352,7 @@ fn schema_apply_waits_for_a_server_that_comes_up_and_gives_up_at_its_deadline_on
     let config = env.write_config("s", &common::test_model_dir("multihead-tiny"), &["tickets"], |_| {});
     server.stop();
     let log = env.dir.path().join("apply.log");
-    let mut apply = Reaped(
-        triage()
-            .args(["schema", "apply", "--wait-seconds", "300", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let mut apply = Reaped::spawn(triage().args(["schema", "apply", "--wait-seconds", "300", "--config"]).arg(&config), &log);
     common::worker::wait_until(Duration::from_secs(60), "apply to retry or exit", || {
         std::fs::read_to_string(&log).unwrap_or_default().contains("ClickHouse not ready for the schema yet")
             || matches!(apply.0.try_wait(), Ok(Some(_)))
@@ -377,15 +368,9 @@ fn schema_apply_waits_for_a_server_that_comes_up_and_gives_up_at_its_deadline_on
     // Nothing ever listens here: a two-second wait ends in about two seconds, with the reason.
     let nowhere = format!("http://127.0.0.1:{}", triage::local::free_port().unwrap());
     let never_log = env.dir.path().join("never.log");
-    let mut never = Reaped(
-        triage()
-            .args(["schema", "apply", "--wait-seconds", "2", "--config"])
-            .arg(&config)
-            .env("TRIAGE_CLICKHOUSE__URL", &nowhere)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&never_log).unwrap())
-            .spawn()
-            .unwrap(),
+    let mut never = Reaped::spawn(
+        triage().args(["schema", "apply", "--wait-seconds", "2", "--config"]).arg(&config).env("TRIAGE_CLICKHOUSE__URL", &nowhere),
+        &never_log,
     );
     let status = exit_within(&mut never, Duration::from_secs(60));
     let stderr = std::fs::read_to_string(&never_log).unwrap_or_default();
