@@ -338,7 +338,19 @@ impl Env {
     }
 
     pub fn kafka_config(&self) -> KafkaConfig {
-        KafkaConfig { bootstrap_servers: self.kafka.bootstrap_servers(), group_id: self.group.clone(), ..Default::default() }
+        let mut config =
+            KafkaConfig { bootstrap_servers: self.kafka.bootstrap_servers(), group_id: self.group.clone(), ..Default::default() };
+        if let TestKafka::Mock(_) = self.kafka {
+            // librdkafka's mock does not check an idempotent producer's sequence numbers unless
+            // it is transactional (rdkafka_mock.c, rd_kafka_mock_validate_records). With two
+            // produce requests in flight, an injected error on the first and success on the
+            // second makes librdkafka ack the first implicitly (IMPLICITACK, librdkafka #2501):
+            // a record acknowledged and never written. A real broker answers the second
+            // OUT_OF_ORDER_SEQUENCE_NUMBER and the first is retried. One request in flight keeps
+            // the mock honest; triage's own retries are what these tests check.
+            config.properties.insert("max.in.flight.requests.per.connection".into(), "1".into());
+        }
+        config
     }
 
     /// The configuration `triage run` gets in these tests, as the typed [`Config`]: a test
