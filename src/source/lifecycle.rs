@@ -232,3 +232,24 @@ impl<I: Intake> Lifecycle<I> {
         super::kafka::commit_done(&self.kafka, &self.tracker, self.settle.counters())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(max_unfinished_age_ms: u64) -> crate::config::Config {
+        let kafka = crate::config::KafkaConfig { max_unfinished_age_ms, commit_interval_ms: 250, ..Default::default() };
+        crate::local::local_worker_config("w", kafka, Default::default(), vec![], Default::default())
+    }
+
+    #[test]
+    fn stalls_are_watched_only_when_asked_and_the_age_limit_is_set() {
+        let limits = Limits::of(&config(90_000), 7, true);
+        assert_eq!(limits.max_unfinished_age, Some(Duration::from_secs(90)));
+        assert_eq!((limits.max_in_flight, limits.commit_every), (7, Duration::from_millis(250)));
+        // `triage escalate` exports the ages but leaves readiness alone.
+        assert_eq!(Limits::of(&config(90_000), 7, false).max_unfinished_age, None);
+        // 0 turns the watch off: every partition would otherwise count as stalled at once.
+        assert_eq!(Limits::of(&config(0), 7, true).max_unfinished_age, None);
+    }
+}
