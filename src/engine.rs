@@ -1003,6 +1003,14 @@ mod tests {
     }
 
     #[test]
+    fn mean_batch_size_and_padding_ratio_are_ratios_with_safe_empty_values() {
+        let stats = StatsSnapshot { classified: 10, batches: 4, real_tokens: 8, padded_tokens: 10, ..StatsSnapshot::default() };
+        assert_eq!((stats.mean_batch_size(), stats.padding_ratio()), (2.5, 1.25));
+        let empty = StatsSnapshot::default();
+        assert_eq!((empty.mean_batch_size(), empty.padding_ratio()), (0.0, 1.0), "no batches yet: no size, no padding");
+    }
+
+    #[test]
     fn a_shadows_nice_value_gives_it_about_its_share_of_a_busy_cpu() {
         // CFS weights: 1024 at nice 0, / 1.25 per step.
         let share_at = |nice: i32| {
@@ -1084,6 +1092,8 @@ mod tests {
         runs: usize,
         /// Sleep per batch (backends of different speeds finish batches out of order).
         delay: Duration,
+        /// Sleep this times rows squared on top: per row, larger batches are slower.
+        per_row_squared: Duration,
         gate: Option<Arc<Gate>>,
         /// Written into every answer's priority: which model version answered.
         mark: Option<&'static str>,
@@ -1094,7 +1104,7 @@ mod tests {
             if let Some(gate) = &self.gate {
                 gate.wait();
             }
-            std::thread::sleep(self.delay);
+            std::thread::sleep(self.delay + self.per_row_squared * (batch.len() * batch.len()) as u32);
             self.runs += 1;
             if self.broken_after.is_some_and(|n| self.runs > n) {
                 return Err(ModelError::Inference("CUDA error: device lost".into()));
@@ -1119,7 +1129,16 @@ mod tests {
 
     impl Default for Fake {
         fn default() -> Self {
-            Fake { poison: None, panic_on: None, broken_after: None, runs: 0, delay: Duration::ZERO, gate: None, mark: None }
+            Fake {
+                poison: None,
+                panic_on: None,
+                broken_after: None,
+                runs: 0,
+                delay: Duration::ZERO,
+                per_row_squared: Duration::ZERO,
+                gate: None,
+                mark: None,
+            }
         }
     }
 
@@ -1331,6 +1350,68 @@ mod tests {
             assert!(Instant::now() < deadline, "the retired generation is still referenced");
             std::thread::yield_now();
         }
+        engine.shutdown();
+    }
+
+    /// A backend whose cost per row grows with the batch: the tuner must walk the size down,
+    /// the batcher must assemble at the tuner's cap, and what it chose must be reported.
+    #[test]
+    fn the_tuner_learns_from_each_batch_and_the_batcher_assembles_at_its_cap() {
+        let quadratic = || Box::new(Fake { per_row_squared: Duration::from_micros(200), ..Fake::default() }) as Box<dyn Backend>;
+        let (tx, rx) = flume::unbounded();
+        let mut config = config(16, 1024);
+        config.policy.tune_batch_size = true;
+        config.record_batches = true;
+        let started = Instant::now();
+        let engine = Engine::with_backends("fake-tuned", encoder(), vec![quadratic()], &config, tx).unwrap();
+        // One length: one bucket of the tuner.
+        for i in 0..600 {
+            engine.submit(i, rendered("refund parcel late")).unwrap();
+        }
+        for _ in 0..600 {
+            rx.recv_timeout(Duration::from_secs(60)).expect("every message answered").result.unwrap();
+        }
+        let (stats, choices, batches) = (engine.stats(), engine.stats.batch_sizes(), engine.stats.recorded_batches());
+        let elapsed = started.elapsed().as_secs_f64();
+        engine.shutdown();
+        assert_eq!(choices.len(), 1, "{choices:?}");
+        let choice = &choices[0];
+        assert!(choice.settled && choice.batch_size <= 2, "rows cost their square: the smallest sizes win: {choice:?}");
+        assert!(choice.measured.iter().any(|&(size, _)| size == 16), "the walk starts at the largest: {choice:?}");
+        let tail = &batches[batches.len() - 100..];
+        assert!(tail.iter().all(|b| b.len() <= choice.batch_size), "batches assembled at the chosen cap: {tail:?}");
+        // Seconds, not nanoseconds: one inference thread cannot spend more than the wall time.
+        assert!(stats.inference_seconds > 0.0 && stats.inference_seconds <= elapsed, "{} of {elapsed}", stats.inference_seconds);
+        assert!(stats.tokenize_seconds > 0.0 && stats.tokenize_seconds <= 3.0 * elapsed, "{} of {elapsed}", stats.tokenize_seconds);
+    }
+
+    /// A reload while the threads are idle: no traffic comes to make them let go of the old
+    /// generation, so each gives its backend back by itself, and the old version leaves /metrics.
+    #[test]
+    fn an_idle_engine_frees_the_replaced_generation_and_its_version_leaves_the_metrics() {
+        let (tx, rx) = flume::unbounded();
+        let model = "fake-idle-reload";
+        let engine = Engine::with_backends(model, encoder(), vec![fake(0), fake(0)], &config(8, 64), tx).unwrap();
+        let first = engine.current();
+        for i in 0..40 {
+            engine.submit(i, rendered(&texts(40)[i])).unwrap();
+        }
+        for _ in 0..40 {
+            rx.recv_timeout(Duration::from_secs(30)).expect("answered").result.unwrap();
+        }
+        let old_version = first.version().to_string();
+        let second = engine.install("v2", encoder(), vec![fake(0), fake(0)]).unwrap();
+        assert_ne!(second.id(), first.id(), "a new generation has a new id");
+        let old_generation = Arc::downgrade(&first);
+        drop(first);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while old_generation.upgrade().is_some() {
+            assert!(Instant::now() < deadline, "the idle threads still hold the replaced generation");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let line = |v: &str| format!("triage_batch_size_count{{model=\"{model}\",model_version=\"{v}\"}} 1\n");
+        let text = format!("{}{}", line(&old_version), line("v2"));
+        assert_eq!(telemetry::versions::without_replaced(&text), line("v2"), "only the serving version is shown");
         engine.shutdown();
     }
 
