@@ -789,7 +789,7 @@ fn send_batch<T>(batch: Batch<Tokenized<T>>, batches: &flume::Sender<Batch<Token
         let m = &first.generation.metrics;
         m.batch_size.record(batch.len() as f64);
         m.batch_tokens.record(batch.padded_tokens() as f64);
-        m.padding_ratio.record(batch.padded_tokens() as f64 / batch.real_tokens().max(1) as f64);
+        m.padding_ratio.record(batch.padding_ratio());
     }
     batches.send(batch).is_ok()
 }
@@ -1413,6 +1413,68 @@ mod tests {
         let text = format!("{}{}", line(&old_version), line("v2"));
         assert_eq!(telemetry::versions::without_replaced(&text), line("v2"), "only the serving version is shown");
         engine.shutdown();
+    }
+
+    /// The worker's ways in: async submission to the current or a chosen generation, and a
+    /// shadow's submission that never waits. Every message comes back once, to its own tag.
+    #[test]
+    fn async_and_non_blocking_submissions_all_come_back() {
+        let (tx, rx) = flume::unbounded();
+        let mut config = config(8, 64);
+        config.policy.tune_batch_size = false;
+        let engine = Engine::with_backends("fake-async", encoder(), vec![fake(0)], &config, tx).unwrap();
+        let (submitter, generation) = (engine.submitter(), engine.current());
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            for i in 0..5 {
+                submitter.submit_async(i, rendered("where is my parcel")).await.unwrap();
+                submitter.submit_async_to(&generation, 10 + i, rendered("refund please")).await.unwrap();
+            }
+        });
+        for i in 0..5 {
+            // Room is plenty (64): a non-blocking submission is taken.
+            submitter.try_submit_to(&generation, 20 + i, rendered("card charged twice")).unwrap();
+        }
+        let mut tags: Vec<usize> = (0..15).map(|_| rx.recv_timeout(Duration::from_secs(30)).expect("answered").tag).collect();
+        tags.sort_unstable();
+        assert_eq!(tags, [0, 1, 2, 3, 4, 10, 11, 12, 13, 14, 20, 21, 22, 23, 24]);
+        assert_eq!(engine.stats().submitted, 15);
+        assert!(engine.stats.batch_sizes().is_empty(), "tune_batch_size = false: no tuner");
+        drop(submitter); // the engine's threads end once every submitter is gone
+        engine.shutdown();
+    }
+
+    /// Messages of the old generation still waiting in the batcher when the new one's arrive:
+    /// they leave as a batch of their own at once (a batch never mixes versions), and the
+    /// batcher goes on with the new ones (sent by the flush at shutdown: nothing is due by age).
+    #[test]
+    fn a_reload_flushes_the_old_generations_waiting_messages_and_batching_goes_on() {
+        let (tx, rx) = flume::unbounded();
+        let mut config = config(16, 64);
+        config.policy.max_wait_ms = 60_000;
+        config.record_batches = true;
+        let v1 = Box::new(Fake { mark: Some("v1"), ..Fake::default() }) as Box<dyn Backend>;
+        let engine = Engine::with_backends("fake-switch", encoder(), vec![v1], &config, tx).unwrap();
+        for i in 0..3 {
+            engine.submit(i, rendered("refund parcel late")).unwrap();
+        }
+        let v2 = Box::new(Fake { mark: Some("v2"), ..Fake::default() }) as Box<dyn Backend>;
+        engine.install("v2", encoder(), vec![v2]).unwrap();
+        for i in 3..11 {
+            engine.submit(i, rendered("refund parcel late")).unwrap();
+        }
+        let answer = |o: Outcome<usize>| (o.tag, o.result.unwrap().prediction.priority.unwrap());
+        // Three tokenizer threads: answers come in any order.
+        let mut first: Vec<_> = (0..3).map(|_| answer(rx.recv_timeout(Duration::from_secs(20)).expect("flushed by the switch"))).collect();
+        first.sort();
+        assert_eq!(first, [(0, "v1".to_string()), (1, "v1".into()), (2, "v1".into())]);
+        let stats = engine.stats.clone();
+        engine.shutdown();
+        let mut rest: Vec<_> = rx.try_iter().map(answer).collect();
+        rest.sort();
+        assert_eq!(rest, (3..11).map(|i| (i, "v2".to_string())).collect::<Vec<_>>(), "the batcher went on after the switch");
+        let sizes: Vec<usize> = stats.recorded_batches().iter().map(Vec::len).collect();
+        assert_eq!(sizes, [3, 8]);
     }
 
     #[test]

@@ -104,6 +104,11 @@ impl<T> Batch<T> {
     pub fn padded_tokens(&self) -> usize {
         self.lengths.len() * self.lengths.iter().copied().max().unwrap_or(0)
     }
+
+    /// Padded tokens / real tokens (1.0: no padding; 0.0 for an empty batch).
+    pub fn padding_ratio(&self) -> f64 {
+        self.padded_tokens() as f64 / self.real_tokens().max(1) as f64
+    }
 }
 
 struct Pending<T> {
@@ -460,6 +465,15 @@ mod tests {
         let batch = |items: Vec<u8>| Batch { lengths: vec![1; items.len()], items, oldest: Instant::now(), cap: 4 };
         assert!(batch(Vec::new()).is_empty());
         assert!(!batch(vec![7]).is_empty());
+    }
+
+    #[test]
+    fn a_batch_counts_its_real_and_padded_tokens() {
+        let batch = |lengths: Vec<usize>| Batch { items: vec![(); lengths.len()], lengths, oldest: Instant::now(), cap: 4 };
+        let mixed = batch(vec![2, 8, 6]);
+        assert_eq!((mixed.real_tokens(), mixed.padded_tokens(), mixed.padding_ratio()), (16, 24, 1.5));
+        assert_eq!(batch(vec![5, 5]).padding_ratio(), 1.0);
+        assert_eq!(batch(Vec::new()).padding_ratio(), 0.0, "empty: no division by zero");
     }
 
     #[test]
