@@ -97,6 +97,44 @@ fn sigterm_drains_and_commits_so_a_restart_replays_nothing() {
     assert_eq!(env.raw_rows(), 6_000, "the first worker committed all it stored ({after_first} rows): nothing replayed");
 }
 
+/// The last commit at exit is retried while it is refused (a coordinator away for a moment),
+/// so a restart replays nothing; refused for good, it does not hold the exit (what it could
+/// not commit is replayed by the next owner, never lost).
+#[test]
+fn a_refused_final_commit_is_retried_and_one_refused_for_good_does_not_hold_the_exit() {
+    use rdkafka::types::{RDKafkaApiKey::OffsetCommit, RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT as TimedOut};
+    let env = env("final_commit");
+    env.kafka.create_topic("tickets", 1).unwrap();
+    // The last commit is retried until 5 s past the drain's deadline: a short drain puts that
+    // within the test's reach (the drain itself ends at once: nothing is in flight).
+    let config = env.write_config("f", &tiny(), &["tickets"], |c| c.shutdown.drain_timeout_ms = 1_000);
+    let mut worker = env.spawn_worker(&config, "f1");
+    wait_until(MIN, "partitions assigned", || {
+        worker.log_text().lines().any(|l| l.contains("partitions assigned") && !l.contains("partitions=0"))
+    });
+    // An idle worker commits nothing: the errors wait for the first commit of new work.
+    env.kafka.broker_request_errors(1, OffsetCommit, &[TimedOut; 40]).unwrap();
+    env.produce("tickets", &messages("c", 300));
+    wait_until(MIN, "every row stored", || env.distinct_rows() == 300);
+    // Commits every 200 ms take the errors one by one: stop while some are left.
+    wait_until(MIN, "a dozen refusals left", || env.kafka.broker_errors_left(1, OffsetCommit).unwrap() <= 12);
+    assert!(env.kafka.broker_errors_left(1, OffsetCommit).unwrap() > 0, "commits still refused at the SIGTERM");
+    assert_eq!(env.committed("tickets", 0), None, "nothing committed yet: every commit was refused");
+    assert_eq!(worker.terminate(MIN), Some(Exit::OK), "{}", worker.log_text());
+    assert_eq!(env.committed("tickets", 0), Some(300), "the last commit went through after its refusals");
+
+    let mut worker = env.spawn_worker(&config, "f2");
+    wait_until(MIN, "partitions assigned", || {
+        worker.log_text().lines().any(|l| l.contains("partitions assigned") && !l.contains("partitions=0"))
+    });
+    env.kafka.broker_request_errors(1, OffsetCommit, &[TimedOut; 1000]).unwrap();
+    env.produce("tickets", &messages("d", 100));
+    wait_until(MIN, "every row stored", || env.distinct_rows() == 400);
+    // The drain ends at once (nothing in flight); the refused commit is given up after 5 s.
+    assert_eq!(worker.terminate(MIN), Some(Exit::OK), "{}", worker.log_text());
+    assert_eq!(env.committed("tickets", 0), Some(300), "the refused offsets stay uncommitted: replayed, not lost");
+}
+
 #[test]
 fn malformed_messages_go_to_the_dead_letter_topic_with_their_reason() {
     let env = env("malformed");
