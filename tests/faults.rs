@@ -383,6 +383,8 @@ fn a_stalled_partition_fails_readiness_naming_it_until_it_moves_again() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .fold(0.0, f64::max);
     assert!(age > 3.0, "the gauge shows the stall: {age}");
+    let in_flight = metrics.lines().find_map(|l| l.strip_prefix("triage_in_flight_messages ")?.parse::<f64>().ok());
+    assert!(in_flight.is_some_and(|n| (1.0..=50.0).contains(&n)), "the stalled messages are in flight: {in_flight:?}");
     server.thaw();
     env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
     env.wait_for(&mut worker, "/readyz 200 again", MIN, || common::worker::http_get(port, "/readyz").0 == 200);
