@@ -439,9 +439,14 @@ fn metrics_health_and_readiness_are_served_on_one_port() {
     // librdkafka statistics (group state, lag) arrive every 5 s.
     env.wait_for(&mut worker, "/readyz 200", MIN, || common::worker::http_get(port, "/readyz").0 == 200);
     // Lag comes from librdkafka's statistics (every 5 s), valid once a commit is known to them.
-    env.wait_for(&mut worker, "lag series", MIN, || common::worker::http_get(port, "/metrics").1.contains("triage_consumer_lag{"));
+    // Caught up: both partitions' lag is 0 (librdkafka's -1, "not known", is never exported).
+    let lags = |text: &str| -> Vec<f64> {
+        text.lines().filter(|l| l.starts_with("triage_consumer_lag{")).filter_map(|l| l.rsplit(' ').next()?.parse().ok()).collect()
+    };
+    env.wait_for(&mut worker, "lag 0 on both partitions", MIN, || lags(&common::worker::http_get(port, "/metrics").1) == [0.0, 0.0]);
     let (status, metrics) = common::worker::http_get(port, "/metrics");
     assert_eq!(status, 200);
+    assert!(lags(&metrics).iter().all(|&lag| lag >= 0.0), "{metrics}");
     for needle in [
         "triage_messages_consumed_total{topic=\"tickets\"} 1001",
         "triage_messages_classified_total{kind=\"ticket\",model=\"multihead-tiny\",model_version=\"0.0.1\"} 1000",
