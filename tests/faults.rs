@@ -460,10 +460,6 @@ fn redrive_is_safe_to_interrupt_filter_and_repeat() {
     assert_eq!(sources.len(), 5, "one source key per message");
 }
 
-fn b_log_has_partitions(log: &std::path::Path) -> bool {
-    std::fs::read_to_string(log).unwrap_or_default().lines().any(|l| l.contains("partitions assigned") && !l.contains("partitions=0"))
-}
-
 /// Sum of a gauge's series in a /metrics text.
 fn gauge_sum(metrics: &str, name: &str) -> f64 {
     metrics.lines().filter(|l| l.starts_with(&format!("{name}{{"))).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
@@ -487,7 +483,7 @@ fn series_of_revoked_partitions_stop_counting_so_sums_across_workers_stay_right(
     // Alone, worker A committed all four partitions: 100 messages each.
     env.wait_for(&mut a, "A's committed series", MIN, || gauge_sum(&metrics(ports[0]), "triage_committed_offset") == 400.0);
     let mut b = env.spawn_worker_env(&configs[1], "v1", &vars);
-    env.wait_for(&mut b, "B gets partitions", MIN, || b_log_has_partitions(&env.dir.path().join("v1.log")));
+    env.wait_for(&mut b, "B gets partitions", MIN, || common::worker::log_has_partitions(&env.dir.path().join("v1.log")));
     env.produce("tickets", &messages("w", 400));
     env.wait_caught_up(&mut b, &["tickets"], 3 * MIN);
     // B took some partitions: A's series for them must not keep their old offsets, or the

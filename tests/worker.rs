@@ -109,9 +109,7 @@ fn a_refused_final_commit_is_retried_and_one_refused_for_good_does_not_hold_the_
     // within the test's reach (the drain itself ends at once: nothing is in flight).
     let config = env.write_config("f", &tiny(), &["tickets"], |c| c.shutdown.drain_timeout_ms = 1_000);
     let mut worker = env.spawn_worker(&config, "f1");
-    wait_until(MIN, "partitions assigned", || {
-        worker.log_text().lines().any(|l| l.contains("partitions assigned") && !l.contains("partitions=0"))
-    });
+    wait_until(MIN, "partitions assigned", || worker.has_partitions());
     // An idle worker commits nothing: the errors wait for the first commit of new work.
     env.kafka.broker_request_errors(1, OffsetCommit, &[TimedOut; 40]).unwrap();
     env.produce("tickets", &messages("c", 300));
@@ -124,9 +122,7 @@ fn a_refused_final_commit_is_retried_and_one_refused_for_good_does_not_hold_the_
     assert_eq!(env.committed("tickets", 0), Some(300), "the last commit went through after its refusals");
 
     let mut worker = env.spawn_worker(&config, "f2");
-    wait_until(MIN, "partitions assigned", || {
-        worker.log_text().lines().any(|l| l.contains("partitions assigned") && !l.contains("partitions=0"))
-    });
+    wait_until(MIN, "partitions assigned", || worker.has_partitions());
     env.kafka.broker_request_errors(1, OffsetCommit, &[TimedOut; 1000]).unwrap();
     env.produce("tickets", &messages("d", 100));
     wait_until(MIN, "every row stored", || env.distinct_rows() == 400);

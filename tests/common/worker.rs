@@ -726,6 +726,11 @@ impl Worker {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Whether the worker has logged an assignment of at least one partition.
+    pub fn has_partitions(&self) -> bool {
+        log_has_partitions(&self.log)
+    }
+
     /// The log from here on, readable while the worker is borrowed (in `wait_for` conditions).
     pub fn mark(&self) -> LogMark {
         LogMark { path: self.log.clone(), from: self.log_text().len() }
@@ -789,4 +794,10 @@ pub fn http_get(port: u16, path: &str) -> (u16, String) {
     let _ = s.read_to_string(&mut text);
     let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     (status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+/// Whether the worker log at `log` shows an assignment of at least one partition (a path, for
+/// conditions that run while the worker itself is borrowed).
+pub fn log_has_partitions(log: &Path) -> bool {
+    std::fs::read_to_string(log).unwrap_or_default().lines().any(|l| l.contains("partitions assigned") && !l.contains("partitions=0"))
 }
