@@ -308,21 +308,34 @@ fn registry_outages_pause_the_worker_and_bad_schemas_are_dead_lettered_with_thei
     // Frozen (SIGSTOP): a new schema id cannot be read; the worker waits, not ready, and
     // dead-letters nothing; thawed, everything lands.
     let batch = serialize(&env, &registry.url(), "avro", "tickets-avro", &records("B", 20), 1);
+    // Of the schema the worker has read already: decodable during the outage, but consumption
+    // is held (paused, not only waiting), so they are not even fetched until the registry is
+    // back. Without the pause the consumer would fetch on with no in-flight limit.
+    let known = serialize(&env, &registry.url(), "avro", "tickets-avro", &records("K", 20), 0);
     registry.signal("-STOP");
     env.produce("tickets-avro", &batch);
     env.wait_for(&mut worker, "/readyz not ready while the registry is frozen", MIN, || !ready());
+    let consumed = || common::worker::metric(port, "triage_messages_consumed_total{topic=\"tickets-avro\"}").unwrap_or(0.0);
+    let consumed_at_hold = consumed();
+    env.produce("tickets-avro", &known);
+    // A witness: another consumer reads the topic to its end, so the held records are there to
+    // fetch; twice, so a fetching worker has had as long again.
+    for _ in 0..2 {
+        assert_eq!(env.read_topic_to_end("tickets-avro").len(), 60);
+    }
+    assert_eq!(consumed(), consumed_at_hold, "nothing consumed while held");
     assert!(rows() == 20 && env.read_topic_to_end("triage.dead-letter").is_empty());
     registry.signal("-CONT");
-    env.wait_for(&mut worker, "40 rows after the thaw", 2 * MIN, || rows() == 40);
+    env.wait_for(&mut worker, "60 rows after the thaw", 2 * MIN, || rows() == 60);
 
     // Killed (SIGKILL), then started again on its kept schemas: the same.
     let batch = serialize(&env, &registry.url(), "avro", "tickets-avro", &records("C", 20), 2);
     registry.kill9();
     env.produce("tickets-avro", &batch);
     env.wait_for(&mut worker, "/readyz not ready while the registry is down", MIN, || !ready());
-    assert!(rows() == 40 && env.read_topic_to_end("triage.dead-letter").is_empty());
+    assert!(rows() == 60 && env.read_topic_to_end("triage.dead-letter").is_empty());
     registry.restart();
-    env.wait_for(&mut worker, "60 rows after the restart", 2 * MIN, || rows() == 60);
+    env.wait_for(&mut worker, "80 rows after the restart", 2 * MIN, || rows() == 80);
     env.wait_for(&mut worker, "/readyz 200 again", MIN, ready);
 
     // A schema deleted for good: its id is unknown, so its messages are dead-lettered
@@ -347,7 +360,7 @@ fn registry_outages_pause_the_worker_and_bad_schemas_are_dead_lettered_with_thei
     env.produce("tickets-avro", &bad);
     env.wait_caught_up(&mut worker, &["tickets-avro"], 2 * MIN);
     assert_eq!(worker.terminate(MIN), Some(Exit::OK));
-    assert_eq!(rows(), 60, "every decodable message stored once");
+    assert_eq!(rows(), 80, "every decodable message stored once");
 
     let letters = env.read_topic_to_end("triage.dead-letter");
     assert_eq!(letters.len(), bad.len(), "each bad message dead-lettered once");

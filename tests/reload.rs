@@ -12,7 +12,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::worker::{http_get, messages, shared_clickhouse, Env, Exit};
+use common::worker::{http_get, messages, metric, shared_clickhouse, Env, Exit};
 
 const MIN: Duration = Duration::from_secs(60);
 
@@ -40,11 +40,6 @@ fn switch(link: &Path, target: &Path) {
     let _ = std::fs::remove_file(&staged);
     std::os::unix::fs::symlink(target, &staged).unwrap();
     std::fs::rename(&staged, link).unwrap();
-}
-
-fn metric(port: u16, line_start: &str) -> Option<f64> {
-    let (_, body) = http_get(port, "/metrics");
-    body.lines().find(|l| l.starts_with(line_start)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
 }
 
 #[test]

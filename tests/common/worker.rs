@@ -796,6 +796,13 @@ pub fn http_get(port: u16, path: &str) -> (u16, String) {
     (status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
 }
 
+/// The value of the first /metrics line starting with `line_start` (a name and the start of
+/// its labels).
+pub fn metric(port: u16, line_start: &str) -> Option<f64> {
+    let (_, body) = http_get(port, "/metrics");
+    body.lines().find(|l| l.starts_with(line_start)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
+}
+
 /// Whether the worker log at `log` shows an assignment of at least one partition (a path, for
 /// conditions that run while the worker itself is borrowed).
 pub fn log_has_partitions(log: &Path) -> bool {
