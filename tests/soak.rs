@@ -16,8 +16,8 @@
 //!   its key (dead letters deduplicated by their `triage.source.*` headers; rows never repeat);
 //! - no partition stalled: the group committed every partition to its end;
 //! - raw replays (physical rows beyond one per message; merges are stopped) are no more than
-//!   the faults explain: rows stored past the commits at each worker kill, messages abandoned at
-//!   revokes, and rows of INSERTs that failed (a timed-out INSERT may still land). A commit that
+//!   the faults explain: rows stored past the commits at each worker kill, messages read again
+//!   after revokes (the worker logs how many), and rows of INSERTs that failed (a timed-out INSERT may still land). A commit that
 //!   lags or is lost makes replays nobody explains.
 //!
 //! `TRIAGE_SOAK_ROUNDS` (default 16) sets how many rounds run; `TRIAGE_SOAK_SEED` replays a run
@@ -326,18 +326,20 @@ fn batch(rng: &mut impl Rng, round: usize, size: usize) -> Vec<(String, Vec<u8>)
     out
 }
 
-/// Replays the logs account for: messages abandoned at revokes and rows of failed INSERTs.
+/// Replays the logs account for: messages the next owner reads again after a revoke (the
+/// abandoned ones, those done behind them, those done since the last commit when the revoke's
+/// commit is refused) and rows of failed INSERTs.
 fn explained_by_logs(dir: &std::path::Path) -> (u64, u64) {
     let field = |line: &str, name: &str| -> u64 {
         line.split(&format!("{name}=")).nth(1).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok()).unwrap_or(0)
     };
-    let (mut abandoned, mut failed_insert_rows) = (0, 0);
+    let (mut read_again, mut failed_insert_rows) = (0, 0);
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "log") {
             for line in std::fs::read_to_string(&path).unwrap_or_default().lines() {
                 if line.contains("partitions revoked") {
-                    abandoned += field(line, "abandoned");
+                    read_again += field(line, "replayed");
                 } else if line.contains("ClickHouse insert failed; retrying") && !line.contains("client error (Connect)") {
                     // A refused connection stores nothing; a timeout or a cut connection may have.
                     failed_insert_rows += field(line, "rows");
@@ -345,7 +347,7 @@ fn explained_by_logs(dir: &std::path::Path) -> (u64, u64) {
             }
         }
     }
-    (abandoned, failed_insert_rows)
+    (read_again, failed_insert_rows)
 }
 
 #[test]
@@ -454,8 +456,8 @@ fn a_seeded_schedule_of_faults_loses_nothing_stalls_nothing_and_replays_only_wha
     // Replays: physical rows beyond one per message, each explained by a fault.
     let replays = env.raw_rows() - rows.len() as u64;
     let at_kills: u64 = soak.uncommitted_at_kills.iter().map(|(n, _)| n).sum();
-    let (abandoned, failed_insert_rows) = explained_by_logs(env.dir.path());
-    let explained = at_kills + abandoned + failed_insert_rows;
+    let (revoked, failed_insert_rows) = explained_by_logs(env.dir.path());
+    let explained = at_kills + revoked + failed_insert_rows;
     // A kill leaves at most max_in_flight uncommitted per worker (every running worker's rows
     // past their commits are counted, not only the killed one's), plus what librdkafka had
     // already delivered to a worker when its pause took effect: the pause is checked after each
@@ -471,9 +473,9 @@ fn a_seeded_schedule_of_faults_loses_nothing_stalls_nothing_and_replays_only_wha
     }
     eprintln!("stored past the commits at each kill: {:?}", soak.uncommitted_at_kills);
     let table = format!(
-        "| seed | rounds | fault seconds | produced | rows (FINAL) | dead letters (unique / written) | raw replays (explained: at kills + abandoned + failed INSERTs) | peak worker RSS | faults injected |\n\
+        "| seed | rounds | fault seconds | produced | rows (FINAL) | dead letters (unique / written) | raw replays (explained: at kills + at revokes + failed INSERTs) | peak worker RSS | faults injected |\n\
          | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n\
-         | {seed} | {rounds} | {fault_seconds} | {} | {} | {} / {} | {replays} ({explained}: {at_kills} + {abandoned} + {failed_insert_rows}) | {} MB | {} |",
+         | {seed} | {rounds} | {fault_seconds} | {} | {} | {} / {} | {replays} ({explained}: {at_kills} + {revoked} + {failed_insert_rows}) | {} MB | {} |",
         produced.len(),
         rows.len(),
         dead.len(),
@@ -484,7 +486,7 @@ fn a_seeded_schedule_of_faults_loses_nothing_stalls_nothing_and_replays_only_wha
     eprintln!("soak result (every message exactly once: a row or a dead letter; every partition committed to its end):\n{table}\nredrive: {redrive}");
     assert!(
         replays <= explained,
-        "{replays} raw replays, but the faults explain only {explained} ({at_kills} stored past the commits at kills, {abandoned} abandoned at revokes, {failed_insert_rows} rows of failed INSERTs): a commit lagged or was lost"
+        "{replays} raw replays, but the faults explain only {explained} ({at_kills} stored past the commits at kills, {revoked} read again after revokes, {failed_insert_rows} rows of failed INSERTs): a commit lagged or was lost"
     );
     assert_eq!(faults.values().sum::<u32>() as usize, rounds);
 }

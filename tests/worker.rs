@@ -172,40 +172,62 @@ fn two_workers_one_joining_and_one_leaving_lose_nothing() {
     env.kafka.create_topic("tickets", 4).unwrap();
     // Produced in three parts, so each event happens mid-stream however fast the machine: a
     // alone, then a and b, then b alone (the last part is on every partition, a's too).
-    let all = messages("r", 10_000);
-    env.produce("tickets", &all[..4_000]);
-    let config_a = env.write_config("a", &tiny(), &["tickets"], |_| {});
-    let config_b = env.write_config("b", &tiny(), &["tickets"], |_| {});
+    let all = messages("r", 12_000);
+    let mut produced = 2_000;
+    env.produce("tickets", &all[..produced]);
+    let max_in_flight = 1_000;
+    let config_a = env.write_config("a", &tiny(), &["tickets"], |c| c.kafka.max_in_flight = max_in_flight);
+    let config_b = env.write_config("b", &tiny(), &["tickets"], |c| c.kafka.max_in_flight = max_in_flight);
     let mut a = env.spawn_worker(&config_a, "a");
-    wait_until(3 * MIN, "a made progress", || env.distinct_keys() >= 2_000);
+    wait_until(3 * MIN, "a made progress", || env.distinct_keys() >= 1_000);
     let mut b = env.spawn_worker(&config_b, "b");
-    // b's join is waited for, not assumed: on a slow machine a can finish before b is in the group.
-    wait_until(3 * MIN, "b joined and was assigned partitions", || b.log_text().contains("partitions assigned"));
-    env.produce("tickets", &all[4_000..8_000]);
-    wait_until(3 * MIN, "progress with two workers", || env.distinct_keys() >= 6_000);
+    // Until b's join has rebalanced the group, a is kept busy (a backlog fed as it shrinks, up
+    // to 9,000 messages), so a's revoke lands mid-stream, with work done and not yet committed
+    // and work in flight, however long b takes to start and join.
+    wait_until(3 * MIN, "b joined and was assigned partitions", || {
+        if b.log_text().contains("partitions assigned") {
+            return true;
+        }
+        if produced < 9_000 && produced as u64 - env.distinct_keys() < 1_000 {
+            env.produce("tickets", &all[produced..produced + 500]);
+            produced += 500;
+        }
+        false
+    });
+    assert!(produced as u64 > env.distinct_keys(), "a was still busy when b joined (raise the 9,000 if not)");
+    env.produce("tickets", &all[produced..10_000]);
+    wait_until(3 * MIN, "progress with two workers", || env.distinct_keys() >= 8_000);
     assert_eq!(a.terminate(MIN), Some(Exit::OK), "a leaves cleanly: {}", a.log_text());
-    env.produce("tickets", &all[8_000..]);
+    env.produce("tickets", &all[10_000..]);
     env.wait_caught_up(&mut b, &["tickets"], 3 * MIN);
     assert_eq!(b.terminate(MIN), Some(Exit::OK));
-    assert_eq!(env.distinct_keys(), 10_000);
-    assert_eq!(env.distinct_rows(), 10_000);
-    let replayed = env.raw_rows() - 10_000;
+    assert_eq!(env.distinct_keys(), 12_000);
+    assert_eq!(env.distinct_rows(), 12_000);
+    let replayed = env.raw_rows() - 12_000;
     // A revoke commits what is done and abandons what is in flight (the rebalance never waits
-    // for the pipeline): each replay must be one of those abandoned messages. A stale or
-    // missing commit would replay messages nobody abandoned.
-    let abandoned: u64 = [a.log_text(), b.log_text()]
+    // for the pipeline); the worker logs how many messages the next owner reads again (the
+    // abandoned ones, those done behind them, and, when the broker refuses that commit, those
+    // done since the last commit). Every replay must be one of those: a stale or missing commit
+    // would replay messages no revoke counted.
+    let revokes: Vec<String> = [a.log_text(), b.log_text()]
         .iter()
         .flat_map(|log| log.lines().filter(|l| l.contains("partitions revoked")).map(String::from).collect::<Vec<_>>())
-        .filter_map(|l| l.split("abandoned=").nth(1).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse::<u64>().ok()))
-        .sum();
-    eprintln!("replayed rows across a join and a leave: {replayed} (abandoned at revokes: {abandoned})");
-    if replayed > abandoned {
+        .collect();
+    let field = |name: &str| -> u64 {
+        revokes
+            .iter()
+            .map(|l| l.split(&format!("{name}=")).nth(1).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse::<u64>().ok()))
+            .map(|v| v.unwrap_or_else(|| panic!("a revoke line without {name}=: {revokes:?}")))
+            .sum()
+    };
+    let (counted, abandoned) = (field("replayed"), field("abandoned"));
+    eprintln!("replayed rows across a join and a leave: {replayed} (counted at revokes: {counted}, abandoned: {abandoned})");
+    if replayed > counted {
         eprintln!("--- worker a ---\n{}\n--- worker b ---\n{}", a.log_text(), b.log_text());
     }
-    assert!(
-        replayed <= abandoned,
-        "{replayed} replays but only {abandoned} messages were in flight at revokes: a commit was stale or missing"
-    );
+    assert!(replayed <= counted, "{replayed} replays but revokes counted {counted}: a commit was stale or missing");
+    // Nor is the bound slack: a revoke counts at most what the in-flight limit let in.
+    assert!(counted <= (revokes.len() * max_in_flight) as u64, "{counted} counted over {} revokes", revokes.len());
     assert!(b.log_text().matches("partitions assigned").count() >= 2, "b took a's partitions when a left:\n{}", b.log_text());
 }
 

@@ -60,6 +60,21 @@ impl PartitionState {
     }
 }
 
+/// What revoking a partition leaves behind.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Revoked {
+    /// The offset still to commit for it (None: the last commit covers everything done).
+    pub commit: Option<i64>,
+    /// Messages unfinished here (abandoned: their results are still written, and the next owner
+    /// reads them again).
+    pub unfinished: usize,
+    /// Messages the next owner reads again once `commit` lands: the unfinished ones and those
+    /// done behind them.
+    pub replayed: usize,
+    /// Done and not yet covered by a commit: read again as well if `commit` is refused.
+    pub uncommitted_done: usize,
+}
+
 #[derive(Debug, Default)]
 pub struct OffsetTracker {
     partitions: HashMap<TopicPartition, PartitionState>,
@@ -94,20 +109,24 @@ impl OffsetTracker {
         epoch
     }
 
-    /// The partition is revoked: returns what may still be committed for it, and how many of
-    /// its messages were unfinished (abandoned: the next owner replays them).
-    pub fn revoke(&mut self, tp: &TopicPartition) -> (Option<i64>, usize) {
+    /// The partition is revoked: what may still be committed for it, and what its next owner
+    /// will read again.
+    pub fn revoke(&mut self, tp: &TopicPartition) -> Revoked {
         match self.partitions.remove(tp) {
             Some(state) => {
-                let point = state.uncommitted_point();
+                let commit = state.uncommitted_point();
+                // Everything still pending sits at or after `commit`: done ones wait behind an
+                // unfinished one.
+                let replayed = state.pending.len();
+                let uncommitted_done = state.settled.len();
                 let unfinished: BTreeMap<i64, u32> = state.pending.into_iter().filter(|&(_, n)| n > 0).collect();
                 let count = unfinished.len();
                 if count > 0 {
                     self.orphans.insert((tp.clone(), state.epoch), unfinished);
                 }
-                (point, count)
+                Revoked { commit, unfinished: count, replayed, uncommitted_done }
             }
-            None => (None, 0),
+            None => Revoked::default(),
         }
     }
 
@@ -254,8 +273,8 @@ mod tests {
         t.assign(tp());
         let d: Vec<_> = (0..5).map(|o| t.begin(&tp(), o, 1).unwrap()).collect();
         assert_eq!(t.ack(&d[0]), AckResult::Done);
-        let (point, unfinished) = t.revoke(&tp());
-        assert_eq!((point, unfinished), (Some(1), 4));
+        let revoked = t.revoke(&tp());
+        assert_eq!(revoked, Revoked { commit: Some(1), unfinished: 4, replayed: 4, uncommitted_done: 1 });
         assert_eq!(t.in_flight(), 4, "their rows are still buffered somewhere: memory");
         // Reassigned (a new epoch) while the old results are still on their way.
         t.assign(tp());
@@ -324,7 +343,7 @@ mod tests {
         assert_eq!((t.in_flight(), t.uncommitted()), (2, 2));
         t.committed(&tp(), 3);
         assert_eq!(t.uncommitted(), 2, "an older commit confirmed late changes nothing");
-        let (_, abandoned) = t.revoke(&tp());
+        let abandoned = t.revoke(&tp()).unfinished;
         assert_eq!((abandoned, t.uncommitted()), (2, 2), "revoked but still in the pipeline: memory");
         t.ack(&d[4]);
         t.ack(&d[5]);
@@ -350,7 +369,11 @@ mod tests {
         let d: Vec<_> = (0..3).map(|o| t.begin(&tp(), o, 1).unwrap()).collect();
         t.ack(&d[1]);
         t.ack(&d[2]);
-        assert_eq!(t.revoke(&tp()), (None, 1), "1 and 2 are done (behind 0): only 0 is abandoned");
+        assert_eq!(
+            t.revoke(&tp()),
+            Revoked { commit: None, unfinished: 1, replayed: 3, uncommitted_done: 0 },
+            "1 and 2 are done (behind 0): only 0 is abandoned, all three are read again"
+        );
         assert_eq!((t.in_flight(), t.uncommitted()), (1, 1));
         t.ack(&d[0]);
         assert_eq!((t.in_flight(), t.uncommitted()), (0, 0));
@@ -358,7 +381,7 @@ mod tests {
         t.assign(tp());
         let e = t.begin(&tp(), 3, 1).unwrap();
         t.ack(&e);
-        assert_eq!(t.revoke(&tp()), (Some(4), 0));
+        assert_eq!(t.revoke(&tp()), Revoked { commit: Some(4), unfinished: 0, replayed: 0, uncommitted_done: 1 });
         assert!(t.orphans.is_empty(), "nothing unfinished: nothing to remember");
     }
 
@@ -404,7 +427,11 @@ mod tests {
         t.assign(tp());
         let old: Vec<_> = (0..5).map(|o| t.begin(&tp(), o, 1).unwrap()).collect();
         t.ack(&old[0]);
-        assert_eq!(t.revoke(&tp()), (Some(1), 4), "commit what is done on revoke; 4 abandoned");
+        assert_eq!(
+            t.revoke(&tp()),
+            Revoked { commit: Some(1), unfinished: 4, replayed: 4, uncommitted_done: 1 },
+            "commit what is done on revoke; 4 abandoned"
+        );
         // Re-assigned: resumes from the committed offset 1.
         t.assign(tp());
         let new: Vec<_> = (1..5).map(|o| t.begin(&tp(), o, 1).unwrap()).collect();
@@ -419,7 +446,7 @@ mod tests {
     #[test]
     fn revoke_of_an_unassigned_partition_commits_nothing() {
         let mut t = OffsetTracker::new();
-        assert_eq!(t.revoke(&tp()), (None, 0));
+        assert_eq!(t.revoke(&tp()), Revoked::default());
         assert!(t.begin(&tp(), 0, 1).is_none());
     }
 
@@ -461,6 +488,29 @@ mod tests {
                 prop_assert_eq!(t.in_flight(), done.iter().filter(|d| !**d).count());
             }
             prop_assert_eq!(t.in_flight(), 0);
+        }
+
+        /// Revoked at any moment: the next owner reads again exactly the offsets from the commit
+        /// point on if the revoke's commit lands, and from the last confirmed commit on if it is
+        /// refused (the rebalance test's replay bound rests on these counts).
+        #[test]
+        fn a_revoke_counts_exactly_what_the_next_owner_reads_again(order in Just((0..60i64).collect::<Vec<_>>()).prop_shuffle(), acked in 0usize..=60, confirmed in 0i64..=60) {
+            let mut t = OffsetTracker::new();
+            t.assign(tp());
+            let ds: Vec<_> = (0..60).map(|o| t.begin(&tp(), o, 1).unwrap()).collect();
+            for &o in &order[..acked] {
+                t.ack(&ds[o as usize]);
+            }
+            let first_unfinished = (0..60).find(|o| !order[..acked].contains(o)).unwrap_or(60);
+            let confirmed = confirmed.min(first_unfinished);
+            if confirmed > 0 {
+                t.committed(&tp(), confirmed);
+            }
+            let revoked = t.revoke(&tp());
+            prop_assert_eq!(revoked.commit, (first_unfinished > confirmed).then_some(first_unfinished));
+            prop_assert_eq!(revoked.unfinished, 60 - acked);
+            prop_assert_eq!(revoked.replayed, (60 - first_unfinished) as usize);
+            prop_assert_eq!(revoked.replayed + revoked.uncommitted_done, (60 - confirmed) as usize);
         }
     }
 }

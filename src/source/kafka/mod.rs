@@ -51,7 +51,7 @@ impl ConsumerContext for TrackingContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Rebalance::Revoke(list) = rebalance else { return };
         let mut commits = TopicPartitionList::new();
-        let mut abandoned = 0;
+        let (mut abandoned, mut replayed, mut uncommitted_done) = (0, 0, 0);
         for tp in tps(list) {
             // Another member owns these now: series left at their last value would be counted
             // twice by `sum by (topic)` (the exporter cannot drop one series; 0 adds nothing).
@@ -62,20 +62,25 @@ impl ConsumerContext for TrackingContext {
         }
         if let Ok(mut tracker) = self.tracker.lock() {
             for tp in tps(list) {
-                let (offset, unfinished) = tracker.revoke(&tp);
-                abandoned += unfinished;
-                if let Some(offset) = offset {
+                let revoked = tracker.revoke(&tp);
+                abandoned += revoked.unfinished;
+                replayed += revoked.replayed;
+                uncommitted_done += revoked.uncommitted_done;
+                if let Some(offset) = revoked.commit {
                     let _ = commits.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(offset));
                 }
             }
         }
-        // `abandoned`: in flight here, replayed by the next owner (bounded by max_in_flight).
-        tracing::info!(partitions = list.count(), committing = commits.count(), abandoned, "partitions revoked");
         if commits.count() > 0 {
             if let Err(e) = consumer.commit(&commits, CommitMode::Sync) {
-                tracing::warn!(error = %e, "commit on revoke failed: the new owner replays from the last commit");
+                // Seen when the group has moved on (a generation this member no longer holds).
+                tracing::warn!(error = %e, uncommitted_done, "commit on revoke failed: the new owner replays from the last commit");
+                replayed += uncommitted_done;
             }
         }
+        // `abandoned`: in flight here (their results are still written); `replayed`: what the
+        // next owner reads again. Both bounded by max_in_flight.
+        tracing::info!(partitions = list.count(), committing = commits.count(), abandoned, replayed, "partitions revoked");
     }
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
