@@ -202,7 +202,9 @@ fn shadow_engine_config(config: &Config, share: f64) -> EngineConfig {
     engine
 }
 
-pub(super) async fn start(config: &Config) -> Result<Started, WorkerError> {
+/// Every model directory the routes use, once (in order of first use), with the settings of
+/// its engine: those that answer messages share the cores; one only a shadow uses runs apart.
+fn engine_plan(config: &Config) -> Vec<(PathBuf, EngineConfig)> {
     let mut dirs: Vec<PathBuf> = Vec::new();
     for route in &config.routes {
         for dir in Config::tiers(route).into_iter().chain(route.shadow.clone()).chain(route.canary.as_ref().map(|c| c.model.clone())) {
@@ -211,18 +213,27 @@ pub(super) async fn start(config: &Config) -> Result<Started, WorkerError> {
             }
         }
     }
-    // Directories only a shadow uses: the others answer messages and share the cores.
     let answering =
         |dir: &PathBuf| config.routes.iter().any(|r| Config::tiers(r).contains(dir) || r.canary.as_ref().is_some_and(|c| &c.model == dir));
     let shadow_share =
         |dir: &PathBuf| config.routes.iter().filter(|r| r.shadow.as_ref() == Some(dir)).map(|r| r.shadow_share).fold(0.0, f64::max);
-    let engine_config = engine_config(config, dirs.iter().filter(|d| answering(d)).count());
+    let shared = engine_config(config, dirs.iter().filter(|d| answering(d)).count());
+    dirs.into_iter()
+        .map(|dir| {
+            let engine = if answering(&dir) { shared.clone() } else { shadow_engine_config(config, shadow_share(&dir)) };
+            (dir, engine)
+        })
+        .collect()
+}
+
+pub(super) async fn start(config: &Config) -> Result<Started, WorkerError> {
+    let plan = engine_plan(config);
+    let dirs: Vec<PathBuf> = plan.iter().map(|(dir, _)| dir.clone()).collect();
     let mut engines: Vec<Engine<MessageTag>> = Vec::new();
     let mut models: Vec<Arc<Model>> = Vec::new();
     let mut outcomes = Vec::new();
-    for dir in &dirs {
-        let this_config = if answering(dir) { engine_config.clone() } else { shadow_engine_config(config, shadow_share(dir)) };
-        let (dir, options) = (dir.clone(), config.inference.clone());
+    for (dir, this_config) in plan {
+        let options = config.inference.clone();
         let model = tokio::task::spawn_blocking(move || Model::load(&dir, &options))
             .await
             .map_err(|e| WorkerError::TaskFailed { task: "model loading", detail: e.to_string() })??;
@@ -322,4 +333,78 @@ pub(super) fn tier_model(
         ),
         generation,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{CanaryConfig, RouteConfig};
+
+    fn dir(name: &str) -> PathBuf {
+        PathBuf::from(format!("models/{name}"))
+    }
+
+    fn config(routes: Vec<RouteConfig>, inference_threads: usize) -> Config {
+        let mut config = crate::local::local_worker_config("w", Default::default(), Default::default(), routes, Default::default());
+        config.batching.inference_threads = inference_threads;
+        config
+    }
+
+    /// A cascade (small -> big) with a shadow, and a second route on the small model with a
+    /// canary: four models, three of them answering.
+    fn busy_routes() -> Vec<RouteConfig> {
+        let mut tickets = RouteConfig::new("tickets", "ticket", dir("small"));
+        tickets.cascade = vec![dir("small"), dir("big")];
+        tickets.shadow = Some(dir("candidate"));
+        tickets.shadow_share = 0.25;
+        let mut returns = RouteConfig::new("returns", "return", dir("small"));
+        returns.canary = Some(CanaryConfig { model: dir("canary"), share: 0.1 });
+        vec![tickets, returns]
+    }
+
+    /// The cores an answering engine gets when `n` share them: the largest whole share that
+    /// fits, at least one.
+    fn assert_fair_share(each: Option<usize>, n: usize) {
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        let each = each.unwrap_or_else(|| panic!("{n} answering models must share the cores"));
+        assert!(each >= 1 && (each * n <= cores || each == 1) && (each + 1) * n > cores, "{each} cores each for {n} models on {cores}");
+    }
+
+    #[test]
+    fn answering_models_share_the_cores_and_a_shadow_runs_apart_at_its_share() {
+        let plan = engine_plan(&config(busy_routes(), 0));
+        let dirs: Vec<_> = plan.iter().map(|(d, _)| d.clone()).collect();
+        assert_eq!(dirs, [dir("small"), dir("big"), dir("candidate"), dir("canary")], "each model once, in order of first use");
+        for (d, engine) in plan.iter().filter(|(d, _)| *d != dir("candidate")) {
+            assert_fair_share(engine.cores, 3);
+            assert_eq!((engine.inference_threads, engine.nice), (0, None), "{}", d.display());
+        }
+        let shadow = &plan[2].1;
+        assert_eq!(shadow.cores, None, "a shadow takes no cores from the answering models");
+        assert_eq!(shadow.inference_threads, 1, "one session over every core");
+        assert_eq!(shadow.nice, Some(crate::engine::nice_for_share(0.25)));
+        assert!(shadow.nice > Some(0), "a quarter share runs at a lower priority");
+
+        // Two answering models: half each.
+        let mut tickets = RouteConfig::new("tickets", "ticket", dir("small"));
+        tickets.cascade = vec![dir("small"), dir("big")];
+        let plan = engine_plan(&config(vec![tickets], 0));
+        assert_eq!(plan.len(), 2);
+        plan.iter().for_each(|(_, engine)| assert_fair_share(engine.cores, 2));
+    }
+
+    #[test]
+    fn one_model_takes_every_core_and_explicit_threads_are_taken_as_given() {
+        let plan = engine_plan(&config(vec![RouteConfig::new("tickets", "ticket", dir("small"))], 0));
+        assert_eq!(plan.len(), 1);
+        assert_eq!(plan[0].1, config(vec![], 0).batching, "one model: the settings as configured");
+
+        let plan = engine_plan(&config(busy_routes(), 3));
+        for (d, engine) in &plan {
+            assert_eq!(engine.inference_threads, 3, "{}", d.display());
+            assert_eq!(engine.cores, None, "explicit threads: no share of cores imposed ({})", d.display());
+        }
+        assert_eq!(plan[2].1.nice, Some(crate::engine::nice_for_share(0.25)), "the shadow still yields");
+        assert_eq!(plan[0].1.nice, None);
+    }
 }
