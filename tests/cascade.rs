@@ -64,21 +64,32 @@ fn doubted_messages_go_to_the_next_tier_and_rows_say_which_answered() {
     let returns = vec![message("p-0", "hello, a question about my account"), message("p-1", "a thyroid question")];
     env.kafka.create_topic("tickets", 1).unwrap();
     env.kafka.create_topic("returns", 1).unwrap();
+    env.kafka.create_topic("emails", 1).unwrap();
     env.produce("tickets", &tickets);
     env.produce("returns", &returns);
+    let emails: Vec<_> = bodies.iter().enumerate().map(|(i, b)| message(&format!("e-{i}"), b)).collect();
+    env.produce("emails", &emails);
 
-    let config = env.write_config("cascade", fast.path(), &["tickets", "returns"], |c| {
+    // The route's own rule decides what leaves the last tier (here a 0.999 threshold; on the
+    // returns route, the category head named; on emails, an OOD limit of 0 that escalates
+    // everything); an earlier tier passes on what its own calibration (0.97) doubts, whatever
+    // the route says.
+    let config = env.write_config("cascade", fast.path(), &["tickets", "returns", "emails"], |c| {
         c.routes[0].cascade = vec![fast.path().to_path_buf(), accurate.clone()];
+        c.routes[0].escalation_threshold = Some(0.999);
         c.routes[1].cascade = vec![fast.path().to_path_buf(), poison.clone()];
+        c.routes[1].escalation_head = Some("category".into());
+        c.routes[2].cascade = vec![fast.path().to_path_buf(), accurate.clone()];
+        c.routes[2].ood_threshold = Some(0.0);
     });
 
     let mut worker = env.spawn_worker(&config, "cascade");
-    env.wait_caught_up(&mut worker, &["tickets", "returns"], Duration::from_secs(180));
+    env.wait_caught_up(&mut worker, &["tickets", "returns", "emails"], Duration::from_secs(180));
     assert_eq!(worker.terminate(Duration::from_secs(60)), Some(Exit::OK), "{}", worker.log_text());
     let log = worker.log_text();
     assert_eq!(log.matches("model loaded").count(), 3, "one engine per distinct model, shared by the routes: {log}");
 
-    assert_eq!(env.distinct_rows(), 14, "every message has its row, none lost");
+    assert_eq!(env.distinct_rows(), 26, "every message has its row, none lost");
     assert!(env.read_topic_to_end("triage.dead-letter").is_empty(), "nothing dead-lettered");
     let q = |sql: &str| env.query_u64(sql);
     let forwarded = q("SELECT count() FROM results FINAL WHERE topic = 'tickets' AND tier = 1");
@@ -102,6 +113,18 @@ fn doubted_messages_go_to_the_next_tier_and_rows_say_which_answered() {
         "only the last tier escalates"
     );
     assert_eq!(
+        q("SELECT count() FROM results FINAL WHERE topic = 'tickets' AND tier = 1 AND confidence < 0.999 AND escalated = 0"),
+        0,
+        "the last tier escalates by the route's threshold"
+    );
+    let emails_on = q("SELECT count() FROM results FINAL WHERE topic = 'emails' AND tier = 1");
+    assert!((1..12).contains(&emails_on), "the route's OOD limit is not the first tier's: {emails_on} of 12 went on");
+    assert_eq!(
+        q("SELECT count() FROM results FINAL WHERE topic = 'emails' AND tier = 1 AND escalated = 0"),
+        0,
+        "the last tier escalates by the route's OOD limit"
+    );
+    assert_eq!(
         q("SELECT count() FROM results FINAL WHERE message_id = 'c-10' AND tier = 1 AND escalated = 1"),
         1,
         "the recipe is doubted by both tiers and escalated by the last"
@@ -121,4 +144,24 @@ fn doubted_messages_go_to_the_next_tier_and_rows_say_which_answered() {
     assert_eq!(recipe["result"]["tier"], 1);
     assert_eq!(recipe["result"]["model"], "customer-service");
     assert_eq!(recipe["earlier_tiers"][0]["model"], "customer-service-fast");
+}
+
+#[test]
+fn a_route_escalating_on_a_head_its_last_tier_lacks_is_refused_at_start() {
+    let env = Env::new("cascade_head", shared_clickhouse().url());
+    env.apply_schema();
+    env.kafka.create_topic("tickets", 1).unwrap();
+    let fast = tempfile::tempdir().unwrap();
+    doubtful_copy_of_the_default(fast.path());
+    // The tiny model has a `priority` head; the default model (the last tier) has none.
+    let tiny = common::test_model_dir("multihead-tiny");
+    let config = env.write_config("cascade_head", &tiny, &["tickets"], |c| {
+        c.routes[0].cascade = vec![tiny.clone(), fast.path().to_path_buf()];
+        c.routes[0].escalation_head = Some("priority".into());
+    });
+    let mut worker = env.spawn_worker(&config, "cascade_head");
+    common::worker::wait_until(Duration::from_secs(120), "the worker to refuse its configuration", || worker.exited().is_some());
+    assert_ne!(worker.exited(), Some(Exit::OK));
+    let log = worker.log_text();
+    assert!(log.contains("escalation_head `priority` is not a head of customer-service-fast"), "{log}");
 }
