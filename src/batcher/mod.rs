@@ -105,9 +105,13 @@ impl<T> Batch<T> {
         self.lengths.len() * self.lengths.iter().copied().max().unwrap_or(0)
     }
 
-    /// Padded tokens / real tokens (1.0: no padding; 0.0 for an empty batch).
+    /// Padded tokens / real tokens (1.0: no padding, an empty batch's too, as the engine's
+    /// statistics count it).
     pub fn padding_ratio(&self) -> f64 {
-        self.padded_tokens() as f64 / self.real_tokens().max(1) as f64
+        match self.real_tokens() {
+            0 => 1.0,
+            real => self.padded_tokens() as f64 / real as f64,
+        }
     }
 }
 
@@ -473,7 +477,7 @@ mod tests {
         let mixed = batch(vec![2, 8, 6]);
         assert_eq!((mixed.real_tokens(), mixed.padded_tokens(), mixed.padding_ratio()), (16, 24, 1.5));
         assert_eq!(batch(vec![5, 5]).padding_ratio(), 1.0);
-        assert_eq!(batch(Vec::new()).padding_ratio(), 0.0, "empty: no division by zero");
+        assert_eq!(batch(Vec::new()).padding_ratio(), 1.0, "empty: no padding, no division by zero");
     }
 
     #[test]
