@@ -129,6 +129,11 @@ fn a_refused_final_commit_is_retried_and_one_refused_for_good_does_not_hold_the_
     // The drain ends at once (nothing in flight); the refused commit is given up after 5 s.
     assert_eq!(worker.terminate(MIN), Some(Exit::OK), "{}", worker.log_text());
     assert_eq!(env.committed("tickets", 0), Some(300), "the refused offsets stay uncommitted: replayed, not lost");
+    // The revoke at exit tries once more, is refused too, and counts what the next owner reads
+    // again: the 100 done since the last commit.
+    let log = worker.log_text();
+    let revoke = log.lines().find(|l| l.contains("partitions revoked")).unwrap_or_else(|| panic!("no revoke at exit: {log}"));
+    assert!(revoke.contains("replayed=100"), "{revoke}");
 }
 
 #[test]

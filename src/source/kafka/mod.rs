@@ -47,11 +47,34 @@ impl ClientContext for TrackingContext {
     }
 }
 
+/// What a revoke leaves, over its partitions (see [`Revoked`](super::offsets::Revoked)).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct RevokeTally {
+    abandoned: usize,
+    replayed: usize,
+    uncommitted_done: usize,
+}
+
+/// Revoke `partitions` in the tracker: the commits still to make for them, and the tally the
+/// revoke's log line reports.
+fn revoke_all(tracker: &mut OffsetTracker, partitions: &[TopicPartition]) -> (TopicPartitionList, RevokeTally) {
+    let (mut commits, mut tally) = (TopicPartitionList::new(), RevokeTally::default());
+    for tp in partitions {
+        let revoked = tracker.revoke(tp);
+        tally.abandoned += revoked.unfinished;
+        tally.replayed += revoked.replayed;
+        tally.uncommitted_done += revoked.uncommitted_done;
+        if let Some(offset) = revoked.commit {
+            let _ = commits.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(offset));
+        }
+    }
+    (commits, tally)
+}
+
 impl ConsumerContext for TrackingContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Rebalance::Revoke(list) = rebalance else { return };
-        let mut commits = TopicPartitionList::new();
-        let (mut abandoned, mut replayed, mut uncommitted_done) = (0, 0, 0);
+        let (mut commits, mut abandoned, mut replayed, mut uncommitted_done) = (TopicPartitionList::new(), 0, 0, 0);
         for tp in tps(list) {
             // Another member owns these now: series left at their last value would be counted
             // twice by `sum by (topic)` (the exporter cannot drop one series; 0 adds nothing).
@@ -61,15 +84,7 @@ impl ConsumerContext for TrackingContext {
             }
         }
         if let Ok(mut tracker) = self.tracker.lock() {
-            for tp in tps(list) {
-                let revoked = tracker.revoke(&tp);
-                abandoned += revoked.unfinished;
-                replayed += revoked.replayed;
-                uncommitted_done += revoked.uncommitted_done;
-                if let Some(offset) = revoked.commit {
-                    let _ = commits.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(offset));
-                }
-            }
+            (commits, RevokeTally { abandoned, replayed, uncommitted_done }) = revoke_all(&mut tracker, &tps(list));
         }
         if commits.count() > 0 {
             if let Err(e) = consumer.commit(&commits, CommitMode::Sync) {
@@ -309,6 +324,27 @@ mod tests {
     use rdkafka::types::RDKafkaRespErr as E;
 
     use super::*;
+
+    #[test]
+    fn a_revoke_commits_what_is_done_and_tallies_what_the_next_owner_reads_again() {
+        let (a, b, idle) = (TopicPartition::new("t", 0), TopicPartition::new("t", 1), TopicPartition::new("t", 2));
+        let mut tracker = OffsetTracker::new();
+        [&a, &b, &idle].into_iter().for_each(|tp| {
+            tracker.assign(tp.clone());
+        });
+        // a: 0 and 1 done, 2..5 unfinished; b: 0..3 done; idle: nothing consumed.
+        let on_a: Vec<_> = (0..5).map(|o| tracker.begin(&a, o, 1).unwrap()).collect();
+        on_a[..2].iter().for_each(|d| assert_eq!(tracker.ack(d), super::super::offsets::AckResult::Done));
+        for o in 0..3 {
+            let d = tracker.begin(&b, o, 1).unwrap();
+            assert_eq!(tracker.ack(&d), super::super::offsets::AckResult::Done);
+        }
+        let (commits, tally) = revoke_all(&mut tracker, &[a.clone(), b.clone(), idle]);
+        assert_eq!(tally, RevokeTally { abandoned: 3, replayed: 3, uncommitted_done: 5 });
+        let commits: Vec<_> = commits.elements().iter().map(|e| (e.partition(), e.offset())).collect();
+        assert_eq!(commits, [(0, Offset::Offset(2)), (1, Offset::Offset(3))], "done prefixes only; nothing for the idle one");
+        assert_eq!(tracker.in_flight(), 3, "the abandoned messages are still in the pipeline");
+    }
 
     #[test]
     fn a_topic_is_missing_when_absent_or_unknown_but_not_when_merely_unavailable() {
