@@ -74,7 +74,6 @@ fn revoke_all(tracker: &mut OffsetTracker, partitions: &[TopicPartition]) -> (To
 impl ConsumerContext for TrackingContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Rebalance::Revoke(list) = rebalance else { return };
-        let (mut commits, mut abandoned, mut replayed, mut uncommitted_done) = (TopicPartitionList::new(), 0, 0, 0);
         for tp in tps(list) {
             // Another member owns these now: series left at their last value would be counted
             // twice by `sum by (topic)` (the exporter cannot drop one series; 0 adds nothing).
@@ -83,18 +82,21 @@ impl ConsumerContext for TrackingContext {
                 metrics::gauge!(gauge, &labels).set(0.0);
             }
         }
-        if let Ok(mut tracker) = self.tracker.lock() {
-            (commits, RevokeTally { abandoned, replayed, uncommitted_done }) = revoke_all(&mut tracker, &tps(list));
-        }
+        let (commits, mut tally) = match self.tracker.lock() {
+            Ok(mut tracker) => revoke_all(&mut tracker, &tps(list)),
+            Err(_) => (TopicPartitionList::new(), RevokeTally::default()),
+        };
         if commits.count() > 0 {
             if let Err(e) = consumer.commit(&commits, CommitMode::Sync) {
                 // Seen when the group has moved on (a generation this member no longer holds).
+                let uncommitted_done = tally.uncommitted_done;
                 tracing::warn!(error = %e, uncommitted_done, "commit on revoke failed: the new owner replays from the last commit");
-                replayed += uncommitted_done;
+                tally.replayed += uncommitted_done;
             }
         }
         // `abandoned`: in flight here (their results are still written); `replayed`: what the
         // next owner reads again. Both bounded by max_in_flight.
+        let RevokeTally { abandoned, replayed, .. } = tally;
         tracing::info!(partitions = list.count(), committing = commits.count(), abandoned, replayed, "partitions revoked");
     }
 
@@ -323,6 +325,7 @@ pub enum CheckTopicsError {
 mod tests {
     use rdkafka::types::RDKafkaRespErr as E;
 
+    use super::super::offsets::AckResult;
     use super::*;
 
     #[test]
@@ -334,10 +337,10 @@ mod tests {
         });
         // a: 0 and 1 done, 2..5 unfinished; b: 0..3 done; idle: nothing consumed.
         let on_a: Vec<_> = (0..5).map(|o| tracker.begin(&a, o, 1).unwrap()).collect();
-        on_a[..2].iter().for_each(|d| assert_eq!(tracker.ack(d), super::super::offsets::AckResult::Done));
+        on_a[..2].iter().for_each(|d| assert_eq!(tracker.ack(d), AckResult::Done));
         for o in 0..3 {
             let d = tracker.begin(&b, o, 1).unwrap();
-            assert_eq!(tracker.ack(&d), super::super::offsets::AckResult::Done);
+            assert_eq!(tracker.ack(&d), AckResult::Done);
         }
         let (commits, tally) = revoke_all(&mut tracker, &[a.clone(), b.clone(), idle]);
         assert_eq!(tally, RevokeTally { abandoned: 3, replayed: 3, uncommitted_done: 5 });
