@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::KafkaResult;
 use rdkafka::{Offset, TopicPartitionList};
 
 pub mod config;
@@ -110,21 +109,8 @@ impl ConsumerContext for TrackingContext {
             tracing::info!(partitions = list.count(), "partitions assigned");
         }
     }
-
-    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        match result {
-            Ok(()) => {
-                if let Ok(mut tracker) = self.tracker.lock() {
-                    for e in offsets.elements() {
-                        if let Offset::Offset(o) = e.offset() {
-                            tracker.committed(&TopicPartition::new(e.topic(), e.partition()), o);
-                        }
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "offset commit failed; retried at the next interval"),
-        }
-    }
+    // No commit_callback: every commit is synchronous (`commit_done` records what went
+    // through, the revoke's concerns partitions already out of the tracker).
 }
 
 /// A consumed Kafka message as the pipeline keeps it (owned bytes; `origin` for a redriven one).
