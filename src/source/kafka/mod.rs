@@ -19,7 +19,7 @@ use super::offsets::{OffsetTracker, TopicPartition};
 
 pub use config::{ClientRole, KafkaConfig, SaslMechanism, SecurityProtocol};
 
-/// Consumer context: rebalance and commit callbacks update the shared offset tracker;
+/// Consumer context: the rebalance callbacks update the shared offset tracker;
 /// librdkafka's statistics feed the lag gauges and the group-joined readiness check.
 pub struct TrackingContext {
     pub tracker: Arc<Mutex<OffsetTracker>>,
