@@ -358,10 +358,13 @@ fn clickhouse_outage_pauses_consumption_commits_nothing_and_recovers_without_los
     let all = messages("o", 10_000);
     env.produce("tickets", &all[..2_000]);
     let max_in_flight = 1_000;
+    let port = triage::local::free_port().unwrap();
     let config = env.write_config("o", &tiny(), &["tickets"], |c| {
         c.kafka.max_in_flight = max_in_flight;
         c.clickhouse.insert_timeout_ms = 3000;
+        c.metrics.address = format!("127.0.0.1:{port}");
     });
+    let readiness = || common::worker::http_get(port, "/readyz");
     let mut worker = env.spawn_worker(&config, "o");
     env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
     let committed = env.committed_all("tickets", 2);
@@ -380,6 +383,12 @@ fn clickhouse_outage_pauses_consumption_commits_nothing_and_recovers_without_los
     assert_eq!(env.committed_all("tickets", 2), committed, "nothing was stored while down, so no commit may move");
     let rss = worker.peak_rss_kb().unwrap_or(0);
     assert!(rss < 600_000, "peak RSS {rss} kB: memory stayed bounded while 8,000 messages waited");
+    // Not ready, saying why (the ping that feeds readiness fails): a load balancer or an
+    // operator sees ClickHouse named.
+    env.wait_for(&mut worker, "/readyz 503 naming ClickHouse", MIN, || {
+        let (status, text) = readiness();
+        status == 503 && text.contains("clickhouse: waiting")
+    });
     clickhouse.restart();
     env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
     assert!(during.text().contains("resuming consumption"));
