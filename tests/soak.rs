@@ -17,8 +17,8 @@
 //! - no partition stalled: the group committed every partition to its end;
 //! - raw replays (physical rows beyond one per message; merges are stopped) are no more than
 //!   the faults explain: rows stored past the commits at each worker kill, messages read again
-//!   after revokes (the worker logs how many), and rows of INSERTs that failed (a timed-out INSERT may still land). A commit that
-//!   lags or is lost makes replays nobody explains.
+//!   after revokes (the worker logs how many), and rows of INSERTs that failed (a timed-out
+//!   INSERT may still land). A commit that lags or is lost makes replays nobody explains.
 //!
 //! `TRIAGE_SOAK_ROUNDS` (default 16) sets how many rounds run; `TRIAGE_SOAK_SEED` replays a run
 //! (seed and schedule are printed first). The table is printed at the end (README's reliability
@@ -330,9 +330,7 @@ fn batch(rng: &mut impl Rng, round: usize, size: usize) -> Vec<(String, Vec<u8>)
 /// abandoned ones, those done behind them, those done since the last commit when the revoke's
 /// commit is refused) and rows of failed INSERTs.
 fn explained_by_logs(dir: &std::path::Path) -> (u64, u64) {
-    let field = |line: &str, name: &str| -> u64 {
-        line.split(&format!("{name}=")).nth(1).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok()).unwrap_or(0)
-    };
+    let field = |line: &str, name: &str| common::worker::log_field(line, name).unwrap_or(0);
     let (mut read_again, mut failed_insert_rows) = (0, 0);
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();

@@ -221,8 +221,7 @@ fn two_workers_one_joining_and_one_leaving_lose_nothing() {
     let field = |name: &str| -> u64 {
         revokes
             .iter()
-            .map(|l| l.split(&format!("{name}=")).nth(1).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse::<u64>().ok()))
-            .map(|v| v.unwrap_or_else(|| panic!("a revoke line without {name}=: {revokes:?}")))
+            .map(|l| common::worker::log_field(l, name).unwrap_or_else(|| panic!("a revoke line without {name}=: {revokes:?}")))
             .sum()
     };
     let (counted, abandoned) = (field("replayed"), field("abandoned"));
@@ -364,7 +363,6 @@ fn clickhouse_outage_pauses_consumption_commits_nothing_and_recovers_without_los
         c.clickhouse.insert_timeout_ms = 3000;
         c.metrics.address = format!("127.0.0.1:{port}");
     });
-    let readiness = || common::worker::http_get(port, "/readyz");
     let mut worker = env.spawn_worker(&config, "o");
     env.wait_caught_up(&mut worker, &["tickets"], 3 * MIN);
     let committed = env.committed_all("tickets", 2);
@@ -386,7 +384,7 @@ fn clickhouse_outage_pauses_consumption_commits_nothing_and_recovers_without_los
     // Not ready, saying why (the ping that feeds readiness fails): a load balancer or an
     // operator sees ClickHouse named.
     env.wait_for(&mut worker, "/readyz 503 naming ClickHouse", MIN, || {
-        let (status, text) = readiness();
+        let (status, text) = common::worker::http_get(port, "/readyz");
         status == 503 && text.contains("clickhouse: waiting")
     });
     clickhouse.restart();

@@ -803,6 +803,11 @@ pub fn metric(port: u16, line_start: &str) -> Option<f64> {
     body.lines().find(|l| l.starts_with(line_start)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
 }
 
+/// The number a log line gives a field (`name=N`), if it has one.
+pub fn log_field(line: &str, name: &str) -> Option<u64> {
+    line.split(&format!("{name}=")).nth(1).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok())
+}
+
 /// Whether the worker log at `log` shows an assignment of at least one partition (a path, for
 /// conditions that run while the worker itself is borrowed).
 pub fn log_has_partitions(log: &Path) -> bool {
