@@ -376,7 +376,11 @@ fn answers_while_clickhouse_is_down(name: &str, kill: bool) {
     env.apply_schema();
     env.kafka.create_topic("tickets", 1).unwrap();
     let (url, seen) = scripted_llm(None);
-    let config = escalate_config(&env, name, &url, "stub-llm", |c| c.clickhouse.insert_timeout_ms = 1000);
+    let config = escalate_config(&env, name, &url, "stub-llm", |c| {
+        c.clickhouse.insert_timeout_ms = 1000;
+        // One block holds all four answers; two failed inserts mean a commit tick went by.
+        common::worker::one_block_of(&mut c.clickhouse, 4);
+    });
     let mut escalate = env.spawn_command("escalate", &config, "e1", &[]);
     let log = escalate.whole_log();
     env.wait_for(&mut escalate, "escalate consuming", Duration::from_secs(60), || log.text().contains("answering escalations"));
@@ -388,8 +392,8 @@ fn answers_while_clickhouse_is_down(name: &str, kill: bool) {
     // SIGKILL: gone at once (a clean stop keeps answering while it shuts down).
     clickhouse.kill();
     let down = escalate.mark();
-    env.wait_for(&mut escalate, "answers whose INSERT fails", Duration::from_secs(60), || {
-        down.text().contains("ClickHouse insert failed; retrying")
+    env.wait_for(&mut escalate, "answers whose INSERT fails, twice", Duration::from_secs(60), || {
+        down.text().matches("ClickHouse insert failed; retrying").count() >= 2
     });
     let kafka = triage::config::KafkaConfig { group_id: format!("{}-llm", env.group), ..env.kafka_config() };
     assert_eq!(committed_offset(&kafka, "triage.escalations"), Some(0), "answered but not stored: nothing committed");

@@ -535,6 +535,13 @@ impl Env {
         self.query_u64(&format!("SELECT uniqExact(partition, offset) FROM results WHERE topic = '{topic}' AND ({})", past.join(" OR ")))
     }
 
+    /// Wait until `rows` distinct messages are in ClickHouse, not only committed: before an
+    /// outage, so it begins with no block out (a sink that acknowledged early would be caught up
+    /// on its commits before its last block landed).
+    pub fn wait_stored(&self, rows: u64) {
+        wait_until(Duration::from_secs(60), &format!("{rows} rows stored"), || self.distinct_keys() >= rows);
+    }
+
     /// Distinct (topic, partition, offset) keys.
     pub fn distinct_keys(&self) -> u64 {
         self.query_u64("SELECT uniqExact(topic, partition, offset) FROM results")
@@ -801,6 +808,18 @@ pub fn http_get(port: u16, path: &str) -> (u16, String) {
 pub fn metric(port: u16, line_start: &str) -> Option<f64> {
     let (_, body) = http_get(port, "/metrics");
     body.lines().find(|l| l.starts_with(line_start)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
+}
+
+/// ClickHouse blocks of exactly `rows` rows (closed by size, never by age), retried at least
+/// 250 ms apart. For tests of a sink acknowledging a block before ClickHouse took it: when
+/// `rows` is everything in flight, the block out to a dead ClickHouse holds the oldest message
+/// of every partition, so such a sink lets the commits move past all of it whatever order the
+/// results came in (a smaller block may not hold them: nothing moves, a kill loses nothing); and
+/// a failed insert logged after some point means a commit tick (200 ms here) went by since.
+pub fn one_block_of(clickhouse: &mut ClickHouseConfig, rows: usize) {
+    clickhouse.insert_max_rows = rows;
+    clickhouse.insert_interval_ms = 3_600_000;
+    clickhouse.retry_initial_ms = 500;
 }
 
 /// The number a log line gives a field (`name=N`), if it has one.
