@@ -354,4 +354,49 @@ mod tests {
         let two = MissingTopics { missing: vec!["a".into(), "b".into()] }.to_string();
         assert!(two.starts_with("Kafka topics `a` and `b` do not exist"), "{two}");
     }
+
+    /// Stands in for a consumer whose close (its drop) blocks: on `release`, or forever.
+    struct ClosingConsumer {
+        release: std::sync::mpsc::Receiver<()>,
+        closed: std::sync::mpsc::Sender<()>,
+    }
+
+    impl Drop for ClosingConsumer {
+        fn drop(&mut self) {
+            if self.release.recv().is_ok() {
+                let _ = self.closed.send(());
+            }
+        }
+    }
+
+    /// Runs `close_within` on its own thread; what it sends once `close_within` has returned.
+    fn close_in_background(consumer: ClosingConsumer, limit: std::time::Duration) -> std::sync::mpsc::Receiver<()> {
+        let (returned_tx, returned) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            close_within(consumer, limit);
+            let _ = returned_tx.send(());
+        });
+        returned
+    }
+
+    #[test]
+    fn a_close_that_never_ends_is_given_up_at_the_limit() {
+        let (_never_released, release) = std::sync::mpsc::channel();
+        let (closed, _) = std::sync::mpsc::channel();
+        let returned = close_in_background(ClosingConsumer { release, closed }, std::time::Duration::from_millis(100));
+        // The bound only keeps a broken build from hanging the suite; the limit is 100 ms.
+        assert!(returned.recv_timeout(std::time::Duration::from_secs(60)).is_ok(), "close_within waited past its limit");
+    }
+
+    #[test]
+    fn a_close_that_ends_within_the_limit_is_waited_for() {
+        let (release_tx, release) = std::sync::mpsc::channel();
+        let (closed, closed_rx) = std::sync::mpsc::channel();
+        let returned = close_in_background(ClosingConsumer { release, closed }, std::time::Duration::from_secs(600));
+        // Still closing: close_within must not have returned (it would exit before LeaveGroup).
+        assert!(returned.recv_timeout(std::time::Duration::from_millis(200)).is_err(), "close_within returned before the consumer closed");
+        release_tx.send(()).unwrap();
+        assert!(returned.recv_timeout(std::time::Duration::from_secs(60)).is_ok(), "close_within returned");
+        assert!(closed_rx.try_recv().is_ok(), "the consumer closed before close_within returned");
+    }
 }
