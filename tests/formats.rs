@@ -20,6 +20,9 @@ use triage::config::Config;
 use triage::source::decode::{Format, PinnedSchema};
 
 const MIN: Duration = Duration::from_secs(60);
+// Linux's signal numbers (x86-64 and arm64 alike).
+const SIGSTOP: i32 = 19;
+const SIGCONT: i32 = 18;
 
 fn tiny() -> PathBuf {
     common::test_model_dir("multihead-tiny")
@@ -69,10 +72,9 @@ impl RegistryProcess {
         wait_until(Duration::from_secs(30), "the registry listening", || url_file.exists());
     }
 
-    fn signal(&self, signal: &str) {
-        let pid = self.child.as_ref().expect("running").id().to_string();
-        let status = Command::new("kill").args([signal, &pid]).status().expect("kill");
-        assert!(status.success());
+    fn signal(&self, signal: i32) {
+        let pid = self.child.as_ref().expect("running").id() as i32;
+        triage::local::signal_process(pid, signal).unwrap_or_else(|e| panic!("signal {signal} to the registry ({pid}): {e}"));
     }
 
     fn kill9(&mut self) {
@@ -97,7 +99,7 @@ impl RegistryProcess {
 impl Drop for RegistryProcess {
     fn drop(&mut self) {
         if let Some(child) = &self.child {
-            let _ = Command::new("kill").args(["-CONT", &child.id().to_string()]).status();
+            let _ = triage::local::signal_process(child.id() as i32, SIGCONT);
         }
         self.kill9();
     }
@@ -312,7 +314,7 @@ fn registry_outages_pause_the_worker_and_bad_schemas_are_dead_lettered_with_thei
     // is held (paused, not only waiting), so they are not even fetched until the registry is
     // back. Without the pause the consumer would fetch on with no in-flight limit.
     let known = serialize(&env, &registry.url(), "avro", "tickets-avro", &records("K", 20), 0);
-    registry.signal("-STOP");
+    registry.signal(SIGSTOP);
     env.produce("tickets-avro", &batch);
     env.wait_for(&mut worker, "/readyz not ready while the registry is frozen", MIN, || !ready());
     let consumed = || common::worker::metric(port, "triage_messages_consumed_total{topic=\"tickets-avro\"}").unwrap_or(0.0);
@@ -325,7 +327,7 @@ fn registry_outages_pause_the_worker_and_bad_schemas_are_dead_lettered_with_thei
     }
     assert_eq!(consumed(), consumed_at_hold, "nothing consumed while held");
     assert!(rows() == 20 && env.read_topic_to_end("triage.dead-letter").is_empty());
-    registry.signal("-CONT");
+    registry.signal(SIGCONT);
     env.wait_for(&mut worker, "60 rows after the thaw", 2 * MIN, || rows() == 60);
 
     // Killed (SIGKILL), then started again on its kept schemas: the same.

@@ -207,12 +207,10 @@ impl LocalClickHouse {
 
     /// Send a signal to the server's process group (SIGSTOP / SIGCONT to make it hang and
     /// come back, in fault tests).
-    pub fn signal(&self, signal: i32) {
-        if let Some(child) = &self.child {
-            // SAFETY: signalling our own child's process group.
-            unsafe {
-                libc_kill(-(child.id() as i32), signal);
-            }
+    pub fn signal(&self, signal: i32) -> std::io::Result<()> {
+        match &self.child {
+            Some(child) => signal_process(-(child.id() as i32), signal),
+            None => Err(std::io::Error::new(std::io::ErrorKind::NotFound, "the ClickHouse server is not running")),
         }
     }
 
@@ -246,6 +244,18 @@ impl Drop for LocalClickHouse {
 extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+/// kill(2): send `signal` to `pid` (a negative pid: that process group). For the local servers
+/// and the tests' fault injection (SIGSTOP / SIGCONT / SIGKILL), without the `kill` program,
+/// which a minimal image lacks (procps).
+pub fn signal_process(pid: i32, signal: i32) -> std::io::Result<()> {
+    // SAFETY: kill(2) takes two integers and touches no memory of ours.
+    if unsafe { libc_kill(pid, signal) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// GET /ping on loopback, without an HTTP client dependency.

@@ -66,19 +66,19 @@ impl PrivateClickHouse {
     /// SIGKILL: no shutdown, whatever it was writing is cut.
     pub fn kill(&mut self) {
         if let Some(mut server) = self.server.take() {
-            server.signal(9);
+            let _ = server.signal(9);
             server.stop();
         }
     }
 
     /// SIGSTOP: connections stay open, nothing answers.
     pub fn freeze(&self) {
-        self.server.as_ref().expect("running").signal(19);
+        self.server.as_ref().expect("running").signal(19).expect("SIGSTOP to ClickHouse");
     }
 
     /// SIGCONT after [`freeze`](Self::freeze).
     pub fn thaw(&self) {
-        self.server.as_ref().expect("running").signal(18);
+        self.server.as_ref().expect("running").signal(18).expect("SIGCONT to ClickHouse");
     }
 
     pub fn is_running(&self) -> bool {
@@ -689,14 +689,10 @@ impl Worker {
         self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
     }
 
+    /// Signal the worker; an exited (even reaped) worker is no error here: kill9 and terminate
+    /// also serve as cleanup.
     pub fn signal(&self, sig: i32) {
-        extern "C" {
-            fn kill(pid: i32, sig: i32) -> i32;
-        }
-        // SAFETY: signalling our own child.
-        unsafe {
-            kill(self.pid(), sig);
-        }
+        let _ = triage::local::signal_process(self.pid(), sig);
     }
 
     pub fn kill9(&mut self) {
