@@ -250,6 +250,10 @@ extern "C" {
 /// and the tests' fault injection (SIGSTOP / SIGCONT / SIGKILL), without the `kill` program,
 /// which a minimal image lacks (procps).
 pub fn signal_process(pid: i32, signal: i32) -> std::io::Result<()> {
+    // 0 and -1 would signal our own process group, or every process we may signal.
+    if pid == 0 || pid == -1 {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("refusing to signal pid {pid}")));
+    }
     // SAFETY: kill(2) takes two integers and touches no memory of ours.
     if unsafe { libc_kill(pid, signal) } == 0 {
         Ok(())
@@ -428,5 +432,19 @@ mod tests {
         assert!(ports.iter().all(|p| (low..=high).contains(p)), "{ports:?} outside {low}..={high}");
         let distinct: std::collections::HashSet<_> = ports.iter().collect();
         assert_eq!(distinct.len(), ports.len(), "a port handed out twice: {ports:?}");
+    }
+
+    #[test]
+    fn a_signal_reaches_its_process_and_never_our_own_group_or_everyone() {
+        use std::os::unix::process::ExitStatusExt;
+        let mut child = Command::new("sleep").arg("600").spawn().expect("spawn sleep");
+        signal_process(child.id() as i32, 9).expect("SIGKILL to the child");
+        assert_eq!(child.wait().expect("wait").signal(), Some(9));
+        // Signal 0 only checks: unguarded, both would succeed (and a real signal would hit the
+        // test runner's group, or every process of the user).
+        for pid in [0, -1] {
+            let refused = signal_process(pid, 0).expect_err("refused");
+            assert_eq!(refused.kind(), std::io::ErrorKind::InvalidInput, "pid {pid}");
+        }
     }
 }

@@ -692,7 +692,9 @@ impl Worker {
     /// Signal the worker; an exited (even reaped) worker is no error here: kill9 and terminate
     /// also serve as cleanup.
     pub fn signal(&self, sig: i32) {
-        let _ = triage::local::signal_process(self.pid(), sig);
+        if let Some(child) = &self.child {
+            let _ = triage::local::signal_process(child.id() as i32, sig);
+        }
     }
 
     pub fn kill9(&mut self) {
