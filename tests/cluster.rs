@@ -262,7 +262,7 @@ fn two_workers_through_a_replicated_sharded_cluster_with_a_replica_killed_mid_st
     let stored = |node: &Node| node.count("SELECT count() FROM triage.results");
     env.wait_for(&mut a, "the first rows stored", 3 * MIN, || stored(&nodes[3]) > 0);
     let a_log = a.mark();
-    nodes[0].server.as_ref().expect("node 1 running").signal(9).expect("SIGKILL to node 1");
+    nodes[0].server.as_ref().expect("node 1 running").signal(triage::local::SIGKILL).expect("SIGKILL to node 1");
     drop(nodes[0].server.take());
     let at_kill = stored(&nodes[3]);
     assert!(at_kill > 0 && at_kill < 4_000, "killed mid-stream: {at_kill} of 4000 rows stored");

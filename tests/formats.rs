@@ -17,12 +17,10 @@ use std::time::Duration;
 use base64::Engine as _;
 use common::worker::{runtime, shared_clickhouse, wait_until, Env, Exit};
 use triage::config::Config;
+use triage::local::{SIGCONT, SIGSTOP};
 use triage::source::decode::{Format, PinnedSchema};
 
 const MIN: Duration = Duration::from_secs(60);
-// Linux's signal numbers (x86-64 and arm64 alike).
-const SIGSTOP: i32 = 19;
-const SIGCONT: i32 = 18;
 
 fn tiny() -> PathBuf {
     common::test_model_dir("multihead-tiny")

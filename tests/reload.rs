@@ -144,7 +144,7 @@ fn broken_candidates_are_refused_on_sighup_and_the_old_version_keeps_serving() {
         [(&bad_graph, "model.onnx"), (&wrong_labels, "category"), (&nan, "non-finite")].into_iter().enumerate()
     {
         switch(&current, candidate);
-        worker.signal(1); // SIGHUP
+        worker.signal(triage::local::SIGHUP);
         env.wait_for(&mut worker, "the refusal", MIN, || log.count("model reload refused") == refusals + 1);
         let (status, body) = ready();
         assert_eq!(status, 200, "a refused reload does not make the worker unready: {body}");
@@ -163,7 +163,7 @@ fn broken_candidates_are_refused_on_sighup_and_the_old_version_keeps_serving() {
 
     // A good version after the refusals: loaded, and /readyz no longer mentions a refusal.
     switch(&current, &next);
-    worker.signal(1);
+    worker.signal(triage::local::SIGHUP);
     env.wait_for(&mut worker, "the reload", MIN, || log.count("model reloaded") == 1);
     assert!(!ready().1.contains("model reload refused"), "{}", ready().1);
     env.produce("tickets", &messages("after", 50));

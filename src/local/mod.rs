@@ -217,11 +217,7 @@ impl LocalClickHouse {
     /// Stop the server (SIGTERM, then SIGKILL after 10 s); the data directory stays.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let pid = child.id() as i32;
-            // SAFETY: signalling our own child's process group.
-            unsafe {
-                libc_kill(-pid, 15);
-            }
+            let _ = signal_process(-(child.id() as i32), SIGTERM);
             let start = Instant::now();
             while start.elapsed() < Duration::from_secs(10) {
                 if let Ok(Some(_)) = child.try_wait() {
@@ -245,6 +241,13 @@ extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
 }
+
+/// Linux's signal numbers (x86-64 and arm64 alike), for [`signal_process`].
+pub const SIGHUP: i32 = 1;
+pub const SIGKILL: i32 = 9;
+pub const SIGTERM: i32 = 15;
+pub const SIGCONT: i32 = 18;
+pub const SIGSTOP: i32 = 19;
 
 /// kill(2): send `signal` to `pid` (a negative pid: that process group). For the local servers
 /// and the tests' fault injection (SIGSTOP / SIGCONT / SIGKILL), without the `kill` program,
@@ -438,8 +441,8 @@ mod tests {
     fn a_signal_reaches_its_process_and_never_our_own_group_or_everyone() {
         use std::os::unix::process::ExitStatusExt;
         let mut child = Command::new("sleep").arg("600").spawn().expect("spawn sleep");
-        signal_process(child.id() as i32, 9).expect("SIGKILL to the child");
-        assert_eq!(child.wait().expect("wait").signal(), Some(9));
+        signal_process(child.id() as i32, SIGKILL).expect("SIGKILL to the child");
+        assert_eq!(child.wait().expect("wait").signal(), Some(SIGKILL));
         // Signal 0 only checks: unguarded, both would succeed (and a real signal would hit the
         // test runner's group, or every process of the user).
         for pid in [0, -1] {

@@ -12,7 +12,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use triage::config::{ClickHouseConfig, Config, KafkaConfig, RouteConfig};
-use triage::local::{LocalClickHouse, LocalKafka};
+use triage::local::{LocalClickHouse, LocalKafka, SIGCONT, SIGKILL, SIGSTOP, SIGTERM};
 use triage::sink::clickhouse::ClickHouseService;
 
 pub fn runtime() -> &'static tokio::runtime::Runtime {
@@ -66,19 +66,19 @@ impl PrivateClickHouse {
     /// SIGKILL: no shutdown, whatever it was writing is cut.
     pub fn kill(&mut self) {
         if let Some(mut server) = self.server.take() {
-            let _ = server.signal(9);
+            let _ = server.signal(SIGKILL);
             server.stop();
         }
     }
 
     /// SIGSTOP: connections stay open, nothing answers.
     pub fn freeze(&self) {
-        self.server.as_ref().expect("running").signal(19).expect("SIGSTOP to ClickHouse");
+        self.server.as_ref().expect("running").signal(SIGSTOP).expect("SIGSTOP to ClickHouse");
     }
 
     /// SIGCONT after [`freeze`](Self::freeze).
     pub fn thaw(&self) {
-        self.server.as_ref().expect("running").signal(18).expect("SIGCONT to ClickHouse");
+        self.server.as_ref().expect("running").signal(SIGCONT).expect("SIGCONT to ClickHouse");
     }
 
     pub fn is_running(&self) -> bool {
@@ -698,7 +698,7 @@ impl Worker {
     }
 
     pub fn kill9(&mut self) {
-        self.signal(9);
+        self.signal(SIGKILL);
         if let Some(mut c) = self.child.take() {
             let _ = c.wait();
         }
@@ -706,7 +706,7 @@ impl Worker {
 
     /// SIGTERM and wait; how it exited (None: not within `timeout`, then SIGKILLed).
     pub fn terminate(&mut self, timeout: Duration) -> Option<Exit> {
-        self.signal(15);
+        self.signal(SIGTERM);
         let mut child = self.child.take()?;
         let start = Instant::now();
         loop {
